@@ -1,0 +1,77 @@
+"""The ``cellulib`` command line: ``cellulib --help`` lists the commands (SPEC section 7)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from cellulib import profiles, synth
+
+    overrides = {
+        "n_train": args.n_train,
+        "n_val": args.n_val,
+        "n_cells": args.n_cells,
+        "size": args.size,
+    }
+    if args.root is None:
+        root = profiles.get_dataset(None, args.profile, args.seed, **overrides)
+    else:
+        params = profiles.synthetic_params(args.profile, args.seed, **overrides)
+        root = synth.make_breastpathq(Path(args.root), **params)
+    print(root)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every command (kept separate so the README and tests can inspect it)."""
+    from cellulib import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="cellulib",
+        description="Breast tumour cellularity from H&E patches (Rakhlin et al., 2019).",
+    )
+    parser.add_argument("--version", action="version", version=f"cellulib {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "synth",
+        help="write a synthetic H&E dataset in the BreastPathQ layout",
+        description="Write a synthetic H&E dataset in the BreastPathQ layout (SPEC 1.2). Without "
+        "ROOT the profile's dataset is generated into the cache the chapters read "
+        "($CELLULIB_HOME/synth) and its path is printed.",
+    )
+    p.add_argument("root", nargs="?", default=None, help="output folder (default: the cache)")
+    p.add_argument("--profile", default="quick", help="quick (default) or paper")
+    p.add_argument("--n-train", type=int, default=None, help="training patches")
+    p.add_argument("--n-val", type=int, default=None, help="validation patches")
+    p.add_argument("--n-cells", type=int, default=None, help="patches with annotated nuclei")
+    p.add_argument("--size", type=int, default=None, help="patch side in pixels")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.set_defaults(func=_cmd_synth)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    from cellulib.profiles import ProfileError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ProfileError, FileNotFoundError, ValueError) as exc:
+        print(f"cellulib {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cellulib {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

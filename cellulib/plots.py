@@ -1,0 +1,167 @@
+"""Every figure of the book: small functions that take arrays and tables and return a matplotlib Figure.
+
+Colours follow the paper's Fig. 3: malignant red, normal epithelial green, lymphocyte blue.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+
+#: Display colour of each weak-mask channel (normal, lymphocyte, malignant), as in the paper's Fig. 3.
+CLASS_COLOURS = {"normal": "#2ca02c", "lymphocyte": "#1f77b4", "malignant": "#d62728"}
+CLASS_ORDER = ("normal", "lymphocyte", "malignant")
+
+
+def _hex_to_rgb(colour: str) -> np.ndarray:
+    return np.array(matplotlib.colors.to_rgb(colour))
+
+
+def cellularity_histogram(
+    cellularity: pd.Series | np.ndarray,
+    hue: pd.Series | np.ndarray | None = None,
+    bins: int = 20,
+    ax: plt.Axes | None = None,
+) -> plt.Figure:
+    """Histogram of cellularity scores, optionally split by ``hue`` (e.g. the split); paper Fig. 6.
+
+    Used in chapter 1 (data exploration).
+    """
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    fig = ax.figure
+    frame = pd.DataFrame({"cellularity": np.asarray(cellularity, dtype=float)})
+    if hue is not None:
+        frame["split"] = np.asarray(hue)
+    sns.histplot(
+        frame,
+        x="cellularity",
+        hue="split" if hue is not None else None,
+        bins=np.linspace(0, 1, bins + 1),
+        multiple="stack",
+        ax=ax,
+    )
+    ax.set_xlabel("cellularity (fraction of tumour bed, 0-1)")
+    ax.set_ylabel("patches")
+    ax.set_xlim(0, 1)
+    fig.tight_layout()
+    return fig
+
+
+def patch_gallery(
+    images: Sequence[np.ndarray],
+    titles: Sequence[str] | None = None,
+    ncols: int = 4,
+    size: float = 2.6,
+) -> plt.Figure:
+    """A grid of RGB patches with titles. Used in chapter 1."""
+    n = len(images)
+    nrows = int(np.ceil(n / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows + 0.3), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(images[i])
+            if titles is not None:
+                ax.set_title(titles[i], fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def mask_to_rgb(mask: np.ndarray) -> np.ndarray:
+    """Colour a (4, H, W) or (3, H, W) weak mask or probability map: normal green, lymphocyte blue,
+    malignant red, background black. Returns an (H, W, 3) float image in [0, 1]."""
+    mask = np.asarray(mask, dtype=float)
+    colours = np.stack([_hex_to_rgb(CLASS_COLOURS[c]) for c in CLASS_ORDER])  # (3, 3)
+    rgb = np.einsum("chw,ck->hwk", np.clip(mask[:3], 0, 1), colours)
+    return np.clip(rgb, 0, 1)
+
+
+def overlay_mask(img: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """Blend a coloured weak mask over an RGB uint8 image where any nucleus channel is on."""
+    base = np.asarray(img, dtype=float) / 255.0
+    colour = mask_to_rgb(mask)
+    on = (np.asarray(mask[:3]).max(axis=0) > 0.5)[..., None]
+    return np.where(on, (1 - alpha) * base + alpha * colour, base)
+
+
+def weak_mask_panels(
+    images: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    points: Sequence[pd.DataFrame] | None = None,
+    size: float = 2.8,
+) -> plt.Figure:
+    """Patches (top row) and the weak masks drawn from their nucleus centroids (bottom row); paper
+    Fig. 3. ``points`` (x, y, cls in the mask's pixel frame) are marked on the top row when given.
+    Used in chapter 1."""
+    n = len(images)
+    fig, axes = plt.subplots(2, n, figsize=(size * n, 2 * size + 0.4), squeeze=False)
+    for i in range(n):
+        axes[0, i].imshow(images[i])
+        if points is not None:
+            for cls in CLASS_ORDER:
+                sel = points[i][points[i]["cls"] == cls]
+                axes[0, i].scatter(sel["x"], sel["y"], s=6, c=CLASS_COLOURS[cls], label=cls)
+        axes[1, i].imshow(overlay_mask(images[i], masks[i]))
+        for ax in axes[:, i]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    axes[0, 0].set_ylabel("patch + centroids")
+    axes[1, 0].set_ylabel("weak mask")
+    handles = [
+        matplotlib.patches.Patch(color=CLASS_COLOURS[c], label=c) for c in CLASS_ORDER
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    return fig
+
+
+def class_counts_bar(counts: pd.DataFrame, ax: plt.Axes | None = None) -> plt.Figure:
+    """Bar chart of annotated nuclei per class (columns normal, lymphocyte, malignant). Used in
+    chapter 1."""
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig = ax.figure
+    totals = counts[list(CLASS_ORDER)].sum()
+    ax.bar(totals.index, totals.values, color=[CLASS_COLOURS[c] for c in totals.index])
+    ax.set_xlabel("nucleus class")
+    ax.set_ylabel("annotated nuclei (count)")
+    for x, v in enumerate(totals.values):
+        ax.annotate(f"{int(v)}", (x, v), ha="center", va="bottom", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def stain_comparison(stats: pd.DataFrame) -> plt.Figure:
+    """Compare stain optical densities of synthetic and real patches in HED space.
+
+    ``stats`` has one row per patch with columns ``source`` (e.g. synthetic / real) and the mean
+    optical densities ``H``, ``E`` (and optionally ``D``). Used in chapter 1.
+    """
+    channels = [c for c in ("H", "E", "D") if c in stats.columns]
+    long = stats.melt(id_vars="source", value_vars=channels, var_name="stain", value_name="od")
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    sns.stripplot(long, x="stain", y="od", hue="source", dodge=True, alpha=0.7, ax=ax)
+    ax.set_xlabel("stain channel (colour deconvolution, Ruifrok & Johnston)")
+    ax.set_ylabel("mean optical density (OD units)")
+    fig.tight_layout()
+    return fig
+
+
+def size_comparison(sizes: pd.DataFrame) -> plt.Figure:
+    """Distributions of nucleus equivalent diameters (column ``diameter_px``) by ``source``.
+    Used in chapter 1."""
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    sns.histplot(
+        sizes, x="diameter_px", hue="source", stat="density", common_norm=False,
+        element="step", bins=30, ax=ax,
+    )
+    ax.set_xlabel("nucleus equivalent diameter (pixels at 512x512 patch scale)")
+    ax.set_ylabel("density")
+    fig.tight_layout()
+    return fig

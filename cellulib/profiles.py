@@ -1,0 +1,155 @@
+"""Profiles (``quick`` and ``paper``), where generated data and models live, and the dataset a chapter uses.
+
+SPEC section 6: every chapter and command takes ``profile``; ``quick`` (the default) is sized so the
+whole book executes on a 2-core CPU in minutes, ``paper`` holds the paper's hyperparameters and is meant
+for the real BreastPathQ data on a GPU. Any value can be overridden (papermill parameters, CLI flags).
+Used in every chapter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+#: Settings per profile. Comments give the paper's value where the quick profile departs from it.
+PROFILES: dict[str, dict[str, Any]] = {
+    "quick": {
+        # synthetic data (SPEC 1.2): small patches at the paper's magnification
+        "n_train": 240,
+        "n_val": 80,
+        "n_cells": 48,
+        "size": 256,  # paper: 512
+        # weak segmentation (SPEC 2)
+        "downscale": 2,
+        "crop": 128,  # paper: 256
+        "disc_diameter": 15.0,
+        "seg_epochs": 12,  # paper: 150
+        "seg_bs": 8,
+        "seg_lr": 1e-3,  # paper: 1e-4 decaying to 1e-5 (a short CPU run needs a larger step)
+        "seg_lr_end": 1e-4,
+        "patches_per_epoch": 4,
+        # cellularity models (SPEC 3, 4)
+        "direct_size": 128,  # input side after downscaling the patch
+        "direct_epochs": 6,
+        "direct_bs": 16,
+        "direct_lr": 1e-3,
+        "gbt_rounds": 600,
+    },
+    "paper": {
+        "n_train": 2394,
+        "n_val": 185,
+        "n_cells": 153,
+        "size": 512,
+        "downscale": 2,
+        "crop": 256,
+        "disc_diameter": 15.0,
+        "seg_epochs": 150,
+        "seg_bs": 16,
+        "seg_lr": 1e-4,
+        "seg_lr_end": 1e-5,
+        "patches_per_epoch": 1,
+        "direct_size": 512,
+        "direct_epochs": 50,
+        "direct_bs": 16,
+        "direct_lr": 1e-4,
+        "gbt_rounds": 600,
+    },
+}
+
+
+class ProfileError(ValueError):
+    """An unknown profile or setting."""
+
+
+def get_profile(profile: str = "quick", **overrides: Any) -> dict[str, Any]:
+    """Return the settings of ``profile`` with ``overrides`` applied (``None`` values are ignored).
+
+    Examples
+    --------
+    >>> get_profile("quick", seg_epochs=1)["seg_epochs"]
+    1
+    """
+    if profile not in PROFILES:
+        raise ProfileError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
+    settings = dict(PROFILES[profile])
+    unknown = sorted(k for k in overrides if k not in settings)
+    if unknown:
+        raise ProfileError(
+            f"unknown setting(s) {unknown} for profile {profile!r}; known: {sorted(settings)}"
+        )
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    settings["profile"] = profile
+    return settings
+
+
+def home() -> Path:
+    """Folder for generated data and cached models: ``$CELLULIB_HOME`` or ``~/.cache/cellulib``."""
+    env = os.environ.get("CELLULIB_HOME")
+    path = Path(env) if env else Path.home() / ".cache" / "cellulib"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def real_dir() -> Path | None:
+    """The folder of real H&E images next to the repository (``../shared/data/real``), if present.
+
+    ``$CELLULIB_REAL_DIR`` overrides it. Returns ``None`` when no such folder exists.
+    """
+    env = os.environ.get("CELLULIB_REAL_DIR")
+    candidates = [Path(env)] if env else []
+    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "data" / "real")
+    for path in candidates:
+        if path.is_dir() and any(path.iterdir()):
+            return path
+    return None
+
+
+def fingerprint(obj: Any, length: int = 12) -> str:
+    """A short stable hash of a JSON-serialisable object (dict keys sorted)."""
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def synthetic_params(profile: str = "quick", seed: int = 0, **overrides: Any) -> dict[str, Any]:
+    """The arguments of :func:`cellulib.synth.make_breastpathq` for a profile."""
+    settings = get_profile(profile, **{k: v for k, v in overrides.items() if k in PROFILES[profile]})
+    return {k: settings[k] for k in ("n_train", "n_val", "n_cells", "size")} | {"seed": int(seed)}
+
+
+def get_dataset(
+    data_dir: str | os.PathLike | None = None,
+    profile: str = "quick",
+    seed: int = 0,
+    progress: bool = True,
+    **overrides: Any,
+) -> Path:
+    """The BreastPathQ folder a chapter reads: ``data_dir`` when given, else the synthetic set.
+
+    The synthetic set for a profile and seed is generated once into ``home()/synth/<hash>`` (into a
+    temporary folder first, renamed when complete, so an interrupted run leaves nothing half-written)
+    and reused by every chapter afterwards. Used in every chapter.
+    """
+    if data_dir is not None:
+        root = Path(data_dir).expanduser()
+        if not root.is_dir():
+            raise FileNotFoundError(
+                f"data_dir {root} does not exist; give the folder that holds BreastPathQ's "
+                "'datasets/' (train/, validation/, train_labels.csv, val_labels.csv, cells/)"
+            )
+        return root
+    from cellulib import synth  # imported here: reading a real dataset does not need the generator
+
+    params = synthetic_params(profile, seed, **overrides)
+    root = home() / "synth" / f"{profile}-{fingerprint(params | {'v': synth.GENERATOR_VERSION})}"
+    if (root / "datasets" / "val_labels.csv").exists():
+        return root
+    tmp = root.with_name(root.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    synth.make_breastpathq(tmp, progress=progress, **params)
+    shutil.rmtree(root, ignore_errors=True)
+    os.replace(tmp, root)
+    return root

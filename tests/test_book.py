@@ -1,0 +1,116 @@
+"""The book end to end: every chapter executed with tiny parameters through papermill, the book built
+with warnings as errors, the HTML checked, and the intro and chapter 1 rendered in headless Chromium."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# Tiny parameters per chapter: enough to run every cell, small enough for the test budget.
+TINY = {
+    "01_data_exploration": {"n_train": 24, "n_val": 8, "n_cells": 4, "size": 256, "n_examples": 4},
+}
+
+pytestmark = pytest.mark.slow
+
+
+def _toc_chapters() -> list[str]:
+    toc = yaml.safe_load((REPO / "_toc.yml").read_text())
+    files = [c["file"] for part in toc["parts"] for c in part["chapters"]]
+    return [Path(f).name for f in files if f.startswith("book/chapters/")]
+
+
+@pytest.fixture(scope="module")
+def built_book(tmp_path_factory):
+    """Execute every chapter into a copy of the book and build it; returns the HTML folder."""
+    import papermill
+
+    root = tmp_path_factory.mktemp("book")
+    for name in ("_config.yml", "_toc.yml"):
+        shutil.copy(REPO / name, root / name)
+    shutil.copytree(REPO / "book", root / "book", ignore=shutil.ignore_patterns("chapters"))
+    chapters = root / "book" / "chapters"
+    chapters.mkdir()
+    home = tmp_path_factory.mktemp("cellulib_home")
+    env_before = os.environ.get("CELLULIB_HOME")
+    os.environ["CELLULIB_HOME"] = str(home)  # the kernel inherits it: a fresh, tiny dataset
+    try:
+        for name in _toc_chapters():
+            assert name in TINY, f"add tiny test parameters for chapter {name}"
+            papermill.execute_notebook(
+                str(REPO / "notebooks" / f"{name}.ipynb"),
+                str(chapters / f"{name}.ipynb"),
+                parameters={"profile": "quick", "seed": 0, **TINY[name]},
+                cwd=str(chapters),
+                kernel_name="python3",
+                progress_bar=False,
+            )
+    finally:
+        if env_before is None:
+            os.environ.pop("CELLULIB_HOME", None)
+        else:
+            os.environ["CELLULIB_HOME"] = env_before
+    out = subprocess.run(
+        [str(BIN / "jupyter-book"), "build", str(root), "--warningiserror", "--nitpick", "--keep-going"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    return root / "_build" / "html"
+
+
+def test_every_chapter_page_has_its_figures(built_book):
+    for name in _toc_chapters():
+        page = built_book / "book" / "chapters" / f"{name}.html"
+        assert page.exists(), f"{page} missing"
+        html = page.read_text()
+        assert "Traceback" not in html and "Error" not in html.split("<body")[1][:200]
+        images = [p for p in html.split('src="')[1:] if p.split('"')[0].endswith((".png", ".svg"))]
+        assert len(images) >= 5, f"{name}: expected figures, found {len(images)} images"
+        for src in images:
+            assert (page.parent / src.split('"')[0]).resolve().exists(), src.split('"')[0]
+        assert "Figure 1" in html, f"{name}: figures are numbered with captions"
+
+
+def test_intro_and_references_pages(built_book):
+    intro = (built_book / "book" / "intro.html").read_text()
+    assert "papermill" in intro and "01_data_exploration" in intro
+    refs = (built_book / "book" / "references.html").read_text()
+    assert "Rakhlin" in refs and "Shrout" in refs
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.parametrize("page", ["book/intro.html", "book/chapters/01_data_exploration.html"])
+def test_page_renders_in_headless_chromium(built_book, page, tmp_path):
+    chromium = _chromium()
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    shot = tmp_path / "shot.png"
+    cmd = [
+        chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}", "--hide-scrollbars", "--window-size=1280,1600",
+        "--virtual-time-budget=5000", f"--screenshot={shot}", (built_book / page).as_uri(),
+    ]
+    subprocess.run(cmd, capture_output=True, timeout=120)
+    assert shot.exists(), "chromium wrote no screenshot"
+    img = np.asarray(Image.open(shot).convert("RGB")).astype(float)
+    assert img.shape[:2] == (1600, 1280)
+    non_white = (img.min(axis=2) < 200).mean()
+    assert non_white > 0.02, f"page looks blank ({non_white:.1%} non-white pixels)"
+    assert len(np.unique(img.reshape(-1, 3)[::7], axis=0)) > 50, "page has almost no distinct colours"
+    # text is laid out in rows: many rows hold dark pixels, not just one block
+    dark_rows = (img.min(axis=2) < 100).any(axis=1).mean()
+    assert dark_rows > 0.1, f"too little dark text ({dark_rows:.1%} of rows)"

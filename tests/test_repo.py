@@ -1,0 +1,83 @@
+"""Repository hygiene: dependency lists agree, notebooks carry no outputs, the code is ruff-clean."""
+
+import json
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+def _normalise(spec: str) -> tuple[str, str]:
+    req = Requirement(spec)
+    return req.name.lower().replace("_", "-"), str(req.specifier)
+
+
+def test_environment_yml_agrees_with_pyproject():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    pyproject = set(map(_normalise, project["dependencies"]))
+    for extra in project["optional-dependencies"].values():
+        pyproject |= set(map(_normalise, extra))
+    env = yaml.safe_load((REPO / "environment.yml").read_text())
+    pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    conda = {_normalise(s) for s in pip_section if not s.startswith("-e")}
+    assert conda == pyproject, f"only in pyproject: {pyproject - conda}; only in environment.yml: {conda - pyproject}"
+    assert "python=3.11" in env["dependencies"]
+
+
+def test_constraints_pin_every_dependency_exactly():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    specs = project["dependencies"] + [s for e in project["optional-dependencies"].values() for s in e]
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[name.lower().replace("_", "-")] = version
+    for spec in specs:
+        req = Requirement(spec)
+        name = req.name.lower().replace("_", "-")
+        assert name in pins, f"{name} is not pinned in constraints.txt"
+        assert req.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} violates {spec}"
+    assert pins["torch"] == "2.13.0" and pins["torchvision"] == "0.28.0"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_sources_are_clean(path):
+    nb = json.loads(path.read_text())
+    cells = nb["cells"]
+    assert cells[0]["cell_type"] == "markdown" and "".join(cells[0]["source"]).startswith("# ")
+    tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1 and cells.index(tagged[0]) == 1, "the second cell must be the parameters cell"
+    for cell in cells:
+        if cell["cell_type"] == "code":
+            assert cell.get("outputs") == [] and cell.get("execution_count") is None, (
+                f"{path.name}: committed notebooks carry no outputs"
+            )
+            compile("".join(cell["source"]), path.name, "exec")  # every code cell parses
+    assert nb["metadata"]["kernelspec"]["name"] == "python3"
+
+
+def test_toc_lists_only_existing_pages():
+    toc = yaml.safe_load((REPO / "_toc.yml").read_text())
+    files = [toc["root"]] + [c["file"] for part in toc["parts"] for c in part["chapters"]]
+    for file in files:
+        if file.startswith("book/chapters/"):
+            source = REPO / "notebooks" / (Path(file).name + ".ipynb")
+        else:
+            source = REPO / (file + ".md")
+        assert source.exists(), f"_toc.yml lists {file} but {source} does not exist"
+    listed = {Path(f).name for f in files}
+    assert {p.stem for p in NOTEBOOKS} <= listed, "every chapter notebook is in the table of contents"
+
+
+def test_ruff_clean():
+    out = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "cellulib", "tests"], cwd=REPO, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
