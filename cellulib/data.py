@@ -805,7 +805,7 @@ def split_by_patient(df: pd.DataFrame, valid_pct: float = 0.2,
     Groups are ``patient_id`` where the column exists and is set, else the slide. The sorted groups
     are permuted with ``numpy.random.default_rng(seed)`` and the first ``ceil(valid_pct * n_groups)``
     go to validation (the rule of scikit-learn's ``GroupShuffleSplit``), so the split depends on the
-    set of groups and the seed only, not on row order. Used in chapter 5 (direct models) and by
+    set of groups and the seed only, not on row order. Used in chapter 4 (direct models) and by
     `cellularity_dataloaders` when ``valid_pct`` is given.
 
     Parameters
@@ -978,7 +978,7 @@ def cellularity_transforms(size: int = 512, train: bool = True,
     ``size`` x ``size`` (INTER_AREA) rather than cropped, because a crop does not carry the
     patch's cellularity label; then flips, RandomRotate90, a small rotation (15 degrees, reflected
     border), gamma and hue/saturation shifts, all of which leave cellularity unchanged. Validation
-    (``train=False``): the resize only. Used in chapter 3 (SR) and chapter 5 (direct models).
+    (``train=False``): the resize only. Used in chapter 3 (SR) and chapter 4 (direct models).
 
     Parameters
     ----------
@@ -1099,7 +1099,7 @@ class CellularityDataset(_AugmentedDataset):
 
     Paper sections 3.4 and 4.4. Images are resized to ``size`` (cv2.INTER_AREA) when first read and
     cached at that size when ``cache`` is true (2394 patches at 512 px take 1.9 GB). Used in
-    chapter 3 (SR) and chapter 5 (direct models).
+    chapter 3 (SR) and chapter 4 (direct models).
 
     Items are ``(image, target)``: image (3, size, size) float32 (normalised, [-1, 1] by default);
     target for ``task="regression"`` a float32 tensor of shape (1,) holding the cellularity (so a
@@ -1266,7 +1266,7 @@ def cellularity_dataloaders(root: str | Path, size: int = 512, bs: int = 8, seed
     Paper sections 3.2, 3.4, 4.3 and 4.4: the ``train`` split for training with
     `cellularity_transforms` augmentation, the ``validation`` split (resize only, file order) for
     validation. With ``valid_pct`` both come from the train split instead, split by patient with
-    `split_by_patient`. Used in chapter 3 (SR) and chapter 5 (direct models).
+    `split_by_patient`. Used in chapter 3 (SR) and chapter 4 (direct models).
 
     Batches are ``(xb, yb)``: xb (B, 3, size, size) float32 in [-1, 1] (or ImageNet-normalised);
     yb (B, 1) float32 cellularity for ``task="regression"`` or (B,) int64 bins 0..100 for
@@ -1318,3 +1318,58 @@ def cellularity_dataloaders(root: str | Path, size: int = 512, bs: int = 8, seed
     valid_ds = CellularityDataset(valid["path"].tolist(), valid["cellularity"].to_numpy(),
                                   train=False, **common)
     return _dataloaders(train_ds, valid_ds, bs, seed, device, num_workers)
+
+
+# --------------------------------------------------------------------------------------------------
+# Exploration helpers
+# --------------------------------------------------------------------------------------------------
+def downscale(img: np.ndarray, factor: float = 2) -> np.ndarray:
+    """Shrink an image by ``factor`` with area averaging (cv2.INTER_AREA), as the loaders do.
+
+    Paper section 4.2 (images downscaled x2 before segmentation). Used in chapters 1 and 2.
+    """
+    if factor <= 0:
+        raise ValueError(f"downscale factor must be positive, got {factor}")
+    if factor == 1:
+        return img
+    h, w = img.shape[:2]
+    size = (max(1, round(w / factor)), max(1, round(h / factor)))
+    return cv2.resize(img, size, interpolation=cv2.INTER_AREA)
+
+
+def scale_points(points: pd.DataFrame, scale: float) -> pd.DataFrame:
+    """Centroids in the pixel frame of an image resized by ``scale`` (pixel centres aligned, as in
+    `weak_label_map`). Used in chapter 1 to mark nuclei on downscaled patches."""
+    return points.assign(x=(points.x + 0.5) * scale - 0.5, y=(points.y + 0.5) * scale - 0.5)
+
+
+def describe_layout(root: str | Path) -> pd.DataFrame:
+    """Count the files of each part of a BreastPathQ folder (SPEC 1.1): one row per part with its
+    relative path, what it holds and how many files. Used in chapter 1 (data exploration)."""
+    ds = _datasets_dir(root)
+    base = ds.parent
+    parts = [
+        ("datasets/train/", "training patches", len(list((ds / "train").glob("*.tif")))),
+        ("datasets/validation/", "validation patches", len(list((ds / "validation").glob("*.tif")))),
+        ("datasets/train_labels.csv", "training labels (slide, rid, y)",
+         len(read_labels(ds / "train_labels.csv")) if (ds / "train_labels.csv").exists() else 0),
+        ("datasets/val_labels.csv", "validation labels",
+         len(read_labels(ds / "val_labels.csv")) if (ds / "val_labels.csv").exists() else 0),
+        ("datasets/cells/*_crop.tif", "patches with marked nuclei",
+         len(list((ds / "cells").glob("*_crop.tif")))),
+        ("datasets/cells/*_key.xml", "nucleus centroids (PathCore XML)",
+         len(list((ds / "cells").glob("*_key.xml")))),
+        ("patient_ids.csv", "patient of each slide (optional)",
+         len(pd.read_csv(base / "patient_ids.csv")) if (base / "patient_ids.csv").exists() else 0),
+    ]
+    return pd.DataFrame(parts, columns=["path", "holds", "rows or files"])
+
+
+def pick_across_range(patches: pd.DataFrame, n: int, seed: int = 0) -> pd.DataFrame:
+    """``n`` patches at evenly spaced quantiles of cellularity (ties broken by ``seed``), sorted by
+    cellularity. Used in chapter 1 to show patches across the range."""
+    if n <= 0 or len(patches) == 0:
+        raise ValueError(f"need n > 0 and at least one patch (n={n}, {len(patches)} patches)")
+    shuffled = patches.sample(frac=1.0, random_state=seed).sort_values("cellularity", kind="stable")
+    positions = np.unique(np.round(np.linspace(0, len(shuffled) - 1, min(n, len(shuffled)))).astype(int))
+    return shuffled.iloc[positions].reset_index(drop=True)

@@ -20,6 +20,7 @@ import tifffile
 import torch
 from PIL import Image
 
+from cellulib import data
 from cellulib.data import (
     CLASSES,
     DESCRIPTION_TO_CLASS,
@@ -748,3 +749,35 @@ def test_cellularity_dataloaders_errors(bpq_root):
     with pytest.warns(DataWarning, match="no val_labels.csv"), \
             pytest.raises(DataError, match="valid_pct"):
         cellularity_dataloaders(bpq_root, size=16, bs=8, seed=0, device="cpu")
+
+
+# ------------------------------------------------------------------------------------------------
+# exploration helpers
+# ------------------------------------------------------------------------------------------------
+def test_downscale_by_two_is_the_mean_of_2x2_blocks():
+    img = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3) * 2
+    small = data.downscale(img, 2)
+    assert small.shape == (2, 3, 3)
+    # hand-computed: top-left block holds rows 0-1, columns 0-1
+    expected = (img[0, 0].astype(int) + img[0, 1] + img[1, 0] + img[1, 1]) / 4
+    assert np.allclose(small[0, 0], expected, atol=0.5)
+    assert data.downscale(img, 1) is img
+    with pytest.raises(ValueError):
+        data.downscale(img, 0)
+
+
+def test_scale_points_aligns_pixel_centres():
+    pts = pd.DataFrame({"x": [0.0, 10.0], "y": [1.0, 3.0], "cls": ["malignant", "normal"]})
+    out = data.scale_points(pts, 0.5)
+    assert out.x.tolist() == [0.0 / 2 - 0.25, 10.0 / 2 - 0.25]
+    assert out.y.tolist() == [1.0 / 2 - 0.25, 3.0 / 2 - 0.25]
+    assert out.cls.tolist() == pts.cls.tolist()
+
+
+def test_pick_across_range_spans_the_scores():
+    patches = pd.DataFrame({"cellularity": [0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0, 0.05]})
+    picked = data.pick_across_range(patches, 3, seed=0)
+    assert picked.cellularity.tolist() == [0.0, 0.3, 1.0]
+    assert len(data.pick_across_range(patches, 50)) == len(patches)
+    with pytest.raises(ValueError):
+        data.pick_across_range(patches, 0)
