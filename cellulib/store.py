@@ -29,16 +29,20 @@ class ModelFileError(ValueError):
 
 
 def _build(family: str, config: dict[str, Any]):
+    """Rebuild an untrained model of ``family`` from the ``config`` its factory recorded."""
     from cellulib import models
 
+    def seg(cfg):
+        return models.seg_model(decoder=cfg["decoder"], dropout=cfg.get("dropout", 0.5),
+                                n_classes=cfg.get("n_classes", 4))
+
     if family == "seg":
-        return models.seg_model(decoder=config["decoder"], dropout=config.get("dropout", 0.5))
+        return seg(config)
     if family == "direct":
         return models.direct_model(config["arch"], task=config["task"])
     if family == "sr":
-        seg = models.seg_model(decoder=config["decoder"], dropout=config.get("dropout", 0.5))
-        return models.sr_model(seg, arch=config.get("arch", "resnet34"),
-                               n_inputs=config.get("n_inputs", 4))
+        return models.sr_model(seg(config["seg"]), arch=config.get("arch", "resnet34"),
+                               drop_background=config.get("drop_background", False))
     raise ModelFileError(f"unknown model family {family!r}")
 
 
@@ -64,17 +68,16 @@ def save_model(model, path: str | os.PathLike, *, family: str | None = None,
 
     ``family`` is ``seg``, ``sr``, ``direct`` (torch modules rebuilt from ``config``) or ``gbt`` (a
     LightGBM booster). Models built by :mod:`cellulib.models` carry both in their
-    ``cellulib_config`` attribute, so they need not be given. ``meta`` holds anything JSON-like or
+    ``config`` attribute (``config["kind"]`` is the family), so they need not be given. ``meta`` holds anything JSON-like or
     tensors (history, scores, preprocessing). The file is written atomically.
     """
     import torch
 
     if family is None or config is None:
-        carried = dict(getattr(model, "cellulib_config", None) or {})
-        if "family" not in carried and family is None:
+        carried = dict(getattr(model, "config", None) or {})
+        if "kind" not in carried and family is None:
             raise ModelFileError("save_model needs family= and config= for a model not built by cellulib")
-        family = family or carried.pop("family")
-        carried.pop("family", None)
+        family = family or carried["kind"]
         config = config if config is not None else carried
 
     from cellulib import __version__
