@@ -165,3 +165,12 @@ def size_comparison(sizes: pd.DataFrame) -> plt.Figure:
     ax.set_ylabel("density")
     fig.tight_layout()
     return fig
+
+
+def glue_figure(name: str, fig: plt.Figure) -> None:
+    """Store ``fig`` under ``name`` for a ``{glue:figure}`` directive of the book, then close it so
+    the notebook does not show it twice. Used in every chapter."""
+    from myst_nb import glue
+
+    glue(name, fig, display=False)
+    plt.close(fig)
