@@ -10,7 +10,6 @@ PROFILE ?= quick
 SEED ?= 0
 
 export NO_ALBUMENTATIONS_UPDATE := 1
-export MPLBACKEND := Agg
 # Generated data and cached models live here (ignored by git).
 export CELLULIB_HOME ?= $(CURDIR)/data
 
@@ -34,7 +33,7 @@ help:
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade "pip>=24"
-	$(PIP) install -c constraints.txt -e ".[book,test]"
+	$(PIP) install --quiet -c constraints.txt -e ".[book,test]"
 	@touch $@
 
 install: $(STAMP)

@@ -28,6 +28,30 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    import shutil
+
+    from cellulib import profiles, train
+
+    root = profiles.get_dataset(args.data, args.profile, args.seed)
+    if args.family == "seg":
+        result = train.train_seg(root, decoder=args.decoder, pretrained=args.pretrained,
+                                 profile=args.profile, seed=args.seed, epochs=args.epochs,
+                                 crop=args.size)
+    else:  # argparse restricts the choices
+        raise ValueError(f"unknown model family {args.family!r}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.copyfile(result.path, tmp)
+    tmp.replace(out)
+    state = "loaded from the cache" if result.cached else f"trained in {result.seconds:.0f} s"
+    print(f"{args.family} model {state}; written to {out}")
+    for name, value in result.scores.items():
+        print(f"  {name}: {value:.4f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every command (kept separate so the README and tests can inspect it)."""
     from cellulib import __version__
@@ -54,6 +78,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=None, help="patch side in pixels")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser(
+        "train",
+        help="train a model (cached by the hash of its inputs) and write its model file",
+        description="Train a model family on a BreastPathQ folder (default: the profile's synthetic "
+        "data) with the settings of a profile, and write one model file with its config, history "
+        "and validation scores. The same run with the same inputs is loaded from the cache.",
+    )
+    p.add_argument("family", choices=["seg"], help="seg: weak nucleus segmentation (chapter 2)")
+    p.add_argument("--data", default=None, help="BreastPathQ folder (default: synthetic data)")
+    p.add_argument("--out", required=True, help="model file to write")
+    p.add_argument("--profile", default="quick", help="quick (default) or paper")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default: the profile's)")
+    p.add_argument("--size", type=int, default=None,
+                   help="training crop side after the x2 downscale (default: the profile's)")
+    p.add_argument("--decoder", choices=["fpn", "unet"], default="fpn", help="seg decoder")
+    p.add_argument("--pretrained", default=None,
+                   help="ImageNet weights: 'imagenet' (torch hub cache) or a weights file")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.set_defaults(func=_cmd_train)
     return parser
 
 

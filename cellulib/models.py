@@ -21,6 +21,7 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -844,3 +845,49 @@ def sr_model(
 def sr_splitter(model: SRModel) -> list[list[nn.Parameter]]:
     """Parameter groups ``[segmentation, regressor]`` for a fastai ``splitter`` (paper 4.3)."""
     return [list(model.seg.parameters()), list(model.head.parameters())]
+
+
+# --------------------------------------------------------------------------------------------
+# architecture summary (chapter 2)
+
+
+def layer_table(model: nn.Module, size: int = 256) -> pd.DataFrame:
+    """The model's main blocks in the order they run, with output shapes and parameter counts.
+
+    Runs one ``(1, 3, size, size)`` zero image through ``model`` (in eval mode, no gradients) with
+    forward hooks on the children of its ``encoder`` and ``decoder`` (the members of module lists
+    one by one). Used in chapter 2 to print the architecture of paper Fig. 2.
+
+    Returns
+    -------
+    pd.DataFrame
+        Columns ``block``, ``type``, ``output`` (shape without the batch axis) and ``parameters``.
+    """
+    rows: list[dict] = []
+    hooks = []
+
+    def add(name: str, module: nn.Module) -> None:
+        def hook(mod, _inp, out):
+            shape = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else "-"
+            rows.append({"block": name, "type": type(mod).__name__, "output": shape,
+                         "parameters": sum(p.numel() for p in mod.parameters(recurse=True))})
+        hooks.append(module.register_forward_hook(hook))
+
+    parts = [(n, getattr(model, n)) for n in ("encoder", "decoder") if hasattr(model, n)]
+    for part_name, part in parts or [("model", model)]:
+        for name, child in part.named_children():
+            if isinstance(child, nn.ModuleList):
+                for i, member in enumerate(child):
+                    add(f"{part_name}.{name}.{i}", member)
+            else:
+                add(f"{part_name}.{name}", child)
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size, size))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return pd.DataFrame(rows)

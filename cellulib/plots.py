@@ -167,10 +167,21 @@ def size_comparison(sizes: pd.DataFrame) -> plt.Figure:
     return fig
 
 
-def glue_figure(name: str, fig: plt.Figure) -> None:
-    """Store ``fig`` under ``name`` for a ``{glue:figure}`` directive of the book, then close it so
-    the notebook does not show it twice. Used in every chapter."""
+def figure_png(fig: plt.Figure, dpi: int = 120) -> bytes:
+    """The figure rendered to PNG bytes (tight bounding box)."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def glue_figure(name: str, fig: plt.Figure, dpi: int = 120) -> None:
+    """Store ``fig`` as a PNG under ``name`` for a ``{glue:figure}`` directive of the book, then
+    close it so the notebook does not show it twice. Rendering to PNG here makes the page independent
+    of the kernel's matplotlib backend. Used in every chapter."""
+    from IPython.display import Image
     from myst_nb import glue
 
-    glue(name, fig, display=False)
+    glue(name, Image(data=figure_png(fig, dpi), format="png"), display=False)
     plt.close(fig)

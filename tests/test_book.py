@@ -74,6 +74,7 @@ def test_every_chapter_page_has_its_figures(built_book):
         assert page.exists(), f"{page} missing"
         html = page.read_text()
         assert "Traceback" not in html and "Error" not in html.split("<body")[1][:200]
+        assert "&lt;Figure size" not in html, f"{name}: a figure was glued as text, not as an image"
         images = [p for p in html.split('src="')[1:] if p.split('"')[0].endswith((".png", ".svg"))]
         assert len(images) >= 5, f"{name}: expected figures, found {len(images)} images"
         for src in images:
