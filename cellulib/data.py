@@ -1182,6 +1182,26 @@ def _dataloaders(train_ds: _AugmentedDataset, valid_ds: _AugmentedDataset, bs: i
     return DataLoaders(train, valid, device=device)
 
 
+def seg_split(n: int, valid_pct: float = 0.2, seed: int = 0,
+              root: str | Path = "") -> tuple[np.ndarray, np.ndarray]:
+    """Training and validation indices of ``n`` annotated patches, as `seg_dataloaders` splits them.
+
+    ``round(valid_pct * n)`` patches (at least 1 when valid_pct > 0), drawn with
+    ``numpy.random.default_rng(seed)``, go to validation. Used in chapter 2 to show validation
+    patches the network never trained on.
+    """
+    if not 0 <= valid_pct < 1:
+        raise ValueError(f"valid_pct must be in [0, 1), got {valid_pct}")
+    n_valid = int(round(valid_pct * n))
+    if valid_pct > 0:
+        n_valid = max(1, n_valid)
+    if n - n_valid < 1:
+        raise DataError(f"{root}: {n} annotated cells patches cannot be split into training and "
+                        f"validation (valid_pct={valid_pct})")
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[n_valid:]), np.sort(perm[:n_valid])
+
+
 def seg_dataloaders(root: str | Path, size: int = 256, downscale: float = 2, bs: int = 8,
                     diameter: float = 15.0, valid_pct: float = 0.2, seed: int = 0,
                     device: Any = None, num_workers: int = 0, patches_per_epoch: int | None = None,
@@ -1232,18 +1252,9 @@ def seg_dataloaders(root: str | Path, size: int = 256, downscale: float = 2, bs:
     fastai.data.core.DataLoaders
         ``dls.train``, ``dls.valid``; their datasets are `SegDataset` objects.
     """
-    if not 0 <= valid_pct < 1:
-        raise ValueError(f"valid_pct must be in [0, 1), got {valid_pct}")
     cells = read_cells(root)
-    n = len(cells)
-    n_valid = int(round(valid_pct * n))
-    if valid_pct > 0:
-        n_valid = max(1, n_valid)
-    if n - n_valid < 1:
-        raise DataError(f"{root}: {n} annotated cells patches cannot be split into training and "
-                        f"validation (valid_pct={valid_pct})")
-    perm = np.random.default_rng(seed).permutation(n)
-    valid_idx, train_idx = np.sort(perm[:n_valid]), np.sort(perm[n_valid:])
+    train_idx, valid_idx = seg_split(len(cells), valid_pct, seed, root)
+    n_valid = len(valid_idx)
     common = dict(size=size, downscale=downscale, diameter=diameter, normalize=normalize)
     tr, va = cells.iloc[train_idx], cells.iloc[valid_idx]
     train_ds = SegDataset(tr["image_path"].tolist(), tr["xml_path"].tolist(), train=True,

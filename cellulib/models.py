@@ -21,6 +21,7 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -891,3 +892,33 @@ def layer_table(model: nn.Module, size: int = 256) -> pd.DataFrame:
             h.remove()
         model.train(was_training)
     return pd.DataFrame(rows)
+
+
+def segment(model: nn.Module, img: np.ndarray, device: str | torch.device | None = None) -> np.ndarray:
+    """Sigmoid probability maps of a segmentation model for one RGB uint8 image.
+
+    The image is scaled to [-1, 1] as in training (paper 4.2), reflect-padded to a multiple of 32
+    and the maps cropped back, so any image size works. Used in chapters 2 and 3 (Figs. 4, 5, 7).
+
+    Returns
+    -------
+    np.ndarray
+        ``(4, H, W)`` float32 probabilities (normal, lymphocyte, malignant, background).
+    """
+    arr = np.asarray(img)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"segment expects an (H, W, 3) RGB image, got shape {arr.shape}")
+    h, w = arr.shape[:2]
+    ph, pw = (-h) % _STRIDE, (-w) % _STRIDE
+    if ph or pw:
+        arr = np.pad(arr, ((0, ph), (0, pw), (0, 0)), mode="reflect")
+    x = torch.from_numpy(arr.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            probs = torch.sigmoid(model(x.to(device)))[0, :, :h, :w]
+    finally:
+        model.train(was_training)
+    return probs.float().cpu().numpy()

@@ -185,3 +185,48 @@ def glue_figure(name: str, fig: plt.Figure, dpi: int = 120) -> None:
 
     glue(name, Image(data=figure_png(fig, dpi), format="png"), display=False)
     plt.close(fig)
+
+
+def training_curves(histories: dict[str, pd.DataFrame], metric: str) -> plt.Figure:
+    """Loss (train solid, validation dashed) and a validation metric per epoch, one colour per run.
+
+    ``histories`` maps a run name to its history table (``epoch``, ``train_loss``, ``valid_loss``,
+    ``metric``). Used in chapters 2-4 (training curves, paper Fig. 8).
+    """
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for i, (name, hist) in enumerate(histories.items()):
+        colour = f"C{i}"
+        ax_loss.plot(hist.epoch, hist.train_loss, color=colour, label=f"{name} train")
+        ax_loss.plot(hist.epoch, hist.valid_loss, color=colour, ls="--", label=f"{name} validation")
+        ax_metric.plot(hist.epoch, hist[metric], color=colour, marker="o", label=name)
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("loss")
+    ax_loss.legend(fontsize=8)
+    ax_metric.set_xlabel("epoch")
+    ax_metric.set_ylabel(f"validation {metric.replace('_', ' ')}")
+    ax_metric.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def segmentation_panels(img: np.ndarray, mask: np.ndarray, probs: np.ndarray,
+                        blobs: np.ndarray) -> plt.Figure:
+    """Paper Fig. 7: (a) patch, (b) weak ground truth over it, (c) malignant activation map,
+    (d) LoG blobs of the activation map (circles of radius sigma * sqrt(2)). Used in chapter 2."""
+    fig, axes = plt.subplots(1, 4, figsize=(13, 3.6))
+    axes[0].imshow(img)
+    axes[0].set_title("(a) patch")
+    axes[1].imshow(overlay_mask(img, mask))
+    axes[1].set_title("(b) weak ground truth")
+    shown = axes[2].imshow(probs[2], cmap="magma", vmin=0, vmax=1)
+    axes[2].set_title("(c) malignant activation")
+    fig.colorbar(shown, ax=axes[2], fraction=0.046, pad=0.02, label="probability")
+    axes[3].imshow(img)
+    for y, x, sigma in np.asarray(blobs).reshape(-1, 3):
+        axes[3].add_patch(plt.Circle((x, y), sigma * np.sqrt(2), color="#d62728", fill=False, lw=1.2))
+    axes[3].set_title(f"(d) LoG blobs ({len(np.asarray(blobs).reshape(-1, 3))})")
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    return fig

@@ -116,6 +116,7 @@ def fingerprint(obj: Any, length: int = 12) -> str:
 
 def synthetic_params(profile: str = "quick", seed: int = 0, **overrides: Any) -> dict[str, Any]:
     """The arguments of :func:`cellulib.synth.make_breastpathq` for a profile."""
+    get_profile(profile)  # a clear error for an unknown profile
     settings = get_profile(profile, **{k: v for k, v in overrides.items() if k in PROFILES[profile]})
     return {k: settings[k] for k in ("n_train", "n_val", "n_cells", "size")} | {"seed": int(seed)}
 

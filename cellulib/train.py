@@ -133,3 +133,40 @@ def train_seg(root: str | os.PathLike, decoder: str = "fpn", pretrained=None, pr
     save_model(model, path, history=history.to_dict("list"), scores=scores, seconds=seconds,
                params=params)
     return TrainResult(model, history, scores, path, False, settings, seconds)
+
+
+def imagenet_status(arch: str = "resnet34", path=None) -> tuple[bool, str]:
+    """Whether local ImageNet weights for ``arch`` are available, and a sentence saying so.
+
+    Never downloads: looks at ``path`` or the torch hub cache (see
+    :func:`cellulib.models.load_imagenet_resnet`). Used in chapters 2-4 to decide whether the
+    ImageNet rows of the paper's tables can be run.
+    """
+    try:
+        models.load_imagenet_resnet(arch, path)
+    except (FileNotFoundError, ValueError) as exc:
+        return False, str(exc)
+    return True, f"ImageNet {arch} weights found" + (f" at {path}" if path else " in the cache")
+
+
+def table1(results: dict[tuple[str, str], TrainResult | None]) -> pd.DataFrame:
+    """Paper Table 1 with ours beside it: mean nuclear Jaccard, {random, ImageNet} x {U-Net, FPN}.
+
+    ``results`` maps ``(init, decoder)`` (init in ``random``/``imagenet``, decoder in
+    ``unet``/``fpn``) to a training result, or to None for a run that was not made (shown as
+    "not run", never as a number). Used in chapters 2 and 5.
+    """
+    from cellulib.metrics import PAPER
+
+    paper = PAPER[PAPER.table == "Table 1"].set_index(["init", "model"])["value"]
+    names = {"unet": "U-Net decoder", "fpn": "FPN decoder"}
+    rows = []
+    for init, label in (("random", "Random"), ("imagenet", "ImageNet")):
+        row = {"initialisation": label}
+        for dec in ("unet", "fpn"):
+            res = results.get((init, dec))
+            short = "U-Net" if dec == "unet" else "FPN"
+            row[f"{short} (paper)"] = f"{paper[(init, names[dec])]:.2f}"
+            row[f"{short} (ours)"] = "not run" if res is None else f"{res.scores['jaccard_nuclei']:.2f}"
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("initialisation")
