@@ -922,3 +922,37 @@ def segment(model: nn.Module, img: np.ndarray, device: str | torch.device | None
     finally:
         model.train(was_training)
     return probs.float().cpu().numpy()
+
+
+# --------------------------------------------------------------------------------------------
+# segmentation -> 81 features -> LightGBM, as one model (paper 3.3)
+
+
+class GBTModel(nn.Module):
+    """The GBT route as one model: segmentation net -> 81 features -> LightGBM (paper 3.3, 4.3).
+
+    ``forward`` takes the same ``(B, 3, H, W)`` images in [-1, 1] as the other families and returns
+    ``(B, 1)`` cellularity in [0, 1], so prediction treats every family alike. The booster is not
+    trainable by gradient; fit it with :func:`cellulib.features.fit_gbt`. Used in chapter 3 and by
+    ``cellulib predict``.
+    """
+
+    def __init__(self, seg: nn.Module, booster) -> None:
+        super().__init__()
+        self.seg = seg.eval()
+        self.booster = booster
+        self.config = {"kind": "gbt", "seg": dict(getattr(seg, "config", {}))}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from cellulib.features import extract_features, predict_gbt
+
+        _check_images(x, "the GBT model", multiple=_STRIDE)
+        self.seg.eval()
+        with torch.inference_mode():
+            probs = torch.sigmoid(self.seg(_plain(x))).float().cpu().numpy()
+        table = pd.DataFrame([extract_features(p) for p in probs])
+        return torch.from_numpy(predict_gbt(self.booster, table).astype(np.float32)).reshape(-1, 1)
+
+    def to_cellularity(self, output: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` cellularity from this model's ``(B, 1)`` output."""
+        return output.reshape(-1)

@@ -28,7 +28,7 @@ class ModelFileError(ValueError):
     """A model file that cannot be used: unreadable, of another format, or of an unknown family."""
 
 
-def _build(family: str, config: dict[str, Any]):
+def _build(family: str, config: dict[str, Any], booster: str | None = None):
     """Rebuild an untrained model of ``family`` from the ``config`` its factory recorded."""
     from cellulib import models
 
@@ -40,6 +40,10 @@ def _build(family: str, config: dict[str, Any]):
         return seg(config)
     if family == "direct":
         return models.direct_model(config["arch"], task=config["task"])
+    if family == "gbt":
+        import lightgbm
+
+        return models.GBTModel(seg(config["seg"]), lightgbm.Booster(model_str=booster))
     if family == "sr":
         return models.sr_model(seg(config["seg"]), arch=config.get("arch", "resnet34"),
                                drop_background=config.get("drop_background", False))
@@ -66,8 +70,8 @@ def save_model(model, path: str | os.PathLike, *, family: str | None = None,
                config: dict[str, Any] | None = None, **meta: Any) -> Path:
     """Save a torch model or a LightGBM booster with its config and metadata into one file.
 
-    ``family`` is ``seg``, ``sr``, ``direct`` (torch modules rebuilt from ``config``) or ``gbt`` (a
-    LightGBM booster). Models built by :mod:`cellulib.models` carry both in their
+    ``family`` is ``seg``, ``sr``, ``direct`` or ``gbt`` (a segmentation net with its LightGBM
+    booster, :class:`cellulib.models.GBTModel`); all are torch modules rebuilt from ``config``. Models built by :mod:`cellulib.models` carry both in their
     ``config`` attribute (``config["kind"]`` is the family), so they need not be given. ``meta`` holds anything JSON-like or
     tensors (history, scores, preprocessing). The file is written atomically.
     """
@@ -91,9 +95,8 @@ def save_model(model, path: str | os.PathLike, *, family: str | None = None,
         "meta": meta,
     }
     if family == "gbt":
-        payload["booster"] = model.model_to_string()
-    else:
-        payload["state_dict"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        payload["booster"] = model.booster.model_to_string()
+    payload["state_dict"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return atomic_write_bytes(path, lambda fh: torch.save(payload, fh))
 
 
@@ -121,17 +124,12 @@ def load_model(path: str | os.PathLike, map_location: str = "cpu"):
             f"{payload.get('cellulib_version')}; this cellulib reads format {FORMAT_VERSION}"
         )
     family, config = payload["family"], payload["config"]
-    if family == "gbt":
-        import lightgbm
-
-        model = lightgbm.Booster(model_str=payload["booster"])
-    else:
-        model = _build(family, config)
-        try:
-            model.load_state_dict(payload["state_dict"])
-        except RuntimeError as exc:
-            raise ModelFileError(f"{path}: weights do not fit a {family} model {config}: {exc}") from None
-        model.eval()
+    try:
+        model = _build(family, config, payload.get("booster"))
+        model.load_state_dict(payload["state_dict"])
+    except (KeyError, RuntimeError) as exc:
+        raise ModelFileError(f"{path}: weights do not fit a {family} model {config}: {exc}") from None
+    model.eval()
     info = {k: payload[k] for k in ("family", "config", "meta", "cellulib_version")}
     return model, info
 

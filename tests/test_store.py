@@ -43,12 +43,21 @@ def test_sr_model_round_trip(tmp_path):
 def test_gbt_round_trip(tmp_path):
     import lightgbm
 
+    from cellulib.features import FEATURE_NAMES
+
     rng = np.random.default_rng(0)
-    X, y = rng.random((200, 3)), rng.random(200)
-    booster = lightgbm.train({"verbose": -1, "seed": 0}, lightgbm.Dataset(X, y), num_boost_round=5)
-    loaded, info = load_model(save_model(booster, tmp_path / "g.pt", family="gbt", config={"n": 5}))
-    assert info["family"] == "gbt"
-    np.testing.assert_array_equal(booster.predict(X), loaded.predict(X))
+    X, y = rng.random((200, len(FEATURE_NAMES))), rng.random(200)
+    booster = lightgbm.train({"verbose": -1, "seed": 0},
+                             lightgbm.Dataset(X, y, feature_name=list(FEATURE_NAMES)),
+                             num_boost_round=5)
+    model = models.GBTModel(models.seg_model("fpn"), booster)
+    loaded, info = load_model(save_model(model, tmp_path / "g.pt"))
+    assert info["family"] == "gbt" and info["config"]["seg"]["decoder"] == "fpn"
+    np.testing.assert_array_equal(booster.predict(X), loaded.booster.predict(X))
+    x = torch.randn(2, 3, 64, 64).clamp(-1, 1)
+    out = loaded(x)
+    assert out.shape == (2, 1) and torch.equal(out, model(x))
+    assert ((out >= 0) & (out <= 1)).all()
 
 
 def test_bad_model_files_name_the_file(tmp_path):
