@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 import torch
 from fastai.callback.schedule import ParamScheduler, SchedExp
-from fastai.learner import Learner
+from fastai.learner import Learner, Metric
 from fastai.optimizer import Adam
 from fastai.torch_core import set_seed
 
@@ -38,6 +38,7 @@ class TrainResult:
     cached: bool  # True when loaded from the cache instead of trained
     settings: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0  # training time (of the original run when cached)
+    meta: dict[str, Any] = field(default_factory=dict)  # everything stored with the model file
 
 
 def _history(learn: Learner) -> pd.DataFrame:
@@ -86,7 +87,7 @@ def _cached(path: Path, settings: dict[str, Any]) -> TrainResult | None:
     model, info = load_model(path)
     meta = info["meta"]
     return TrainResult(model, pd.DataFrame(meta["history"]), meta["scores"], path, True,
-                       settings, meta.get("seconds", 0.0))
+                       settings, meta.get("seconds", 0.0), meta)
 
 
 def _pretrained_key(pretrained) -> str | None:
@@ -130,9 +131,10 @@ def train_seg(root: str | os.PathLike, decoder: str = "fpn", pretrained=None, pr
     history = _history(learn)
     scores = {k: float(v) for k, v in history.iloc[-1].items() if k.startswith(("jaccard", "valid"))}
     model = learn.model.cpu().eval()
-    save_model(model, path, history=history.to_dict("list"), scores=scores, seconds=seconds,
-               params=params)
-    return TrainResult(model, history, scores, path, False, settings, seconds)
+    meta = {"history": history.to_dict("list"), "scores": scores, "seconds": seconds,
+            "params": params}
+    save_model(model, path, **meta)
+    return TrainResult(model, history, scores, path, False, settings, seconds, meta)
 
 
 def imagenet_status(arch: str = "resnet34", path=None) -> tuple[bool, str]:
@@ -170,3 +172,222 @@ def table1(results: dict[tuple[str, str], TrainResult | None]) -> pd.DataFrame:
             row[f"{short} (ours)"] = "not run" if res is None else f"{res.scores['jaccard_nuclei']:.2f}"
         rows.append(row)
     return pd.DataFrame(rows).set_index("initialisation")
+
+
+# --------------------------------------------------------------------------------------------------
+# Cellularity models: direct (paper 3.4), SR cascade (3.2) and GBT (3.3)
+# --------------------------------------------------------------------------------------------------
+class CellularityMSE(Metric):
+    """fastai metric: MSE of the cellularity score over the whole validation set (paper Fig. 8).
+
+    Works for every family: the model's ``to_cellularity`` turns regression outputs or the 101-bin
+    logits into scores; classification targets (bin indices) are turned back into cellularity.
+    Used in chapters 3 and 4.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    @property
+    def name(self) -> str:
+        return "valid_mse"
+
+    def reset(self) -> None:
+        self.sq, self.n = 0.0, 0
+
+    def accumulate(self, learn) -> None:
+        with torch.no_grad():
+            y_pred = learn.model.to_cellularity(learn.pred.float()).reshape(-1)
+            y = learn.yb[0]
+            y_true = (y.float() / 100.0 if y.dtype in (torch.int64, torch.int32) else y.float()).reshape(-1)
+            self.sq += float(((y_pred - y_true) ** 2).sum())
+            self.n += int(y_true.numel())
+
+    @property
+    def value(self) -> float | None:
+        return self.sq / self.n if self.n else None
+
+
+def _valid_predictions(learn: Learner, root) -> pd.DataFrame:
+    """Validation patches with truth and prediction, in the order of the validation loader."""
+    df = data.read_breastpathq(root)
+    valid = df[df["split"] == "validation"].reset_index(drop=True)
+    model = learn.model.eval()
+    outputs = []
+    with torch.inference_mode():
+        for xb, _ in learn.dls.valid:
+            outputs.append(model.to_cellularity(model(xb).float()).reshape(-1).cpu())
+    y_pred = torch.cat(outputs).numpy().astype(float)
+    if len(y_pred) != len(valid):
+        raise RuntimeError(f"{len(y_pred)} predictions for {len(valid)} validation patches")
+    return pd.DataFrame({"path": valid["path"].to_numpy(), "y_true": valid["cellularity"].to_numpy(),
+                         "y_pred": y_pred})
+
+
+def _scores(pred: pd.DataFrame) -> dict[str, float]:
+    from cellulib.metrics import mse
+
+    return {"valid_mse": mse(pred.y_true, pred.y_pred)}
+
+
+def _finish(model, path: Path, params: dict, history: pd.DataFrame, pred: pd.DataFrame,
+            seconds: float, settings: dict, input_size: int, **extra: Any) -> TrainResult:
+    scores = _scores(pred)
+    model = model.cpu().eval()
+    meta = {"history": history.to_dict("list"), "scores": scores, "seconds": seconds,
+            "params": params, "predictions": pred.to_dict("list"),
+            "preprocess": {"input_size": int(input_size), "normalize": "minus_one_one"}, **extra}
+    save_model(model, path, **meta)
+    return TrainResult(model, history, scores, path, False, settings, seconds, meta)
+
+
+def predictions(result: TrainResult) -> pd.DataFrame:
+    """The validation predictions stored with a trained cellularity model (path, y_true, y_pred).
+
+    Chapters 3-5 compute Tables 2 and 3 from them with :func:`cellulib.metrics.evaluate`.
+    """
+    return pd.DataFrame(result.meta["predictions"])
+
+
+def train_direct(root: str | os.PathLike, arch: str = "resnet34", task: str = "regression",
+                 pretrained=None, profile: str = "quick", seed: int = 0, epochs: int | None = None,
+                 size: int | None = None, progress: bool = True, cache: bool = True,
+                 **overrides: Any) -> TrainResult:
+    """Train (or load from the cache) a model that reads cellularity straight from the patch.
+
+    Paper sections 3.4 and 4.4; SPEC 4: ResNet34/ResNet50/Xception, regression (MSE on a sigmoid
+    output) or 101-bin classification (cross-entropy on the rounded label, decoded by the expectation
+    over the bins). The whole patch is resized to ``direct_size``; Adam with the learning rate
+    decaying from ``direct_lr`` to a tenth of it; validation MSE recorded every epoch (Fig. 8).
+    Used in chapter 4.
+    """
+    from fastai.losses import CrossEntropyLossFlat, MSELossFlat
+
+    settings = get_profile(profile, direct_epochs=epochs, direct_size=size, **overrides)
+    params = {"kind": "direct", "arch": arch, "task": task, "pretrained": _pretrained_key(pretrained),
+              "seed": int(seed), "data": data_fingerprint(root),
+              **{k: settings[k] for k in ("direct_epochs", "direct_size", "direct_bs", "direct_lr")}}
+    path = cache_path(f"direct-{arch}-{task}", params)
+    if cache and (hit := _cached(path, settings)) is not None:
+        return hit
+    set_seed(seed, reproducible=True)
+    dls = data.cellularity_dataloaders(root, size=settings["direct_size"], bs=settings["direct_bs"],
+                                       seed=seed, task=task)
+    model = models.direct_model(arch, task=task, pretrained=pretrained)
+    loss = MSELossFlat() if task == "regression" else CrossEntropyLossFlat()
+    learn = Learner(dls, model, loss_func=loss, opt_func=Adam, metrics=[CellularityMSE()])
+    start = time.perf_counter()
+    fit_decay(learn, settings["direct_epochs"], settings["direct_lr"], settings["direct_lr"] / 10,
+              progress)
+    seconds = time.perf_counter() - start
+    return _finish(learn.model, path, params, _history(learn), _valid_predictions(learn, root),
+                   seconds, settings, settings["direct_size"])
+
+
+def _seg_input_size(root, settings: dict) -> int:
+    """The patch side at the segmentation network's scale (x2 downscale), a multiple of 32."""
+    first = data.read_breastpathq(root)["path"].iloc[0]
+    side = data.read_image(first).shape[0] / settings["downscale"]
+    return max(32, int(round(side / 32)) * 32)
+
+
+def train_sr(root: str | os.PathLike, seg: TrainResult, pretrained=None, profile: str = "quick",
+             seed: int = 0, progress: bool = True, cache: bool = True, input_size: int | None = None,
+             **overrides: Any) -> TrainResult:
+    """Train the segmentation -> regression cascade (SR) in the paper's two stages.
+
+    Paper sections 3.2 and 4.3; SPEC 3.1. Stage 1: the trained segmentation network ``seg`` is
+    frozen and a ResNet-34 with a 4-channel stem learns cellularity from its probability maps (MSE);
+    stage 2: everything is fine-tuned end to end at a tenth of the learning rate. ImageNet init
+    (``pretrained``) drops the background channel to fit the 3-channel stem. The patch is resized to
+    the segmentation scale (``input_size``, default: the patch size / the downscale). Used in chapter 3.
+    """
+    import copy
+
+    from fastai.losses import MSELossFlat
+
+    settings = get_profile(profile, **overrides)
+    input_size = input_size or _seg_input_size(root, settings)
+    if input_size % 32:
+        raise ValueError(f"SR input size {input_size} must be a multiple of 32")
+    params = {"kind": "sr", "seg": seg.path.name, "pretrained": _pretrained_key(pretrained),
+              "seed": int(seed), "data": data_fingerprint(root), "input_size": input_size,
+              **{k: settings[k] for k in ("sr_epochs", "sr_finetune_epochs", "sr_lr", "direct_bs")}}
+    path = cache_path("sr", params)
+    if cache and (hit := _cached(path, settings)) is not None:
+        return hit
+    set_seed(seed, reproducible=True)
+    dls = data.cellularity_dataloaders(root, size=input_size, bs=settings["direct_bs"], seed=seed)
+    model = models.sr_model(copy.deepcopy(seg.model), pretrained=pretrained, freeze_seg=True)
+    learn = Learner(dls, model, loss_func=MSELossFlat(), opt_func=Adam, metrics=[CellularityMSE()])
+    start = time.perf_counter()
+    fit_decay(learn, settings["sr_epochs"], settings["sr_lr"], settings["sr_lr"] / 10, progress)
+    stage1 = _history(learn).assign(stage="frozen segmentation")
+    model.unfreeze_seg()
+    learn.create_opt()  # the optimiser must see the unfrozen segmentation parameters
+    fit_decay(learn, settings["sr_finetune_epochs"], settings["sr_lr"] / 10, settings["sr_lr"] / 100,
+              progress)
+    stage2 = _history(learn).assign(stage="end to end")
+    stage2["epoch"] += len(stage1)
+    seconds = time.perf_counter() - start
+    model.freeze_seg()
+    history = pd.concat([stage1, stage2], ignore_index=True)
+    return _finish(model, path, params, history, _valid_predictions(learn, root), seconds,
+                   settings, input_size)
+
+
+def segment_patches(seg_model: torch.nn.Module, paths, input_size: int,
+                    progress: bool = True) -> list:
+    """Probability maps of the segmentation network for patches resized to ``input_size``.
+
+    Used by the GBT route (chapter 3) to extract the 81 features of every patch.
+    """
+    import cv2
+    from tqdm import tqdm
+
+    maps = []
+    for p in tqdm(list(paths), desc="segment", unit="patch", disable=not progress):
+        img = cv2.resize(data.read_image(p), (input_size, input_size), interpolation=cv2.INTER_AREA)
+        maps.append(models.segment(seg_model, img))
+    return maps
+
+
+def train_gbt(root: str | os.PathLike, seg: TrainResult, profile: str = "quick", seed: int = 0,
+              progress: bool = True, cache: bool = True, input_size: int | None = None,
+              **overrides: Any) -> TrainResult:
+    """Fit LightGBM on the 81 features of the segmentation maps (the GBT route).
+
+    Paper sections 3.3 and 4.3; SPEC 3.2: L2 regression, 600 rounds, learning rate 0.01, max depth
+    5, 8 leaves. ``scores`` has the validation MSE; the model file holds the feature tables and the
+    gain importance (Fig. 9). Used in chapter 3.
+    """
+    from cellulib import features
+
+    settings = get_profile(profile, **overrides)
+    input_size = input_size or _seg_input_size(root, settings)
+    params = {"kind": "gbt", "seg": seg.path.name, "seed": int(seed), "data": data_fingerprint(root),
+              "input_size": input_size, "rounds": settings["gbt_rounds"]}
+    path = cache_path("gbt", params)
+    if cache and (hit := _cached(path, settings)) is not None:
+        return hit
+    df = data.read_breastpathq(root)
+    start = time.perf_counter()
+    tables = {}
+    for split in ("train", "validation"):
+        part = df[df["split"] == split]
+        maps = segment_patches(seg.model, part["path"], input_size, progress)
+        tables[split] = features.features_frame(maps, index=part["path"].tolist(), progress=progress)
+    train_part = df[df["split"] == "train"]
+    booster = features.fit_gbt(tables["train"], train_part["cellularity"].to_numpy(), seed=seed,
+                               n_rounds=settings["gbt_rounds"])
+    valid_part = df[df["split"] == "validation"]
+    pred = pd.DataFrame({"path": valid_part["path"].to_numpy(),
+                         "y_true": valid_part["cellularity"].to_numpy(),
+                         "y_pred": features.predict_gbt(booster, tables["validation"])})
+    seconds = time.perf_counter() - start
+    importance = features.gbt_importance(booster)
+    model = models.GBTModel(seg.model, booster)
+    history = pd.DataFrame({"epoch": [1], "train_loss": [float("nan")], "valid_loss": [float("nan")]})
+    return _finish(model, path, params, history, pred, seconds, settings, input_size,
+                   importance=importance.to_dict(), features_train=tables["train"].to_dict("list"),
+                   features_valid=tables["validation"].to_dict("list"))

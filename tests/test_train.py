@@ -54,3 +54,50 @@ def test_cli_train_reports_a_missing_weights_file(tiny_root, home, capsys):
                      "--epochs", "1", "--size", "64", "--pretrained", str(home / "nope.pth")])
     assert code == 2
     assert "nope.pth" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny_seg(tiny_root, tmp_path_factory):
+    import os
+
+    os.environ["CELLULIB_HOME"] = str(tmp_path_factory.mktemp("seg_home"))
+    return train.train_seg(tiny_root, "fpn", epochs=1, progress=False, crop=64, patches_per_epoch=1)
+
+
+@pytest.mark.parametrize("arch, task", [("resnet34", "regression"), ("xception", "classification")])
+def test_train_direct_records_validation_mse_per_epoch(tiny_root, home, arch, task):
+    import numpy as np
+
+    from cellulib.metrics import mse
+
+    result = train.train_direct(tiny_root, arch, task, epochs=2, size=64, progress=False)
+    assert list(result.history.epoch) == [1, 2] and result.history.valid_mse.notna().all()
+    pred = train.predictions(result)
+    assert len(pred) == 2 and pred.y_pred.between(0, 1).all()
+    # the stored score is the MSE of the stored predictions, recomputed independently
+    assert result.scores["valid_mse"] == pytest.approx(mse(pred.y_true, pred.y_pred))
+    assert np.isclose(result.history.valid_mse.iloc[-1], result.scores["valid_mse"], rtol=1e-4)
+    assert result.meta["preprocess"] == {"input_size": 64, "normalize": "minus_one_one"}
+    again = train.train_direct(tiny_root, arch, task, epochs=2, size=64, progress=False)
+    assert again.cached and again.scores == result.scores
+
+
+def test_train_sr_fine_tunes_after_a_frozen_stage(tiny_root, tiny_seg):
+    result = train.train_sr(tiny_root, tiny_seg, progress=False, sr_epochs=1, sr_finetune_epochs=1)
+    assert list(result.history.stage) == ["frozen segmentation", "end to end"]
+    assert result.meta["preprocess"]["input_size"] == 64  # the 128-pixel patches at the x2 scale
+    # stage 2 changed the segmentation weights (the cascade holds a copy: the original is untouched)
+    before = tiny_seg.model.state_dict()
+    after = result.model.seg.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before if before[k].is_floating_point())
+
+
+def test_train_gbt_predicts_in_range_and_ranks_features(tiny_root, tiny_seg):
+    from cellulib.features import FEATURE_NAMES
+
+    result = train.train_gbt(tiny_root, tiny_seg, progress=False, gbt_rounds=10)
+    pred = train.predictions(result)
+    assert pred.y_pred.between(0, 1).all() and len(pred) == 2
+    assert set(result.meta["importance"]) == set(FEATURE_NAMES)
+    x = torch.zeros(1, 3, 64, 64)
+    assert result.model(x).shape == (1, 1)
