@@ -34,12 +34,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from cellulib import profiles, train
 
     root = profiles.get_dataset(args.data, args.profile, args.seed)
+    seg_args = dict(profile=args.profile, seed=args.seed)
     if args.family == "seg":
         result = train.train_seg(root, decoder=args.decoder, pretrained=args.pretrained,
-                                 profile=args.profile, seed=args.seed, epochs=args.epochs,
-                                 crop=args.size)
-    else:  # argparse restricts the choices
-        raise ValueError(f"unknown model family {args.family!r}")
+                                 epochs=args.epochs, crop=args.size, **seg_args)
+    elif args.family == "direct":
+        result = train.train_direct(root, arch=args.arch, task=args.task,
+                                    pretrained=args.pretrained, epochs=args.epochs, size=args.size,
+                                    **seg_args)
+    else:  # sr and gbt start from the (cached) FPN segmentation network of the profile
+        seg = train.train_seg(root, decoder=args.decoder, **seg_args)
+        if args.family == "sr":
+            overrides = {"sr_epochs": args.epochs} if args.epochs else {}
+            result = train.train_sr(root, seg, pretrained=args.pretrained, input_size=args.size,
+                                    **seg_args, **overrides)
+        else:
+            result = train.train_gbt(root, seg, input_size=args.size, **seg_args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -86,18 +96,31 @@ def build_parser() -> argparse.ArgumentParser:
         "data) with the settings of a profile, and write one model file with its config, history "
         "and validation scores. The same run with the same inputs is loaded from the cache.",
     )
-    p.add_argument("family", choices=["seg"], help="seg: weak nucleus segmentation (chapter 2)")
+    p.add_argument("family", choices=["seg", "sr", "gbt", "direct"],
+                   help="seg: weak nucleus segmentation (chapter 2); sr: segmentation -> ResNet-34 "
+                   "cascade and gbt: 81 features + LightGBM (chapter 3); direct: a CNN on the patch "
+                   "(chapter 4)")
     p.add_argument("--data", default=None, help="BreastPathQ folder (default: synthetic data)")
     p.add_argument("--out", required=True, help="model file to write")
     p.add_argument("--profile", default="quick", help="quick (default) or paper")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default: the profile's)")
     p.add_argument("--size", type=int, default=None,
-                   help="training crop side after the x2 downscale (default: the profile's)")
-    p.add_argument("--decoder", choices=["fpn", "unet"], default="fpn", help="seg decoder")
+                   help="input side: seg training crop after the x2 downscale, direct/sr/gbt "
+                   "input size (default: the profile's)")
+    p.add_argument("--decoder", choices=["fpn", "unet"], default="fpn",
+                   help="segmentation decoder (seg; sr and gbt build on it)")
+    p.add_argument("--arch", choices=["resnet34", "resnet50", "xception"], default="resnet34",
+                   help="direct model architecture")
+    p.add_argument("--task", choices=["regression", "classification"], default="regression",
+                   help="direct model task: regression or 101-bin classification")
     p.add_argument("--pretrained", default=None,
                    help="ImageNet weights: 'imagenet' (torch hub cache) or a weights file")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.set_defaults(func=_cmd_train)
+
+    from cellulib.predict import add_commands
+
+    add_commands(sub)  # predict, evaluate, slide
     return parser
 
 

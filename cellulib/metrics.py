@@ -763,3 +763,26 @@ def _paper_table() -> pd.DataFrame:
 #: not name its ICC form. Its abstract quotes kappa 0.69 and ICC 0.89 for the best model, where
 #: Table 3 prints 0.689 and 0.883; the table values are the ones kept here.
 PAPER = _paper_table()
+
+
+def bland_altman(y_true, y_pred) -> dict[str, float]:
+    """Bias and 95% limits of agreement of prediction minus label (Bland & Altman 1986).
+
+    ``bias`` = mean(d), ``sd`` = sample standard deviation of d (ddof 1), limits
+    ``bias -/+ 1.96 sd``, with ``d = y_pred - y_true``. Complements the agreement metrics of paper
+    section 3.5; used in chapter 4 and by ``cellulib evaluate --figure``.
+
+    Examples
+    --------
+    >>> round(bland_altman([0.1, 0.5, 0.9], [0.2, 0.5, 0.7])["bias"], 4)
+    -0.0333
+    """
+    t = np.asarray(y_true, dtype=np.float64).ravel()
+    p = np.asarray(y_pred, dtype=np.float64).ravel()
+    if t.shape != p.shape or t.size < 2:
+        raise ValueError(f"bland_altman needs two equally long arrays of at least 2 values, got "
+                         f"{t.size} and {p.size}")
+    d = p - t
+    bias, sd = float(d.mean()), float(d.std(ddof=1))
+    return {"bias": bias, "sd": sd, "loa_low": bias - 1.96 * sd, "loa_high": bias + 1.96 * sd,
+            "n": int(t.size)}

@@ -230,3 +230,128 @@ def segmentation_panels(img: np.ndarray, mask: np.ndarray, probs: np.ndarray,
         ax.set_yticks([])
     fig.tight_layout()
     return fig
+
+
+def threshold_panels(img: np.ndarray, prob: np.ndarray, thresholds: Sequence[float]) -> plt.Figure:
+    """Paper Fig. 4: the malignant channel thresholded at each value, over the patch. Used in chapter 3."""
+    fig, axes = plt.subplots(1, len(thresholds), figsize=(3.2 * len(thresholds), 3.4))
+    base = np.asarray(img, dtype=float) / 255.0
+    red = np.array(matplotlib.colors.to_rgb(CLASS_COLOURS["malignant"]))
+    for ax, t in zip(axes, thresholds):
+        on = (prob > t)[..., None]
+        ax.imshow(np.where(on, 0.45 * base + 0.55 * red, base))
+        ax.set_title(f"p > {t:.2f}: {on.mean():.0%} of pixels", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    return fig
+
+
+def blob_panels(img: np.ndarray, blobs_by_threshold: dict[float, np.ndarray]) -> plt.Figure:
+    """Paper Fig. 5: LoG blobs of the malignant map at several detection thresholds (circles of
+    radius sigma * sqrt(2)). Used in chapter 3."""
+    n = len(blobs_by_threshold)
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.4))
+    for ax, (t, blobs) in zip(np.atleast_1d(axes), blobs_by_threshold.items()):
+        ax.imshow(img)
+        blobs = np.asarray(blobs).reshape(-1, 3)
+        for y, x, sigma in blobs:
+            ax.add_patch(plt.Circle((x, y), sigma * np.sqrt(2), color=CLASS_COLOURS["malignant"],
+                                    fill=False, lw=1.0))
+        ax.set_title(f"threshold {t:.2f}: {len(blobs)} blobs", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    return fig
+
+
+def importance_bar(importance: pd.Series, top: int = 15) -> plt.Figure:
+    """Paper Fig. 9: the top features by total gain, coloured by channel. Used in chapter 3."""
+    top_imp = importance.sort_values(ascending=False).head(top)[::-1]
+    colours = [CLASS_COLOURS[name.split("_")[0]] for name in top_imp.index]
+    fig, ax = plt.subplots(figsize=(7, 0.32 * len(top_imp) + 1))
+    ax.barh(top_imp.index, top_imp.values / importance.sum(), color=colours)
+    ax.set_xlabel("share of the total gain")
+    ax.set_ylabel("feature")
+    fig.tight_layout()
+    return fig
+
+
+def pred_vs_true(preds: dict[str, pd.DataFrame], ncols: int | None = None) -> plt.Figure:
+    """Predicted against true cellularity, one panel per model, with the identity line.
+    Used in chapters 3 and 4."""
+    n = len(preds)
+    ncols = ncols or min(n, 3)
+    nrows = int(np.ceil(n / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.5 * nrows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    for ax, (name, p) in zip(axes.flat, preds.items()):
+        ax.scatter(p.y_true, p.y_pred, s=12, alpha=0.6)
+        ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--")
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("true cellularity")
+        ax.set_ylabel("predicted cellularity")
+    fig.tight_layout()
+    return fig
+
+
+def residuals_by_bin(preds: dict[str, pd.DataFrame]) -> plt.Figure:
+    """Prediction error (predicted - true) by the 4 cellularity bins of Cohen's kappa: regression to
+    the mean shows as positive errors at low cellularity and negative ones at high. Used in chapter 4."""
+    from cellulib.metrics import cellularity_bins
+
+    labels = ["[0, .25]", "(.25, .5]", "(.5, .75]", "(.75, 1]"]
+    frames = [pd.DataFrame({"model": name, "bin": [labels[b] for b in cellularity_bins(p.y_true)],
+                            "error": p.y_pred - p.y_true}) for name, p in preds.items()]
+    long = pd.concat(frames, ignore_index=True)
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    sns.boxplot(long, x="bin", y="error", hue="model", order=labels, ax=ax, fliersize=2)
+    ax.axhline(0, color="grey", lw=1)
+    ax.set_xlabel("true cellularity bin")
+    ax.set_ylabel("predicted - true cellularity")
+    fig.tight_layout()
+    return fig
+
+
+def bin_probabilities(probs: np.ndarray, y_true: Sequence[float], y_pred: Sequence[float]) -> plt.Figure:
+    """The classification model's probability over the 101 cellularity bins for a few patches, with
+    the true score and the decoded expectation. Used in chapter 4."""
+    n = len(probs)
+    fig, axes = plt.subplots(1, n, figsize=(3.4 * n, 3), squeeze=False)
+    grid = np.linspace(0, 1, probs.shape[1])
+    for ax, p, t, e in zip(axes.flat, probs, y_true, y_pred):
+        ax.bar(grid, p, width=0.01, color="C0")
+        ax.axvline(t, color="k", lw=1.2, label=f"true {t:.2f}")
+        ax.axvline(e, color="C3", lw=1.2, ls="--", label=f"expectation {e:.2f}")
+        ax.set_xlabel("cellularity bin")
+        ax.set_ylabel("probability")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def bland_altman(y_true: Sequence[float], y_pred: Sequence[float], title: str = "") -> plt.Figure:
+    """Bland-Altman agreement plot: difference (model - reference) against the mean of the two, with
+    the mean difference and the 95% limits of agreement. Used in chapter 4 and ``cellulib evaluate``."""
+    from cellulib.metrics import bland_altman as limits
+
+    y_true, y_pred = np.asarray(y_true, float), np.asarray(y_pred, float)
+    mean, diff = (y_true + y_pred) / 2, y_pred - y_true
+    stats = limits(y_true, y_pred)
+    bias, sd = stats["bias"], stats["sd"]
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    ax.scatter(mean, diff, s=12, alpha=0.6)
+    ax.axhline(bias, color="C3", label=f"mean difference {bias:+.3f}")
+    for limit in (bias - 1.96 * sd, bias + 1.96 * sd):
+        ax.axhline(limit, color="C3", ls="--")
+    ax.plot([], [], color="C3", ls="--", label=f"95% limits of agreement ±{1.96 * sd:.3f}")
+    ax.set_xlabel("mean of model and label (cellularity)")
+    ax.set_ylabel("model - label (cellularity)")
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -101,3 +101,12 @@ def test_train_gbt_predicts_in_range_and_ranks_features(tiny_root, tiny_seg):
     assert set(result.meta["importance"]) == set(FEATURE_NAMES)
     x = torch.zeros(1, 3, 64, 64)
     assert result.model(x).shape == (1, 1)
+
+
+def test_several_processes_without_a_gpu_is_a_clear_error(tiny_root, home, monkeypatch):
+    # `accelerate launch --num_processes 2` sets WORLD_SIZE; fastai's distributed context needs CUDA
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: distributed training is possible here")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="2 processes were launched but there is no CUDA GPU"):
+        train.train_direct(tiny_root, "resnet34", epochs=1, size=64, progress=False)

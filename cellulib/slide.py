@@ -1,0 +1,691 @@
+"""Cellularity maps of large images: tiled and pyramidal TIFF/OME-TIFF, OpenSlide formats, PNG/JPEG.
+
+``cellulib slide --model M IMAGE --out DIR`` applies a patch model of the paper (sections 3.2-3.4)
+to a whole slide or a large field: the image is cut into square tiles, background tiles are skipped,
+tissue tiles are scored in batches, and the result is written as ``DIR/tiles.csv`` (one row per
+tile of the grid), ``DIR/heatmap.png`` (the map over a thumbnail) and ``DIR/slide.json`` (how it was
+made). Every file is written atomically.
+
+Reading uses maintained libraries only: tifffile with imagecodecs decodes the TIFF tiles or strips
+that a region covers (JPEG, LZW, Deflate, ... as tifffile supports them) without reading the whole
+level, so memory stays flat for any slide size; openslide-python reads the vendor formats (SVS,
+NDPI, MRXS, ...) when it is installed; other images are read whole with
+:func:`cellulib.data.read_image`.
+
+Scale. A BreastPathQ patch is 512 x 512 pixels of a slide scanned at 20x, and the models saw such
+patches resized to their ``input_size`` S. By default a tile is therefore 512 pixels of level 0,
+read from the coarsest pyramid level that still has at least S pixels across the tile (no
+upsampling, least decoding) and resized to S x S with ``cv2.INTER_AREA``. For a slide scanned at
+another magnification give ``tile_um`` (the tile side in micrometres, converted with the pixel size
+recorded in the file) or ``tile`` in pixels.
+
+Tissue. A thumbnail (long side at most 2048 pixels) is thresholded on HSV saturation: glass is grey
+or white (saturation below about 15/255), stained tissue is pink or purple. The threshold is Otsu's,
+clamped to [15, 30] so that a field that is all tissue (Otsu would split pale from dark tissue) or
+nearly all glass is not cut in two; a morphological opening and closing remove specks and holes.
+A tile is scored when at least ``min_tissue`` of its area is tissue.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+import threading
+import time
+import warnings
+import xml.etree.ElementTree as ET
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pandas as pd
+
+__all__ = [
+    "SlideWarning",
+    "open_slide",
+    "tissue_mask",
+    "tile_grid",
+    "slide_map",
+    "heatmap_figure",
+]
+
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+_JPEG_COMPRESSIONS = {6, 7, 33007, 34892}
+_THUMB_SIDE = 2048
+_BLOCK = 2048  # side of the blocks a thumbnail is assembled from (bounded memory)
+_PIECE = 256  # a block that fails to decode is retried in pieces of this side
+_CACHE_BYTES = 256 * 2 ** 20
+_SATURATION_CLAMP = (15.0, 30.0)
+
+
+class SlideWarning(UserWarning):
+    """A slide that is usable with a caveat: extra planes ignored, no tissue found, a bad block."""
+
+
+# --------------------------------------------------------------------------------------------
+# readers: level geometry and read_region(level, x, y, w, h) -> (h, w, 3) uint8
+
+
+def _to_rgb8(arr: np.ndarray, where: str) -> np.ndarray:
+    """(h, w[, c]) grey, grey+alpha, RGB or RGBA of 8 or 16 bits -> (h, w, 3) uint8."""
+    from cellulib.data import DataError
+
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.dtype == np.uint16:
+        arr = ((arr.astype(np.uint32) * 2 + 257) // 514).astype(np.uint8)  # round(v / 257)
+    elif arr.dtype != np.uint8:
+        raise DataError(f"{where}: unsupported pixel type {arr.dtype} (expected 8 or 16 bit)")
+    c = arr.shape[2]
+    if c in (2, 4):  # composite alpha onto white, the colour of glass
+        alpha = arr[..., -1:].astype(np.float32) / 255.0
+        colour = arr[..., :-1].astype(np.float32)
+        arr = np.rint(colour * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+        c -= 1
+    if c == 1:
+        return np.ascontiguousarray(np.repeat(arr, 3, axis=2))
+    if c != 3:
+        raise DataError(f"{where}: unsupported number of channels {c}")
+    return np.ascontiguousarray(arr)
+
+
+class _Reader:
+    """Common geometry: ``dims[level] = (width, height)``, ``downsamples[level]`` vs level 0."""
+
+    kind = "?"
+    dims: list[tuple[int, int]]
+    mpp: float | None = None
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @property
+    def downsamples(self) -> list[float]:
+        w0, h0 = self.dims[0]
+        return [(w0 / w + h0 / h) / 2 for w, h in self.dims]
+
+    def read_region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _ArrayReader(_Reader):
+    """A whole image in memory (PNG, JPEG, or a TIFF layout the tile reader does not handle)."""
+
+    kind = "image"
+
+    def __init__(self, path: Path, img: np.ndarray | None = None) -> None:
+        from cellulib.data import read_image
+
+        super().__init__(path)
+        self.img = read_image(path) if img is None else img
+        self.dims = [(self.img.shape[1], self.img.shape[0])]
+
+    def read_region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        return self.img[y:y + h, x:x + w]
+
+
+class _TiffReader(_Reader):
+    """Regions of a tiled or stripped (pyramidal) TIFF decoded segment by segment with tifffile."""
+
+    kind = "tifffile"
+
+    def __init__(self, path: Path) -> None:
+        import tifffile
+
+        from cellulib.data import DataError
+
+        super().__init__(path)
+        try:
+            self.tif = tifffile.TiffFile(path)
+            series = self.tif.series[0]
+            levels = list(series.levels) or [series]
+        except Exception as exc:  # noqa: BLE001 - tifffile raises many types for broken files
+            if hasattr(self, "tif"):
+                self.tif.close()
+            raise DataError(f"{path}: corrupt, truncated or unreadable TIFF ({exc})") from None
+        self.pages, self.dims = [], []
+        for i, level in enumerate(levels):
+            page, key = level.pages[0], level.keyframe
+            if not self._supported(key):
+                if i == 0:
+                    self.tif.close()
+                    raise _Unsupported
+                break  # keep the readable finer levels
+            if i == 0 and int(np.prod(level.shape)) > int(np.prod(key.shape)):
+                warnings.warn(f"{path}: the image has several planes (axes {level.axes}); the "
+                              "first is used", SlideWarning, stacklevel=3)
+            self.pages.append((page, key))
+            self.dims.append((int(key.imagewidth), int(key.imagelength)))
+        self.mpp = _tiff_mpp(self.tif)
+        self._lock = threading.Lock()
+        self._cache: OrderedDict = OrderedDict()
+        self._cache_bytes = 0
+
+    @staticmethod
+    def _supported(key) -> bool:
+        photometric = int(key.photometric)
+        jpeg_ycbcr = photometric == 6 and int(key.compression) in _JPEG_COMPRESSIONS
+        return ((photometric in (1, 2) or jpeg_ycbcr)
+                and (key.planarconfig == 1 or key.samplesperpixel == 1)
+                and key.imagedepth == 1 and key.bitspersample in (8, 16)
+                and key.sampleformat == 1 and key.samplesperpixel in (1, 2, 3, 4))
+
+    def _segments(self, level: int, indices: list[int]) -> dict[int, np.ndarray]:
+        page, key = self.pages[level]
+        found, missing = {}, []
+        with self._lock:
+            for i in indices:
+                if (level, i) in self._cache:
+                    self._cache.move_to_end((level, i))
+                    found[i] = self._cache[(level, i)]
+                else:
+                    missing.append(i)
+        if not missing:
+            return found
+        fh = self.tif.filehandle
+        offsets = [page.dataoffsets[i] for i in missing]
+        counts = [page.databytecounts[i] for i in missing]
+        kwargs: dict[str, Any] = {"_fullsize": bool(key.is_tiled)}
+        if int(key.compression) in _JPEG_COMPRESSIONS:
+            kwargs.update(jpegtables=page.jpegtables, jpegheader=key.jpegheader)
+        with self._lock:  # seek + read must not interleave between threads
+            raw = list(fh.read_segments(offsets, counts, indices=missing, sort=True,
+                                        lock=threading.RLock(), flat=True))
+        for data, index in raw:
+            seg, _, shape = key.decode(data, index, **kwargs)
+            if seg is None:  # an empty segment holds no scanned pixels: glass
+                seg = np.full(shape, np.iinfo(key.dtype).max, dtype=key.dtype)
+            found[index] = seg[0]  # (length, width, samples)
+        with self._lock:
+            for i in missing:
+                arr = found[i]
+                self._cache[(level, i)] = arr
+                self._cache_bytes += arr.nbytes
+            while self._cache_bytes > _CACHE_BYTES and len(self._cache) > 1:
+                _, old = self._cache.popitem(last=False)
+                self._cache_bytes -= old.nbytes
+        return found
+
+    def read_region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        page, key = self.pages[level]
+        width, length = self.dims[level]
+        x, y = max(0, min(x, width - w)), max(0, min(y, length - h))
+        if key.is_tiled:
+            th, tw = int(key.tilelength), int(key.tilewidth)
+        else:
+            th, tw = min(int(key.rowsperstrip), length), width
+        nx = math.ceil(width / tw)
+        rows = range(y // th, (y + h - 1) // th + 1)
+        cols = range(x // tw, (x + w - 1) // tw + 1)
+        indices = [r * nx + c for r in rows for c in cols]
+        segments = self._segments(level, indices)
+        out = np.empty((h, w, int(key.samplesperpixel)), dtype=key.dtype)
+        for r in rows:
+            for c in cols:
+                seg = segments[r * nx + c]
+                y0, x0 = r * th, c * tw
+                ya, yb = max(y, y0), min(y + h, y0 + seg.shape[0])
+                xa, xb = max(x, x0), min(x + w, x0 + seg.shape[1])
+                out[ya - y:yb - y, xa - x:xb - x] = seg[ya - y0:yb - y0, xa - x0:xb - x0]
+        return _to_rgb8(out, f"{self.path} level {level}")
+
+    def close(self) -> None:
+        self.tif.close()
+
+
+class _Unsupported(Exception):
+    """This TIFF layout is read whole by :func:`cellulib.data.read_image` instead."""
+
+
+class _OpenSlideReader(_Reader):
+    """Vendor whole-slide formats through openslide-python (only when it is installed)."""
+
+    kind = "openslide"
+
+    def __init__(self, path: Path) -> None:
+        import openslide
+
+        from cellulib.data import DataError
+
+        super().__init__(path)
+        try:
+            self.osr = openslide.OpenSlide(str(path))
+        except Exception as exc:  # noqa: BLE001 - OpenSlideError and friends
+            raise DataError(f"{path}: OpenSlide cannot read this slide ({exc})") from None
+        self.dims = [tuple(int(v) for v in d) for d in self.osr.level_dimensions]
+        self._downsamples = [float(d) for d in self.osr.level_downsamples]
+        try:
+            self.mpp = float(self.osr.properties[openslide.PROPERTY_NAME_MPP_X])
+        except (KeyError, ValueError):
+            self.mpp = None
+
+    @property
+    def downsamples(self) -> list[float]:
+        return self._downsamples
+
+    def read_region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        ds = self._downsamples[level]
+        # OpenSlide takes the top-left corner in level-0 pixels and returns un-premultiplied RGBA
+        region = self.osr.read_region((int(round(x * ds)), int(round(y * ds))), level, (w, h))
+        return _to_rgb8(np.asarray(region), f"{self.path} level {level}")
+
+    def close(self) -> None:
+        self.osr.close()
+
+
+def _tiff_mpp(tif) -> float | None:
+    """Micrometres per pixel of level 0: OME PhysicalSizeX, Aperio MPP, or a cm resolution tag."""
+    units = {"nm": 1e-3, "µm": 1.0, "um": 1.0, "\u03bcm": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
+    try:
+        if tif.is_ome and tif.ome_metadata:
+            for el in ET.fromstring(tif.ome_metadata).iter():
+                if el.tag.endswith("Pixels") and el.get("PhysicalSizeX"):
+                    factor = units.get(el.get("PhysicalSizeXUnit", "µm"))
+                    if factor:
+                        return float(el.get("PhysicalSizeX")) * factor
+                    break
+        page = tif.pages[0]
+        match = re.search(r"MPP\s*=\s*([\d.]+)", page.description or "")
+        if match:
+            return float(match.group(1))
+        tags = page.tags
+        if "XResolution" in tags and int(tags.valueof("ResolutionUnit", 2)) == 3:  # centimetre
+            num, den = tags["XResolution"].value
+            mpp = 1e4 * den / num if num else None
+            if mpp and 0.01 < mpp < 100:  # ignore placeholder resolutions
+                return mpp
+    except Exception:  # noqa: BLE001 - metadata is optional; a bad field means "unknown"
+        return None
+    return None
+
+
+def open_slide(path: str | os.PathLike):
+    """Open a large image for region reading; use as a context manager.
+
+    Chooses the reader: openslide-python for vendor formats it recognises (when installed),
+    tifffile for TIFF files (tiles or strips decoded on demand; pyramid levels from
+    ``series[0].levels``; the first plane of a multi-plane image), :func:`cellulib.data.read_image`
+    for PNG/JPEG and for TIFF layouts that cannot be read by region (palette, planar, ...). Used by
+    :func:`slide_map` and in chapter 5 (discussion).
+
+    Returns
+    -------
+    reader
+        With ``kind`` ("openslide", "tifffile" or "image"), ``dims`` (width, height per level),
+        ``downsamples``, ``mpp`` (micrometres per pixel or None) and
+        ``read_region(level, x, y, w, h) -> (h, w, 3) uint8`` (level coordinates).
+
+    Raises
+    ------
+    cellulib.data.DataError
+        Missing, empty, corrupt or unsupported file; the message names it.
+    """
+    from cellulib.data import DataError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: image file not found")
+    try:
+        import openslide
+    except ImportError:
+        openslide = None
+    if openslide is not None:
+        try:
+            fmt = openslide.OpenSlide.detect_format(str(path))
+        except Exception:  # noqa: BLE001 - unreadable: let the other readers report it
+            fmt = None
+        if fmt not in (None, "generic-tiff"):
+            return _OpenSlideReader(path)
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if not head:
+        raise DataError(f"{path}: empty file, not an image")
+    if head in _TIFF_MAGIC:
+        try:
+            return _TiffReader(path)
+        except _Unsupported:
+            pass
+    return _ArrayReader(path)
+
+
+# --------------------------------------------------------------------------------------------
+# thumbnail, tissue, grid
+
+
+def _thumbnail(reader, max_side: int = _THUMB_SIDE) -> tuple[np.ndarray, float]:
+    """RGB thumbnail (long side <= max_side) assembled block by block, and its downsample."""
+    w0, h0 = reader.dims[0]
+    scale = max(1.0, max(w0, h0) / max_side)
+    tw, th = max(1, round(w0 / scale)), max(1, round(h0 / scale))
+    downs = reader.downsamples
+    level = max((i for i, d in enumerate(downs) if d <= scale * 1.001), key=lambda i: downs[i])
+    lw, lh = reader.dims[level]
+    fx, fy = tw / lw, th / lh
+    thumb = np.full((th, tw, 3), 255, np.uint8)
+    for y in range(0, lh, _BLOCK):
+        for x in range(0, lw, _BLOCK):
+            bw, bh = min(_BLOCK, lw - x), min(_BLOCK, lh - y)
+            x0, x1 = round(x * fx), round((x + bw) * fx)
+            y0, y1 = round(y * fy), round((y + bh) * fy)
+            if x1 <= x0 or y1 <= y0:
+                continue
+            block = _read_block(reader, level, x, y, bw, bh)
+            thumb[y0:y1, x0:x1] = cv2.resize(block, (x1 - x0, y1 - y0),
+                                             interpolation=cv2.INTER_AREA)
+    return thumb, (w0 / tw + h0 / th) / 2
+
+
+def _read_block(reader, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+    """A region for the thumbnail; a damaged part is read in small pieces and shown as glass."""
+    try:
+        return reader.read_region(level, x, y, w, h)
+    except Exception:  # noqa: BLE001 - one damaged tile must not lose the whole slide
+        pass
+    block = np.full((h, w, 3), 255, np.uint8)
+    bad = []
+    for yy in range(0, h, _PIECE):
+        for xx in range(0, w, _PIECE):
+            pw, ph = min(_PIECE, w - xx), min(_PIECE, h - yy)
+            try:
+                block[yy:yy + ph, xx:xx + pw] = reader.read_region(level, x + xx, y + yy, pw, ph)
+            except Exception as exc:  # noqa: BLE001
+                bad.append(f"x={x + xx} y={y + yy} ({type(exc).__name__}: {exc})")
+    warnings.warn(f"{reader.path}: {len(bad)} damaged region(s) of {_PIECE} px at level {level} "
+                  f"shown as glass in the thumbnail: {'; '.join(bad[:3])}", SlideWarning,
+                  stacklevel=4)
+    return block
+
+
+def tissue_mask(thumb: np.ndarray, threshold: float | None = None) -> tuple[np.ndarray, float]:
+    """Tissue pixels of an RGB thumbnail: saturation above a clamped Otsu threshold.
+
+    Glass is white or grey (HSV saturation below about 15/255), H&E-stained tissue is pink to
+    purple. ``threshold`` None: Otsu's threshold on the median-filtered saturation, clamped to
+    [15, 30] (an all-tissue field would otherwise be split into pale and dark tissue); then a 5x5
+    opening and closing. Used by :func:`slide_map` and in chapter 5 (discussion).
+
+    Returns
+    -------
+    mask : np.ndarray of bool
+        Same height and width as ``thumb``.
+    threshold : float
+        The saturation threshold used (0-255).
+    """
+    sat = cv2.medianBlur(cv2.cvtColor(np.ascontiguousarray(thumb), cv2.COLOR_RGB2HSV)[..., 1], 5)
+    if threshold is None:
+        otsu, _ = cv2.threshold(sat, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+        threshold = float(np.clip(otsu, *_SATURATION_CLAMP))
+    mask = (sat > threshold).astype(np.uint8)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
+    mask = cv2.morphologyEx(cv2.morphologyEx(mask, cv2.MORPH_OPEN, kernel), cv2.MORPH_CLOSE, kernel)
+    return mask.astype(bool), float(threshold)
+
+
+def tile_grid(width: int, height: int, tile: int, stride: int | None = None) -> pd.DataFrame:
+    """Top-left corners of the square tiles that fit inside a ``width x height`` image.
+
+    Tiles start at 0 and step by ``stride`` (default ``tile``: no overlap); a partial tile at the
+    right or bottom edge is not made. Used by :func:`slide_map`.
+
+    Examples
+    --------
+    >>> tile_grid(1100, 600, 512)[["x", "y"]].values.tolist()
+    [[0, 0], [512, 0]]
+    """
+    stride = tile if stride is None else int(stride)
+    if tile < 1 or stride < 1:
+        raise ValueError(f"tile and stride must be positive, got {tile} and {stride}")
+    xs = np.arange(0, width - tile + 1, stride)
+    ys = np.arange(0, height - tile + 1, stride)
+    yy, xx = np.meshgrid(ys, xs, indexing="ij")
+    return pd.DataFrame({"x": xx.ravel(), "y": yy.ravel(), "w": tile, "h": tile})
+
+
+def _tissue_fractions(mask: np.ndarray, tiles: pd.DataFrame, downsample_x: float,
+                      downsample_y: float) -> np.ndarray:
+    """Share of each tile's area that is tissue, from the thumbnail mask (integral image)."""
+    ii = cv2.integral(mask.astype(np.uint8))  # (h + 1, w + 1) int32
+    mh, mw = mask.shape
+    x0 = np.clip(np.round(tiles["x"].to_numpy() / downsample_x).astype(int), 0, mw - 1)
+    y0 = np.clip(np.round(tiles["y"].to_numpy() / downsample_y).astype(int), 0, mh - 1)
+    x1 = np.clip(np.round((tiles["x"] + tiles["w"]).to_numpy() / downsample_x).astype(int),
+                 x0 + 1, mw)
+    y1 = np.clip(np.round((tiles["y"] + tiles["h"]).to_numpy() / downsample_y).astype(int),
+                 y0 + 1, mh)
+    inside = ii[y1, x1] - ii[y0, x1] - ii[y1, x0] + ii[y0, x0]
+    return inside / ((x1 - x0) * (y1 - y0))
+
+
+# --------------------------------------------------------------------------------------------
+# the map
+
+
+def heatmap_figure(thumb: np.ndarray, tiles: pd.DataFrame, width: int, height: int,
+                   title: str | None = None, alpha: float = 0.55):
+    """The cellularity of the scored tiles over the thumbnail, with a labelled colour bar.
+
+    Overlapping tiles are averaged; unscored tiles (background, failed) stay transparent. Axes are
+    in level-0 pixels. Used by :func:`slide_map` and in chapter 5 (discussion).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    import matplotlib.pyplot as plt
+
+    th, tw = thumb.shape[:2]
+    fx, fy = tw / width, th / height
+    total = np.zeros((th, tw), np.float64)
+    count = np.zeros((th, tw), np.float64)
+    scored = tiles[tiles["cellularity"].notna()]
+    for x, y, w, h, c in scored[["x", "y", "w", "h", "cellularity"]].itertuples(index=False):
+        x0, y0 = int(round(x * fx)), int(round(y * fy))
+        x1, y1 = max(x0 + 1, int(round((x + w) * fx))), max(y0 + 1, int(round((y + h) * fy)))
+        total[y0:y1, x0:x1] += c
+        count[y0:y1, x0:x1] += 1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cmap_values = np.where(count > 0, total / count, np.nan)
+    aspect = width / height
+    fig, ax = plt.subplots(figsize=(min(12.0, 5.0 * aspect) + 1.5, 5.0))
+    extent = (0, width, height, 0)
+    ax.imshow(thumb, extent=extent, interpolation="bilinear")
+    cmap = plt.get_cmap("viridis").with_extremes(bad=(0.0, 0.0, 0.0, 0.0))
+    im = ax.imshow(np.ma.masked_invalid(cmap_values), cmap=cmap, vmin=0.0, vmax=1.0,
+                   alpha=alpha, extent=extent, interpolation="nearest")
+    bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+    bar.set_label("cellularity (0-1)")
+    bar.solids.set_alpha(1.0)
+    ax.set_xlabel("x (level-0 pixels)")
+    ax.set_ylabel("y (level-0 pixels)")
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _atomic_bytes(path: Path, data: bytes) -> None:
+    from cellulib.store import atomic_write_bytes
+
+    atomic_write_bytes(path, lambda fh: fh.write(data))
+
+
+def _pick_level(reader, level: Any, target: float) -> int:
+    downs = reader.downsamples
+    if level in (None, "auto"):
+        # the coarsest level that still has >= the model's pixels per tile: no upsampling
+        # (level 0 when even it has fewer, i.e. the tile is enlarged to the model input)
+        fine_enough = [i for i, d in enumerate(downs) if d <= target * 1.001]
+        return max(fine_enough, key=lambda i: downs[i]) if fine_enough else 0
+    try:
+        level = int(level)
+    except (TypeError, ValueError):
+        raise ValueError(f"level must be 'auto' or an integer, got {level!r}") from None
+    if not 0 <= level < len(downs):
+        raise ValueError(f"{reader.path}: level {level} does not exist; the file has levels "
+                         f"0-{len(downs) - 1} (downsamples "
+                         f"{', '.join(f'{d:.3g}' for d in downs)})")
+    return level
+
+
+def slide_map(model: Any, image_path: str | os.PathLike, out_dir: str | os.PathLike,
+              tile: int = 512, *, tile_um: float | None = None, stride: int | None = None,
+              min_tissue: float = 0.5, level: Any = "auto", tissue_threshold: float | None = None,
+              batch_size: int = 16, tta: bool = False, device: Any = None, workers: int = 2,
+              progress: bool = True) -> pd.DataFrame:
+    """Cellularity map of a large image: tissue tiles scored, written as CSV, heatmap and JSON.
+
+    Applies a patch model of paper sections 3.2-3.4 tile by tile (see the module notes for the
+    scale and tissue detection). Writes ``out_dir/tiles.csv`` (every tile of the grid: ``x, y,
+    w, h`` in level-0 pixels, ``tissue_fraction``, ``cellularity`` (empty for background and
+    failed tiles), ``error``), ``out_dir/heatmap.png`` and ``out_dir/slide.json`` (model, reader,
+    levels, pixel size, tile geometry, tissue threshold, counts), each atomically. A tile that
+    cannot be decoded gets an error row; the others are still scored. Used by
+    ``cellulib slide`` and in chapter 5 (discussion).
+
+    Parameters
+    ----------
+    model : str, PathLike, (nn.Module, dict) or cellulib.predict.Predictor
+        A direct, SR or GBT model.
+    image_path : path
+        The slide or large image.
+    out_dir : path
+        Output folder (created).
+    tile : int
+        Tile side in level-0 pixels (512: a BreastPathQ patch at the scan's resolution).
+    tile_um : float, optional
+        Tile side in micrometres; overrides ``tile`` using the pixel size in the file.
+    stride : int, optional
+        Step between tiles in level-0 pixels (default ``tile``).
+    min_tissue : float
+        Smallest tissue fraction of a scored tile.
+    level : "auto" or int
+        Pyramid level the tiles are read from.
+    tissue_threshold : float, optional
+        Saturation threshold (0-255) instead of the clamped Otsu of :func:`tissue_mask`.
+    batch_size, tta, device, workers, progress
+        As in :class:`cellulib.predict.Predictor`.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The rows of ``tiles.csv``; ``attrs["summary"]`` holds the contents of ``slide.json``.
+
+    Raises
+    ------
+    cellulib.data.DataError
+        Unreadable image, or an image smaller than one tile; the message names the file.
+    """
+    import matplotlib.pyplot as plt
+
+    from cellulib.data import DataError
+    from cellulib.plots import figure_png
+    from cellulib.predict import Predictor, _jsonable
+
+    start = time.perf_counter()
+    image_path = Path(image_path)
+    out_dir = Path(out_dir)
+    if not 0.0 <= float(min_tissue) <= 1.0:
+        raise ValueError(f"min_tissue must lie in [0, 1], got {min_tissue}")
+    predictor = model if isinstance(model, Predictor) else Predictor(
+        model, batch_size=batch_size, tta=tta, device=device, workers=workers)
+    size = predictor.input_size
+    with open_slide(image_path) as reader:
+        w0, h0 = reader.dims[0]
+        if tile_um is not None:
+            if not reader.mpp:
+                raise DataError(f"{image_path}: the pixel size is not recorded in the file, so "
+                                "tile_um cannot be converted; give the tile side in pixels")
+            tile = int(round(float(tile_um) / reader.mpp))
+        tile = int(tile)
+        if tile < 1:
+            raise ValueError(f"tile must be positive, got {tile}")
+        if tile * predictor.max_upscale < size:
+            raise DataError(f"{image_path}: a tile of {tile} px is too small for this model "
+                            f"(input {size}x{size}); use a tile of at least "
+                            f"{math.ceil(size / predictor.max_upscale)} px")
+        if w0 < tile or h0 < tile:
+            raise DataError(f"{image_path}: image {w0}x{h0} is smaller than one {tile}-px tile; "
+                            "give a smaller tile, or score it with cellulib predict")
+        grid = tile_grid(w0, h0, tile, stride)
+        read_level = _pick_level(reader, level, tile / size)
+        ds = reader.downsamples[read_level]
+        lw, lh = reader.dims[read_level]
+        side = max(1, min(int(round(tile / ds)), lw, lh))
+
+        thumb, thumb_ds = _thumbnail(reader)
+        mask, threshold = tissue_mask(thumb, tissue_threshold)
+        grid["tissue_fraction"] = _tissue_fractions(mask, grid, w0 / thumb.shape[1],
+                                                    h0 / thumb.shape[0])
+        todo = np.flatnonzero(grid["tissue_fraction"].to_numpy() >= min_tissue)
+
+        def loader(x: int, y: int):
+            def load():
+                where = f"{image_path} tile x={x} y={y}"
+                try:
+                    region = reader.read_region(read_level, min(int(round(x / ds)), lw - side),
+                                                min(int(round(y / ds)), lh - side), side, side)
+                except DataError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - codec errors of a damaged tile
+                    raise DataError(f"{where}: cannot decode ({type(exc).__name__}: {exc})"
+                                    ) from None
+                return predictor.prepare(region, where)
+            return load
+
+        jobs = ((i, loader(int(grid.at[i, "x"]), int(grid.at[i, "y"]))) for i in todo)
+        cellularity = np.full(len(grid), np.nan)
+        errors = np.full(len(grid), "", dtype=object)
+        for i, value, error in predictor.stream(jobs, total=len(todo), progress=progress,
+                                                desc="slide", unit="tile"):
+            cellularity[i], errors[i] = value, error
+        grid["cellularity"] = cellularity
+        grid["error"] = errors
+        grid["tissue_fraction"] = grid["tissue_fraction"].round(4)
+        reader_info = {"reader": reader.kind, "levels": [list(d) for d in reader.dims],
+                       "downsamples": [round(d, 4) for d in reader.downsamples],
+                       "mpp": reader.mpp}
+
+    n_scored = int(np.isfinite(cellularity).sum())
+    n_failed = int((errors != "").sum())
+    if len(todo) == 0:
+        warnings.warn(f"{image_path}: no tile has at least {min_tissue:.0%} tissue (saturation "
+                      f"threshold {threshold:.0f}); nothing was scored", SlideWarning, stacklevel=2)
+    mean = float(np.nanmean(cellularity)) if n_scored else math.nan
+    title = (f"{image_path.name}: {n_scored} tissue tiles of {tile} px"
+             + (f", mean cellularity {mean:.2f}" if n_scored else ", no tissue scored"))
+    fig = heatmap_figure(thumb, grid, w0, h0, title=title)
+    png = figure_png(fig, dpi=120)
+    plt.close(fig)
+
+    summary = predictor.describe() | {
+        "image": str(image_path), **reader_info,
+        "tile": tile, "tile_um": None if reader_info["mpp"] is None else tile * reader_info["mpp"],
+        "stride": int(stride or tile), "read_level": read_level, "read_side": side,
+        "thumbnail_downsample": round(thumb_ds, 4), "tissue_threshold": threshold,
+        "min_tissue": float(min_tissue), "n_tiles": len(grid), "n_tissue": int(len(todo)),
+        "n_scored": n_scored, "n_failed": n_failed,
+        "mean_cellularity": None if not n_scored else mean,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    buf = io.StringIO()
+    grid.to_csv(buf, index=False, float_format="%.6g")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_bytes(out_dir / "tiles.csv", buf.getvalue().encode())
+    _atomic_bytes(out_dir / "heatmap.png", png)
+    _atomic_bytes(out_dir / "slide.json",
+                  (json.dumps(_jsonable(summary), indent=2) + "\n").encode())
+    grid.attrs["summary"] = summary
+    return grid

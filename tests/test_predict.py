@@ -1,0 +1,493 @@
+"""`cellulib predict` and `cellulib evaluate`: scores equal a hand-built forward pass for every
+image mode and model family, bad inputs give error rows or clear errors, outputs are atomic, and the
+metrics of `evaluate` equal hand-computed values (ICC against pingouin)."""
+
+import argparse
+import functools
+import json
+import threading
+import time
+import warnings
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+import torch
+from PIL import Image
+
+from cellulib import load_model, models, save_model
+from cellulib.data import DataError
+from cellulib.predict import (
+    Predictor,
+    PredictWarning,
+    add_commands,
+    agreement_figure,
+    bland_altman,
+    collect_images,
+    evaluate_files,
+    match_predictions,
+    predict_images,
+    predict_to_csv,
+)
+from cellulib.store import ModelFileError
+
+S = 64
+PRE = {"input_size": S, "normalize": "minus_one_one"}
+
+
+# ---------------------------------------------------------------------------------------------
+# fixtures: tiny models of every family, images of every mode
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    # tiny 64 px batches: two OpenMP threads only wait for each other on a shared 2-core machine
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _sensitive(model, gain=3.0):
+    """A random network scores every image about the same; standardise its pooled features so
+    that the head's logits vary by about ``gain`` across images. Then a wrong channel order, crop
+    or resize changes the output far more than the test tolerance."""
+    model.eval()
+    x = torch.from_numpy(np.stack([_rgb(S, S, 1000 + i) for i in range(16)])).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        feats = model.body(x.float() / 127.5 - 1)
+    mu, sd = feats.mean(0), feats.std(0) + 1e-6
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(model.head.out_features, feats.shape[1], generator=g) * gain
+    w = w / (sd * feats.shape[1] ** 0.5)
+    with torch.no_grad():
+        model.head.weight.copy_(w)
+        model.head.bias.copy_(-w @ mu)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory):
+    import lightgbm  # noqa: F401  (fit_gbt needs it)
+
+    from cellulib.features import FEATURE_NAMES, fit_gbt
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("models")
+    files = {}
+    files["regression"] = save_model(_sensitive(models.direct_model("resnet34")),
+                                     folder / "reg.pt", preprocess=PRE)
+    files["classification"] = save_model(
+        _sensitive(models.direct_model("resnet34", task="classification")), folder / "cls.pt",
+        preprocess=PRE)
+    files["sr"] = save_model(models.sr_model(models.seg_model("fpn")), folder / "sr.pt",
+                             preprocess=PRE)
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame(rng.random((300, len(FEATURE_NAMES))) * 50, columns=FEATURE_NAMES)
+    booster = fit_gbt(table, rng.random(300), n_rounds=20, min_data_in_leaf=5)
+    files["gbt"] = save_model(models.GBTModel(models.seg_model("fpn"), booster), folder / "gbt.pt",
+                              preprocess=PRE)
+    files["seg"] = save_model(models.seg_model("fpn"), folder / "seg.pt", preprocess=PRE)
+    files["no_preprocess"] = save_model(models.direct_model("resnet34"), folder / "nopre.pt")
+    files["sr_bad_size"] = save_model(models.sr_model(models.seg_model("fpn")),
+                                      folder / "sr48.pt",
+                                      preprocess={"input_size": 48, "normalize": "minus_one_one"})
+    return files
+
+
+def _rgb(h, w, seed):
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (max(h // 8, 1), max(w // 8, 1), 3), dtype=np.uint8)
+    img = cv2.resize(base, (w, h), interpolation=cv2.INTER_CUBIC)  # smooth, not pure noise
+    return np.ascontiguousarray(img)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Files of every mode and the RGB uint8 image each should read as (computed here, not by
+    cellulib)."""
+    folder = tmp_path_factory.mktemp("images")
+    expected = {}
+
+    img = _rgb(80, 80, 1)
+    Image.fromarray(img).save(folder / "a_rgb8.png")
+    expected["a_rgb8.png"] = img
+
+    img = _rgb(72, 72, 2)
+    alpha = np.random.default_rng(3).integers(0, 256, (72, 72), dtype=np.uint8)
+    Image.fromarray(np.dstack([img, alpha]), "RGBA").save(folder / "b_rgba.png")
+    a = alpha[..., None].astype(np.float64) / 255
+    expected["b_rgba.png"] = np.rint(img * a + 255 * (1 - a)).astype(np.uint8)
+
+    grey = _rgb(70, 70, 4)[..., 0]
+    tifffile.imwrite(folder / "c_grey.tif", grey)
+    expected["c_grey.tif"] = np.repeat(grey[..., None], 3, axis=2)
+
+    img = _rgb(96, 96, 5)
+    tifffile.imwrite(folder / "d_rgb16.tif", img.astype(np.uint16) * 257, photometric="rgb")
+    expected["d_rgb16.tif"] = img
+
+    grey = _rgb(66, 66, 6)[..., 1]
+    Image.fromarray(grey.astype(np.uint16) * 257).save(folder / "e_grey16.png")
+    expected["e_grey16.png"] = np.repeat(grey[..., None], 3, axis=2)
+
+    Image.fromarray(_rgb(128, 128, 7)).save(folder / "f_rgb.jpg", quality=92)
+    with Image.open(folder / "f_rgb.jpg") as im:
+        expected["f_rgb.jpg"] = np.array(im.convert("RGB"))
+
+    img = _rgb(90, 110, 8)  # not square, within the aspect limit: resized whole
+    tifffile.imwrite(folder / "g_lzw.tif", img, photometric="rgb", compression="lzw")
+    expected["g_lzw.tif"] = img
+
+    img = _rgb(64, 64, 9)  # already S x S: no resize
+    tifffile.imwrite(folder / "h_exact.tiff", img, photometric="rgb")
+    expected["h_exact.tiff"] = img
+    return folder, expected
+
+
+@functools.cache
+def _reference_model(path):
+    return load_model(path)[0]
+
+
+def _reference(path, img):
+    """Cellularity by the documented recipe: INTER_AREA resize to S, [0,255] -> [-1,1], one image
+    per forward pass, on a separately loaded copy of the model."""
+    model = _reference_model(path)
+    x = img if img.shape[:2] == (S, S) else cv2.resize(img, (S, S), interpolation=cv2.INTER_AREA)
+    t = torch.from_numpy(x.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        return float(model.to_cellularity(model(t))[0])
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="cellulib")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def _run(argv):
+    args = _parser().parse_args(argv)
+    return args.func(args)
+
+
+# ---------------------------------------------------------------------------------------------
+# predict: values
+
+
+def test_every_image_mode_matches_the_reference_recipe(model_files, images):
+    folder, expected = images
+    preds = predict_images(model_files["classification"], folder, batch_size=3, progress=False)
+    assert preds["path"].map(lambda p: p.rsplit("/", 1)[-1]).tolist() == sorted(expected)
+    assert (preds["error"] == "").all(), preds["error"].tolist()
+    ref = [_reference(model_files["classification"], expected[name]) for name in sorted(expected)]
+    np.testing.assert_allclose(preds["cellularity"], ref, atol=1e-4)
+    # the check has teeth: swapping to BGR moves the score by far more than the tolerance
+    img = expected["a_rgb8.png"]
+    assert abs(_reference(model_files["classification"], img)
+               - _reference(model_files["classification"], img[..., ::-1].copy())) > 1e-2
+
+
+@pytest.mark.parametrize("family", ["regression", "sr", "gbt"])
+def test_each_model_family_matches_the_reference(model_files, images, family):
+    folder, expected = images
+    names = ["a_rgb8.png", "d_rgb16.tif", "g_lzw.tif"]
+    preds = predict_images(model_files[family], [folder / n for n in names], batch_size=2,
+                           progress=False)
+    ref = [_reference(model_files[family], expected[n]) for n in names]
+    np.testing.assert_allclose(preds["cellularity"], ref, atol=1e-4)
+    assert preds["cellularity"].between(0, 1).all()
+
+
+def test_tta_averages_the_eight_flips_and_rotations(model_files, images):
+    folder, expected = images
+    img = expected["g_lzw.tif"]
+    # resizing commutes with flips and quarter turns only for square images: resize first
+    square = cv2.resize(img, (S, S), interpolation=cv2.INTER_AREA)
+    views = [np.ascontiguousarray(np.rot90(v, k)) for v in (square, square[:, ::-1])
+             for k in range(4)]
+    ref = np.mean([_reference(model_files["regression"], v) for v in views])
+    got = predict_images(model_files["regression"], folder / "g_lzw.tif", tta=True,
+                         progress=False)["cellularity"].iloc[0]
+    plain = predict_images(model_files["regression"], folder / "g_lzw.tif",
+                           progress=False)["cellularity"].iloc[0]
+    assert got == pytest.approx(ref, abs=2e-5)
+    assert abs(got - plain) > 1e-4  # the 8 views do differ for this model
+
+
+def test_elongated_image_is_scored_as_the_mean_of_square_tiles(model_files, tmp_path):
+    img = _rgb(64, 200, 11)
+    tifffile.imwrite(tmp_path / "strip.tif", img, photometric="rgb")
+    # ceil(200 / 64) = 4 tiles of 64 x 64 at x = 0, 45, 91, 136 (evenly spaced, covering)
+    ref = np.mean([_reference(model_files["regression"], np.ascontiguousarray(img[:, a:a + 64]))
+                   for a in (0, 45, 91, 136)])
+    got = predict_images(model_files["regression"], tmp_path / "strip.tif", progress=False)
+    assert got["cellularity"].iloc[0] == pytest.approx(ref, abs=2e-5)
+
+
+def test_real_images_are_scored(model_files, real_dir):
+    files = collect_images(real_dir)
+    assert len(files) >= 3
+    preds = predict_images(model_files["regression"], files, batch_size=4, progress=False)
+    assert (preds["error"] == "").all(), preds["error"].tolist()
+    for path, value in zip(files, preds["cellularity"]):
+        if path.suffix.lower() == ".png":  # an independent decoder for the reference
+            with Image.open(path) as im:
+                img = np.array(im.convert("RGB"))
+        else:
+            img = tifffile.imread(path)
+        assert value == pytest.approx(_reference(model_files["regression"], img), abs=2e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# predict: bad input, files, CLI
+
+
+def _bad_files(folder, images_folder):
+    (folder / "z_text.png").write_text("this is not an image\n")
+    (folder / "z_empty.tif").write_bytes(b"")
+    data = (images_folder / "d_rgb16.tif").read_bytes()
+    (folder / "z_truncated.tif").write_bytes(data[: len(data) // 3])
+    Image.fromarray(_rgb(12, 12, 12)).save(folder / "z_tiny.png")  # 64 / 12 > 4x enlargement
+    return ["z_text.png", "z_empty.tif", "z_truncated.tif", "z_tiny.png"]
+
+
+def test_bad_files_give_error_rows_and_the_others_are_scored(model_files, images, tmp_path):
+    folder, expected = images
+    bad = _bad_files(tmp_path, folder)
+    paths = [folder / "a_rgb8.png", *[tmp_path / b for b in bad], tmp_path / "missing.tif",
+             folder / "c_grey.tif"]
+    preds = predict_images(model_files["regression"], paths, batch_size=2, progress=False)
+    assert len(preds) == len(paths) and preds["path"].tolist() == [str(p) for p in paths]
+    ok = preds["error"] == ""
+    assert ok.tolist() == [True] + [False] * 5 + [True]
+    assert preds.loc[~ok, "cellularity"].isna().all()
+    for path, error in zip(preds.loc[~ok, "path"], preds.loc[~ok, "error"]):
+        assert path in error  # every message names its file
+    assert "too small" in preds["error"].iloc[4]
+    assert "not found" in preds["error"].iloc[5]
+    assert preds["cellularity"].iloc[-1] == pytest.approx(
+        _reference(model_files["regression"], expected["c_grey.tif"]), abs=2e-5)
+
+
+def test_cli_predict_writes_csv_and_sidecar_and_exits_1_on_a_bad_file(model_files, images,
+                                                                     tmp_path, capsys):
+    folder, expected = images
+    (tmp_path / "in").mkdir()
+    bad = _bad_files(tmp_path / "in", folder)
+    out = tmp_path / "out" / "preds.csv"
+    code = _run(["predict", "--model", str(model_files["regression"]), "--images", str(folder),
+                 str(tmp_path / "in" / bad[0]), "--out", str(out), "--batch-size", "3",
+                 "--quiet"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "z_text.png" in err
+    table = pd.read_csv(out, keep_default_na=False)
+    assert list(table.columns) == ["path", "cellularity", "error"]
+    assert len(table) == len(expected) + 1
+    assert (table["error"].iloc[:-1] == "").all() and table["cellularity"].iloc[-1] == ""
+    side = json.loads((out.parent / "preds.csv.json").read_text())
+    assert side["family"] == "direct" and side["config"]["task"] == "regression"
+    assert side["n_ok"] == len(expected) and side["n_failed"] == 1
+    assert side["preprocess"] == PRE and side["cellulib_version"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["preds.csv", "preds.csv.json"]
+    # the CSV holds what predict_images returns
+    ref = predict_images(model_files["regression"], folder, progress=False)
+    np.testing.assert_allclose(table["cellularity"].iloc[:-1].astype(float), ref["cellularity"],
+                               atol=1e-5)
+    assert _run(["predict", "--model", str(model_files["regression"]), "--images",
+                 str(folder / "a_rgb8.png"), "--out", str(out), "--quiet"]) == 0
+
+
+def test_output_is_never_half_written(model_files, images, tmp_path, monkeypatch):
+    folder, _ = images
+    out = tmp_path / "preds.csv"
+    out.write_text("previous,content\n")
+    calls = {"n": 0}
+    original = Predictor.score_batch
+
+    def failing(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated crash in the middle of the run")
+        return original(self, batch)
+
+    monkeypatch.setattr(Predictor, "score_batch", failing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        predict_to_csv(model_files["regression"], folder, out, batch_size=2, progress=False)
+    assert out.read_text() == "previous,content\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["preds.csv"]  # no temporary files
+
+
+def test_model_file_problems_are_clear_errors(model_files, tmp_path):
+    with pytest.raises(ModelFileError, match="segmentation model"):
+        Predictor(model_files["seg"])
+    with pytest.raises(ModelFileError, match=r"nopre\.pt: no preprocessing"):
+        Predictor(model_files["no_preprocess"])
+    with pytest.raises(ModelFileError, match=r"sr48\.pt: .*divisible by 32"):
+        Predictor(model_files["sr_bad_size"])
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(ModelFileError, match=r"junk\.pt"):
+        Predictor(junk)
+    payload = torch.load(model_files["regression"], weights_only=False)
+    payload["format_version"] = 99
+    future = tmp_path / "future.pt"
+    torch.save(payload, future)
+    with pytest.raises(ModelFileError, match=r"future\.pt: model file format 99"):
+        Predictor(future)
+    # and through the command line: a ValueError for cli.main to report with exit 2
+    with pytest.raises(ValueError, match=r"seg\.pt"):
+        _run(["predict", "--model", str(model_files["seg"]), "--images", str(tmp_path),
+              "--out", str(tmp_path / "p.csv")])
+
+
+def test_empty_folder_is_a_clear_error(model_files, tmp_path):
+    (tmp_path / "notes.txt").write_text("no images here")
+    with pytest.raises(ValueError, match=f"{tmp_path}: no image files"):
+        predict_images(model_files["regression"], tmp_path, progress=False)
+
+
+def test_cli_main_reports_errors_with_exit_2(model_files, tmp_path, capsys):
+    from cellulib import cli
+
+    parser = cli.build_parser()
+    choices = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    if "predict" not in choices:
+        pytest.skip("predict is not wired into cellulib.cli yet")
+    code = cli.main(["predict", "--model", str(model_files["seg"]), "--images", str(tmp_path),
+                     "--out", str(tmp_path / "p.csv")])
+    assert code == 2
+    assert "cellulib predict: error:" in capsys.readouterr().err
+
+
+def test_stream_keeps_order_and_reads_ahead_only_a_window(model_files):
+    predictor = Predictor(model_files["regression"], batch_size=4, workers=2)
+    started = []
+    lock = threading.Lock()
+    rng = np.random.default_rng(0)
+    inputs = [_rgb(S, S, 100 + i) for i in range(40)]
+
+    def job(i):
+        def load():
+            with lock:
+                started.append(i)
+            time.sleep(0.02 if i == 0 else float(rng.random()) * 0.002)  # first one is slowest
+            return [inputs[i]]
+        return load
+
+    stream = predictor.stream(((i, job(i)) for i in range(40)), progress=False)
+    first = next(stream)
+    assert first[0] == 0
+    assert len(started) <= 2 * predictor.batch_size + 2 * predictor.workers + predictor.batch_size
+    rest = list(stream)
+    assert [k for k, _, _ in [first, *rest]] == list(range(40))
+    ref = predictor.score_batch(np.stack(inputs))
+    np.testing.assert_allclose([v for _, v, _ in [first, *rest]], ref, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate
+
+
+def _write_eval_case(tmp_path):
+    # hand-computed case: y_true 0.1 0.3 0.6 0.9, y_pred 0.2 0.3 0.3 0.7
+    labels = tmp_path / "val_labels.csv"
+    labels.write_text("slide,rid,y\n1001,1,0.1\n1001,2,0.3\n1002,1,0.6\n1002,2,0.9\n1003,7,0.5\n")
+    pred = tmp_path / "preds.csv"
+    pred.write_text(
+        "path,cellularity,error\n"
+        "data/validation/1002_2.tif,0.700000,\n"
+        "data/validation/1001_1.tif,0.200000,\n"
+        "data/validation/broken.tif,,data/validation/broken.tif: not a readable image\n"
+        "data/validation/1002_1.tif,0.300000,\n"
+        "data/validation/9999_1.tif,0.400000,\n"
+        "data/validation/1001_2.tif,0.300000,\n")
+    return pred, labels
+
+
+def test_evaluate_equals_hand_computed_metrics(tmp_path):
+    import pingouin
+
+    pred, labels = _write_eval_case(tmp_path)
+    with pytest.warns(PredictWarning) as record:
+        pairs = match_predictions(pred, labels)
+    messages = " ".join(str(w.message) for w in record)
+    assert "1 row(s) have no cellularity" in messages  # the failed image
+    assert "9999_1" in messages and "1003_7" in messages  # unmatched, both ways
+    assert pairs["key"].tolist() == ["1002_2", "1001_1", "1002_1", "1001_2"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # bootstrap resamples of 4 patches can be degenerate
+        table = evaluate_files(pred, labels, n_boot=200, seed=0)
+    # MSE = (0.01 + 0 + 0.09 + 0.04) / 4
+    assert table.loc["MSE", "value"] == pytest.approx(0.035)
+    # bins true 0 1 2 3, pred 0 1 1 2: p_o = 1/2, p_e = 1/4 -> kappa = (1/2 - 1/4) / (3/4)
+    assert table.loc["kappa", "value"] == pytest.approx(1 / 3)
+    # 6 pairs, none tied in truth: 5 concordant, 1 tied in prediction -> (5 + 1/2) / 6
+    assert table.loc["PK", "value"] == pytest.approx(5.5 / 6)
+    long = pd.DataFrame({"target": np.tile(np.arange(4), 2), "rater": np.repeat(["t", "p"], 4),
+                         "score": [0.1, 0.3, 0.6, 0.9, 0.2, 0.3, 0.3, 0.7]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pingouin's own pandas deprecation warnings
+        ref = pingouin.intraclass_corr(long, "target", "rater", "score").set_index("Type")
+    # two-way random, absolute agreement, single rater: "ICC(A,1)" (pingouin >= 0.7) or "ICC2"
+    icc_ref = ref.loc["ICC(A,1)" if "ICC(A,1)" in ref.index else "ICC2", "ICC"]
+    assert table.loc["ICC(2,1)", "value"] == pytest.approx(icc_ref, abs=1e-9)
+    assert (table["n"] == 4).all()
+    assert table.loc["MSE", "ci_low"] <= 0.035 <= table.loc["MSE", "ci_high"]
+
+
+def test_labels_with_path_column_and_no_match_error(tmp_path):
+    pred, _ = _write_eval_case(tmp_path)
+    labels = tmp_path / "labels_paths.csv"
+    labels.write_text("path,cellularity\nx/1001_1.png,0.1\nx/1001_2.png,0.3\nx/1002_1.png,0.6\n"
+                      "x/1002_2.png,0.9\nx/9999_1.png,0.4\n")
+    with pytest.warns(PredictWarning):
+        pairs = match_predictions(pred, labels)
+    assert len(pairs) == 5
+    np.testing.assert_allclose(pairs["y_true"] - pairs["y_pred"], [0.2, -0.1, 0.3, 0, 0])
+    other = tmp_path / "other.csv"
+    other.write_text("slide,rid,y\n5,5,0.5\n")
+    with pytest.warns(PredictWarning), pytest.raises(ValueError, match="no prediction matches"):
+        match_predictions(pred, other)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file,score\na.tif,0.5\n")
+    with pytest.raises(DataError, match=r"bad\.csv: missing column"):
+        match_predictions(bad, labels)
+    out_of_range = tmp_path / "range.csv"
+    out_of_range.write_text("path,cellularity\na.tif,1.5\n")
+    with pytest.raises(DataError, match=r"range\.csv: cellularity outside \[0, 1\]"):
+        match_predictions(out_of_range, labels)
+
+
+def test_bland_altman_by_hand():
+    # d = pred - true = 0.1, 0, -0.3, -0.2: mean -0.1, squared deviations .04 .01 .04 .01
+    ba = bland_altman([0.1, 0.3, 0.6, 0.9], [0.2, 0.3, 0.3, 0.7])
+    sd = np.sqrt(0.1 / 3)
+    assert ba["bias"] == pytest.approx(-0.1)
+    assert ba["sd"] == pytest.approx(sd)
+    assert ba["loa_low"] == pytest.approx(-0.1 - 1.96 * sd)
+    assert ba["loa_high"] == pytest.approx(-0.1 + 1.96 * sd)
+    fig = agreement_figure([0.1, 0.3, 0.6, 0.9], [0.2, 0.3, 0.3, 0.7])
+    labels = [ax.get_xlabel() + ax.get_ylabel() for ax in fig.axes]
+    assert all("cellularity" in text for text in labels)
+
+
+def test_cli_evaluate_table_json_and_figure(tmp_path, capsys):
+    pred, labels = _write_eval_case(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert _run(["evaluate", "--pred", str(pred), "--labels", str(labels),
+                     "--n-boot", "100"]) == 0
+        text = capsys.readouterr().out
+        assert "MSE" in text and "0.035" in text and "ICC(2,1)" in text and "4 matched" in text
+        figure = tmp_path / "fig" / "agreement.png"
+        assert _run(["evaluate", "--pred", str(pred), "--labels", str(labels), "--json",
+                     "--n-boot", "100", "--figure", str(figure)]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["n"] == 4
+    assert payload["metrics"]["PK"]["value"] == pytest.approx(5.5 / 6)
+    with Image.open(figure) as im:
+        assert im.format == "PNG" and im.size[0] > 500
