@@ -19,8 +19,8 @@ from typing import Any
 PROFILES: dict[str, dict[str, Any]] = {
     "quick": {
         # synthetic data (SPEC 1.2): small patches at the paper's magnification
-        "n_train": 240,
-        "n_val": 80,
+        "n_train": 160,
+        "n_val": 60,
         "n_cells": 48,
         "size": 256,  # paper: 512
         # weak segmentation (SPEC 2)
@@ -33,12 +33,12 @@ PROFILES: dict[str, dict[str, Any]] = {
         "seg_lr_end": 1e-4,
         "patches_per_epoch": 3,
         # cellularity models (SPEC 3, 4)
-        "direct_size": 128,  # input side after resizing the patch (paper: 512)
-        "direct_epochs": 6,  # paper: not stated; until the validation MSE stops improving
+        "direct_size": 96,  # input side after resizing the patch (paper: 512)
+        "direct_epochs": 5,  # paper: not stated; until the validation MSE stops improving
         "direct_bs": 16,
         "direct_lr": 1e-3,
-        "sr_epochs": 3,  # stage 1, segmentation frozen
-        "sr_finetune_epochs": 2,  # stage 2, end to end
+        "sr_epochs": 2,  # stage 1, segmentation frozen
+        "sr_finetune_epochs": 1,  # stage 2, end to end
         "sr_lr": 1e-3,
         "gbt_rounds": 600,
     },
