@@ -21,3 +21,15 @@ def real_dir() -> Path:
     if not path.is_dir() or not any(path.iterdir()):
         pytest.skip(f"real H&E images not found at {path}")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module's tests with one torch thread: on a shared 2-core machine, two OpenMP threads
+    per process on tiny batches mostly wait for each other."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -19,14 +19,7 @@ from cellulib.models import (
     sr_splitter,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # one thread: on a shared 2-core machine, two spinning OpenMP threads per process thrash
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

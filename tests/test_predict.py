@@ -41,13 +41,7 @@ PRE = {"input_size": S, "normalize": "minus_one_one"}
 # fixtures: tiny models of every family, images of every mode
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # tiny 64 px batches: two OpenMP threads only wait for each other on a shared 2-core machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _sensitive(model, gain=3.0):
