@@ -1,0 +1,1254 @@
+"""Speed and memory benchmarks (``python -m cellulib.bench``) and the book's execution-status page.
+
+Machines are shared and noisy, so no speed goal is an absolute number: every case times our code
+and a reference side by side in one run (interleaved, after a warm-up, medians over repeats with
+:func:`time.perf_counter`) and reports their ratio with the machine it ran on. The cases:
+
+``features``
+    The 81 features of paper section 3.3 (:func:`cellulib.features.extract_features`) against the
+    authors' way (:func:`cellulib.features.extract_features_reference`: skimage ``blob_log`` once
+    per threshold, numpy sums) on 4-channel probability maps. Goal: >= 10x faster, equal areas and
+    blob counts, equal sums to rounding.
+``predict``
+    ``cellulib predict`` end to end (decode, resize, forward, CSV) against the bare forward pass of
+    the same model on pre-loaded tensors of the same input size and batch size. Goal: >= 0.8 of
+    the bare throughput.
+``train``
+    One training epoch of the segmentation (paper 3.1) and direct (paper 3.4) models in the fastai
+    Learner as :mod:`cellulib.train` runs it, against a minimal PyTorch loop over the same model
+    initialisation, data loader and loss. Goal: overhead <= 10%.
+``book``
+    The execution time of all chapters in the quick profile, read from the executed notebooks that
+    papermill writes (or measured with ``--execute-book``). Goal: <= 600 s.
+``memory``
+    Peak resident memory of ``predict`` over many images against few, each in a fresh process.
+    Goal: flat (ratio <= 1.1).
+
+Modes: ``--smallest`` (seconds; what the test runs), ``--quick`` (the quick profile's sizes:
+1.5 to 4 minutes on a 2-core CPU, measured, depending on other load) and the default full mode
+(the paper's input sizes: 512 px patches, 256 px segmentation crops; meant for a GPU, many times
+longer on a CPU). On a shared machine ``--threads 1`` gives steadier ratios: two OpenMP threads
+stall whenever another job takes one of the cores. Used in the README's performance section and,
+through :func:`status_markdown`, for the book's execution-status page
+(``python -m cellulib.bench status``).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "CASES",
+    "MODES",
+    "BOOK_BUDGET_S",
+    "machine_info",
+    "bench_features",
+    "bench_predict",
+    "bench_train",
+    "bench_book",
+    "bench_memory",
+    "run_bench",
+    "format_table",
+    "chapter_times",
+    "execute_chapters",
+    "status_markdown",
+    "write_status",
+    "main",
+]
+
+CASES: tuple[str, ...] = ("features", "predict", "train", "book", "memory")
+"""The benchmark cases, in the order they run and print."""
+
+BOOK_BUDGET_S: float = 600.0
+"""Goal for executing the whole book in the quick profile on a 2-core CPU (seconds)."""
+
+MODES: dict[str, dict[str, Any]] = {
+    "smallest": {
+        "repeats": 1, "train_repeats": 1,
+        "feature_sizes": (64,),
+        "predict_images": 8, "predict_file_size": 128, "predict_input": 64, "predict_bs": 4,
+        "synth_size": 128, "seg_crop": 64, "seg_bs": 4, "seg_images": 4,
+        "direct_size": 64, "direct_bs": 4, "direct_images": 4,
+        "memory_counts": (24, 6), "memory_input": 64, "memory_file_size": 96,
+    },
+    # the sizes of the quick profile (cellulib.profiles): what the book trains and scores on a CPU
+    "quick": {
+        "repeats": 5, "train_repeats": 3,
+        "feature_sizes": (256, 512),
+        "predict_images": 32, "predict_file_size": 512, "predict_input": 128, "predict_bs": 16,
+        "synth_size": 256, "seg_crop": 128, "seg_bs": 8, "seg_images": 16,
+        "direct_size": 128, "direct_bs": 16, "direct_images": 32,
+        "memory_counts": (200, 50), "memory_input": 64, "memory_file_size": 256,
+    },
+    # the paper's sizes (512 px patches, 256 px segmentation crops, batch 16)
+    "full": {
+        "repeats": 5, "train_repeats": 5,
+        "feature_sizes": (256, 512),
+        "predict_images": 64, "predict_file_size": 512, "predict_input": 512, "predict_bs": 16,
+        "synth_size": 512, "seg_crop": 256, "seg_bs": 16, "seg_images": 32,
+        "direct_size": 512, "direct_bs": 16, "direct_images": 32,
+        "memory_counts": (1000, 100), "memory_input": 64, "memory_file_size": 256,
+    },
+}
+"""Sizes per mode. ``predict_input`` is the model's input side (the files are
+``predict_file_size`` pixels and get resized to it, as ``cellulib predict`` does). Training epochs
+are the slowest measurement, so the quick mode times them 3 times and the rest 5 times."""
+
+_FEATURE_GOAL = 10.0
+_PREDICT_GOAL = 0.8
+_TRAIN_GOAL = 0.9  # fastai images/s over plain images/s: overhead <= 10%
+_MEMORY_GOAL = 1.1
+# Sums over the same pixels in another order differ by rounding only.
+_SUM_RTOL = 1e-9
+
+
+def _log(msg: str, verbose: bool) -> None:
+    if verbose:
+        print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def _row(case: str, ours: float | None, reference: float | None, unit: str,
+         ratio: float | None, goal: str, met: bool | None, note: str,
+         details: dict | None = None) -> dict[str, Any]:
+    return {"case": case, "ours": ours, "reference": reference, "unit": unit, "ratio": ratio,
+            "goal": goal, "met": met, "note": note, "details": details or {}}
+
+
+def _unavailable(case: str, unit: str, goal: str, why: str) -> dict[str, Any]:
+    return _row(case, None, None, unit, None, goal, None, f"not available: {why}")
+
+
+def _time_side_by_side(fns: dict[str, Callable[[], Any]], repeats: int,
+                       warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each function, interleaved so that drifting load hits all alike.
+
+    After ``warmup`` untimed calls of each, every repeat calls each function once, in alternating
+    order (forward, then reversed), so neither side always runs first after the other.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def _median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def _best_ratio(times: dict[str, list[float]], faster: str = "ours",
+                slower: str = "reference") -> float:
+    """Ratio of the fastest call of each side: less sensitive to other jobs on a shared machine
+    than the medians, reported beside them (``timeit`` reports minima for the same reason)."""
+    return min(times[slower]) / min(times[faster])
+
+
+def _device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------------------------------------------
+# the machine
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    """The machine a benchmark ran on: CPU cores, torch threads, device and versions.
+
+    Printed above every benchmark table and written to the JSON output, since no timing means
+    anything without it. Used in the README's performance section and the book's status page.
+
+    Returns
+    -------
+    dict
+        ``cpu_count``, ``cpus_available`` (the affinity mask), ``cpu_model``, ``torch_threads``,
+        ``device`` (``cpu`` or ``cuda (GPU name)``), ``python``, ``torch``, ``platform`` and
+        ``load_average`` (1-minute; other jobs on a shared machine make timings noisy).
+    """
+    import torch
+
+    device = _device()
+    name = f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"
+    available = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                 else os.cpu_count())
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpus_available": available,
+        "cpu_model": _cpu_model(),
+        "torch_threads": torch.get_num_threads(),
+        "device": name,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "load_average": load,
+    }
+
+
+def _machine_line(machine: dict[str, Any], load_end: float | None = None) -> str:
+    line = (f"machine: {machine['cpus_available']} of {machine['cpu_count']} CPU cores "
+            f"({machine['cpu_model']}), torch {machine['torch']} with "
+            f"{machine['torch_threads']} thread{'' if machine['torch_threads'] == 1 else 's'}, "
+            f"device {machine['device']}, "
+            f"Python {machine['python']}")
+    if machine.get("load_average") is not None:
+        line += f"; load average {machine['load_average']:.1f} at the start"
+        if load_end is not None:
+            line += f", {load_end:.1f} at the end"
+    return line
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. features
+
+
+def _probability_maps(size: int, seed: int = 0):
+    """A (4, size, size) float32 map shaped like a segmentation output on a synthetic patch.
+
+    The nuclei masks of a rendered H&E patch (:func:`cellulib.synth.render_patch`), blurred into
+    soft boundaries, scaled by a slowly varying confidence and given a low noise floor, as a
+    sigmoid output has: crowded, touching malignant nuclei, scattered lymphocytes, few normal ones.
+    """
+    import cv2
+    import numpy as np
+
+    from cellulib.synth import render_patch
+
+    patch = render_patch(size, cellularity=0.5, seed=seed)
+    rng = np.random.default_rng(seed)
+    probs = np.empty((4, size, size), np.float32)
+    for c, key in enumerate(("normal_nuclei", "lymphocyte_nuclei", "malignant_nuclei")):
+        soft = cv2.GaussianBlur(patch.masks[key].astype(np.float32), (0, 0), 1.5)
+        field = cv2.GaussianBlur(rng.random((size, size), dtype=np.float32), (0, 0), 8)
+        field = (field - field.min()) / max(float(np.ptp(field)), 1e-6)
+        noise = rng.exponential(0.004, (size, size)).astype(np.float32)
+        probs[c] = np.clip(soft * (0.6 + 0.4 * field) + noise, 0, 1)
+    probs[3] = 1 - probs[:3].max(axis=0)
+    return probs
+
+
+def _compare_features(ours, ref) -> tuple[bool, str]:
+    """Whether two 81-feature Series agree: counts exactly, sums to rounding; and a summary."""
+    import numpy as np
+
+    counts = [n for n in ours.index if "_area_" in n or "_blob_count_" in n]
+    sums = [n for n in ours.index if n not in counts]
+    count_diff = [n for n in counts if ours[n] != ref[n]]
+    scale = np.maximum(np.abs(ref[sums].to_numpy()), 1e-300)
+    rel = float(np.max(np.abs(ours[sums].to_numpy() - ref[sums].to_numpy()) / scale))
+    same = not count_diff and rel <= _SUM_RTOL
+    verdict = "equal" if not count_diff else "DIFFER: " + ", ".join(count_diff[:4])
+    text = f"areas and blob counts {verdict}, sums within {rel:.1e} relative"
+    return same, text
+
+
+def bench_features(sizes: Sequence[int] = (256, 512), repeats: int = 3, seed: int = 0,
+                   verbose: bool = False) -> list[dict[str, Any]]:
+    """Time the 81 features, ours against the authors' way, on 4-channel maps of each size.
+
+    Paper section 3.3 / SPEC 3.2. The reference is
+    :func:`cellulib.features.extract_features_reference` (skimage ``blob_log`` per threshold,
+    numpy sums). Both run on the same map (:func:`_probability_maps`, a synthetic patch's nuclei as
+    a segmentation output would show them); the values are compared as well as the times. Used in
+    the README's performance section.
+
+    Parameters
+    ----------
+    sizes : sequence of int
+        Map sides (4 x size x size each).
+    repeats : int
+        Timed calls of each implementation per size (medians are reported).
+    seed : int
+        Seed of the synthetic maps.
+    verbose : bool
+        Log progress on stderr.
+
+    Returns
+    -------
+    list of dict
+        One row per size: ``ours`` and ``reference`` in ms per map, ``ratio`` = reference / ours
+        (the speed-up), ``met`` when the speed-up is >= 10 and the values agree.
+    """
+    from cellulib.features import extract_features, extract_features_reference
+
+    rows = []
+    tiny = _probability_maps(32, seed)
+    extract_features(tiny)  # imports and first-call costs are not what is measured
+    extract_features_reference(tiny)
+    goal = f"ratio >= {_FEATURE_GOAL:g} (speed-up), same values"
+    for size in sizes:
+        probs = _probability_maps(int(size), seed)
+        _log(f"features {probs.shape}: {repeats} repeats", verbose)
+        ours_f, ref_f = extract_features(probs), extract_features_reference(probs)
+        same, agreement = _compare_features(ours_f, ref_f)
+        times = _time_side_by_side({"ours": lambda p=probs: extract_features(p),
+                                    "reference": lambda p=probs: extract_features_reference(p)},
+                                   repeats, warmup=0)
+        ours, ref = 1000 * _median(times["ours"]), 1000 * _median(times["reference"])
+        ratio = ref / ours
+        agreement += f"; best-of-{repeats} ratio {_best_ratio(times):.1f}"
+        rows.append(_row(
+            f"features 4x{size}x{size}", ours, ref, "ms/map", ratio, goal,
+            bool(ratio >= _FEATURE_GOAL and same),
+            f"81 features of one map; reference: skimage blob_log per threshold + numpy sums; "
+            f"{agreement}; {int(ours_f.filter(like='blob_count').sum())} blobs in all",
+            {"ours_s": times["ours"], "reference_s": times["reference"], "identical": same}))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. predict
+
+
+def _write_patches(folder: Path, n: int, size: int, seed: int = 0, distinct: int = 8) -> list[Path]:
+    """Write ``n`` synthetic H&E TIFFs of ``size`` pixels (uncompressed RGB, as BreastPathQ's).
+
+    ``distinct`` patches are rendered and written in turn under different names: decoding and
+    resizing cost the same for any content of the same size.
+    """
+    import tifffile
+
+    from cellulib.synth import render_patch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    imgs = [render_patch(size, seed=seed + k, with_masks=False).img
+            for k in range(min(n, distinct))]
+    paths = []
+    for k in range(n):
+        path = folder / f"{90000 + k // 10}_{k % 10 + 1}.tif"
+        tifffile.imwrite(path, imgs[k % len(imgs)], photometric="rgb", metadata=None)
+        paths.append(path)
+    return paths
+
+
+def _save_direct_model(path: Path, input_size: int, seed: int = 0) -> Path:
+    import torch
+
+    from cellulib import save_model
+    from cellulib.models import direct_model
+
+    torch.manual_seed(seed)
+    model = direct_model("resnet34", task="regression")
+    return save_model(model, path, preprocess={"input_size": int(input_size),
+                                               "normalize": "minus_one_one"})
+
+
+def bench_predict(n_images: int = 48, file_size: int = 512, input_size: int = 128,
+                  batch_size: int = 16, repeats: int = 3, workdir: str | os.PathLike | None = None,
+                  seed: int = 0, workers: int = 2, verbose: bool = False) -> dict[str, Any]:
+    """Time ``cellulib predict`` end to end against the bare forward pass of the same model.
+
+    Paper section 3.4 applied to new images. Ours: :func:`cellulib.predict.predict_to_csv` on a
+    folder of ``n_images`` synthetic ``file_size`` TIFFs with a loaded ResNet-34 direct model
+    (random init, ``input_size`` recorded in its file): decoding, resizing, [-1, 1] scaling,
+    forward pass and CSV writing. Reference: the same model's forward pass (eval mode,
+    ``torch.inference_mode``, default NCHW layout) over the same images already decoded, resized,
+    scaled and stacked into one tensor on the device, in batches of ``batch_size``. Loading the
+    model file happens once and is reported separately. Both run on CUDA when available. Used in
+    the README's performance section.
+
+    Returns
+    -------
+    dict
+        ``ours`` and ``reference`` in images/s, ``ratio`` = ours / reference (goal >= 0.8). The
+        note also gives the bare forward pass in channels-last layout and the largest difference
+        between the two sets of predictions.
+    """
+    goal = f"ratio >= {_PREDICT_GOAL:g}"
+    try:
+        from cellulib.predict import Predictor, predict_to_csv
+    except ImportError as exc:
+        return _unavailable("predict", "img/s", goal,
+                            f"cellulib.predict cannot be imported ({exc})")
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from cellulib import load_model
+    from cellulib.data import read_image
+
+    with tempfile.TemporaryDirectory(dir=workdir, prefix="bench-predict-") as tmp:
+        tmp = Path(tmp)
+        _log(f"predict: writing {n_images} images of {file_size} px", verbose)
+        paths = _write_patches(tmp / "images", n_images, file_size, seed)
+        model_path = _save_direct_model(tmp / "model.pt", input_size, seed)
+        device = _device()
+        start = time.perf_counter()
+        predictor = Predictor(model_path, device=device, batch_size=batch_size, workers=workers)
+        load_s = time.perf_counter() - start
+        bare, _ = load_model(model_path)
+        bare.to(device).eval()
+        bare_cl = copy.deepcopy(bare).to(memory_format=torch.channels_last)
+        # the pre-loaded batch: the same pixels predict feeds the network
+        prepared = np.stack([predictor.prepare(read_image(p), p)[0] for p in paths])
+        x = torch.from_numpy(prepared).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        x = x.contiguous().to(device)
+        x_cl = x.to(memory_format=torch.channels_last)
+        out_csv = tmp / "preds.csv"
+
+        def ours() -> None:
+            predict_to_csv(predictor, tmp / "images", out_csv, progress=False)
+
+        def forward(model, inputs) -> np.ndarray:
+            with torch.inference_mode():
+                scores = [model.to_cellularity(model(inputs[i:i + batch_size]))
+                          for i in range(0, len(inputs), batch_size)]
+                result = torch.cat(scores).double().cpu().numpy()
+            _sync(device)
+            return result
+
+        _log(f"predict: {repeats} repeats of {n_images} images at {input_size} px on {device}",
+             verbose)
+        times = _time_side_by_side({"ours": ours, "reference": lambda: forward(bare, x),
+                                    "channels_last": lambda: forward(bare_cl, x_cl)}, repeats)
+        preds = pd.read_csv(out_csv)
+        diff = float(np.max(np.abs(preds["cellularity"].to_numpy() - forward(bare, x))))
+    ours_ips, ref_ips = n_images / _median(times["ours"]), n_images / _median(times["reference"])
+    cl_ips = n_images / _median(times["channels_last"])
+    ratio = ours_ips / ref_ips
+    note = (f"best-of-{repeats} ratio {_best_ratio(times):.2f}; {n_images} TIFFs "
+            f"{file_size}x{file_size} -> resnet34 direct model at {input_size}x{input_size}, "
+            f"batch {batch_size}, {workers} decoding threads, device {device}; reference: bare "
+            f"forward on pre-loaded tensors (NCHW); bare channels-last {cl_ips:.1f} img/s; "
+            f"predictions agree within {diff:.1e}; "
+            f"loading the model file once: {load_s:.2f} s")
+    return _row("predict", ours_ips, ref_ips, "img/s", ratio, goal, bool(ratio >= _PREDICT_GOAL),
+                note, {"ours_s": times["ours"], "reference_s": times["reference"],
+                       "channels_last_s": times["channels_last"], "model_load_s": load_s,
+                       "max_abs_diff": diff, "device": str(device)})
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. train
+
+
+def _train_only_callback():
+    """A fastai callback that skips validation and counts the training images of an epoch."""
+    from fastai.callback.core import Callback, CancelValidException
+
+    class TrainOnly(Callback):
+        order = -100  # before the Recorder, so validation never starts
+
+        def __init__(self) -> None:
+            self.n_images = 0
+
+        def after_batch(self) -> None:
+            if self.training:
+                self.n_images += len(self.learn.xb[0])
+
+        def before_validate(self) -> None:
+            raise CancelValidException()
+
+    return TrainOnly()
+
+
+def _plain_epoch(model, dl, loss_func, opt) -> int:
+    """One epoch of the textbook PyTorch loop; returns the number of images."""
+    model.train()
+    n = 0
+    for xb, yb in dl:
+        loss = loss_func(model(xb), yb)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        n += len(xb)
+    return n
+
+
+def _train_pair(name: str, learn, lr: float, lr_end: float, repeats: int,
+                verbose: bool) -> dict[str, Any]:
+    import torch
+
+    from cellulib.train import fit_decay
+
+    dl = learn.dls.train
+    device = learn.dls.device or torch.device("cpu")
+    plain = copy.deepcopy(learn.model).to(device)  # the same initial weights
+    # fastai's Adam defaults: decoupled weight decay 0.01, betas (0.9, 0.99), eps 1e-5
+    opt = torch.optim.AdamW(plain.parameters(), lr=lr, betas=(0.9, 0.99), eps=1e-5,
+                            weight_decay=0.01)
+    counter = _train_only_callback()
+    counts = {"ours": 0, "reference": 0}
+
+    def ours() -> None:
+        counter.n_images = 0
+        learn.add_cb(counter)
+        try:
+            fit_decay(learn, 1, lr, lr_end, progress=False)
+        finally:
+            learn.remove_cb(counter)
+        _sync(device)
+        counts["ours"] = counter.n_images
+
+    def reference() -> None:
+        counts["reference"] = _plain_epoch(plain, dl, learn.loss_func, opt)
+        _sync(device)
+
+    _log(f"train {name}: {repeats} repeats of {len(dl)} batches of {dl.bs}", verbose)
+    times = _time_side_by_side({"ours": ours, "reference": reference}, repeats)
+    if counts["ours"] != counts["reference"]:
+        raise RuntimeError(f"train {name}: the Learner saw {counts['ours']} images per epoch, the "
+                           f"plain loop {counts['reference']}")
+    n = counts["ours"]
+    ours_ips, ref_ips = n / _median(times["ours"]), n / _median(times["reference"])
+    ratio = ours_ips / ref_ips
+    return _row(
+        f"train {name}", ours_ips, ref_ips, "img/s", ratio,
+        f"ratio >= {_TRAIN_GOAL:g} (overhead <= {100 * (1 - _TRAIN_GOAL):.0f}%)",
+        bool(ratio >= _TRAIN_GOAL), "",
+        {"ours_s": times["ours"], "reference_s": times["reference"], "images_per_epoch": n,
+         "overhead": 1 - ratio, "best_ratio": _best_ratio(times), "device": str(device)})
+
+
+def bench_train(seg_crop: int = 128, seg_bs: int = 8, seg_images: int = 48,
+                direct_size: int = 128, direct_bs: int = 16, direct_images: int = 48,
+                synth_size: int = 256, repeats: int = 3, workdir: str | os.PathLike | None = None,
+                seed: int = 0, verbose: bool = False) -> list[dict[str, Any]]:
+    """Training images/s of the fastai Learners against a minimal PyTorch loop on the same data.
+
+    Paper sections 4.2 (weak segmentation: FPN on the ELU ResNet-34, BCE - Jaccard loss) and 4.4
+    (direct ResNet-34 regression, MSE). Ours: one epoch of :func:`cellulib.train.fit_decay` (Adam,
+    exponentially decaying learning rate, no progress bar or logging) on the Learner that
+    :mod:`cellulib.train` builds, with validation skipped. Reference: ``for xb, yb in dl: loss =
+    loss_func(model(xb), yb); backward; step; zero_grad`` with ``torch.optim.AdamW`` set to
+    fastai's Adam defaults, on a copy of the same initial model, the same DataLoader (so the same
+    decoding and augmentation) and the same loss object. Data: a small synthetic BreastPathQ
+    folder. Used in the README's performance section.
+
+    Returns
+    -------
+    list of dict
+        Rows ``train seg`` and ``train direct``: images/s, ``ratio`` = fastai / plain (goal
+        >= 0.9, i.e. overhead <= 10%).
+    """
+    import torch
+    from fastai.learner import Learner
+    from fastai.losses import MSELossFlat
+    from fastai.optimizer import Adam
+    from fastai.torch_core import set_seed
+
+    from cellulib import data, models
+    from cellulib.synth import make_breastpathq
+    from cellulib.train import CellularityMSE, seg_learner
+
+    with tempfile.TemporaryDirectory(dir=workdir, prefix="bench-train-") as tmp:
+        _log(f"train: synthetic data ({direct_images} patches of {synth_size} px)", verbose)
+        root = make_breastpathq(Path(tmp) / "data", n_train=direct_images, n_val=2, n_cells=6,
+                                size=synth_size, seed=seed, progress=False)
+        rows = []
+        set_seed(seed)
+        dls = data.seg_dataloaders(root, size=seg_crop, downscale=2, bs=seg_bs, seed=seed,
+                                   patches_per_epoch=seg_images)
+        learn = seg_learner(dls)
+        rows.append(_train_pair("seg", learn, 1e-3, 1e-4, repeats, verbose))
+        rows[-1]["note"] = (f"FPN segmentation net, {seg_crop}px crops, batch {seg_bs}, "
+                            f"{rows[-1]['details']['images_per_epoch']} images/epoch")
+        set_seed(seed)
+        dls = data.cellularity_dataloaders(root, size=direct_size, bs=direct_bs, seed=seed)
+        model = models.direct_model("resnet34", task="regression")
+        learn = Learner(dls, model, loss_func=MSELossFlat(), opt_func=Adam,
+                        metrics=[CellularityMSE()])
+        rows.append(_train_pair("direct", learn, 1e-3, 1e-4, repeats, verbose))
+        rows[-1]["note"] = (f"resnet34 regression, {direct_size}px, batch {direct_bs}, "
+                            f"{rows[-1]['details']['images_per_epoch']} images/epoch")
+    for row in rows:
+        row["note"] += (f"; overhead {100 * row['details']['overhead']:+.1f}% (best-of-{repeats}: "
+                        f"{100 * (1 - row['details']['best_ratio']):+.1f}%); reference: plain "
+                        f"PyTorch loop (AdamW = fastai Adam defaults), same model, data loader "
+                        f"and loss; device {row['details']['device']}; torch threads "
+                        f"{torch.get_num_threads()}")
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. the book
+
+
+def _cell_seconds(cell: dict) -> float | None:
+    meta = cell.get("metadata", {})
+    pm = meta.get("papermill") or {}
+    if isinstance(pm.get("duration"), (int, float)):
+        return float(pm["duration"])
+    ex = meta.get("execution") or {}
+    a, b = ex.get("iopub.execute_input"), ex.get("shell.execute_reply")
+    if a and b:
+        return (_parse_time(b) - _parse_time(a)).total_seconds()
+    return None
+
+
+def _parse_time(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def _title(nb: dict, fallback: str) -> str:
+    for cell in nb.get("cells", []):
+        if cell.get("cell_type") == "markdown":
+            source = "".join(cell.get("source", ""))
+            for line in source.splitlines():
+                if line.startswith("# "):
+                    return line[2:].strip()
+            break
+    return fallback
+
+
+def _read_notebook(path: Path) -> dict:
+    try:
+        nb = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable notebook ({type(exc).__name__}: {exc})") from None
+    if not isinstance(nb, dict) or not isinstance(nb.get("cells"), list):
+        raise ValueError(f"{path}: not a Jupyter notebook (no 'cells' list)")
+    return nb
+
+
+def chapter_times(chapters_dir: str | os.PathLike,
+                  notebooks_dir: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    """Execution time, status and date of every executed chapter notebook in a folder.
+
+    Reads what papermill records (``metadata.papermill``: duration, end time, exception; per cell
+    ``metadata.papermill.duration``), falling back to the cells' execution timestamps that nbclient
+    writes. Temporary copies (``*.tmp.ipynb``) are skipped. With ``notebooks_dir``, chapters that
+    have a source notebook but no executed copy are listed as ``not executed``. Used by the
+    ``book`` benchmark and the book's execution-status page.
+
+    Returns
+    -------
+    list of dict
+        In file-name order: ``chapter`` (file stem), ``title``, ``seconds`` (None when unknown),
+        ``status`` (``ok``, ``failed``, ``not executed`` or ``unknown``), ``executed_at`` (ISO
+        text or ""), ``python`` (the kernel's version) and ``n_cells``.
+
+    Raises
+    ------
+    ValueError
+        ``chapters_dir`` is not a folder, or a notebook there cannot be parsed (named).
+    """
+    folder = Path(chapters_dir)
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: no such folder of executed chapters")
+    rows = []
+    for path in sorted(folder.glob("*.ipynb")):
+        if path.name.endswith(".tmp.ipynb") or path.name.startswith("."):
+            continue
+        nb = _read_notebook(path)
+        pm = nb.get("metadata", {}).get("papermill") or {}
+        cells = [c for c in nb["cells"] if c.get("cell_type") == "code"]
+        seconds = pm.get("duration")
+        if not isinstance(seconds, (int, float)):
+            per_cell = [_cell_seconds(c) for c in cells]
+            known = [s for s in per_cell if s is not None]
+            seconds = float(sum(known)) if known else None
+        errors = any(o.get("output_type") == "error" for c in cells for o in c.get("outputs", []))
+        if pm.get("exception") or errors:
+            status = "failed"
+        elif seconds is None:
+            status = "unknown"
+        else:
+            status = "ok"
+        rows.append({
+            "chapter": path.stem,
+            "title": _title(nb, path.stem),
+            "seconds": None if seconds is None else float(seconds),
+            "status": status,
+            "executed_at": pm.get("end_time") or "",
+            "python": nb.get("metadata", {}).get("language_info", {}).get("version", ""),
+            "n_cells": len(cells),
+        })
+    if notebooks_dir is not None and Path(notebooks_dir).is_dir():
+        done = {r["chapter"] for r in rows}
+        for path in sorted(Path(notebooks_dir).glob("[0-9][0-9]_*.ipynb")):
+            if path.stem not in done:
+                rows.append({"chapter": path.stem, "title": path.stem, "seconds": None,
+                             "status": "not executed", "executed_at": "", "python": "",
+                             "n_cells": 0})
+        rows.sort(key=lambda r: r["chapter"])
+    return rows
+
+
+def execute_chapters(notebooks_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                     parameters: dict[str, Any] | None = None,
+                     cwd: str | os.PathLike | None = None, verbose: bool = False) -> Path:
+    """Execute every chapter notebook (``NN_*.ipynb``) with papermill into ``out_dir``, in order.
+
+    What ``make chapters`` does, callable from the benchmark (``--execute-book``) to time the book
+    from scratch. ``parameters`` default to ``{"profile": "quick"}``. A chapter that fails is
+    recorded as failed in its output notebook and the others still run. Returns ``out_dir``.
+    """
+    import papermill
+
+    src = Path(notebooks_dir)
+    notebooks = sorted(src.glob("[0-9][0-9]_*.ipynb"))
+    if not notebooks:
+        raise ValueError(f"{src}: no chapter notebooks (NN_name.ipynb) to execute")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for nb in notebooks:
+        _log(f"book: executing {nb.name}", verbose)
+        try:
+            papermill.execute_notebook(str(nb), str(out / nb.name),
+                                       parameters=parameters or {"profile": "quick"},
+                                       cwd=str(cwd) if cwd else None, progress_bar=False)
+        except papermill.PapermillExecutionError as exc:
+            _log(f"book: {nb.name} failed: {exc.ename}: {exc.evalue}", verbose)
+    return out
+
+
+def bench_book(chapters_dir: str | os.PathLike = "book/chapters",
+               notebooks_dir: str | os.PathLike | None = "notebooks", execute: bool = False,
+               verbose: bool = False) -> dict[str, Any]:
+    """Total execution time of the book's chapters (quick profile) against the 600 s budget.
+
+    By default reads the executed chapters in ``chapters_dir`` (:func:`chapter_times`); with
+    ``execute=True`` first executes the notebooks of ``notebooks_dir`` with papermill into a
+    temporary folder (working directory ``chapters_dir``, as ``make chapters``) and reads those.
+    Used in the README's performance section.
+
+    Returns
+    -------
+    dict
+        ``ours`` = total seconds, ``reference`` = 600, ``ratio`` = total / 600 (goal <= 1). Not
+        available (``ratio`` None) when no executed chapter is found; ``met`` is None while some
+        chapter is missing or has failed.
+    """
+    goal = f"ratio <= 1 (<= {BOOK_BUDGET_S:.0f} s, 2-core CPU)"
+    chapters = Path(chapters_dir)
+    if execute:
+        with tempfile.TemporaryDirectory(prefix="bench-book-") as tmp:
+            execute_chapters(notebooks_dir, tmp, cwd=chapters if chapters.is_dir() else None,
+                             verbose=verbose)
+            rows = chapter_times(tmp, notebooks_dir)
+        source = f"executed now from {notebooks_dir}"
+    else:
+        if not chapters.is_dir():
+            return _unavailable("book", "s", goal, f"no executed chapters: {chapters} is not a "
+                                "folder (run `make chapters`, or pass --execute-book)")
+        rows = chapter_times(chapters, notebooks_dir)
+        source = f"read from the executed notebooks in {chapters}"
+    timed = [r for r in rows if r["seconds"] is not None]
+    if not timed:
+        return _unavailable("book", "s", goal, f"no executed chapter with a recorded duration "
+                            f"in {chapters} (run `make chapters`, or pass --execute-book)")
+    total = float(sum(r["seconds"] for r in timed))
+    incomplete = [r["chapter"] for r in rows if r["status"] != "ok"]
+    ratio = total / BOOK_BUDGET_S
+    per = ", ".join(f"{r['chapter']} {r['seconds']:.0f} s" for r in timed)
+    note = f"{len(timed)} chapters {source}: {per}"
+    if incomplete:
+        note += f"; incomplete (not executed or failed): {', '.join(incomplete)}"
+    return _row("book", total, BOOK_BUDGET_S, "s", ratio, goal,
+                None if incomplete else bool(ratio <= 1), note, {"chapters": rows})
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. memory
+
+
+def _peak_rss_mib() -> float:
+    """Peak resident memory of this process in MiB.
+
+    Linux: ``VmHWM`` of /proc/self/status, the high-water mark of this process's own memory map.
+    ``getrusage(RUSAGE_SELF).ru_maxrss`` would not do in a subprocess: Linux carries the parent's
+    resident size at fork time over exec into the child's ``ru_maxrss``, so a child of a large
+    parent reports the parent's size. Elsewhere ``ru_maxrss`` (bytes on macOS).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def _memory_child(model_path: str, images_dir: str, n_images: int, batch_size: int,
+                  out_csv: str, threads: int) -> None:
+    """Run in a fresh interpreter: predict ``n_images`` files, print peak RSS as JSON."""
+    import torch
+
+    from cellulib.predict import Predictor, predict_to_csv
+
+    torch.set_num_threads(threads)
+    files = sorted(Path(images_dir).glob("*.tif"))[:n_images]
+    predictor = Predictor(model_path, batch_size=batch_size, workers=2)
+    # one batch first: lazy imports, thread pools and allocator caches are set-up, not growth
+    predict_to_csv(predictor, files[:batch_size], out_csv + ".warm.csv", progress=False)
+    setup = _peak_rss_mib()
+    summary = predict_to_csv(predictor, files, out_csv, progress=False)
+    print(json.dumps({"setup_peak_mib": setup, "peak_mib": _peak_rss_mib(),
+                      "n_ok": summary["n_ok"], "n_images": summary["n_images"]}))
+
+
+def _start_memory_child(model_path: Path, images_dir: Path, n: int, batch_size: int,
+                        out_csv: Path, threads: int) -> subprocess.Popen:
+    code = ("import sys; from cellulib.bench import _memory_child; "
+            "_memory_child(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), "
+            "sys.argv[5], int(sys.argv[6]))")
+    env = dict(os.environ)
+    package_parent = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([package_parent] + [p for p in
+                                                            [env.get("PYTHONPATH")] if p])
+    env.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    return subprocess.Popen([sys.executable, "-c", code, str(model_path), str(images_dir), str(n),
+                             str(batch_size), str(out_csv), str(threads)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _memory_result(proc: subprocess.Popen, n: int) -> dict[str, Any]:
+    out, err = proc.communicate(timeout=3600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory benchmark: predicting {n} images in a subprocess failed "
+                           f"(exit {proc.returncode}): {err.strip()[-2000:]}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def bench_memory(counts: tuple[int, int] = (1000, 100), input_size: int = 64,
+                 file_size: int = 256, batch_size: int = 16,
+                 workdir: str | os.PathLike | None = None, seed: int = 0,
+                 verbose: bool = False) -> dict[str, Any]:
+    """Peak resident memory of ``cellulib predict`` on many images against few: flat or growing.
+
+    Each count runs :func:`cellulib.predict.predict_to_csv` in a fresh Python process (the peak RSS
+    of a process never goes down, so the two runs cannot share one) on the first ``n`` of the
+    same synthetic ``file_size`` TIFFs with a ResNet-34 direct model at ``input_size``, with this
+    process's number of torch threads. The two processes run at the same time (memory is per
+    process; only their speed would suffer). Each reports its peak after a one-batch warm-up
+    (set-up: Python, torch, the model) and at the end.
+    Used in the README's performance section.
+
+    Returns
+    -------
+    dict
+        ``ours`` = peak MiB with ``counts[0]`` images, ``reference`` = with ``counts[1]``,
+        ``ratio`` = ours / reference (goal <= 1.1); the note gives the growth over set-up.
+    """
+    goal = f"ratio <= {_MEMORY_GOAL:g} (flat)"
+    try:
+        import resource  # noqa: F401  (Unix only)
+
+        import cellulib.predict  # noqa: F401
+    except ImportError as exc:
+        return _unavailable("memory", "MiB", goal, f"{exc}")
+    import torch
+
+    large, small = (int(c) for c in counts)
+    if not large > small >= 1:
+        raise ValueError(f"memory benchmark: counts must be (large, small) with large > small >= "
+                         f"1, got {counts}")
+    with tempfile.TemporaryDirectory(dir=workdir, prefix="bench-memory-") as tmp:
+        tmp = Path(tmp)
+        _log(f"memory: writing {large} images of {file_size} px", verbose)
+        _write_patches(tmp / "images", large, file_size, seed)
+        model_path = _save_direct_model(tmp / "model.pt", input_size, seed)
+        _log(f"memory: predict on {small} and {large} images in two subprocesses", verbose)
+        procs = {n: _start_memory_child(model_path, tmp / "images", n, batch_size,
+                                        tmp / f"preds-{n}.csv", torch.get_num_threads())
+                 for n in (small, large)}
+        result = {}
+        try:
+            for n, proc in procs.items():
+                result[n] = _memory_result(proc, n)
+                if result[n]["n_ok"] != n:
+                    raise RuntimeError(f"memory benchmark: {result[n]['n_ok']} of {n} images "
+                                       "scored")
+        finally:
+            for proc in procs.values():  # a failed run must not leave the other one behind
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+    ours, ref = result[large]["peak_mib"], result[small]["peak_mib"]
+    growth = {n: result[n]["peak_mib"] - result[n]["setup_peak_mib"] for n in (small, large)}
+    ratio = ours / ref
+    note = (f"peak RSS of a predict process, {large} vs {small} images ({file_size}px TIFFs, "
+            f"input {input_size}px, batch {batch_size}); growth after set-up "
+            f"{growth[large]:.1f} MiB vs {growth[small]:.1f} MiB")
+    return _row("memory", ours, ref, "MiB", ratio, goal, bool(ratio <= _MEMORY_GOAL), note,
+                {"runs": {str(n): result[n] for n in result}})
+
+
+# --------------------------------------------------------------------------------------------------
+# the whole benchmark
+
+
+def run_bench(mode: str = "quick", cases: Sequence[str] = CASES, repeats: int | None = None,
+              chapters_dir: str | os.PathLike = "book/chapters",
+              notebooks_dir: str | os.PathLike | None = "notebooks", execute_book: bool = False,
+              seed: int = 0, verbose: bool = True) -> dict[str, Any]:
+    """Run the benchmark cases of a mode and return the machine, the rows and the wall time.
+
+    See the module description for the cases and :data:`MODES` for the sizes. Used by
+    ``python -m cellulib.bench`` and the README's performance section.
+
+    Parameters
+    ----------
+    mode : {"smallest", "quick", "full"}
+    cases : sequence of str
+        Any of :data:`CASES`, run in that order.
+    repeats : int, optional
+        Timed repeats per measurement, training included (default: the mode's).
+    chapters_dir, notebooks_dir, execute_book
+        For the ``book`` case (see :func:`bench_book`).
+    seed : int
+        Seed of the synthetic data and the model initialisations.
+    verbose : bool
+        Log progress on stderr.
+
+    Returns
+    -------
+    dict
+        ``mode``, ``repeats``, ``train_repeats``, ``machine`` (:func:`machine_info`), ``cases``
+        (list of rows with the keys case, ours, reference, unit, ratio, goal, met, note,
+        details), ``load_average_end``, ``seconds``, ``started`` and ``command``.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        raise ValueError(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
+    if repeats is not None and repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    cfg = MODES[mode]
+    reps = int(repeats or cfg["repeats"])
+    train_reps = int(repeats or cfg["train_repeats"])
+    started = datetime.now().astimezone().isoformat(timespec="seconds")
+    start = time.perf_counter()
+    machine = machine_info()
+    rows: list[dict[str, Any]] = []
+    for case in CASES:
+        if case not in cases:
+            continue
+        t0 = time.perf_counter()
+        if case == "features":
+            rows += bench_features(cfg["feature_sizes"], reps, seed, verbose)
+        elif case == "predict":
+            rows.append(bench_predict(cfg["predict_images"], cfg["predict_file_size"],
+                                      cfg["predict_input"], cfg["predict_bs"], reps, seed=seed,
+                                      verbose=verbose))
+        elif case == "train":
+            rows += bench_train(cfg["seg_crop"], cfg["seg_bs"], cfg["seg_images"],
+                                cfg["direct_size"], cfg["direct_bs"], cfg["direct_images"],
+                                cfg["synth_size"], train_reps, seed=seed, verbose=verbose)
+        elif case == "book":
+            rows.append(bench_book(chapters_dir, notebooks_dir, execute_book, verbose))
+        elif case == "memory":
+            rows.append(bench_memory(cfg["memory_counts"], cfg["memory_input"],
+                                     cfg["memory_file_size"], seed=seed, verbose=verbose))
+        _log(f"{case} done in {time.perf_counter() - t0:.1f} s", verbose)
+    return {"mode": mode, "repeats": reps, "train_repeats": train_reps, "machine": machine,
+            "cases": rows,
+            "load_average_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            "seconds": time.perf_counter() - start, "started": started,
+            "command": "python -m cellulib.bench" + ("" if mode == "full" else f" --{mode}")}
+
+
+def _fmt(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def _met(value: bool | None) -> str:
+    return "n/a" if value is None else ("yes" if value else "NO")
+
+
+def format_table(result: dict[str, Any], markdown: bool = False) -> str:
+    """The benchmark result as a text (or Markdown) table, the machine line and the notes.
+
+    Columns: case, ours, reference, unit, ratio, goal, met; the notes (what was compared, on what)
+    follow the table, numbered like its rows. Used by ``python -m cellulib.bench`` and for the
+    README's performance section (``--markdown``).
+    """
+    head = ["case", "ours", "reference", "unit", "ratio", "goal", "met"]
+    body = [[r["case"], _fmt(r["ours"]), _fmt(r["reference"]), r["unit"], _fmt(r["ratio"]),
+             r["goal"], _met(r["met"])] for r in result["cases"]]
+    reps = f"{result['repeats']}"
+    if result.get("train_repeats", result["repeats"]) != result["repeats"]:
+        reps += f" ({result['train_repeats']} for training)"
+    lines = [f"cellulib benchmark ({result['mode']} mode, medians of {reps} repeats, "
+             f"{result['seconds']:.0f} s in all, started {result['started']})",
+             _machine_line(result["machine"], result.get("load_average_end")), ""]
+    if markdown:
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|" + "|".join(" --- " if k in (0, 3, 5) else " ---: " for k in
+                                    range(len(head))) + "|")
+        lines += ["| " + " | ".join(row) + " |" for row in body]
+    else:
+        widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+        right = {1, 2, 4}
+
+        def fmt_row(row):
+            return "  ".join(str(x).rjust(w) if k in right else str(x).ljust(w)
+                             for k, (x, w) in enumerate(zip(row, widths))).rstrip()
+
+        lines += [fmt_row(head), fmt_row(["-" * w for w in widths])]
+        lines += [fmt_row(row) for row in body]
+    lines.append("")
+    lines += [f"{k}. {r['case']}: {r['note']}" for k, r in enumerate(result["cases"], 1)]
+    machine = result["machine"]
+    loads = [x for x in (machine.get("load_average"), result.get("load_average_end"))
+             if x is not None]
+    if loads and max(loads) > 0.75 * machine["cpus_available"]:
+        lines += ["", f"warning: other jobs were running (load average up to {max(loads):.1f} on "
+                  f"{machine['cpus_available']} cores), so the timings are noisy; the best-of "
+                  "ratios in the notes are steadier, `--threads 1` avoids threads waiting on "
+                  "each other, and a quiet machine gives the figures to publish."]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# the book's execution-status page
+
+_STATUS_PACKAGES = (
+    ("torch", ("torch",)),
+    ("torchvision", ("torchvision",)),
+    ("fastai", ("fastai",)),
+    ("lightgbm", ("lightgbm",)),
+    ("albumentations", ("albumentations",)),
+    ("opencv", ("opencv-python-headless", "opencv-python", "opencv-contrib-python-headless")),
+    ("scikit-image", ("scikit-image",)),
+    ("numpy", ("numpy",)),
+    ("pandas", ("pandas",)),
+    ("jupyter-book", ("jupyter-book",)),
+    ("papermill", ("papermill",)),
+)
+
+
+def _package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for label, dists in _STATUS_PACKAGES:
+        versions[label] = "not installed"
+        for dist in dists:
+            try:
+                versions[label] = importlib.metadata.version(dist)
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
+    from cellulib import __version__
+
+    versions["cellulib"] = __version__
+    return versions
+
+
+def _md_escape(text: str) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def status_markdown(chapters_dir: str | os.PathLike,
+                    notebooks_dir: str | os.PathLike | None = None) -> str:
+    """The book's execution-status page (MyST Markdown): per-chapter times, versions, machine.
+
+    What well-run books show (QuantEcon's status page): for each chapter the execution time, the
+    status and when it ran, read from the executed notebooks (:func:`chapter_times`); the total
+    against the 600 s budget of the quick profile; the versions of the key packages in the
+    environment that wrote the page (``make chapters`` executes and writes it in one go) and the
+    machine. Written by ``python -m cellulib.bench status``; shown as the book's last page.
+
+    Parameters
+    ----------
+    chapters_dir : path
+        Folder of executed chapters (``book/chapters``).
+    notebooks_dir : path, optional
+        Source notebooks; chapters without an executed copy are listed as ``not executed``.
+
+    Returns
+    -------
+    str
+        The page, starting with ``# Execution status``.
+
+    Examples
+    --------
+    >>> page = status_markdown("book/chapters")  # doctest: +SKIP
+    >>> page.splitlines()[0]  # doctest: +SKIP
+    '# Execution status'
+    """
+    rows = chapter_times(chapters_dir, notebooks_dir)
+    machine = machine_info()
+    lines = [
+        "# Execution status",
+        "",
+        "Every chapter of this book is a notebook executed top to bottom by papermill before the "
+        "book is built. The table gives each chapter's execution time as papermill recorded it, "
+        "its status and when it ran; the versions below are those of the environment that wrote "
+        "this page. Regenerate it with "
+        "`python -m cellulib.bench status --chapters book/chapters --out book/chapters/status.md`.",
+        "",
+        "| chapter | file | execution time (s) | status | executed at (UTC) | Python |",
+        "| --- | --- | ---: | --- | --- | --- |",
+    ]
+    for r in rows:
+        when = r["executed_at"].replace("T", " ")[:19] if r["executed_at"] else ""
+        secs = "" if r["seconds"] is None else f"{r['seconds']:.1f}"
+        lines.append(f"| {_md_escape(r['title'])} | `{r['chapter']}.ipynb` | {secs} | "
+                     f"{r['status']} | {when} | {r['python']} |")
+    timed = [r["seconds"] for r in rows if r["seconds"] is not None]
+    total = sum(timed)
+    lines.append(f"| **total** | | **{total:.1f}** | | | |")
+    lines += [
+        "",
+        f"Goal: the whole book in the quick profile within {BOOK_BUDGET_S:.0f} s on a 2-core CPU; "
+        f"these {len(timed)} chapters took {total:.0f} s "
+        f"({100 * total / BOOK_BUDGET_S:.0f}% of the budget).",
+        "",
+        "## Package versions",
+        "",
+        "| package | version |",
+        "| --- | --- |",
+    ]
+    lines += [f"| {k} | {v} |" for k, v in _package_versions().items()]
+    lines += [
+        "",
+        "## Machine",
+        "",
+        f"- CPU: {machine['cpu_model']}, {machine['cpus_available']} of {machine['cpu_count']} "
+        "cores available",
+        f"- torch threads: {machine['torch_threads']}",
+        f"- device: {machine['device']}",
+        f"- platform: {machine['platform']}",
+        f"- page written: {datetime.now().astimezone().isoformat(timespec='seconds')}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_status(chapters_dir: str | os.PathLike, out: str | os.PathLike,
+                 notebooks_dir: str | os.PathLike | None = None) -> Path:
+    """Write :func:`status_markdown` to ``out`` atomically (a temporary file renamed into place)."""
+    from cellulib.store import atomic_write_bytes
+
+    text = status_markdown(chapters_dir, notebooks_dir)
+    return atomic_write_bytes(out, lambda fh: fh.write(text.encode("utf-8")))
+
+
+# --------------------------------------------------------------------------------------------------
+# command line
+
+
+def _bench_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m cellulib.bench",
+        description="Speed and memory benchmarks: each case times our code and a reference side by "
+        "side and prints their ratio against its goal. `python -m cellulib.bench status ...` "
+        "writes the book's execution-status page instead.",
+    )
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_const", dest="mode", const="quick",
+                      help="the quick profile's sizes (1.5-4 minutes on 2 CPU cores)")
+    size.add_argument("--smallest", action="store_const", dest="mode", const="smallest",
+                      help="tiny sizes, one repeat: checks that every case runs (seconds)")
+    p.set_defaults(mode="full")
+    p.add_argument("--cases", default=",".join(CASES),
+                   help=f"comma-separated subset of {','.join(CASES)} (default: all)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats (default per mode)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
+    p.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    p.add_argument("--chapters", default="book/chapters", help="executed chapters (book case)")
+    p.add_argument("--notebooks", default="notebooks", help="chapter sources (book case)")
+    p.add_argument("--execute-book", action="store_true",
+                   help="execute the chapters now instead of reading their recorded times")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N) first")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    return p
+
+
+def _status_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m cellulib.bench status",
+        description="Write the book's execution-status page (MyST Markdown) from the executed "
+        "chapter notebooks: execution time, status and date per chapter, package versions and "
+        "machine.",
+    )
+    p.add_argument("--chapters", default="book/chapters", help="executed chapters folder")
+    p.add_argument("--notebooks", default=None,
+                   help="source notebooks folder (lists chapters not executed yet)")
+    p.add_argument("--out", default=None, help="page to write (default: print it)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m cellulib.bench [options]`` or ``python -m cellulib.bench status [options]``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["status"]:
+        args = _status_parser().parse_args(argv[1:])
+        try:
+            if args.out:
+                path = write_status(args.chapters, args.out, args.notebooks)
+                print(f"execution status written to {path}")
+            else:
+                print(status_markdown(args.chapters, args.notebooks))
+        except ValueError as exc:
+            print(f"cellulib.bench status: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    parser = _bench_parser()
+    args = parser.parse_args(argv)
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    bad = [c for c in cases if c not in CASES]
+    if bad or not cases:
+        parser.error(f"--cases: unknown {', '.join(bad) or '(empty)'}; choose from "
+                     f"{', '.join(CASES)}")
+    if args.repeats is not None and args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    result = run_bench(args.mode, cases, args.repeats, args.chapters, args.notebooks,
+                       args.execute_book, args.seed, verbose=not args.quiet)
+    print(format_table(result, markdown=args.markdown))
+    if args.json:
+        from cellulib.store import atomic_write_bytes
+
+        text = json.dumps(result, indent=2, default=str) + "\n"
+        atomic_write_bytes(args.json, lambda fh: fh.write(text.encode("utf-8")))
+        print(f"\nresult written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
