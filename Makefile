@@ -22,12 +22,13 @@ CHAPTERS := $(sort $(notdir $(wildcard notebooks/[0-9][0-9]_*.ipynb)))
 EXECUTED := $(addprefix book/chapters/,$(CHAPTERS))
 LIBRARY := $(wildcard cellulib/*.py)
 
-.PHONY: help install data chapters book test lint clean distclean
+.PHONY: help install data chapters book test lint bench clean distclean
 
 help:
 	@echo "make book   - environment, synthetic data, executed chapters, HTML book in _build/html"
 	@echo "make test   - environment, then the test suite"
 	@echo "make lint   - ruff and notebook checks"
+	@echo "make bench  - the benchmark suite (python -m cellulib.bench --quick)"
 	@echo "make clean  - remove executed chapters and the built book (keeps .venv and data)"
 
 $(STAMP): pyproject.toml constraints.txt
@@ -51,6 +52,7 @@ book/chapters/%.ipynb: notebooks/%.ipynb $(STAMP) $(LIBRARY)
 	mv $@.tmp.ipynb $@ && echo "== $@ done in $$(( $$(date +%s) - start )) s"
 
 chapters: data $(EXECUTED)
+	$(PY) -m cellulib.bench status --chapters book/chapters --notebooks notebooks --out book/chapters/status.md
 
 book: chapters
 	@start=$$(date +%s); \
@@ -59,6 +61,9 @@ book: chapters
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) -m cellulib.bench --quick
 
 lint: $(STAMP)
 	$(PY) -m ruff check cellulib tests

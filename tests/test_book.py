@@ -46,7 +46,7 @@ pytestmark = pytest.mark.slow
 def _toc_chapters() -> list[str]:
     toc = yaml.safe_load((REPO / "_toc.yml").read_text())
     files = [c["file"] for part in toc["parts"] for c in part["chapters"]]
-    return [Path(f).name for f in files if f.startswith("book/chapters/")]
+    return [Path(f).name for f in files if f.startswith("book/chapters/") and not f.endswith("status")]
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +79,9 @@ def built_book(tmp_path_factory):
             os.environ.pop("CELLULIB_HOME", None)
         else:
             os.environ["CELLULIB_HOME"] = env_before
+    from cellulib.bench import write_status
+
+    write_status(chapters, chapters / "status.md", notebooks_dir=REPO / "notebooks")
     out = subprocess.run(
         [str(BIN / "jupyter-book"), "build", str(root), "--warningiserror", "--nitpick", "--keep-going"],
         capture_output=True,
@@ -101,6 +104,13 @@ def test_every_chapter_page_has_its_figures(built_book):
             assert (page.parent / src.split('"')[0]).resolve().exists(), src.split('"')[0]
         numbered = re.findall(r'<span class="caption-number">Fig(?:ure|\.) [\d.]+', html)
         assert len(numbered) >= FIGURES[name], f"{name}: figures are numbered with captions"
+
+
+def test_status_page_lists_every_chapter(built_book):
+    html = (built_book / "book" / "chapters" / "status.html").read_text()
+    assert "Execution status" in html and "torch" in html
+    for name in _toc_chapters():
+        assert name in html, f"{name} missing from the status page"
 
 
 def test_intro_and_references_pages(built_book):
