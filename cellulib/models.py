@@ -593,6 +593,12 @@ class DirectModel(nn.Module):
         super().__init__()
         self.body = body
         self.head = nn.Linear(n_features, 1 if task == "regression" else N_BINS)
+        # Start near the uninformed answer (0.5, or equal bin probabilities): with a random body the
+        # pooled features of ResNet-50/Xception are large, and a default-initialised head saturates
+        # the sigmoid at 0 or 1, where the gradient vanishes and training never starts. Small (not
+        # zero) weights keep a gradient flowing into the body from the first step.
+        nn.init.normal_(self.head.weight, std=1e-3)
+        nn.init.zeros_(self.head.bias)
         self.task = task
         self.config = dict(config)
 
