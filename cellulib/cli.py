@@ -32,6 +32,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     import shutil
 
     from cellulib import profiles, train
+    from cellulib.store import atomic_write_bytes
 
     root = profiles.get_dataset(args.data, args.profile, args.seed)
     seg_args = dict(profile=args.profile, seed=args.seed)
@@ -51,10 +52,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         else:
             result = train.train_gbt(root, seg, input_size=args.size, **seg_args)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.copyfile(result.path, tmp)
-    tmp.replace(out)
+    with open(result.path, "rb") as src:
+        atomic_write_bytes(out, lambda dst: shutil.copyfileobj(src, dst))
     state = "loaded from the cache" if result.cached else f"trained in {result.seconds:.0f} s"
     print(f"{args.family} model {state}; written to {out}")
     for name, value in result.scores.items():

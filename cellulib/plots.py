@@ -236,7 +236,7 @@ def threshold_panels(img: np.ndarray, prob: np.ndarray, thresholds: Sequence[flo
     """Paper Fig. 4: the malignant channel thresholded at each value, over the patch. Used in chapter 3."""
     fig, axes = plt.subplots(1, len(thresholds), figsize=(3.2 * len(thresholds), 3.4))
     base = np.asarray(img, dtype=float) / 255.0
-    red = np.array(matplotlib.colors.to_rgb(CLASS_COLOURS["malignant"]))
+    red = _hex_to_rgb(CLASS_COLOURS["malignant"])
     for ax, t in zip(axes, thresholds):
         on = (prob > t)[..., None]
         ax.imshow(np.where(on, 0.45 * base + 0.55 * red, base))

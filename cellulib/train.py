@@ -68,6 +68,7 @@ def fit_decay(learn: Learner, epochs: int, lr: float, lr_end: float, progress: b
     from fastai.torch_core import num_distrib
 
     sched = ParamScheduler({"lr": SchedExp(lr, lr_end)})
+    distributed = contextlib.nullcontext()
     if num_distrib() > 1:  # started by `accelerate launch` / torchrun with several processes
         if not torch.cuda.is_available():
             raise RuntimeError(
@@ -76,10 +77,8 @@ def fit_decay(learn: Learner, epochs: int, lr: float, lr_end: float, progress: b
                 "without accelerate launch on a CPU")
         import fastai.distributed  # noqa: F401  (adds Learner.distrib_ctx)
 
-        with learn.distrib_ctx(), _quiet(learn, progress):
-            learn.fit(epochs, lr, cbs=[sched])
-        return
-    with _quiet(learn, progress):
+        distributed = learn.distrib_ctx()
+    with distributed, _quiet(learn, progress):
         learn.fit(epochs, lr, cbs=[sched])
 
 
@@ -133,11 +132,12 @@ def train_seg(root: str | os.PathLike, decoder: str = "fpn", pretrained=None, pr
     if cache and (hit := _cached(path, settings)) is not None:
         return hit
     set_seed(seed, reproducible=True)
-    n_cells = len(data.read_cells(root))
+    # the same patch-level split seg_dataloaders makes (its default valid_pct)
+    n_train = len(data.seg_split(len(data.read_cells(root)), seed=seed, root=root)[0])
     dls = data.seg_dataloaders(
         root, size=settings["crop"], downscale=settings["downscale"], bs=settings["seg_bs"],
         diameter=settings["disc_diameter"], seed=seed,
-        patches_per_epoch=settings["patches_per_epoch"] * max(1, round(n_cells * 0.8)),
+        patches_per_epoch=settings["patches_per_epoch"] * n_train,
     )
     learn = seg_learner(dls, decoder=decoder, pretrained=pretrained)
     start = time.perf_counter()
@@ -387,17 +387,15 @@ def train_gbt(root: str | os.PathLike, seg: TrainResult, profile: str = "quick",
         return hit
     df = data.read_breastpathq(root)
     start = time.perf_counter()
+    parts = {split: df[df["split"] == split] for split in ("train", "validation")}
     tables = {}
-    for split in ("train", "validation"):
-        part = df[df["split"] == split]
+    for split, part in parts.items():
         maps = segment_patches(seg.model, part["path"], input_size, progress)
         tables[split] = features.features_frame(maps, index=part["path"].tolist(), progress=progress)
-    train_part = df[df["split"] == "train"]
-    booster = features.fit_gbt(tables["train"], train_part["cellularity"].to_numpy(), seed=seed,
+    booster = features.fit_gbt(tables["train"], parts["train"]["cellularity"].to_numpy(), seed=seed,
                                n_rounds=settings["gbt_rounds"])
-    valid_part = df[df["split"] == "validation"]
-    pred = pd.DataFrame({"path": valid_part["path"].to_numpy(),
-                         "y_true": valid_part["cellularity"].to_numpy(),
+    pred = pd.DataFrame({"path": parts["validation"]["path"].to_numpy(),
+                         "y_true": parts["validation"]["cellularity"].to_numpy(),
                          "y_pred": features.predict_gbt(booster, tables["validation"])})
     seconds = time.perf_counter() - start
     importance = features.gbt_importance(booster)
