@@ -6,7 +6,9 @@ free-form metadata (training history, validation scores, data fingerprint). SPEC
 ``cellulib.save_model(model, path, **meta)`` and ``cellulib.load_model(path)``.
 
 Results are cached by the hash of their inputs (SPEC section 6) under ``$CELLULIB_HOME/models``, so
-a later chapter reuses an earlier chapter's model instead of retraining.
+a later chapter reuses an earlier chapter's model instead of retraining. The inputs are the settings,
+the bytes of the data (:func:`data_fingerprint`) and the bytes of the training code
+(:func:`code_fingerprint`): a cached model is never reused after the code or the data changed.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -134,24 +138,110 @@ def load_model(path: str | os.PathLike, map_location: str = "cpu"):
     return model, info
 
 
-def data_fingerprint(root: str | os.PathLike) -> str:
-    """Hash of a BreastPathQ folder's label files and image names and sizes (cheap: no pixels read)."""
-    root = Path(root)
+#: Files of a BreastPathQ folder that decide what a model learns: images, label tables, cell XML.
+_DATA_SUFFIXES = frozenset({".tif", ".tiff", ".png", ".jpg", ".jpeg", ".csv", ".xml"})
+
+#: The cellulib modules whose source decides what each model family learns. Every family is built,
+#: fed and fitted by the common five; the segmentation loss trains ``seg`` and the seg net inside
+#: ``sr`` and ``gbt``; the 81 features feed ``gbt``; validation predictions go through ``predict``.
+_COMMON_SOURCES = ("data.py", "engine.py", "models.py", "profiles.py", "train.py")
+TRAINING_SOURCES: dict[str, tuple[str, ...]] = {
+    "seg": _COMMON_SOURCES + ("losses.py",),
+    "direct": _COMMON_SOURCES + ("predict.py",),
+    "sr": _COMMON_SOURCES + ("losses.py", "predict.py"),
+    "gbt": _COMMON_SOURCES + ("features.py", "losses.py", "predict.py"),
+}
+
+#: The installed package (this file's folder); a test points it at an edited copy.
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+# sha256 of a file's bytes by (absolute path, size, mtime_ns, ctime_ns, inode): in one process an
+# unchanged file is read once, and any write (even one that keeps the size and restores the mtime)
+# changes the ctime and so the key.
+_FILE_DIGESTS: dict[tuple[str, int, int, int, int], bytes] = {}
+# File times are coarse on many systems (a kernel tick, or a second), so a file written less than
+# this long ago could be written again without its times changing: its digest is used but not
+# remembered, as git does for "racily clean" files.
+_SETTLED_NS = 2_000_000_000
+
+
+def _read_digest(path: str) -> bytes:
+    """sha256 of a file's bytes, streamed in blocks so a 2 GB folder never sits in memory."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").digest()
+
+
+def _tree_digest(root: Path, relpaths: list[str]) -> str:
+    """Short sha256 over each file's relative path and the sha256 of its bytes, in the given order.
+
+    Files unchanged for a few seconds are not read again in the same process (see ``_FILE_DIGESTS``);
+    the others are read by a few threads, since hashlib and file reads release the GIL.
+    """
+    now = time.time_ns()
+    keys = []
+    for rel in relpaths:
+        st = os.stat(root / rel)
+        keys.append((str(root / rel), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+    found = {key: _FILE_DIGESTS[key] for key in keys if key in _FILE_DIGESTS}
+    todo = [key for key in keys if key not in found]
+    if todo:
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            found.update(zip(todo, pool.map(_read_digest, [key[0] for key in todo])))
+        _FILE_DIGESTS.update((key, found[key]) for key in todo
+                             if now - max(key[2], key[3]) > _SETTLED_NS)
     digest = hashlib.sha256()
-    for path in sorted(root.rglob("*")):
-        if path.is_file() and path.suffix.lower() in {".csv", ".tif", ".tiff", ".xml", ".png", ".jpg"}:
-            digest.update(str(path.relative_to(root)).encode())
-            digest.update(str(path.stat().st_size).encode())
-            if path.suffix.lower() in {".csv", ".xml"}:
-                digest.update(path.read_bytes())
+    for rel, key in zip(relpaths, keys):
+        digest.update(rel.encode() + b"\0" + found[key])
     return digest.hexdigest()[:12]
 
 
+def data_fingerprint(root: str | os.PathLike) -> str:
+    """Short hash of every image, label table and cell XML in a BreastPathQ folder, pixels included.
+
+    Hashes each file's relative path and its full bytes (the bytes hold the pixels, so nothing is
+    decoded), so a cached model is never reused after the data changed, even by one pixel of one
+    image with the same name and size. Files are streamed, so a 2 GB BreastPathQ copy works; in one
+    process a file not changed for a few seconds is read only once, so calling this again for the
+    same folder costs a ``stat`` per file. Hidden files and folders (``.DS_Store``, ``._x.tif``)
+    are left out, as the data readers skip them. Used in chapters 2-5 through :mod:`cellulib.train`.
+    """
+    root = Path(root).resolve()
+    relpaths = sorted(
+        rel.as_posix() for rel in (path.relative_to(root) for path in root.rglob("*")
+                                   if path.suffix.lower() in _DATA_SUFFIXES and path.is_file())
+        if not any(part.startswith(".") for part in rel.parts)
+    )
+    return _tree_digest(root, relpaths)
+
+
+def code_fingerprint(kind: str) -> str:
+    """Short hash of the cellulib source files that decide how a model of ``kind`` is trained.
+
+    ``kind`` is a cache kind of :mod:`cellulib.train`: ``seg``, ``sr``, ``gbt`` or
+    ``direct-{arch}-{task}``; the part before the first ``-`` names the family, whose modules are
+    listed in :data:`TRAINING_SOURCES`. Hashes each file's name and bytes, so a cached model is
+    never reused after the code that trained it changed. Files are re-read only when they change
+    on disk. Used in chapters 2-5 through :mod:`cellulib.train` (via :func:`cache_path`).
+    """
+    family = kind.split("-", 1)[0]
+    if family not in TRAINING_SOURCES:
+        raise ValueError(f"unknown model kind {kind!r}: its family must be one of "
+                         f"{', '.join(TRAINING_SOURCES)}")
+    return _tree_digest(_PACKAGE_DIR, sorted(TRAINING_SOURCES[family]))
+
+
 def cache_path(kind: str, params: dict[str, Any], suffix: str = ".pt") -> Path:
-    """Where the result of ``kind`` computed from ``params`` is cached (``$CELLULIB_HOME/models``)."""
+    """Where the result of ``kind`` computed from ``params`` is cached (``$CELLULIB_HOME/models``).
+
+    The key hashes ``params`` (settings, seed and the :func:`data_fingerprint` of the data),
+    ``kind``, the cellulib version and the :func:`code_fingerprint` of the family's training code,
+    so a cached model is never reused after the code or the data changed. Used in chapters 2-5
+    through :mod:`cellulib.train`.
+    """
     from cellulib import __version__
 
-    key = fingerprint(params | {"cellulib": __version__})
+    key = fingerprint({"params": params, "kind": kind, "cellulib": __version__,
+                       "code": code_fingerprint(kind)})
     folder = home() / "models"
     folder.mkdir(parents=True, exist_ok=True)
     return folder / f"{kind}-{key}{suffix}"

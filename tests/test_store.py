@@ -1,11 +1,24 @@
-"""Model files: round trips give identical outputs; bad files get clear errors; writes are atomic."""
+"""Model files: round trips give identical outputs; bad files get clear errors; writes are atomic;
+cache keys change with every pixel of the data and every byte of the training code."""
+
+import hashlib
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 import torch
 
-from cellulib import load_model, models, save_model
-from cellulib.store import ModelFileError, atomic_write_bytes, cache_path
+import cellulib
+from cellulib import load_model, models, save_model, store
+from cellulib.store import (
+    ModelFileError,
+    atomic_write_bytes,
+    cache_path,
+    code_fingerprint,
+    data_fingerprint,
+)
 
 
 def test_seg_model_round_trip_gives_identical_outputs(tmp_path):
@@ -102,3 +115,111 @@ def test_cache_path_depends_on_every_input(tmp_path, monkeypatch):
     assert a == cache_path("seg", {"epochs": 3, "seed": 0})  # order does not matter
     assert a != cache_path("seg", {"seed": 1, "epochs": 3})
     assert a.parent == tmp_path / "models" and a.name.startswith("seg-")
+
+
+def _tiny_breastpathq(root: Path) -> Path:
+    """Two 16x16 patches, their label table and one cell XML, laid out as BreastPathQ."""
+    rng = np.random.default_rng(0)
+    train = root / "datasets" / "train"
+    train.mkdir(parents=True)
+    for name in ("1_1.tif", "1_2.tif"):
+        tifffile.imwrite(train / name, rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    (root / "datasets" / "train_labels.csv").write_text("slide,rid,y\n1,1,0.5\n1,2,0.0\n")
+    (root / "datasets" / "cells").mkdir()
+    (root / "datasets" / "cells" / "1_1.xml").write_text("<Annotations/>")
+    return root
+
+
+def test_data_fingerprint_sees_one_pixel(tmp_path, monkeypatch):
+    root = _tiny_breastpathq(tmp_path / "bpq")
+    image = root / "datasets" / "train" / "1_1.tif"
+    before, size = data_fingerprint(root), image.stat().st_size
+    img = tifffile.imread(image)
+    img[3, 4, 0] ^= 1
+    tifffile.imwrite(image, img)  # same name, same size, one pixel one grey level apart
+    assert image.stat().st_size == size
+    after = data_fingerprint(root)
+    assert after != before
+    monkeypatch.setattr(store, "_FILE_DIGESTS", {})
+    assert data_fingerprint(root) == after  # a fresh process agrees
+    img[3, 4, 0] ^= 1
+    tifffile.imwrite(image, img)
+    assert data_fingerprint(root) == before  # the hash is of the content, not of the edit history
+
+
+def test_data_fingerprint_follows_names_and_labels_and_nothing_else(tmp_path):
+    root = _tiny_breastpathq(tmp_path / "bpq")
+    base = data_fingerprint(root)
+    assert data_fingerprint(shutil.copytree(root, tmp_path / "copy")) == base  # location-free
+    train = root / "datasets" / "train"
+    (root / "datasets" / "notes.txt").write_text("not data")
+    (train / "._1_1.tif").write_bytes(b"macOS resource fork")  # hidden: the readers skip it
+    assert data_fingerprint(root) == base
+    (train / "1_1.tif").rename(train / "1_3.tif")
+    assert data_fingerprint(root) != base
+    (train / "1_3.tif").rename(train / "1_1.tif")
+    assert data_fingerprint(root) == base
+    labels = root / "datasets" / "train_labels.csv"
+    labels.write_text(labels.read_text().replace("0.5", "0.6"))  # same size
+    assert data_fingerprint(root) != base
+
+
+def test_data_fingerprint_reads_an_unchanged_file_once(tmp_path, monkeypatch):
+    root = _tiny_breastpathq(tmp_path / "bpq")
+    monkeypatch.setattr(store, "_FILE_DIGESTS", {})
+    monkeypatch.setattr(store, "_SETTLED_NS", -1)  # remember files however recently written
+    reads, read = [], store._read_digest
+    monkeypatch.setattr(store, "_read_digest", lambda path: reads.append(Path(path).name) or read(path))
+    first = data_fingerprint(root)
+    assert sorted(reads) == ["1_1.tif", "1_1.xml", "1_2.tif", "train_labels.csv"]
+    reads.clear()
+    assert data_fingerprint(root) == first and reads == []
+    with open(root / "datasets" / "train_labels.csv", "a") as fh:
+        fh.write("1,3,0.25\n")
+    assert data_fingerprint(root) != first and reads == ["train_labels.csv"]
+
+
+# The modules that decide training, per family: changing this list is a deliberate change of test.
+COMMON_SOURCES = ["data.py", "engine.py", "models.py", "profiles.py", "train.py"]
+TRAINING_SOURCES = {
+    "seg": COMMON_SOURCES + ["losses.py"],
+    "direct-resnet34-regression": COMMON_SOURCES + ["predict.py"],
+    "sr": COMMON_SOURCES + ["losses.py", "predict.py"],
+    "gbt": COMMON_SOURCES + ["features.py", "losses.py", "predict.py"],
+}
+
+
+@pytest.mark.parametrize("kind", list(TRAINING_SOURCES))
+def test_code_fingerprint_is_the_hash_of_the_training_sources(kind):
+    package = Path(cellulib.__file__).parent
+    digest = hashlib.sha256()
+    for name in sorted(TRAINING_SOURCES[kind]):
+        digest.update(name.encode() + b"\0" + hashlib.sha256((package / name).read_bytes()).digest())
+    assert code_fingerprint(kind) == digest.hexdigest()[:12]
+
+
+def test_cache_key_changes_with_the_training_code(tmp_path, monkeypatch):
+    monkeypatch.setenv("CELLULIB_HOME", str(tmp_path / "home"))
+    params = {"seed": 0, "data": "0123456789ab"}
+    gbt, seg = cache_path("gbt", params), cache_path("seg", params)
+    package = shutil.copytree(Path(cellulib.__file__).parent, tmp_path / "cellulib",
+                              ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(store, "_PACKAGE_DIR", package)
+    assert cache_path("gbt", params) == gbt  # an identical copy: the same key
+    features = package / "features.py"
+    features.write_bytes(features.read_bytes() + b"\n# one more line\n")
+    assert cache_path("gbt", params) != gbt
+    assert cache_path("seg", params) == seg  # the segmentation net does not use the features
+    train = package / "train.py"
+    train.write_bytes(train.read_bytes().replace(b"def ", b"def  ", 1))
+    assert cache_path("seg", params) != seg
+
+
+def test_families_get_different_keys_for_the_same_params(tmp_path, monkeypatch):
+    monkeypatch.setenv("CELLULIB_HOME", str(tmp_path))
+    params = {"seed": 0, "data": "0123456789ab"}
+    kinds = ["seg", "sr", "gbt", "direct-resnet34-regression", "direct-resnet34-classification"]
+    keys = {cache_path(kind, params).stem.rsplit("-", 1)[1] for kind in kinds}
+    assert len(keys) == len(kinds)
+    with pytest.raises(ValueError, match="unknown model kind 'svm'"):
+        cache_path("svm", params)
