@@ -10,13 +10,19 @@ and a reference side by side in one run (interleaved, after a warm-up, medians o
     per threshold, numpy sums) on 4-channel probability maps. Goal: >= 10x faster, equal areas and
     blob counts, equal sums to rounding.
 ``predict``
-    ``cellulib predict`` end to end (decode, resize, forward, CSV) against the bare forward pass of
-    the same model on pre-loaded tensors of the same input size and batch size. Goal: >= 0.8 of
-    the bare throughput.
+    ``cellulib predict`` end to end (decode, resize, forward, CSV) against the fastest bare forward
+    pass of the same model on this hardware (channels-last, autocast to the dtype
+    :func:`cellulib.engine.amp_dtype` picks: bf16 on a CPU with native bf16 and on CUDA, else
+    float32) on pre-loaded tensors of the same input size and batch size. Goal: >= 0.8 of the
+    bare throughput, and the same scores for the same images in the same order (max |difference|
+    <= :data:`PREDICT_ATOL`, else the case fails with an error).
 ``train``
     One training epoch of the segmentation (paper 3.1) and direct (paper 3.4) models in the fastai
-    Learner as :mod:`cellulib.train` runs it, against a minimal PyTorch loop over the same model
-    initialisation, data loader and loss. Goal: overhead <= 10%.
+    Learner as :mod:`cellulib.train` runs it (our DataLoaders, the callbacks of
+    :func:`cellulib.engine.training_callbacks`), against the fastest plain PyTorch loop on this
+    hardware (channels-last, the same autocast, fused AdamW) over the same model initialisation,
+    the same data tensors pre-loaded, loss and batch size. Goal: >= 0.9 of its throughput
+    (overhead <= 10%).
 ``book``
     The execution time of all chapters in the quick profile, read from the executed notebooks that
     papermill writes (or measured with ``--execute-book``). Goal: <= 600 s.
@@ -25,10 +31,11 @@ and a reference side by side in one run (interleaved, after a warm-up, medians o
     Goal: flat (ratio <= 1.1).
 
 Modes: ``--smallest`` (seconds; what the test runs), ``--quick`` (the quick profile's sizes:
-1.5 to 4 minutes on a 2-core CPU, measured, depending on other load) and the default full mode
-(the paper's input sizes: 512 px patches, 256 px segmentation crops; meant for a GPU, many times
-longer on a CPU). On a shared machine ``--threads 1`` gives steadier ratios: two OpenMP threads
-stall whenever another job takes one of the cores. Used in the README's performance section and,
+about 1.5 minutes on a 2-core CPU with little other load, measured, over 4 minutes when other
+jobs keep both cores busy) and the default full mode (the paper profile's sizes: 512 px patches,
+256 px segmentation crops and cellularity inputs; meant for a GPU, many times longer on a CPU). On a shared machine ``--threads 1`` gives steadier ratios: two OpenMP threads
+stall whenever another job takes one of the cores. ``$CELLULIB_PRECISION=float32`` benchmarks
+both sides in float32. Used in the README's performance section and,
 through :func:`status_markdown`, for the book's execution-status page
 (``python -m cellulib.bench status``).
 """
@@ -55,6 +62,7 @@ __all__ = [
     "CASES",
     "MODES",
     "BOOK_BUDGET_S",
+    "PREDICT_ATOL",
     "machine_info",
     "bench_features",
     "bench_predict",
@@ -76,37 +84,64 @@ CASES: tuple[str, ...] = ("features", "predict", "train", "book", "memory")
 BOOK_BUDGET_S: float = 600.0
 """Goal for executing the whole book in the quick profile on a 2-core CPU (seconds)."""
 
+PREDICT_ATOL: float = 0.02
+"""Largest accepted |difference| between two scorings of the same image (cellularity, a sigmoid
+output in [0, 1]): ours against the reference, and the bf16 forward pass against float32. bf16
+keeps 8 significant bits: a logit is off by about 0.4%, and a sigmoid computed in bf16 moves in
+steps of 1/256 near 1. Measured: the benchmark's random-init model moves by about 2e-3, the
+direct and SR model files of quick-profile runs by at most 0.007 on synthetic patches."""
+
+def _profile_sizes(name: str) -> dict[str, Any]:
+    """The patch, crop, batch and cellularity-input sizes of a profile of :mod:`cellulib.profiles`.
+
+    The cellularity models' input is ``direct_size`` or, when that is None, the segmentation scale
+    (patch side / ``downscale``, a multiple of 32), as :func:`cellulib.train.cellularity_input_size`
+    computes it for the synthetic patches.
+    """
+    from cellulib.profiles import get_profile
+
+    profile = get_profile(name)
+    seg_scale = max(32, int(round(profile["size"] / profile["downscale"] / 32)) * 32)
+    side = int(profile.get("direct_size") or seg_scale)
+    return {"synth_size": profile["size"], "seg_crop": profile["crop"],
+            "seg_bs": profile["seg_bs"], "direct_size": side, "direct_bs": profile["direct_bs"],
+            "predict_file_size": profile["size"], "predict_input": side,
+            "predict_bs": profile["direct_bs"]}
+
+
 MODES: dict[str, dict[str, Any]] = {
     "smallest": {
-        "repeats": 1, "train_repeats": 1,
+        "repeats": 1, "train_repeats": 1, "profile": "quick",
         "feature_sizes": (64,),
         "predict_images": 8, "predict_file_size": 128, "predict_input": 64, "predict_bs": 4,
         "synth_size": 128, "seg_crop": 64, "seg_bs": 4, "seg_images": 4,
         "direct_size": 64, "direct_bs": 4, "direct_images": 4,
         "memory_counts": (24, 6), "memory_input": 64, "memory_file_size": 96,
     },
-    # the sizes of the quick profile (cellulib.profiles): what the book trains and scores on a CPU
+    # the sizes of the quick profile: what the book trains and scores on a CPU; 3 batches a timed
+    # epoch
     "quick": {
-        "repeats": 5, "train_repeats": 3,
+        "repeats": 5, "train_repeats": 3, "profile": "quick",
         "feature_sizes": (256, 512),
-        "predict_images": 32, "predict_file_size": 512, "predict_input": 128, "predict_bs": 16,
-        "synth_size": 256, "seg_crop": 128, "seg_bs": 8, "seg_images": 16,
-        "direct_size": 128, "direct_bs": 16, "direct_images": 32,
+        "predict_images": 32, "seg_images": 24, "direct_images": 48,
         "memory_counts": (200, 50), "memory_input": 64, "memory_file_size": 256,
+        **_profile_sizes("quick"),
     },
-    # the paper's sizes (512 px patches, 256 px segmentation crops, batch 16)
+    # the sizes of the paper profile (512 px patches, 256 px crops, batch 16)
     "full": {
-        "repeats": 5, "train_repeats": 5,
+        "repeats": 5, "train_repeats": 5, "profile": "paper",
         "feature_sizes": (256, 512),
-        "predict_images": 64, "predict_file_size": 512, "predict_input": 512, "predict_bs": 16,
-        "synth_size": 512, "seg_crop": 256, "seg_bs": 16, "seg_images": 32,
-        "direct_size": 512, "direct_bs": 16, "direct_images": 32,
+        "predict_images": 64, "seg_images": 32, "direct_images": 32,
         "memory_counts": (1000, 100), "memory_input": 64, "memory_file_size": 256,
+        **_profile_sizes("paper"),
     },
 }
-"""Sizes per mode. ``predict_input`` is the model's input side (the files are
+"""Sizes per mode; the quick and full modes take theirs from the quick and paper profiles
+(:func:`_profile_sizes`), whose learning-rate schedules the ``train`` case uses. ``predict_input`` is the model's input side (the files are
 ``predict_file_size`` pixels and get resized to it, as ``cellulib predict`` does). Training epochs
-are the slowest measurement, so the quick mode times them 3 times and the rest 5 times."""
+are the slowest measurement, so the quick mode times them 3 times and the rest 5 times. A timed
+epoch has 3 batches in the quick mode (a quick-profile epoch of the book has 10), so the set-up of
+each fastai ``fit`` call weighs somewhat more here than in the book."""
 
 _FEATURE_GOAL = 10.0
 _PREDICT_GOAL = 0.8
@@ -164,9 +199,9 @@ def _best_ratio(times: dict[str, list[float]], faster: str = "ours",
 
 
 def _device():
-    import torch
+    from cellulib.engine import resolve_device
 
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_device(None)
 
 
 def _sync(device) -> None:
@@ -200,10 +235,13 @@ def machine_info() -> dict[str, Any]:
     -------
     dict
         ``cpu_count``, ``cpus_available`` (the affinity mask), ``cpu_model``, ``torch_threads``,
-        ``device`` (``cpu`` or ``cuda (GPU name)``), ``python``, ``torch``, ``platform`` and
+        ``device`` (``cpu`` or ``cuda (GPU name)``), ``precision`` (what
+        :func:`cellulib.engine.amp_dtype` picks there), ``python``, ``torch``, ``platform`` and
         ``load_average`` (1-minute; other jobs on a shared machine make timings noisy).
     """
     import torch
+
+    from cellulib import engine
 
     device = _device()
     name = f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"
@@ -216,6 +254,7 @@ def machine_info() -> dict[str, Any]:
         "cpu_model": _cpu_model(),
         "torch_threads": torch.get_num_threads(),
         "device": name,
+        "precision": _precision_label(engine.amp_dtype(device)),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "platform": platform.platform(),
@@ -227,8 +266,9 @@ def _machine_line(machine: dict[str, Any], load_end: float | None = None) -> str
     line = (f"machine: {machine['cpus_available']} of {machine['cpu_count']} CPU cores "
             f"({machine['cpu_model']}), torch {machine['torch']} with "
             f"{machine['torch_threads']} thread{'' if machine['torch_threads'] == 1 else 's'}, "
-            f"device {machine['device']}, "
-            f"Python {machine['python']}")
+            f"device {machine['device']}"
+            + (f" ({machine['precision']})" if machine.get("precision") else "")
+            + f", Python {machine['python']}")
     if machine.get("load_average") is not None:
         line += f"; load average {machine['load_average']:.1f} at the start"
         if load_end is not None:
@@ -371,30 +411,121 @@ def _save_direct_model(path: Path, input_size: int, seed: int = 0) -> Path:
                                                "normalize": "minus_one_one"})
 
 
+def _precision_label(dtype, channels_last: bool | None = None) -> str:
+    """How a pass computes, e.g. ``bf16 autocast + channels-last`` or ``float32``.
+
+    ``channels_last`` defaults to what :mod:`cellulib.engine` does: channels-last exactly when it
+    autocasts.
+    """
+    import torch
+
+    name = ("float32" if dtype is None else
+            f"{'bf16' if dtype == torch.bfloat16 else 'fp16'} autocast")
+    if channels_last is None:
+        channels_last = dtype is not None
+    return name + (" + channels-last" if channels_last else "")
+
+
+def _autocast(device, dtype):
+    """``torch.autocast`` for ``dtype`` on ``device``, a null context for float32."""
+    import contextlib
+
+    import torch
+
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _bare_scores(model, x, batch_size: int, device, dtype):
+    """The plain inference loop: forward passes over pre-loaded inputs, batch by batch.
+
+    ``torch.inference_mode`` and one autocast context around all batches (so the weights are cast
+    to ``dtype`` once, not per batch); the outputs decoded to cellularity in float32
+    (``to_cellularity``), as :meth:`cellulib.predict.Predictor.score_batch` does.
+    """
+    import torch
+
+    with torch.inference_mode():
+        with _autocast(device, dtype):
+            outputs = [model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+        scores = model.to_cellularity(torch.cat(outputs).float()).reshape(-1)
+        result = scores.double().cpu().numpy()
+    _sync(device)
+    return result
+
+
+def _check_same_predictions(preds, paths: Sequence[str], scores, what: str,
+                            atol: float | None = None) -> float:
+    """Largest |ours - reference| over the same images in the same order, or a RuntimeError.
+
+    ``preds`` is our output (columns ``path``, ``cellularity``, ``error``), ``paths`` and
+    ``scores`` the reference's images and scores in the reference's order. Ours must list exactly
+    those images, in that order, all scored, each within ``atol`` (default
+    :data:`PREDICT_ATOL`) of the reference: a comparison of other images, or of the same images
+    in another order, says nothing about either side.
+    """
+    import numpy as np
+
+    atol = PREDICT_ATOL if atol is None else atol
+    ours_paths = [str(p) for p in preds["path"]]
+    paths = [str(p) for p in paths]
+    if ours_paths != paths:
+        k = next((i for i, (a, b) in enumerate(zip(ours_paths, paths)) if a != b),
+                 min(len(ours_paths), len(paths)))
+        mine = ours_paths[k] if k < len(ours_paths) else "(nothing)"
+        theirs = paths[k] if k < len(paths) else "(nothing)"
+        raise RuntimeError(
+            f"predict benchmark: ours and the {what} did not score the same images in the same "
+            f"order ({len(ours_paths)} vs {len(paths)} rows); row {k}: ours {mine}, the {what} "
+            f"{theirs}")
+    errors = [str(e) for e in preds["error"] if isinstance(e, str) and e]
+    if errors:
+        raise RuntimeError(f"predict benchmark: {len(errors)} image(s) failed: {errors[0]}")
+    diff = np.abs(np.asarray(preds["cellularity"], dtype=np.float64)
+                  - np.asarray(scores, dtype=np.float64))
+    worst = int(np.argmax(np.where(np.isfinite(diff), diff, np.inf)))
+    if not np.isfinite(diff).all() or diff[worst] > atol:
+        raise RuntimeError(
+            f"predict benchmark: ours and the {what} disagree on {paths[worst]}: "
+            f"{preds['cellularity'].iloc[worst]} vs {scores[worst]:.6f} (|difference| "
+            f"{diff[worst]:.3g} > {atol:g}); a speed comparison of different answers means "
+            "nothing")
+    return float(diff.max()) if len(diff) else 0.0
+
+
 def bench_predict(n_images: int = 48, file_size: int = 512, input_size: int = 128,
                   batch_size: int = 16, repeats: int = 3, workdir: str | os.PathLike | None = None,
                   seed: int = 0, workers: int = 2, verbose: bool = False) -> dict[str, Any]:
-    """Time ``cellulib predict`` end to end against the bare forward pass of the same model.
+    """Time ``cellulib predict`` end to end against the fastest bare forward pass of the model.
 
     Paper section 3.4 applied to new images. Ours: :func:`cellulib.predict.predict_to_csv` on a
     folder of ``n_images`` synthetic ``file_size`` TIFFs with a loaded ResNet-34 direct model
-    (random init, ``input_size`` recorded in its file): decoding, resizing, [-1, 1] scaling,
-    forward pass and CSV writing. Reference: the same model's forward pass (eval mode,
-    ``torch.inference_mode``, default NCHW layout) over the same images already decoded, resized,
-    scaled and stacked into one tensor on the device, in batches of ``batch_size``. Loading the
-    model file happens once and is reported separately. Both run on CUDA when available. Used in
-    the README's performance section.
+    (random init, ``input_size`` recorded in its file), precision ``"auto"``: decoding, resizing,
+    [-1, 1] scaling, forward pass under :func:`cellulib.engine.amp_dtype`'s mixed precision and
+    CSV writing. Reference: the fastest plain PyTorch inference loop on this hardware,
+    :func:`_bare_scores` of the same model in channels-last layout with ``torch.autocast`` to the
+    same dtype (bf16 on a CPU with native bf16 and on CUDA; float32 elsewhere), over the same
+    images already decoded, resized, scaled, stacked on the device and in channels-last layout,
+    in batches of ``batch_size``. The float32 NCHW forward pass (the textbook loop) is timed
+    beside them. Loading the model file happens once and is reported separately. Both run on
+    CUDA when available. Used in the README's performance section.
+
+    The scores are checked, not only timed (:func:`_check_same_predictions`): ours must list the
+    reference's images in the reference's order (the order of
+    :func:`cellulib.predict.collect_images`), each within :data:`PREDICT_ATOL` of the reference,
+    and the mixed-precision reference within :data:`PREDICT_ATOL` of float32; otherwise a
+    RuntimeError says which image differs.
 
     Returns
     -------
     dict
         ``ours`` and ``reference`` in images/s, ``ratio`` = ours / reference (goal >= 0.8). The
-        note also gives the bare forward pass in channels-last layout and the largest difference
-        between the two sets of predictions.
+        note gives the float32 NCHW throughput and the two largest differences.
     """
-    goal = f"ratio >= {_PREDICT_GOAL:g}"
+    goal = f"ratio >= {_PREDICT_GOAL:g}, |diff| <= {PREDICT_ATOL:g}"
     try:
-        from cellulib.predict import Predictor, predict_to_csv
+        from cellulib.predict import Predictor, collect_images, predict_to_csv
     except ImportError as exc:
         return _unavailable("predict", "img/s", goal,
                             f"cellulib.predict cannot be imported ({exc})")
@@ -402,58 +533,66 @@ def bench_predict(n_images: int = 48, file_size: int = 512, input_size: int = 12
     import pandas as pd
     import torch
 
-    from cellulib import load_model
-    from cellulib.data import read_image
+    from cellulib import engine, load_model
+    from cellulib.data import normalize_image, read_image
 
     with tempfile.TemporaryDirectory(dir=workdir, prefix="bench-predict-") as tmp:
         tmp = Path(tmp)
         _log(f"predict: writing {n_images} images of {file_size} px", verbose)
-        paths = _write_patches(tmp / "images", n_images, file_size, seed)
+        _write_patches(tmp / "images", n_images, file_size, seed)
+        # the images in the order predict scores a folder (file-name order)
+        files = collect_images(tmp / "images")
         model_path = _save_direct_model(tmp / "model.pt", input_size, seed)
         device = _device()
+        amp = engine.amp_dtype(device)
         start = time.perf_counter()
         predictor = Predictor(model_path, device=device, batch_size=batch_size, workers=workers)
         load_s = time.perf_counter() - start
-        bare, _ = load_model(model_path)
-        bare.to(device).eval()
-        bare_cl = copy.deepcopy(bare).to(memory_format=torch.channels_last)
+        textbook, _ = load_model(model_path)
+        textbook.to(device).eval()
+        fastest = copy.deepcopy(textbook).to(memory_format=torch.channels_last)
         # the pre-loaded batch: the same pixels predict feeds the network
-        prepared = np.stack([predictor.prepare(read_image(p), p)[0] for p in paths])
-        x = torch.from_numpy(prepared).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        prepared = np.stack([predictor.prepare(read_image(p), p)[0] for p in files])
+        x = torch.from_numpy(normalize_image(prepared)).permute(0, 3, 1, 2)
         x = x.contiguous().to(device)
-        x_cl = x.to(memory_format=torch.channels_last)
+        x_cl = engine.channels_last(x)
         out_csv = tmp / "preds.csv"
 
         def ours() -> None:
             predict_to_csv(predictor, tmp / "images", out_csv, progress=False)
 
-        def forward(model, inputs) -> np.ndarray:
-            with torch.inference_mode():
-                scores = [model.to_cellularity(model(inputs[i:i + batch_size]))
-                          for i in range(0, len(inputs), batch_size)]
-                result = torch.cat(scores).double().cpu().numpy()
-            _sync(device)
-            return result
-
-        _log(f"predict: {repeats} repeats of {n_images} images at {input_size} px on {device}",
-             verbose)
-        times = _time_side_by_side({"ours": ours, "reference": lambda: forward(bare, x),
-                                    "channels_last": lambda: forward(bare_cl, x_cl)}, repeats)
-        preds = pd.read_csv(out_csv)
-        diff = float(np.max(np.abs(preds["cellularity"].to_numpy() - forward(bare, x))))
+        ref_label = _precision_label(amp, channels_last=True)
+        _log(f"predict: {repeats} repeats of {n_images} images at {input_size} px on {device}, "
+             f"reference {ref_label}", verbose)
+        times = _time_side_by_side({
+            "ours": ours,
+            "reference": lambda: _bare_scores(fastest, x_cl, batch_size, device, amp),
+            "float32": lambda: _bare_scores(textbook, x, batch_size, device, None)}, repeats)
+        preds = pd.read_csv(out_csv, keep_default_na=False,
+                            converters={"cellularity": lambda s: float(s) if s else math.nan})
+        ref_scores = _bare_scores(fastest, x_cl, batch_size, device, amp)
+        f32_scores = _bare_scores(textbook, x, batch_size, device, None)
+        diff = _check_same_predictions(preds, files, ref_scores, "reference")
+        amp_diff = _check_same_predictions(
+            pd.DataFrame({"path": files, "cellularity": ref_scores, "error": ""}), files,
+            f32_scores, "float32 forward pass")
     ours_ips, ref_ips = n_images / _median(times["ours"]), n_images / _median(times["reference"])
-    cl_ips = n_images / _median(times["channels_last"])
+    f32_ips = n_images / _median(times["float32"])
     ratio = ours_ips / ref_ips
     note = (f"best-of-{repeats} ratio {_best_ratio(times):.2f}; {n_images} TIFFs "
             f"{file_size}x{file_size} -> resnet34 direct model at {input_size}x{input_size}, "
-            f"batch {batch_size}, {workers} decoding threads, device {device}; reference: bare "
-            f"forward on pre-loaded tensors (NCHW); bare channels-last {cl_ips:.1f} img/s; "
-            f"predictions agree within {diff:.1e}; "
+            f"batch {batch_size}, {workers} decoding threads, device {device}, "
+            f"{predictor.precision}; reference: bare forward on pre-loaded tensors, {ref_label}; "
+            f"textbook float32 NCHW forward {f32_ips:.1f} img/s; the same {n_images} images in "
+            f"the same order: ours vs reference max |diff| "
+            f"{diff:.1e}, reference vs float32 {amp_diff:.1e} (tolerance {PREDICT_ATOL:g}); "
             f"loading the model file once: {load_s:.2f} s")
     return _row("predict", ours_ips, ref_ips, "img/s", ratio, goal, bool(ratio >= _PREDICT_GOAL),
                 note, {"ours_s": times["ours"], "reference_s": times["reference"],
-                       "channels_last_s": times["channels_last"], "model_load_s": load_s,
-                       "max_abs_diff": diff, "device": str(device)})
+                       "float32_s": times["float32"], "model_load_s": load_s,
+                       "max_abs_diff": diff, "amp_vs_float32_max_abs_diff": amp_diff,
+                       "paths": [str(p) for p in files], "precision": predictor.precision,
+                       "reference_precision": ref_label, "device": str(device)})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -480,31 +619,104 @@ def _train_only_callback():
     return TrainOnly()
 
 
-def _plain_epoch(model, dl, loss_func, opt) -> int:
-    """One epoch of the textbook PyTorch loop; returns the number of images."""
-    model.train()
-    n = 0
-    for xb, yb in dl:
-        loss = loss_func(model(xb), yb)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        n += len(xb)
-    return n
+def _engine_callbacks(learn) -> list[str]:
+    """Names of the Learner's callbacks that come from :func:`cellulib.engine.training_callbacks`
+    (mixed precision and channels-last)."""
+    names = {"ChannelsLast", "CPUAutocast", "MixedPrecision"}
+    return [type(cb).__name__ for cb in learn.cbs if type(cb).__name__ in names]
 
 
-def _train_pair(name: str, learn, lr: float, lr_end: float, repeats: int,
+def _adamw(params, lr: float):
+    """The fastest stock Adam of this torch: fused AdamW (foreach where fused is unavailable),
+    set to fastai's Adam defaults (decoupled weight decay 0.01, betas (0.9, 0.99), eps 1e-5)."""
+    import torch
+
+    kw = dict(lr=lr, betas=(0.9, 0.99), eps=1e-5, weight_decay=0.01)
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, fused=True, **kw)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(params, foreach=True, **kw)
+
+
+class _PlainLoop:
+    """The fastest plain PyTorch training loop on this hardware, one epoch per call.
+
+    The model in channels-last layout, the batches pre-loaded and in channels-last layout,
+    forward under ``torch.autocast`` to ``dtype`` (bf16 on a CPU with native bf16, CUDA AMP on a
+    GPU, none for float32), the loss in float32, fused AdamW (:func:`_adamw`) at a constant
+    learning rate, a gradient scaler for fp16 only. No callbacks, no logging, no data loading.
+    """
+
+    def __init__(self, model, batches, loss_func, lr: float, device, dtype) -> None:
+        import torch
+
+        from cellulib import engine
+
+        self.model = model.to(device).to(memory_format=torch.channels_last)
+        self.batches = [(engine.channels_last(xb), yb) for xb, yb in batches]
+        self.loss_func, self.device, self.dtype = loss_func, device, dtype
+        self.opt = _adamw(self.model.parameters(), lr)
+        self.scaler = (torch.amp.GradScaler(device.type) if dtype == torch.float16 else None)
+
+    def forward_backward(self, xb, yb) -> None:
+        with _autocast(self.device, self.dtype):
+            pred = self.model(xb)
+        loss = self.loss_func(pred.float(), yb)
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def step(self) -> None:
+        if self.scaler:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+
+    def epoch(self) -> int:
+        self.model.train()
+        n = 0
+        for xb, yb in self.batches:
+            self.forward_backward(xb, yb)
+            self.step()
+            self.opt.zero_grad(set_to_none=True)
+            n += len(xb)
+        _sync(self.device)
+        return n
+
+
+def _opt_name(learn) -> str:
+    opt = getattr(learn.opt, "opt", None)  # fastai's OptimWrapper around a torch optimizer
+    if opt is not None:
+        fused = " (fused)" if opt.defaults.get("fused") else ""
+        return f"torch {type(opt).__name__}{fused}"
+    return f"fastai {getattr(learn.opt_func, '__name__', type(learn.opt).__name__)}"
+
+
+def _step_ms(forward_backward, step, zero_grad, device, n: int = 3) -> float:
+    """Fastest of ``n`` optimizer steps after one forward/backward pass, in ms."""
+    forward_backward()
+    best = math.inf
+    for _ in range(n):
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    zero_grad()
+    return 1000 * best
+
+
+def _train_pair(name: str, learn, fit: Callable[[Any], None], lr: float, repeats: int,
                 verbose: bool) -> dict[str, Any]:
     import torch
 
-    from cellulib.train import fit_decay
+    from cellulib import engine
 
-    dl = learn.dls.train
     device = learn.dls.device or torch.device("cpu")
-    plain = copy.deepcopy(learn.model).to(device)  # the same initial weights
-    # fastai's Adam defaults: decoupled weight decay 0.01, betas (0.9, 0.99), eps 1e-5
-    opt = torch.optim.AdamW(plain.parameters(), lr=lr, betas=(0.9, 0.99), eps=1e-5,
-                            weight_decay=0.01)
+    dtype = engine.amp_dtype(device)
+    dl = learn.dls.train
+    # the reference: a copy of the same initial weights over the same data tensors
+    plain = _PlainLoop(copy.deepcopy(learn.model), [(xb, yb) for xb, yb in dl], learn.loss_func,
+                       lr, device, dtype)
     counter = _train_only_callback()
     counts = {"ours": 0, "reference": 0}
 
@@ -512,21 +724,35 @@ def _train_pair(name: str, learn, lr: float, lr_end: float, repeats: int,
         counter.n_images = 0
         learn.add_cb(counter)
         try:
-            fit_decay(learn, 1, lr, lr_end, progress=False)
+            with learn.no_bar(), learn.no_logging():
+                fit(learn)
         finally:
             learn.remove_cb(counter)
         _sync(device)
         counts["ours"] = counter.n_images
 
     def reference() -> None:
-        counts["reference"] = _plain_epoch(plain, dl, learn.loss_func, opt)
-        _sync(device)
+        counts["reference"] = plain.epoch()
 
-    _log(f"train {name}: {repeats} repeats of {len(dl)} batches of {dl.bs}", verbose)
+    _log(f"train {name}: {repeats} repeats of {len(dl)} batches of {dl.bs}, "
+         f"{_precision_label(dtype, channels_last=True)}", verbose)
     times = _time_side_by_side({"ours": ours, "reference": reference}, repeats)
     if counts["ours"] != counts["reference"]:
         raise RuntimeError(f"train {name}: the Learner saw {counts['ours']} images per epoch, the "
                            f"plain loop {counts['reference']}")
+    # where the time goes: one optimizer step of each side, after the same batch
+    xb, yb = plain.batches[0]
+
+    def ours_forward_backward() -> None:
+        learn.model.train()
+        with _autocast(device, dtype):
+            pred = learn.model(engine.channels_last(xb))
+        learn.loss_func(pred.float(), yb).backward()
+
+    step_ms = {"ours": _step_ms(ours_forward_backward, learn.opt.step, learn.opt.zero_grad,
+                                device),
+               "reference": _step_ms(lambda: plain.forward_backward(xb, yb), plain.step,
+                                     lambda: plain.opt.zero_grad(set_to_none=True), device)}
     n = counts["ours"]
     ours_ips, ref_ips = n / _median(times["ours"]), n / _median(times["reference"])
     ratio = ours_ips / ref_ips
@@ -535,23 +761,35 @@ def _train_pair(name: str, learn, lr: float, lr_end: float, repeats: int,
         f"ratio >= {_TRAIN_GOAL:g} (overhead <= {100 * (1 - _TRAIN_GOAL):.0f}%)",
         bool(ratio >= _TRAIN_GOAL), "",
         {"ours_s": times["ours"], "reference_s": times["reference"], "images_per_epoch": n,
-         "overhead": 1 - ratio, "best_ratio": _best_ratio(times), "device": str(device)})
+         "batches_per_epoch": len(plain.batches), "overhead": 1 - ratio,
+         "best_ratio": _best_ratio(times), "device": str(device),
+         "precision": _precision_label(dtype), "callbacks": _engine_callbacks(learn),
+         "optimizer_step_ms": step_ms,
+         "ours_optimizer": _opt_name(learn), "reference_optimizer": "torch AdamW"
+         + (" (fused)" if plain.opt.defaults.get("fused") else " (foreach)")})
 
 
-def bench_train(seg_crop: int = 128, seg_bs: int = 8, seg_images: int = 48,
-                direct_size: int = 128, direct_bs: int = 16, direct_images: int = 48,
-                synth_size: int = 256, repeats: int = 3, workdir: str | os.PathLike | None = None,
-                seed: int = 0, verbose: bool = False) -> list[dict[str, Any]]:
-    """Training images/s of the fastai Learners against a minimal PyTorch loop on the same data.
+def bench_train(seg_crop: int = 96, seg_bs: int = 8, seg_images: int = 24,
+                direct_size: int = 96, direct_bs: int = 16, direct_images: int = 48,
+                synth_size: int = 192, repeats: int = 3, workdir: str | os.PathLike | None = None,
+                seed: int = 0, verbose: bool = False, profile: str = "quick"
+                ) -> list[dict[str, Any]]:
+    """Training images/s of the fastai Learners against the fastest plain PyTorch loop.
 
     Paper sections 4.2 (weak segmentation: FPN on the ELU ResNet-34, BCE - Jaccard loss) and 4.4
-    (direct ResNet-34 regression, MSE). Ours: one epoch of :func:`cellulib.train.fit_decay` (Adam,
-    exponentially decaying learning rate, no progress bar or logging) on the Learner that
-    :mod:`cellulib.train` builds, with validation skipped. Reference: ``for xb, yb in dl: loss =
-    loss_func(model(xb), yb); backward; step; zero_grad`` with ``torch.optim.AdamW`` set to
-    fastai's Adam defaults, on a copy of the same initial model, the same DataLoader (so the same
-    decoding and augmentation) and the same loss object. Data: a small synthetic BreastPathQ
-    folder. Used in the README's performance section.
+    (direct ResNet-34 regression, MSE). Ours: one epoch of the Learner as :mod:`cellulib.train`
+    builds and fits it (:func:`cellulib.train.seg_learner`, :func:`cellulib.train.learner`,
+    :func:`cellulib.train.fit` with the learning rates and schedules of ``profile``: in the quick
+    profile exponential decay for the segmentation net, one-cycle for the direct model): our
+    DataLoaders (augmentation included), the optimizer of :func:`cellulib.train.learner`, the
+    callbacks of :func:`cellulib.engine.training_callbacks` (on a CPU with native bf16:
+    channels-last and bf16 autocast; on CUDA: channels-last and AMP), no progress bar or logging,
+    validation skipped. Reference: :class:`_PlainLoop`, the fastest plain loop on this hardware,
+    over a copy of the same initial model, the same batches (taken from the same DataLoader once,
+    before timing, and kept as tensors), the same loss and batch size. Data: a small synthetic
+    BreastPathQ folder. The note gives one optimizer step of each side (fastai's Adam steps
+    parameter by parameter in Python, torch's fused AdamW in one kernel), a large part of the
+    difference on a CPU. Used in the README's performance section.
 
     Returns
     -------
@@ -560,15 +798,15 @@ def bench_train(seg_crop: int = 128, seg_bs: int = 8, seg_images: int = 48,
         >= 0.9, i.e. overhead <= 10%).
     """
     import torch
-    from fastai.learner import Learner
     from fastai.losses import MSELossFlat
-    from fastai.optimizer import Adam
     from fastai.torch_core import set_seed
 
     from cellulib import data, models
+    from cellulib.profiles import get_profile
     from cellulib.synth import make_breastpathq
-    from cellulib.train import CellularityMSE, seg_learner
+    from cellulib.train import CellularityMSE, fit, learner, seg_learner
 
+    profile = get_profile(profile)
     with tempfile.TemporaryDirectory(dir=workdir, prefix="bench-train-") as tmp:
         _log(f"train: synthetic data ({direct_images} patches of {synth_size} px)", verbose)
         root = make_breastpathq(Path(tmp) / "data", n_train=direct_images, n_val=2, n_cells=6,
@@ -577,24 +815,36 @@ def bench_train(seg_crop: int = 128, seg_bs: int = 8, seg_images: int = 48,
         set_seed(seed)
         dls = data.seg_dataloaders(root, size=seg_crop, downscale=2, bs=seg_bs, seed=seed,
                                    patches_per_epoch=seg_images)
-        learn = seg_learner(dls)
-        rows.append(_train_pair("seg", learn, 1e-3, 1e-4, repeats, verbose))
+        lr, schedule = profile["seg_lr"], profile["seg_schedule"]
+        rows.append(_train_pair(
+            "seg", seg_learner(dls),
+            lambda lrn: fit(lrn, 1, lr, schedule, profile["seg_lr_end"], progress=False),
+            lr, repeats, verbose))
         rows[-1]["note"] = (f"FPN segmentation net, {seg_crop}px crops, batch {seg_bs}, "
-                            f"{rows[-1]['details']['images_per_epoch']} images/epoch")
+                            f"{rows[-1]['details']['images_per_epoch']} images/epoch, "
+                            f"schedule {schedule}")
         set_seed(seed)
         dls = data.cellularity_dataloaders(root, size=direct_size, bs=direct_bs, seed=seed)
-        model = models.direct_model("resnet34", task="regression")
-        learn = Learner(dls, model, loss_func=MSELossFlat(), opt_func=Adam,
-                        metrics=[CellularityMSE()])
-        rows.append(_train_pair("direct", learn, 1e-3, 1e-4, repeats, verbose))
+        learn = learner(dls, models.direct_model("resnet34", task="regression"), MSELossFlat(),
+                        [CellularityMSE()])
+        lr2, schedule2 = profile["direct_lr"], profile["direct_schedule"]
+        rows.append(_train_pair(
+            "direct", learn, lambda lrn: fit(lrn, 1, lr2, schedule2, lr2 / 10, progress=False),
+            lr2, repeats, verbose))
         rows[-1]["note"] = (f"resnet34 regression, {direct_size}px, batch {direct_bs}, "
-                            f"{rows[-1]['details']['images_per_epoch']} images/epoch")
+                            f"{rows[-1]['details']['images_per_epoch']} images/epoch, "
+                            f"schedule {schedule2}")
     for row in rows:
-        row["note"] += (f"; overhead {100 * row['details']['overhead']:+.1f}% (best-of-{repeats}: "
-                        f"{100 * (1 - row['details']['best_ratio']):+.1f}%); reference: plain "
-                        f"PyTorch loop (AdamW = fastai Adam defaults), same model, data loader "
-                        f"and loss; device {row['details']['device']}; torch threads "
-                        f"{torch.get_num_threads()}")
+        d = row["details"]
+        per_batch = 1000 * _median(d["reference_s"]) / d["batches_per_epoch"]
+        row["note"] += (
+            f"; overhead {100 * d['overhead']:+.1f}% (best-of-{repeats}: "
+            f"{100 * (1 - d['best_ratio']):+.1f}%); {d['precision']} (Learner callbacks: "
+            f"{', '.join(d['callbacks']) or 'none'}); reference: plain PyTorch loop on the same "
+            f"model, data tensors pre-loaded, loss and batch size, {d['reference_optimizer']}; "
+            f"optimizer step {d['optimizer_step_ms']['ours']:.0f} ms ({d['ours_optimizer']}) vs "
+            f"{d['optimizer_step_ms']['reference']:.0f} ms, of a {per_batch:.0f} ms reference "
+            f"batch; device {d['device']}; torch threads {torch.get_num_threads()}")
     return rows
 
 
@@ -967,7 +1217,8 @@ def run_bench(mode: str = "quick", cases: Sequence[str] = CASES, repeats: int | 
         elif case == "train":
             rows += bench_train(cfg["seg_crop"], cfg["seg_bs"], cfg["seg_images"],
                                 cfg["direct_size"], cfg["direct_bs"], cfg["direct_images"],
-                                cfg["synth_size"], train_reps, seed=seed, verbose=verbose)
+                                cfg["synth_size"], train_reps, seed=seed, verbose=verbose,
+                                profile=cfg["profile"])
         elif case == "book":
             rows.append(bench_book(chapters_dir, notebooks_dir, execute_book, verbose))
         elif case == "memory":
@@ -991,6 +1242,13 @@ def _fmt(value: float | None) -> str:
     return f"{value:.2f}"
 
 
+def _fmt_ratio(value: float | None) -> str:
+    """A ratio with 3 decimals below 10, so 0.897 against a goal of 0.9 does not print as 0.90."""
+    if value is not None and math.isfinite(value) and abs(value) < 10:
+        return f"{value:.3f}"
+    return _fmt(value)
+
+
 def _met(value: bool | None) -> str:
     return "n/a" if value is None else ("yes" if value else "NO")
 
@@ -1003,7 +1261,7 @@ def format_table(result: dict[str, Any], markdown: bool = False) -> str:
     README's performance section (``--markdown``).
     """
     head = ["case", "ours", "reference", "unit", "ratio", "goal", "met"]
-    body = [[r["case"], _fmt(r["ours"]), _fmt(r["reference"]), r["unit"], _fmt(r["ratio"]),
+    body = [[r["case"], _fmt(r["ours"]), _fmt(r["reference"]), r["unit"], _fmt_ratio(r["ratio"]),
              r["goal"], _met(r["met"])] for r in result["cases"]]
     reps = f"{result['repeats']}"
     if result.get("train_repeats", result["repeats"]) != result["repeats"]:
@@ -1176,7 +1434,8 @@ def _bench_parser() -> argparse.ArgumentParser:
     )
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_const", dest="mode", const="quick",
-                      help="the quick profile's sizes (1.5-4 minutes on 2 CPU cores)")
+                      help="the quick profile's sizes (1.5-4 minutes on 2 CPU cores, "
+                      "depending on other load)")
     size.add_argument("--smallest", action="store_const", dest="mode", const="smallest",
                       help="tiny sizes, one repeat: checks that every case runs (seconds)")
     p.set_defaults(mode="full")

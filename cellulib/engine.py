@@ -1,7 +1,7 @@
 """The hardware side of training and inference: device, mixed precision, memory layout.
 
 One place decides how a batch runs on this machine, for training (fastai callbacks) and for
-inference (:func:`inference_context`), so the book, ``cellulib train`` and ``cellulib predict``
+inference (:func:`autocast`), so the book, ``cellulib train`` and ``cellulib predict``
 compute the same way:
 
 - **CUDA**: automatic mixed precision (bf16 where the GPU supports it, else fp16 with a gradient
@@ -12,8 +12,8 @@ compute the same way:
 - **Anything else**: float32.
 
 ``precision`` is ``"auto"`` (the above), ``"bf16"``, ``"fp16"`` (CUDA only) or ``"float32"``;
-``$CELLULIB_PRECISION`` overrides ``"auto"``. Used by :mod:`cellulib.train` (chapters 2-4) and
-:mod:`cellulib.predict`.
+``$CELLULIB_PRECISION`` overrides ``"auto"``. Used by :mod:`cellulib.train` (chapters 2-4),
+:mod:`cellulib.predict` and :mod:`cellulib.bench`.
 """
 
 from __future__ import annotations
@@ -83,13 +83,14 @@ def amp_dtype(device: Any = None, precision: str = "auto") -> torch.dtype | None
     return None
 
 
-def inference_context(device: Any = None, precision: str = "auto"):
-    """``torch.autocast`` for inference on ``device`` (a null context for float32)."""
-    dev = resolve_device(device)
-    dtype = amp_dtype(dev, precision)
+def autocast(device: Any = None, dtype: torch.dtype | None = None):
+    """``torch.autocast`` to ``dtype`` on ``device`` (a null context for ``None``: float32).
+
+    Used by :class:`cellulib.predict.Predictor` with the dtype :func:`amp_dtype` resolved once.
+    """
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=dev.type, dtype=dtype)
+    return torch.autocast(device_type=resolve_device(device).type, dtype=dtype)
 
 
 def channels_last(x: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ __all__ = [
     "jaccard_per_class",
     "JaccardMetric",
     "jaccard_metrics",
+    "SoftBinCrossEntropy",
 ]
 
 #: Channels of the segmentation target and output, in order (SPEC 2).
@@ -285,3 +286,51 @@ def jaccard_metrics(threshold: float = 0.5, from_logits: bool = True) -> list[Ja
                for i in NUCLEUS_CLASSES]
     metrics.append(JaccardMetric(NUCLEUS_CLASSES, "jaccard_nuclei", threshold, from_logits))
     return metrics
+
+
+class SoftBinCrossEntropy(nn.Module):
+    """Cross-entropy of the 101-bin cellularity classifier against a Gaussian over the bins.
+
+    Paper section 3.4 trains Xception (C) with cross-entropy on the one-hot bin of the label
+    (``sigma=0``, exactly ``F.cross_entropy``). With ``sigma`` > 0 (in bins) the target spreads over
+    the neighbouring bins, ``q_k ~ exp(-(k - t)^2 / (2 sigma^2))``, which says that bin 41 is a
+    near miss for a label of 0.40 and bin 90 a gross one: label-distribution learning (Gao et al.
+    2017). With a few hundred labels, one per ~1-2 bins, hard targets give each bin almost no
+    examples; this is the ``cls_sigma`` setting of the quick profile. Takes logits ``(B, 101)`` and
+    integer bins ``(B,)``. Used in chapter 4 through :func:`cellulib.train.train_direct`.
+
+    Examples
+    --------
+    >>> logits, bins = torch.randn(4, 101), torch.tensor([0, 40, 41, 100])
+    >>> bool(torch.isclose(SoftBinCrossEntropy(0)(logits, bins), F.cross_entropy(logits, bins)))
+    True
+    """
+
+    def __init__(self, sigma: float = 0.0, n_bins: int = 101) -> None:
+        super().__init__()
+        if sigma < 0:
+            raise ValueError(f"sigma must be >= 0 (bins), got {sigma}")
+        self.sigma, self.n_bins = float(sigma), int(n_bins)
+
+    def targets(self, bins: torch.Tensor) -> torch.Tensor:
+        """``(B, n_bins)`` target distributions of integer bins ``(B,)``."""
+        bins = _plain(bins).long().reshape(-1)
+        if self.sigma == 0:
+            return F.one_hot(bins, self.n_bins).float()
+        k = torch.arange(self.n_bins, device=bins.device, dtype=torch.float32)
+        q = torch.exp(-0.5 * ((k[None] - bins[:, None].float()) / self.sigma) ** 2)
+        return q / q.sum(dim=1, keepdim=True)
+
+    def forward(self, logits: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+        logits = _plain(logits).float()
+        if logits.ndim != 2 or logits.shape[1] != self.n_bins:
+            raise ValueError(f"SoftBinCrossEntropy expects logits (B, {self.n_bins}), got "
+                             f"{tuple(logits.shape)}")
+        return -(self.targets(bins) * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+    # fastai calls these to turn outputs into predictions (Learner.get_preds, show_results)
+    def activation(self, x: torch.Tensor) -> torch.Tensor:
+        return F.softmax(x, dim=-1)
+
+    def decodes(self, x: torch.Tensor) -> torch.Tensor:
+        return x.argmax(dim=-1)

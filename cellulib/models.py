@@ -604,7 +604,10 @@ class DirectModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_images(x, f"{self.config['arch']} ({self.task})", min_size=_MIN_DIRECT_SIZE)
-        out = self.head(self.body(_plain(x)))
+        features = self.body(_plain(x))
+        # the head in float32 even under autocast: a bf16 sigmoid moves in steps of 1/256
+        with torch.autocast(features.device.type, enabled=False):
+            out = self.head(features.float())
         return torch.sigmoid(out) if self.task == "regression" else out
 
     def to_cellularity(self, output: torch.Tensor, method: str = "expectation") -> torch.Tensor:
@@ -656,6 +659,40 @@ def direct_model(arch: str, task: str = "regression", pretrained: PathLike | Non
     return DirectModel(body, n_features, task, {"kind": "direct", "arch": arch, "task": task})
 
 
+def init_output(model: nn.Module, y_train) -> nn.Module:
+    """Start a cellularity model at the uninformed answer of its training labels.
+
+    Regression heads (a sigmoid output: direct (R) and SR) get the bias ``logit(mean(y_train))``, so
+    the untrained model predicts the training mean, the mean predictor of SPEC 5.1; the 101-bin
+    classifier gets the log label prior (bin counts + 0.5). The first steps then learn the image,
+    not the label distribution. Returns ``model``. Used in chapters 3 and 4 through
+    :mod:`cellulib.train`.
+
+    Examples
+    --------
+    >>> m = init_output(direct_model("resnet34"), [0.2, 0.4]).eval()
+    >>> round(float(m(torch.zeros(1, 3, 64, 64))), 2)
+    0.3
+    """
+    y = np.clip(np.asarray(y_train, dtype=np.float64).reshape(-1), 0.0, 1.0)
+    if y.size == 0:
+        raise ValueError("init_output needs at least one training label")
+    head = model.head.fc if isinstance(model, SRModel) else model.head
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"init_output: no linear output layer found in {type(model).__name__}")
+    with torch.no_grad():
+        head.weight.zero_()  # the output is exactly the uninformed answer; Adam's first step moves it
+        if head.out_features == 1:
+            mean = float(np.clip(y.mean(), 1e-3, 1 - 1e-3))
+            head.bias.fill_(float(np.log(mean / (1 - mean))))
+        elif head.out_features == N_BINS:
+            counts = np.bincount(np.rint(y * (N_BINS - 1)).astype(int), minlength=N_BINS) + 0.5
+            head.bias.copy_(torch.from_numpy(np.log(counts / counts.sum())).float())
+        else:
+            raise ValueError(f"init_output: unexpected output size {head.out_features}")
+    return model
+
+
 def decode_bins(logits: torch.Tensor, method: str = "expectation") -> torch.Tensor:
     """Cellularity from the 101 class logits: expectation over the bins, or the argmax bin.
 
@@ -686,7 +723,9 @@ def decode_bins(logits: torch.Tensor, method: str = "expectation") -> torch.Tens
     logits = _plain(logits)
     if method == "expectation":
         bins = torch.arange(N_BINS, device=logits.device, dtype=torch.float32) / (N_BINS - 1)
-        return torch.softmax(logits.float(), dim=1) @ bins
+        # float32 even under autocast, which would run the product in bf16 (3 significant digits)
+        with torch.autocast(logits.device.type, enabled=False):
+            return torch.softmax(logits.float(), dim=1) @ bins
     if method == "argmax":
         return logits.argmax(dim=1).float() / (N_BINS - 1)
     raise ValueError(f"method must be 'expectation' or 'argmax', got {method!r}")
@@ -954,8 +993,9 @@ class GBTModel(nn.Module):
 
         _check_images(x, "the GBT model", multiple=_STRIDE)
         self.seg.eval()
-        with torch.inference_mode():
-            probs = torch.sigmoid(self.seg(_plain(x))).float().cpu().numpy()
+        # the features were computed from float32 maps at training: no autocast here
+        with torch.inference_mode(), torch.autocast(x.device.type, enabled=False):
+            probs = torch.sigmoid(self.seg(_plain(x).float())).float().cpu().numpy()
         table = pd.DataFrame([extract_features(p) for p in probs])
         return torch.from_numpy(predict_gbt(self.booster, table).astype(np.float32)).reshape(-1, 1)
 

@@ -355,3 +355,48 @@ def bland_altman(y_true: Sequence[float], y_pred: Sequence[float], title: str = 
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def mse_summary(summary: pd.DataFrame, title: str = "") -> plt.Figure:
+    """Every model's validation MSE with its 95% CI, the mean predictor and the paper's MSE.
+
+    ``summary`` is :func:`cellulib.report.mse_summary`: one row per model (``mse``, ``ci_low``,
+    ``ci_high``, ``learned``, ``paper_random``, ``paper_imagenet``) and a ``Mean predictor`` row,
+    drawn as a vertical line with its CI as a band. Models that learned (their CI ends left of the
+    line, SPEC 5.1) are filled dots, the others open. The paper's random-init and ImageNet values
+    (Table 2, on the real data) are marked beside ours. Used in chapter 5.
+    """
+    from cellulib.report import MEAN_PREDICTOR
+
+    models = summary.drop(index=MEAN_PREDICTOR, errors="ignore")
+    fig, ax = plt.subplots(figsize=(7.5, 0.55 * len(models) + 1.9))
+    y = np.arange(len(models))[::-1]
+    if MEAN_PREDICTOR in summary.index:
+        base = summary.loc[MEAN_PREDICTOR]
+        ax.axvspan(base["ci_low"], base["ci_high"], color="0.85", zorder=0,
+                   label="mean predictor, 95% CI")
+        ax.axvline(base["mse"], color="0.35", ls="--", zorder=1,
+                   label=f"mean predictor ({base['mse']:.4f})")
+    for yi, row in zip(y, models.to_dict("records")):
+        ax.errorbar(row["mse"], yi, xerr=[[row["mse"] - row["ci_low"]], [row["ci_high"] - row["mse"]]],
+                    fmt="o", color="C0", capsize=3, mfc="C0" if row.get("learned") else "white",
+                    zorder=3)
+    # the paper's markers sit just above (random init) and below (ImageNet) our point
+    for column, marker, colour, label, dy in (("paper_random", "^", "C3", "paper, random init", 0.22),
+                                              ("paper_imagenet", "s", "C2", "paper, ImageNet", -0.22)):
+        if column in models and models[column].notna().any():
+            ax.scatter(models[column], y + dy, marker=marker, color=colour, s=30, zorder=4,
+                       label=label)
+    for fill, label in (("C0", "ours, learned (95% CI)"), ("white", "ours, not learned (95% CI)")):
+        ax.plot([], [], "o-", color="C0", mfc=fill, label=label)
+    ax.set_yticks(y)
+    ax.set_yticklabels(models.index)
+    ax.set_ylim(-0.7, len(models) - 0.3)
+    ax.set_xlim(left=0)
+    ax.set_xlabel("validation MSE (cellularity as a fraction 0-1, squared)")
+    ax.set_ylabel("model")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig

@@ -8,6 +8,7 @@ without the book::
 
     cellulib predict --model model.pt --images DIR_OR_FILES --out preds.csv [--tta]
     cellulib evaluate --pred preds.csv --labels val_labels.csv [--json] [--figure fig.png]
+                      [--train-mean M | --train-labels train_labels.csv]
     cellulib slide --model model.pt SLIDE.ome.tif --out DIR
 
 Output of ``predict``: a plain CSV with the columns ``path,cellularity,error`` (one row per image in
@@ -89,11 +90,9 @@ def _model_error(source: Any, message: str) -> Exception:
 
 
 def _resolve_device(device: Any):
-    import torch
+    from cellulib.engine import resolve_device
 
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    return resolve_device(device)
 
 
 class Predictor:
@@ -126,20 +125,31 @@ class Predictor:
         being squashed to a square; their score is the mean over the tiles.
     channels_last : bool
         Run convolutions in NHWC layout (measured 1.2-1.4x faster on a 2-core CPU for ResNet-34).
+    precision : {"auto", "bf16", "fp16", "float32"}
+        Arithmetic of the forward pass, as :func:`cellulib.engine.amp_dtype` decides it:
+        ``"auto"`` autocasts to bf16 on a CPU with native bf16 and on CUDA (fp16 on GPUs without
+        bf16), float32 elsewhere (``$CELLULIB_PRECISION`` overrides ``"auto"``); ``"float32"``
+        forces full precision. Every family is autocast alike: the GBT model keeps its
+        segmentation in float32 itself, since its features were computed in float32. Outputs
+        are decoded to cellularity in float32 and returned as float64; bf16 moves the scores of
+        cellulib's models by about 1e-3 (at most 0.007 measured on quick-profile models).
 
     Raises
     ------
     cellulib.store.ModelFileError
         A missing, corrupt or foreign model file, a segmentation model (it cannot score
         cellularity), or a file without usable preprocessing; the message names the file.
+    ValueError
+        An unknown ``precision``, or ``"fp16"`` without a CUDA device.
     """
 
     def __init__(self, model: Any, *, device: Any = None, batch_size: int = 16, tta: bool = False,
                  workers: int = 2, max_upscale: float = 4.0, max_aspect: float = 1.5,
-                 channels_last: bool = True) -> None:
+                 channels_last: bool = True, precision: str = "auto") -> None:
         import torch
 
         from cellulib import __version__
+        from cellulib.engine import amp_dtype
         from cellulib.store import load_model
 
         if isinstance(model, (str, os.PathLike)):
@@ -195,6 +205,10 @@ class Predictor:
         self.max_aspect = float(max_aspect)
         self.device = _resolve_device(device)
         self.channels_last = bool(channels_last)
+        # resolved once, so "auto" (and $CELLULIB_PRECISION) cannot change between batches
+        self.amp_dtype = amp_dtype(self.device, precision)
+        self.precision = {None: "float32", torch.bfloat16: "bf16",
+                          torch.float16: "fp16"}[self.amp_dtype]
         model.eval().to(self.device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -213,6 +227,8 @@ class Predictor:
             "preprocess": {"input_size": self.input_size, "normalize": self.normalize},
             "tta": self.tta,
             "device": str(self.device),
+            "precision": self.precision,
+            "channels_last": self.channels_last,
             "batch_size": self.batch_size,
         }
 
@@ -262,6 +278,12 @@ class Predictor:
         return self.prepare(read_image(path), path)
 
     # -- the network -------------------------------------------------------------------------
+    def _autocast(self):
+        """The forward pass's mixed-precision context (a null context for float32)."""
+        from cellulib.engine import autocast
+
+        return autocast(self.device, self.amp_dtype)
+
     def _to_input(self, batch: np.ndarray):
         import torch
 
@@ -272,11 +294,13 @@ class Predictor:
         x = x.permute(0, 3, 1, 2).float()
         if not self.channels_last:
             x = x.contiguous()
+        # division, not multiplication by the reciprocal: bit for bit the pixels of
+        # cellulib.data.normalize_image, which the model was trained on
         if self.normalize == "minus_one_one":
-            return x.mul_(1 / 127.5).sub_(1.0)
+            return x.div_(127.5).sub_(1.0)
         mean = torch.tensor(_IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(_IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-        return x.mul_(1 / 255.0).sub_(mean).div_(std)
+        return x.div_(255.0).sub_(mean).div_(std)
 
     def score_batch(self, batch: np.ndarray) -> np.ndarray:
         """Cellularity of a batch of prepared inputs.
@@ -307,7 +331,10 @@ class Predictor:
             for k, flip in views:
                 xv = torch.rot90(x, k, dims=(2, 3)) if k else x
                 xv = xv.flip(3) if flip else xv
-                c = self.model.to_cellularity(self.model(xv)).reshape(-1).double()
+                with self._autocast():
+                    output = self.model(xv)
+                # decoding (e.g. the expectation over 101 bins) in float32, outside autocast
+                c = self.model.to_cellularity(output.float()).reshape(-1).double()
                 total = c if total is None else total + c
         out = (total / len(views)).cpu().numpy()
         out[~np.isfinite(out)] = np.nan
@@ -438,7 +465,8 @@ def _iter_rows(predictor: Predictor, files: list[Path], progress: bool):
 
 def predict_images(model: Any, paths: PathLike | Sequence[PathLike], batch_size: int = 16,
                    tta: bool = False, progress: bool = True, *, device: Any = None,
-                   workers: int = 2, recursive: bool = False) -> pd.DataFrame:
+                   workers: int = 2, recursive: bool = False,
+                   precision: str = "auto") -> pd.DataFrame:
     """Score image files with a cellularity model; one row per image, bad images included.
 
     Paper sections 3.2-3.4 applied to new images (see :class:`Predictor` for the preprocessing and
@@ -456,8 +484,9 @@ def predict_images(model: Any, paths: PathLike | Sequence[PathLike], batch_size:
         Average the 8 flips and rotations.
     progress : bool
         Show a tqdm bar on stderr.
-    device, workers, recursive
-        See :class:`Predictor` and :func:`collect_images`.
+    device, workers, precision, recursive
+        See :class:`Predictor` and :func:`collect_images` (ignored for a ready Predictor, except
+        ``recursive``).
 
     Returns
     -------
@@ -472,7 +501,7 @@ def predict_images(model: Any, paths: PathLike | Sequence[PathLike], batch_size:
     ['path', 'cellularity', 'error']
     """
     predictor = _as_predictor(model, batch_size=batch_size, tta=tta, device=device,
-                              workers=workers)
+                              workers=workers, precision=precision)
     files = collect_images(paths, recursive=recursive)
     rows = list(_iter_rows(predictor, files, progress))
     return pd.DataFrame(rows, columns=["path", "cellularity", "error"]).astype(
@@ -502,8 +531,8 @@ def _jsonable(obj: Any) -> Any:
 
 def predict_to_csv(model: Any, paths: PathLike | Sequence[PathLike], out: PathLike,
                    batch_size: int = 16, tta: bool = False, progress: bool = True, *,
-                   device: Any = None, workers: int = 2, recursive: bool = False
-                   ) -> dict[str, Any]:
+                   device: Any = None, workers: int = 2, recursive: bool = False,
+                   precision: str = "auto") -> dict[str, Any]:
     """Score image files and stream ``path,cellularity,error`` rows to a CSV, plus a JSON sidecar.
 
     The rows go to a temporary file beside ``out`` as they are scored (memory stays flat for any
@@ -517,7 +546,7 @@ def predict_to_csv(model: Any, paths: PathLike | Sequence[PathLike], out: PathLi
     ----------
     out : path
         The CSV to write (``cellularity`` with 6 decimals; ``error`` empty for scored images).
-    model, paths, batch_size, tta, progress, device, workers, recursive
+    model, paths, batch_size, tta, progress, device, workers, recursive, precision
         As in :func:`predict_images`.
 
     Returns
@@ -527,7 +556,7 @@ def predict_to_csv(model: Any, paths: PathLike | Sequence[PathLike], out: PathLi
         ``{"path", "error"}``), ``seconds``, ``images_per_second`` and the model description.
     """
     predictor = _as_predictor(model, batch_size=batch_size, tta=tta, device=device,
-                              workers=workers)
+                              workers=workers, precision=precision)
     given = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     files = collect_images(given, recursive=recursive)
     out = Path(out)
@@ -708,24 +737,81 @@ def match_predictions(pred_csv: PathLike, labels_csv: PathLike) -> pd.DataFrame:
 
 
 def evaluate_files(pred_csv: PathLike, labels_csv: PathLike, n_boot: int = 2000,
-                   seed: int = 0) -> pd.DataFrame:
+                   seed: int = 0, train_mean: float | None = None) -> pd.DataFrame:
     """MSE, kappa, ICC(2,1) and PK with 95% CIs for a predictions CSV against a labels CSV.
 
     Paper section 3.5 and SPEC 5 (Tables 2 and 3, the challenge's PK) through
-    :func:`cellulib.metrics.evaluate` on the pairs of :func:`match_predictions`. Used by
-    ``cellulib evaluate`` and in chapter 5 (discussion).
+    :func:`cellulib.metrics.evaluate` on the pairs of :func:`match_predictions`. With
+    ``train_mean`` (the mean of the model's training labels) the mean predictor is scored on the
+    same patches and its MSE added as a row ``MSE (mean predictor)``, same seed, so same
+    resamples; the model has learned when ``MSE``'s ``ci_high`` is below that row's ``value``
+    (:func:`cellulib.report.learned`, SPEC 5.1). Used by ``cellulib evaluate`` and in chapter 5
+    (discussion).
 
     Returns
     -------
     pandas.DataFrame
-        Index ``metric`` (``MSE``, ``kappa``, ``ICC(2,1)``, ``PK``); columns ``value``,
-        ``ci_low``, ``ci_high``, ``ci_method``, ``n``.
+        Index ``metric`` (``MSE``, ``kappa``, ``ICC(2,1)``, ``PK`` and, with ``train_mean``,
+        ``MSE (mean predictor)``); columns ``value``, ``ci_low``, ``ci_high``, ``ci_method``,
+        ``n``.
     """
-    from cellulib.metrics import evaluate
-
     pairs = match_predictions(pred_csv, labels_csv)
-    return evaluate(pairs["y_true"].to_numpy(), pairs["y_pred"].to_numpy(), n_boot=n_boot,
-                    seed=seed)
+    return _evaluate_pairs(pairs, n_boot, seed, train_mean)
+
+
+def _evaluate_pairs(pairs: pd.DataFrame, n_boot: int, seed: int,
+                    train_mean: float | None) -> pd.DataFrame:
+    from cellulib.metrics import evaluate
+    from cellulib.report import MEAN_PREDICTOR, mean_predictor_predictions, mse_ci
+
+    y_true, y_pred = pairs["y_true"].to_numpy(), pairs["y_pred"].to_numpy()
+    table = evaluate(y_true, y_pred, n_boot=n_boot, seed=seed)
+    if train_mean is not None:
+        base = mean_predictor_predictions(y_true, train_mean)
+        est = mse_ci(base.y_true, base.y_pred, n_boot=n_boot, seed=seed)
+        table.loc[f"MSE ({MEAN_PREDICTOR.lower()})"] = [est.value, est.ci_low, est.ci_high,
+                                                        "bootstrap", len(base)]
+    return table
+
+
+def _train_mean_source(pred_csv: PathLike, train_mean: float | None = None,
+                       train_labels: PathLike | None = None) -> tuple[float | None, str]:
+    """The training mean for the mean predictor and where it came from, or why there is none.
+
+    In order: ``train_mean``; the mean of ``train_labels`` (a BreastPathQ ``slide,rid,y`` or a
+    ``path,cellularity`` file); the ``train_mean`` recorded in the model file named by the
+    predictions' sidecar ``pred_csv + ".json"``. Never a guess: ``(None, reason)`` otherwise.
+    """
+    from cellulib.report import _check_train_mean
+
+    if train_mean is not None:
+        return _check_train_mean(train_mean), "--train-mean"
+    if train_labels is not None:
+        labels = _read_label_table(train_labels)
+        return float(labels["label"].mean()), f"mean of the {len(labels)} labels in {train_labels}"
+    hint = "give --train-mean or --train-labels"
+    sidecar = Path(f"{pred_csv}.json")
+    if not sidecar.is_file():
+        return None, f"no sidecar {sidecar} naming the model; {hint}"
+    try:
+        model = json.loads(sidecar.read_text(encoding="utf-8")).get("model")
+    except (OSError, ValueError, AttributeError) as exc:
+        return None, f"{sidecar} is not a readable sidecar ({exc}); {hint}"
+    if not model:
+        return None, f"{sidecar} names no model file; {hint}"
+    path = Path(model)
+    if not path.is_file() and (sidecar.parent / path).is_file():
+        path = sidecar.parent / path
+    from cellulib.store import ModelFileError, load_model
+
+    try:
+        _, info = load_model(path)
+    except (ModelFileError, OSError) as exc:
+        return None, f"the model named in {sidecar} cannot be read ({exc}); {hint}"
+    value = (info.get("meta") or {}).get("train_mean")
+    if value is None:
+        return None, f"the model file {path} records no training mean; {hint}"
+    return _check_train_mean(value), f"train_mean recorded in the model file {path}"
 
 
 def agreement_figure(y_true, y_pred, title: str | None = None, n_bins: int = 10):
@@ -812,7 +898,8 @@ def _print_failures(failed: list[dict[str, str]], command: str, what: str) -> No
 def _cmd_predict(args: argparse.Namespace) -> int:
     summary = predict_to_csv(args.model, args.images, args.out, batch_size=args.batch_size,
                              tta=args.tta, progress=not args.quiet, device=args.device,
-                             workers=args.workers, recursive=args.recursive)
+                             workers=args.workers, recursive=args.recursive,
+                             precision=args.precision)
     _print_failures(summary["failed"], "predict", "images")
     print(f"scored {summary['n_ok']} of {summary['n_images']} images with the "
           f"{summary['family']} model {args.model} ({summary['images_per_second']} img/s); "
@@ -821,18 +908,29 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from cellulib.metrics import evaluate, format_ci
+    from cellulib.metrics import format_ci
+    from cellulib.report import MEAN_PREDICTOR, learned
 
     pairs = match_predictions(args.pred, args.labels)
-    table = evaluate(pairs["y_true"].to_numpy(), pairs["y_pred"].to_numpy(), n_boot=args.n_boot,
-                     seed=args.seed)
+    train_mean, source = _train_mean_source(args.pred, args.train_mean, args.train_labels)
+    table = _evaluate_pairs(pairs, args.n_boot, args.seed, train_mean)
+    base_row = f"MSE ({MEAN_PREDICTOR.lower()})"
+    model_learned = (None if train_mean is None else
+                     learned(table.loc["MSE", "ci_high"], table.loc[base_row, "value"], len(pairs)))
     if args.figure:
         _save_figure(agreement_figure(pairs["y_true"], pairs["y_pred"],
                                       title=Path(args.pred).name), Path(args.figure))
     if args.json:
+        metrics = table.drop(index=base_row, errors="ignore")
+        if train_mean is None:
+            mean_predictor = {"available": False, "reason": source}
+        else:
+            mean_predictor = {"available": True, "train_mean": train_mean, "source": source,
+                              "MSE": _jsonable(table.loc[base_row].to_dict())}
         payload = {"pred": str(args.pred), "labels": str(args.labels), "n": int(len(pairs)),
                    "n_boot": args.n_boot, "seed": args.seed,
-                   "metrics": {m: _jsonable(row.to_dict()) for m, row in table.iterrows()}}
+                   "metrics": {m: _jsonable(row.to_dict()) for m, row in metrics.iterrows()},
+                   "mean_predictor": mean_predictor, "learned": model_learned}
         print(json.dumps(payload, indent=2))
     else:
         shown = pd.DataFrame({
@@ -840,6 +938,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             "CI": table["ci_method"], "n": table["n"]}, index=table.index)
         print(f"{args.pred} vs {args.labels}: {len(pairs)} matched images")
         print(shown.to_string())
+        if train_mean is None:
+            print(f"no mean predictor, so whether the model learned is unknown: {source}")
+        else:
+            verdict = ("yes: the upper end of its MSE's 95% CI is below" if model_learned
+                       else "no: its MSE's 95% CI is not entirely below")
+            print(f"mean predictor: training mean {train_mean:.4f} ({source})")
+            print(f"learned: {verdict} the mean predictor's MSE "
+                  f"{table.loc[base_row, 'value']:.4f}")
     if args.figure:
         print(f"figure written to {args.figure}", file=sys.stderr if args.json else sys.stdout)
     return 0
@@ -848,10 +954,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_slide(args: argparse.Namespace) -> int:
     from cellulib.slide import slide_map
 
-    tiles = slide_map(args.model, args.image, args.out, tile=args.tile, tile_um=args.tile_um,
+    predictor = Predictor(args.model, batch_size=args.batch_size, tta=args.tta,
+                          device=args.device, workers=args.workers, precision=args.precision)
+    tiles = slide_map(predictor, args.image, args.out, tile=args.tile, tile_um=args.tile_um,
                       stride=args.stride, min_tissue=args.min_tissue, level=args.level,
-                      batch_size=args.batch_size, tta=args.tta, device=args.device,
-                      workers=args.workers, progress=not args.quiet)
+                      progress=not args.quiet)
     failed = tiles[tiles["error"] != ""]
     _print_failures([{"error": e} for e in failed["error"]], "slide", "tiles")
     scored = tiles["cellularity"].notna()
@@ -868,6 +975,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tta", action="store_true", help="average the 8 flips and rotations")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--workers", type=int, default=2, help="threads decoding images ahead (2)")
+    p.add_argument("--precision", choices=("auto", "bf16", "float32"), default="auto",
+                   help="forward-pass arithmetic: auto (bf16 autocast on a CPU with native bf16 "
+                   "and on CUDA, else float32), bf16, or float32 to force full precision")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -893,12 +1003,21 @@ def add_commands(sub) -> None:
         help="MSE, kappa, ICC and PK with 95%% CIs of predictions against labels",
         description="Compare a predictions CSV (cellulib predict) with labels, matched by image "
         "name: a BreastPathQ label file (slide,rid,y) or a CSV with path,cellularity. Prints MSE, "
-        "4-bin kappa, ICC(2,1) and PK with 95% confidence intervals (paper section 3.5).",
+        "4-bin kappa, ICC(2,1) and PK with 95% confidence intervals (paper section 3.5), and the "
+        "mean predictor (the training labels' mean) with whether the model learned: the upper end "
+        "of its MSE's 95% CI below the mean predictor's MSE.",
     )
     p.add_argument("--pred", required=True, help="predictions CSV (path,cellularity[,error])")
     p.add_argument("--labels", required=True, help="labels CSV (slide,rid,y or path,cellularity)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--figure", default=None, help="write a calibration + Bland-Altman figure")
+    p.add_argument("--train-mean", type=float, default=None, metavar="FLOAT",
+                   help="mean of the training labels: scores the mean predictor and says whether "
+                   "the model learned (default: from --train-labels, or the train_mean recorded "
+                   "in the model file named by PRED.json)")
+    p.add_argument("--train-labels", default=None, metavar="CSV",
+                   help="training labels (slide,rid,y or path,cellularity) whose mean is the mean "
+                   "predictor")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (2000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (0)")
     p.set_defaults(func=_cmd_evaluate)

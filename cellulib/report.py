@@ -1,26 +1,704 @@
-"""Reporting: the paper's tables with ours beside them.
+"""Reporting: the paper's tables with ours beside them, and honest comparisons.
 
-Used in chapters 3, 4 and 5.
+Every results table carries a **mean predictor**: the training labels' mean, predicted for every
+patch and scored like a model. A model has *learned* when the upper end of the 95% CI of its MSE is
+below the mean predictor's MSE. A finding of the paper *holds* here only when both models compared
+have learned and the 95% paired-bootstrap CI of their MSE difference excludes 0 on the side the paper
+claims; it *does not hold* when both learned and the CI excludes 0 on the other side; otherwise it is
+*undecided* (SPEC 5.1). Used in chapters 3, 4 and 5.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
 import pandas as pd
+
+__all__ = [
+    "MEAN_PREDICTOR",
+    "MIN_PATCHES",
+    "PAPER_ROWS",
+    "VERDICTS",
+    "Estimate",
+    "bias_by_bin",
+    "compare",
+    "findings",
+    "jaccard_summary",
+    "learned",
+    "learned_sentence",
+    "mean_predictor_predictions",
+    "mse_ci",
+    "mse_summary",
+    "paired_jaccard_difference",
+    "paired_mse_difference",
+    "regression_to_mean_sentence",
+    "results_table",
+    "segmentation_counts",
+    "training_mean",
+    "verdict",
+]
 
 #: Rows of the paper's Tables 2 and 3, in the paper's order.
 PAPER_ROWS = ("GBT", "ResNet34 (SR)", "ResNet34 (R)", "ResNet50 (R)", "Xception (R)", "Xception (C)")
 
+#: Name of the mean-predictor row in every table.
+MEAN_PREDICTOR = "Mean predictor"
+
+#: The three verdicts a paper finding can get here (SPEC 5.1).
+VERDICTS = ("holds", "does not hold", "undecided")
+
+#: Fewest validation patches (or images) on which a bootstrap CI is taken as evidence: with fewer,
+#: the resamples repeat the same few values and the interval says nothing.
+MIN_PATCHES = 5
+
+_DIRECT = ("ResNet34 (R)", "ResNet50 (R)", "Xception (R)", "Xception (C)")
+_SEGMENTATION = ("GBT", "ResNet34 (SR)")
+
+
+class Estimate(NamedTuple):
+    """A statistic with its 95% confidence interval; unpacks as ``value, ci_low, ci_high``."""
+
+    value: float
+    ci_low: float
+    ci_high: float
+
+
+# --------------------------------------------------------------------------------------------
+# the mean predictor and "learned"
+
+
+def training_mean(root=None, result=None) -> float:
+    """The training labels' mean cellularity: what the mean predictor predicts for every patch.
+
+    Taken from ``result.meta["train_mean"]`` when the trained model recorded it, else computed
+    from the training split of the BreastPathQ folder ``root`` (column ``cellularity``). SPEC 5.1;
+    used in chapters 3, 4 and 5.
+
+    Raises
+    ------
+    ValueError
+        When neither gives a training mean (no silent guess).
+    """
+    meta = getattr(result, "meta", None) or {}
+    if meta.get("train_mean") is not None:
+        return float(meta["train_mean"])
+    if root is None:
+        raise ValueError("training_mean: the model records no train_mean and no data folder "
+                         "was given to compute it from")
+    from cellulib.data import read_breastpathq
+
+    df = read_breastpathq(root)
+    train = df.loc[df["split"] == "train", "cellularity"]
+    if train.empty:
+        raise ValueError(f"training_mean: {root} has no training patches")
+    return float(train.mean())
+
+
+def _check_train_mean(train_mean) -> float:
+    value = float(train_mean)
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise ValueError(f"train_mean must be a cellularity in [0, 1], got {train_mean!r}")
+    return value
+
+
+def mean_predictor_predictions(y_true, train_mean: float) -> pd.DataFrame:
+    """Predictions of the mean predictor: ``train_mean`` for every patch, beside the truth.
+
+    SPEC 5.1: the baseline row of every results table. ``y_true`` is an array of labels or a
+    predictions table (its ``path`` and ``y_true`` columns are kept). Used in chapters 3-5 and by
+    ``cellulib evaluate``.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns (``path``,) ``y_true``, ``y_pred``, like :func:`cellulib.train.predictions`.
+
+    Examples
+    --------
+    >>> mean_predictor_predictions([0.1, 0.5], 0.3).y_pred.tolist()
+    [0.3, 0.3]
+    """
+    value = _check_train_mean(train_mean)
+    if isinstance(y_true, pd.DataFrame):
+        frame = y_true[[c for c in ("path", "y_true") if c in y_true.columns]].copy()
+    else:
+        frame = pd.DataFrame({"y_true": np.asarray(y_true, dtype=float).ravel()})
+    frame["y_pred"] = value
+    return frame.reset_index(drop=True)
+
+
+def mse_ci(y_true, y_pred, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05) -> Estimate:
+    """MSE with its percentile bootstrap CI over patches (paper section 3.5, Table 2).
+
+    The resamples are those of :func:`cellulib.metrics.bootstrap_ci` with the same seed, so two
+    models scored on the same patches are resampled alike. Used in chapters 3-5.
+    """
+    from cellulib.metrics import bootstrap_ci, mse
+
+    lo, hi = bootstrap_ci(mse, y_true, y_pred, n_boot=n_boot, alpha=alpha, seed=seed)
+    return Estimate(mse(y_true, y_pred), lo, hi)
+
+
+def learned(mse_ci_high: float, mean_mse: float, n: int | None = None) -> bool:
+    """Whether a model has learned: the upper end of its MSE's 95% CI is below the mean predictor's.
+
+    SPEC 5.1. With ``n`` (the number of validation patches) below :data:`MIN_PATCHES` nothing
+    counts as learned: a bootstrap over so few patches gives no evidence. Used in chapters 3-5 and
+    by ``cellulib evaluate``.
+
+    Examples
+    --------
+    >>> learned(0.010, 0.040), learned(0.045, 0.040)
+    (True, False)
+    """
+    if n is not None and n < MIN_PATCHES:
+        return False
+    if mse_ci_high is None or mean_mse is None or math.isnan(mse_ci_high) or math.isnan(mean_mse):
+        return False
+    return bool(mse_ci_high < mean_mse)
+
+
+def _first_truth(preds: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    if not preds:
+        raise ValueError("no predictions given")
+    return next(iter(preds.values()))
+
+
+def mse_summary(preds: Mapping[str, pd.DataFrame], train_mean: float | None = None,
+                n_boot: int = 2000, seed: int = 0, alpha: float = 0.05) -> pd.DataFrame:
+    """Every model's validation MSE with its 95% CI, the mean predictor, "learned" and the paper's MSE.
+
+    ``preds`` maps a model name to its validation predictions (``y_true``, ``y_pred``; all on the
+    same patches). With ``train_mean`` a :data:`MEAN_PREDICTOR` row is added and ``learned`` says
+    whether each model's upper CI is below its MSE (:func:`learned`); without it ``learned`` is
+    missing (None). Paper Table 2; SPEC 5.1. Used in chapters 3-5 and by
+    :func:`cellulib.plots.mse_summary`.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Index ``model``; columns ``mse``, ``ci_low``, ``ci_high``, ``n``, ``learned`` (True, False,
+        or None for the mean predictor and when there is no mean predictor), ``paper_random`` and
+        ``paper_imagenet`` (the paper's MSE, NaN where it has none).
+    """
+    from cellulib.metrics import PAPER
+
+    paper = PAPER[(PAPER.table == "Table 2") & (PAPER.metric == "MSE")]
+    paper = paper.set_index(["model", "init"])["value"]
+    rows = {}
+    for name, p in preds.items():
+        est = mse_ci(p.y_true, p.y_pred, n_boot=n_boot, seed=seed, alpha=alpha)
+        rows[name] = {"mse": est.value, "ci_low": est.ci_low, "ci_high": est.ci_high,
+                      "n": len(p)}
+    if train_mean is not None:
+        base = mean_predictor_predictions(_first_truth(preds), train_mean)
+        est = mse_ci(base.y_true, base.y_pred, n_boot=n_boot, seed=seed, alpha=alpha)
+        rows[MEAN_PREDICTOR] = {"mse": est.value, "ci_low": est.ci_low, "ci_high": est.ci_high,
+                                "n": len(base)}
+    out = pd.DataFrame.from_dict(rows, orient="index")
+    out.index.name = "model"
+    mean_mse = out.loc[MEAN_PREDICTOR, "mse"] if train_mean is not None else None
+    out["learned"] = pd.Series(
+        [None if mean_mse is None or name == MEAN_PREDICTOR
+         else learned(row["ci_high"], mean_mse, row["n"]) for name, row in out.iterrows()],
+        index=out.index, dtype=object)
+    out["paper_random"] = [paper.get((name, "random"), np.nan) for name in out.index]
+    out["paper_imagenet"] = [paper.get((name, "imagenet"), np.nan) for name in out.index]
+    return out
+
+
+def learned_sentence(summary: pd.DataFrame, names: Sequence[str] | None = None) -> str:
+    """One clause per model saying whether it learned, with the numbers that decide it.
+
+    E.g. "GBT has learned (95% CI of its MSE 0.0081-0.0120, below the mean predictor's 0.0402)".
+    ``summary`` is :func:`mse_summary` with a mean predictor. SPEC 5.1; used in chapters 3 and 4.
+    """
+    if MEAN_PREDICTOR not in summary.index:
+        return "no mean predictor was given, so whether the models learned is not known"
+    base = summary.loc[MEAN_PREDICTOR, "mse"]
+    names = [n for n in (names or summary.index) if n != MEAN_PREDICTOR]
+    parts = []
+    for name in names:
+        row = summary.loc[name]
+        ci = f"95% CI of its MSE {row['ci_low']:.4f}-{row['ci_high']:.4f}"
+        if row["learned"]:
+            parts.append(f"{name} has learned ({ci}, below the mean predictor's {base:.4f})")
+        elif row["n"] < MIN_PATCHES:
+            parts.append(f"{name} cannot be shown to have learned (only {row['n']} validation "
+                         "patches)")
+        else:
+            parts.append(f"{name} has not learned ({ci} reaches the mean predictor's {base:.4f})")
+    return "; ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# paired comparisons
+
+
+def _aligned(pred_a: pd.DataFrame, pred_b: pd.DataFrame) -> tuple[np.ndarray, ...]:
+    """Truth and both predictions on the same patches (matched by ``path`` when both have it)."""
+    if "path" in pred_a.columns and "path" in pred_b.columns:
+        merged = pred_a[["path", "y_true", "y_pred"]].merge(
+            pred_b[["path", "y_true", "y_pred"]], on="path", suffixes=("_a", "_b"))
+        if len(merged) != len(pred_a) or len(merged) != len(pred_b):
+            raise ValueError(f"paired comparison needs predictions on the same patches; "
+                             f"{len(pred_a)} and {len(pred_b)} given, {len(merged)} shared")
+        t, t_b = merged["y_true_a"].to_numpy(float), merged["y_true_b"].to_numpy(float)
+        a, b = merged["y_pred_a"].to_numpy(float), merged["y_pred_b"].to_numpy(float)
+    else:
+        if len(pred_a) != len(pred_b):
+            raise ValueError(f"paired comparison needs predictions on the same patches; "
+                             f"{len(pred_a)} and {len(pred_b)} given")
+        t, t_b = pred_a["y_true"].to_numpy(float), pred_b["y_true"].to_numpy(float)
+        a, b = pred_a["y_pred"].to_numpy(float), pred_b["y_pred"].to_numpy(float)
+    if not np.allclose(t, t_b):
+        raise ValueError("paired comparison: the two tables hold different labels for the same "
+                         "patches")
+    if t.size == 0:
+        raise ValueError("paired comparison: no patches")
+    return t, a, b
+
+
+def _percentile_ci(values: np.ndarray, alpha: float) -> tuple[float, float]:
+    lo, hi = np.quantile(values, [alpha / 2, 1 - alpha / 2])
+    return float(lo), float(hi)
+
+
+def paired_mse_difference(pred_a: pd.DataFrame, pred_b: pd.DataFrame, n_boot: int = 2000,
+                          seed: int = 0, alpha: float = 0.05) -> Estimate:
+    """MSE of model A minus MSE of model B on the same patches, with a paired bootstrap 95% CI.
+
+    Each replicate draws n patches with replacement once (``numpy.random.default_rng(seed)
+    .integers(0, n, (n_boot, n))``, the draw of :func:`cellulib.metrics.bootstrap_ci`) and takes
+    ``MSE_A - MSE_B`` over those same patches, so what the two models share (hard patches, easy
+    patches) cancels; the limits are the percentiles. A negative difference favours A. SPEC 5.1;
+    used in chapters 3-5.
+
+    Parameters
+    ----------
+    pred_a, pred_b : pandas.DataFrame
+        Validation predictions (``y_true``, ``y_pred``, optionally ``path``): matched by ``path``
+        when both have it, else by row.
+    n_boot : int
+        Bootstrap replicates.
+    seed : int
+        Seed of the resampling.
+    alpha : float
+        1 - confidence level.
+
+    Returns
+    -------
+    Estimate
+        ``value`` (the difference on all patches), ``ci_low``, ``ci_high``.
+
+    Examples
+    --------
+    >>> a = pd.DataFrame({"y_true": [0.1, 0.5, 0.9], "y_pred": [0.1, 0.5, 0.9]})
+    >>> paired_mse_difference(a, a)
+    Estimate(value=0.0, ci_low=0.0, ci_high=0.0)
+    """
+    if isinstance(n_boot, bool) or int(n_boot) != n_boot or n_boot < 1:
+        raise ValueError(f"n_boot must be a positive integer, got {n_boot!r}")
+    t, a, b = _aligned(pred_a, pred_b)
+    diff = (a - t) ** 2 - (b - t) ** 2
+    idx = np.random.default_rng(seed).integers(0, t.size, (int(n_boot), t.size))
+    lo, hi = _percentile_ci(diff[idx].mean(axis=1), alpha)
+    return Estimate(float(diff.mean()), lo, hi)
+
+
+def verdict(difference: Estimate, learned_a: bool, learned_b: bool,
+            lower_is_better: bool = True) -> str:
+    """The verdict on the paper's claim "A is better than B" (SPEC 5.1).
+
+    ``difference`` is A minus B with its CI (:func:`paired_mse_difference`: lower is better).
+    "holds" when both learned and the CI lies entirely on A's side of 0, "does not hold" when both
+    learned and it lies entirely on B's side, else "undecided". Used in chapters 3-5.
+
+    Examples
+    --------
+    >>> verdict(Estimate(-0.004, -0.006, -0.002), True, True)
+    'holds'
+    >>> verdict(Estimate(-0.004, -0.006, -0.002), True, False)
+    'undecided'
+    """
+    if not (learned_a and learned_b):
+        return "undecided"
+    lo, hi = (difference.ci_low, difference.ci_high) if lower_is_better else (
+        -difference.ci_high, -difference.ci_low)
+    if hi < 0:
+        return "holds"
+    if lo > 0:
+        return "does not hold"
+    return "undecided"
+
+
+def _not_learned(summary: pd.DataFrame, names: Sequence[str]) -> list[str]:
+    return [n for n in names if not summary.loc[n, "learned"]]
+
+
+def compare(preds: Mapping[str, pd.DataFrame], better: str, worse: str, train_mean: float,
+            n_boot: int = 2000, seed: int = 0, summary: pd.DataFrame | None = None
+            ) -> dict[str, Any]:
+    """Test the paper's claim that model ``better`` has a lower MSE than model ``worse``.
+
+    Combines :func:`mse_summary` (who learned), :func:`paired_mse_difference` and :func:`verdict`
+    into the pieces of a sentence a chapter glues: ``phrase`` is "beats", "does worse than",
+    "cannot be told apart from" or "cannot be ranked against" (when one of them has not learned);
+    ``detail`` gives the MSEs and the CI of the difference; ``sentence`` is
+    ``f"{better} {phrase} {worse} ({detail})"``. SPEC 5.1; used in chapters 4 and 5.
+
+    Returns
+    -------
+    dict
+        ``better``, ``worse``, ``mse_better``, ``mse_worse``, ``difference`` (:class:`Estimate`,
+        better minus worse), ``learned_better``, ``learned_worse``, ``verdict``, ``phrase``,
+        ``detail``, ``sentence``.
+    """
+    if summary is None or MEAN_PREDICTOR not in summary.index:
+        summary = mse_summary(preds, train_mean, n_boot=n_boot, seed=seed)
+    diff = paired_mse_difference(preds[better], preds[worse], n_boot=n_boot, seed=seed)
+    la, lb = bool(summary.loc[better, "learned"]), bool(summary.loc[worse, "learned"])
+    result = verdict(diff, la, lb)
+    detail = (f"MSE {summary.loc[better, 'mse']:.4f} vs {summary.loc[worse, 'mse']:.4f}, "
+              f"difference {diff.value:+.4f}, 95% CI {diff.ci_low:+.4f} to {diff.ci_high:+.4f}")
+    stuck = _not_learned(summary, (better, worse))
+    if stuck:
+        phrase = "cannot be ranked against"
+        who = " and ".join(stuck)
+        detail += (f"; {who} {'has' if len(stuck) == 1 else 'have'} not learned: the 95% CI "
+                   f"of the MSE reaches the mean predictor's "
+                   f"{summary.loc[MEAN_PREDICTOR, 'mse']:.4f}")
+    elif result == "holds":
+        phrase = "beats"
+    elif result == "does not hold":
+        phrase = "does worse than"
+    else:
+        phrase = "cannot be told apart from"
+        detail += ", which includes 0"
+    return {"better": better, "worse": worse, "mse_better": float(summary.loc[better, "mse"]),
+            "mse_worse": float(summary.loc[worse, "mse"]), "difference": diff,
+            "learned_better": la, "learned_worse": lb, "verdict": result, "phrase": phrase,
+            "detail": detail, "sentence": f"{better} {phrase} {worse} ({detail})"}
+
+
+# --------------------------------------------------------------------------------------------
+# regression to the mean
+
+
+_BIN_LABELS = ("[0, 0.25]", "(0.25, 0.5]", "(0.5, 0.75]", "(0.75, 1]")
+
+
+def bias_by_bin(preds: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """Mean error (prediction - label) per true cellularity bin, one row per model.
+
+    The signature of regression to the mean (paper section 4.4) is a positive error in the lowest
+    bin and a negative one in the highest. Bins are those of Cohen's kappa
+    (:func:`cellulib.metrics.cellularity_bins`); an empty bin is NaN. Used in chapter 4.
+    """
+    from cellulib.metrics import cellularity_bins
+
+    rows = {}
+    for name, p in preds.items():
+        bins = cellularity_bins(p.y_true)
+        err = p.y_pred.to_numpy(float) - p.y_true.to_numpy(float)
+        rows[name] = [float(err[bins == b].mean()) if (bins == b).any() else np.nan
+                      for b in range(4)]
+    out = pd.DataFrame.from_dict(rows, orient="index", columns=list(_BIN_LABELS))
+    out.index.name = "model"
+    return out
+
+
+def regression_to_mean_sentence(preds: Mapping[str, pd.DataFrame], summary: pd.DataFrame) -> str:
+    """What the errors by bin say about regression to the mean, for the models that learned only.
+
+    A model that has not learned has not told low from high cellularity apart, so its errors by
+    bin would show "regression to the mean" (or its opposite) without meaning anything; such
+    models are left out, and when none learned the sentence says so. Used in chapter 4.
+    """
+    if MEAN_PREDICTOR not in summary.index:
+        return "Without a mean predictor we cannot tell which models learned, so this is not analysed."
+    ok = [n for n in preds if summary.loc[n, "learned"]]
+    if not ok:
+        return ("None of the models has learned (every MSE's 95% CI reaches the mean predictor's "
+                f"{summary.loc[MEAN_PREDICTOR, 'mse']:.4f}), so their errors by bin cannot "
+                "show regression to the mean here.")
+    bias = bias_by_bin({n: preds[n] for n in ok})
+    low, high = bias.columns[0], bias.columns[-1]
+    parts = []
+    for name, row in bias.iterrows():
+        lo_txt = "no patch" if math.isnan(row[low]) else f"{row[low]:+.3f}"
+        hi_txt = "no patch" if math.isnan(row[high]) else f"{row[high]:+.3f}"
+        sign = (not math.isnan(row[low]) and not math.isnan(row[high]) and row[low] > 0 > row[high])
+        parts.append(f"{name}: {lo_txt} in the lowest bin and {hi_txt} in the highest"
+                     + (" (the signature)" if sign else ""))
+    skipped = [n for n in preds if n not in ok]
+    tail = (f" {', '.join(skipped)} {'is' if len(skipped) == 1 else 'are'} left out: "
+            f"{'it has' if len(skipped) == 1 else 'they have'} not learned.") if skipped else ""
+    return "Mean error by bin for the models that learned: " + "; ".join(parts) + "." + tail
+
+
+# --------------------------------------------------------------------------------------------
+# segmentation: per-image Jaccard for Table 1's comparison
+
+
+def segmentation_counts(seg, root, threshold: float = 0.5) -> pd.DataFrame:
+    """Per validation image and nucleus class: intersection and union at ``threshold``.
+
+    Rebuilds the validation patches on which the segmentation network was scored (the split of
+    :func:`cellulib.data.seg_split` with the run's seed, centre crops of the run's ``crop`` after
+    its ``downscale``, discs of its ``disc_diameter``) and counts, per image, the pixels of each
+    nucleus class in the prediction, the weak mask, both, and either. Summed over all images and
+    averaged over the classes they give the run's ``jaccard_nuclei`` (paper Table 1). Used in
+    chapter 5 (the FPN-vs-U-Net finding).
+
+    Parameters
+    ----------
+    seg : cellulib.train.TrainResult
+        A trained segmentation network (``settings`` and ``meta["params"]["seed"]``).
+    root : path
+        The data folder it was trained on.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per (image, class): ``image``, ``cls``, ``intersection``, ``union``, ``target``
+        (mask pixels) and ``pixels`` (pixels of the crop).
+    """
+    import torch
+
+    from cellulib import data
+
+    settings = seg.settings
+    seed = int((seg.meta.get("params") or {}).get("seed", 0))
+    cells = data.read_cells(root)
+    _, valid_idx = data.seg_split(len(cells), seed=seed, root=root)
+    valid = cells.iloc[valid_idx]
+    ds = data.SegDataset(valid["image_path"].tolist(), valid["xml_path"].tolist(),
+                         size=settings["crop"], downscale=settings["downscale"],
+                         diameter=settings["disc_diameter"], train=False)
+    model = seg.model.eval()
+    rows = []
+    with torch.inference_mode():
+        for i, name in enumerate(valid["name"]):
+            x, mask = ds[i]
+            pred = torch.sigmoid(model(x[None].float()))[0] > threshold
+            target = mask > 0.5
+            for c, cls in enumerate(data.NUCLEUS_CLASSES):
+                p, t = pred[c], target[c]
+                rows.append({"image": name, "cls": cls, "intersection": int((p & t).sum()),
+                             "union": int((p | t).sum()), "target": int(t.sum()),
+                             "pixels": int(t.numel())})
+    return pd.DataFrame(rows)
+
+
+def _jaccard_boot(counts: pd.DataFrame, idx: np.ndarray, baseline: bool = False) -> np.ndarray:
+    """Mean nuclear Jaccard (pooled over images, then averaged over classes) per resample."""
+    wide = counts.pivot(index="image", columns="cls")
+    inter = wide["target" if baseline else "intersection"].to_numpy(float)
+    union = wide["pixels" if baseline else "union"].to_numpy(float)
+    i_sum, u_sum = inter[idx].sum(axis=-2), union[idx].sum(axis=-2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(u_sum > 0, i_sum / np.where(u_sum > 0, u_sum, 1), np.nan)
+    return np.nanmean(iou, axis=-1)
+
+
+def jaccard_summary(counts: Mapping[str, pd.DataFrame], n_boot: int = 2000, seed: int = 0,
+                    alpha: float = 0.05) -> pd.DataFrame:
+    """Mean nuclear Jaccard per network with a bootstrap CI over images, and whether it learned.
+
+    The baseline, playing the mean predictor's part, marks every pixel as every class (its IoU
+    is the share of mask pixels, the best any constant map reaches); a network has learned when
+    the lower end of its CI is above that (SPEC 5.1 by analogy). Paper Table 1; used in chapter 5.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Index: the names of ``counts``; columns ``jaccard``, ``ci_low``, ``ci_high``, ``n``,
+        ``baseline``, ``learned``.
+    """
+    rows = {}
+    for name, c in counts.items():
+        n = c["image"].nunique()
+        idx = np.random.default_rng(seed).integers(0, n, (int(n_boot), n))
+        value = float(_jaccard_boot(c, np.arange(n)))
+        lo, hi = _percentile_ci(_jaccard_boot(c, idx), alpha)
+        base = float(_jaccard_boot(c, np.arange(n), baseline=True))
+        rows[name] = {"jaccard": value, "ci_low": lo, "ci_high": hi, "n": n, "baseline": base,
+                      "learned": bool(n >= MIN_PATCHES and lo > base)}
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def paired_jaccard_difference(counts_a: pd.DataFrame, counts_b: pd.DataFrame, n_boot: int = 2000,
+                              seed: int = 0, alpha: float = 0.05) -> Estimate:
+    """Mean nuclear Jaccard of network A minus B on the same images, paired bootstrap 95% CI.
+
+    Each replicate resamples the validation images once and recomputes both pooled Jaccards on
+    them (paper Table 1; SPEC 5.1). A positive difference favours A. Used in chapter 5.
+    """
+    images = sorted(set(counts_a["image"]))
+    if images != sorted(set(counts_b["image"])):
+        raise ValueError("paired Jaccard difference needs counts on the same images")
+    n = len(images)
+    idx = np.random.default_rng(seed).integers(0, n, (int(n_boot), n))
+    boot = _jaccard_boot(counts_a, idx) - _jaccard_boot(counts_b, idx)
+    value = float(_jaccard_boot(counts_a, np.arange(n)) - _jaccard_boot(counts_b, np.arange(n)))
+    lo, hi = _percentile_ci(boot, alpha)
+    return Estimate(value, lo, hi)
+
+
+# --------------------------------------------------------------------------------------------
+# the findings table
+
+
+def _paper_value(table: str, model: str, init: str, metric: str) -> float:
+    from cellulib.metrics import PAPER
+
+    sel = PAPER[(PAPER.table == table) & (PAPER.model == model) & (PAPER.init == init)
+                & (PAPER.metric == metric)]
+    return float(sel["value"].iloc[0]) if len(sel) else float("nan")
+
+
+def _mse_finding(label: str, paper: str, preds, better: str, worse: str, train_mean: float,
+                 summary: pd.DataFrame, n_boot: int, seed: int, note: str = "") -> dict:
+    cmp = compare(preds, better, worse, train_mean, n_boot=n_boot, seed=seed, summary=summary)
+    why = {"holds": "both learned; the CI of the difference excludes 0",
+           "does not hold": "both learned; the CI of the difference excludes 0 on the other side",
+           }.get(cmp["verdict"])
+    if why is None:
+        stuck = _not_learned(summary, (better, worse))
+        why = (f"{' and '.join(stuck)} did not learn" if stuck
+               else "the CI of the difference includes 0")
+    return {"paper's finding": label, "verdict": cmp["verdict"],
+            "ours": f"{better} vs {worse}: {cmp['detail']}", "paper": paper,
+            "why": why + (f"; {note}" if note else "")}
+
+
+def findings(preds: Mapping[str, pd.DataFrame], train_mean: float,
+             importance: pd.Series | None = None, seg: Mapping[str, Any] | None = None,
+             root=None, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """The paper's findings, each with a verdict decided by our confidence intervals (SPEC 5.1).
+
+    Rows, where their inputs are given:
+
+    - FPN decoder beats U-Net decoder (Table 1): paired bootstrap over validation images of the
+      mean nuclear Jaccard (``seg`` maps ``"fpn"``/``"unet"`` to segmentation results, ``root``
+      is their data; :func:`segmentation_counts`, :func:`jaccard_summary`);
+    - SR beats GBT (Table 2), the best direct model beats both segmentation routes, and
+      Xception (C) beats Xception (R): :func:`compare` on the MSE;
+    - the top GBT feature is from the malignant channel (Fig. 9; ``importance`` is the gain per
+      feature): decided only when GBT has learned, since a model that has not learned ranks
+      features by noise.
+
+    A verdict is "holds" only when both models learned and the CI of the difference excludes 0
+    on the paper's side, "does not hold" when both learned and it excludes 0 on the other side,
+    else "undecided". Used in chapter 5.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Index ``paper's finding``; columns ``verdict`` (one of :data:`VERDICTS`), ``ours`` (our
+        numbers with CIs), ``paper`` (the paper's numbers) and ``why``.
+    """
+    summary = mse_summary(preds, train_mean, n_boot=n_boot, seed=seed)
+    rows = []
+    if seg is not None and {"fpn", "unet"} <= set(seg):
+        j = {d: _paper_value("Table 1", f"{n} decoder", "random", "Jaccard")
+             for d, n in (("fpn", "FPN"), ("unet", "U-Net"))}
+        paper = f"Jaccard {j['fpn']:.2f} vs {j['unet']:.2f} (random init)"
+        label = "FPN decoder beats U-Net decoder (Table 1)"
+        if root is None:
+            fpn, unet = seg["fpn"].scores["jaccard_nuclei"], seg["unet"].scores["jaccard_nuclei"]
+            rows.append({"paper's finding": label, "verdict": "undecided",
+                         "ours": f"Jaccard {fpn:.3f} vs {unet:.3f}", "paper": paper,
+                         "why": "no per-image Jaccard, so no confidence interval"})
+        else:
+            counts = {d: segmentation_counts(seg[d], root) for d in ("fpn", "unet")}
+            js = jaccard_summary(counts, n_boot=n_boot, seed=seed)
+            diff = paired_jaccard_difference(counts["fpn"], counts["unet"], n_boot=n_boot,
+                                             seed=seed)
+            result = verdict(diff, js.loc["fpn", "learned"], js.loc["unet", "learned"],
+                             lower_is_better=False)
+            stuck = [{"fpn": "FPN", "unet": "U-Net"}[d] for d in ("fpn", "unet")
+                     if not js.loc[d, "learned"]]
+            if result == "holds":
+                why = "both learned; the CI of the difference excludes 0"
+            elif result == "does not hold":
+                why = "both learned; the CI of the difference excludes 0 on the other side"
+            elif js.loc["fpn", "n"] < MIN_PATCHES:
+                why = (f"only {js.loc['fpn', 'n']} validation image(s), too few for a confidence "
+                       "interval")
+            elif stuck:
+                why = (f"{' and '.join(stuck)} did not learn: the Jaccard's CI does not clear "
+                       f"the all-pixels baseline ({js.loc['fpn', 'baseline']:.3f})")
+            else:
+                why = "the CI of the difference includes 0"
+            rows.append({"paper's finding": label, "verdict": result,
+                         "ours": (f"Jaccard {js.loc['fpn', 'jaccard']:.3f} vs "
+                                  f"{js.loc['unet', 'jaccard']:.3f}, difference "
+                                  f"{diff.value:+.3f}, 95% CI {diff.ci_low:+.3f} to "
+                                  f"{diff.ci_high:+.3f} over {js.loc['fpn', 'n']} validation image(s)"),
+                         "paper": paper, "why": why})
+    if {"GBT", "ResNet34 (SR)"} <= set(preds):
+        paper = (f"MSE {_paper_value('Table 2', 'ResNet34 (SR)', 'random', 'MSE'):.3f} vs "
+                 f"{_paper_value('Table 2', 'GBT', 'random', 'MSE'):.3f} (random init)")
+        rows.append(_mse_finding("SR beats GBT (Table 2)", paper, preds, "ResNet34 (SR)", "GBT",
+                                 train_mean, summary, n_boot, seed))
+    direct = [n for n in _DIRECT if n in preds]
+    segm = [n for n in _SEGMENTATION if n in preds]
+    if direct and segm:
+        best_d = min(direct, key=lambda n: summary.loc[n, "mse"])
+        best_s = min(segm, key=lambda n: summary.loc[n, "mse"])
+        p_d = min(_paper_value("Table 2", n, "random", "MSE") for n in _DIRECT)
+        p_s = min(_paper_value("Table 2", n, "random", "MSE") for n in _SEGMENTATION)
+        p_di = min(_paper_value("Table 2", n, "imagenet", "MSE") for n in _DIRECT)
+        p_si = min(_paper_value("Table 2", n, "imagenet", "MSE") for n in _SEGMENTATION)
+        paper = (f"best MSE {p_d:.3f} vs {p_s:.3f} (random init), {p_di:.3f} vs {p_si:.3f} "
+                 "(ImageNet)")
+        rows.append(_mse_finding("the best direct model beats both segmentation routes", paper,
+                                 preds, best_d, best_s, train_mean, summary, n_boot, seed,
+                                 note="each side's best is picked by its MSE on these patches"))
+    if {"Xception (C)", "Xception (R)"} <= set(preds):
+        paper = (f"MSE {_paper_value('Table 2', 'Xception (C)', 'random', 'MSE'):.3f} vs "
+                 f"{_paper_value('Table 2', 'Xception (R)', 'random', 'MSE'):.3f} (random init)")
+        rows.append(_mse_finding("Xception (C) beats Xception (R) (random init)", paper, preds,
+                                 "Xception (C)", "Xception (R)", train_mean, summary, n_boot,
+                                 seed))
+    if importance is not None and len(importance):
+        top = pd.Series(importance).sort_values(ascending=False).index[0]
+        gbt_learned = "GBT" in summary.index and bool(summary.loc["GBT", "learned"])
+        if gbt_learned:
+            result = "holds" if str(top).startswith("malignant") else "does not hold"
+            why = "GBT learned; the ranking is that of the fitted trees"
+        else:
+            result = "undecided"
+            why = "GBT did not learn, so its feature ranking carries no information"
+        rows.append({"paper's finding": "the top GBT feature is from the malignant channel "
+                     "(Fig. 9)", "verdict": result, "ours": str(top),
+                     "paper": "malignant_activation_0.50", "why": why})
+    out = pd.DataFrame(rows, columns=["paper's finding", "verdict", "ours", "paper", "why"])
+    return out.set_index("paper's finding")
+
+
+# --------------------------------------------------------------------------------------------
+# Tables 2 and 3
+
 
 def results_table(preds: dict[str, pd.DataFrame], n_boot: int = 2000, seed: int = 0,
-                  all_paper_rows: bool = False) -> pd.DataFrame:
+                  all_paper_rows: bool = False, train_mean: float | None = None) -> pd.DataFrame:
     """Tables 2 and 3 of the paper with ours beside them: MSE, kappa, ICC(2,1) and PK with 95% CIs.
 
     ``preds`` maps a model name (the paper's row names, e.g. ``"GBT"``, ``"Xception (C)"``) to its
-    validation predictions (``y_true``, ``y_pred``; see :func:`predictions`). Our models are trained
-    from random initialisation, so our MSE sits beside the paper's random-init column and the
-    paper's ImageNet column is shown for reference; the paper's kappa and ICC are ImageNet-only.
-    With ``all_paper_rows`` every row of the paper appears, "not run" where we have no model.
-    Paper section 3.5; SPEC 5. Used in chapters 3, 4 and 5.
+    validation predictions (``y_true``, ``y_pred``; see :func:`cellulib.train.predictions`). Our
+    models are trained from random initialisation, so our MSE sits beside the paper's random-init
+    column and the paper's ImageNet column is shown for reference; the paper's kappa and ICC are
+    ImageNet-only. With ``all_paper_rows`` every row of the paper appears, "not run" where we have
+    no model. With ``train_mean`` (the training labels' mean) a :data:`MEAN_PREDICTOR` row is
+    scored like a model and a ``learned`` column says "yes" when the upper end of a model's MSE CI
+    is below the mean predictor's MSE (SPEC 5.1). Paper section 3.5; SPEC 5. Used in chapters 3,
+    4 and 5.
     """
     from cellulib.metrics import PAPER, evaluate, format_ci
 
@@ -30,20 +708,29 @@ def results_table(preds: dict[str, pd.DataFrame], n_boot: int = 2000, seed: int 
         key = (table, model, init, metric)
         return paper[key] if key in paper.index else "-"
 
+    scored = dict(preds)
+    if train_mean is not None:
+        scored[MEAN_PREDICTOR] = mean_predictor_predictions(_first_truth(preds), train_mean)
     names = list(PAPER_ROWS) if all_paper_rows else []
-    names += [n for n in preds if n not in names]
+    names += [n for n in scored if n not in names]
+    tables = {n: evaluate(p.y_true, p.y_pred, n_boot=n_boot, seed=seed) for n, p in scored.items()}
+    mean_mse = tables[MEAN_PREDICTOR].loc["MSE", "value"] if train_mean is not None else None
     rows = []
     for name in names:
         row = {"model": name}
-        if name in preds:
-            table = evaluate(preds[name].y_true, preds[name].y_pred, n_boot=n_boot, seed=seed)
+        if name in tables:
+            table = tables[name]
             for metric, label in (("MSE", "MSE"), ("kappa", "kappa"), ("ICC(2,1)", "ICC"),
                                   ("PK", "PK")):
                 r = table.loc[metric]
                 row[f"{label} (ours)"] = format_ci(r.value, r.ci_low, r.ci_high)
+            if mean_mse is not None and name != MEAN_PREDICTOR:
+                ok = learned(table.loc["MSE", "ci_high"], mean_mse, len(scored[name]))
+                row["learned"] = "yes" if ok else "no"
         else:
             for label in ("MSE", "kappa", "ICC", "PK"):
                 row[f"{label} (ours)"] = "not run"
+        row.setdefault("learned", "-")
         row["MSE (paper, random)"] = paper_text("Table 2", name, "random", "MSE")
         row["MSE (paper, ImageNet)"] = paper_text("Table 2", name, "imagenet", "MSE")
         row["kappa (paper, ImageNet)"] = paper_text("Table 3", name, "imagenet", "kappa")
@@ -51,4 +738,6 @@ def results_table(preds: dict[str, pd.DataFrame], n_boot: int = 2000, seed: int 
         rows.append(row)
     order = ["model", "MSE (ours)", "MSE (paper, random)", "MSE (paper, ImageNet)", "kappa (ours)",
              "kappa (paper, ImageNet)", "ICC (ours)", "ICC (paper, ImageNet)", "PK (ours)"]
+    if train_mean is not None:
+        order.insert(2, "learned")
     return pd.DataFrame(rows)[order].set_index("model")

@@ -3,8 +3,9 @@
 Speed goals are never asserted here (shared machines are noisy; the bench reports them). What is
 checked: every case produces a well-formed row with positive finite figures whose ratio is the
 stated quotient, the side-by-side comparisons agree on the values they time (features equal to
-the skimage reference, predictions equal to the bare forward pass, the same number of training
-images on both sides), and the status page reports the durations papermill recorded.
+the skimage reference, predictions equal to the bare forward pass on the same images in the same
+order, the same number of training images on both sides), and the status page reports the
+durations papermill recorded.
 """
 import json
 import math
@@ -141,15 +142,77 @@ def test_feature_comparison_catches_a_different_count():
 
 
 def test_predict_case_scores_what_the_bare_forward_scores(smallest):
+    from cellulib import engine
+
     row = _row(smallest, "predict")
+    d = row["details"]
     # predict decodes, resizes and scales the files itself: its scores must equal the bare
-    # forward pass on the same pixels (float32 rounding, channels-last vs NCHW)
-    assert row["details"]["max_abs_diff"] < 1e-4
-    assert row["details"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert len(row["details"]["ours_s"]) == len(row["details"]["reference_s"]) == 1
+    # forward pass on the same pixels at the same precision (the CSV keeps 6 decimals), and the
+    # mixed-precision forward pass must stay close to float32
+    assert d["max_abs_diff"] < 1e-4
+    assert d["amp_vs_float32_max_abs_diff"] <= bench.PREDICT_ATOL
+    names = [Path(p).name for p in d["paths"]]
+    assert names == sorted(names) and len(names) == bench.MODES["smallest"]["predict_images"]
+    assert d["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    # ours and the reference compute alike: the precision the engine picks for this machine
+    dtype = engine.amp_dtype(d["device"])
+    assert d["precision"] == {None: "float32", torch.bfloat16: "bf16",
+                              torch.float16: "fp16"}[dtype]
+    assert d["reference_precision"] == bench._precision_label(dtype, channels_last=True)
+    assert len(d["ours_s"]) == len(d["reference_s"]) == len(d["float32_s"]) == 1
+    assert f"|diff| <= {bench.PREDICT_ATOL:g}" in row["goal"]
+
+
+def _scored(paths, scores):
+    import pandas as pd
+
+    return pd.DataFrame({"path": [str(p) for p in paths], "cellularity": scores, "error": ""})
+
+
+def test_prediction_check_needs_the_same_images_in_the_same_order():
+    import numpy as np
+
+    paths = [f"/tmp/images/9000{k // 10}_{k % 10 + 1}.tif" for k in range(12)]
+    scores = np.linspace(0.1, 0.9, 12)
+    ours = _scored(paths, scores + 1e-3)
+    assert bench._check_same_predictions(ours, paths, scores, "reference") == pytest.approx(1e-3)
+    # rows in another order (the old check compared folder order with write order)
+    shuffled = ours.sample(frac=1, random_state=0).reset_index(drop=True)
+    with pytest.raises(RuntimeError, match="same images in the same order"):
+        bench._check_same_predictions(shuffled, paths, scores, "reference")
+    with pytest.raises(RuntimeError, match="same images in the same order"):
+        bench._check_same_predictions(ours.iloc[:-1], paths, scores, "reference")
+    # the right names on the wrong scores
+    with pytest.raises(RuntimeError, match="disagree on"):
+        bench._check_same_predictions(_scored(paths, scores[::-1]), paths, scores, "reference")
+    # the tolerance: bf16-sized differences pass, larger ones and failed images do not
+    tol = bench.PREDICT_ATOL
+    assert bench._check_same_predictions(_scored(paths, scores + 0.9 * tol), paths, scores,
+                                         "reference") <= tol
+    with pytest.raises(RuntimeError, match=r"\|difference\| 0.03"):
+        bench._check_same_predictions(_scored(paths, scores + 0.03), paths, scores, "reference")
+    failed = _scored(paths, scores).assign(error=[""] * 11 + ["x.tif: not an image"])
+    with pytest.raises(RuntimeError, match="failed"):
+        bench._check_same_predictions(failed, paths, scores, "reference")
+
+
+def test_predict_case_fails_when_ours_scores_in_another_order(monkeypatch, tmp_path):
+    import cellulib.predict as predict
+
+    real = predict.predict_to_csv
+
+    def reversed_order(model, paths, out, **kw):
+        return real(model, predict.collect_images(paths)[::-1], out, **kw)
+
+    monkeypatch.setattr(predict, "predict_to_csv", reversed_order)
+    with pytest.raises(RuntimeError, match="same images in the same order"):
+        bench.bench_predict(n_images=4, file_size=96, input_size=64, batch_size=2, repeats=1,
+                            workdir=tmp_path, workers=1)
 
 
 def test_train_case_sees_the_same_images_on_both_sides(smallest):
+    from cellulib import engine
+
     cfg = bench.MODES["smallest"]
     # drop_last with full batches: exactly the configured number of images per epoch
     assert _row(smallest, "train seg")["details"]["images_per_epoch"] == cfg["seg_images"]
@@ -157,6 +220,31 @@ def test_train_case_sees_the_same_images_on_both_sides(smallest):
     for case in ("train seg", "train direct"):
         d = _row(smallest, case)["details"]
         assert d["overhead"] == pytest.approx(1 - _row(smallest, case)["ratio"])
+        assert d["precision"] == bench._precision_label(engine.amp_dtype(d["device"]))
+        assert d["reference_optimizer"].startswith("torch AdamW")
+        assert all(ms > 0 for ms in d["optimizer_step_ms"].values())
+
+
+def test_plain_loop_trains_on_the_loaders_tensors_in_channels_last():
+    from fastai.losses import MSELossFlat
+
+    from cellulib import engine
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 1))
+    batches = [(torch.randn(2, 3, 8, 8), torch.rand(2, 1)) for _ in range(3)]
+    device = torch.device("cpu")
+    dtype = engine.amp_dtype(device)
+    loop = bench._PlainLoop(model, batches, MSELossFlat(), 1e-2, device, dtype)
+    assert loop.model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    for (xb, yb), (x0, y0) in zip(loop.batches, batches):  # the same tensors, same order
+        assert xb.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(xb, x0) and yb is y0
+    before = loop.model[3].weight.detach().clone()
+    assert loop.epoch() == 6
+    assert not torch.equal(before, loop.model[3].weight)  # it trains
+    assert all(p.grad is None for p in loop.model.parameters())  # and leaves no gradients
 
 
 def test_memory_case_runs_both_counts_in_fresh_processes(smallest):
@@ -187,6 +275,7 @@ def test_machine_line_and_table(smallest):
     text = bench.format_table(smallest)
     lines = text.splitlines()
     assert lines[1].startswith("machine: ") and f"with {m['torch_threads']} thread" in lines[1]
+    assert f"({m['precision']})" in lines[1]
     header = lines[3].split()
     assert header == ["case", "ours", "reference", "unit", "ratio", "goal", "met"]
     body = lines[5:5 + len(smallest["cases"])]
@@ -323,3 +412,16 @@ def test_execute_chapters_runs_papermill_with_the_quick_profile(tmp_path):
     assert "profile quick" in printed
     (row,) = bench.chapter_times(out)
     assert row["status"] == "ok" and row["seconds"] > 0 and row["title"] == "1. Tiny"
+
+
+def test_quick_and_full_modes_time_the_profiles_sizes():
+    from cellulib.profiles import get_profile
+
+    for mode, name in (("quick", "quick"), ("full", "paper")):
+        profile, sizes = get_profile(name), bench.MODES[mode]
+        assert sizes["synth_size"] == sizes["predict_file_size"] == profile["size"]
+        assert sizes["seg_crop"] == profile["crop"] and sizes["seg_bs"] == profile["seg_bs"]
+        assert sizes["direct_bs"] == sizes["predict_bs"] == profile["direct_bs"]
+        # cellularity inputs: direct_size, or the segmentation scale (cellulib.train)
+        side = profile["direct_size"] or profile["size"] // profile["downscale"]
+        assert sizes["direct_size"] == sizes["predict_input"] == side

@@ -240,3 +240,43 @@ def test_loss_and_metrics_inside_a_fastai_learner():
     probs, _, per_image = learn.get_preds(with_loss=True)
     assert per_image.shape == (6,)
     assert torch.allclose(probs, torch.sigmoid(logits), atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# the classifier's cross-entropy over the 101 bins
+
+
+def test_soft_bin_cross_entropy_with_zero_width_is_plain_cross_entropy():
+    import torch.nn.functional as F
+
+    from cellulib.losses import SoftBinCrossEntropy
+
+    gen = torch.Generator().manual_seed(0)
+    logits, bins = torch.randn(6, 101, generator=gen), torch.tensor([0, 1, 37, 50, 99, 100])
+    assert torch.isclose(SoftBinCrossEntropy(0.0)(logits, bins), F.cross_entropy(logits, bins))
+
+
+def test_soft_bin_targets_are_a_normalised_gaussian_over_the_bins():
+    import math
+
+    from cellulib.losses import SoftBinCrossEntropy
+
+    q = SoftBinCrossEntropy(2.0).targets(torch.tensor([50, 0]))
+    assert torch.allclose(q.sum(1), torch.ones(2))
+    # hand-computed ratios: exp(-d^2 / (2 * 2^2)) for d = 1 and d = 2
+    assert float(q[0, 51] / q[0, 50]) == pytest.approx(math.exp(-1 / 8), rel=1e-5)
+    assert float(q[0, 48] / q[0, 50]) == pytest.approx(math.exp(-4 / 8), rel=1e-5)
+    assert int(q[1].argmax()) == 0 and float(q[1, 100]) < 1e-12  # truncated at the edge
+
+
+def test_soft_bin_cross_entropy_is_smallest_at_the_target_distribution():
+    from cellulib.losses import SoftBinCrossEntropy
+
+    loss = SoftBinCrossEntropy(3.0)
+    bins = torch.tensor([20, 70])
+    q = loss.targets(bins)
+    logits = q.clamp_min(1e-30).log()
+    at_target = loss(logits, bins)
+    entropy = -torch.special.xlogy(q, q).sum(1).mean()  # a cross-entropy's minimum: the entropy
+    assert float(at_target) == pytest.approx(float(entropy), rel=1e-4)
+    assert float(loss(logits + 0.3 * torch.randn(2, 101), bins)) > float(at_target)

@@ -44,6 +44,14 @@ PRE = {"input_size": S, "normalize": "minus_one_one"}
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+@pytest.fixture(autouse=True)
+def _float32_unless_asked(monkeypatch):
+    """The value tests compare with a float32 recipe to 2e-5 on models made deliberately sensitive
+    (`_sensitive`), where bf16 autocast moves a score by up to 0.05: here ``precision="auto"``
+    means float32. The precision tests below ask for bf16 by name."""
+    monkeypatch.setenv("CELLULIB_PRECISION", "float32")
+
+
 def _sensitive(model, gain=3.0):
     """A random network scores every image about the same; standardise its pooled features so
     that the head's logits vary by about ``gain`` across images. Then a wrong channel order, crop
@@ -383,6 +391,99 @@ def test_stream_keeps_order_and_reads_ahead_only_a_window(model_files):
 
 
 # ---------------------------------------------------------------------------------------------
+# predict: precision (bf16 autocast or float32)
+
+#: Largest difference between bf16 and float32 scores accepted on the same images: bf16 keeps 8
+#: significant bits, so a logit is off by about 0.4%; on trained models the scores moved by at
+#: most 0.007. The same tolerance as the benchmark (cellulib.bench.PREDICT_ATOL).
+BF16_ATOL = 0.02
+
+
+@pytest.fixture(scope="module")
+def plain_model_file(tmp_path_factory):
+    """A random-init direct model, not sensitised: bf16 rounding is not amplified here."""
+    torch.manual_seed(1)
+    return save_model(models.direct_model("resnet34"), tmp_path_factory.mktemp("plain") / "p.pt",
+                      preprocess=PRE)
+
+
+@pytest.mark.parametrize("family", ["plain", "sr", "gbt"])
+def test_bf16_and_float32_give_close_scores_on_the_same_images(model_files, plain_model_file,
+                                                                images, family):
+    folder, expected = images
+    path = plain_model_file if family == "plain" else model_files[family]
+    names = sorted(expected)
+    f32 = Predictor(path, precision="float32", batch_size=3)
+    bf16 = Predictor(path, precision="bf16", batch_size=3)
+    assert (f32.precision, bf16.precision) == ("float32", "bf16")
+    assert bf16.describe()["precision"] == "bf16" and f32.describe()["precision"] == "float32"
+    got = {p.precision: predict_images(p, folder, progress=False) for p in (f32, bf16)}
+    for preds in got.values():  # the same images in the same order on both sides
+        assert preds["path"].map(lambda s: s.rsplit("/", 1)[-1]).tolist() == names
+        assert (preds["error"] == "").all()
+    diff = np.abs(got["bf16"]["cellularity"] - got["float32"]["cellularity"])
+    assert diff.max() <= BF16_ATOL, diff.tolist()
+    # float32 is the documented recipe
+    ref = [_reference(path, expected[n]) for n in names]
+    np.testing.assert_allclose(got["float32"]["cellularity"], ref, atol=1e-4)
+
+
+def test_bf16_really_runs_in_bf16_and_auto_follows_the_engine(plain_model_file, images,
+                                                                monkeypatch):
+    from cellulib import engine
+
+    folder, expected = images
+    batch = np.stack([cv2.resize(expected[n], (S, S), interpolation=cv2.INTER_AREA)
+                      for n in sorted(expected)])
+    f32 = Predictor(plain_model_file, precision="float32").score_batch(batch)
+    bf16 = Predictor(plain_model_file, precision="bf16").score_batch(batch)
+    assert np.abs(bf16 - f32).max() > 0  # autocast is applied, not silently skipped
+    assert bf16.dtype == np.float64 and np.isfinite(bf16).all()
+    # "auto": $CELLULIB_PRECISION (float32 in this module), else what the engine picks here
+    assert Predictor(plain_model_file).precision == "float32"
+    monkeypatch.delenv("CELLULIB_PRECISION")
+    picked = {None: "float32", torch.bfloat16: "bf16"}[engine.amp_dtype("cpu")]
+    assert Predictor(plain_model_file, device="cpu").precision == picked
+    with pytest.raises(ValueError, match="precision"):
+        Predictor(plain_model_file, precision="fp64")
+    with pytest.raises(ValueError, match="CUDA"):
+        Predictor(plain_model_file, device="cpu", precision="fp16")
+
+
+@pytest.mark.parametrize("normalize", ["minus_one_one", "imagenet"])
+def test_prediction_pixels_are_the_training_pixels(tmp_path, normalize):
+    from cellulib.data import normalize_image
+
+    path = save_model(models.direct_model("resnet34"), tmp_path / "m.pt",
+                      preprocess={"input_size": S, "normalize": normalize})
+    batch = np.stack([_rgb(S, S, 40 + i) for i in range(3)])
+    for channels_last in (True, False):
+        x = Predictor(path, channels_last=channels_last)._to_input(batch)
+        # bit for bit what the DataLoaders feed the model in training
+        np.testing.assert_array_equal(x.permute(0, 2, 3, 1).numpy(),
+                                      normalize_image(batch, normalize))
+        assert x.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+def test_cli_precision_flag(plain_model_file, images, tmp_path, capsys):
+    folder, _ = images
+    out = tmp_path / "preds.csv"
+    for precision in ("float32", "bf16"):
+        assert _run(["predict", "--model", str(plain_model_file), "--images", str(folder),
+                     "--out", str(out), "--precision", precision, "--quiet"]) == 0
+        assert json.loads((tmp_path / "preds.csv.json").read_text())["precision"] == precision
+    args = _parser().parse_args(["slide", "--model", "m.pt", "s.tif", "--out", "o",
+                                 "--precision", "float32"])
+    assert args.precision == "float32"
+    assert _parser().parse_args(["predict", "--model", "m.pt", "--images", "d", "--out",
+                                 "o.csv"]).precision == "auto"
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["predict", "--model", "m.pt", "--images", "d", "--out", "o.csv",
+                              "--precision", "fp64"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
 # evaluate
 
 
@@ -485,3 +586,80 @@ def test_cli_evaluate_table_json_and_figure(tmp_path, capsys):
     assert payload["metrics"]["PK"]["value"] == pytest.approx(5.5 / 6)
     with Image.open(figure) as im:
         assert im.format == "PNG" and im.size[0] > 500
+
+
+def _write_eval_case_10(tmp_path, y_pred):
+    """10 validation patches with labels 0.05, 0.15, ..., 0.95 and the given predictions."""
+    y_true = np.round(np.arange(10) / 10 + 0.05, 2)
+    labels = tmp_path / "val10.csv"
+    labels.write_text("slide,rid,y\n" + "".join(f"2000,{i},{y}\n" for i, y in enumerate(y_true)))
+    pred = tmp_path / "preds10.csv"
+    pred.write_text("path,cellularity,error\n"
+                    + "".join(f"v/2000_{i}.tif,{p:.6f},\n" for i, p in enumerate(y_pred)))
+    return pred, labels, y_true
+
+
+def test_cli_evaluate_json_has_the_mean_predictor_and_learned(tmp_path, capsys):
+    # perfect predictions: MSE 0 with CI [0, 0]; mean predictor 0.5: MSE = mean((y - 0.5)^2)
+    pred, labels, y_true = _write_eval_case_10(tmp_path, np.round(np.arange(10) / 10 + 0.05, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert _run(["evaluate", "--pred", str(pred), "--labels", str(labels), "--json",
+                     "--n-boot", "200", "--train-mean", "0.5"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    base = payload["mean_predictor"]
+    assert base["available"] and base["train_mean"] == 0.5 and base["source"] == "--train-mean"
+    assert base["MSE"]["value"] == pytest.approx(np.mean((y_true - 0.5) ** 2))
+    assert base["MSE"]["ci_low"] <= base["MSE"]["value"] <= base["MSE"]["ci_high"]
+    assert payload["learned"] is True
+    assert set(payload["metrics"]) == {"MSE", "kappa", "ICC(2,1)", "PK"}
+
+    # a constant at the training mean has not learned; the text output says so
+    const, labels, _ = _write_eval_case_10(tmp_path, np.full(10, 0.5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert _run(["evaluate", "--pred", str(const), "--labels", str(labels), "--json",
+                     "--n-boot", "200", "--train-mean", "0.5"]) == 0
+        assert json.loads(capsys.readouterr().out)["learned"] is False
+        assert _run(["evaluate", "--pred", str(const), "--labels", str(labels),
+                     "--n-boot", "200", "--train-mean", "0.5"]) == 0
+    text = capsys.readouterr().out
+    assert "MSE (mean predictor)" in text and "learned: no" in text
+
+
+def test_evaluate_training_mean_from_labels_or_model_file_never_guessed(tmp_path, capsys):
+    pred, labels, _ = _write_eval_case_10(tmp_path, np.full(10, 0.3))
+    train_labels = tmp_path / "train_labels.csv"
+    train_labels.write_text("slide,rid,y\n1,1,0.2\n1,2,0.4\n1,3,0.3\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        table = evaluate_files(pred, labels, n_boot=100, train_mean=0.3)
+        assert table.loc["MSE (mean predictor)", "value"] == pytest.approx(
+            table.loc["MSE", "value"])  # the model is the constant 0.3
+        # --train-labels: the mean of 0.2, 0.4, 0.3
+        assert _run(["evaluate", "--pred", str(pred), "--labels", str(labels), "--json",
+                     "--n-boot", "50", "--train-labels", str(train_labels)]) == 0
+        payload = json.loads(capsys.readouterr().out)
+        assert payload["mean_predictor"]["train_mean"] == pytest.approx(0.3)
+        # no source at all: said plainly, no number made up
+        assert _run(["evaluate", "--pred", str(pred), "--labels", str(labels), "--json",
+                     "--n-boot", "50"]) == 0
+        payload = json.loads(capsys.readouterr().out)
+        assert payload["mean_predictor"]["available"] is False and payload["learned"] is None
+        assert "--train-mean" in payload["mean_predictor"]["reason"]
+        # the model file named by the sidecar records train_mean
+        model = save_model(models.direct_model("resnet34"), tmp_path / "m.pt", preprocess=PRE,
+                           train_mean=0.42)
+        (tmp_path / "preds10.csv.json").write_text(json.dumps({"model": str(model)}))
+        assert _run(["evaluate", "--pred", str(pred), "--labels", str(labels), "--json",
+                     "--n-boot", "50"]) == 0
+        payload = json.loads(capsys.readouterr().out)
+        assert payload["mean_predictor"]["train_mean"] == pytest.approx(0.42)
+        assert "m.pt" in payload["mean_predictor"]["source"]
+        # a model file without it: no mean predictor, and the text output says why
+        bare = save_model(models.direct_model("resnet34"), tmp_path / "bare.pt", preprocess=PRE)
+        (tmp_path / "preds10.csv.json").write_text(json.dumps({"model": str(bare)}))
+        assert _run(["evaluate", "--pred", str(pred), "--labels", str(labels),
+                     "--n-boot", "50"]) == 0
+    text = capsys.readouterr().out
+    assert "no mean predictor" in text and "records no training mean" in text

@@ -41,3 +41,33 @@ def test_get_dataset_with_a_missing_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         profiles.get_dataset(tmp_path / "nope")
     assert profiles.get_dataset(tmp_path) == tmp_path
+
+
+def test_check_parameters_names_the_parameter_of_the_wrong_type():
+    from cellulib.profiles import ParameterError, check_parameters
+
+    ns = {"__annotations__": {"seed": int, "data_dir": "Optional[str]", "lr": float},
+          "seed": 0, "data_dir": None, "lr": 1}  # an int is a fine float, None a fine Optional
+    check_parameters(ns)
+    with pytest.raises(ParameterError, match=r"parameter 'seed' must be int, got 'abc' \(str\)"):
+        check_parameters(ns | {"seed": "abc"})
+    with pytest.raises(ParameterError, match="parameter 'seed' must be int, got True"):
+        check_parameters(ns | {"seed": True})  # a bool is not an int here
+    with pytest.raises(ParameterError, match="parameter 'data_dir' must be str or None"):
+        check_parameters(ns | {"data_dir": 3})
+    with pytest.raises(ParameterError, match="parameter 'profile' must be one of"):
+        check_parameters({"profile": "fast"})
+
+
+def test_a_chapter_stops_on_a_parameter_of_the_wrong_type(tmp_path):
+    """`papermill -p seed abc` stops the chapter with a message naming the parameter."""
+    from pathlib import Path
+
+    import papermill
+
+    repo = Path(__file__).resolve().parents[1]
+    with pytest.raises(papermill.PapermillExecutionError) as err:
+        papermill.execute_notebook(str(repo / "notebooks" / "01_data_exploration.ipynb"),
+                                   str(tmp_path / "out.ipynb"), parameters={"seed": "abc"},
+                                   kernel_name="python3", progress_bar=False)
+    assert "ParameterError" in str(err.value) and "parameter 'seed' must be int" in str(err.value)
