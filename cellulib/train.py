@@ -299,8 +299,7 @@ def _valid_predictions(model: torch.nn.Module, root, input_size: int,
     """
     from cellulib.predict import Predictor, predict_images
 
-    df = data.read_breastpathq(root)
-    valid = df[df["split"] == "validation"].reset_index(drop=True)
+    valid = _validation_patches(root)
     info = {"family": model.config["kind"], "config": model.config,
             "meta": {"preprocess": {"input_size": int(input_size), "normalize": "minus_one_one"}}}
     scored = predict_images(Predictor((model.eval(), info), precision=precision),
@@ -316,6 +315,18 @@ def _scores(pred: pd.DataFrame) -> dict[str, float]:
     from cellulib.metrics import mse
 
     return {"valid_mse": mse(pred.y_true, pred.y_pred)}
+
+
+def _validation_patches(root) -> pd.DataFrame:
+    """The validation split in the order ``cellulib predict`` lists a folder (sorted by path).
+
+    Stored predictions in that order make ``cellulib evaluate`` on a ``cellulib predict`` of the
+    validation folder resample the same patches, hence give the book's numbers, CIs included.
+    """
+    df = data.read_breastpathq(root)
+    valid = df[df["split"] == "validation"]
+    return valid.iloc[sorted(range(len(valid)), key=lambda i: Path(valid["path"].iloc[i]))
+                      ].reset_index(drop=True)
 
 
 def _train_labels(root) -> np.ndarray:
@@ -491,7 +502,7 @@ def train_gbt(root: str | os.PathLike, seg: TrainResult, profile: str = "quick",
         return hit
     df = data.read_breastpathq(root)
     start = time.perf_counter()
-    parts = {split: df[df["split"] == split] for split in ("train", "validation")}
+    parts = {"train": df[df["split"] == "train"], "validation": _validation_patches(root)}
     tables = {}
     for split, part in parts.items():
         maps = segment_patches(seg.model, part["path"], input_size, progress)
