@@ -18,7 +18,6 @@ import math
 import random
 import re
 import warnings
-import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -484,61 +483,11 @@ _POINT_COLUMNS = ("x", "y", "description", "cls")
 
 
 def _parse_cell_xml(xml_path: Path) -> tuple[pd.DataFrame, Counter]:
-    """Points of the known classes and a Counter of skipped descriptions."""
-    if not xml_path.is_file():
-        raise DataError(f"{xml_path}: file not found")
-    try:
-        tree = ET.parse(xml_path)
-    except (ET.ParseError, UnicodeDecodeError, ValueError) as e:
-        raise DataError(f"{xml_path}: not well-formed XML ({e})") from e
-    xs: list[float] = []
-    ys: list[float] = []
-    descs: list[str] = []
-    skipped: Counter = Counter()
-    root = tree.getroot()
-    graphics = [el for el in root.iter() if _local(el.tag) == "graphic"]
-    if not graphics and _local(root.tag) != "session":
-        raise DataError(f"{xml_path}: not a PathCore Session Printer file (root element "
-                        f"<{_local(root.tag)}>, no <graphic> elements)")
-    for graphic in graphics:
-        desc = (graphic.get("description") or "").strip()
-        cls = DESCRIPTION_TO_CLASS.get(desc)
-        for point in (el for el in graphic.iter() if _local(el.tag) == "point"):
-            text = point.text or ""
-            x, y = _parse_point(text, xml_path, graphic.get("name"))
-            if cls is None:
-                skipped[desc] += 1
-                continue
-            xs.append(x)
-            ys.append(y)
-            descs.append(desc)
-    df = pd.DataFrame({
-        "x": np.asarray(xs, dtype=np.float64),
-        "y": np.asarray(ys, dtype=np.float64),
-        "description": pd.Series(descs, dtype=object),
-        "cls": pd.Series([DESCRIPTION_TO_CLASS[d] for d in descs], dtype=object),
-    })
-    return df, skipped
+    """Points of the known classes and a Counter of skipped descriptions, accepting the real
+    files' quirks (SPEC 1.1; see :func:`cellulib.annotations.parse_pathcore_xml`)."""
+    from cellulib.annotations import parse_pathcore_xml
 
-
-def _local(tag: Any) -> str:
-    """Tag name without an XML namespace (``{ns}graphic`` -> ``graphic``)."""
-    return tag.rsplit("}", 1)[-1] if isinstance(tag, str) else ""
-
-
-def _parse_point(text: str, xml_path: Path, name: str | None) -> tuple[float, float]:
-    parts = text.strip().split(",")
-    where = f" in graphic {name!r}" if name else ""
-    try:
-        if len(parts) != 2:
-            raise ValueError
-        x, y = float(parts[0]), float(parts[1])
-    except ValueError:
-        raise DataError(f"{xml_path}: malformed point {text!r}{where} (expected 'x,y' in "
-                        f"pixels)") from None
-    if not (math.isfinite(x) and math.isfinite(y)) or x < 0 or y < 0:
-        raise DataError(f"{xml_path}: point {text!r}{where} is negative or not finite")
-    return x, y
+    return parse_pathcore_xml(xml_path, DESCRIPTION_TO_CLASS)
 
 
 def _skipped_message(skipped: Counter) -> str:
@@ -569,7 +518,7 @@ def read_cell_points(xml_path: str | Path) -> pd.DataFrame:
     Raises
     ------
     DataError
-        Missing or unparseable XML, or a malformed point (not two comma-separated numbers, or
+        A missing file, a file that is not PathCore XML, or a malformed point (not two comma-separated numbers, or
         negative); the message names the file and quotes the offending text.
 
     Examples

@@ -144,7 +144,8 @@ _DATA_SUFFIXES = frozenset({".tif", ".tiff", ".png", ".jpg", ".jpeg", ".csv", ".
 #: The cellulib modules whose source decides what each model family learns. Every family is built,
 #: fed and fitted by the common five; the segmentation loss trains ``seg`` and the seg net inside
 #: ``sr`` and ``gbt``; the 81 features feed ``gbt``; validation predictions go through ``predict``.
-_COMMON_SOURCES = ("data.py", "engine.py", "models.py", "profiles.py", "train.py")
+_COMMON_SOURCES = ("annotations.py", "data.py", "engine.py", "models.py", "profiles.py",
+                   "train.py")
 TRAINING_SOURCES: dict[str, tuple[str, ...]] = {
     "seg": _COMMON_SOURCES + ("losses.py",),
     "direct": _COMMON_SOURCES + ("predict.py",),

@@ -418,9 +418,13 @@ def test_read_cell_points_malformed(tmp_path, text):
 
 
 def test_read_cell_points_bad_xml_and_empty(tmp_path):
+    # the real files never close <image> (SPEC 1.1): a PathCore session without points is empty
+    unclosed = tmp_path / "unclosed.xml"
+    unclosed.write_text("<session><image></session>")
+    assert len(read_cell_points(unclosed)) == 0
     bad = tmp_path / "bad.xml"
-    bad.write_text("<session><image></session>")
-    with pytest.raises(DataError, match=re.escape(str(bad)) + ".*XML"):
+    bad.write_text('<session><graphic description="IDC"><point>12;x</point></graphic></session>')
+    with pytest.raises(DataError, match=re.escape(str(bad)) + ".*malformed point '12;x'"):
         read_cell_points(bad)
     other = tmp_path / "other.xml"
     other.write_text("<annotations><region/></annotations>")
