@@ -85,7 +85,12 @@ def test_train_direct_records_validation_mse_per_epoch(tiny_root, home, arch, ta
 def test_train_sr_fine_tunes_after_a_frozen_stage(tiny_root, tiny_seg):
     result = train.train_sr(tiny_root, tiny_seg, progress=False, sr_epochs=1, sr_finetune_epochs=1)
     assert list(result.history.stage) == ["frozen segmentation", "end to end"]
-    assert result.meta["preprocess"]["input_size"] == 64  # the 128-pixel patches at the x2 scale
+    # SR sees the direct models' input (the quick profile's direct_size), as in the paper; without a
+    # direct_size both take the segmentation scale: the 128-pixel patches at the x2 downscale
+    assert result.meta["preprocess"]["input_size"] == 96
+    from cellulib.profiles import get_profile
+
+    assert train.cellularity_input_size(tiny_root, {**get_profile("quick"), "direct_size": None}) == 64
     # stage 2 changed the segmentation weights (the cascade holds a copy: the original is untouched)
     before = tiny_seg.model.state_dict()
     after = result.model.seg.state_dict()
