@@ -166,18 +166,7 @@ def _elementtree_reference(path):
     return _table([(x, y, d, DESCRIPTION_TO_CLASS[d]) for x, y, d in zip(xs, ys, descs)]), skipped
 
 
-_SPEC = """<session software="PathCore Session Printer">
-  <image identifier="17_Region 60_crop.tif"><overlays>
-    <graphic type="point" name="Region 61" description="IDC">
-      <point-list><point>72,48</point><point>101,230</point></point-list>
-    </graphic>
-    <graphic type="point" name="Region 62" description=" TIL-S ">
-      <point-list><point>5.5, 6</point></point-list>
-    </graphic>
-    <graphic type="point" name="Region 63" description="UDH">
-      <point-list><point>0,0</point></point-list>
-    </graphic>
-  </overlays></image></session>"""
+_SPEC = (Path(__file__).parent / "fixtures" / "spec_key.xml").read_text()  # SPEC 1.1's example
 
 WELL_FORMED = {
     "spec": _SPEC,

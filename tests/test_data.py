@@ -11,6 +11,7 @@ import io
 import math
 import re
 import warnings
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -360,18 +361,8 @@ def test_read_breastpathq_does_not_open_images(tmp_path):
 # --------------------------------------------------------------------------------------------------
 # cell XML
 # --------------------------------------------------------------------------------------------------
-SPEC_XML = """<session software="PathCore Session Printer">
-  <image identifier="17_Region 60_crop.tif"><overlays>
-    <graphic type="point" name="Region 61" description="IDC">
-      <point-list><point>72,48</point><point>101,230</point></point-list>
-    </graphic>
-    <graphic type="point" name="Region 62" description=" TIL-S ">
-      <point-list><point>5.5, 6</point></point-list>
-    </graphic>
-    <graphic type="point" name="Region 63" description="UDH">
-      <point-list><point>0,0</point></point-list>
-    </graphic>
-  </overlays></image></session>"""
+# The SPEC 1.1 example, well-formed (tests/fixtures/quirky_key.xml holds the real files' quirks)
+SPEC_XML = (Path(__file__).parent / "fixtures" / "spec_key.xml").read_text()
 
 
 def test_read_cell_points_spec_example(tmp_path):
