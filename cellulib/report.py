@@ -576,6 +576,48 @@ def _mse_finding(label: str, paper: str, preds, better: str, worse: str, train_m
             "why": why + (f"; {note}" if note else "")}
 
 
+def decoder_finding(seg, root=None, n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """The paper's Table 1 finding "the FPN decoder beats the U-Net decoder", decided by a CI.
+
+    ``seg`` maps ``"fpn"`` and ``"unet"`` to their training results (random init). With ``root``
+    the per-image Jaccard (:func:`segmentation_counts`) gives a paired bootstrap CI of the
+    difference (:func:`paired_jaccard_difference`) and each network's "learned" verdict
+    (:func:`jaccard_summary`); without it the finding stays undecided. Returns one row of
+    :func:`findings` (``paper's finding``, ``verdict``, ``ours``, ``paper``, ``why``). SPEC 5.1;
+    used in chapters 2 and 5.
+    """
+    j = {d: _paper_value("Table 1", f"{n} decoder", "random", "Jaccard")
+         for d, n in (("fpn", "FPN"), ("unet", "U-Net"))}
+    row = {"paper's finding": "FPN decoder beats U-Net decoder (Table 1)",
+           "paper": f"Jaccard {j['fpn']:.2f} vs {j['unet']:.2f} (random init)"}
+    if root is None:
+        fpn, unet = seg["fpn"].scores["jaccard_nuclei"], seg["unet"].scores["jaccard_nuclei"]
+        return row | {"verdict": "undecided", "ours": f"Jaccard {fpn:.3f} vs {unet:.3f}",
+                      "why": "no per-image Jaccard, so no confidence interval"}
+    counts = {d: segmentation_counts(seg[d], root) for d in ("fpn", "unet")}
+    js = jaccard_summary(counts, n_boot=n_boot, seed=seed)
+    diff = paired_jaccard_difference(counts["fpn"], counts["unet"], n_boot=n_boot, seed=seed)
+    result = verdict(diff, js.loc["fpn", "learned"], js.loc["unet", "learned"],
+                     lower_is_better=False)
+    stuck = [{"fpn": "FPN", "unet": "U-Net"}[d] for d in ("fpn", "unet")
+             if not js.loc[d, "learned"]]
+    if result == "holds":
+        why = "both learned; the CI of the difference excludes 0"
+    elif result == "does not hold":
+        why = "both learned; the CI of the difference excludes 0 on the other side"
+    elif js.loc["fpn", "n"] < MIN_PATCHES:
+        why = f"only {js.loc['fpn', 'n']} validation image(s), too few for a confidence interval"
+    elif stuck:
+        why = (f"{' and '.join(stuck)} did not learn: the Jaccard's CI does not clear "
+               f"the all-pixels baseline ({js.loc['fpn', 'baseline']:.3f})")
+    else:
+        why = "the CI of the difference includes 0"
+    ours = (f"Jaccard {js.loc['fpn', 'jaccard']:.3f} vs {js.loc['unet', 'jaccard']:.3f}, "
+            f"difference {diff.value:+.3f}, 95% CI {diff.ci_low:+.3f} to {diff.ci_high:+.3f} "
+            f"over {js.loc['fpn', 'n']} validation image(s)")
+    return row | {"verdict": result, "ours": ours, "why": why}
+
+
 def findings(preds: Mapping[str, pd.DataFrame], train_mean: float,
              importance: pd.Series | None = None, seg: Mapping[str, Any] | None = None,
              root=None, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
@@ -605,42 +647,7 @@ def findings(preds: Mapping[str, pd.DataFrame], train_mean: float,
     summary = mse_summary(preds, train_mean, n_boot=n_boot, seed=seed)
     rows = []
     if seg is not None and {"fpn", "unet"} <= set(seg):
-        j = {d: _paper_value("Table 1", f"{n} decoder", "random", "Jaccard")
-             for d, n in (("fpn", "FPN"), ("unet", "U-Net"))}
-        paper = f"Jaccard {j['fpn']:.2f} vs {j['unet']:.2f} (random init)"
-        label = "FPN decoder beats U-Net decoder (Table 1)"
-        if root is None:
-            fpn, unet = seg["fpn"].scores["jaccard_nuclei"], seg["unet"].scores["jaccard_nuclei"]
-            rows.append({"paper's finding": label, "verdict": "undecided",
-                         "ours": f"Jaccard {fpn:.3f} vs {unet:.3f}", "paper": paper,
-                         "why": "no per-image Jaccard, so no confidence interval"})
-        else:
-            counts = {d: segmentation_counts(seg[d], root) for d in ("fpn", "unet")}
-            js = jaccard_summary(counts, n_boot=n_boot, seed=seed)
-            diff = paired_jaccard_difference(counts["fpn"], counts["unet"], n_boot=n_boot,
-                                             seed=seed)
-            result = verdict(diff, js.loc["fpn", "learned"], js.loc["unet", "learned"],
-                             lower_is_better=False)
-            stuck = [{"fpn": "FPN", "unet": "U-Net"}[d] for d in ("fpn", "unet")
-                     if not js.loc[d, "learned"]]
-            if result == "holds":
-                why = "both learned; the CI of the difference excludes 0"
-            elif result == "does not hold":
-                why = "both learned; the CI of the difference excludes 0 on the other side"
-            elif js.loc["fpn", "n"] < MIN_PATCHES:
-                why = (f"only {js.loc['fpn', 'n']} validation image(s), too few for a confidence "
-                       "interval")
-            elif stuck:
-                why = (f"{' and '.join(stuck)} did not learn: the Jaccard's CI does not clear "
-                       f"the all-pixels baseline ({js.loc['fpn', 'baseline']:.3f})")
-            else:
-                why = "the CI of the difference includes 0"
-            rows.append({"paper's finding": label, "verdict": result,
-                         "ours": (f"Jaccard {js.loc['fpn', 'jaccard']:.3f} vs "
-                                  f"{js.loc['unet', 'jaccard']:.3f}, difference "
-                                  f"{diff.value:+.3f}, 95% CI {diff.ci_low:+.3f} to "
-                                  f"{diff.ci_high:+.3f} over {js.loc['fpn', 'n']} validation image(s)"),
-                         "paper": paper, "why": why})
+        rows.append(decoder_finding(seg, root, n_boot=n_boot, seed=seed))
     if {"GBT", "ResNet34 (SR)"} <= set(preds):
         paper = (f"MSE {_paper_value('Table 2', 'ResNet34 (SR)', 'random', 'MSE'):.3f} vs "
                  f"{_paper_value('Table 2', 'GBT', 'random', 'MSE'):.3f} (random init)")
