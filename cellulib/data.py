@@ -490,6 +490,15 @@ def _parse_cell_xml(xml_path: Path) -> tuple[pd.DataFrame, Counter]:
     return parse_pathcore_xml(xml_path, DESCRIPTION_TO_CLASS)
 
 
+def _annotation_points(path: Path) -> pd.DataFrame:
+    """Nucleus points of one annotation file: PathCore XML, or a BRCA-M2C dot file (``.txt``)."""
+    if path.suffix.lower() == ".txt":
+        from cellulib.annotations import read_brca_m2c_points
+
+        return read_brca_m2c_points(path)
+    return _parse_cell_xml(path)[0]
+
+
 def _skipped_message(skipped: Counter) -> str:
     return ", ".join(f"{d!r} ({n})" for d, n in sorted(skipped.items(), key=lambda kv: -kv[1]))
 
@@ -570,6 +579,12 @@ def read_cells(root: str | Path) -> pd.DataFrame:
     DataWarning
         A crop without its XML or an XML without its crop (named), unknown descriptions.
     """
+    from cellulib.annotations import BRCA_M2C_SPLITS, read_brca_m2c
+
+    if any((Path(root) / name).is_file() for name in BRCA_M2C_SPLITS.values()):
+        # BRCA-M2C (SPEC 1.4): the same table; "xml_path" holds the dot file, "split" the
+        # official split, which the segmentation loaders then use (see `cells_split`)
+        return read_brca_m2c(root).rename(columns={"label_path": "xml_path"})
     ds = _datasets_dir(root)
     cells = ds / "cells"
     if not cells.is_dir():
@@ -1027,7 +1042,7 @@ class SegDataset(_AugmentedDataset):
             if self.downscale != 1:
                 nw, nh = max(1, round(w / self.downscale)), max(1, round(h / self.downscale))
                 img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA)
-            points, _ = _parse_cell_xml(Path(self.xml_paths[i]))  # read_cells already warned
+            points = _annotation_points(Path(self.xml_paths[i]))  # read_cells already warned
             label = weak_label_map(points, img.shape, self.diameter,
                                    scale=(img.shape[1] / w, img.shape[0] / h))
             self._cache[i] = (img, label)
@@ -1136,8 +1151,8 @@ def seg_split(n: int, valid_pct: float = 0.2, seed: int = 0,
     """Training and validation indices of ``n`` annotated patches, as `seg_dataloaders` splits them.
 
     ``round(valid_pct * n)`` patches (at least 1 when valid_pct > 0), drawn with
-    ``numpy.random.default_rng(seed)``, go to validation. Used in chapter 2 to show validation
-    patches the network never trained on.
+    ``numpy.random.default_rng(seed)``, go to validation. Used through `cells_split` (chapter 2) for datasets without
+    official splits.
     """
     if not 0 <= valid_pct < 1:
         raise ValueError(f"valid_pct must be in [0, 1), got {valid_pct}")
@@ -1149,6 +1164,21 @@ def seg_split(n: int, valid_pct: float = 0.2, seed: int = 0,
                         f"validation (valid_pct={valid_pct})")
     perm = np.random.default_rng(seed).permutation(n)
     return np.sort(perm[n_valid:]), np.sort(perm[:n_valid])
+
+
+def cells_split(cells: pd.DataFrame, valid_pct: float = 0.2, seed: int = 0,
+                root: str | Path = "") -> tuple[np.ndarray, np.ndarray]:
+    """Training and validation rows of an annotated-cells table (`read_cells`).
+
+    A dataset with official splits (BRCA-M2C: a ``split`` column) keeps them: ``train`` rows for
+    training, ``val`` rows for validation, ``test`` rows in neither. Otherwise `seg_split` draws
+    ``valid_pct`` of the patches with ``seed``. Used by `seg_dataloaders`, by
+    :func:`cellulib.train.train_seg` and in chapter 2.
+    """
+    if "split" in cells.columns and (cells["split"] == "val").any():
+        split = cells["split"].to_numpy()
+        return np.flatnonzero(split == "train"), np.flatnonzero(split == "val")
+    return seg_split(len(cells), valid_pct, seed, root)
 
 
 def seg_dataloaders(root: str | Path, size: int = 256, downscale: float = 2, bs: int = 8,
@@ -1202,7 +1232,7 @@ def seg_dataloaders(root: str | Path, size: int = 256, downscale: float = 2, bs:
         ``dls.train``, ``dls.valid``; their datasets are `SegDataset` objects.
     """
     cells = read_cells(root)
-    train_idx, valid_idx = seg_split(len(cells), valid_pct, seed, root)
+    train_idx, valid_idx = cells_split(cells, valid_pct, seed, root)
     n_valid = len(valid_idx)
     common = dict(size=size, downscale=downscale, diameter=diameter, normalize=normalize)
     tr, va = cells.iloc[train_idx], cells.iloc[valid_idx]

@@ -448,7 +448,7 @@ def segmentation_counts(seg, root, threshold: float = 0.5) -> pd.DataFrame:
     """Per validation image and nucleus class: intersection and union at ``threshold``.
 
     Rebuilds the validation patches on which the segmentation network was scored (the split of
-    :func:`cellulib.data.seg_split` with the run's seed, centre crops of the run's ``crop`` after
+    :func:`cellulib.data.cells_split` with the run's seed, centre crops of the run's ``crop`` after
     its ``downscale``, discs of its ``disc_diameter``) and counts, per image, the pixels of each
     nucleus class in the prediction, the weak mask, both, and either. Summed over all images and
     averaged over the classes they give the run's ``jaccard_nuclei`` (paper Table 1). Used in
@@ -474,7 +474,7 @@ def segmentation_counts(seg, root, threshold: float = 0.5) -> pd.DataFrame:
     settings = seg.settings
     seed = int((seg.meta.get("params") or {}).get("seed", 0))
     cells = data.read_cells(root)
-    _, valid_idx = data.seg_split(len(cells), seed=seed, root=root)
+    _, valid_idx = data.cells_split(cells, seed=seed, root=root)
     valid = cells.iloc[valid_idx]
     ds = data.SegDataset(valid["image_path"].tolist(), valid["xml_path"].tolist(),
                          size=settings["crop"], downscale=settings["downscale"],

@@ -138,8 +138,9 @@ def load_model(path: str | os.PathLike, map_location: str = "cpu"):
     return model, info
 
 
-#: Files of a BreastPathQ folder that decide what a model learns: images, label tables, cell XML.
-_DATA_SUFFIXES = frozenset({".tif", ".tiff", ".png", ".jpg", ".jpeg", ".csv", ".xml"})
+#: Files of a dataset folder that decide what a model learns: images, label tables, cell XML,
+#: BRCA-M2C dot files and split lists (.txt).
+_DATA_SUFFIXES = frozenset({".tif", ".tiff", ".png", ".jpg", ".jpeg", ".csv", ".xml", ".txt"})
 
 #: The cellulib modules whose source decides what each model family learns. Every family is built,
 #: fed and fitted by the common five; the segmentation loss trains ``seg`` and the seg net inside

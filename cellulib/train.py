@@ -201,7 +201,7 @@ def train_seg(root: str | os.PathLike, decoder: str = "fpn", pretrained=None, pr
         return hit
     set_seed(seed, reproducible=True)
     # the same patch-level split seg_dataloaders makes (its default valid_pct)
-    n_train = len(data.seg_split(len(data.read_cells(root)), seed=seed, root=root)[0])
+    n_train = len(data.cells_split(data.read_cells(root), seed=seed, root=root)[0])
     dls = data.seg_dataloaders(
         root, size=settings["crop"], downscale=settings["downscale"], bs=settings["seg_bs"],
         diameter=settings["disc_diameter"], seed=seed,

@@ -152,7 +152,7 @@ def test_data_fingerprint_follows_names_and_labels_and_nothing_else(tmp_path):
     base = data_fingerprint(root)
     assert data_fingerprint(shutil.copytree(root, tmp_path / "copy")) == base  # location-free
     train = root / "datasets" / "train"
-    (root / "datasets" / "notes.txt").write_text("not data")
+    (root / "datasets" / "notes.md").write_text("not data")
     (train / "._1_1.tif").write_bytes(b"macOS resource fork")  # hidden: the readers skip it
     assert data_fingerprint(root) == base
     (train / "1_1.tif").rename(train / "1_3.tif")
@@ -162,6 +162,17 @@ def test_data_fingerprint_follows_names_and_labels_and_nothing_else(tmp_path):
     labels = root / "datasets" / "train_labels.csv"
     labels.write_text(labels.read_text().replace("0.5", "0.6"))  # same size
     assert data_fingerprint(root) != base
+
+
+def test_data_fingerprint_covers_brca_m2c_dot_files(tmp_path):
+    """BRCA-M2C keeps its nuclei and its splits in .txt files: they are data too (SPEC 1.4)."""
+    (tmp_path / "labels").mkdir()
+    dots = tmp_path / "labels" / "a_gt_class_coords.txt"
+    dots.write_text("10 20 1\n30 40 2\n")
+    (tmp_path / "brca_ds_train.txt").write_text("a.png\n")
+    base = data_fingerprint(tmp_path)
+    dots.write_text("10 20 1\n30 40 3\n")  # one class changed, same size
+    assert data_fingerprint(tmp_path) != base
 
 
 def test_data_fingerprint_reads_an_unchanged_file_once(tmp_path, monkeypatch):

@@ -115,3 +115,39 @@ def test_several_processes_without_a_gpu_is_a_clear_error(tiny_root, home, monke
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RuntimeError, match="2 processes were launched but there is no CUDA GPU"):
         train.train_direct(tiny_root, "resnet34", epochs=1, size=64, progress=False)
+
+
+@pytest.fixture()
+def brca_subset(real_dir, tmp_path):
+    """Six training and two validation images of the real BRCA-M2C copy, with their dot files."""
+    import shutil
+
+    src = real_dir / "brca-m2c"
+    if not src.is_dir():
+        pytest.skip(f"BRCA-M2C not found at {src}")
+    root = tmp_path / "brca"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    for split, n in (("train", 6), ("val", 2)):
+        names = (src / f"brca_ds_{split}.txt").read_text().split()[:n]
+        (root / f"brca_ds_{split}.txt").write_text("\n".join(names) + "\n")
+        for name in names:
+            shutil.copy(src / "images" / name, root / "images" / name)
+            stem = name.rsplit(".", 1)[0]
+            shutil.copy(src / "labels" / f"{stem}_gt_class_coords.txt", root / "labels")
+    return root
+
+
+def test_train_seg_reads_a_brca_m2c_folder_with_its_official_splits(brca_subset, home, capsys):
+    from cellulib import data
+
+    cells = data.read_cells(brca_subset)
+    train_idx, valid_idx = data.cells_split(cells)
+    assert len(train_idx) == 6 and len(valid_idx) == 2  # the split files, not a random 20%
+    result = train.train_seg(brca_subset, "fpn", epochs=1, progress=False, crop=64,
+                             patches_per_epoch=1, seg_bs=2)
+    assert 0.0 <= result.scores["jaccard_nuclei"] <= 1.0
+    out = home / "brca-seg.pt"
+    assert cli.main(["train", "seg", "--data", str(brca_subset), "--out", str(out),
+                     "--epochs", "1", "--size", "64"]) == 0
+    assert load_model(out)[1]["family"] == "seg"
