@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     from cellulib.predict import add_commands
 
     add_commands(sub)  # predict, evaluate, slide
+    from cellulib.detect import add_command
+
+    add_command(sub)  # detect
     return parser
 
 

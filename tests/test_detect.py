@@ -1,0 +1,180 @@
+"""`cellulib detect`: nuclei drawn at known places of an input image come back at those places of the
+input image with their class, through the library and the command line; bad images give error rows,
+GeoJSON files have QuPath's FeatureCollection/Point layout, and a cellularity model is refused."""
+
+import csv
+import json
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import cellulib.store
+from cellulib import cli, load_model, models, save_model
+from cellulib.detect import COLUMNS, detect_nuclei, detect_to_csv
+from cellulib.store import ModelFileError
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+# nuclei in input-image pixels (x = column, y = row): each a dark disc in one colour channel,
+# the one of its class. Centres at 2k + 0.5 are the centres of pixel k after the x2 downscale.
+H, W, RADIUS = 96, 160, 6
+NUCLEI = [(40.5, 20.5, "normal"), (100.5, 60.5, "lymphocyte"), (130.5, 30.5, "malignant"),
+          (20.5, 70.5, "malignant")]
+CHANNEL = {"normal": 0, "lymphocyte": 1, "malignant": 2}
+
+
+def _image() -> np.ndarray:
+    img = np.full((H, W, 3), 255, np.uint8)
+    yy, xx = np.mgrid[:H, :W]
+    for x, y, name in NUCLEI:
+        img[..., CHANNEL[name]][(xx - x) ** 2 + (yy - y) ** 2 <= RADIUS**2] = 0
+    return img
+
+
+class _DarknessLogits(torch.nn.Module):
+    """Logits whose sigmoid is the darkness of colour channel c in class channel c, and background
+    1 - the darkest: a stand-in segmentation network with known output."""
+
+    def forward(self, x):  # x in [-1, 1], (B, 3, H, W)
+        dark = ((1 - x) / 2).clamp(1e-4, 1 - 1e-4)
+        background = (1 - dark.amax(1, keepdim=True)).clamp(1e-4, 1 - 1e-4)
+        return torch.logit(torch.cat([dark, background], 1))
+
+
+def _fake(model):
+    model.forward = _DarknessLogits().forward
+    return model
+
+
+@pytest.fixture(scope="module")
+def seg_net():
+    return models.seg_model("fpn")
+
+
+@pytest.fixture
+def images(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "a.png"), cv2.cvtColor(_image(), cv2.COLOR_RGB2BGR))
+    return folder
+
+
+def _assert_found(found, tol=1.0):
+    """Every drawn nucleus found once, with its class, within ``tol`` input pixels; nothing else."""
+    assert len(found) == len(NUCLEI)
+    for x, y, name in NUCLEI:
+        near = found[np.hypot(found.x - x, found.y - y) <= tol]
+        assert list(near["class"]) == [name], (x, y, name, found)
+        assert near.probability.iloc[0] > 0.9
+
+
+# after the x2 downscale a disc centred at 2k + 0.5 is symmetric about pixel k, whose centre maps
+# back exactly (a corner-for-centre slip would be 0.5 px off); at x1 the blob lands on one of the
+# pixels beside the centre, 0.5 px away in x and in y
+@pytest.mark.parametrize(("params", "tol"), [({"downscale": 2}, 0.1), ({}, 0.1),
+                                             ({"downscale": 1}, 0.75)])
+def test_detect_finds_nuclei_in_input_pixels(seg_net, images, params, tol):
+    info = {"family": "seg", "meta": {"params": params} if params else {}}
+    found = detect_nuclei((_fake(seg_net), info), images, progress=False, device="cpu")
+    assert list(found.columns) == list(COLUMNS)
+    assert (found.error == "").all() and (found.path == str(images / "a.png")).all()
+    _assert_found(found, tol)
+
+
+def test_detect_uses_actual_scale_factors(seg_net, tmp_path):
+    # 161 px wide: the x2 downscale rounds it to 80 px (factor 2.0125), 97 high to 48 (2.0208)
+    img = np.full((H + 1, W + 1, 3), 255, np.uint8)
+    img[:H, :W] = _image()
+    cv2.imwrite(str(tmp_path / "odd.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    info = {"family": "seg", "meta": {"params": {"downscale": 2}}}
+    found = detect_nuclei((_fake(seg_net), info), tmp_path / "odd.png", progress=False,
+                          device="cpu")
+    _assert_found(found, tol=1.5)
+
+
+@pytest.fixture
+def seg_file(tmp_path, seg_net, monkeypatch):
+    """A real seg model file; loading it gives the stand-in network's known output."""
+    path = tmp_path / "seg.pt"
+    save_model(models.seg_model("fpn"), path, params={"downscale": 2})
+    real = cellulib.store.load_model
+
+    def load_with_known_output(p, *args, **kwargs):
+        model, info = real(p, *args, **kwargs)
+        return _fake(model), info
+
+    monkeypatch.setattr(cellulib.store, "load_model", load_with_known_output)
+    return path
+
+
+def test_cli_writes_csv_and_geojson(seg_file, images, tmp_path, capsys):
+    out, gj = tmp_path / "out" / "nuclei.csv", tmp_path / "geojson"
+    code = cli.main(["detect", "--model", str(seg_file), "--images", str(images),
+                     "--out", str(out), "--geojson", str(gj), "--quiet", "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    with open(out, newline="") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0] == ["path", "x", "y", "class", "probability", "error"]
+    found = pd.read_csv(out, keep_default_na=False)
+    _assert_found(found, tol=0.1)
+    with open(gj / "a.geojson") as fh:
+        doc = json.load(fh)
+    assert doc["type"] == "FeatureCollection" and len(doc["features"]) == len(NUCLEI)
+    for feat, (_, row) in zip(doc["features"], found.iterrows()):
+        assert feat["type"] == "Feature" and feat["geometry"]["type"] == "Point"
+        props = feat["properties"]
+        assert props["objectType"] == "detection"
+        assert props["classification"]["name"] == row["class"]
+        assert props["probability"] == pytest.approx(row.probability, abs=1e-6)
+        # QuPath's pixel (0, 0) spans [0, 1): index coordinates + 0.5
+        assert feat["geometry"]["coordinates"] == pytest.approx([row.x + 0.5, row.y + 0.5],
+                                                                abs=0.01)
+    assert list(tmp_path.rglob("*.tmp")) == []
+
+
+def test_bad_image_gives_error_row_and_exit_1(seg_file, images, tmp_path, capsys):
+    bad = images / "broken.tif"
+    bad.write_bytes(b"II*\x00 this is not a TIFF at all" * 3)
+    out = tmp_path / "nuclei.csv"
+    code = cli.main(["detect", "--model", str(seg_file), "--images", str(images),
+                     "--out", str(out), "--geojson", str(tmp_path / "gj"), "--quiet",
+                     "--device", "cpu"])
+    assert code == 1
+    assert str(bad) in capsys.readouterr().err
+    rows = pd.read_csv(out, keep_default_na=False)
+    failed = rows[rows.error != ""]
+    assert list(failed.path) == [str(bad)] and str(bad) in failed.error.iloc[0]
+    assert (failed[["x", "y", "class", "probability"]] == "").all(axis=None)
+    _assert_found(rows[rows.error == ""].astype({"x": float, "y": float, "probability": float}))
+    assert sorted(p.name for p in (tmp_path / "gj").iterdir()) == ["a.geojson"]
+
+    summary = detect_to_csv(seg_file, images, tmp_path / "again.csv", progress=False,
+                            device="cpu")
+    assert (summary["n_images"], summary["n_ok"], summary["n_failed"]) == (2, 1, 1)
+    assert summary["n_nuclei"] == len(NUCLEI)
+    assert summary["per_class"] == {"normal": 1, "lymphocyte": 1, "malignant": 2}
+
+
+def test_cellularity_model_is_refused(tmp_path, images, capsys):
+    path = tmp_path / "direct.pt"
+    save_model(models.direct_model("resnet34"), path,
+               preprocess={"input_size": 64, "normalize": "minus_one_one"})
+    out = tmp_path / "nuclei.csv"
+    code = cli.main(["detect", "--model", str(path), "--images", str(images), "--out", str(out)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "seg" in err
+    assert not out.exists()
+    with pytest.raises(ModelFileError, match="direct"):
+        detect_nuclei(load_model(path), images, progress=False)
+
+
+def test_bad_threshold_and_missing_model(tmp_path, images, capsys):
+    with pytest.raises(ValueError, match="threshold"):
+        detect_nuclei(tmp_path / "whatever.pt", images, threshold=0)
+    code = cli.main(["detect", "--model", str(tmp_path / "missing.pt"), "--images", str(images),
+                     "--out", str(tmp_path / "n.csv")])
+    assert code == 2 and "missing.pt" in capsys.readouterr().err
