@@ -40,26 +40,14 @@ class _SegModel:
     """A loaded segmentation model with the downscale it was trained at."""
 
     def __init__(self, model: Any, threshold: float, device: Any = None) -> None:
-        import torch
-
         from cellulib.engine import resolve_device
         from cellulib.models import CLASS_NAMES
-        from cellulib.store import ModelFileError, load_model
+        from cellulib.store import ModelFileError, model_and_info
 
         threshold = float(threshold)
         if not 0 < threshold < 1:
             raise ValueError(f"threshold must lie in (0, 1), got {threshold}")
-        if isinstance(model, (str, os.PathLike)):
-            self.source = str(model)
-            model, info = load_model(model)
-        elif isinstance(model, tuple) and len(model) == 2:
-            model, info = model
-            self.source = "<loaded model>"
-        else:
-            raise ValueError("model must be a segmentation model file or the (model, info) pair "
-                             f"from cellulib.load_model, got {type(model).__name__}")
-        if not isinstance(info, dict) or not isinstance(model, torch.nn.Module):
-            raise ValueError("model must be the (model, info) pair from cellulib.load_model")
+        self.source, model, info = model_and_info(model)
         family = info.get("family")
         if family != "seg":
             raise ModelFileError(f"{self.source}: a {family!r} model cannot detect nuclei; "

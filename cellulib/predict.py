@@ -150,19 +150,9 @@ class Predictor:
 
         from cellulib import __version__
         from cellulib.engine import amp_dtype
-        from cellulib.store import load_model
+        from cellulib.store import model_and_info
 
-        if isinstance(model, (str, os.PathLike)):
-            self.source = str(model)
-            model, info = load_model(model)
-        elif isinstance(model, tuple) and len(model) == 2:
-            model, info = model
-            self.source = "<loaded model>"
-        else:
-            raise ValueError("model must be a model file or the (model, info) pair from "
-                             f"cellulib.load_model, got {type(model).__name__}")
-        if not isinstance(info, dict) or not isinstance(model, torch.nn.Module):
-            raise ValueError("model must be the (model, info) pair from cellulib.load_model")
+        self.source, model, info = model_and_info(model)
         family = info.get("family")
         if family == "seg":
             raise _model_error(self.source, "a segmentation model (family 'seg') predicts nucleus "

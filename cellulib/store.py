@@ -197,6 +197,26 @@ def _tree_digest(root: Path, relpaths: list[str]) -> str:
     return digest.hexdigest()[:12]
 
 
+def model_and_info(model: Any) -> tuple[str, Any, dict[str, Any]]:
+    """``(source, model, info)`` of a model file or of the ``(model, info)`` pair of :func:`load_model`.
+
+    ``source`` names the file (``"<loaded model>"`` for a pair) for error messages. Used by
+    ``cellulib predict``, ``slide`` and ``detect``.
+    """
+    import torch
+
+    if isinstance(model, (str, os.PathLike)):
+        loaded, info = load_model(model)
+        return str(model), loaded, info
+    if isinstance(model, tuple) and len(model) == 2:
+        loaded, info = model
+        if isinstance(info, dict) and isinstance(loaded, torch.nn.Module):
+            return "<loaded model>", loaded, info
+        raise ValueError("model must be the (model, info) pair from cellulib.load_model")
+    raise ValueError("model must be a model file or the (model, info) pair from "
+                     f"cellulib.load_model, got {type(model).__name__}")
+
+
 def data_fingerprint(root: str | os.PathLike) -> str:
     """Short hash of every image, label table and cell XML in a BreastPathQ folder, pixels included.
 
