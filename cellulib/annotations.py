@@ -76,7 +76,7 @@ _BREASTPATHQ_LAYOUT = (
     "(patches in datasets/train/ and datasets/validation/) and/or cells/ "
     "('{N}_Region {M}_crop.tif' + '_key.xml'); ROOT may also be datasets/ itself"
 )
-_BRCA_M2C_LAYOUT = (
+BRCA_M2C_LAYOUT = (
     "BRCA-M2C (SPEC 1.4): ROOT/brca_ds_train.txt, brca_ds_val.txt and/or brca_ds_test.txt "
     f"(image file names), ROOT/images/*.png and ROOT/labels/{{stem}}{_BRCA_LABEL_SUFFIX}"
 )
@@ -390,10 +390,10 @@ def read_brca_m2c(root: str | Path) -> pd.DataFrame:
     data = _data()
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise data.DataError(f"{root}: folder not found; expected {_BRCA_M2C_LAYOUT}")
+        raise data.DataError(f"{root}: folder not found; expected {BRCA_M2C_LAYOUT}")
     splits = {s: root / f for s, f in BRCA_M2C_SPLITS.items() if (root / f).is_file()}
     if not splits:
-        raise data.DataError(f"{root}: no split file; expected {_BRCA_M2C_LAYOUT}")
+        raise data.DataError(f"{root}: no split file; expected {BRCA_M2C_LAYOUT}")
     images, labels = root / "images", root / "labels"
     rows = []
     split_of: dict[str, str] = {}
@@ -470,7 +470,7 @@ def detect_layout(root: str | Path) -> str:
         and describes both layouts.
     """
     root = Path(root).expanduser()
-    both = f"expected either {_BREASTPATHQ_LAYOUT}; or {_BRCA_M2C_LAYOUT}"
+    both = f"expected either {_BREASTPATHQ_LAYOUT}; or {BRCA_M2C_LAYOUT}"
     if not root.is_dir():
         raise _data().DataError(f"{root}: folder not found; {both}")
     breastpathq = _is_breastpathq(root / "datasets") or (

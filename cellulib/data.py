@@ -588,7 +588,10 @@ def read_cells(root: str | Path) -> pd.DataFrame:
     ds = _datasets_dir(root)
     cells = ds / "cells"
     if not cells.is_dir():
-        raise DataError(f"{cells}: folder not found; {_LAYOUT}")
+        from cellulib.annotations import BRCA_M2C_LAYOUT
+
+        raise DataError(f"{cells}: folder not found; {_LAYOUT}; or, for nucleus annotations "
+                        f"only, {BRCA_M2C_LAYOUT}")
     crops = {p.name[: -len("_crop.tif")]: p for p in cells.glob("*_crop.tif")}
     keys = {p.name[: -len("_key.xml")]: p for p in cells.glob("*_key.xml")}
     lonely = sorted([crops[n].name for n in crops.keys() - keys.keys()]
