@@ -98,11 +98,10 @@ def _profile_sizes(name: str) -> dict[str, Any]:
     (patch side / ``downscale``, a multiple of 32), as :func:`cellulib.train.cellularity_input_size`
     computes it for the synthetic patches.
     """
-    from cellulib.profiles import get_profile
+    from cellulib.profiles import get_profile, seg_scale_size
 
     profile = get_profile(name)
-    seg_scale = max(32, int(round(profile["size"] / profile["downscale"] / 32)) * 32)
-    side = int(profile.get("direct_size") or seg_scale)
+    side = int(profile.get("direct_size") or seg_scale_size(profile["size"], profile["downscale"]))
     return {"synth_size": profile["size"], "seg_crop": profile["crop"],
             "seg_bs": profile["seg_bs"], "direct_size": side, "direct_bs": profile["direct_bs"],
             "predict_file_size": profile["size"], "predict_input": side,
@@ -198,12 +197,6 @@ def _best_ratio(times: dict[str, list[float]], faster: str = "ours",
     return min(times[slower]) / min(times[faster])
 
 
-def _device():
-    from cellulib.engine import resolve_device
-
-    return resolve_device(None)
-
-
 def _sync(device) -> None:
     import torch
 
@@ -243,7 +236,7 @@ def machine_info() -> dict[str, Any]:
 
     from cellulib import engine
 
-    device = _device()
+    device = engine.resolve_device()
     name = f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"
     available = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                  else os.cpu_count())
@@ -543,7 +536,7 @@ def bench_predict(n_images: int = 48, file_size: int = 512, input_size: int = 12
         # the images in the order predict scores a folder (file-name order)
         files = collect_images(tmp / "images")
         model_path = _save_direct_model(tmp / "model.pt", input_size, seed)
-        device = _device()
+        device = engine.resolve_device()
         amp = engine.amp_dtype(device)
         start = time.perf_counter()
         predictor = Predictor(model_path, device=device, batch_size=batch_size, workers=workers)

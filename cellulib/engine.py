@@ -130,7 +130,7 @@ class CPUAutocast(Callback):
 
     def before_batch(self) -> None:
         self.learn.xb = tuple(channels_last(x) for x in self.learn.xb)
-        self._ctx = torch.autocast(device_type="cpu", dtype=self.dtype)
+        self._ctx = autocast("cpu", self.dtype)
         self._ctx.__enter__()
 
     def after_pred(self) -> None:

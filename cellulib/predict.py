@@ -89,12 +89,6 @@ def _model_error(source: Any, message: str) -> Exception:
     return ModelFileError(f"{source}: {message}")
 
 
-def _resolve_device(device: Any):
-    from cellulib.engine import resolve_device
-
-    return resolve_device(device)
-
-
 class Predictor:
     """A loaded cellularity model with its preprocessing, ready to score uint8 RGB images.
 
@@ -149,7 +143,7 @@ class Predictor:
         import torch
 
         from cellulib import __version__
-        from cellulib.engine import amp_dtype
+        from cellulib.engine import amp_dtype, resolve_device
         from cellulib.store import model_and_info
 
         self.source, model, info = model_and_info(model)
@@ -193,7 +187,7 @@ class Predictor:
         self.workers = int(workers)
         self.max_upscale = float(max_upscale)
         self.max_aspect = float(max_aspect)
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.channels_last = bool(channels_last)
         # resolved once, so "auto" (and $CELLULIB_PRECISION) cannot change between batches
         self.amp_dtype = amp_dtype(self.device, precision)

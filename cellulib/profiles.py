@@ -111,6 +111,19 @@ def get_profile(profile: str = "quick", **overrides: Any) -> dict[str, Any]:
     return settings
 
 
+def seg_scale_size(patch_side: float, downscale: float) -> int:
+    """A patch's side at the segmentation network's scale: ``patch_side / downscale`` rounded to a
+    multiple of 32 (the networks' stride), at least 32. The default input of the SR, GBT and
+    direct models (:func:`cellulib.train.cellularity_input_size`) and of the bench.
+
+    Examples
+    --------
+    >>> seg_scale_size(256, 2), seg_scale_size(500, 2)
+    (128, 256)
+    """
+    return max(32, int(round(patch_side / downscale / 32)) * 32)
+
+
 def home() -> Path:
     """Folder for generated data and cached models: ``$CELLULIB_HOME`` or ``~/.cache/cellulib``."""
     env = os.environ.get("CELLULIB_HOME")

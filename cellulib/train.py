@@ -23,7 +23,7 @@ from fastai.learner import Learner, Metric
 from fastai.torch_core import set_seed
 
 from cellulib import data, losses, models
-from cellulib.profiles import get_profile
+from cellulib.profiles import get_profile, seg_scale_size
 from cellulib.store import cache_path, data_fingerprint, load_model, save_model
 
 
@@ -404,8 +404,7 @@ def train_direct(root: str | os.PathLike, arch: str = "resnet34", task: str = "r
 def _seg_input_size(root, settings: dict) -> int:
     """The patch side at the segmentation network's scale (x2 downscale), a multiple of 32."""
     first = data.read_breastpathq(root)["path"].iloc[0]
-    side = data.read_image(first).shape[0] / settings["downscale"]
-    return max(32, int(round(side / 32)) * 32)
+    return seg_scale_size(data.read_image(first).shape[0], settings["downscale"])
 
 
 def cellularity_input_size(root, settings: dict) -> int:
