@@ -1,8 +1,9 @@
 """Nucleus detection with a segmentation model: the ``detect`` command (SPEC 7).
 
 A segmentation model file (family ``seg``, :func:`cellulib.train.train_seg`) gives one point per
-detected nucleus: the LoG blob centres (paper 3.3, Fig. 5) of its normal, lymphocyte and malignant
-probability maps, mapped back to the pixels of the input image::
+detected nucleus: the LoG blob centres (paper 3.3, Fig. 5) of its nucleus map at the size of the
+discs it was trained on, each with the class (normal, lymphocyte, malignant) its maps favour there,
+mapped back to the pixels of the input image (:func:`nucleus_centres`)::
 
     cellulib detect --model SEG --images DIR_OR_FILES --out nuclei.csv [--geojson DIR]
 
@@ -20,20 +21,89 @@ import os
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-__all__ = ["COLUMNS", "detect_nuclei", "detect_to_csv", "to_geojson",
-           "add_command"]
+__all__ = ["COLUMNS", "DEFAULT_THRESHOLD", "AnnotatedScores", "add_command", "detect_nuclei",
+           "detect_to_csv", "nucleus_centres", "score_annotated", "to_geojson"]
 
 #: Columns of :func:`detect_nuclei` and of the CSV of ``cellulib detect``.
 COLUMNS: tuple[str, ...] = ("path", "x", "y", "class", "probability", "error")
 
 _DEFAULT_DOWNSCALE = 2  # paper 4.2: images downscaled x2 before segmentation
+_DEFAULT_DIAMETER = 15.0  # paper 4.2: 15 px discs at that scale
 PathLike = str | os.PathLike
+
+
+def nucleus_centres(probs: np.ndarray, diameter: float, threshold: float = 0.3
+                    ) -> list[tuple[int, int, str, float]]:
+    """Nucleus centres and classes from the 4 probability maps of a segmentation network.
+
+    The network was trained on discs of ``diameter`` pixels (SPEC 2), so a nucleus appears as a
+    blob of that size in its nucleus map ``1 - p(background)``. Centres are the local maxima of
+    the map's scale-normalised Laplacian of Gaussian at the disc's scale (``sigma = d / (2 sqrt 2)``,
+    where the LoG of a disc of diameter ``d`` responds most), 3x3 maxima whose nucleus
+    probability is at least ``threshold``. Each centre is given the nucleus class (normal,
+    lymphocyte, malignant) with the highest probability, averaged over the 3x3 pixels around it,
+    so a nucleus is reported once even where two class maps both see it. Used by
+    :func:`detect_nuclei` (``cellulib detect``) and the real-H&E chapter.
+
+    Parameters
+    ----------
+    probs : numpy.ndarray, shape (4, H, W)
+        Probabilities in the channel order of `cellulib.models.CLASS_NAMES`.
+    diameter : float
+        Disc diameter the network was trained with, in pixels of ``probs``.
+    threshold : float
+        Smallest nucleus probability at a centre, in (0, 1).
+
+    Returns
+    -------
+    list of (row, column, class, probability)
+        Row and column in pixels of ``probs`` (floats: equal neighbouring maxima, as for a disc
+        centred between pixels, give one centre at their centroid), in raster order;
+        ``probability`` is the chosen class's probability at the nearest pixel.
+
+    Examples
+    --------
+    >>> yy, xx = np.mgrid[:40, :40]
+    >>> disc = ((yy - 20) ** 2 + (xx - 12) ** 2 <= 5 ** 2).astype(np.float32)
+    >>> probs = np.stack([0 * disc, 0.9 * disc, 0.2 * disc, 1 - 0.9 * disc])
+    >>> nucleus_centres(probs, diameter=11)
+    [(20.0, 12.0, 'lymphocyte', 0.9)]
+    """
+    from scipy import ndimage as ndi
+
+    from cellulib.models import CLASS_NAMES
+
+    probs = np.asarray(probs, dtype=np.float32)
+    if probs.ndim != 3 or probs.shape[0] != len(CLASS_NAMES):
+        raise ValueError(f"probs must have shape ({len(CLASS_NAMES)}, H, W), got {probs.shape}")
+    if not 0 < threshold < 1:
+        raise ValueError(f"threshold must lie in (0, 1), got {threshold}")
+    if not diameter > 0:
+        raise ValueError(f"diameter must be positive, got {diameter}")
+    nucleus = 1.0 - probs[CLASS_NAMES.index("background")].astype(np.float64)
+    sigma = float(diameter) / (2.0 * np.sqrt(2.0))
+    response = -sigma ** 2 * ndi.gaussian_laplace(nucleus, sigma, mode="reflect")
+    peaks = (response == ndi.maximum_filter(response, size=3, mode="constant", cval=-np.inf)) \
+        & (nucleus >= threshold) & (response > 0)
+    # a plateau of equal maxima (a disc centred between pixels) is one nucleus, at its centroid
+    labels, n = ndi.label(peaks, structure=np.ones((3, 3), dtype=bool))
+    if not n:
+        return []
+    centres = np.asarray(ndi.center_of_mass(peaks, labels, range(1, n + 1)), dtype=np.float64)
+    names = [c for c in CLASS_NAMES if c != "background"]
+    channels = [CLASS_NAMES.index(c) for c in names]
+    local = ndi.uniform_filter(probs[channels], size=(1, 3, 3), mode="nearest")
+    rows, cols = np.rint(centres[:, 0]).astype(int), np.rint(centres[:, 1]).astype(int)
+    best = np.argmax(local[:, rows, cols], axis=0)
+    return [(float(y), float(x), names[k], round(float(probs[channels[k], r, c]), 6))
+            for (y, x), r, c, k in zip(centres, rows, cols, best)]
 
 
 class _SegModel:
@@ -54,39 +124,42 @@ class _SegModel:
                                  "give a segmentation model (family 'seg', cellulib train seg)")
         params = (info.get("meta") or {}).get("params") or {}
         factor = params.get("downscale", _DEFAULT_DOWNSCALE)
-        if isinstance(factor, bool) or not isinstance(factor, (int, float, np.number)) \
-                or not factor > 0:
-            raise ModelFileError(f"{self.source}: meta['params']['downscale'] must be a positive "
-                                 f"number, the file records {factor!r}")
+        diameter = params.get("disc_diameter", _DEFAULT_DIAMETER)
+        for key, value in (("downscale", factor), ("disc_diameter", diameter)):
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) \
+                    or not value > 0:
+                raise ModelFileError(f"{self.source}: meta['params']['{key}'] must be a positive "
+                                     f"number, the file records {value!r}")
         self.threshold = threshold
         self.downscale = float(factor)
+        self.diameter = float(diameter)
         self.device = resolve_device(device)
         self.model = model.eval().to(self.device)
         # the nucleus channels: every class of the segmentation output but background
         self.classes = tuple(c for c in CLASS_NAMES if c != "background")
 
-    def detect(self, img: np.ndarray) -> list[tuple[float, float, str, float]]:
-        """``(x, y, class, probability)`` of the nuclei of one uint8 RGB image, input pixels."""
+    def maps(self, img: np.ndarray) -> tuple[np.ndarray, float, float]:
+        """The model's 4 probability maps of one uint8 RGB image at its own scale, and the
+        factors ``(sx, sy)`` from that scale back to the input pixels."""
         from cellulib.data import downscale
-        from cellulib.features import log_blobs
-        from cellulib.models import CLASS_NAMES, segment
+        from cellulib.models import segment
 
         h_in, w_in = img.shape[:2]
         small = downscale(img, self.downscale)
-        h_small, w_small = small.shape[:2]
         probs = segment(self.model, small, device=self.device)
         # the actual factors: the downscaled side is rounded to whole pixels
-        sx, sy = w_in / w_small, h_in / h_small
-        found = []
-        for name in self.classes:
-            prob_map = probs[CLASS_NAMES.index(name)]
-            for y, x, _sigma in log_blobs(prob_map, self.threshold):
-                yi, xi = int(y), int(x)
-                # pixel centres aligned, as in cellulib.data.scale_points
-                found.append(((xi + 0.5) * sx - 0.5, (yi + 0.5) * sy - 0.5, name,
-                              float(prob_map[yi, xi])))
-        return found
+        return probs, w_in / small.shape[1], h_in / small.shape[0]
 
+    def centres(self, probs: np.ndarray, sx: float, sy: float
+                ) -> list[tuple[float, float, str, float]]:
+        """``(x, y, class, probability)`` of the nuclei in ``probs``, in input pixels."""
+        # pixel centres aligned, as in cellulib.data.scale_points
+        return [((xi + 0.5) * sx - 0.5, (yi + 0.5) * sy - 0.5, name, p)
+                for yi, xi, name, p in nucleus_centres(probs, self.diameter, self.threshold)]
+
+    def detect(self, img: np.ndarray) -> list[tuple[float, float, str, float]]:
+        """``(x, y, class, probability)`` of the nuclei of one uint8 RGB image, input pixels."""
+        return self.centres(*self.maps(img))
 
 
 def _error_message(path: Path, exc: Exception) -> str:
@@ -111,12 +184,11 @@ def _iter_images(seg: _SegModel, files: list[Path], progress: bool
             yield path, [], _error_message(path, exc)
 
 
-#: Default LoG threshold: the lowest of the paper's blob-feature thresholds (0.02-0.5, section 3.3).
-#: The scale-normalised LoG of a 15 px disc peaks far below its probability (sigma 1-4 is smaller
-#: than the disc), so 0.5 finds nothing: on a synthetic cells crop the quick-profile FPN gave 0 blobs
-#: at 0.24 and 0.5, 13-30 per class at 0.05 and 83-158 at 0.02 (116 and 93 nuclei annotated). Not yet
-#: tuned against a detection metric.
-DEFAULT_THRESHOLD = 0.02
+#: Default smallest nucleus probability at a detected centre (:func:`nucleus_centres`). On the
+#: BRCA-M2C validation split the pooled detection F of the quick-profile FPN (32 epochs) moved by
+#: 0.015 between thresholds 0.15 and 0.5 (0.819 to 0.834), tumour F by 0.009; 0.3 sits in that
+#: plateau. It was not tuned on a test set.
+DEFAULT_THRESHOLD = 0.3
 
 
 def detect_nuclei(model: Any, paths: PathLike | Sequence[PathLike],
@@ -128,9 +200,9 @@ def detect_nuclei(model: Any, paths: PathLike | Sequence[PathLike],
     SPEC 7 (``cellulib detect``), built on paper 3.3 (Fig. 5). Each image is read with
     :func:`cellulib.data.read_image`, downscaled by the model's recorded factor
     (``meta["params"]["downscale"]``, 2 when absent; paper 4.2) with
-    :func:`cellulib.data.downscale`, segmented with :func:`cellulib.models.segment`, and the blobs
-    of the normal, lymphocyte and malignant maps (not background) are found with
-    :func:`cellulib.features.log_blobs` at ``threshold``. A nucleus seen in two maps gives two rows.
+    :func:`cellulib.data.downscale`, segmented with :func:`cellulib.models.segment`, and its
+    nuclei found and classified by :func:`nucleus_centres` at the recorded disc diameter
+    (``meta["params"]["disc_diameter"]``, 15 when absent) and ``threshold``: one row per nucleus.
     Used by ``cellulib detect`` and the real-H&E chapter.
 
     Coordinates are in pixels of the input image with the index convention of
@@ -147,7 +219,7 @@ def detect_nuclei(model: Any, paths: PathLike | Sequence[PathLike],
     paths : path or sequence of paths
         Image files and/or folders (see :func:`cellulib.predict.collect_images`).
     threshold : float
-        Absolute threshold of the scale-normalised LoG response, in (0, 1).
+        Smallest nucleus probability ``1 - p(background)`` at a centre, in (0, 1).
     progress : bool
         Show a tqdm bar on stderr.
     device : str or torch.device, optional
@@ -158,9 +230,8 @@ def detect_nuclei(model: Any, paths: PathLike | Sequence[PathLike],
     Returns
     -------
     pandas.DataFrame
-        Columns ``path, x, y, class, probability, error``: per image its nuclei by class (in
-        ``CLASS_NAMES`` order, strongest LoG response first), ``probability`` the map's value
-        at the centre; a bad image gives one row with NaN values, empty ``class`` and the message
+        Columns ``path, x, y, class, probability, error``: per image its nuclei in raster order
+        of the model's grid, ``probability`` the chosen class's map value at the centre; a bad image gives one row with NaN values, empty ``class`` and the message
         naming the file in ``error`` (``""`` elsewhere).
 
     Raises
@@ -187,6 +258,105 @@ def detect_nuclei(model: Any, paths: PathLike | Sequence[PathLike],
         rows.extend((str(path), x, y, name, p, "") for x, y, name, p in nuclei)
     return pd.DataFrame(rows, columns=list(COLUMNS)).astype(
         {"x": "float64", "y": "float64", "probability": "float64", "class": "str", "error": "str"})
+
+
+@dataclass
+class AnnotatedScores:
+    """What :func:`score_annotated` measured on a set of annotated images.
+
+    ``truth`` and ``pred``: one row per annotated / detected nucleus (``image``, ``x``, ``y``,
+    ``cls``; ``pred`` also ``probability``), input pixels. ``jaccard``: per nucleus class, the
+    Jaccard (IoU) at 0.5 of the model's maps against the disc targets it was trained on, pixels
+    summed over all images (``intersection``, ``union``, ``jaccard``), plus the mean of the three
+    classes (Table 1's figure). ``fractions``: per image, the tumour (malignant) share of the
+    nuclei, annotated and detected.
+    """
+
+    truth: pd.DataFrame
+    pred: pd.DataFrame
+    jaccard: pd.DataFrame
+    fractions: pd.DataFrame
+
+    def scores(self, radius: float | None = None) -> pd.DataFrame:
+        """Detection P, R and F per class and pooled (:func:`cellulib.metrics.detection_scores`)."""
+        from cellulib.metrics import DETECTION_RADIUS, detection_scores
+
+        return detection_scores(self.truth, self.pred, DETECTION_RADIUS if radius is None else radius,
+                                images=self.fractions["image"])
+
+    def curve(self, radii=range(1, 7)) -> pd.DataFrame:
+        """:meth:`scores` over matching radii (MCSpatNet's 1-6 px)."""
+        from cellulib.metrics import detection_curve
+
+        return detection_curve(self.truth, self.pred, radii, images=self.fractions["image"])
+
+
+def score_annotated(model: Any, cells: pd.DataFrame, threshold: float = DEFAULT_THRESHOLD,
+                    progress: bool = True, *, device: Any = None) -> AnnotatedScores:
+    """Run a segmentation model on annotated images and keep what the real-H&E chapter scores.
+
+    Each image of ``cells`` (a table from :func:`cellulib.data.read_cells`: ``name``,
+    ``image_path``, ``xml_path``; BreastPathQ XML or BRCA-M2C dots) is segmented once. Its nuclei
+    are found as ``cellulib detect`` finds them (:func:`nucleus_centres` on the maps at the model's
+    scale, mapped back to input pixels), and the maps are compared at 0.5 with the disc targets
+    the model was trained on (its recorded disc diameter and downscale; SPEC 2). Used in the
+    real-H&E chapter.
+
+    Parameters
+    ----------
+    model : str, PathLike or (nn.Module, dict)
+        A segmentation model file or the pair from :func:`cellulib.load_model`.
+    cells : pandas.DataFrame
+        The annotated images.
+    threshold : float
+        As in :func:`detect_nuclei`.
+    progress : bool
+        Show a tqdm bar on stderr.
+    device : str or torch.device, optional
+        Default: CUDA when available, else the CPU.
+    """
+    from tqdm import tqdm
+
+    from cellulib.data import _annotation_points, read_image, weak_label_map
+    from cellulib.models import CLASS_NAMES
+
+    if not len(cells):
+        raise ValueError("score_annotated needs at least one annotated image")
+    seg = _SegModel(model, threshold, device=device)
+    truth, pred, fractions = [], [], []
+    nuclei = [CLASS_NAMES.index(c) for c in seg.classes]
+    inter = np.zeros(len(nuclei), dtype=np.int64)
+    union = np.zeros(len(nuclei), dtype=np.int64)
+    for row in tqdm(list(cells.itertuples()), desc="score", unit="img", disable=not progress,
+                    file=sys.stderr, leave=False, dynamic_ncols=True):
+        img = read_image(row.image_path)
+        points = _annotation_points(Path(row.xml_path))
+        probs, sx, sy = seg.maps(img)
+        found = seg.centres(probs, sx, sy)
+        truth.append(points[["x", "y", "cls"]].assign(image=row.name))
+        pred.append(pd.DataFrame(found, columns=["x", "y", "cls", "probability"]
+                                 ).assign(image=row.name))
+        label = weak_label_map(points, probs.shape[1:], seg.diameter, scale=(1 / sx, 1 / sy))
+        hard = probs[nuclei] > 0.5
+        for k, ch in enumerate(nuclei):
+            target = label == ch
+            inter[k] += int((hard[k] & target).sum())
+            union[k] += int((hard[k] | target).sum())
+        n_true, n_found = len(points), len(found)
+        fractions.append({
+            "image": row.name, "n_annotated": n_true, "n_detected": n_found,
+            "annotated": float((points["cls"] == "malignant").mean()) if n_true else np.nan,
+            "detected": (sum(c == "malignant" for _, _, c, _ in found) / n_found
+                         if n_found else np.nan),
+        })
+    jac = pd.DataFrame({"intersection": inter, "union": union}, index=list(seg.classes))
+    jac["jaccard"] = np.where(jac["union"] > 0, jac["intersection"] / jac["union"].clip(lower=1),
+                              np.nan)
+    jac.loc["mean (nuclei)"] = [np.nan, np.nan, float(jac["jaccard"].mean())]
+    cols = ["image", "x", "y", "cls"]
+    return AnnotatedScores(pd.concat(truth, ignore_index=True)[cols],
+                           pd.concat(pred, ignore_index=True)[[*cols, "probability"]],
+                           jac, pd.DataFrame(fractions))
 
 
 def to_geojson(nuclei: Sequence[tuple[float, float, str, float]]) -> dict[str, Any]:
@@ -305,8 +475,8 @@ def add_command(sub) -> None:
         "detect",
         help="detect and classify nuclei with a segmentation model: path,x,y,class,probability",
         description="Detect nuclei in TIFF/PNG/JPEG images with a segmentation model file "
-        "(cellulib train seg): the LoG blob centres of its normal, lymphocyte and malignant maps "
-        "(paper 3.3), in pixels of the input image (pixel centres at integers). Writes a CSV with "
+        "(cellulib train seg): the LoG blob centres of its nucleus map at the trained disc size, "
+        "each classed normal, lymphocyte or malignant by the maps there (paper 3.3), in pixels of the input image (pixel centres at integers). Writes a CSV with "
         "the columns path,x,y,class,probability,error (a bad image gets one row with its error; "
         "the others are still processed, and the exit code is 1) and, with --geojson, one "
         "QuPath-readable GeoJSON file of points per image.",
@@ -318,7 +488,8 @@ def add_command(sub) -> None:
     p.add_argument("--geojson", default=None, metavar="DIR",
                    help="also write DIR/<image stem>.geojson per image (QuPath detections)")
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
-                   help=f"LoG blob threshold in (0, 1) ({DEFAULT_THRESHOLD})")
+                   help="smallest nucleus probability at a centre, in (0, 1) "
+                   f"({DEFAULT_THRESHOLD})")
     p.add_argument("--recursive", action="store_true", help="also search subfolders")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

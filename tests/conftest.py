@@ -23,6 +23,40 @@ def real_dir() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def brca_dir(real_dir) -> Path:
+    """The BRCA-M2C copy (``../shared/data/real/brca-m2c``, SPEC 1.4); skips when absent."""
+    path = real_dir / "brca-m2c"
+    if not path.is_dir():
+        pytest.skip(f"BRCA-M2C copy not found at {path}")
+    return path
+
+
+@pytest.fixture
+def brca_full_copy(brca_dir, tmp_path):
+    """A small BRCA-M2C copy with the three splits a full clone has (the real copy lacks the
+    official test split): two training images, one validation image, and two more validation
+    images of the real copy listed in brca_ds_test.txt. Links, not copies."""
+    root = tmp_path / "brca-full"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+
+    def listed(split):
+        text = (brca_dir / f"brca_ds_{split}.txt").read_text()
+        return [ln.strip() for ln in text.splitlines() if ln.strip()]
+
+    train, val_names = listed("train")[:2], listed("val")
+    val, test = val_names[:1], val_names[1:3]
+    for name in train + val + test:
+        stem = name.rsplit(".", 1)[0]
+        (root / "images" / name).symlink_to(brca_dir / "images" / name)
+        label = f"{stem}_gt_class_coords.txt"
+        (root / "labels" / label).symlink_to(brca_dir / "labels" / label)
+    for split, listed_names in (("train", train), ("val", val), ("test", test)):
+        (root / f"brca_ds_{split}.txt").write_text("\n".join(listed_names) + "\n")
+    return root
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Run a module's tests with one torch thread: on a shared 2-core machine, two OpenMP threads

@@ -278,14 +278,6 @@ def test_module_does_not_import_torch():
 # --------------------------------------------------------------------------------------------------
 # BRCA-M2C
 # --------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def brca_dir(real_dir):
-    path = real_dir / "brca-m2c"
-    if not path.is_dir():
-        pytest.skip(f"BRCA-M2C copy not found at {path}")
-    return path
-
-
 def _split_lines(path):
     return [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
 

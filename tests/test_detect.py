@@ -72,10 +72,10 @@ def _assert_found(found, tol=1.0):
 
 
 # after the x2 downscale a disc centred at 2k + 0.5 is symmetric about pixel k, whose centre maps
-# back exactly (a corner-for-centre slip would be 0.5 px off); at x1 the blob lands on one of the
-# pixels beside the centre, 0.5 px away in x and in y
+# back exactly (a corner-for-centre slip would be 0.5 px off); at x1 the four pixels around the
+# centre tie, and their centroid is the centre
 @pytest.mark.parametrize(("params", "tol"), [({"downscale": 2}, 0.1), ({}, 0.1),
-                                             ({"downscale": 1}, 0.75)])
+                                             ({"downscale": 1}, 0.1)])
 def test_detect_finds_nuclei_in_input_pixels(seg_net, images, params, tol):
     info = {"family": "seg", "meta": {"params": params} if params else {}}
     found = detect_nuclei((_fake(seg_net), info), images, progress=False, device="cpu")
@@ -178,3 +178,83 @@ def test_bad_threshold_and_missing_model(tmp_path, images, capsys):
     code = cli.main(["detect", "--model", str(tmp_path / "missing.pt"), "--images", str(images),
                      "--out", str(tmp_path / "n.csv")])
     assert code == 2 and "missing.pt" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+# nucleus_centres: one nucleus per blob, its class the strongest map
+# --------------------------------------------------------------------------------------------------
+def _maps(discs, shape=(64, 96), diameter=11):
+    """Probability maps with a disc of ``diameter`` per ``(x, y, {class: p})``."""
+    probs = np.zeros((4, *shape), np.float32)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    for x, y, by_class in discs:
+        inside = (xx - x) ** 2 + (yy - y) ** 2 <= (diameter / 2) ** 2
+        for name, p in by_class.items():
+            probs[CHANNEL[name]][inside] = p
+    probs[3] = 1 - probs[:3].max(0)
+    return probs
+
+
+def test_nucleus_centres_separates_touching_nuclei_and_picks_the_strongest_class():
+    from cellulib.detect import nucleus_centres
+
+    # two discs 12 px apart (just touching at 11 px), a third seen by two maps
+    probs = _maps([(20, 30, {"malignant": 0.95}), (32, 30, {"lymphocyte": 0.9}),
+                   (70, 20, {"normal": 0.6, "malignant": 0.8})])
+    found = nucleus_centres(probs, diameter=11, threshold=0.3)
+    assert [(round(x), round(y), c) for y, x, c, _ in found] == [
+        (70, 20, "malignant"), (20, 30, "malignant"), (32, 30, "lymphocyte")]
+    assert [p for *_, p in found] == pytest.approx([0.8, 0.95, 0.9])
+    # the threshold applies to the nucleus probability 1 - p(background)
+    weak = _maps([(20, 30, {"lymphocyte": 0.25}), (60, 30, {"lymphocyte": 0.5})])
+    assert [round(x) for _, x, _, _ in nucleus_centres(weak, 11, threshold=0.3)] == [60]
+
+
+def test_nucleus_centres_rejects_bad_input():
+    from cellulib.detect import nucleus_centres
+
+    with pytest.raises(ValueError, match="shape"):
+        nucleus_centres(np.zeros((3, 8, 8)), 11)
+    with pytest.raises(ValueError, match="threshold"):
+        nucleus_centres(np.zeros((4, 8, 8)), 11, threshold=1.5)
+    with pytest.raises(ValueError, match="diameter"):
+        nucleus_centres(np.zeros((4, 8, 8)), 0)
+    assert nucleus_centres(np.zeros((4, 8, 8)) + [[[0]], [[0]], [[0]], [[1]]], 11) == []
+
+
+# --------------------------------------------------------------------------------------------------
+# score_annotated == `cellulib detect` scored by an independent implementation of the protocol
+# --------------------------------------------------------------------------------------------------
+def test_score_annotated_equals_cli_output_scored_independently(seg_file, brca_full_copy, tmp_path):
+    from mcspatnet_reference import reference_counts
+
+    from cellulib.annotations import read_brca_m2c_points
+    from cellulib.data import read_cells
+    from cellulib.detect import score_annotated
+    from cellulib.metrics import DETECTION_CLASSES
+
+    cells = read_cells(brca_full_copy)
+    test = cells[cells.split == "test"]
+    assert len(test) == 2
+    model = cellulib.store.load_model(seg_file)  # the stand-in network: dark pixels are nuclei
+    scores = score_annotated(model, test, progress=False, device="cpu").scores()
+
+    out = tmp_path / "nuclei.csv"
+    assert cli.main(["detect", "--model", str(seg_file), "--images",
+                     *[str(p) for p in test.image_path], "--out", str(out), "--quiet",
+                     "--device", "cpu"]) == 0
+    found = pd.read_csv(out, keep_default_na=False)
+    expected = {c: np.zeros(3, dtype=int) for c in (*DETECTION_CLASSES, "detection")}
+    for row in test.itertuples():
+        dots = read_brca_m2c_points(row.xml_path)
+        mine = found[found.path == str(row.image_path)]
+        shape = (700, 700)
+        for c in DETECTION_CLASSES:
+            expected[c] += reference_counts(dots.loc[dots.cls == c, ["x", "y"]].to_numpy(),
+                                            mine.loc[mine["class"] == c, ["x", "y"]].to_numpy(),
+                                            6, shape)
+        expected["detection"] += reference_counts(dots[["x", "y"]].to_numpy(),
+                                                  mine[["x", "y"]].to_numpy(), 6, shape)
+    assert scores.loc["detection", "tp"] > 0
+    for c, counts in expected.items():
+        assert scores.loc[c, ["tp", "fp", "fn"]].tolist() == counts.tolist(), c
