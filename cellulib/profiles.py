@@ -86,6 +86,34 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 
 
+#: Weak segmentation settings for BRCA-M2C (SPEC 1.4), applied by `cellulib.train.train_seg`
+#: whenever its data folder is a BRCA-M2C copy (explicit overrides still win). Pixel scale: the
+#: patches are at 20x (0.5 um/px) with nuclei about 10-14 px across and a median nearest-dot
+#: distance of 16.5 px (training split), so the images are not downscaled (the x2 of the paper would
+#: leave 5-7 px nuclei, under 2 cells of the FPN's stride-4 grid, and halve the 6 px matching
+#: radius of the detection protocol) and the discs are 11 px across, the size of a nucleus and below
+#: the spacing of most neighbours. The real-H&E chapter shows the measurements behind these values.
+BRCA_M2C_SEG: dict[str, dict[str, Any]] = {
+    "quick": {
+        "downscale": 1,
+        "disc_diameter": 11.0,
+        "crop": 128,
+        # Measured on the validation split (FPN, seed 0, threshold 0.3), pooled / tumour F:
+        # 8 epochs at 3e-3 gave 0.60 / 0.33, 24 at 3e-3 0.82 / 0.60, 48 at 3e-3 0.84 / 0.66,
+        # 24 at 1e-2 0.83 / 0.65 and 32 at 1e-2 0.83 / 0.68 (about 11 s an epoch on 2 cores).
+        "seg_epochs": 32,  # paper: 150
+        "seg_lr": 1e-2,
+        "seg_schedule": "one_cycle",
+        "patches_per_epoch": 3,
+    },
+    "paper": {
+        "downscale": 1,
+        "disc_diameter": 11.0,
+        "crop": 256,
+    },
+}
+
+
 class ProfileError(ValueError):
     """An unknown profile or setting."""
 
@@ -109,6 +137,21 @@ def get_profile(profile: str = "quick", **overrides: Any) -> dict[str, Any]:
     settings.update({k: v for k, v in overrides.items() if v is not None})
     settings["profile"] = profile
     return settings
+
+
+def brca_m2c_profile(profile: str = "quick", **overrides: Any) -> dict[str, Any]:
+    """The settings `cellulib.train.train_seg` uses on a BRCA-M2C copy: ``profile`` with its
+    `BRCA_M2C_SEG` values, then ``overrides`` (``None`` values are ignored). Used in the real-H&E
+    chapter.
+
+    Examples
+    --------
+    >>> s = brca_m2c_profile("quick", crop=64)
+    >>> s["downscale"], s["disc_diameter"], s["crop"]
+    (1, 11.0, 64)
+    """
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return get_profile(profile, **{**BRCA_M2C_SEG.get(profile, {}), **given})
 
 
 def seg_scale_size(patch_side: float, downscale: float) -> int:
@@ -135,14 +178,36 @@ def home() -> Path:
 def real_dir() -> Path | None:
     """The folder of real H&E images next to the repository (``../shared/data/real``), if present.
 
-    ``$CELLULIB_REAL_DIR`` overrides it. Returns ``None`` when no such folder exists.
+    ``$CELLULIB_REAL_DIR``, when set, replaces it (an empty or missing folder then means "no real
+    data"). Returns ``None`` when no such folder exists.
     """
     env = os.environ.get("CELLULIB_REAL_DIR")
-    candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "data" / "real")
+    candidates = [Path(env)] if env else [Path(__file__).resolve().parents[2] / "shared" / "data" / "real"]
     for path in candidates:
         if path.is_dir() and any(path.iterdir()):
             return path
+    return None
+
+
+def brca_m2c_dir(path: str | os.PathLike | None = None) -> Path | None:
+    """The BRCA-M2C copy a chapter reads (SPEC 1.4): ``path`` when given, else ``brca-m2c`` in
+    :func:`real_dir` when present, else None (the caller says the section was skipped).
+
+    A given ``path`` must be a BRCA-M2C copy: otherwise `cellulib.data.DataError` says what the
+    folder lacks. Used in the real-H&E chapter.
+    """
+    from cellulib.annotations import detect_layout
+    from cellulib.data import DataError
+
+    if path is not None:
+        root = Path(path).expanduser()
+        if detect_layout(root) != "brca-m2c":
+            raise DataError(f"{root}: a BreastPathQ folder, not a BRCA-M2C copy (images/, labels/ "
+                            "and brca_ds_{train,val,test}.txt)")
+        return root
+    real = real_dir()
+    if real is not None and (real / "brca-m2c").is_dir():
+        return real / "brca-m2c"
     return None
 
 

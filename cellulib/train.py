@@ -23,7 +23,7 @@ from fastai.learner import Learner, Metric
 from fastai.torch_core import set_seed
 
 from cellulib import data, losses, models
-from cellulib.profiles import get_profile, seg_scale_size
+from cellulib.profiles import brca_m2c_profile, get_profile, seg_scale_size
 from cellulib.store import cache_path, data_fingerprint, load_model, save_model
 
 
@@ -177,6 +177,15 @@ def _pretrained_key(pretrained) -> str | None:
     return str(pretrained) if str(pretrained) == "imagenet" else f"file:{Path(pretrained).name}"
 
 
+def _is_brca_m2c(root) -> bool:
+    from cellulib.annotations import detect_layout
+
+    try:
+        return detect_layout(root) == "brca-m2c"
+    except data.DataError:
+        return False  # read_cells gives the error, with both layouts described
+
+
 def train_seg(root: str | os.PathLike, decoder: str = "fpn", pretrained=None, profile: str = "quick",
               seed: int = 0, epochs: int | None = None, progress: bool = True, cache: bool = True,
               **overrides: Any) -> TrainResult:
@@ -184,11 +193,16 @@ def train_seg(root: str | os.PathLike, decoder: str = "fpn", pretrained=None, pr
 
     Paper section 4.2 and Table 1; SPEC 2. Settings come from ``profile`` (``seg_epochs``,
     ``seg_bs``, ``seg_lr`` -> ``seg_lr_end`` under ``seg_schedule``, ``crop``, ``downscale``,
-    ``disc_diameter``, ``patches_per_epoch``, ``precision``), any of them overridable. Validation: a fixed 20% of the annotated
-    patches, centre crops. ``scores`` holds the per-class Jaccard at 0.5 and their mean
-    (``jaccard_nuclei``, Table 1). Used in chapter 2 and, through the cache, chapter 3.
+    ``disc_diameter``, ``patches_per_epoch``, ``precision``), any of them overridable; on a
+    BRCA-M2C copy the profile's `cellulib.profiles.BRCA_M2C_SEG` settings (pixel scale, disc size,
+    schedule) replace the BreastPathQ ones. Validation: a fixed 20% of the annotated BreastPathQ
+    patches, or BRCA-M2C's official validation split; centre crops. ``scores`` holds the
+    per-class Jaccard at 0.5 and their mean (``jaccard_nuclei``, Table 1). Used in chapter 2, the real-H&E chapter and, through the cache,
+    chapter 3.
     """
-    settings = get_profile(profile, seg_epochs=epochs, **overrides)
+    overrides = {**overrides, "seg_epochs": epochs}
+    settings = (brca_m2c_profile(profile, **overrides) if _is_brca_m2c(root)
+                else get_profile(profile, **overrides))
     params = {
         "kind": "seg", "decoder": decoder, "pretrained": _pretrained_key(pretrained),
         "seed": int(seed), "data": data_fingerprint(root),
