@@ -18,7 +18,7 @@ export CELLULIB_HOME ?= $(CURDIR)/data
 # ("operator torchvision::nms does not exist"), so pip's configuration files and find-links are ignored.
 PIP := env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null $(PY) -m pip
 
-CHAPTERS := $(sort $(notdir $(wildcard notebooks/[0-9][0-9]_*.ipynb)))
+CHAPTERS := $(sort $(notdir $(wildcard notebooks/[0-9][0-9]*_*.ipynb)))
 EXECUTED := $(addprefix book/chapters/,$(CHAPTERS))
 LIBRARY := $(wildcard cellulib/*.py)
 

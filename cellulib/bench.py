@@ -937,7 +937,7 @@ def chapter_times(chapters_dir: str | os.PathLike,
         })
     if notebooks_dir is not None and Path(notebooks_dir).is_dir():
         done = {r["chapter"] for r in rows}
-        for path in sorted(Path(notebooks_dir).glob("[0-9][0-9]_*.ipynb")):
+        for path in sorted(Path(notebooks_dir).glob("[0-9][0-9]*_*.ipynb")):
             if path.stem not in done:
                 rows.append({"chapter": path.stem, "title": path.stem, "seconds": None,
                              "status": "not executed", "executed_at": "", "python": "",
@@ -958,7 +958,7 @@ def execute_chapters(notebooks_dir: str | os.PathLike, out_dir: str | os.PathLik
     import papermill
 
     src = Path(notebooks_dir)
-    notebooks = sorted(src.glob("[0-9][0-9]_*.ipynb"))
+    notebooks = sorted(src.glob("[0-9][0-9]*_*.ipynb"))
     if not notebooks:
         raise ValueError(f"{src}: no chapter notebooks (NN_name.ipynb) to execute")
     out = Path(out_dir)

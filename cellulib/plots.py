@@ -400,3 +400,141 @@ def mse_summary(summary: pd.DataFrame, title: str = "") -> plt.Figure:
         ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+# --------------------------------------------------------------------------------------------------
+# Real H&E: nucleus detection on BRCA-M2C (the real-H&E chapter)
+# --------------------------------------------------------------------------------------------------
+def _class_label(cls: str, labels: dict[str, str] | None) -> str:
+    return (labels or {}).get(cls, cls)
+
+
+def pixel_scale(nn_distance: Sequence[float], diameter: Sequence[float], disc_diameter: float,
+                radius: float | None = None) -> plt.Figure:
+    """Two histograms that set the pixel scale of weak segmentation on a dataset: distances from
+    each annotated nucleus to its nearest neighbour, and nucleus diameters measured in the
+    haematoxylin channel, with the chosen disc diameter (and the detection matching radius).
+    Used in the real-H&E chapter."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.3))
+    panels = ((axes[0], nn_distance, "distance to the nearest annotated nucleus (px)", "dots"),
+              (axes[1], diameter, "nucleus equivalent diameter (px)", "nuclei"))
+    for ax, values, xlabel, ylabel in panels:
+        values = np.asarray(values, dtype=float)
+        ax.hist(values, bins=np.arange(0, min(60.0, float(np.nanmax(values)) + 2.0), 1.0),
+                color="#7f7f7f")
+        ax.axvline(disc_diameter, color="#d62728", lw=1.5,
+                   label=f"disc diameter {disc_diameter:g} px")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+    if radius is not None:
+        axes[0].axvline(radius, color="#1f77b4", lw=1.5, ls="--",
+                        label=f"matching radius {radius:g} px")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def detection_curve(curve: pd.DataFrame, reference: dict[str, float] | None = None,
+                    labels: dict[str, str] | None = None) -> plt.Figure:
+    """Detection F against the matching radius, one line per class and one for pooled detection
+    (the long table of :func:`cellulib.metrics.detection_curve`); ``reference`` marks published F
+    values at the protocol's radius (6 px) with crosses. Used in the real-H&E chapter."""
+    colours = {**CLASS_COLOURS, "detection": "#000000"}
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for cls, part in curve.groupby("class", sort=False):
+        part = part.sort_values("radius")
+        colour = colours.get(cls)
+        ax.plot(part["radius"], part["f1"], marker="o", color=colour, label=_class_label(cls, labels))
+        if reference and cls in reference:
+            ax.plot([part["radius"].max()], [reference[cls]], marker="x", ms=9, mew=2, ls="none",
+                    color=colour)
+    if reference:
+        ax.plot([], [], marker="x", ls="none", color="grey", label="MCSpatNet (test split)")
+    ax.set_xlabel("matching radius (px at 20x, 0.5 um/px)")
+    ax.set_ylabel("F (harmonic mean of precision and recall)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def dots_vs_detections(images: Sequence[np.ndarray], truth: Sequence[pd.DataFrame],
+                       pred: Sequence[pd.DataFrame], titles: Sequence[str] | None = None,
+                       labels: dict[str, str] | None = None) -> plt.Figure:
+    """Real patches with the annotated nucleus dots (top row) and the detections (bottom row),
+    coloured by class; ``truth``/``pred`` hold ``x``, ``y``, ``cls`` per image. Used in the
+    real-H&E chapter."""
+    n = len(images)
+    fig, axes = plt.subplots(2, n, figsize=(3.6 * n, 7.4), squeeze=False)
+    for j, img in enumerate(images):
+        for i, (points, what) in enumerate(((truth[j], "annotated"), (pred[j], "detected"))):
+            ax = axes[i, j]
+            ax.imshow(img)
+            for cls in CLASS_ORDER:
+                part = points[points["cls"] == cls]
+                ax.scatter(part["x"], part["y"], s=9, c=CLASS_COLOURS[cls], edgecolors="white",
+                           linewidths=0.4, label=_class_label(cls, labels))
+            ax.set_title(f"{titles[j] if titles else ''} {what} ({len(points)})".strip(),
+                         fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    axes[0, 0].legend(fontsize=7, loc="upper right", markerscale=1.5)
+    fig.tight_layout()
+    return fig
+
+
+def fraction_scatter(annotated: Sequence[float], detected: Sequence[float],
+                     title: str = "") -> plt.Figure:
+    """Per-image tumour share of the nuclei, detected against annotated, with the identity line.
+    Used in the real-H&E chapter."""
+    fig, ax = plt.subplots(figsize=(3.8, 3.6))
+    ax.scatter(annotated, detected, s=22, alpha=0.8)
+    ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("annotated tumour share of nuclei")
+    ax.set_ylabel("detected tumour share of nuclei")
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def message_figure(text: str) -> plt.Figure:
+    """A small figure that only says ``text``: stands in for a figure whose data are missing, so
+    the page still builds and says why. Used in the real-H&E chapter."""
+    fig, ax = plt.subplots(figsize=(6, 1.2))
+    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=10, wrap=True)
+    ax.axis("off")
+    return fig
+
+
+def label_comparison(real: Sequence[float], synthetic: Sequence[float],
+                     ks: float | None = None) -> plt.Figure:
+    """The real BreastPathQ cellularity labels beside the synthetic ones (paper Fig. 6 for both):
+    histograms as shares of each set (left) and the two empirical CDFs (right), whose largest
+    vertical gap is the two-sample KS statistic ``ks``. Used in chapter 1."""
+    real = np.asarray(real, dtype=float)
+    synthetic = np.asarray(synthetic, dtype=float)
+    fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.4))
+    bins = np.linspace(0, 1, 21)
+    for values, name, colour in ((real, f"real BreastPathQ (n={len(real)})", "#4c72b0"),
+                                 (synthetic, f"synthetic (n={len(synthetic)})", "#dd8452")):
+        axes[0].hist(values, bins=bins, weights=np.full(len(values), 1 / len(values)),
+                     histtype="step", lw=1.8, color=colour, label=name)
+        xs = np.sort(values)
+        axes[1].step(np.concatenate([[0], xs, [1]]),
+                     np.concatenate([[0], np.arange(1, len(xs) + 1) / len(xs), [1]]),
+                     where="post", color=colour, label=name)
+    axes[0].set_xlabel("cellularity (0-1)")
+    axes[0].set_ylabel("share of patches")
+    axes[1].set_xlabel("cellularity (0-1)")
+    axes[1].set_ylabel("share of patches at or below")
+    axes[0].legend(fontsize=8)
+    if ks is not None:
+        axes[1].set_title(f"two-sample KS statistic {ks:.3f}", fontsize=10)
+    for ax in axes:
+        ax.set_xlim(0, 1)
+    fig.tight_layout()
+    return fig

@@ -23,6 +23,10 @@ SEG = {"crop": 64, "patches_per_epoch": 1}
 TINY = {
     "01_data_exploration": {**DATA, "n_examples": 4},
     "02_weak_segmentation": {**DATA, **SEG, "epochs": 1},
+    # BRCA-M2C from ../shared when present (its section is skipped otherwise); the synthetic network
+    # is chapter 2's, from the cache
+    "02b_real_he": {**DATA, "epochs": 1, "crop": 64, "patches_per_epoch": 1, "seg_epochs": 1,
+                    "seg_crop": 64, "seg_patches_per_epoch": 1, "n_boot": 100},
     "03_feature_importance": {**DATA, **SEG, "seg_epochs": 1, "sr_epochs": 1,
                               "sr_finetune_epochs": 1, "gbt_rounds": 20, "n_boot": 100},
     "04_direct_regression_vs_classification": {**DATA, "epochs": 1, "input_size": 64,
@@ -33,8 +37,9 @@ TINY = {
 
 # Numbered figures each chapter shows (glued PNGs with captions).
 FIGURES = {
-    "01_data_exploration": 7,
+    "01_data_exploration": 8,
     "02_weak_segmentation": 2,
+    "02b_real_he": 5,
     "03_feature_importance": 6,
     "04_direct_regression_vs_classification": 5,
     "05_discussion": 0,
@@ -146,3 +151,40 @@ def test_page_renders_in_headless_chromium(built_book, page, tmp_path):
     # text is laid out in rows: many rows hold dark pixels, not just one block
     dark_rows = (img.min(axis=2) < 100).any(axis=1).mean()
     assert dark_rows > 0.1, f"too little dark text ({dark_rows:.1%} of rows)"
+
+
+# --------------------------------------------------------------------------------------------------
+# the real-H&E chapter on other copies: none at all, and a full copy with a test split
+# --------------------------------------------------------------------------------------------------
+def _run_real_chapter(tmp_path, monkeypatch, **parameters) -> str:
+    """Execute the real-H&E chapter alone with tiny parameters; its outputs as one text."""
+    import nbformat
+    import papermill
+
+    monkeypatch.setenv("CELLULIB_HOME", str(tmp_path / "home"))  # the kernel inherits it
+    out = tmp_path / "02b_real_he.ipynb"
+    papermill.execute_notebook(
+        str(REPO / "notebooks" / "02b_real_he.ipynb"), str(out),
+        parameters={"profile": "quick", "seed": 0, **TINY["02b_real_he"], **parameters},
+        cwd=str(tmp_path), kernel_name="python3", progress_bar=False)
+    texts = []
+    for cell in nbformat.read(out, as_version=4).cells:
+        for output in cell.get("outputs", []):
+            texts.append(output.get("text", ""))
+            texts.extend(str(v) for k, v in output.get("data", {}).items() if k.startswith("text/"))
+    return "\n".join(texts)
+
+
+def test_real_chapter_without_data_says_it_skipped(tmp_path, monkeypatch):
+    empty = tmp_path / "no-real-data"
+    empty.mkdir()
+    monkeypatch.setenv("CELLULIB_REAL_DIR", str(empty))
+    text = _run_real_chapter(tmp_path, monkeypatch)
+    assert "BRCA-M2C was not found" in text and "section was skipped" in text
+    assert "Traceback" not in text
+
+
+def test_real_chapter_reports_the_test_split_of_a_full_copy(brca_full_copy, tmp_path, monkeypatch):
+    text = _run_real_chapter(tmp_path, monkeypatch, real_data=str(brca_full_copy))
+    assert "results on the test split" in text
+    assert "Its official test split" in text and "optimistic" not in text
