@@ -109,7 +109,8 @@ def nucleus_centres(probs: np.ndarray, diameter: float, threshold: float = 0.3
 class _SegModel:
     """A loaded segmentation model with the downscale it was trained at."""
 
-    def __init__(self, model: Any, threshold: float, device: Any = None) -> None:
+    def __init__(self, model: Any, threshold: float, device: Any = None,
+                 stain_norm: Any = None) -> None:
         from cellulib.engine import resolve_device
         from cellulib.models import CLASS_NAMES
         from cellulib.store import ModelFileError, model_and_info
@@ -135,6 +136,7 @@ class _SegModel:
         self.diameter = float(diameter)
         self.device = resolve_device(device)
         self.model = model.eval().to(self.device)
+        self.stain_norm = stain_norm  # a cellulib.stain.StainNormalizer, or None
         # the nucleus channels: every class of the segmentation output but background
         self.classes = tuple(c for c in CLASS_NAMES if c != "background")
 
@@ -144,17 +146,19 @@ class _SegModel:
         from cellulib.data import downscale
         from cellulib.models import segment
 
-        h_in, w_in = img.shape[:2]
+        if self.stain_norm is not None:
+            img = self.stain_norm.normalize(img)
         small = downscale(img, self.downscale)
         probs = segment(self.model, small, device=self.device)
         # the actual factors: the downscaled side is rounded to whole pixels
-        return probs, w_in / small.shape[1], h_in / small.shape[0]
+        return probs, img.shape[1] / small.shape[1], img.shape[0] / small.shape[0]
 
     def centres(self, probs: np.ndarray, sx: float, sy: float
                 ) -> list[tuple[float, float, str, float]]:
         """``(x, y, class, probability)`` of the nuclei in ``probs``, in input pixels."""
-        # pixel centres aligned, as in cellulib.data.scale_points
-        return [((xi + 0.5) * sx - 0.5, (yi + 0.5) * sy - 0.5, name, p)
+        # pixel centres aligned, as in cellulib.data.scale_points; to 0.01 px, as the CSV holds
+        # them, so that scoring the CSV gives exactly what scoring these gives
+        return [(round((xi + 0.5) * sx - 0.5, 2), round((yi + 0.5) * sy - 0.5, 2), name, p)
                 for yi, xi, name, p in nucleus_centres(probs, self.diameter, self.threshold)]
 
     def detect(self, img: np.ndarray) -> list[tuple[float, float, str, float]]:
@@ -194,7 +198,7 @@ DEFAULT_THRESHOLD = 0.3
 def detect_nuclei(model: Any, paths: PathLike | Sequence[PathLike],
                   threshold: float = DEFAULT_THRESHOLD,
                   progress: bool = True, *, device: Any = None,
-                  recursive: bool = False) -> pd.DataFrame:
+                  recursive: bool = False, stain_norm: Any = None) -> pd.DataFrame:
     """Detect and classify nuclei in image files with a segmentation model; one row per nucleus.
 
     SPEC 7 (``cellulib detect``), built on paper 3.3 (Fig. 5). Each image is read with
@@ -226,6 +230,8 @@ def detect_nuclei(model: Any, paths: PathLike | Sequence[PathLike],
         Default: CUDA when available, else the CPU.
     recursive : bool
         Also search subfolders.
+    stain_norm : cellulib.stain.StainNormalizer, optional
+        Normalise each image's stain before segmenting it (``--stain-norm``).
 
     Returns
     -------
@@ -249,7 +255,7 @@ def detect_nuclei(model: Any, paths: PathLike | Sequence[PathLike],
     """
     from cellulib.predict import collect_images
 
-    seg = _SegModel(model, threshold, device=device)
+    seg = _SegModel(model, threshold, device=device, stain_norm=stain_norm)
     files = collect_images(paths, recursive=recursive)
     rows: list[tuple] = []
     for path, nuclei, error in _iter_images(seg, files, progress):
@@ -391,7 +397,7 @@ def _geojson_names(files: list[Path]) -> list[str]:
 def detect_to_csv(model: Any, paths: PathLike | Sequence[PathLike], out: PathLike,
                   geojson_dir: PathLike | None = None, threshold: float = DEFAULT_THRESHOLD,
                   progress: bool = True, *, device: Any = None,
-                  recursive: bool = False) -> dict[str, Any]:
+                  recursive: bool = False, stain_norm: Any = None) -> dict[str, Any]:
     """Detect nuclei in image files and write them to a CSV (and GeoJSON files), atomically.
 
     SPEC 7 (``cellulib detect``). Rows (see :func:`detect_nuclei`; ``x``, ``y`` with 2 decimals,
@@ -406,7 +412,7 @@ def detect_to_csv(model: Any, paths: PathLike | Sequence[PathLike], out: PathLik
         The CSV to write.
     geojson_dir : path, optional
         Folder of the GeoJSON files (created when missing).
-    model, paths, threshold, progress, device, recursive
+    model, paths, threshold, progress, device, recursive, stain_norm
         As in :func:`detect_nuclei`.
 
     Returns
@@ -417,7 +423,7 @@ def detect_to_csv(model: Any, paths: PathLike | Sequence[PathLike], out: PathLik
     """
     from cellulib.predict import _atomic_text, collect_images
 
-    seg = _SegModel(model, threshold, device=device)
+    seg = _SegModel(model, threshold, device=device, stain_norm=stain_norm)
     files = collect_images(paths, recursive=recursive)
     names = _geojson_names(files)
     out = Path(out)
@@ -449,6 +455,7 @@ def detect_to_csv(model: Any, paths: PathLike | Sequence[PathLike], out: PathLik
         Path(tmp).unlink(missing_ok=True)
         raise
     return {"model": seg.source, "downscale": seg.downscale, "threshold": seg.threshold,
+            "stain_norm": None if seg.stain_norm is None else seg.stain_norm.method,
             "n_images": len(files), "n_ok": len(files) - len(failed), "n_failed": len(failed),
             "n_nuclei": sum(per_class.values()), "per_class": per_class, "failed": failed,
             "output": str(out), "geojson": written}
@@ -456,10 +463,16 @@ def detect_to_csv(model: Any, paths: PathLike | Sequence[PathLike], out: PathLik
 
 def _cmd_detect(args: argparse.Namespace) -> int:
     from cellulib.predict import _print_failures
+    from cellulib.stain import normalizer_from_options
+    from cellulib.store import model_and_info
 
+    meta = {}
+    if args.stain_norm and args.stain_target is None:  # the model file's own stain reference
+        meta = model_and_info(args.model)[2].get("meta") or {}
+    norm = normalizer_from_options(args.stain_norm, args.stain_target, meta)
     summary = detect_to_csv(args.model, args.images, args.out, geojson_dir=args.geojson,
                             threshold=args.threshold, progress=not args.quiet,
-                            device=args.device, recursive=args.recursive)
+                            device=args.device, recursive=args.recursive, stain_norm=norm)
     _print_failures(summary["failed"], "detect", "images")
     counts = ", ".join(f"{n} {c}" for c, n in summary["per_class"].items())
     print(f"{summary['n_nuclei']} nuclei ({counts}) in {summary['n_ok']} of "
@@ -493,4 +506,7 @@ def add_command(sub) -> None:
     p.add_argument("--recursive", action="store_true", help="also search subfolders")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    from cellulib.stain import add_options
+
+    add_options(p)
     p.set_defaults(func=_cmd_detect)

@@ -139,7 +139,8 @@ class Predictor:
 
     def __init__(self, model: Any, *, device: Any = None, batch_size: int = 16, tta: bool = False,
                  workers: int = 2, max_upscale: float = 4.0, max_aspect: float = 1.5,
-                 channels_last: bool = True, precision: str = "auto") -> None:
+                 channels_last: bool = True, precision: str = "auto",
+                 stain_norm: Any = None) -> None:
         import torch
 
         from cellulib import __version__
@@ -198,6 +199,8 @@ class Predictor:
             model.to(memory_format=torch.channels_last)
         self.model = model
         self.cellulib_version = __version__
+        # a cellulib.stain.StainNormalizer applied to each image before it is cut and resized
+        self.stain_norm = stain_norm
 
     # -- description -------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
@@ -214,11 +217,14 @@ class Predictor:
             "precision": self.precision,
             "channels_last": self.channels_last,
             "batch_size": self.batch_size,
+            "stain_norm": None if self.stain_norm is None else {
+                "method": self.stain_norm.method, "target": self.stain_norm.source},
         }
 
     # -- preprocessing -----------------------------------------------------------------------
     def prepare(self, img: np.ndarray, name: Any = "image") -> list[np.ndarray]:
-        """Cut and resize one (H, W, 3) uint8 image into the model's ``S x S`` inputs.
+        """Cut and resize one (H, W, 3) uint8 image into the model's ``S x S`` inputs (after
+        stain normalisation when the predictor has one).
 
         A roughly square image (aspect ratio up to ``max_aspect``) is resized whole to ``S x S``
         with ``cv2.INTER_AREA``, as the training patches were (paper 4.1-4.4). A stretch keeps
@@ -234,6 +240,8 @@ class Predictor:
 
         from cellulib.data import DataError
 
+        if self.stain_norm is not None:
+            img = self.stain_norm.normalize(img)
         h, w = img.shape[:2]
         short, long = min(h, w), max(h, w)
         s = self.input_size
@@ -450,7 +458,7 @@ def _iter_rows(predictor: Predictor, files: list[Path], progress: bool):
 def predict_images(model: Any, paths: PathLike | Sequence[PathLike], batch_size: int = 16,
                    tta: bool = False, progress: bool = True, *, device: Any = None,
                    workers: int = 2, recursive: bool = False,
-                   precision: str = "auto") -> pd.DataFrame:
+                   precision: str = "auto", stain_norm: Any = None) -> pd.DataFrame:
     """Score image files with a cellularity model; one row per image, bad images included.
 
     Paper sections 3.2-3.4 applied to new images (see :class:`Predictor` for the preprocessing and
@@ -468,7 +476,7 @@ def predict_images(model: Any, paths: PathLike | Sequence[PathLike], batch_size:
         Average the 8 flips and rotations.
     progress : bool
         Show a tqdm bar on stderr.
-    device, workers, precision, recursive
+    device, workers, precision, recursive, stain_norm
         See :class:`Predictor` and :func:`collect_images` (ignored for a ready Predictor, except
         ``recursive``).
 
@@ -485,7 +493,7 @@ def predict_images(model: Any, paths: PathLike | Sequence[PathLike], batch_size:
     ['path', 'cellularity', 'error']
     """
     predictor = _as_predictor(model, batch_size=batch_size, tta=tta, device=device,
-                              workers=workers, precision=precision)
+                              workers=workers, precision=precision, stain_norm=stain_norm)
     files = collect_images(paths, recursive=recursive)
     rows = list(_iter_rows(predictor, files, progress))
     return pd.DataFrame(rows, columns=["path", "cellularity", "error"]).astype(
@@ -516,7 +524,7 @@ def _jsonable(obj: Any) -> Any:
 def predict_to_csv(model: Any, paths: PathLike | Sequence[PathLike], out: PathLike,
                    batch_size: int = 16, tta: bool = False, progress: bool = True, *,
                    device: Any = None, workers: int = 2, recursive: bool = False,
-                   precision: str = "auto") -> dict[str, Any]:
+                   precision: str = "auto", stain_norm: Any = None) -> dict[str, Any]:
     """Score image files and stream ``path,cellularity,error`` rows to a CSV, plus a JSON sidecar.
 
     The rows go to a temporary file beside ``out`` as they are scored (memory stays flat for any
@@ -540,7 +548,7 @@ def predict_to_csv(model: Any, paths: PathLike | Sequence[PathLike], out: PathLi
         ``{"path", "error"}``), ``seconds``, ``images_per_second`` and the model description.
     """
     predictor = _as_predictor(model, batch_size=batch_size, tta=tta, device=device,
-                              workers=workers, precision=precision)
+                              workers=workers, precision=precision, stain_norm=stain_norm)
     given = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     files = collect_images(given, recursive=recursive)
     out = Path(out)
@@ -879,11 +887,23 @@ def _print_failures(failed: list[dict[str, str]], command: str, what: str) -> No
               file=sys.stderr)
 
 
+def _stain_norm(args: argparse.Namespace):
+    """The normaliser of ``--stain-norm``/``--stain-target`` (the model file's own reference when
+    no target is given), built before anything is written so a bad target loses nothing."""
+    from cellulib.stain import normalizer_from_options
+    from cellulib.store import model_and_info
+
+    meta = {}
+    if args.stain_norm and args.stain_target is None:
+        meta = model_and_info(args.model)[2].get("meta") or {}
+    return normalizer_from_options(args.stain_norm, args.stain_target, meta)
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     summary = predict_to_csv(args.model, args.images, args.out, batch_size=args.batch_size,
                              tta=args.tta, progress=not args.quiet, device=args.device,
                              workers=args.workers, recursive=args.recursive,
-                             precision=args.precision)
+                             precision=args.precision, stain_norm=_stain_norm(args))
     _print_failures(summary["failed"], "predict", "images")
     print(f"scored {summary['n_ok']} of {summary['n_images']} images with the "
           f"{summary['family']} model {args.model} ({summary['images_per_second']} img/s); "
@@ -939,7 +959,8 @@ def _cmd_slide(args: argparse.Namespace) -> int:
     from cellulib.slide import slide_map
 
     predictor = Predictor(args.model, batch_size=args.batch_size, tta=args.tta,
-                          device=args.device, workers=args.workers, precision=args.precision)
+                          device=args.device, workers=args.workers, precision=args.precision,
+                          stain_norm=_stain_norm(args))
     tiles = slide_map(predictor, args.image, args.out, tile=args.tile, tile_um=args.tile_um,
                       stride=args.stride, min_tissue=args.min_tissue, level=args.level,
                       progress=not args.quiet)
@@ -963,6 +984,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="forward-pass arithmetic: auto (bf16 autocast on a CPU with native bf16 "
                    "and on CUDA, else float32), bf16, or float32 to force full precision")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    from cellulib.stain import add_options
+
+    add_options(p)
 
 
 def add_commands(sub) -> None:

@@ -1,0 +1,327 @@
+"""Stain and scanner shift (SPEC 8): seeded, graded image shifts, and stain normalisation.
+
+Images from another hospital or scanner differ in stain colour, brightness, focus, compression and
+pixel size. :func:`shift_image` applies one such shift at a stated strength, the same for every
+model given a seed, so the stain-shift chapter can score models under controlled shifts.
+:class:`StainNormalizer` is the remedy at predict time: Macenko (2009) or Reinhard (2001)
+normalisation fitted on a target image, computed by torchstain's numpy backend (a maintained
+implementation of both published algorithms), with checks that turn a blank or non-H&E target into
+a clear error naming the file.
+
+Every function takes and returns uint8 RGB arrays ``(H, W, 3)``. No torch import.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "METHODS",
+    "SHIFTS",
+    "StainError",
+    "StainNormalizer",
+    "add_options",
+    "hed_perturb",
+    "normalizer_from_options",
+    "shift_image",
+    "tissue_fraction",
+]
+
+#: Stain normalisation methods of :class:`StainNormalizer`.
+METHODS = ("macenko", "reinhard")
+#: The shifts of :func:`shift_image`.
+SHIFTS = ("hed", "hestain", "brightness_contrast", "blur", "jpeg", "scale")
+
+#: Optical density below which a pixel counts as background (Macenko et al. 2009's beta).
+_BETA = 0.15
+#: Transmitted light intensity of the optical density (Macenko's Io).
+_IO = 240
+#: Fewest tissue pixels (OD >= beta in every channel) for a stain estimate.
+_MIN_TISSUE = 500
+#: Largest angle between a fitted stain vector and the reference H or E vector of Ruifrok &
+#: Johnston / Macenko for the image to count as H&E. The real H&E images in ../shared/data/real
+#: (BreastPathQ, AMIDA13, OpenSlide) fit within 12 degrees; a pure blue, green or red image does not.
+_MAX_STAIN_ANGLE = 35.0
+_REF_HE = np.array([[0.5626, 0.2159], [0.7201, 0.8012], [0.4062, 0.5581]])
+
+
+class StainError(ValueError):
+    """A stain target (or image) that cannot be used: blank, not H&E, or unreadable."""
+
+
+def _rgb8(img: Any, what: str = "image") -> np.ndarray:
+    arr = np.asarray(img)
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
+        raise StainError(f"{what} must be an (H, W, 3) uint8 RGB array, got shape {arr.shape} "
+                         f"and dtype {arr.dtype}")
+    return arr
+
+
+def tissue_fraction(img: np.ndarray) -> float:
+    """Share of pixels whose optical density is at least Macenko's beta (0.15) in every
+    channel: stained tissue rather than white background. Used by :class:`StainNormalizer`."""
+    arr = _rgb8(img).reshape(-1, 3).astype(np.float64)
+    od = -np.log((arr + 1) / _IO)
+    return float(np.mean(np.all(od >= _BETA, axis=1)))
+
+
+def _angle(u: np.ndarray, v: np.ndarray) -> float:
+    cos = float(np.dot(u, v) / (np.linalg.norm(u) * np.linalg.norm(v)))
+    return float(np.degrees(np.arccos(np.clip(cos, -1.0, 1.0))))
+
+
+class StainNormalizer:
+    """Stain normalisation fitted on a target image: ``macenko`` or ``reinhard``.
+
+    Macenko et al. (2009) estimate the H and E stain vectors and concentrations of an image in
+    optical-density space and re-synthesise it with the target's vectors and 99th-percentile
+    concentrations; Reinhard et al. (2001) match the mean and standard deviation of each channel
+    in LAB space. Both come from torchstain (numpy backend). Used by ``cellulib predict``,
+    ``detect`` and ``slide`` (``--stain-norm``) and the stain-shift chapter.
+
+    Examples
+    --------
+    >>> norm = StainNormalizer("reinhard").fit(target_img)  # doctest: +SKIP
+    >>> out = norm.normalize(img)  # doctest: +SKIP
+    """
+
+    def __init__(self, method: str = "macenko") -> None:
+        if method not in METHODS:
+            raise ValueError(f"unknown stain normalisation {method!r}; choose one of {METHODS}")
+        import torchstain
+
+        self.method = method
+        self._impl = torchstain.normalizers.__dict__[
+            "MacenkoNormalizer" if method == "macenko" else "ReinhardNormalizer"](backend="numpy")
+        self.source: str | None = None
+
+    # ---------------------------------------------------------------------------------------------
+    def fit(self, target: Any, name: str | None = None) -> StainNormalizer:
+        """Fit on a target: an image array or an image file. A blank target (under 5% tissue or
+        fewer than 500 tissue pixels) or one whose stain vectors are not H and E raises
+        :class:`StainError` naming it."""
+        if isinstance(target, (str, Path)):
+            from cellulib.data import DataError, read_image
+
+            name = str(target)
+            try:
+                target = read_image(target)
+            except DataError as exc:
+                raise StainError(f"stain target {exc}") from exc
+        label = name or "stain target"
+        img = _rgb8(target, label)
+        self._check_he(img, label)
+        self._impl.fit(img)
+        self.source = name
+        return self
+
+    def _check_he(self, img: np.ndarray, label: str) -> None:
+        frac = tissue_fraction(img)
+        n_tissue = frac * img.shape[0] * img.shape[1]
+        if frac < 0.05 or n_tissue < _MIN_TISSUE:
+            raise StainError(f"{label}: blank as a stain target ({100 * frac:.1f}% of its pixels "
+                             "are stained tissue); give an H&E image with tissue")
+        vectors = _macenko_vectors(img)
+        angles = [_angle(vectors[:, k], _REF_HE[:, k]) for k in range(2)]
+        if max(angles) > _MAX_STAIN_ANGLE:
+            raise StainError(f"{label}: does not look like H&E (its two stain vectors lie "
+                             f"{angles[0]:.0f} and {angles[1]:.0f} degrees from haematoxylin and "
+                             f"eosin; at most {_MAX_STAIN_ANGLE:.0f} expected)")
+
+    def normalize(self, img: np.ndarray) -> np.ndarray:
+        """The image with the target's stain. An image with too little tissue for a stain
+        estimate (a blank patch) is returned unchanged."""
+        arr = _rgb8(img)
+        if tissue_fraction(arr) * arr.shape[0] * arr.shape[1] < _MIN_TISSUE:
+            return arr.copy()
+        if self.method == "macenko":
+            out, _, _ = self._impl.normalize(I=arr, Io=_IO, beta=_BETA, stains=False)
+        else:
+            out = self._impl.normalize(I=arr)
+        return np.ascontiguousarray(out, dtype=np.uint8)
+
+    __call__ = normalize
+
+    # ---------------------------------------------------------------------------------------------
+    def reference(self) -> dict[str, Any]:
+        """The fitted target as plain lists, to store in a model file (``meta["stain"]``)."""
+        if self.method == "macenko":
+            return {"method": "macenko", "HERef": np.asarray(self._impl.HERef).tolist(),
+                    "maxCRef": np.asarray(self._impl.maxCRef).tolist(), "source": self.source}
+        if getattr(self._impl, "target_means", None) is None:
+            raise StainError("the Reinhard normaliser has not been fitted")
+        return {"method": "reinhard", "means": np.asarray(self._impl.target_means).tolist(),
+                "stds": np.asarray(self._impl.target_stds).tolist(), "source": self.source}
+
+    @classmethod
+    def from_reference(cls, ref: dict[str, Any]) -> StainNormalizer:
+        """A normaliser from :meth:`reference` (e.g. read back from a model file)."""
+        norm = cls(ref.get("method", "macenko"))
+        if norm.method == "macenko":
+            norm._impl.HERef = np.asarray(ref["HERef"], dtype=np.float64)
+            norm._impl.maxCRef = np.asarray(ref["maxCRef"], dtype=np.float64)
+        else:
+            norm._impl.target_means = np.asarray(ref["means"], dtype=np.float64)
+            norm._impl.target_stds = np.asarray(ref["stds"], dtype=np.float64)
+        norm.source = ref.get("source")
+        return norm
+
+
+def _macenko_vectors(img: np.ndarray, alpha: float = 1.0) -> np.ndarray:
+    """The (3, 2) H and E optical-density vectors of Macenko's method (H first), unit length."""
+    od = -np.log((img.reshape(-1, 3).astype(np.float64) + 1) / _IO)
+    od_hat = od[np.all(od >= _BETA, axis=1)]
+    _, eigvecs = np.linalg.eigh(np.cov(od_hat.T))
+    plane = eigvecs[:, 1:3]
+    proj = od_hat @ plane
+    phi = np.arctan2(proj[:, 1], proj[:, 0])
+    lo, hi = np.percentile(phi, alpha), np.percentile(phi, 100 - alpha)
+    v_min = plane @ np.array([np.cos(lo), np.sin(lo)])
+    v_max = plane @ np.array([np.cos(hi), np.sin(hi)])
+    he = np.stack([v_max, v_min], 1) if v_min[0] <= v_max[0] else np.stack([v_min, v_max], 1)
+    he *= np.sign(he.sum(axis=0, keepdims=True))  # eigenvector signs are arbitrary: OD >= 0
+    return he / np.linalg.norm(he, axis=0, keepdims=True)
+
+
+# -------------------------------------------------------------------------------------------------
+# controlled shifts
+# -------------------------------------------------------------------------------------------------
+def hed_perturb(img: np.ndarray, h_scale: float = 1.0, e_scale: float = 1.0,
+                h_shift: float = 0.0, e_shift: float = 0.0) -> np.ndarray:
+    """Scale and shift the haematoxylin and eosin optical densities of an image.
+
+    Colour deconvolution of Ruifrok & Johnston (2001) (``skimage.color.rgb2hed``), then
+    ``H' = h_scale * H + h_shift`` (and E likewise, the residual D unchanged) on tissue pixels,
+    and back to RGB (``hed2rgb``). Background (white) pixels keep their colour, as a scanner's
+    white balance would. Used by :func:`shift_image` and the stain-shift chapter.
+    """
+    from skimage.color import hed2rgb, rgb2hed
+
+    arr = _rgb8(img)
+    hed = rgb2hed(arr)
+    tissue = (hed[..., 0] + hed[..., 1]) > 0.02
+    hed[..., 0] = np.where(tissue, hed[..., 0] * h_scale + h_shift, hed[..., 0])
+    hed[..., 1] = np.where(tissue, hed[..., 1] * e_scale + e_shift, hed[..., 1])
+    hed[..., :2] = np.maximum(hed[..., :2], 0)
+    rgb = hed2rgb(hed)
+    out = np.clip(np.rint(rgb * 255), 0, 255).astype(np.uint8)
+    return np.where(tissue[..., None], out, arr)
+
+
+def _zoom(img: np.ndarray, factor: float) -> np.ndarray:
+    """Magnify by ``factor`` about the centre, keeping the size: > 1 crops the centre of the
+    enlarged image (a 40x scan seen at 20x: nuclei look larger), < 1 shrinks it and fills the rest
+    by reflection."""
+    import cv2
+
+    h, w = img.shape[:2]
+    nh, nw = max(1, round(h * factor)), max(1, round(w * factor))
+    interp = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
+    resized = cv2.resize(img, (nw, nh), interpolation=interp)
+    if factor >= 1:
+        top, left = (nh - h) // 2, (nw - w) // 2
+        return np.ascontiguousarray(resized[top:top + h, left:left + w])
+    pad_y, pad_x = h - nh, w - nw
+    return cv2.copyMakeBorder(resized, pad_y // 2, pad_y - pad_y // 2, pad_x // 2,
+                              pad_x - pad_x // 2, cv2.BORDER_REFLECT_101)
+
+
+def _albumentations(transform) -> Callable[[np.ndarray, int], np.ndarray]:
+    import albumentations as A
+
+    def apply(img: np.ndarray, seed: int) -> np.ndarray:
+        return A.Compose([transform], seed=int(seed))(image=img)["image"]
+
+    return apply
+
+
+def shift_image(img: np.ndarray, kind: str, strength: float, seed: int = 0) -> np.ndarray:
+    """One controlled shift of an image at ``strength`` (0 = none, 1 = the strongest tested).
+
+    SPEC 8. Kinds (``SHIFTS``), with what strength 1 means:
+
+    - ``hed``: H and E optical densities scaled by 1 +/- 0.5 and shifted by +/- 0.05 (skimage HED
+      units), signs drawn from ``seed`` (:func:`hed_perturb`);
+    - ``hestain``: albumentations ``HEStain`` with a random preset stain matrix and intensity
+      scale 1 +/- 0.5 (presets drawn from ``seed``);
+    - ``brightness_contrast``: brightness and contrast each changed by +/- 40%;
+    - ``blur``: Gaussian blur of sigma 2 px (focus);
+    - ``jpeg``: JPEG at quality 10 (quality ``95 - 85 * strength``; scanner compression);
+    - ``scale``: magnified x2 about the centre (a 40x scan seen by a 20x model); a negative
+      strength shrinks (x0.5 at -1).
+
+    The same ``(img, kind, strength, seed)`` gives the same image. Used in the stain-shift chapter.
+    """
+    import cv2
+
+    arr = _rgb8(img)
+    s = float(strength)
+    if kind not in SHIFTS:
+        raise ValueError(f"unknown shift {kind!r}; choose one of {SHIFTS}")
+    if not (-1.0 <= s <= 1.0) or (kind != "scale" and s < 0):
+        raise ValueError(f"strength must lie in [0, 1] ([-1, 1] for scale), got {strength}")
+    if s == 0:
+        return arr.copy()
+    rng = np.random.default_rng(seed)
+    if kind == "hed":
+        sign = rng.choice([-1.0, 1.0], size=4)
+        return hed_perturb(arr, 1 + 0.5 * s * sign[0], 1 + 0.5 * s * sign[1],
+                           0.05 * s * sign[2], 0.05 * s * sign[3])
+    if kind == "hestain":
+        import albumentations as A
+
+        tfm = A.HEStain(method="random_preset", intensity_scale_range=(1 - 0.5 * s, 1 + 0.5 * s),
+                        intensity_shift_range=(-0.1 * s, 0.1 * s), p=1.0)
+        return _albumentations(tfm)(arr, seed)
+    if kind == "brightness_contrast":
+        sign = rng.choice([-1.0, 1.0], size=2)
+        alpha, beta = 1 + 0.4 * s * sign[0], 0.4 * s * sign[1] * 255
+        mean = arr.reshape(-1, 3).mean(axis=0)
+        out = (arr.astype(np.float64) - mean) * alpha + mean + beta
+        return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    if kind == "blur":
+        return cv2.GaussianBlur(arr, (0, 0), sigmaX=2.0 * s, borderType=cv2.BORDER_REFLECT_101)
+    if kind == "jpeg":
+        quality = int(round(95 - 85 * s))
+        ok, buf = cv2.imencode(".jpg", cv2.cvtColor(arr, cv2.COLOR_RGB2BGR),
+                               [cv2.IMWRITE_JPEG_QUALITY, quality])
+        return cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    return _zoom(arr, 2.0 ** s)
+
+
+
+# -------------------------------------------------------------------------------------------------
+# the command-line options
+# -------------------------------------------------------------------------------------------------
+def normalizer_from_options(method: str | None, target: str | Path | None = None,
+                            model_meta: dict[str, Any] | None = None) -> StainNormalizer | None:
+    """The normaliser of ``--stain-norm METHOD [--stain-target IMAGE]``; None without a method.
+
+    The target image is fitted when given. Without one, the model file's stored reference
+    (``meta["stain"]``, the stain of its training set) is used when its method matches; otherwise
+    :class:`StainError` says that a target is needed. Used by ``cellulib predict``, ``detect`` and
+    ``slide``.
+    """
+    if method is None:
+        if target is not None:
+            raise StainError("--stain-target needs --stain-norm macenko or reinhard")
+        return None
+    if target is not None:
+        return StainNormalizer(method).fit(target)
+    ref = (model_meta or {}).get("stain")
+    if isinstance(ref, dict) and ref.get("method") == method:
+        return StainNormalizer.from_reference(ref)
+    raise StainError(f"--stain-norm {method} needs --stain-target IMAGE (an H&E image stained "
+                     "the way the model's training data were): this model file carries no "
+                     f"{method} stain reference")
+
+
+def add_options(parser) -> None:
+    """Add ``--stain-norm`` and ``--stain-target`` to an argparse (sub)parser."""
+    parser.add_argument("--stain-norm", choices=METHODS, default=None,
+                        help="normalise each image's stain before scoring: macenko or reinhard")
+    parser.add_argument("--stain-target", default=None, metavar="IMAGE",
+                        help="H&E image whose stain the images are normalised to")

@@ -1,0 +1,213 @@
+"""Stain shifts and normalisation (SPEC 8): shifts are deterministic for a seed and of the stated
+strength (measured on a real H&E patch), and normalisation moves a real image's stain statistics to
+the target's, checked with skimage's colour spaces and a second implementation of Macenko's vectors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from skimage.color import rgb2hed, rgb2lab
+
+from cellulib import stain
+from cellulib.stain import SHIFTS, StainError, StainNormalizer, hed_perturb, shift_image
+
+
+@pytest.fixture(scope="module")
+def patch(real_dir):
+    from cellulib.data import read_image
+
+    path = real_dir / "breastpathq_99788_1.tif"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    return read_image(path)
+
+
+def _tissue_od(img, mask):
+    hed = rgb2hed(img)
+    return hed[..., 0][mask].mean(), hed[..., 1][mask].mean()
+
+
+@pytest.mark.parametrize("kind", SHIFTS)
+def test_shifts_are_deterministic_and_zero_is_identity(patch, kind):
+    a = shift_image(patch, kind, 0.6, seed=3)
+    b = shift_image(patch, kind, 0.6, seed=3)
+    assert a.dtype == np.uint8 and a.shape == patch.shape
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a.astype(int) - patch).mean() > 1.0, "a shift of strength 0.6 changes the image"
+    np.testing.assert_array_equal(shift_image(patch, kind, 0, seed=3), patch)
+
+
+def test_hed_perturbation_has_the_stated_strength(patch):
+    h0, e0 = rgb2hed(patch)[..., 0], rgb2hed(patch)[..., 1]
+    tissue = (h0 + e0) > 0.02
+    out = hed_perturb(patch, h_scale=1.4, e_scale=0.7)
+    h1, e1 = _tissue_od(out, tissue)
+    # measured mean optical density ratio on tissue; uint8 rounding and clipping at 0/255 cost a
+    # few percent
+    assert h1 / h0[tissue].mean() == pytest.approx(1.4, rel=0.06)
+    assert e1 / e0[tissue].mean() == pytest.approx(0.7, rel=0.06)
+    # the background keeps its colour
+    np.testing.assert_array_equal(out[~tissue], patch[~tissue])
+    # the shift's signs come from the seed: two seeds differ, stronger moves further
+    d = [np.abs(shift_image(patch, "hed", s, seed=0).astype(int) - patch).mean() for s in (0.3, 1)]
+    assert d[0] < d[1]
+    assert not np.array_equal(shift_image(patch, "hed", 1, seed=0), shift_image(patch, "hed", 1, seed=1))
+
+
+def test_blur_jpeg_brightness_and_scale_strengths(patch):
+    import cv2
+
+    sharp = cv2.Laplacian(cv2.cvtColor(patch, cv2.COLOR_RGB2GRAY), cv2.CV_64F).var()
+    blurred = [cv2.Laplacian(cv2.cvtColor(shift_image(patch, "blur", s), cv2.COLOR_RGB2GRAY),
+                             cv2.CV_64F).var() for s in (0.25, 1.0)]
+    assert sharp > blurred[0] > blurred[1]
+    # JPEG quality 95 - 85 * strength: quality 10 at strength 1 loses more than quality 74
+    err = [np.abs(shift_image(patch, "jpeg", s).astype(int) - patch).mean() for s in (0.25, 1.0)]
+    assert 0 < err[0] < err[1]
+    # brightness/contrast: the mean moves by 0.4 * 255 * strength (up or down, by the seed), before
+    # clipping at 0 and 255
+    moved = abs(shift_image(patch, "brightness_contrast", 0.25, seed=0).mean() - patch.mean())
+    assert moved == pytest.approx(0.1 * 255, rel=0.15)
+
+
+def test_scale_magnifies_about_the_centre():
+    img = np.full((64, 64, 3), 255, np.uint8)
+    yy, xx = np.mgrid[:64, :64]
+    img[(yy - 31.5) ** 2 + (xx - 31.5) ** 2 <= 6 ** 2] = (80, 40, 120)
+    area = lambda im: int((im[..., 0] < 160).sum())  # noqa: E731
+    assert area(shift_image(img, "scale", 1.0)) == pytest.approx(4 * area(img), rel=0.1)
+    small = shift_image(img, "scale", -1.0)
+    assert small.shape == img.shape
+    # the centre holds the image at half size (the rim repeats it by reflection)
+    assert area(small[16:48, 16:48]) == pytest.approx(area(img) / 4, rel=0.15)
+
+
+def test_bad_shift_arguments(patch):
+    with pytest.raises(ValueError, match="unknown shift"):
+        shift_image(patch, "fog", 0.5)
+    with pytest.raises(ValueError, match="strength"):
+        shift_image(patch, "blur", -0.5)
+    with pytest.raises(StainError, match="uint8"):
+        shift_image(patch.astype(np.float32), "blur", 0.5)
+
+
+# -------------------------------------------------------------------------------------------------
+# normalisation
+# -------------------------------------------------------------------------------------------------
+def test_macenko_vectors_match_torchstain(patch):
+    # a second implementation of Macenko's stain-vector estimate (ours, used to check targets)
+    # against the fitted torchstain normaliser, up to each vector's length
+    norm = StainNormalizer("macenko").fit(patch)
+    fitted = np.asarray(norm._impl.HERef)
+    fitted = fitted / np.linalg.norm(fitted, axis=0, keepdims=True)
+    np.testing.assert_allclose(stain._macenko_vectors(patch), fitted, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", stain.METHODS)
+def test_normalisation_moves_stain_statistics_to_the_target(patch, method):
+    # the target: the same tissue stained differently (H x1.5, E x0.6)
+    target = hed_perturb(patch, h_scale=1.5, e_scale=0.6)
+    norm = StainNormalizer(method).fit(target, name="target.png")
+    out = norm.normalize(patch)
+    if method == "macenko":
+        tissue = (rgb2hed(patch)[..., :2].sum(-1)) > 0.02
+        before = np.array(_tissue_od(patch, tissue))
+        goal = np.array(_tissue_od(target, tissue))
+        after = np.array(_tissue_od(out, tissue))
+        # Macenko matches its own fitted stain vectors, skimage measures with Ruifrok's fixed ones:
+        # each stain moves towards the target, and the pair ends at under 40% of its distance
+        assert np.all(np.abs(after - goal) < np.abs(before - goal)), (before, after, goal)
+        assert np.linalg.norm(after - goal) < 0.4 * np.linalg.norm(before - goal)
+    else:
+        # Reinhard matches each LAB channel's mean and spread (skimage's LAB, not torchstain's)
+        lab_t, lab_o, lab_p = (rgb2lab(x).reshape(-1, 3) for x in (target, out, patch))
+        assert np.all(np.abs(lab_o.mean(0) - lab_t.mean(0)) < 0.3 * np.abs(lab_p.mean(0) - lab_t.mean(0)) + 1.0)
+        np.testing.assert_allclose(lab_o.std(0), lab_t.std(0), rtol=0.15)
+    # the fitted reference round-trips through a model file's metadata
+    again = StainNormalizer.from_reference(norm.reference()).normalize(patch)
+    np.testing.assert_array_equal(again, out)
+    assert norm.reference()["source"] == "target.png"
+
+
+def test_blank_and_non_he_targets_are_refused(tmp_path, patch):
+    with pytest.raises(StainError, match="blank"):
+        StainNormalizer("macenko").fit(np.full((64, 64, 3), 250, np.uint8), name="white.png")
+    rng = np.random.default_rng(0)
+    blue = np.zeros((64, 64, 3), np.uint8)
+    blue[..., 2] = rng.integers(60, 200, (64, 64))
+    with pytest.raises(StainError, match="does not look like H&E"):
+        StainNormalizer("reinhard").fit(blue, name="blue.png")
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG not really")
+    with pytest.raises(StainError, match="broken.png"):
+        StainNormalizer().fit(bad)
+    with pytest.raises(ValueError, match="unknown stain normalisation"):
+        StainNormalizer("vahadane")
+    # a blank patch to normalise is returned as it is
+    white = np.full((64, 64, 3), 250, np.uint8)
+    np.testing.assert_array_equal(StainNormalizer().fit(patch).normalize(white), white)
+
+
+def test_real_images_pass_the_he_check(real_dir):
+    from cellulib.data import read_image
+
+    for name in ("breastpathq_99788_1.tif", "openslide_OS-1-detail.ome.tif", "amida13_example1.png"):
+        path = real_dir / name
+        if path.is_file():
+            StainNormalizer("macenko").fit(read_image(path), name=name)  # no error
+
+
+# -------------------------------------------------------------------------------------------------
+# cellulib predict --stain-norm on the real images
+# -------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def direct_file(tmp_path_factory):
+    import torch
+
+    from cellulib import models, save_model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "direct.pt"
+    save_model(models.direct_model("resnet34"), path,
+               preprocess={"input_size": 64, "normalize": "minus_one_one"})
+    return path
+
+
+def test_predict_with_stain_normalisation_on_real_images(direct_file, real_dir, tmp_path, capsys):
+    import json
+
+    import pandas as pd
+
+    from cellulib import cli
+    from cellulib.predict import predict_images
+
+    target = real_dir / "breastpathq_99788_1.tif"
+    images = sorted(p for p in real_dir.iterdir() if p.suffix.lower() in (".tif", ".png"))
+    if not target.is_file() or len(images) < 3:
+        pytest.skip("real H&E images not found")
+    out = tmp_path / "preds.csv"
+    code = cli.main(["predict", "--model", str(direct_file), "--images", str(real_dir),
+                     "--out", str(out), "--quiet", "--device", "cpu", "--stain-norm", "macenko",
+                     "--stain-target", str(target)])
+    assert code == 0, capsys.readouterr().err
+    rows = pd.read_csv(out, keep_default_na=False)
+    assert len(rows) == len(images) and (rows.error == "").all()
+    side = json.loads(out.with_name(out.name + ".json").read_text())
+    assert side["stain_norm"] == {"method": "macenko", "target": str(target)}
+    norm = StainNormalizer("macenko").fit(target)
+    again = predict_images(direct_file, real_dir, progress=False, device="cpu", stain_norm=norm)
+    np.testing.assert_allclose(rows.cellularity, again.cellularity, atol=1e-6)
+    plain = predict_images(direct_file, real_dir, progress=False, device="cpu")
+    assert not np.allclose(plain.cellularity, again.cellularity, atol=1e-4)
+
+
+def test_predict_bad_stain_target_leaves_earlier_output(direct_file, real_dir, tmp_path, capsys):
+    from cellulib import cli
+
+    out = tmp_path / "preds.csv"
+    out.write_text("path,cellularity,error\nearlier,0.5,\n")
+    target = tmp_path / "unreadable.tif"
+    target.write_bytes(b"II*\x00 not a tiff")
+    code = cli.main(["predict", "--model", str(direct_file), "--images", str(real_dir),
+                     "--out", str(out), "--stain-norm", "reinhard", "--stain-target", str(target)])
+    assert code == 2 and str(target) in capsys.readouterr().err
+    assert out.read_text() == "path,cellularity,error\nearlier,0.5,\n"
