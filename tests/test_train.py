@@ -85,9 +85,9 @@ def test_train_direct_records_validation_mse_per_epoch(tiny_root, home, arch, ta
 def test_train_sr_fine_tunes_after_a_frozen_stage(tiny_root, tiny_seg):
     result = train.train_sr(tiny_root, tiny_seg, progress=False, sr_epochs=1, sr_finetune_epochs=1)
     assert list(result.history.stage) == ["frozen segmentation", "end to end"]
-    # SR sees the direct models' input (the quick profile's direct_size), as in the paper; without a
-    # direct_size both take the segmentation scale: the 128-pixel patches at the x2 downscale
-    assert result.meta["preprocess"]["input_size"] == 96
+    # SR reads the segmentation maps at the network's scale, as GBT and the paper: the 128-pixel
+    # patches at the x2 downscale; the direct models take direct_size, or that scale without one
+    assert result.meta["preprocess"]["input_size"] == 64
     from cellulib.profiles import get_profile
 
     assert train.cellularity_input_size(tiny_root, {**get_profile("quick"), "direct_size": None}) == 64
