@@ -171,7 +171,8 @@ def _run_real_chapter(tmp_path, monkeypatch, **parameters) -> str:
     for cell in nbformat.read(out, as_version=4).cells:
         for output in cell.get("outputs", []):
             texts.append(output.get("text", ""))
-            texts.extend(str(v) for k, v in output.get("data", {}).items() if k.startswith("text/"))
+            # glue(..., display=False) stores "application/papermill.record/text/markdown"
+            texts.extend(str(v) for k, v in output.get("data", {}).items() if "text/" in k)
     return "\n".join(texts)
 
 
