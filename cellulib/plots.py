@@ -441,7 +441,7 @@ def detection_curve(curve: pd.DataFrame, reference: dict[str, float] | None = No
     (the long table of :func:`cellulib.metrics.detection_curve`); ``reference`` marks published F
     values at the protocol's radius (6 px) with crosses. Used in the real-H&E chapter."""
     colours = {**CLASS_COLOURS, "detection": "#000000"}
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = plt.subplots(figsize=(7.6, 3.6))
     for cls, part in curve.groupby("class", sort=False):
         part = part.sort_values("radius")
         colour = colours.get(cls)
@@ -454,7 +454,7 @@ def detection_curve(curve: pd.DataFrame, reference: dict[str, float] | None = No
     ax.set_xlabel("matching radius (px at 20x, 0.5 um/px)")
     ax.set_ylabel("F (harmonic mean of precision and recall)")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     return fig
 
@@ -473,8 +473,8 @@ def dots_vs_detections(images: Sequence[np.ndarray], truth: Sequence[pd.DataFram
             ax.imshow(img)
             for cls in CLASS_ORDER:
                 part = points[points["cls"] == cls]
-                ax.scatter(part["x"], part["y"], s=9, c=CLASS_COLOURS[cls], edgecolors="white",
-                           linewidths=0.4, label=_class_label(cls, labels))
+                ax.scatter(part["x"], part["y"], s=16, c=CLASS_COLOURS[cls], edgecolors="white",
+                           linewidths=0.5, label=_class_label(cls, labels))
             ax.set_title(f"{titles[j] if titles else ''} {what} ({len(points)})".strip(),
                          fontsize=9)
             ax.set_xticks([])
