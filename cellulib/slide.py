@@ -434,22 +434,31 @@ def tissue_mask(thumb: np.ndarray, threshold: float | None = None) -> tuple[np.n
     return mask.astype(bool), float(threshold)
 
 
-def tile_grid(width: int, height: int, tile: int, stride: int | None = None) -> pd.DataFrame:
-    """Top-left corners of the square tiles that fit inside a ``width x height`` image.
+def _starts(length: int, tile: int, stride: int) -> np.ndarray:
+    starts = np.arange(0, length - tile + 1, stride)
+    if len(starts) and starts[-1] + tile < length:
+        starts = np.append(starts, length - tile)  # flush with the edge, overlapping its neighbour
+    return starts
 
-    Tiles start at 0 and step by ``stride`` (default ``tile``: no overlap); a partial tile at the
-    right or bottom edge is not made. Used by :func:`slide_map`.
+
+def tile_grid(width: int, height: int, tile: int, stride: int | None = None) -> pd.DataFrame:
+    """Top-left corners of square tiles that cover a ``width x height`` image.
+
+    Tiles start at 0 and step by ``stride`` (default ``tile``: no overlap); where the steps leave a
+    strip at the right or bottom edge, one more row or column of tiles is placed flush with that
+    edge, overlapping its neighbours, so every pixel of an image at least one tile wide and high
+    lies in a tile. Used by :func:`slide_map`.
 
     Examples
     --------
     >>> tile_grid(1100, 600, 512)[["x", "y"]].values.tolist()
-    [[0, 0], [512, 0]]
+    [[0, 0], [512, 0], [588, 0], [0, 88], [512, 88], [588, 88]]
     """
     stride = tile if stride is None else int(stride)
     if tile < 1 or stride < 1:
         raise ValueError(f"tile and stride must be positive, got {tile} and {stride}")
-    xs = np.arange(0, width - tile + 1, stride)
-    ys = np.arange(0, height - tile + 1, stride)
+    xs = _starts(int(width), int(tile), stride)
+    ys = _starts(int(height), int(tile), stride)
     yy, xx = np.meshgrid(ys, xs, indexing="ij")
     return pd.DataFrame({"x": xx.ravel(), "y": yy.ravel(), "w": tile, "h": tile})
 

@@ -224,8 +224,10 @@ def test_level_zero_tiles_and_tile_in_micrometres(synthetic_slide, model_file, r
                       progress=False)
     summary = tiles.attrs["summary"]
     assert summary["tile"] == 512 and summary["read_level"] == 0 and summary["stride"] == 384
-    assert tiles[["x", "y"]].values.tolist() == [[0, 0], [384, 0], [768, 0], [0, 384],
-                                                 [384, 384], [768, 384]]
+    # 1536 x 1024 in steps of 384: a last column flush with the right edge (x = 1024) and a last
+    # row flush with the bottom (y = 512) cover the strips the steps leave
+    assert tiles[["x", "y"]].values.tolist() == [
+        [x, y] for y in (0, 384, 512) for x in (0, 384, 768, 1024)]
     full = tifffile.imread(path)
     scored = tiles["cellularity"].notna()
     ref = [_score(reference_model, full[y:y + 512, x:x + 512])
@@ -277,9 +279,10 @@ def test_cli_slide_on_the_real_openslide_crop(real_dir, model_file, reference_mo
     out = tmp_path / "real"
     assert _run(["slide", "--model", str(model_file), str(path), "--out", str(out), "--tile",
                  "512", "--quiet"]) == 0
-    assert "4 tissue tiles scored" in capsys.readouterr().out
+    assert "9 tissue tiles scored" in capsys.readouterr().out
     tiles = pd.read_csv(out / "tiles.csv")
-    assert tiles[["x", "y"]].values.tolist() == [[0, 0], [512, 0], [0, 512], [512, 512]]
+    # 1101 px: two whole tiles and one flush with the edge (x or y = 589), so the last 77 px count
+    assert tiles[["x", "y"]].values.tolist() == [[x, y] for y in (0, 512, 589) for x in (0, 512, 589)]
     assert (tiles["tissue_fraction"] > 0.9).all()  # the crop is all tissue
     full = tifffile.imread(path)  # JPEG-compressed tiles, decoded by tifffile as a whole
     ref = [_score(reference_model, full[y:y + 512, x:x + 512]) for x, y in tiles[["x", "y"]].values]
@@ -352,3 +355,18 @@ def test_tiles_smaller_than_the_input_are_enlarged_or_refused(model_file, refere
     np.testing.assert_allclose(tiles["cellularity"], ref, atol=1e-4)
     with pytest.raises(DataError, match=r"field\.png: a tile of 10 px is too small"):
         slide_map(model_file, tmp_path / "field.png", tmp_path / "out2", tile=10, progress=False)
+
+
+@pytest.mark.parametrize(("width", "height", "tile", "stride"),
+                         [(1101, 1101, 512, None), (1536, 1024, 512, None), (1000, 700, 256, 200),
+                          (512, 513, 512, None)])
+def test_tile_grid_covers_every_pixel(width, height, tile, stride):
+    grid = tile_grid(width, height, tile, stride)
+    covered = np.zeros((height, width), bool)
+    for x, y, w, h in grid[["x", "y", "w", "h"]].values:
+        assert 0 <= x and x + w <= width and 0 <= y and y + h <= height
+        covered[y:y + h, x:x + w] = True
+    assert covered.all()
+    # whole steps only where they fit: the grid of an exact multiple is unchanged
+    if stride is None and width % tile == 0 and height % tile == 0:
+        assert len(grid) == (width // tile) * (height // tile)
