@@ -298,7 +298,8 @@ class AnnotatedScores:
 
 
 def score_annotated(model: Any, cells: pd.DataFrame, threshold: float = DEFAULT_THRESHOLD,
-                    progress: bool = True, *, device: Any = None) -> AnnotatedScores:
+                    progress: bool = True, *, device: Any = None,
+                    transform: Any = None) -> AnnotatedScores:
     """Run a segmentation model on annotated images and keep what the real-H&E chapter scores.
 
     Each image of ``cells`` (a table from :func:`cellulib.data.read_cells`: ``name``,
@@ -320,6 +321,10 @@ def score_annotated(model: Any, cells: pd.DataFrame, threshold: float = DEFAULT_
         Show a tqdm bar on stderr.
     device : str or torch.device, optional
         Default: CUDA when available, else the CPU.
+    transform : callable, optional
+        ``transform(img, i) -> img`` applied to image ``i`` (in the order of ``cells``) before it
+        is segmented, e.g. a stain shift (`cellulib.stain.shift_image`); the dots stay where
+        they are, so it must not move the tissue.
     """
     from tqdm import tqdm
 
@@ -333,9 +338,12 @@ def score_annotated(model: Any, cells: pd.DataFrame, threshold: float = DEFAULT_
     nuclei = [CLASS_NAMES.index(c) for c in seg.classes]
     inter = np.zeros(len(nuclei), dtype=np.int64)
     union = np.zeros(len(nuclei), dtype=np.int64)
-    for row in tqdm(list(cells.itertuples()), desc="score", unit="img", disable=not progress,
-                    file=sys.stderr, leave=False, dynamic_ncols=True):
+    for i, row in enumerate(tqdm(list(cells.itertuples()), desc="score", unit="img",
+                                 disable=not progress, file=sys.stderr, leave=False,
+                                 dynamic_ncols=True)):
         img = read_image(row.image_path)
+        if transform is not None:
+            img = transform(img, i)
         points = _annotation_points(Path(row.xml_path))
         probs, sx, sy = seg.maps(img)
         found = seg.centres(probs, sx, sy)

@@ -26,6 +26,7 @@ __all__ = [
     "add_options",
     "hed_perturb",
     "normalizer_from_options",
+    "predict_shifted",
     "shift_image",
     "tissue_fraction",
 ]
@@ -325,3 +326,39 @@ def add_options(parser) -> None:
                         help="normalise each image's stain before scoring: macenko or reinhard")
     parser.add_argument("--stain-target", default=None, metavar="IMAGE",
                         help="H&E image whose stain the images are normalised to")
+
+
+# -------------------------------------------------------------------------------------------------
+# scoring under a shift
+# -------------------------------------------------------------------------------------------------
+def predict_shifted(model: Any, paths, kind: str, strength: float, seed: int = 0,
+                    progress: bool = False, **options: Any):
+    """Cellularity of image files seen through one shift (:func:`shift_image`), one row each.
+
+    Image ``i`` of ``paths`` is shifted with seed ``seed + i``, so every model scored with the same
+    ``(paths, kind, strength, seed)`` sees the same shifted images; strength 0 scores the images as
+    they are (the same numbers as :func:`cellulib.predict.predict_images`). ``model`` is a model
+    file, a ``(model, info)`` pair or a ready `cellulib.predict.Predictor`; ``options`` go to the
+    Predictor. Used in the stain-shift chapter.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``path``, ``cellularity`` (NaN for a bad image), ``error``, in input order.
+    """
+    import pandas as pd
+
+    from cellulib.data import read_image
+    from cellulib.predict import Predictor, collect_images
+
+    predictor = model if isinstance(model, Predictor) else Predictor(model, **options)
+    files = collect_images(paths)
+
+    def job(i: int, path: Path):
+        return str(path), lambda: predictor.prepare(
+            shift_image(read_image(path), kind, strength, seed + i), path)
+
+    rows = list(predictor.stream((job(i, f) for i, f in enumerate(files)), total=len(files),
+                                 progress=progress, desc=f"{kind} {strength:g}"))
+    return pd.DataFrame(rows, columns=["path", "cellularity", "error"]).astype(
+        {"cellularity": "float64", "error": "str"})

@@ -211,3 +211,47 @@ def test_predict_bad_stain_target_leaves_earlier_output(direct_file, real_dir, t
                      "--out", str(out), "--stain-norm", "reinhard", "--stain-target", str(target)])
     assert code == 2 and str(target) in capsys.readouterr().err
     assert out.read_text() == "path,cellularity,error\nearlier,0.5,\n"
+
+
+# -------------------------------------------------------------------------------------------------
+# scoring under a shift: the same shifted images for every model
+# -------------------------------------------------------------------------------------------------
+def test_predict_shifted(direct_file, real_dir):
+    from cellulib.predict import predict_images
+    from cellulib.stain import predict_shifted
+
+    images = sorted(p for p in real_dir.iterdir() if p.suffix.lower() in (".tif", ".png"))[:3]
+    if len(images) < 3:
+        pytest.skip("real H&E images not found")
+    plain = predict_images(direct_file, images, progress=False, device="cpu")
+    same = predict_shifted(direct_file, images, "blur", 0.0, device="cpu")
+    np.testing.assert_allclose(same.cellularity, plain.cellularity, atol=1e-6)
+    a = predict_shifted(direct_file, images, "hed", 1.0, seed=5, device="cpu")
+    b = predict_shifted(direct_file, images, "hed", 1.0, seed=5, device="cpu")
+    np.testing.assert_array_equal(a.cellularity, b.cellularity)
+    assert not np.allclose(a.cellularity, plain.cellularity, atol=1e-4)
+    assert list(a.path) == [str(p) for p in images] and (a.error == "").all()
+
+
+def test_score_annotated_under_a_shift(brca_full_copy):
+    import torch
+
+    from cellulib import models
+    from cellulib.data import read_cells
+    from cellulib.detect import score_annotated
+
+    torch.manual_seed(0)
+    pair = (models.seg_model("fpn"), {"family": "seg", "meta": {"params": {"downscale": 2}}})
+    cells = read_cells(brca_full_copy)
+    test = cells[cells.split == "test"]
+    seen = []
+
+    def blur(img, i):
+        seen.append(i)
+        return shift_image(img, "blur", 1.0)
+
+    shifted = score_annotated(pair, test, progress=False, device="cpu", transform=blur)
+    plain = score_annotated(pair, test, progress=False, device="cpu")
+    assert seen == [0, 1]
+    assert len(shifted.truth) == len(plain.truth)  # the dots do not move
+    assert not shifted.pred[["x", "y"]].equals(plain.pred[["x", "y"]])
