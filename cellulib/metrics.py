@@ -41,6 +41,7 @@ __all__ = [
     "kappa4",
     "match_points",
     "mse",
+    "precision_recall_f1",
     "prediction_probability",
     "scores_from_counts",
 ]
@@ -871,11 +872,25 @@ def match_points(truth, pred, radius: float = DETECTION_RADIUS) -> tuple[int, in
     return tp, len(p) - tp, len(t) - tp
 
 
-def _prf(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
-    # MCSpatNet's conventions: an empty denominator gives 1, P + R = 0 gives F = 0
-    precision = tp / (tp + fp) if tp + fp else 1.0
-    recall = tp / (tp + fn) if tp + fn else 1.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+def precision_recall_f1(tp, fp, fn) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Precision, recall and F from TP, FP and FN counts (numbers or arrays, elementwise).
+
+    MCSpatNet's conventions: an empty denominator gives 1, and P + R = 0 gives F = 0. Used by
+    :func:`scores_from_counts` and by the bootstrap of `cellulib.report` (the real-H&E chapter).
+
+    Examples
+    --------
+    >>> [float(v) for v in precision_recall_f1(3, 1, 1)]
+    [0.75, 0.75, 0.75]
+    >>> [float(v) for v in precision_recall_f1(0, 0, 2)]
+    [1.0, 0.0, 0.0]
+    """
+    tp, fp, fn = (np.asarray(v, dtype=np.float64) for v in (tp, fp, fn))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.where(tp + fp > 0, tp / (tp + fp), 1.0)
+        recall = np.where(tp + fn > 0, tp / (tp + fn), 1.0)
+        f1 = np.where(precision + recall > 0,
+                      2 * precision * recall / (precision + recall), 0.0)
     return precision, recall, f1
 
 
@@ -951,7 +966,7 @@ def scores_from_counts(counts: pd.DataFrame) -> pd.DataFrame:
     MCSpatNet's conventions: an empty denominator gives 1, and P + R = 0 gives F = 0."""
     rows = {}
     for c, (tp, fp, fn) in counts[["tp", "fp", "fn"]].iterrows():
-        precision, recall, f1 = _prf(int(tp), int(fp), int(fn))
+        precision, recall, f1 = (float(v) for v in precision_recall_f1(tp, fp, fn))
         rows[c] = {"tp": int(tp), "fp": int(fp), "fn": int(fn), "precision": precision,
                    "recall": recall, "f1": f1}
     out = pd.DataFrame.from_dict(rows, orient="index")

@@ -764,8 +764,10 @@ BRCA_M2C_NAMES = {"lymphocyte": "lymphocyte", "malignant": "tumour/epithelial",
 
 def _f_boot(counts: pd.DataFrame, cls: str, images: list, idx: np.ndarray) -> np.ndarray:
     part = counts[counts["class"] == cls].set_index("image").loc[images, ["tp", "fp", "fn"]]
+    from cellulib.metrics import precision_recall_f1
+
     tp, fp, fn = (part[c].to_numpy()[idx].sum(axis=-1) for c in ("tp", "fp", "fn"))
-    return np.where(tp > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), 0.0)
+    return precision_recall_f1(tp, fp, fn)[2]
 
 
 def paired_detection_difference(counts_a: pd.DataFrame, counts_b: pd.DataFrame,

@@ -281,3 +281,21 @@ def test_segmentation_counts_reproduce_the_training_jaccard(tmp_path):
             metric.update(model(xb), yb)
     js = report.jaccard_summary({"fpn": counts}, n_boot=20)
     assert js.loc["fpn", "jaccard"] == pytest.approx(metric.value)
+
+
+def test_paired_detection_difference_by_hand():
+    from cellulib.report import paired_detection_difference
+
+    def counts(tps):
+        return pd.DataFrame({"image": [f"i{k}" for k in range(len(tps))], "class": "detection",
+                             "tp": tps, "fp": 2, "fn": 2})
+
+    # the same counts: no difference in any resample
+    same = paired_detection_difference(counts([8, 8, 8, 8, 8]), counts([8, 8, 8, 8, 8]), n_boot=200)
+    assert tuple(same) == (0.0, 0.0, 0.0)
+    # A finds 8 of 10 nuclei per image with 2 FP (F 0.8), B 3 with 2 FP and 2 FN (F 0.6)
+    diff = paired_detection_difference(counts([8] * 5), counts([3] * 5), n_boot=200)
+    assert diff.value == pytest.approx(0.8 - 0.6)
+    assert diff.ci_low == pytest.approx(0.2) and diff.ci_high == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="same images"):
+        paired_detection_difference(counts([1, 2]), counts([1, 2, 3]))
