@@ -40,7 +40,7 @@ PathLike = str | os.PathLike
 
 
 def nucleus_centres(probs: np.ndarray, diameter: float, threshold: float = 0.3
-                    ) -> list[tuple[int, int, str, float]]:
+                    ) -> list[tuple[float, float, str, float]]:
     """Nucleus centres and classes from the 4 probability maps of a segmentation network.
 
     The network was trained on discs of ``diameter`` pixels (SPEC 2), so a nucleus appears as a
@@ -78,6 +78,7 @@ def nucleus_centres(probs: np.ndarray, diameter: float, threshold: float = 0.3
     """
     from scipy import ndimage as ndi
 
+    from cellulib.data import NUCLEUS_CLASSES
     from cellulib.models import CLASS_NAMES
 
     probs = np.asarray(probs, dtype=np.float32)
@@ -97,7 +98,7 @@ def nucleus_centres(probs: np.ndarray, diameter: float, threshold: float = 0.3
     if not n:
         return []
     centres = np.asarray(ndi.center_of_mass(peaks, labels, range(1, n + 1)), dtype=np.float64)
-    names = [c for c in CLASS_NAMES if c != "background"]
+    names = NUCLEUS_CLASSES
     channels = [CLASS_NAMES.index(c) for c in names]
     local = ndi.uniform_filter(probs[channels], size=(1, 3, 3), mode="nearest")
     rows, cols = np.rint(centres[:, 0]).astype(int), np.rint(centres[:, 1]).astype(int)
@@ -111,8 +112,8 @@ class _SegModel:
 
     def __init__(self, model: Any, threshold: float, device: Any = None,
                  stain_norm: Any = None) -> None:
+        from cellulib.data import NUCLEUS_CLASSES
         from cellulib.engine import resolve_device
-        from cellulib.models import CLASS_NAMES
         from cellulib.store import ModelFileError, model_and_info
 
         threshold = float(threshold)
@@ -137,8 +138,7 @@ class _SegModel:
         self.device = resolve_device(device)
         self.model = model.eval().to(self.device)
         self.stain_norm = stain_norm  # a cellulib.stain.StainNormalizer, or None
-        # the nucleus channels: every class of the segmentation output but background
-        self.classes = tuple(c for c in CLASS_NAMES if c != "background")
+        self.classes = NUCLEUS_CLASSES  # every class of the segmentation output but background
 
     def maps(self, img: np.ndarray) -> tuple[np.ndarray, float, float]:
         """The model's 4 probability maps of one uint8 RGB image at its own scale, and the
@@ -237,8 +237,9 @@ def detect_nuclei(model: Any, paths: PathLike | Sequence[PathLike],
     -------
     pandas.DataFrame
         Columns ``path, x, y, class, probability, error``: per image its nuclei in raster order
-        of the model's grid, ``probability`` the chosen class's map value at the centre; a bad image gives one row with NaN values, empty ``class`` and the message
-        naming the file in ``error`` (``""`` elsewhere).
+        of the model's grid, ``probability`` the chosen class's map value at the centre; a bad
+        image gives one row with NaN values, empty ``class`` and the message naming the file in
+        ``error`` (``""`` elsewhere).
 
     Raises
     ------
@@ -287,8 +288,8 @@ class AnnotatedScores:
         """Detection P, R and F per class and pooled (:func:`cellulib.metrics.detection_scores`)."""
         from cellulib.metrics import DETECTION_RADIUS, detection_scores
 
-        return detection_scores(self.truth, self.pred, DETECTION_RADIUS if radius is None else radius,
-                                images=self.fractions["image"])
+        radius = DETECTION_RADIUS if radius is None else radius
+        return detection_scores(self.truth, self.pred, radius, images=self.fractions["image"])
 
     def curve(self, radii=range(1, 7)) -> pd.DataFrame:
         """:meth:`scores` over matching radii (MCSpatNet's 1-6 px)."""
@@ -472,12 +473,8 @@ def detect_to_csv(model: Any, paths: PathLike | Sequence[PathLike], out: PathLik
 def _cmd_detect(args: argparse.Namespace) -> int:
     from cellulib.predict import _print_failures
     from cellulib.stain import normalizer_from_options
-    from cellulib.store import model_and_info
 
-    meta = {}
-    if args.stain_norm and args.stain_target is None:  # the model file's own stain reference
-        meta = model_and_info(args.model)[2].get("meta") or {}
-    norm = normalizer_from_options(args.stain_norm, args.stain_target, meta)
+    norm = normalizer_from_options(args.stain_norm, args.stain_target, args.model)
     summary = detect_to_csv(args.model, args.images, args.out, geojson_dir=args.geojson,
                             threshold=args.threshold, progress=not args.quiet,
                             device=args.device, recursive=args.recursive, stain_norm=norm)
@@ -497,7 +494,8 @@ def add_command(sub) -> None:
         help="detect and classify nuclei with a segmentation model: path,x,y,class,probability",
         description="Detect nuclei in TIFF/PNG/JPEG images with a segmentation model file "
         "(cellulib train seg): the LoG blob centres of its nucleus map at the trained disc size, "
-        "each classed normal, lymphocyte or malignant by the maps there (paper 3.3), in pixels of the input image (pixel centres at integers). Writes a CSV with "
+        "each classed normal, lymphocyte or malignant by the maps there (paper 3.3), in pixels "
+        "of the input image (pixel centres at integers). Writes a CSV with "
         "the columns path,x,y,class,probability,error (a bad image gets one row with its error; "
         "the others are still processed, and the exit code is 1) and, with --geojson, one "
         "QuPath-readable GeoJSON file of points per image.",

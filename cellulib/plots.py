@@ -277,6 +277,13 @@ def importance_bar(importance: pd.Series, top: int = 15) -> plt.Figure:
     return fig
 
 
+def _identity_axes(ax: plt.Axes) -> None:
+    """Both axes over [0, 1] with the dashed identity line: agreement plots of two shares."""
+    ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+
+
 def pred_vs_true(preds: dict[str, pd.DataFrame], ncols: int | None = None) -> plt.Figure:
     """Predicted against true cellularity, one panel per model, with the identity line.
     Used in chapters 3 and 4."""
@@ -288,9 +295,7 @@ def pred_vs_true(preds: dict[str, pd.DataFrame], ncols: int | None = None) -> pl
         ax.axis("off")
     for ax, (name, p) in zip(axes.flat, preds.items()):
         ax.scatter(p.y_true, p.y_pred, s=12, alpha=0.6)
-        ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--")
-        ax.set_xlim(-0.02, 1.02)
-        ax.set_ylim(-0.02, 1.02)
+        _identity_axes(ax)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("true cellularity")
         ax.set_ylabel("predicted cellularity")
@@ -490,9 +495,7 @@ def fraction_scatter(annotated: Sequence[float], detected: Sequence[float],
     Used in the real-H&E chapter."""
     fig, ax = plt.subplots(figsize=(3.8, 3.6))
     ax.scatter(annotated, detected, s=22, alpha=0.8)
-    ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--")
-    ax.set_xlim(-0.02, 1.02)
-    ax.set_ylim(-0.02, 1.02)
+    _identity_axes(ax)
     ax.set_xlabel("annotated tumour share of nuclei")
     ax.set_ylabel("detected tumour share of nuclei")
     if title:

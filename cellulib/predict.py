@@ -450,15 +450,24 @@ def _as_predictor(model: Any, **options: Any) -> Predictor:
     return Predictor(model, **options)
 
 
-def _iter_rows(predictor: Predictor, files: list[Path], progress: bool):
-    jobs = ((str(f), (lambda f=f: predictor.load(f))) for f in files)
+def _iter_rows(predictor: Predictor, files: list[Path], progress: bool, transform=None):
+    from cellulib.data import read_image
+
+    def load(i: int, f: Path):
+        if transform is None:
+            return predictor.load(f)
+        return predictor.prepare(transform(read_image(f), i), f)
+
+    jobs = ((str(f), (lambda i=i, f=f: load(i, f))) for i, f in enumerate(files))
     yield from predictor.stream(jobs, total=len(files), progress=progress)
 
 
 def predict_images(model: Any, paths: PathLike | Sequence[PathLike], batch_size: int = 16,
                    tta: bool = False, progress: bool = True, *, device: Any = None,
                    workers: int = 2, recursive: bool = False,
-                   precision: str = "auto", stain_norm: Any = None) -> pd.DataFrame:
+                   precision: str = "auto", stain_norm: Any = None,
+                   transform: Callable[[np.ndarray, int], np.ndarray] | None = None
+                   ) -> pd.DataFrame:
     """Score image files with a cellularity model; one row per image, bad images included.
 
     Paper sections 3.2-3.4 applied to new images (see :class:`Predictor` for the preprocessing and
@@ -479,6 +488,9 @@ def predict_images(model: Any, paths: PathLike | Sequence[PathLike], batch_size:
     device, workers, precision, recursive, stain_norm
         See :class:`Predictor` and :func:`collect_images` (ignored for a ready Predictor, except
         ``recursive``).
+    transform : callable, optional
+        ``transform(img, i) -> img`` applied to image ``i`` (in file order) as read, before stain
+        normalisation and resizing, e.g. a controlled shift (:func:`cellulib.stain.predict_shifted`).
 
     Returns
     -------
@@ -495,7 +507,7 @@ def predict_images(model: Any, paths: PathLike | Sequence[PathLike], batch_size:
     predictor = _as_predictor(model, batch_size=batch_size, tta=tta, device=device,
                               workers=workers, precision=precision, stain_norm=stain_norm)
     files = collect_images(paths, recursive=recursive)
-    rows = list(_iter_rows(predictor, files, progress))
+    rows = list(_iter_rows(predictor, files, progress, transform))
     return pd.DataFrame(rows, columns=["path", "cellularity", "error"]).astype(
         {"cellularity": "float64", "error": "str"})
 
@@ -887,23 +899,15 @@ def _print_failures(failed: list[dict[str, str]], command: str, what: str) -> No
               file=sys.stderr)
 
 
-def _stain_norm(args: argparse.Namespace):
-    """The normaliser of ``--stain-norm``/``--stain-target`` (the model file's own reference when
-    no target is given), built before anything is written so a bad target loses nothing."""
-    from cellulib.stain import normalizer_from_options
-    from cellulib.store import model_and_info
-
-    meta = {}
-    if args.stain_norm and args.stain_target is None:
-        meta = model_and_info(args.model)[2].get("meta") or {}
-    return normalizer_from_options(args.stain_norm, args.stain_target, meta)
-
-
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from cellulib.stain import normalizer_from_options
+
     summary = predict_to_csv(args.model, args.images, args.out, batch_size=args.batch_size,
                              tta=args.tta, progress=not args.quiet, device=args.device,
                              workers=args.workers, recursive=args.recursive,
-                             precision=args.precision, stain_norm=_stain_norm(args))
+                             precision=args.precision,
+                             stain_norm=normalizer_from_options(args.stain_norm, args.stain_target,
+                                                                args.model))
     _print_failures(summary["failed"], "predict", "images")
     print(f"scored {summary['n_ok']} of {summary['n_images']} images with the "
           f"{summary['family']} model {args.model} ({summary['images_per_second']} img/s); "
@@ -957,10 +961,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_slide(args: argparse.Namespace) -> int:
     from cellulib.slide import slide_map
+    from cellulib.stain import normalizer_from_options
 
     predictor = Predictor(args.model, batch_size=args.batch_size, tta=args.tta,
                           device=args.device, workers=args.workers, precision=args.precision,
-                          stain_norm=_stain_norm(args))
+                          stain_norm=normalizer_from_options(args.stain_norm, args.stain_target,
+                                                             args.model))
     tiles = slide_map(predictor, args.image, args.out, tile=args.tile, tile_um=args.tile_um,
                       stride=args.stride, min_tissue=args.min_tissue, level=args.level,
                       progress=not args.quiet)

@@ -61,12 +61,15 @@ def _rgb8(img: Any, what: str = "image") -> np.ndarray:
     return arr
 
 
+def _optical_density(img: np.ndarray) -> np.ndarray:
+    """(N, 3) optical densities of an RGB image's pixels, as Macenko et al. compute them."""
+    return -np.log((img.reshape(-1, 3).astype(np.float64) + 1) / _IO)
+
+
 def tissue_fraction(img: np.ndarray) -> float:
     """Share of pixels whose optical density is at least Macenko's beta (0.15) in every
     channel: stained tissue rather than white background. Used by :class:`StainNormalizer`."""
-    arr = _rgb8(img).reshape(-1, 3).astype(np.float64)
-    od = -np.log((arr + 1) / _IO)
-    return float(np.mean(np.all(od >= _BETA, axis=1)))
+    return float(np.mean(np.all(_optical_density(_rgb8(img)) >= _BETA, axis=1)))
 
 
 def _angle(u: np.ndarray, v: np.ndarray) -> float:
@@ -173,7 +176,7 @@ class StainNormalizer:
 
 def _macenko_vectors(img: np.ndarray, alpha: float = 1.0) -> np.ndarray:
     """The (3, 2) H and E optical-density vectors of Macenko's method (H first), unit length."""
-    od = -np.log((img.reshape(-1, 3).astype(np.float64) + 1) / _IO)
+    od = _optical_density(img)
     od_hat = od[np.all(od >= _BETA, axis=1)]
     _, eigvecs = np.linalg.eigh(np.cov(od_hat.T))
     plane = eigvecs[:, 1:3]
@@ -298,13 +301,14 @@ def shift_image(img: np.ndarray, kind: str, strength: float, seed: int = 0) -> n
 # the command-line options
 # -------------------------------------------------------------------------------------------------
 def normalizer_from_options(method: str | None, target: str | Path | None = None,
-                            model_meta: dict[str, Any] | None = None) -> StainNormalizer | None:
+                            model: Any = None) -> StainNormalizer | None:
     """The normaliser of ``--stain-norm METHOD [--stain-target IMAGE]``; None without a method.
 
-    The target image is fitted when given. Without one, the model file's stored reference
-    (``meta["stain"]``, the stain of its training set) is used when its method matches; otherwise
-    :class:`StainError` says that a target is needed. Used by ``cellulib predict``, ``detect`` and
-    ``slide``.
+    The target image is fitted when given. Without one, the stored reference of ``model`` (a model
+    file or the ``(model, info)`` pair of :func:`cellulib.load_model`; ``meta["stain"]``, the stain
+    of its training set) is used when its method matches; otherwise :class:`StainError` says that
+    a target is needed. Called before anything is written, so a bad target loses nothing. Used by
+    ``cellulib predict``, ``detect`` and ``slide``.
     """
     if method is None:
         if target is not None:
@@ -312,7 +316,12 @@ def normalizer_from_options(method: str | None, target: str | Path | None = None
         return None
     if target is not None:
         return StainNormalizer(method).fit(target)
-    ref = (model_meta or {}).get("stain")
+    meta = {}
+    if model is not None:
+        from cellulib.store import model_and_info
+
+        meta = model_and_info(model)[2].get("meta") or {}
+    ref = meta.get("stain")
     if isinstance(ref, dict) and ref.get("method") == method:
         return StainNormalizer.from_reference(ref)
     raise StainError(f"--stain-norm {method} needs --stain-target IMAGE (an H&E image stained "
@@ -338,27 +347,17 @@ def predict_shifted(model: Any, paths, kind: str, strength: float, seed: int = 0
     Image ``i`` of ``paths`` is shifted with seed ``seed + i``, so every model scored with the same
     ``(paths, kind, strength, seed)`` sees the same shifted images; strength 0 scores the images as
     they are (the same numbers as :func:`cellulib.predict.predict_images`). ``model`` is a model
-    file, a ``(model, info)`` pair or a ready `cellulib.predict.Predictor`; ``options`` go to the
-    Predictor. Used in the stain-shift chapter.
+    file, a ``(model, info)`` pair or a ready `cellulib.predict.Predictor`; ``options`` go to
+    :func:`cellulib.predict.predict_images`. Used in the stain-shift chapter.
 
     Returns
     -------
     pandas.DataFrame
         ``path``, ``cellularity`` (NaN for a bad image), ``error``, in input order.
     """
-    import pandas as pd
+    from cellulib.predict import predict_images
 
-    from cellulib.data import read_image
-    from cellulib.predict import Predictor, collect_images
+    def shift(img: np.ndarray, i: int) -> np.ndarray:
+        return shift_image(img, kind, strength, seed + i)
 
-    predictor = model if isinstance(model, Predictor) else Predictor(model, **options)
-    files = collect_images(paths)
-
-    def job(i: int, path: Path):
-        return str(path), lambda: predictor.prepare(
-            shift_image(read_image(path), kind, strength, seed + i), path)
-
-    rows = list(predictor.stream((job(i, f) for i, f in enumerate(files)), total=len(files),
-                                 progress=progress, desc=f"{kind} {strength:g}"))
-    return pd.DataFrame(rows, columns=["path", "cellularity", "error"]).astype(
-        {"cellularity": "float64", "error": "str"})
+    return predict_images(model, paths, progress=progress, transform=shift, **options)
