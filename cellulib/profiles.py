@@ -90,8 +90,8 @@ PROFILES: dict[str, dict[str, Any]] = {
 
 #: Weak segmentation settings for BRCA-M2C (SPEC 1.4), applied by `cellulib.train.train_seg`
 #: whenever its data folder is a BRCA-M2C copy (explicit overrides still win). Pixel scale: the
-#: patches are at 20x (0.5 um/px) with nuclei about 10-14 px across and a median nearest-dot
-#: distance of 16.5 px (training split), so the images are not downscaled (the x2 of the paper would
+#: patches are at 20x (0.5 um/px) with nuclei a median 12.1 px across (haematoxylin segmentation
+#: of 20 training images) and a median nearest-dot distance of 17.0 px (training split), so the images are not downscaled (the x2 of the paper would
 #: leave 5-7 px nuclei, under 2 cells of the FPN's stride-4 grid, and halve the 6 px matching
 #: radius of the detection protocol) and the discs are 11 px across, the size of a nucleus and below
 #: the spacing of most neighbours. The real-H&E chapter shows the measurements behind these values.
@@ -184,7 +184,8 @@ def real_dir() -> Path | None:
     data"). Returns ``None`` when no such folder exists.
     """
     env = os.environ.get("CELLULIB_REAL_DIR")
-    candidates = [Path(env)] if env else [Path(__file__).resolve().parents[2] / "shared" / "data" / "real"]
+    default = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+    candidates = [Path(env)] if env else [default]
     for path in candidates:
         if path.is_dir() and any(path.iterdir()):
             return path
