@@ -72,6 +72,12 @@ DESCRIPTION_TO_CLASS: dict[str, str] = {
     **{d: "lymphocyte" for d in ("TIL-E", "TIL-S")},
 }
 
+#: Pixel size of the training data in micrometres per pixel: BreastPathQ and BRCA-M2C were scanned
+#: at 20x (about 0.5 um/px), and the synthetic generator draws nuclei at that scale. Model files
+#: record it (``meta["pixel_size"]``) so that ``cellulib slide`` and ``--mpp`` can resample other
+#: scans to it.
+MPP = 0.5
+
 #: Pixel normalisations understood by `normalize_image` and the DataLoaders.
 NORMALIZATIONS: tuple[str, ...] = ("minus_one_one", "imagenet")
 _IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -889,18 +895,57 @@ def _shared_random_state(tfm: A.Compose, seed: int | None) -> A.Compose:
     return tfm
 
 
-def _flips_and_colour() -> list[A.BasicTransform]:
+#: Stain augmentations of the ``stain_augment`` profile setting (issue 12): ``none`` (the paper's
+#: gamma and hue/saturation only) or ``hed`` (also `HEDJitter`).
+STAIN_AUGMENTS = ("none", "hed")
+
+
+class HEDJitter(A.ImageOnlyTransform):
+    """Stain augmentation in HED space: haematoxylin and eosin optical densities scaled by a factor
+    drawn from ``1 +/- scale`` and shifted by one from ``+/- shift`` (uniform, H and E drawn
+    independently), as :func:`cellulib.stain.hed_perturb` applies them (Tellez et al. 2018's HED
+    jitter). ``scale=0.3, shift=0.03`` spans the stain shift chapter's ``hed`` shift up to strength
+    0.6. Used when the ``stain_augment`` setting is ``hed`` (chapters 2-4 through the profile, and
+    the stain-shift chapter)."""
+
+    def __init__(self, scale: float = 0.3, shift: float = 0.03, p: float = 0.8):
+        super().__init__(p=p)
+        if not (0 <= scale < 1 and shift >= 0):
+            raise ValueError(f"HEDJitter needs 0 <= scale < 1 and shift >= 0, got {scale}, {shift}")
+        self.scale, self.shift = float(scale), float(shift)
+
+    def get_params(self) -> dict[str, float]:
+        s, t = self.scale, self.shift
+        u = self.random_generator.uniform(-1.0, 1.0, size=4)
+        return {"h_scale": 1 + s * u[0], "e_scale": 1 + s * u[1],
+                "h_shift": t * u[2], "e_shift": t * u[3]}
+
+    def apply(self, img: np.ndarray, h_scale: float = 1.0, e_scale: float = 1.0,
+              h_shift: float = 0.0, e_shift: float = 0.0, **params: Any) -> np.ndarray:
+        from cellulib.stain import hed_perturb
+
+        return hed_perturb(img, h_scale, e_scale, h_shift, e_shift)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("scale", "shift")
+
+
+def _flips_and_colour(stain: str = "none") -> list[A.BasicTransform]:
+    if stain not in STAIN_AUGMENTS:
+        raise ValueError(f"unknown stain augmentation {stain!r}; choose one of {STAIN_AUGMENTS}")
     return [
         A.HorizontalFlip(p=0.5),
         A.VerticalFlip(p=0.5),
         A.RandomRotate90(p=1.0),
+        *([HEDJitter()] if stain == "hed" else []),
         A.RandomGamma(gamma_limit=(80, 120), p=0.5),
         # Small hue shifts: H&E colour varies between labs, but haematoxylin must stay blue-purple.
         A.HueSaturationValue(hue_shift_limit=10, sat_shift_limit=15, val_shift_limit=0, p=0.5),
     ]
 
 
-def seg_transforms(size: int = 256, train: bool = True, seed: int | None = None) -> A.Compose:
+def seg_transforms(size: int = 256, train: bool = True, seed: int | None = None,
+                   stain: str = "none") -> A.Compose:
     """Augmentation for the weak segmentation network (image and label mask together).
 
     Paper section 4.2 / SPEC 2: a random ``size`` x ``size`` crop of the x2-downscaled image with
@@ -919,6 +964,8 @@ def seg_transforms(size: int = 256, train: bool = True, seed: int | None = None)
         Random augmentation (True) or the deterministic centre crop.
     seed : int or None
         Seed of the random state (one generator shared by all steps).
+    stain : str
+        Stain augmentation, one of `STAIN_AUGMENTS` (``hed`` adds `HEDJitter`).
 
     Returns
     -------
@@ -932,13 +979,13 @@ def seg_transforms(size: int = 256, train: bool = True, seed: int | None = None)
         pad,
         A.Rotate(limit=15, border_mode=cv2.BORDER_REFLECT_101, p=0.5),
         A.RandomCrop(size, size),
-        *_flips_and_colour(),
+        *_flips_and_colour(stain),
     ]
     return _shared_random_state(A.Compose(steps, seed=seed), seed)
 
 
 def cellularity_transforms(size: int = 512, train: bool = True,
-                           seed: int | None = None) -> A.Compose:
+                           seed: int | None = None, stain: str = "none") -> A.Compose:
     """Augmentation for the cellularity regressors and classifiers (image only).
 
     Paper section 4.4 (with the augmentations of section 4.2): the whole patch is resized to
@@ -955,6 +1002,8 @@ def cellularity_transforms(size: int = 512, train: bool = True,
         Random augmentation (True) or resize only.
     seed : int or None
         Seed of the random state (one generator shared by all steps).
+    stain : str
+        Stain augmentation, one of `STAIN_AUGMENTS` (``hed`` adds `HEDJitter`).
 
     Returns
     -------
@@ -965,7 +1014,7 @@ def cellularity_transforms(size: int = 512, train: bool = True,
     if not train:
         return A.Compose([resize], seed=seed)
     steps = [resize, A.Rotate(limit=15, border_mode=cv2.BORDER_REFLECT_101, p=0.5),
-             *_flips_and_colour()]
+             *_flips_and_colour(stain)]
     return _shared_random_state(A.Compose(steps, seed=seed), seed)
 
 
@@ -1025,12 +1074,12 @@ class SegDataset(_AugmentedDataset):
     def __init__(self, image_paths: Sequence[str], xml_paths: Sequence[str], size: int = 256,
                  downscale: float = 2, diameter: float = 15.0, train: bool = True,
                  seed: int | None = None, length: int | None = None,
-                 normalize: str = "minus_one_one"):
+                 normalize: str = "minus_one_one", stain: str = "none"):
         if len(image_paths) != len(xml_paths) or not len(image_paths):
             raise ValueError("SegDataset needs one XML file per image and at least one image")
         if downscale <= 0 or diameter <= 0 or size <= 0:
             raise ValueError("size, downscale and diameter must be positive")
-        super().__init__(seg_transforms(size, train=train, seed=seed), train,
+        super().__init__(seg_transforms(size, train=train, seed=seed, stain=stain), train,
                          len(image_paths) if length is None else length, normalize)
         self.image_paths, self.xml_paths = list(map(str, image_paths)), list(map(str, xml_paths))
         self.size, self.downscale, self.diameter = int(size), float(downscale), float(diameter)
@@ -1076,13 +1125,13 @@ class CellularityDataset(_AugmentedDataset):
 
     def __init__(self, paths: Sequence[str], cellularity: Sequence[float], size: int = 512,
                  train: bool = True, seed: int | None = None, normalize: str = "minus_one_one",
-                 task: str = "regression", cache: bool = True):
+                 task: str = "regression", cache: bool = True, stain: str = "none"):
         if len(paths) != len(cellularity):
             raise ValueError("one cellularity per image path is needed")
         if task not in ("regression", "classification"):
             raise ValueError(f"task must be 'regression' or 'classification', got {task!r}")
-        super().__init__(cellularity_transforms(size, train=train, seed=seed), train, len(paths),
-                         normalize)
+        super().__init__(cellularity_transforms(size, train=train, seed=seed, stain=stain), train,
+                         len(paths), normalize)
         self.paths = list(map(str, paths))
         self.cellularity = np.asarray(cellularity, dtype=np.float64)
         self.size, self.task, self.cache = int(size), task, cache
@@ -1187,7 +1236,7 @@ def cells_split(cells: pd.DataFrame, valid_pct: float = 0.2, seed: int = 0,
 def seg_dataloaders(root: str | Path, size: int = 256, downscale: float = 2, bs: int = 8,
                     diameter: float = 15.0, valid_pct: float = 0.2, seed: int = 0,
                     device: Any = None, num_workers: int = 0, patches_per_epoch: int | None = None,
-                    normalize: str = "minus_one_one") -> DataLoaders:
+                    normalize: str = "minus_one_one", stain: str = "none") -> DataLoaders:
     """fastai DataLoaders for the weak segmentation network from the annotated ``cells`` patches.
 
     Paper section 4.2 / SPEC 2: images downscaled by ``downscale`` (INTER_AREA), weak masks with
@@ -1228,6 +1277,8 @@ def seg_dataloaders(root: str | Path, size: int = 256, downscale: float = 2, bs:
         crop per image.
     normalize : str
         Pixel normalisation, one of `NORMALIZATIONS`.
+    stain : str
+        Stain augmentation of the training crops, one of `STAIN_AUGMENTS`.
 
     Returns
     -------
@@ -1240,7 +1291,7 @@ def seg_dataloaders(root: str | Path, size: int = 256, downscale: float = 2, bs:
     common = dict(size=size, downscale=downscale, diameter=diameter, normalize=normalize)
     tr, va = cells.iloc[train_idx], cells.iloc[valid_idx]
     train_ds = SegDataset(tr["image_path"].tolist(), tr["xml_path"].tolist(), train=True,
-                          seed=seed, length=patches_per_epoch, **common)
+                          seed=seed, length=patches_per_epoch, stain=stain, **common)
     if n_valid:
         valid_ds = SegDataset(va["image_path"].tolist(), va["xml_path"].tolist(), train=False,
                               **common)
@@ -1253,7 +1304,8 @@ def seg_dataloaders(root: str | Path, size: int = 256, downscale: float = 2, bs:
 def cellularity_dataloaders(root: str | Path, size: int = 512, bs: int = 8, seed: int = 0,
                             device: Any = None, num_workers: int = 0,
                             normalize: str = "minus_one_one", task: str = "regression",
-                            valid_pct: float | None = None, cache: bool = True) -> DataLoaders:
+                            valid_pct: float | None = None, cache: bool = True,
+                            stain: str = "none") -> DataLoaders:
     """fastai DataLoaders of labelled patches for the cellularity models (SR and direct).
 
     Paper sections 3.2, 3.4, 4.3 and 4.4: the ``train`` split for training with
@@ -1287,6 +1339,8 @@ def cellularity_dataloaders(root: str | Path, size: int = 512, bs: int = 8, seed
         None: use the validation split. A fraction: patient-level validation set from train.
     cache : bool
         Keep resized images in memory.
+    stain : str
+        Stain augmentation of the training patches, one of `STAIN_AUGMENTS`.
 
     Returns
     -------
@@ -1307,7 +1361,7 @@ def cellularity_dataloaders(root: str | Path, size: int = 512, bs: int = 8, seed
         raise DataError(f"{root}: no training patches (train_labels.csv)")
     common = dict(size=size, normalize=normalize, task=task, cache=cache)
     train_ds = CellularityDataset(train["path"].tolist(), train["cellularity"].to_numpy(),
-                                  train=True, seed=seed, **common)
+                                  train=True, seed=seed, stain=stain, **common)
     valid_ds = CellularityDataset(valid["path"].tolist(), valid["cellularity"].to_numpy(),
                                   train=False, **common)
     return _dataloaders(train_ds, valid_ds, bs, seed, device, num_workers)

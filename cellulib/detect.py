@@ -111,7 +111,7 @@ class _SegModel:
     """A loaded segmentation model with the downscale it was trained at."""
 
     def __init__(self, model: Any, threshold: float, device: Any = None,
-                 stain_norm: Any = None) -> None:
+                 stain_norm: Any = None, mpp: float | None = None) -> None:
         from cellulib.data import NUCLEUS_CLASSES
         from cellulib.engine import resolve_device
         from cellulib.store import ModelFileError, model_and_info
@@ -132,8 +132,16 @@ class _SegModel:
                     or not value > 0:
                 raise ModelFileError(f"{self.source}: meta['params']['{key}'] must be a positive "
                                      f"number, the file records {value!r}")
+        if mpp is not None and not 0 < float(mpp) < 100:
+            raise ValueError(f"mpp (micrometres per pixel of the images) must lie in (0, 100), "
+                             f"got {mpp}")
         self.threshold = threshold
-        self.downscale = float(factor)
+        # --mpp: the images are first brought to the training images' pixel size
+        from cellulib.store import pixel_size
+
+        self.mpp = None if mpp is None else float(mpp)
+        model_mpp = pixel_size(info)[0]
+        self.downscale = float(factor) * (1.0 if mpp is None else model_mpp / float(mpp))
         self.diameter = float(diameter)
         self.device = resolve_device(device)
         self.model = model.eval().to(self.device)
@@ -198,7 +206,8 @@ DEFAULT_THRESHOLD = 0.3
 def detect_nuclei(model: Any, paths: PathLike | Sequence[PathLike],
                   threshold: float = DEFAULT_THRESHOLD,
                   progress: bool = True, *, device: Any = None,
-                  recursive: bool = False, stain_norm: Any = None) -> pd.DataFrame:
+                  recursive: bool = False, stain_norm: Any = None,
+                  mpp: float | None = None) -> pd.DataFrame:
     """Detect and classify nuclei in image files with a segmentation model; one row per nucleus.
 
     SPEC 7 (``cellulib detect``), built on paper 3.3 (Fig. 5). Each image is read with
@@ -232,6 +241,10 @@ def detect_nuclei(model: Any, paths: PathLike | Sequence[PathLike],
         Also search subfolders.
     stain_norm : cellulib.stain.StainNormalizer, optional
         Normalise each image's stain before segmenting it (``--stain-norm``).
+    mpp : float, optional
+        Micrometres per pixel of the images (``--mpp``): they are resized by ``mpp / model mpp``
+        (the model's ``meta["pixel_size"]``, 0.5 when absent) on top of the recorded downscale,
+        so nuclei have the size the network learned; coordinates stay in input pixels.
 
     Returns
     -------
@@ -256,7 +269,7 @@ def detect_nuclei(model: Any, paths: PathLike | Sequence[PathLike],
     """
     from cellulib.predict import collect_images
 
-    seg = _SegModel(model, threshold, device=device, stain_norm=stain_norm)
+    seg = _SegModel(model, threshold, device=device, stain_norm=stain_norm, mpp=mpp)
     files = collect_images(paths, recursive=recursive)
     rows: list[tuple] = []
     for path, nuclei, error in _iter_images(seg, files, progress):
@@ -406,7 +419,8 @@ def _geojson_names(files: list[Path]) -> list[str]:
 def detect_to_csv(model: Any, paths: PathLike | Sequence[PathLike], out: PathLike,
                   geojson_dir: PathLike | None = None, threshold: float = DEFAULT_THRESHOLD,
                   progress: bool = True, *, device: Any = None,
-                  recursive: bool = False, stain_norm: Any = None) -> dict[str, Any]:
+                  recursive: bool = False, stain_norm: Any = None,
+                  mpp: float | None = None) -> dict[str, Any]:
     """Detect nuclei in image files and write them to a CSV (and GeoJSON files), atomically.
 
     SPEC 7 (``cellulib detect``). Rows (see :func:`detect_nuclei`; ``x``, ``y`` with 2 decimals,
@@ -421,7 +435,7 @@ def detect_to_csv(model: Any, paths: PathLike | Sequence[PathLike], out: PathLik
         The CSV to write.
     geojson_dir : path, optional
         Folder of the GeoJSON files (created when missing).
-    model, paths, threshold, progress, device, recursive, stain_norm
+    model, paths, threshold, progress, device, recursive, stain_norm, mpp
         As in :func:`detect_nuclei`.
 
     Returns
@@ -432,7 +446,7 @@ def detect_to_csv(model: Any, paths: PathLike | Sequence[PathLike], out: PathLik
     """
     from cellulib.predict import _atomic_text, collect_images
 
-    seg = _SegModel(model, threshold, device=device, stain_norm=stain_norm)
+    seg = _SegModel(model, threshold, device=device, stain_norm=stain_norm, mpp=mpp)
     files = collect_images(paths, recursive=recursive)
     names = _geojson_names(files)
     out = Path(out)
@@ -465,6 +479,7 @@ def detect_to_csv(model: Any, paths: PathLike | Sequence[PathLike], out: PathLik
         raise
     return {"model": seg.source, "downscale": seg.downscale, "threshold": seg.threshold,
             "stain_norm": None if seg.stain_norm is None else seg.stain_norm.method,
+            "mpp": seg.mpp,
             "n_images": len(files), "n_ok": len(files) - len(failed), "n_failed": len(failed),
             "n_nuclei": sum(per_class.values()), "per_class": per_class, "failed": failed,
             "output": str(out), "geojson": written}
@@ -477,7 +492,8 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     norm = normalizer_from_options(args.stain_norm, args.stain_target, args.model)
     summary = detect_to_csv(args.model, args.images, args.out, geojson_dir=args.geojson,
                             threshold=args.threshold, progress=not args.quiet,
-                            device=args.device, recursive=args.recursive, stain_norm=norm)
+                            device=args.device, recursive=args.recursive, stain_norm=norm,
+                            mpp=args.mpp)
     _print_failures(summary["failed"], "detect", "images")
     counts = ", ".join(f"{n} {c}" for c, n in summary["per_class"].items())
     print(f"{summary['n_nuclei']} nuclei ({counts}) in {summary['n_ok']} of "
@@ -510,6 +526,9 @@ def add_command(sub) -> None:
                    help="smallest nucleus probability at a centre, in (0, 1) "
                    f"({DEFAULT_THRESHOLD})")
     p.add_argument("--recursive", action="store_true", help="also search subfolders")
+    p.add_argument("--mpp", type=float, default=None, metavar="UM",
+                   help="micrometres per pixel of the images: resized to the model's training "
+                   "pixel size first (e.g. 0.25 for a 40x scan seen by a 20x model)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     from cellulib.stain import add_options

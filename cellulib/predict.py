@@ -117,6 +117,13 @@ class Predictor:
     max_aspect : float
         Images more elongated than this are cut into square tiles along the long side instead of
         being squashed to a square; their score is the mean over the tiles.
+    stain_norm : cellulib.stain.StainNormalizer, optional
+        Normalise each image's stain first (``--stain-norm``).
+    mpp : float, optional
+        Micrometres per pixel of the images (``--mpp``). The image is then cut into square windows
+        of the model's training field of view (``meta["pixel_size"]``: ``patch_px`` pixels of
+        ``mpp`` micrometres; 512 px at 0.5 um/px when the file records none), each resized to
+        ``input_size``, and scored as their mean, instead of being resized whole.
     channels_last : bool
         Run convolutions in NHWC layout (measured 1.2-1.4x faster on a 2-core CPU for ResNet-34).
     precision : {"auto", "bf16", "fp16", "float32"}
@@ -140,7 +147,7 @@ class Predictor:
     def __init__(self, model: Any, *, device: Any = None, batch_size: int = 16, tta: bool = False,
                  workers: int = 2, max_upscale: float = 4.0, max_aspect: float = 1.5,
                  channels_last: bool = True, precision: str = "auto",
-                 stain_norm: Any = None) -> None:
+                 stain_norm: Any = None, mpp: float | None = None) -> None:
         import torch
 
         from cellulib import __version__
@@ -178,6 +185,9 @@ class Predictor:
             raise ValueError(f"workers must be at least 1, got {workers}")
         if not max_upscale >= 1 or not max_aspect >= 1:
             raise ValueError("max_upscale and max_aspect must be >= 1")
+        if mpp is not None and not (isinstance(mpp, (int, float)) and 0 < float(mpp) < 100):
+            raise ValueError(f"mpp (micrometres per pixel of the images) must lie in (0, 100), "
+                             f"got {mpp!r}")
 
         self.info = info
         self.family = family
@@ -201,6 +211,11 @@ class Predictor:
         self.cellulib_version = __version__
         # a cellulib.stain.StainNormalizer applied to each image before it is cut and resized
         self.stain_norm = stain_norm
+        # the images' pixel size (--mpp): they are cut into windows of the training field of view
+        from cellulib.store import pixel_size
+
+        self.mpp = None if mpp is None else float(mpp)
+        self.model_mpp, self.model_patch_px, self.pixel_size_recorded = pixel_size(info)
 
     # -- description -------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
@@ -219,6 +234,9 @@ class Predictor:
             "batch_size": self.batch_size,
             "stain_norm": None if self.stain_norm is None else {
                 "method": self.stain_norm.method, "target": self.stain_norm.source},
+            "mpp": self.mpp,
+            "model_pixel_size": {"mpp": self.model_mpp, "patch_px": self.model_patch_px,
+                                 "recorded": self.pixel_size_recorded},
         }
 
     # -- preprocessing -----------------------------------------------------------------------
@@ -242,6 +260,8 @@ class Predictor:
 
         if self.stain_norm is not None:
             img = self.stain_norm.normalize(img)
+        if self.mpp is not None:
+            return self._prepare_at_scale(img, name)
         h, w = img.shape[:2]
         short, long = min(h, w), max(h, w)
         s = self.input_size
@@ -261,6 +281,55 @@ class Predictor:
             if crop.shape[0] != s or crop.shape[1] != s:
                 crop = cv2.resize(crop, (s, s), interpolation=cv2.INTER_AREA)
             out.append(np.ascontiguousarray(crop))
+        return out
+
+    def window_side(self) -> float:
+        """With ``mpp`` set: the side, in image pixels, of the field of view of one training
+        patch (``patch_px`` pixels of ``model_mpp`` micrometres)."""
+        return self.model_patch_px * self.model_mpp / self.mpp
+
+    def _prepare_at_scale(self, img: np.ndarray, name: Any) -> list[np.ndarray]:
+        """``--mpp``: windows of the training patches' field of view, each resized to ``S``.
+
+        The image is covered by evenly spaced square windows of :meth:`window_side` pixels (one
+        when it is at most 2% larger; an image smaller than a window is first padded by
+        reflection to the window's size), so the model sees nuclei at the size it learned them
+        whatever the scan's magnification. The score is the mean over the windows.
+        """
+        import cv2
+
+        from cellulib.data import DataError
+
+        side = self.window_side()
+        s = self.input_size
+        if side * self.max_upscale < s:
+            raise DataError(f"{name}: at {self.mpp:g} um/px a {self.model_mpp:g} um/px model's "
+                            f"field of view is {side:.0f} px, which would be enlarged "
+                            f"{s / side:.1f}x to its input {s}x{s} (more than max_upscale="
+                            f"{self.max_upscale:g})")
+        win = max(1, int(round(side)))
+        h, w = img.shape[:2]
+        pad_y, pad_x = max(0, win - h), max(0, win - w)
+        if pad_y or pad_x:
+            if pad_y >= h or pad_x >= w:  # reflection needs pad < side: tile the image instead
+                img = np.tile(img, (math.ceil(win / h), math.ceil(win / w), 1))[:max(h, win),
+                                                                                  :max(w, win)]
+            else:
+                img = cv2.copyMakeBorder(img, pad_y // 2, pad_y - pad_y // 2, pad_x // 2,
+                                         pad_x - pad_x // 2, cv2.BORDER_REFLECT_101)
+            h, w = img.shape[:2]
+
+        def starts(length: int) -> np.ndarray:
+            n = max(1, math.ceil(length / win - 0.02))
+            return np.linspace(0, length - win, n).round().astype(int)
+
+        out = []
+        for y in starts(h):
+            for x in starts(w):
+                crop = img[y:y + win, x:x + win]
+                if crop.shape[0] != s or crop.shape[1] != s:
+                    crop = cv2.resize(crop, (s, s), interpolation=cv2.INTER_AREA)
+                out.append(np.ascontiguousarray(crop))
         return out
 
     def load(self, path: PathLike) -> list[np.ndarray]:
@@ -465,7 +534,7 @@ def _iter_rows(predictor: Predictor, files: list[Path], progress: bool, transfor
 def predict_images(model: Any, paths: PathLike | Sequence[PathLike], batch_size: int = 16,
                    tta: bool = False, progress: bool = True, *, device: Any = None,
                    workers: int = 2, recursive: bool = False,
-                   precision: str = "auto", stain_norm: Any = None,
+                   precision: str = "auto", stain_norm: Any = None, mpp: float | None = None,
                    transform: Callable[[np.ndarray, int], np.ndarray] | None = None
                    ) -> pd.DataFrame:
     """Score image files with a cellularity model; one row per image, bad images included.
@@ -485,7 +554,7 @@ def predict_images(model: Any, paths: PathLike | Sequence[PathLike], batch_size:
         Average the 8 flips and rotations.
     progress : bool
         Show a tqdm bar on stderr.
-    device, workers, precision, recursive, stain_norm
+    device, workers, precision, recursive, stain_norm, mpp
         See :class:`Predictor` and :func:`collect_images` (ignored for a ready Predictor, except
         ``recursive``).
     transform : callable, optional
@@ -505,7 +574,7 @@ def predict_images(model: Any, paths: PathLike | Sequence[PathLike], batch_size:
     ['path', 'cellularity', 'error']
     """
     predictor = _as_predictor(model, batch_size=batch_size, tta=tta, device=device,
-                              workers=workers, precision=precision, stain_norm=stain_norm)
+                              workers=workers, precision=precision, stain_norm=stain_norm, mpp=mpp)
     files = collect_images(paths, recursive=recursive)
     rows = list(_iter_rows(predictor, files, progress, transform))
     return pd.DataFrame(rows, columns=["path", "cellularity", "error"]).astype(
@@ -536,7 +605,8 @@ def _jsonable(obj: Any) -> Any:
 def predict_to_csv(model: Any, paths: PathLike | Sequence[PathLike], out: PathLike,
                    batch_size: int = 16, tta: bool = False, progress: bool = True, *,
                    device: Any = None, workers: int = 2, recursive: bool = False,
-                   precision: str = "auto", stain_norm: Any = None) -> dict[str, Any]:
+                   precision: str = "auto", stain_norm: Any = None,
+                   mpp: float | None = None) -> dict[str, Any]:
     """Score image files and stream ``path,cellularity,error`` rows to a CSV, plus a JSON sidecar.
 
     The rows go to a temporary file beside ``out`` as they are scored (memory stays flat for any
@@ -550,7 +620,7 @@ def predict_to_csv(model: Any, paths: PathLike | Sequence[PathLike], out: PathLi
     ----------
     out : path
         The CSV to write (``cellularity`` with 6 decimals; ``error`` empty for scored images).
-    model, paths, batch_size, tta, progress, device, workers, recursive, precision
+    model, paths, batch_size, tta, progress, device, workers, recursive, precision, stain_norm, mpp
         As in :func:`predict_images`.
 
     Returns
@@ -560,7 +630,7 @@ def predict_to_csv(model: Any, paths: PathLike | Sequence[PathLike], out: PathLi
         ``{"path", "error"}``), ``seconds``, ``images_per_second`` and the model description.
     """
     predictor = _as_predictor(model, batch_size=batch_size, tta=tta, device=device,
-                              workers=workers, precision=precision, stain_norm=stain_norm)
+                              workers=workers, precision=precision, stain_norm=stain_norm, mpp=mpp)
     given = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     files = collect_images(given, recursive=recursive)
     out = Path(out)
@@ -905,7 +975,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     summary = predict_to_csv(args.model, args.images, args.out, batch_size=args.batch_size,
                              tta=args.tta, progress=not args.quiet, device=args.device,
                              workers=args.workers, recursive=args.recursive,
-                             precision=args.precision,
+                             precision=args.precision, mpp=args.mpp,
                              stain_norm=normalizer_from_options(args.stain_norm, args.stain_target,
                                                                 args.model))
     _print_failures(summary["failed"], "predict", "images")
@@ -969,7 +1039,7 @@ def _cmd_slide(args: argparse.Namespace) -> int:
                                                              args.model))
     tiles = slide_map(predictor, args.image, args.out, tile=args.tile, tile_um=args.tile_um,
                       stride=args.stride, min_tissue=args.min_tissue, level=args.level,
-                      progress=not args.quiet)
+                      mpp=args.mpp, progress=not args.quiet)
     failed = tiles[tiles["error"] != ""]
     _print_failures([{"error": e} for e in failed["error"]], "slide", "tiles")
     scored = tiles["cellularity"].notna()
@@ -1009,6 +1079,10 @@ def add_commands(sub) -> None:
                    help="image files and/or folders of images")
     p.add_argument("--out", required=True, help="CSV to write (atomically)")
     p.add_argument("--recursive", action="store_true", help="also search subfolders")
+    p.add_argument("--mpp", type=float, default=None, metavar="UM",
+                   help="micrometres per pixel of the images: they are cut into windows of the "
+                   "model's training field of view (its pixel size times its patch side), so a "
+                   "40x scan (0.25) is seen at the 20x (0.5) scale the models learned")
     _add_model_options(p)
     p.set_defaults(func=_cmd_predict)
 
@@ -1047,11 +1121,15 @@ def add_commands(sub) -> None:
     )
     p.add_argument("image", help="the slide or large image")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--tile", type=int, default=512,
-                   help="tile side in level-0 pixels, resized to the model input (512)")
+    p.add_argument("--tile", type=int, default=None,
+                   help="tile side in level-0 pixels, resized to the model input (default: the "
+                   "model's training field of view at the image's pixel size, else 512)")
     p.add_argument("--tile-um", type=float, default=None,
                    help="tile side in micrometres (needs the pixel size in the file); "
                    "overrides --tile")
+    p.add_argument("--mpp", type=float, default=None, metavar="UM",
+                   help="micrometres per level-0 pixel, when the file does not record it (or "
+                   "records it wrongly)")
     p.add_argument("--stride", type=int, default=None, help="tile step in level-0 pixels (= tile)")
     p.add_argument("--min-tissue", type=float, default=0.5,
                    help="smallest tissue fraction of a scored tile (0.5)")

@@ -57,6 +57,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "sr_lr": 3e-3,
         "sr_schedule": "one_cycle",
         "gbt_rounds": 600,
+        # stain augmentation in training (cellulib.data.STAIN_AUGMENTS): "none" is the paper's
+        # recipe (gamma, hue and saturation only); "hed" adds HED jitter (issue 12)
+        "stain_augment": "none",
     },
     "paper": {
         "n_train": 2394,
@@ -84,6 +87,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "sr_lr": 1e-4,
         "sr_schedule": "decay",
         "gbt_rounds": 600,
+        "stain_augment": "none",
     },
 }
 

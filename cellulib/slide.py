@@ -12,12 +12,15 @@ level, so memory stays flat for any slide size; openslide-python reads the vendo
 NDPI, MRXS, ...) when it is installed; other images are read whole with
 :func:`cellulib.data.read_image`.
 
-Scale. A BreastPathQ patch is 512 x 512 pixels of a slide scanned at 20x, and the models saw such
-patches resized to their ``input_size`` S. By default a tile is therefore 512 pixels of level 0,
-read from the coarsest pyramid level that still has at least S pixels across the tile (no
-upsampling, least decoding) and resized to S x S with ``cv2.INTER_AREA``. For a slide scanned at
-another magnification give ``tile_um`` (the tile side in micrometres, converted with the pixel size
-recorded in the file) or ``tile`` in pixels.
+Scale. A BreastPathQ patch is 512 x 512 pixels of a slide scanned at 20x (about 0.5 um/px), and
+the models saw such patches resized to their ``input_size`` S; a model file records the pixel size
+and patch side of its training images (``meta["pixel_size"]``). By default a tile covers that
+field of view: ``patch_px * mpp`` micrometres, converted with the pixel size the image records
+(OME-TIFF PhysicalSizeX, Aperio MPP, TIFF resolution; ``mpp`` overrides it), so a 40x scan gets
+tiles twice as many pixels wide and the model sees nuclei at the size it learned them. A tile is
+read from the coarsest pyramid level that still has at least S pixels across it (no upsampling,
+least decoding) and resized to S x S with ``cv2.INTER_AREA``. ``tile_um`` or ``tile`` (pixels) set
+the tile explicitly.
 
 Tissue. A thumbnail (long side at most 2048 pixels) is thresholded on HSV saturation: glass is grey
 or white (saturation below about 15/255), stained tissue is pink or purple. The threshold is Otsu's,
@@ -550,10 +553,10 @@ def _pick_level(reader, level: Any, target: float) -> int:
 
 
 def slide_map(model: Any, image_path: str | os.PathLike, out_dir: str | os.PathLike,
-              tile: int = 512, *, tile_um: float | None = None, stride: int | None = None,
+              tile: int | None = None, *, tile_um: float | None = None, stride: int | None = None,
               min_tissue: float = 0.5, level: Any = "auto", tissue_threshold: float | None = None,
-              batch_size: int = 16, tta: bool = False, device: Any = None, workers: int = 2,
-              progress: bool = True) -> pd.DataFrame:
+              mpp: float | None = None, batch_size: int = 16, tta: bool = False,
+              device: Any = None, workers: int = 2, progress: bool = True) -> pd.DataFrame:
     """Cellularity map of a large image: tissue tiles scored, written as CSV, heatmap and JSON.
 
     Applies a patch model of paper sections 3.2-3.4 tile by tile (see the module notes for the
@@ -572,10 +575,14 @@ def slide_map(model: Any, image_path: str | os.PathLike, out_dir: str | os.PathL
         The slide or large image.
     out_dir : path
         Output folder (created).
-    tile : int
-        Tile side in level-0 pixels (512: a BreastPathQ patch at the scan's resolution).
+    tile : int, optional
+        Tile side in level-0 pixels. Default: the model's training field of view
+        (``meta["pixel_size"]``: ``patch_px`` pixels of ``mpp`` micrometres; a BreastPathQ patch,
+        512 px at 0.5 um/px, when the file records none) converted with the image's pixel size,
+        so that the model sees nuclei at the size it learned them (a 0.25 um/px scan gets
+        tiles twice as wide); ``patch_px`` level-0 pixels when the pixel size is unknown.
     tile_um : float, optional
-        Tile side in micrometres; overrides ``tile`` using the pixel size in the file.
+        Tile side in micrometres; overrides ``tile`` using the image's pixel size.
     stride : int, optional
         Step between tiles in level-0 pixels (default ``tile``).
     min_tissue : float
@@ -584,6 +591,8 @@ def slide_map(model: Any, image_path: str | os.PathLike, out_dir: str | os.PathL
         Pyramid level the tiles are read from.
     tissue_threshold : float, optional
         Saturation threshold (0-255) instead of the clamped Otsu of :func:`tissue_mask`.
+    mpp : float, optional
+        Micrometres per level-0 pixel, replacing what the file records (or its absence).
     batch_size, tta, device, workers, progress
         As in :class:`cellulib.predict.Predictor`.
 
@@ -608,16 +617,29 @@ def slide_map(model: Any, image_path: str | os.PathLike, out_dir: str | os.PathL
     out_dir = Path(out_dir)
     if not 0.0 <= float(min_tissue) <= 1.0:
         raise ValueError(f"min_tissue must lie in [0, 1], got {min_tissue}")
+    if mpp is not None and not 0 < float(mpp) < 100:
+        raise ValueError(f"mpp (micrometres per pixel) must lie in (0, 100), got {mpp}")
     predictor = model if isinstance(model, Predictor) else Predictor(
         model, batch_size=batch_size, tta=tta, device=device, workers=workers)
     size = predictor.input_size
     with open_slide(image_path) as reader:
         w0, h0 = reader.dims[0]
+        image_mpp = float(mpp) if mpp is not None else reader.mpp
+        mpp_source = "given" if mpp is not None else ("file" if reader.mpp else None)
         if tile_um is not None:
-            if not reader.mpp:
+            if not image_mpp:
                 raise DataError(f"{image_path}: the pixel size is not recorded in the file, so "
-                                "tile_um cannot be converted; give the tile side in pixels")
-            tile = int(round(float(tile_um) / reader.mpp))
+                                "tile_um cannot be converted; give --mpp or the tile side in "
+                                "pixels")
+            tile, tile_from = int(round(float(tile_um) / image_mpp)), "tile_um"
+        elif tile is None:
+            if image_mpp:
+                tile = int(round(predictor.model_patch_px * predictor.model_mpp / image_mpp))
+                tile_from = "model field of view at the image's pixel size"
+            else:
+                tile, tile_from = predictor.model_patch_px, "model patch side (pixel size unknown)"
+        else:
+            tile_from = "tile"
         tile = int(tile)
         if tile < 1:
             raise ValueError(f"tile must be positive, got {tile}")
@@ -626,8 +648,9 @@ def slide_map(model: Any, image_path: str | os.PathLike, out_dir: str | os.PathL
                             f"(input {size}x{size}); use a tile of at least "
                             f"{math.ceil(size / predictor.max_upscale)} px")
         if w0 < tile or h0 < tile:
-            raise DataError(f"{image_path}: image {w0}x{h0} is smaller than one {tile}-px tile; "
-                            "give a smaller tile, or score it with cellulib predict")
+            raise DataError(f"{image_path}: image {w0}x{h0} is smaller than one {tile}-px tile "
+                            f"({tile_from}); give a smaller tile, or score it with cellulib "
+                            "predict (with --mpp)")
         grid = tile_grid(w0, h0, tile, stride)
         read_level = _pick_level(reader, level, tile / size)
         ds = reader.downsamples[read_level]
@@ -665,7 +688,7 @@ def slide_map(model: Any, image_path: str | os.PathLike, out_dir: str | os.PathL
         grid["tissue_fraction"] = grid["tissue_fraction"].round(4)
         reader_info = {"reader": reader.kind, "levels": [list(d) for d in reader.dims],
                        "downsamples": [round(d, 4) for d in reader.downsamples],
-                       "mpp": reader.mpp}
+                       "mpp": image_mpp, "mpp_source": mpp_source}
 
     n_scored = int(np.isfinite(cellularity).sum())
     n_failed = int((errors != "").sum())
@@ -681,7 +704,8 @@ def slide_map(model: Any, image_path: str | os.PathLike, out_dir: str | os.PathL
 
     summary = predictor.describe() | {
         "image": str(image_path), **reader_info,
-        "tile": tile, "tile_um": None if reader_info["mpp"] is None else tile * reader_info["mpp"],
+        "tile": tile, "tile_from": tile_from,
+        "tile_um": None if reader_info["mpp"] is None else tile * reader_info["mpp"],
         "stride": int(stride or tile), "read_level": read_level, "read_side": side,
         "thumbnail_downsample": round(thumb_ds, 4), "tissue_threshold": threshold,
         "min_tissue": float(min_tissue), "n_tiles": len(grid), "n_tissue": int(len(todo)),

@@ -29,6 +29,7 @@ __all__ = [
     "predict_shifted",
     "shift_image",
     "tissue_fraction",
+    "training_reference",
 ]
 
 #: Stain normalisation methods of :class:`StainNormalizer`.
@@ -190,6 +191,36 @@ def _macenko_vectors(img: np.ndarray, alpha: float = 1.0) -> np.ndarray:
     return he / np.linalg.norm(he, axis=0, keepdims=True)
 
 
+def training_reference(paths, n: int = 16, tile: int = 128) -> dict[str, Any]:
+    """The stain of a training set, for a model file's ``meta["stain"]``.
+
+    Up to ``n`` images, evenly spaced through ``paths``, are resized to ``tile`` px and laid side by
+    side in a square mosaic; :class:`StainNormalizer` is fitted on it with each method. Returns
+    ``{"macenko": ref, "reinhard": ref}`` (see :meth:`StainNormalizer.reference`), or
+    ``{"unavailable": reason}`` when the mosaic is not usable H&E. Used by :mod:`cellulib.train`
+    when it saves a model, so that ``--stain-norm METHOD`` needs no target image.
+    """
+    import cv2
+
+    from cellulib.data import read_image
+
+    paths = [str(p) for p in paths]
+    if not paths:
+        return {"unavailable": "no training images"}
+    picks = sorted({round(i) for i in np.linspace(0, len(paths) - 1, min(n, len(paths)))})
+    tiles = [cv2.resize(read_image(paths[i]), (tile, tile), interpolation=cv2.INTER_AREA)
+             for i in picks]
+    side = int(np.ceil(np.sqrt(len(tiles))))
+    while len(tiles) < side * side:  # fill the square with the first images again
+        tiles.append(tiles[len(tiles) % len(picks)])
+    mosaic = np.vstack([np.hstack(tiles[r * side:(r + 1) * side]) for r in range(side)])
+    label = f"mosaic of {len(picks)} training images"
+    try:
+        return {m: {**StainNormalizer(m).fit(mosaic, name=label).reference()} for m in METHODS}
+    except StainError as exc:
+        return {"unavailable": str(exc)}
+
+
 # -------------------------------------------------------------------------------------------------
 # controlled shifts
 # -------------------------------------------------------------------------------------------------
@@ -305,8 +336,8 @@ def normalizer_from_options(method: str | None, target: str | Path | None = None
     """The normaliser of ``--stain-norm METHOD [--stain-target IMAGE]``; None without a method.
 
     The target image is fitted when given. Without one, the stored reference of ``model`` (a model
-    file or the ``(model, info)`` pair of :func:`cellulib.load_model`; ``meta["stain"]``, the stain
-    of its training set) is used when its method matches; otherwise :class:`StainError` says that
+    file or the ``(model, info)`` pair of :func:`cellulib.load_model`; ``meta["stain"][method]``,
+    the stain of its training set, :func:`training_reference`) is used; otherwise :class:`StainError` says that
     a target is needed. Called before anything is written, so a bad target loses nothing. Used by
     ``cellulib predict``, ``detect`` and ``slide``.
     """
@@ -321,12 +352,16 @@ def normalizer_from_options(method: str | None, target: str | Path | None = None
         from cellulib.store import model_and_info
 
         meta = model_and_info(model)[2].get("meta") or {}
-    ref = meta.get("stain")
+    stored = meta.get("stain")
+    # meta["stain"] maps method -> reference (cellulib.train); one bare reference is read too
+    ref = (stored.get(method) if isinstance(stored, dict) and "method" not in stored else stored)
     if isinstance(ref, dict) and ref.get("method") == method:
         return StainNormalizer.from_reference(ref)
+    why = (f" ({stored['unavailable']})" if isinstance(stored, dict) and "unavailable" in stored
+           else "")
     raise StainError(f"--stain-norm {method} needs --stain-target IMAGE (an H&E image stained "
                      "the way the model's training data were): this model file carries no "
-                     f"{method} stain reference")
+                     f"{method} stain reference{why}")
 
 
 def add_options(parser) -> None:

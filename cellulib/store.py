@@ -143,10 +143,11 @@ def load_model(path: str | os.PathLike, map_location: str = "cpu"):
 _DATA_SUFFIXES = frozenset({".tif", ".tiff", ".png", ".jpg", ".jpeg", ".csv", ".xml", ".txt"})
 
 #: The cellulib modules whose source decides what each model family learns. Every family is built,
-#: fed and fitted by the common five; the segmentation loss trains ``seg`` and the seg net inside
-#: ``sr`` and ``gbt``; the 81 features feed ``gbt``; validation predictions go through ``predict``.
+#: fed (stain augmentation included) and fitted by the common seven; the segmentation loss trains
+#: ``seg`` and the seg net inside ``sr`` and ``gbt``; the 81 features feed ``gbt``; validation
+#: predictions go through ``predict``.
 _COMMON_SOURCES = ("annotations.py", "data.py", "engine.py", "models.py", "profiles.py",
-                   "train.py")
+                   "stain.py", "train.py")
 TRAINING_SOURCES: dict[str, tuple[str, ...]] = {
     "seg": _COMMON_SOURCES + ("losses.py",),
     "direct": _COMMON_SOURCES + ("predict.py",),
@@ -215,6 +216,25 @@ def model_and_info(model: Any) -> tuple[str, Any, dict[str, Any]]:
         raise ValueError("model must be the (model, info) pair from cellulib.load_model")
     raise ValueError("model must be a model file or the (model, info) pair from "
                      f"cellulib.load_model, got {type(model).__name__}")
+
+
+#: Pixel size assumed for a model file that records none (``meta["pixel_size"]``): BreastPathQ's
+#: 512-px patches at about 0.5 um/px (cellulib.data.MPP).
+DEFAULT_PIXEL_SIZE = {"mpp": 0.5, "patch_px": 512}
+
+
+def pixel_size(info: dict[str, Any]) -> tuple[float, int, bool]:
+    """``(mpp, patch_px, recorded)`` of a model's training images, from ``info["meta"]`` (see
+    :func:`cellulib.train` ``_provenance``); :data:`DEFAULT_PIXEL_SIZE` with ``recorded`` False
+    when the file holds none. Used by ``cellulib predict``/``detect`` (``--mpp``) and ``slide``."""
+    ps = (info.get("meta") or {}).get("pixel_size")
+    try:
+        mpp, patch = float(ps["mpp"]), int(ps["patch_px"])
+        if mpp > 0 and patch > 0:
+            return mpp, patch, True
+    except (TypeError, KeyError, ValueError):
+        pass
+    return DEFAULT_PIXEL_SIZE["mpp"], DEFAULT_PIXEL_SIZE["patch_px"], False
 
 
 def data_fingerprint(root: str | os.PathLike) -> str:

@@ -208,7 +208,7 @@ def train_seg(root: str | os.PathLike, decoder: str = "fpn", pretrained=None, pr
         "seed": int(seed), "data": data_fingerprint(root),
         **{k: settings[k] for k in ("seg_epochs", "seg_bs", "seg_lr", "seg_lr_end", "seg_schedule",
                                     "crop", "downscale", "disc_diameter", "patches_per_epoch",
-                                    "precision")},
+                                    "precision", "stain_augment")},
     }
     path = cache_path("seg", params)
     if cache and (hit := _cached(path, settings)) is not None:
@@ -219,7 +219,7 @@ def train_seg(root: str | os.PathLike, decoder: str = "fpn", pretrained=None, pr
     dls = data.seg_dataloaders(
         root, size=settings["crop"], downscale=settings["downscale"], bs=settings["seg_bs"],
         diameter=settings["disc_diameter"], seed=seed,
-        patches_per_epoch=settings["patches_per_epoch"] * n_train,
+        patches_per_epoch=settings["patches_per_epoch"] * n_train, stain=settings["stain_augment"],
     )
     learn = seg_learner(dls, decoder=decoder, pretrained=pretrained, precision=settings["precision"])
     start = time.perf_counter()
@@ -229,8 +229,10 @@ def train_seg(root: str | os.PathLike, decoder: str = "fpn", pretrained=None, pr
     history = _history(learn)
     scores = {k: float(v) for k, v in history.iloc[-1].items() if k.startswith(("jaccard", "valid"))}
     model = _trained(learn.model)
+    cells = data.read_cells(root)
+    train_images = cells["image_path"].iloc[data.cells_split(cells, seed=seed, root=root)[0]]
     meta = {"history": history.to_dict("list"), "scores": scores, "seconds": seconds,
-            "params": params}
+            "params": params, **_provenance(train_images.tolist())}
     save_model(model, path, **meta)
     return TrainResult(model, history, scores, path, False, settings, seconds, meta)
 
@@ -344,6 +346,24 @@ def _validation_patches(root) -> pd.DataFrame:
                       ].reset_index(drop=True)
 
 
+def _train_paths(root) -> list[str]:
+    df = data.read_breastpathq(root)
+    return df.loc[df["split"] == "train", "path"].tolist()
+
+
+def _provenance(train_images: list[str]) -> dict[str, Any]:
+    """What a model file records about its training images, for users of other scans: their
+    stain (``meta["stain"]``, Macenko and Reinhard references fitted on a mosaic of them, so that
+    ``--stain-norm`` needs no target) and pixel size (``meta["pixel_size"]``: ``mpp``, the
+    `cellulib.data.MPP` of the datasets, and ``patch_px``, the median side of a training image;
+    ``cellulib slide`` cuts tiles of ``patch_px * mpp`` micrometres)."""
+    from cellulib.stain import training_reference
+
+    sides = [min(data.read_image(p).shape[:2]) for p in train_images[:16]]
+    return {"stain": training_reference(train_images),
+            "pixel_size": {"mpp": data.MPP, "patch_px": int(np.median(sides))}}
+
+
 def _train_labels(root) -> np.ndarray:
     df = data.read_breastpathq(root)
     return df.loc[df["split"] == "train", "cellularity"].to_numpy(dtype=float)
@@ -359,7 +379,8 @@ def _finish(model, path: Path, params: dict, history: pd.DataFrame, root, second
     meta = {"history": history.to_dict("list"), "scores": scores, "seconds": seconds,
             "params": params, "predictions": pred.to_dict("list"),
             "train_mean": float(_train_labels(root).mean()),
-            "preprocess": {"input_size": int(input_size), "normalize": "minus_one_one"}, **extra}
+            "preprocess": {"input_size": int(input_size), "normalize": "minus_one_one"},
+            **_provenance(_train_paths(root)), **extra}
     save_model(model, path, **meta)
     return TrainResult(model, history, scores, path, False, settings, seconds, meta)
 
@@ -394,7 +415,7 @@ def train_direct(root: str | os.PathLike, arch: str = "resnet34", task: str = "r
     params = {"kind": "direct", "arch": arch, "task": task, "pretrained": _pretrained_key(pretrained),
               "seed": int(seed), "data": data_fingerprint(root), "input_size": input_size,
               **{k: settings[k] for k in ("direct_epochs", "direct_bs", "direct_lr",
-                                          "direct_schedule", "precision")}}
+                                          "direct_schedule", "precision", "stain_augment")}}
     if task == "classification":
         params["cls_sigma"] = settings["cls_sigma"]
     path = cache_path(f"direct-{arch}-{task}", params)
@@ -402,7 +423,7 @@ def train_direct(root: str | os.PathLike, arch: str = "resnet34", task: str = "r
         return hit
     set_seed(seed, reproducible=True)
     dls = data.cellularity_dataloaders(root, size=input_size, bs=settings["direct_bs"],
-                                       seed=seed, task=task)
+                                       seed=seed, task=task, stain=settings["stain_augment"])
     model = models.init_output(models.direct_model(arch, task=task, pretrained=pretrained),
                                _train_labels(root))
     loss = (MSELossFlat() if task == "regression"
@@ -458,12 +479,13 @@ def train_sr(root: str | os.PathLike, seg: TrainResult, pretrained=None, profile
     params = {"kind": "sr", "seg": seg.path.name, "pretrained": _pretrained_key(pretrained),
               "seed": int(seed), "data": data_fingerprint(root), "input_size": input_size,
               **{k: settings[k] for k in ("sr_epochs", "sr_finetune_epochs", "sr_lr", "sr_schedule",
-                                          "direct_bs", "precision")}}
+                                          "direct_bs", "precision", "stain_augment")}}
     path = cache_path("sr", params)
     if cache and (hit := _cached(path, settings)) is not None:
         return hit
     set_seed(seed, reproducible=True)
-    dls = data.cellularity_dataloaders(root, size=input_size, bs=settings["direct_bs"], seed=seed)
+    dls = data.cellularity_dataloaders(root, size=input_size, bs=settings["direct_bs"], seed=seed,
+                                       stain=settings["stain_augment"])
     model = models.sr_model(copy.deepcopy(seg.model), pretrained=pretrained, freeze_seg=True)
     models.init_output(model, _train_labels(root))
     learn = learner(dls, model, MSELossFlat(), [CellularityMSE()], settings["precision"])

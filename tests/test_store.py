@@ -191,8 +191,10 @@ def test_data_fingerprint_reads_an_unchanged_file_once(tmp_path, monkeypatch):
 
 
 # The modules that decide training, per family: changing this list is a deliberate change of test.
-# annotations.py: data.py reads the cell XML through it, so it decides the segmentation targets
-COMMON_SOURCES = ["annotations.py", "data.py", "engine.py", "models.py", "profiles.py", "train.py"]
+# annotations.py: data.py reads the cell XML through it, so it decides the segmentation targets;
+# stain.py: the HED jitter of the stain_augment setting, and the stain reference a model records
+COMMON_SOURCES = ["annotations.py", "data.py", "engine.py", "models.py", "profiles.py", "stain.py",
+                  "train.py"]
 TRAINING_SOURCES = {
     "seg": COMMON_SOURCES + ["losses.py"],
     "direct-resnet34-regression": COMMON_SOURCES + ["predict.py"],
