@@ -310,13 +310,9 @@ class Predictor:
         win = max(1, int(round(side)))
         h, w = img.shape[:2]
         pad_y, pad_x = max(0, win - h), max(0, win - w)
-        if pad_y or pad_x:
-            if pad_y >= h or pad_x >= w:  # reflection needs pad < side: tile the image instead
-                img = np.tile(img, (math.ceil(win / h), math.ceil(win / w), 1))[:max(h, win),
-                                                                                  :max(w, win)]
-            else:
-                img = cv2.copyMakeBorder(img, pad_y // 2, pad_y - pad_y // 2, pad_x // 2,
-                                         pad_x - pad_x // 2, cv2.BORDER_REFLECT_101)
+        if pad_y or pad_x:  # numpy's reflect (cv2's REFLECT_101) repeats for pads over the side
+            img = np.pad(img, ((pad_y // 2, pad_y - pad_y // 2), (pad_x // 2, pad_x - pad_x // 2),
+                               (0, 0)), mode="reflect")
             h, w = img.shape[:2]
 
         def starts(length: int) -> np.ndarray:

@@ -5,6 +5,7 @@ metrics of `evaluate` equal hand-computed values (ICC against pingouin)."""
 import argparse
 import functools
 import json
+import re
 import threading
 import time
 import warnings
@@ -227,6 +228,49 @@ def test_elongated_image_is_scored_as_the_mean_of_square_tiles(model_files, tmp_
                    for a in (0, 45, 91, 136)])
     got = predict_images(model_files["regression"], tmp_path / "strip.tif", progress=False)
     assert got["cellularity"].iloc[0] == pytest.approx(ref, abs=2e-5)
+
+
+def test_mpp_scores_windows_of_the_training_field_of_view(model_files, tmp_path):
+    # the model learned 64-px patches at 0.5 um/px (a 32 um field of view)
+    reg, info = load_model(model_files["regression"])
+    sized = save_model(reg, tmp_path / "sized.pt", preprocess=PRE,
+                       pixel_size={"mpp": 0.5, "patch_px": 64})
+    img = _rgb(256, 256, 12)
+    tifffile.imwrite(tmp_path / "x40.tif", img, photometric="rgb")
+    # at 0.25 um/px the field is 128 px: the four quadrants, each resized to 64, averaged
+    ref = np.mean([_reference(model_files["regression"], np.ascontiguousarray(img[y:y + 128, x:x + 128]))
+                   for y in (0, 128) for x in (0, 128)])
+    got = predict_images(sized, tmp_path / "x40.tif", progress=False, mpp=0.25)
+    assert got["cellularity"].iloc[0] == pytest.approx(ref, abs=2e-5)
+    # at 0.125 um/px the field is 256 px: the whole image, as without --mpp
+    whole = predict_images(sized, tmp_path / "x40.tif", progress=False, mpp=0.125)
+    assert whole["cellularity"].iloc[0] == pytest.approx(_reference(model_files["regression"], img),
+                                                         abs=2e-5)
+    # a smaller field than the model's is padded by reflection, not enlarged
+    small = _rgb(48, 48, 13)
+    tifffile.imwrite(tmp_path / "small.tif", small, photometric="rgb")
+    padded = cv2.copyMakeBorder(small, 8, 8, 8, 8, cv2.BORDER_REFLECT_101)
+    got = predict_images(sized, tmp_path / "small.tif", progress=False, mpp=0.5)
+    assert got["cellularity"].iloc[0] == pytest.approx(_reference(model_files["regression"], padded),
+                                                       abs=2e-5)
+    # a file without a pixel size counts as BreastPathQ's (512 px at 0.5 um/px: a 256 um field)
+    pred = Predictor(model_files["regression"], mpp=0.5)
+    assert pred.window_side() == 512 and not pred.describe()["model_pixel_size"]["recorded"]
+    with pytest.raises(ValueError, match="mpp"):
+        Predictor(sized, mpp=0)
+    # at 8 um/px the field is 4 px: refused as too small, in an error row naming the file
+    bad = predict_images(sized, tmp_path / "small.tif", progress=False, mpp=8.0)
+    assert np.isnan(bad["cellularity"].iloc[0])
+    assert re.search(r"small\.tif: at 8 um/px .* field of view is 4 px, which would be enlarged",
+                     bad["error"].iloc[0])
+
+
+def test_cli_predict_mpp(model_files, images, tmp_path):
+    out = tmp_path / "p.csv"
+    assert _run(["predict", "--model", str(model_files["regression"]), "--images",
+                 str(images[0]), "--out", str(out), "--mpp", "0.25", "--quiet"]) == 0
+    side = json.loads(out.with_name(out.name + ".json").read_text())
+    assert side["mpp"] == 0.25 and side["model_pixel_size"]["mpp"] == 0.5
 
 
 def test_real_images_are_scored(model_files, real_dir):

@@ -370,3 +370,64 @@ def test_tile_grid_covers_every_pixel(width, height, tile, stride):
     # whole steps only where they fit: the grid of an exact multiple is unchanged
     if stride is None and width % tile == 0 and height % tile == 0:
         assert len(grid) == (width // tile) * (height // tile)
+
+
+# ---------------------------------------------------------------------------------------------
+# scale: tiles cover the model's training field of view at the image's pixel size (issue 12)
+
+
+@pytest.fixture(scope="module")
+def sized_model_file(model_file, tmp_path_factory):
+    """The same model, recording training patches of 256 px at 1.0 um/px (a 256 um field)."""
+    model, info = load_model(model_file)
+    return save_model(model, tmp_path_factory.mktemp("sized") / "direct.pt",
+                      preprocess=info["meta"]["preprocess"],
+                      pixel_size={"mpp": 1.0, "patch_px": 256})
+
+
+def test_default_tile_is_the_model_field_of_view(synthetic_slide, sized_model_file, model_file,
+                                                 tmp_path):
+    path, _ = synthetic_slide  # 0.5 um/px in its OME metadata
+    summary = slide_map(sized_model_file, path, tmp_path / "a", progress=False).attrs["summary"]
+    assert summary["tile"] == 512 and summary["mpp_source"] == "file"  # 256 um / 0.5 um/px
+    assert summary["tile_from"] == "model field of view at the image's pixel size"
+    # the image's pixel size given by hand wins over the file's: 256 um / 0.25 um/px
+    summary = slide_map(sized_model_file, path, tmp_path / "b", mpp=0.25,
+                        progress=False).attrs["summary"]
+    assert summary["tile"] == 1024 and summary["mpp"] == 0.25 and summary["mpp_source"] == "given"
+    # a model file without a pixel size counts as BreastPathQ's: 512 px at 0.5 um/px
+    assert slide_map(model_file, path, tmp_path / "c", progress=False
+                     ).attrs["summary"]["tile"] == 512
+    with pytest.raises(ValueError, match="mpp"):
+        slide_map(model_file, path, tmp_path / "d", mpp=-1, progress=False)
+
+
+def test_real_openslide_crop_is_tiled_at_the_model_scale(real_dir, model_file, reference_model,
+                                                         tmp_path, capsys):
+    path = real_dir / "openslide_OS-1-detail.ome.tif"
+    if not path.is_file():
+        pytest.skip(f"{path.name} not in {real_dir}")
+    model, info = load_model(model_file)
+    quick = save_model(model, tmp_path / "quick.pt", preprocess=info["meta"]["preprocess"],
+                       pixel_size={"mpp": 0.5, "patch_px": 256})  # the quick profile's patches
+    with open_slide(path) as reader:
+        mpp = reader.mpp
+    assert mpp == pytest.approx(0.227, abs=0.001)
+    assert _run(["slide", "--model", str(quick), str(path), "--out", str(tmp_path / "o"),
+                 "--quiet"]) == 0
+    meta = json.loads((tmp_path / "o" / "slide.json").read_text())
+    tile = round(256 * 0.5 / mpp)  # 128 um: 564 px of this 40x crop, where 256 px saw 58 um
+    assert meta["tile"] == tile == 564
+    tiles = pd.read_csv(tmp_path / "o" / "tiles.csv")
+    assert tiles[["x", "y"]].values.tolist() == [[x, y] for y in (0, 537) for x in (0, 537)]
+    full = tifffile.imread(path)
+    ref = [_score(reference_model, full[y:y + tile, x:x + tile]) for x, y in tiles[["x", "y"]].values]
+    np.testing.assert_allclose(tiles["cellularity"], ref, atol=1e-4)
+    # a 256 um field (BreastPathQ's 512 px at 0.5 um/px) is 1127 px, more than the image: a
+    # clear error that says where the tile size came from
+    big = round(256 / mpp)
+    assert big in (1127, 1128)
+    with pytest.raises(DataError, match=rf"1101x1101 is smaller than one {big}-px tile \(model "
+                       r"field of view at the image's pixel size\)"):
+        slide_map(model_file, path, tmp_path / "p", progress=False)
+    assert not (tmp_path / "p").exists()

@@ -255,3 +255,66 @@ def test_score_annotated_under_a_shift(brca_full_copy):
     assert seen == [0, 1]
     assert len(shifted.truth) == len(plain.truth)  # the dots do not move
     assert not shifted.pred[["x", "y"]].equals(plain.pred[["x", "y"]])
+
+
+# -------------------------------------------------------------------------------------------------
+# stain augmentation in training (the stain_augment setting)
+# -------------------------------------------------------------------------------------------------
+def test_hed_jitter_draws_its_stated_law_and_applies_hed_perturb(patch):
+    import random
+
+    import albumentations as A
+
+    from cellulib.data import HEDJitter
+
+    img = np.ascontiguousarray(patch[:96, :96])
+    jitter = HEDJitter(scale=0.3, shift=0.03, p=1.0)
+    tfm = A.Compose([jitter])
+    for seed in range(5):
+        tfm.set_random_state(np.random.default_rng(seed), random.Random(seed))
+        out = tfm(image=img)["image"]
+        # the same draws by hand: four uniforms in [-1, 1) from the transform's generator
+        u = np.random.default_rng(seed).uniform(-1.0, 1.0, size=4)
+        expected = hed_perturb(img, 1 + 0.3 * u[0], 1 + 0.3 * u[1], 0.03 * u[2], 0.03 * u[3])
+        np.testing.assert_array_equal(out, expected)
+    with pytest.raises(ValueError, match="HEDJitter"):
+        HEDJitter(scale=1.5)
+
+
+def test_stain_augment_setting_adds_the_jitter_to_training_only():
+    from cellulib.data import HEDJitter, cellularity_transforms, seg_transforms
+
+    def has_jitter(tfm):
+        return any(isinstance(t, HEDJitter) for t in tfm.transforms)
+
+    assert has_jitter(cellularity_transforms(96, train=True, seed=0, stain="hed"))
+    assert has_jitter(seg_transforms(64, train=True, seed=0, stain="hed"))
+    assert not has_jitter(cellularity_transforms(96, train=True, seed=0))
+    assert not has_jitter(cellularity_transforms(96, train=False, seed=0, stain="hed"))
+    with pytest.raises(ValueError, match="unknown stain augmentation 'macenko'"):
+        cellularity_transforms(96, train=True, stain="macenko")
+
+
+def test_training_reference_fits_a_mosaic_of_the_images(real_dir, tmp_path):
+    from PIL import Image
+
+    from cellulib.data import read_image
+
+    path = real_dir / "breastpathq_99788_1.tif"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    img = read_image(path)
+    # four quarters of one real patch: the mosaic is the patch resized, so Reinhard's LAB means
+    # must be the patch's own (within resampling)
+    quarters = []
+    for k, (y, x) in enumerate([(0, 0), (0, 256), (256, 0), (256, 256)]):
+        Image.fromarray(img[y:y + 256, x:x + 256]).save(tmp_path / f"q{k}.png")
+        quarters.append(tmp_path / f"q{k}.png")
+    ref = stain.training_reference(quarters, tile=256)
+    assert set(ref) == {"macenko", "reinhard"}
+    direct = StainNormalizer("reinhard").fit(img).reference()
+    np.testing.assert_allclose(ref["reinhard"]["means"], direct["means"], atol=0.05)
+    assert stain.training_reference([]) == {"unavailable": "no training images"}
+    blank = tmp_path / "blank.png"
+    Image.fromarray(np.full((64, 64, 3), 250, np.uint8)).save(blank)
+    assert "blank" in stain.training_reference([blank])["unavailable"]

@@ -108,6 +108,49 @@ def test_train_gbt_predicts_in_range_and_ranks_features(tiny_root, tiny_seg):
     assert result.model(x).shape == (1, 1)
 
 
+def test_model_files_record_their_training_stain_and_pixel_size(tiny_root, tiny_seg, home,
+                                                                tmp_path, capsys):
+    import numpy as np
+
+    from cellulib import data, stain
+
+    # the segmentation net: the stain of its training cells patches, the datasets' pixel size
+    meta = tiny_seg.meta
+    assert meta["pixel_size"] == {"mpp": data.MPP, "patch_px": 128}
+    cells = data.read_cells(tiny_root)
+    train_idx = data.cells_split(cells, seed=0, root=tiny_root)[0]
+    expected = stain.training_reference(cells["image_path"].iloc[train_idx].tolist())
+    assert meta["stain"]["macenko"]["HERef"] == expected["macenko"]["HERef"]
+    # --stain-norm macenko needs no target with such a file, and its reference is the stored one
+    norm = stain.normalizer_from_options("macenko", None, tiny_seg.path)
+    np.testing.assert_array_equal(norm._impl.HERef, np.asarray(expected["macenko"]["HERef"]))
+    out = tmp_path / "nuclei.csv"
+    assert cli.main(["detect", "--model", str(tiny_seg.path), "--images",
+                     str(cells["image_path"].iloc[0]), "--out", str(out), "--quiet",
+                     "--stain-norm", "reinhard", "--mpp", "0.25"]) == 0
+    from cellulib.detect import detect_to_csv
+
+    # images at 0.25 um/px are halved to the training 0.5 um/px, then downscaled x2 as trained
+    summary = detect_to_csv(tiny_seg.path, cells["image_path"].iloc[0], out, progress=False,
+                            mpp=0.25)
+    assert summary["downscale"] == 4.0 and summary["mpp"] == 0.25
+    # a cellularity model records its training patches (128 px here) and their stain
+    result = train.train_direct(tiny_root, progress=False, epochs=1, size=64)
+    assert result.meta["pixel_size"] == {"mpp": data.MPP, "patch_px": 128}
+    assert set(result.meta["stain"]) == {"macenko", "reinhard"}
+
+
+def test_stain_augment_is_part_of_the_cache_key(tiny_root, home):
+    plain = train.train_seg(tiny_root, "fpn", epochs=1, progress=False, crop=64,
+                            patches_per_epoch=1, seg_bs=2)
+    jittered = train.train_seg(tiny_root, "fpn", epochs=1, progress=False, crop=64,
+                               patches_per_epoch=1, seg_bs=2, stain_augment="hed")
+    assert jittered.path != plain.path and jittered.meta["params"]["stain_augment"] == "hed"
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert not torch.equal(plain.model(x), jittered.model(x))
+
+
 def test_several_processes_without_a_gpu_is_a_clear_error(tiny_root, home, monkeypatch):
     # `accelerate launch --num_processes 2` sets WORLD_SIZE; fastai's distributed context needs CUDA
     if torch.cuda.is_available():
