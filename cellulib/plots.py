@@ -541,3 +541,97 @@ def label_comparison(real: Sequence[float], synthetic: Sequence[float],
         ax.set_xlim(0, 1)
     fig.tight_layout()
     return fig
+
+
+def robustness_curves(summary: pd.DataFrame, routes: dict[str, Sequence[str]],
+                      mean_mse: float | None = None, shift_names: dict[str, str] | None = None,
+                      strength_labels=None) -> plt.Figure:
+    """MSE of every model against shift strength, one panel per shift kind (the table of
+    :func:`cellulib.robustness.shift_summary`; kind ``none`` is the point at strength 0). Models of
+    the segmentation route are drawn solid in blues, the direct models dashed in oranges; the mean
+    predictor's MSE is the grey dotted line. ``scale`` is drawn against the magnification factor
+    on a log axis. Used in the stain-shift chapter."""
+    kinds = [k for k in pd.unique(summary["kind"]) if k != "none"]
+    ncols = 3
+    nrows = int(np.ceil(len(kinds) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.1 * ncols, 3.3 * nrows), squeeze=False,
+                             sharey=True)
+    palettes = {route: sns.color_palette("Blues_d" if i == 0 else "Oranges_d", len(models))
+                for i, (route, models) in enumerate(routes.items())}
+    styles = {route: "-" if i == 0 else "--" for i, route in enumerate(routes)}
+    clean = summary[summary["kind"] == "none"].set_index("model")["mse"]
+    for ax, kind in zip(axes.flat, kinds):
+        for route, models in routes.items():
+            for colour, model in zip(palettes[route], models):
+                part = summary[(summary["model"] == model) & (summary["kind"] == kind)]
+                x = np.concatenate([[0.0], part["strength"].to_numpy()])
+                y = np.concatenate([[clean[model]], part["mse"].to_numpy()])
+                order = np.argsort(x)
+                x = 2.0 ** x if kind == "scale" else x
+                ax.plot(x[order], y[order], styles[route], marker="o", ms=3.5, color=colour,
+                        label=f"{model} ({route})")
+        if mean_mse is not None:
+            ax.axhline(mean_mse, color="grey", ls=":", lw=1.2, label="mean predictor")
+        if kind == "scale":
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("magnification relative to training (x)")
+        else:
+            ax.set_xlabel("shift strength (0 = none, 1 = strongest)")
+        ax.set_title((shift_names or {}).get(kind, kind), fontsize=10)
+        ax.set_yscale("log")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("validation MSE (log scale)")
+    for ax in list(axes.flat)[len(kinds):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8,
+               bbox_to_anchor=(0.5, -0.01))
+    fig.tight_layout(rect=(0, 0.08 if len(labels) > 4 else 0.05, 1, 1))
+    return fig
+
+
+def estimate_whiskers(table: pd.DataFrame, xlabel: str, title: str = "") -> plt.Figure:
+    """Estimates with their 95% CIs as dots and whiskers, one row per line of ``table`` (columns
+    ``label``, ``group``, ``value``, ``ci_low``, ``ci_high``), groups side by side in colour, with
+    the zero line. Used in the stain-shift chapter (changes in detection F and in MSE)."""
+    labels = list(pd.unique(table["label"]))
+    groups = list(pd.unique(table["group"]))
+    colours = sns.color_palette("colorblind", len(groups))
+    fig, ax = plt.subplots(figsize=(7.2, 0.42 * len(labels) + 1.2))
+    offsets = np.linspace(-0.18, 0.18, len(groups)) if len(groups) > 1 else [0.0]
+    for colour, group, off in zip(colours, groups, offsets):
+        part = table[table["group"] == group]
+        y = np.array([labels.index(lab) for lab in part["label"]]) + off
+        ax.errorbar(part["value"], y, xerr=[part["value"] - part["ci_low"],
+                                            part["ci_high"] - part["value"]],
+                    fmt="o", ms=4, capsize=2.5, color=colour, label=group)
+    ax.axvline(0, color="grey", lw=1)
+    ax.set_yticks(range(len(labels)))
+    ax.set_yticklabels(labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def image_grid(images: Sequence[Sequence[np.ndarray]], row_labels: Sequence[str],
+               col_labels: Sequence[str], size: float = 2.4) -> plt.Figure:
+    """Images in rows and columns with labels (e.g. real H&E before and after stain
+    normalisation). Used in the stain-shift chapter."""
+    nrows, ncols = len(images), len(images[0])
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows), squeeze=False)
+    for i, row in enumerate(images):
+        for j, img in enumerate(row):
+            ax = axes[i, j]
+            ax.imshow(img)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(col_labels[j], fontsize=9)
+            if j == 0:
+                ax.set_ylabel(row_labels[i], fontsize=9)
+    fig.tight_layout()
+    return fig

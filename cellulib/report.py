@@ -24,6 +24,7 @@ __all__ = [
     "PAPER_ROWS",
     "VERDICTS",
     "Estimate",
+    "best_detector",
     "bias_by_bin",
     "compare",
     "detection_table",
@@ -789,6 +790,17 @@ def paired_detection_difference(counts_a: pd.DataFrame, counts_b: pd.DataFrame,
     value = float((_f_boot(counts_a, cls, images, full) - _f_boot(counts_b, cls, images, full))[0])
     lo, hi = _percentile_ci(boot, alpha)
     return Estimate(value, lo, hi)
+
+
+def best_detector(scores: Mapping[str, pd.DataFrame]) -> str:
+    """The detector to keep: the highest mean of pooled and tumour (``malignant``) F on the
+    validation split. Cellularity rests on the tumour nuclei, and the other classes only need to be
+    found. ``scores`` maps a name to its :func:`cellulib.metrics.detection_scores` table. Used in the
+    real-H&E and stain-shift chapters."""
+    if not scores:
+        raise ValueError("best_detector needs at least one detector's scores")
+    return max(scores, key=lambda name: float(scores[name].loc["detection", "f1"])
+               + float(scores[name].loc["malignant", "f1"]))
 
 
 def detection_table(scores: Mapping[str, pd.DataFrame], reference: Mapping[str, float] | None = None,

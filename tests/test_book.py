@@ -31,6 +31,10 @@ TINY = {
                               "sr_finetune_epochs": 1, "gbt_rounds": 20, "n_boot": 100},
     "04_direct_regression_vs_classification": {**DATA, "epochs": 1, "input_size": 64,
                                                "n_boot": 100},
+    # every model from the cache of chapters 2-4 and 2b, except the two retrained with stain jitter
+    "04b_stain_shift": {**DATA, **SEG, "seg_epochs": 1, "sr_epochs": 1, "sr_finetune_epochs": 1,
+                        "gbt_rounds": 20, "epochs": 1, "input_size": 64, "real_epochs": 1,
+                        "real_crop": 64, "real_patches_per_epoch": 1, "n_boot": 100},
     "05_discussion": {**DATA, **SEG, "seg_epochs": 1, "sr_epochs": 1, "sr_finetune_epochs": 1,
                       "gbt_rounds": 20, "epochs": 1, "input_size": 64, "n_boot": 100},
 }
@@ -42,6 +46,7 @@ FIGURES = {
     "02b_real_he": 5,
     "03_feature_importance": 6,
     "04_direct_regression_vs_classification": 5,
+    "04b_stain_shift": 5,
     "05_discussion": 0,
 }
 
