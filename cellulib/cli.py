@@ -35,7 +35,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from cellulib.store import atomic_write_bytes
 
     root = profiles.get_dataset(args.data, args.profile, args.seed)
-    seg_args = dict(profile=args.profile, seed=args.seed)
+    seg_args = dict(profile=args.profile, seed=args.seed, stain_augment=args.stain_augment)
     if args.family == "seg":
         result = train.train_seg(root, decoder=args.decoder, pretrained=args.pretrained,
                                  epochs=args.epochs, crop=args.size, **seg_args)
@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="direct model task: regression or 101-bin classification")
     p.add_argument("--pretrained", default=None,
                    help="ImageNet weights: 'imagenet' (torch hub cache) or a weights file")
+    p.add_argument("--stain-augment", choices=["none", "hed"], default=None,
+                   help="stain augmentation in training (default: the profile's, none): hed adds "
+                   "HED jitter of the haematoxylin and eosin densities (for sr and gbt, to "
+                   "their segmentation network too)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.set_defaults(func=_cmd_train)
 

@@ -352,7 +352,7 @@ def score_annotated(model: Any, cells: pd.DataFrame, threshold: float = DEFAULT_
         Default: CUDA when available, else the CPU.
     transform : callable, optional
         ``transform(img, i) -> img`` applied to image ``i`` (in the order of ``cells``) before it
-        is segmented, e.g. a stain shift (`cellulib.stain.shift_image`). It must not move the
+        is segmented, e.g. a stain shift (`cellulib.robustness.shift_image`). It must not move the
         tissue, but it may resample the whole image to another size (another pixel size): the
         detections are mapped back to the annotated image's pixels.
     precision : str

@@ -555,7 +555,7 @@ def predict_images(model: Any, paths: PathLike | Sequence[PathLike], batch_size:
         ``recursive``).
     transform : callable, optional
         ``transform(img, i) -> img`` applied to image ``i`` (in file order) as read, before stain
-        normalisation and resizing, e.g. a controlled shift (:func:`cellulib.stain.predict_shifted`).
+        normalisation and resizing, e.g. a controlled shift (:func:`cellulib.robustness.shift_image`).
 
     Returns
     -------

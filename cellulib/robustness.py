@@ -41,7 +41,7 @@ __all__ = [
 
 #: The shifts of :func:`shift_image`.
 SHIFTS = ("hed", "hestain", "brightness_contrast", "blur", "jpeg", "scale")
-#: Shift kind -> strengths scored (:func:`cellulib.stain.shift_image`; 1 is the strongest tested).
+#: Shift kind -> strengths scored (:func:`shift_image`; 1 is the strongest tested).
 GRID: dict[str, tuple[float, ...]] = {
     "hed": (0.5, 1.0),
     "hestain": (0.5, 1.0),

@@ -1,9 +1,9 @@
-"""Stain and scanner shift (SPEC 8): seeded, graded image shifts, and stain normalisation.
+"""Stain (SPEC 8): stain perturbation in HED space, and stain normalisation.
 
-Images from another hospital or scanner differ in stain colour, brightness, focus, compression and
-pixel size. :func:`shift_image` applies one such shift at a stated strength, the same for every
-model given a seed, so the stain-shift chapter can score models under controlled shifts.
-:class:`StainNormalizer` is the remedy at predict time: Macenko (2009) or Reinhard (2001)
+Images from another hospital or scanner differ in stain colour and intensity. :func:`hed_perturb`
+scales and shifts the haematoxylin and eosin densities of an image (the HED jitter of training with
+``stain_augment="hed"``, and the HED shift of :mod:`cellulib.robustness`, which holds the other
+graded shifts). :class:`StainNormalizer` is the remedy at predict time: Macenko (2009) or Reinhard (2001)
 normalisation fitted on a target image, computed by torchstain's numpy backend (a maintained
 implementation of both published algorithms), with checks that turn a blank or non-H&E target into
 a clear error naming the file.
@@ -12,7 +12,6 @@ Every function takes and returns uint8 RGB arrays ``(H, W, 3)``. No torch import
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,22 +19,17 @@ import numpy as np
 
 __all__ = [
     "METHODS",
-    "SHIFTS",
     "StainError",
     "StainNormalizer",
     "add_options",
     "hed_perturb",
     "normalizer_from_options",
-    "predict_shifted",
-    "shift_image",
     "tissue_fraction",
     "training_reference",
 ]
 
 #: Stain normalisation methods of :class:`StainNormalizer`.
 METHODS = ("macenko", "reinhard")
-#: The shifts of :func:`shift_image`.
-SHIFTS = ("hed", "hestain", "brightness_contrast", "blur", "jpeg", "scale")
 
 #: Optical density below which a pixel counts as background (Macenko et al. 2009's beta).
 _BETA = 0.15
@@ -222,7 +216,7 @@ def training_reference(paths, n: int = 16, tile: int = 128) -> dict[str, Any]:
 
 
 # -------------------------------------------------------------------------------------------------
-# controlled shifts
+# stain perturbation (HED jitter in training, the HED shift of cellulib.robustness)
 # -------------------------------------------------------------------------------------------------
 def hed_perturb(img: np.ndarray, h_scale: float = 1.0, e_scale: float = 1.0,
                 h_shift: float = 0.0, e_shift: float = 0.0) -> np.ndarray:
@@ -231,7 +225,8 @@ def hed_perturb(img: np.ndarray, h_scale: float = 1.0, e_scale: float = 1.0,
     Colour deconvolution of Ruifrok & Johnston (2001) (``skimage.color.rgb2hed``), then
     ``H' = h_scale * H + h_shift`` (and E likewise, the residual D unchanged) on tissue pixels,
     and back to RGB (``hed2rgb``). Background (white) pixels keep their colour, as a scanner's
-    white balance would. Used by :func:`shift_image` and the stain-shift chapter.
+    white balance would. Used by `cellulib.data.HEDJitter` (training) and
+    `cellulib.robustness.shift_image` (the stain-shift chapter).
     """
     from skimage.color import hed2rgb, rgb2hed
 
@@ -244,88 +239,6 @@ def hed_perturb(img: np.ndarray, h_scale: float = 1.0, e_scale: float = 1.0,
     rgb = hed2rgb(hed)
     out = np.clip(np.rint(rgb * 255), 0, 255).astype(np.uint8)
     return np.where(tissue[..., None], out, arr)
-
-
-def _zoom(img: np.ndarray, factor: float) -> np.ndarray:
-    """Magnify by ``factor`` about the centre, keeping the size: > 1 crops the centre of the
-    enlarged image (a 40x scan seen at 20x: nuclei look larger), < 1 shrinks it and fills the rest
-    by reflection."""
-    import cv2
-
-    h, w = img.shape[:2]
-    nh, nw = max(1, round(h * factor)), max(1, round(w * factor))
-    interp = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
-    resized = cv2.resize(img, (nw, nh), interpolation=interp)
-    if factor >= 1:
-        top, left = (nh - h) // 2, (nw - w) // 2
-        return np.ascontiguousarray(resized[top:top + h, left:left + w])
-    pad_y, pad_x = h - nh, w - nw
-    return cv2.copyMakeBorder(resized, pad_y // 2, pad_y - pad_y // 2, pad_x // 2,
-                              pad_x - pad_x // 2, cv2.BORDER_REFLECT_101)
-
-
-def _albumentations(transform) -> Callable[[np.ndarray, int], np.ndarray]:
-    import albumentations as A
-
-    def apply(img: np.ndarray, seed: int) -> np.ndarray:
-        return A.Compose([transform], seed=int(seed))(image=img)["image"]
-
-    return apply
-
-
-def shift_image(img: np.ndarray, kind: str, strength: float, seed: int = 0) -> np.ndarray:
-    """One controlled shift of an image at ``strength`` (0 = none, 1 = the strongest tested).
-
-    SPEC 8. Kinds (``SHIFTS``), with what strength 1 means:
-
-    - ``hed``: H and E optical densities scaled by 1 +/- 0.5 and shifted by +/- 0.05 (skimage HED
-      units), signs drawn from ``seed`` (:func:`hed_perturb`);
-    - ``hestain``: albumentations ``HEStain`` with a random preset stain matrix and intensity
-      scale 1 +/- 0.5 (presets drawn from ``seed``);
-    - ``brightness_contrast``: brightness and contrast each changed by +/- 40%;
-    - ``blur``: Gaussian blur of sigma 2 px (focus);
-    - ``jpeg``: JPEG at quality 10 (quality ``95 - 85 * strength``; scanner compression);
-    - ``scale``: magnified x2 about the centre (a 40x scan seen by a 20x model); a negative
-      strength shrinks (x0.5 at -1).
-
-    The same ``(img, kind, strength, seed)`` gives the same image. Used in the stain-shift chapter.
-    """
-    import cv2
-
-    arr = _rgb8(img)
-    s = float(strength)
-    if kind not in SHIFTS:
-        raise ValueError(f"unknown shift {kind!r}; choose one of {SHIFTS}")
-    if not (-1.0 <= s <= 1.0) or (kind != "scale" and s < 0):
-        raise ValueError(f"strength must lie in [0, 1] ([-1, 1] for scale), got {strength}")
-    if s == 0:
-        return arr.copy()
-    rng = np.random.default_rng(seed)
-    if kind == "hed":
-        sign = rng.choice([-1.0, 1.0], size=4)
-        return hed_perturb(arr, 1 + 0.5 * s * sign[0], 1 + 0.5 * s * sign[1],
-                           0.05 * s * sign[2], 0.05 * s * sign[3])
-    if kind == "hestain":
-        import albumentations as A
-
-        tfm = A.HEStain(method="random_preset", intensity_scale_range=(1 - 0.5 * s, 1 + 0.5 * s),
-                        intensity_shift_range=(-0.1 * s, 0.1 * s), p=1.0)
-        return _albumentations(tfm)(arr, seed)
-    if kind == "brightness_contrast":
-        sign = rng.choice([-1.0, 1.0], size=2)
-        alpha, beta = 1 + 0.4 * s * sign[0], 0.4 * s * sign[1] * 255
-        mean = arr.reshape(-1, 3).mean(axis=0)
-        out = (arr.astype(np.float64) - mean) * alpha + mean + beta
-        return np.clip(np.rint(out), 0, 255).astype(np.uint8)
-    if kind == "blur":
-        return cv2.GaussianBlur(arr, (0, 0), sigmaX=2.0 * s, borderType=cv2.BORDER_REFLECT_101)
-    if kind == "jpeg":
-        quality = int(round(95 - 85 * s))
-        ok, buf = cv2.imencode(".jpg", cv2.cvtColor(arr, cv2.COLOR_RGB2BGR),
-                               [cv2.IMWRITE_JPEG_QUALITY, quality])
-        return cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-    return _zoom(arr, 2.0 ** s)
-
 
 
 # -------------------------------------------------------------------------------------------------
@@ -370,29 +283,3 @@ def add_options(parser) -> None:
                         help="normalise each image's stain before scoring: macenko or reinhard")
     parser.add_argument("--stain-target", default=None, metavar="IMAGE",
                         help="H&E image whose stain the images are normalised to")
-
-
-# -------------------------------------------------------------------------------------------------
-# scoring under a shift
-# -------------------------------------------------------------------------------------------------
-def predict_shifted(model: Any, paths, kind: str, strength: float, seed: int = 0,
-                    progress: bool = False, **options: Any):
-    """Cellularity of image files seen through one shift (:func:`shift_image`), one row each.
-
-    Image ``i`` of ``paths`` is shifted with seed ``seed + i``, so every model scored with the same
-    ``(paths, kind, strength, seed)`` sees the same shifted images; strength 0 scores the images as
-    they are (the same numbers as :func:`cellulib.predict.predict_images`). ``model`` is a model
-    file, a ``(model, info)`` pair or a ready `cellulib.predict.Predictor`; ``options`` go to
-    :func:`cellulib.predict.predict_images`. Used in the stain-shift chapter.
-
-    Returns
-    -------
-    pandas.DataFrame
-        ``path``, ``cellularity`` (NaN for a bad image), ``error``, in input order.
-    """
-    from cellulib.predict import predict_images
-
-    def shift(img: np.ndarray, i: int) -> np.ndarray:
-        return shift_image(img, kind, strength, seed + i)
-
-    return predict_images(model, paths, progress=progress, transform=shift, **options)
