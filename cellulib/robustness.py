@@ -31,6 +31,7 @@ __all__ = [
     "degradation_difference",
     "degradation_table",
     "mse_change",
+    "route_summary",
     "detection_under_shifts",
     "score_under_shifts",
     "shift_image",
@@ -308,6 +309,29 @@ def degradation_table(scores: pd.DataFrame, models: Sequence[str] | None = None,
         out[SHIFT_NAMES[kind]] = [format_ci(e.value, e.ci_low, e.ci_high, digits=4) for e in est]
     out.index.name = "model"
     return out
+
+
+def route_summary(verdicts: Mapping[str, str]) -> str:
+    """One sentence on the paper's argument from the verdicts of the route comparison (setting ->
+    :func:`cellulib.report.verdict` of "the segmentation routes lose less")."""
+    holds = [k for k, v in verdicts.items() if v == "holds"]
+    against = [k for k, v in verdicts.items() if v == "does not hold"]
+    n = len(verdicts)
+    if n and len(holds) == n:
+        return "the segmentation routes lose less under every shift tested, as the paper argues"
+    if not holds and not against:
+        return (f"no shift setting separates the routes (all {n} undecided), so these data neither "
+                "support nor contradict the paper's argument")
+    parts = []
+    if holds:
+        parts.append(f"the segmentation routes lose less under {'; '.join(holds)}, as the paper "
+                     "argues")
+    if against:
+        parts.append(f"the direct models lose less under {'; '.join(against)}, against it")
+    rest = n - len(holds) - len(against)
+    tail = ("" if not rest else "; the other setting is undecided" if rest == 1
+            else f"; the other {rest} settings are undecided")
+    return ", and ".join(parts) + tail
 
 
 def detection_under_shifts(model: Any, cells: pd.DataFrame,

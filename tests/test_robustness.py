@@ -140,3 +140,12 @@ def test_detections_on_a_resampled_image_come_back_to_the_dots(tmp_path, monkeyp
     assert set(counts) == {("none", 0.0), ("scale", 1.0), ("blur", 0.5)}
     tp = counts[("scale", 1.0)].set_index("class").loc["detection", "tp"]
     assert tp == len(dots)
+
+
+def test_route_summary_says_what_the_verdicts_say():
+    assert "every shift" in robustness.route_summary({"a": "holds", "b": "holds"})
+    assert "all 2 undecided" in robustness.route_summary({"a": "undecided", "b": "undecided"})
+    mixed = robustness.route_summary({"blur": "holds", "jpeg": "does not hold", "x": "undecided"})
+    assert mixed == ("the segmentation routes lose less under blur, as the paper argues, and the "
+                     "direct models lose less under jpeg, against it; the other setting is "
+                     "undecided")
