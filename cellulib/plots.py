@@ -545,48 +545,53 @@ def label_comparison(real: Sequence[float], synthetic: Sequence[float],
 
 def robustness_curves(summary: pd.DataFrame, routes: dict[str, Sequence[str]],
                       mean_mse: float | None = None, shift_names: dict[str, str] | None = None,
-                      strength_labels=None) -> plt.Figure:
-    """MSE of every model against shift strength, one panel per shift kind (the table of
-    :func:`cellulib.robustness.shift_summary`; kind ``none`` is the point at strength 0). Models of
-    the segmentation route are drawn solid in blues, the direct models dashed in oranges; the mean
-    predictor's MSE is the grey dotted line. ``scale`` is drawn against the magnification factor
-    on a log axis. Used in the stain-shift chapter."""
+                      metrics: Sequence[str] = ("mse", "icc")) -> plt.Figure:
+    """MSE and ICC of every model against shift strength, one panel per shift kind and metric (the
+    table of :func:`cellulib.robustness.shift_summary`; kind ``none`` is the point at strength 0).
+    Models of the segmentation route are drawn solid in blues, the direct models dashed in oranges;
+    the mean predictor's MSE is the grey dotted line (its ICC is 0). ``scale`` is drawn against the
+    magnification factor on a log axis. Used in the stain-shift chapter."""
     kinds = [k for k in pd.unique(summary["kind"]) if k != "none"]
     ncols = 3
-    nrows = int(np.ceil(len(kinds) / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.1 * ncols, 3.3 * nrows), squeeze=False,
-                             sharey=True)
+    per_metric = int(np.ceil(len(kinds) / ncols))
+    nrows = per_metric * len(metrics)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.1 * ncols, 3.0 * nrows), squeeze=False)
     palettes = {route: sns.color_palette("Blues_d" if i == 0 else "Oranges_d", len(models))
                 for i, (route, models) in enumerate(routes.items())}
     styles = {route: "-" if i == 0 else "--" for i, route in enumerate(routes)}
-    clean = summary[summary["kind"] == "none"].set_index("model")["mse"]
-    for ax, kind in zip(axes.flat, kinds):
-        for route, models in routes.items():
-            for colour, model in zip(palettes[route], models):
-                part = summary[(summary["model"] == model) & (summary["kind"] == kind)]
-                x = np.concatenate([[0.0], part["strength"].to_numpy()])
-                y = np.concatenate([[clean[model]], part["mse"].to_numpy()])
-                order = np.argsort(x)
-                x = 2.0 ** x if kind == "scale" else x
-                ax.plot(x[order], y[order], styles[route], marker="o", ms=3.5, color=colour,
-                        label=f"{model} ({route})")
-        if mean_mse is not None:
-            ax.axhline(mean_mse, color="grey", ls=":", lw=1.2, label="mean predictor")
-        if kind == "scale":
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("magnification relative to training (x)")
-        else:
-            ax.set_xlabel("shift strength (0 = none, 1 = strongest)")
-        ax.set_title((shift_names or {}).get(kind, kind), fontsize=10)
-        ax.set_yscale("log")
-    for ax in axes[:, 0]:
-        ax.set_ylabel("validation MSE (log scale)")
-    for ax in list(axes.flat)[len(kinds):]:
-        ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8,
-               bbox_to_anchor=(0.5, -0.01))
-    fig.tight_layout(rect=(0, 0.08 if len(labels) > 4 else 0.05, 1, 1))
+    labels = {"mse": "validation MSE (log scale)", "icc": "validation ICC(2,1)"}
+    for m, metric in enumerate(metrics):
+        clean = summary[summary["kind"] == "none"].set_index("model")[metric]
+        block = axes[m * per_metric:(m + 1) * per_metric].flat
+        for ax, kind in zip(block, kinds):
+            for route, models in routes.items():
+                for colour, model in zip(palettes[route], models):
+                    part = summary[(summary["model"] == model) & (summary["kind"] == kind)]
+                    x = np.concatenate([[0.0], part["strength"].to_numpy()])
+                    y = np.concatenate([[clean[model]], part[metric].to_numpy()])
+                    order = np.argsort(x)
+                    x = 2.0 ** x if kind == "scale" else x
+                    ax.plot(x[order], y[order], styles[route], marker="o", ms=3.5, color=colour,
+                            label=f"{model} ({route})")
+            if metric == "mse" and mean_mse is not None:
+                ax.axhline(mean_mse, color="grey", ls=":", lw=1.2, label="mean predictor")
+            if kind == "scale":
+                ax.set_xscale("log", base=2)
+                ax.set_xlabel("magnification relative to training (x)")
+            else:
+                ax.set_xlabel("shift strength (0 = none, 1 = strongest)")
+            ax.set_title(f"{(shift_names or {}).get(kind, kind)}: {metric.upper()}", fontsize=10)
+            if metric == "mse":
+                ax.set_yscale("log")
+            else:
+                ax.set_ylim(min(0.0, float(summary[metric].min())) - 0.02, 1.02)
+            ax.set_ylabel(labels.get(metric, metric), fontsize=9)
+        for ax in list(block)[len(kinds):]:
+            ax.axis("off")
+    handles, names = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=min(4, len(names)), fontsize=8,
+               bbox_to_anchor=(0.5, 0.0))
+    fig.tight_layout(rect=(0, 0.05 if len(names) > 4 else 0.03, 1, 1))
     return fig
 
 

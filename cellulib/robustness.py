@@ -33,6 +33,7 @@ __all__ = [
     "mse_change",
     "route_summary",
     "detection_under_shifts",
+    "icc_table",
     "score_under_shifts",
     "shift_image",
     "shift_summary",
@@ -308,6 +309,29 @@ def degradation_table(scores: pd.DataFrame, models: Sequence[str] | None = None,
         est = [degradation(scores, m, kind, strength, n_boot, seed) for m in models]
         out[SHIFT_NAMES[kind]] = [format_ci(e.value, e.ci_low, e.ci_high, digits=4) for e in est]
     out.index.name = "model"
+    return out
+
+
+def icc_table(scores: pd.DataFrame, models: Sequence[str] | None = None,
+              strength: float = MODERATE) -> pd.DataFrame:
+    """ICC(2,1) of each model unshifted and under each shift at ``strength``, ``"icc [lo, hi]"``
+    with the 95% CI of :func:`cellulib.metrics.icc_ci` (a constant prediction, the mean
+    predictor, has ICC 0 and no interval)."""
+    from cellulib.metrics import format_ci, icc, icc_ci
+
+    models = list(pd.unique(scores["model"])) if models is None else list(models)
+    kinds = ["none"] + [k for k in pd.unique(scores["kind"]) if k != "none"]
+
+    def cell(model, kind):
+        part = scores[(scores["model"] == model) & (scores["kind"] == kind)
+                      & np.isclose(scores["strength"], 0.0 if kind == "none" else strength)]
+        ratings = part[["y_true", "y_pred"]].to_numpy(dtype=np.float64)
+        if np.ptp(ratings[:, 1]) == 0:
+            return "0 (constant)"
+        return format_ci(icc(ratings), *icc_ci(ratings), digits=3)
+
+    out = pd.DataFrame({"no shift" if k == "none" else SHIFT_NAMES[k]: [cell(m, k) for m in models]
+                        for k in kinds}, index=pd.Index(models, name="model"))
     return out
 
 

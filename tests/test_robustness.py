@@ -149,3 +149,28 @@ def test_route_summary_says_what_the_verdicts_say():
     assert mixed == ("the segmentation routes lose less under blur, as the paper argues, and the "
                      "direct models lose less under jpeg, against it; the other setting is "
                      "undecided")
+
+
+def test_icc_table_and_the_robustness_figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from cellulib import metrics, plots
+
+    rng = np.random.default_rng(0)
+    t = rng.random(30)
+    frames = [_frame("A", "none", 0.0, t, t + rng.normal(0, 0.05, 30)),
+              _frame("A", "blur", 0.5, t, t + rng.normal(0, 0.2, 30)),
+              _frame("M", "none", 0.0, t, np.full(30, 0.4)),
+              _frame("M", "blur", 0.5, t, np.full(30, 0.4))]
+    scores = pd.concat(frames, ignore_index=True)
+    table = robustness.icc_table(scores, strength=0.5)
+    ratings = frames[1][["y_true", "y_pred"]].to_numpy()
+    expected = metrics.format_ci(metrics.icc(ratings), *metrics.icc_ci(ratings), digits=3)
+    assert table.loc["A", "blur (focus)"] == expected
+    assert table.loc["M", "no shift"] == "0 (constant)"
+    fig = plots.robustness_curves(robustness.shift_summary(scores), {"seg": ["A"], "direct": []},
+                                  mean_mse=0.1, shift_names=robustness.SHIFT_NAMES)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == ["blur (focus): MSE", "blur (focus): ICC"]
+    assert fig.axes[0].get_ylabel() == "validation MSE (log scale)"
