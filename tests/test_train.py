@@ -151,6 +151,14 @@ def test_stain_augment_is_part_of_the_cache_key(tiny_root, home):
         assert not torch.equal(plain.model(x), jittered.model(x))
 
 
+def test_cli_train_with_stain_augmentation(tiny_root, home):
+    out = home / "jittered.pt"
+    assert cli.main(["train", "direct", "--data", str(tiny_root), "--out", str(out), "--epochs",
+                     "1", "--size", "64", "--stain-augment", "hed"]) == 0
+    _, info = load_model(out)
+    assert info["meta"]["params"]["stain_augment"] == "hed"
+
+
 def test_several_processes_without_a_gpu_is_a_clear_error(tiny_root, home, monkeypatch):
     # `accelerate launch --num_processes 2` sets WORLD_SIZE; fastai's distributed context needs CUDA
     if torch.cuda.is_available():
