@@ -602,7 +602,7 @@ def estimate_whiskers(table: pd.DataFrame, xlabel: str, title: str = "") -> plt.
     labels = list(pd.unique(table["label"]))
     groups = list(pd.unique(table["group"]))
     colours = sns.color_palette("colorblind", len(groups))
-    fig, ax = plt.subplots(figsize=(7.2, 0.42 * len(labels) + 1.2))
+    fig, ax = plt.subplots(figsize=(9.6, 0.42 * len(labels) + 1.2))
     offsets = np.linspace(-0.18, 0.18, len(groups)) if len(groups) > 1 else [0.0]
     for colour, group, off in zip(colours, groups, offsets):
         part = table[table["group"] == group]
@@ -617,7 +617,7 @@ def estimate_whiskers(table: pd.DataFrame, xlabel: str, title: str = "") -> plt.
     ax.set_xlabel(xlabel)
     if title:
         ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     return fig
 
