@@ -115,7 +115,7 @@ class _SegModel:
                  precision: str = "auto") -> None:
         from cellulib.data import NUCLEUS_CLASSES
         from cellulib.engine import amp_dtype, resolve_device
-        from cellulib.store import ModelFileError, model_and_info
+        from cellulib.store import ModelFileError, model_and_info, pixel_size
 
         threshold = float(threshold)
         if not 0 < threshold < 1:
@@ -138,8 +138,6 @@ class _SegModel:
                              f"got {mpp}")
         self.threshold = threshold
         # --mpp: the images are first brought to the training images' pixel size
-        from cellulib.store import pixel_size
-
         self.mpp = None if mpp is None else float(mpp)
         model_mpp = pixel_size(info)[0]
         self.downscale = float(factor) * (1.0 if mpp is None else model_mpp / float(mpp))
@@ -160,12 +158,11 @@ class _SegModel:
         """The model's 4 probability maps of one uint8 RGB image at its own scale, and the
         factors ``(sx, sy)`` from that scale back to the input pixels."""
         from cellulib.data import downscale
+        from cellulib.engine import autocast
         from cellulib.models import segment
 
         if self.stain_norm is not None:
             img = self.stain_norm.normalize(img)
-        from cellulib.engine import autocast
-
         small = downscale(img, self.downscale)
         with autocast(self.device, self.amp_dtype):
             probs = segment(self.model, small, device=self.device)

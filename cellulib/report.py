@@ -37,6 +37,7 @@ __all__ = [
     "mse_summary",
     "paired_detection_difference",
     "paired_jaccard_difference",
+    "paired_mean",
     "paired_mse_difference",
     "regression_to_mean_sentence",
     "results_table",
@@ -304,11 +305,22 @@ def paired_mse_difference(pred_a: pd.DataFrame, pred_b: pd.DataFrame, n_boot: in
     >>> paired_mse_difference(a, a)
     Estimate(value=0.0, ci_low=0.0, ci_high=0.0)
     """
+    t, a, b = _aligned(pred_a, pred_b)
+    return paired_mean(((a - t) ** 2 - (b - t) ** 2), n_boot, seed, alpha)
+
+
+def paired_mean(diff, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05) -> Estimate:
+    """Mean of per-patch differences with a percentile bootstrap 95% CI over the patches.
+
+    The draw of :func:`paired_mse_difference` (``numpy.random.default_rng(seed).integers(0, n,
+    (n_boot, n))``): with ``diff`` the per-patch squared error of A minus that of B, it is the
+    paired MSE difference. Also used by :mod:`cellulib.robustness` for rises in MSE under a shift
+    and differences between them (the stain-shift chapter).
+    """
     if isinstance(n_boot, bool) or int(n_boot) != n_boot or n_boot < 1:
         raise ValueError(f"n_boot must be a positive integer, got {n_boot!r}")
-    t, a, b = _aligned(pred_a, pred_b)
-    diff = (a - t) ** 2 - (b - t) ** 2
-    idx = np.random.default_rng(seed).integers(0, t.size, (int(n_boot), t.size))
+    diff = np.asarray(diff, dtype=np.float64)
+    idx = np.random.default_rng(seed).integers(0, diff.size, (int(n_boot), diff.size))
     lo, hi = _percentile_ci(diff[idx].mean(axis=1), alpha)
     return Estimate(float(diff.mean()), lo, hi)
 

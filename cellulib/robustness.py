@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cellulib.report import Estimate, _percentile_ci
+from cellulib.report import Estimate, paired_mean
 
 __all__ = [
     "GRID",
@@ -256,18 +256,12 @@ def shift_summary(scores: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _bootstrap_mean(d: np.ndarray, n_boot: int, seed: int, alpha: float = 0.05) -> Estimate:
-    idx = np.random.default_rng(seed).integers(0, len(d), (int(n_boot), len(d)))
-    lo, hi = _percentile_ci(d[idx].mean(axis=1), alpha)
-    return Estimate(float(d.mean()), lo, hi)
-
-
 def degradation(scores: pd.DataFrame, model: str, kind: str, strength: float,
                 n_boot: int = 2000, seed: int = 0) -> Estimate:
     """MSE under the shift minus MSE on the unshifted images, with a 95% paired-bootstrap CI
     (the images resampled once per replicate for both)."""
     d = _errors(scores, model, kind, strength) - _errors(scores, model, "none", 0.0)
-    return _bootstrap_mean(d, n_boot, seed)
+    return paired_mean(d, n_boot, seed)
 
 
 def mse_change(scores_a: pd.DataFrame, scores_b: pd.DataFrame, model: str, kind: str,
@@ -275,7 +269,7 @@ def mse_change(scores_a: pd.DataFrame, scores_b: pd.DataFrame, model: str, kind:
     """MSE of ``model`` in run A minus in run B at one setting (e.g. with and without a remedy),
     with a 95% paired-bootstrap CI over the images. Negative: A is better."""
     d = _errors(scores_a, model, kind, strength) - _errors(scores_b, model, kind, strength)
-    return _bootstrap_mean(d, n_boot, seed)
+    return paired_mean(d, n_boot, seed)
 
 
 def degradation_difference(scores: pd.DataFrame, group_a: Sequence[str], group_b: Sequence[str],
@@ -291,7 +285,7 @@ def degradation_difference(scores: pd.DataFrame, group_a: Sequence[str], group_b
         return np.mean([_errors(frame, m, kind, strength) - _errors(frame, m, "none", 0.0)
                         for m in group], axis=0)
 
-    return _bootstrap_mean(per_image(scores, group_a) - per_image(scores_b, group_b), n_boot, seed)
+    return paired_mean(per_image(scores, group_a) - per_image(scores_b, group_b), n_boot, seed)
 
 
 def degradation_table(scores: pd.DataFrame, models: Sequence[str] | None = None,
