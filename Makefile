@@ -52,7 +52,7 @@ book/chapters/%.ipynb: notebooks/%.ipynb $(STAMP) $(LIBRARY)
 	mv $@.tmp.ipynb $@ && echo "== $@ done in $$(( $$(date +%s) - start )) s"
 
 chapters: data $(EXECUTED)
-	$(PY) -m cellulib.bench status --chapters book/chapters --notebooks notebooks --out book/chapters/status.md
+	$(PY) -m cellulib.bookstatus --chapters book/chapters --notebooks notebooks --out book/chapters/status.md
 
 book: chapters
 	@start=$$(date +%s); \

@@ -2,7 +2,7 @@
 
 Two formats give nucleus centroids with a class; both are read into one table, ``x``, ``y``
 (float64 pixels of the image), ``description`` (the class as the annotators wrote it) and ``cls``
-(``normal``, ``lymphocyte`` or ``malignant``, the channels of `cellulib.data.CLASSES`).
+(``normal``, ``lymphocyte`` or ``malignant``, the channels of `cellulib.constants.CLASSES`).
 
 **PathCore Session Printer XML** (SPEC 1.1, BreastPathQ ``datasets/cells/*_key.xml``)::
 
@@ -29,7 +29,7 @@ Note the order: row (y) first. Classes 1 lymphocyte, 2 tumour/epithelial, 3 stro
 ``lymphocyte``, ``malignant`` and ``normal``: channel 0 holds "other nuclei", normal epithelium in
 BreastPathQ but stromal nuclei here.
 
-Every bad input raises `cellulib.data.DataError` naming the file. This module imports neither torch
+Every bad input raises `cellulib.DataError` naming the file. This module imports neither torch
 nor `cellulib.data` at import time (`cellulib.data` is imported inside the functions that need its
 class table and errors), so `cellulib.data` can import it.
 """
@@ -43,6 +43,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from cellulib.constants import IMAGE_SUFFIXES, NUCLEUS_CLASSES
+from cellulib.imageio import DataError, DataWarning, listing
 
 __all__ = [
     "BRCA_M2C_CLASSES",
@@ -70,29 +73,24 @@ BRCA_M2C_SPLITS: dict[str, str] = {
 }
 
 _BRCA_LABEL_SUFFIX = "_gt_class_coords.txt"
-_N_LISTED = 5  # offending names an error or warning lists before "..."
 
 _BREASTPATHQ_LAYOUT = (
     "BreastPathQ (SPEC 1.1): ROOT/datasets/ with train_labels.csv and/or val_labels.csv "
     "(patches in datasets/train/ and datasets/validation/) and/or cells/ "
     "('{N}_Region {M}_crop.tif' + '_key.xml'); ROOT may also be datasets/ itself"
 )
+#: PathCore ``description`` -> nucleus class (SPEC 1.1), matched after stripping outer whitespace.
+DESCRIPTION_TO_CLASS: dict[str, str] = {
+    **{d: "malignant" for d in (
+        "IDC", "ILC", "Muc C", "DCIS 1", "DCIS 2", "DCIS 3", "MC- E", "MC - C", "MC - M")},
+    **{d: "normal" for d in ("normal", "UDH", "ADH")},
+    **{d: "lymphocyte" for d in ("TIL-E", "TIL-S")},
+}
+
 BRCA_M2C_LAYOUT = (
     "BRCA-M2C (SPEC 1.4): ROOT/brca_ds_train.txt, brca_ds_val.txt and/or brca_ds_test.txt "
     f"(image file names), ROOT/images/*.png and ROOT/labels/{{stem}}{_BRCA_LABEL_SUFFIX}"
 )
-
-
-def _data():
-    """`cellulib.data`, imported on first use (it imports torch)."""
-    from cellulib import data
-
-    return data
-
-
-def _listing(items: list, n: int = _N_LISTED) -> str:
-    shown = ", ".join(str(i) for i in items[:n])
-    return shown + (f", ... ({len(items)} in all)" if len(items) > n else "")
 
 
 def _points_table(xs: list[float], ys: list[float], descs: list[str],
@@ -173,10 +171,10 @@ def _parse_xy(text: str, path: Path, name: str | None) -> tuple[float, float]:
             raise ValueError
         x, y = float(parts[0]), float(parts[1])
     except ValueError:
-        raise _data().DataError(f"{path}: malformed point {text!r}{where} (expected 'x,y' in "
+        raise DataError(f"{path}: malformed point {text!r}{where} (expected 'x,y' in "
                                 f"pixels)") from None
     if not (math.isfinite(x) and math.isfinite(y)) or x < 0 or y < 0:
-        raise _data().DataError(f"{path}: point {text!r}{where} is negative or not finite")
+        raise DataError(f"{path}: point {text!r}{where} is negative or not finite")
     return x, y
 
 
@@ -194,15 +192,17 @@ def parse_pathcore_xml(path: str | Path,
     ``description`` of the ``<graphic>`` it is in (a graphic ends at ``</graphic>`` or at the next
     ``<graphic``); points outside any graphic are ignored, as an XML reader ignores them. Every
     graphic counts whatever its ``type``, as an XML reader of the format counts it. On a
-    well-formed file with lower-case names the result equals that of an XML parser. Used in chapter 2 (weak segmentation) and the
-    real-H&E chapter, through `cellulib.data.read_cells` and `cellulib.data.read_cell_points`.
+    well-formed file with lower-case names the result equals that of an XML parser. Used in chapter
+    2
+    through `cellulib.data.read_cell_points`, and in the real-H&E chapter through
+    `cellulib.data.read_cells`.
 
     Parameters
     ----------
     path : str or Path
         The ``*_key.xml`` file.
     description_to_class : dict, optional
-        ``description`` (stripped) -> nucleus class; default `cellulib.data.DESCRIPTION_TO_CLASS`.
+        ``description`` (stripped) -> nucleus class; default `DESCRIPTION_TO_CLASS`.
 
     Returns
     -------
@@ -230,9 +230,9 @@ def parse_pathcore_xml(path: str | Path,
     """
     path = Path(path)
     if description_to_class is None:
-        description_to_class = _data().DESCRIPTION_TO_CLASS
+        description_to_class = DESCRIPTION_TO_CLASS
     if not path.is_file():
-        raise _data().DataError(f"{path}: file not found")
+        raise DataError(f"{path}: file not found")
     text = _decode(path.read_bytes())
     # XML end-of-line handling, then comments out and CDATA in as text.
     text = text.replace("\r\n", "\n").replace("\r", "\n")
@@ -268,7 +268,7 @@ def parse_pathcore_xml(path: str | Path,
             ys.append(y)
             descs.append(desc)
     if not seen_graphic and not seen_session:
-        raise _data().DataError(
+        raise DataError(
             f"{path}: not a PathCore Session Printer file (no <session> or <graphic> element, "
             f"so no <point> can be assigned a class)")
     return _points_table(xs, ys, descs, [description_to_class[d] for d in descs]), skipped
@@ -314,7 +314,7 @@ def read_brca_m2c_points(label_path: str | Path) -> pd.DataFrame:
     """
     label_path = Path(label_path)
     if not label_path.is_file():
-        raise _data().DataError(f"{label_path}: file not found")
+        raise DataError(f"{label_path}: file not found")
     xs: list[float] = []
     ys: list[float] = []
     descs: list[str] = []
@@ -332,7 +332,7 @@ def read_brca_m2c_points(label_path: str | Path) -> pd.DataFrame:
                 raise ValueError
             description, cls = BRCA_M2C_CLASSES[int(code) if code.is_integer() else code]
         except (ValueError, KeyError):
-            raise _data().DataError(
+            raise DataError(
                 f"{label_path}: line {number} {line!r} is not '<y> <x> <class>' with "
                 f"non-negative pixel coordinates and class 1 (lymphocyte), 2 "
                 f"(tumour/epithelial) or 3 (stromal)") from None
@@ -349,8 +349,8 @@ def _split_names(split_path: Path) -> list[str]:
     names = [n for n in names if n]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
-        raise _data().DataError(f"{split_path}: images listed more than once: "
-                                f"{_listing(repeated)}")
+        raise DataError(f"{split_path}: images listed more than once: "
+                                f"{listing(repeated)}")
     return names
 
 
@@ -362,7 +362,8 @@ def read_brca_m2c(root: str | Path) -> pd.DataFrame:
     TopoXLab/Dataset-BRCA-M2C also has test), pairs each listed ``images/{stem}.png`` with
     ``labels/{stem}_gt_class_coords.txt`` and counts its dots per class with
     `read_brca_m2c_points`. Opens no image. The columns shared with `cellulib.data.read_cells` have
-    the same names; ``label_path`` plays the part of its ``xml_path``. Used in the real-H&E chapter.
+    the same names; ``label_path`` plays the part of its ``xml_path``. Used in the real-H&E chapter
+    through :func:`cellulib.data.read_cells`.
 
     Parameters
     ----------
@@ -388,13 +389,12 @@ def read_brca_m2c(root: str | Path) -> pd.DataFrame:
     DataWarning
         Images in ``images/`` that no split file lists (named; they are not in the result).
     """
-    data = _data()
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise data.DataError(f"{root}: folder not found; expected {BRCA_M2C_LAYOUT}")
+        raise DataError(f"{root}: folder not found; expected {BRCA_M2C_LAYOUT}")
     splits = {s: root / f for s, f in BRCA_M2C_SPLITS.items() if (root / f).is_file()}
     if not splits:
-        raise data.DataError(f"{root}: no split file; expected {BRCA_M2C_LAYOUT}")
+        raise DataError(f"{root}: no split file; expected {BRCA_M2C_LAYOUT}")
     images, labels = root / "images", root / "labels"
     rows = []
     split_of: dict[str, str] = {}
@@ -402,34 +402,34 @@ def read_brca_m2c(root: str | Path) -> pd.DataFrame:
         names = _split_names(split_path)
         twice = [f"{n} ({split_of[n]})" for n in names if n in split_of]
         if twice:
-            raise data.DataError(f"{split_path}: images already in another split: "
-                                 f"{_listing(twice)}")
+            raise DataError(f"{split_path}: images already in another split: "
+                                 f"{listing(twice)}")
         missing = [n for n in names if not (images / n).is_file()]
         if missing:
             where = images if images.is_dir() else f"{images} (folder missing)"
-            raise data.DataError(f"{split_path}: {len(missing)} of {len(names)} listed images are "
-                                 f"missing from {where}: {_listing(missing)}")
+            raise DataError(f"{split_path}: {len(missing)} of {len(names)} listed images are "
+                                 f"missing from {where}: {listing(missing)}")
         label_paths = [labels / (Path(n).stem + _BRCA_LABEL_SUFFIX) for n in names]
         unlabelled = [p.name for p in label_paths if not p.is_file()]
         if unlabelled:
             where = labels if labels.is_dir() else f"{labels} (folder missing)"
-            raise data.DataError(f"{split_path}: {len(unlabelled)} of {len(names)} listed images "
-                                 f"have no dot file in {where}: {_listing(unlabelled)}")
+            raise DataError(f"{split_path}: {len(unlabelled)} of {len(names)} listed images "
+                                 f"have no dot file in {where}: {listing(unlabelled)}")
         for name, label_path in zip(names, label_paths, strict=True):
             split_of[name] = split
             counts = read_brca_m2c_points(label_path)["cls"].value_counts()
             rows.append({"name": Path(name).stem, "image_path": str((images / name).resolve()),
                          "label_path": str(label_path.resolve()), "split": split,
-                         **{f"n_{c}": int(counts.get(c, 0)) for c in data.NUCLEUS_CLASSES}})
+                         **{f"n_{c}": int(counts.get(c, 0)) for c in NUCLEUS_CLASSES}})
     unlisted = sorted(p.name for p in (images.iterdir() if images.is_dir() else ())
                       if p.is_file() and not p.name.startswith(".") and p.name not in split_of
-                      and p.suffix.lower() in {".png", ".tif", ".tiff", ".jpg", ".jpeg"})
+                      and p.suffix.lower() in IMAGE_SUFFIXES)
     if unlisted:
         warnings.warn(f"{images}: {len(unlisted)} images are in no split file and are ignored: "
-                      f"{_listing(unlisted)}", data.DataWarning, stacklevel=2)
+                      f"{listing(unlisted)}", DataWarning, stacklevel=2)
     table = pd.DataFrame(rows, columns=["name", "image_path", "label_path", "split",
-                                        *(f"n_{c}" for c in data.NUCLEUS_CLASSES)])
-    return table.astype({f"n_{c}": np.int64 for c in data.NUCLEUS_CLASSES})
+                                        *(f"n_{c}" for c in NUCLEUS_CLASSES)])
+    return table.astype({f"n_{c}": np.int64 for c in NUCLEUS_CLASSES})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -451,7 +451,8 @@ def detect_layout(root: str | Path) -> str:
     SPEC 1.1 and 1.4. BreastPathQ: ``ROOT/datasets/`` (or ROOT being ``datasets/``) with
     ``train_labels.csv`` and/or ``val_labels.csv`` and/or ``cells/``. BRCA-M2C: at least one
     ``brca_ds_{train,val,test}.txt`` beside ``images/`` and ``labels/``. Looks at names only.
-    Used in the real-H&E chapter and wherever a reader is chosen from a folder.
+    Used in the real-H&E chapter through :func:`cellulib.profiles.brca_m2c_dir` and wherever a
+    reader is chosen from a folder.
 
     Parameters
     ----------
@@ -473,18 +474,18 @@ def detect_layout(root: str | Path) -> str:
     root = Path(root).expanduser()
     both = f"expected either {_BREASTPATHQ_LAYOUT}; or {BRCA_M2C_LAYOUT}"
     if not root.is_dir():
-        raise _data().DataError(f"{root}: folder not found; {both}")
+        raise DataError(f"{root}: folder not found; {both}")
     breastpathq = _is_breastpathq(root / "datasets") or (
         root.name == "datasets" and _is_breastpathq(root))
     brca_m2c = _is_brca_m2c(root)
     if breastpathq and brca_m2c:
-        raise _data().DataError(f"{root}: holds both layouts, so it is unclear which to read; "
+        raise DataError(f"{root}: holds both layouts, so it is unclear which to read; "
                                 f"{both}")
     if breastpathq:
         return "breastpathq"
     if brca_m2c:
         return "brca-m2c"
-    raise _data().DataError(f"{root}: neither dataset layout found; {both}")
+    raise DataError(f"{root}: neither dataset layout found; {both}")
 
 
 def nearest_dot_distances(points: pd.DataFrame) -> np.ndarray:

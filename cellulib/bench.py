@@ -1,4 +1,4 @@
-"""Speed and memory benchmarks (``python -m cellulib.bench``) and the book's execution-status page.
+"""Speed and memory benchmarks (``python -m cellulib.bench``).
 
 Machines are shared and noisy, so no speed goal is an absolute number: every case times our code
 and a reference side by side in one run (interleaved, after a warm-up, medians over repeats with
@@ -35,19 +35,16 @@ about 1.5 minutes on a 2-core CPU with little other load, measured, over 4 minut
 jobs keep both cores busy) and the default full mode (the paper profile's sizes: 512 px patches,
 256 px segmentation crops and cellularity inputs; meant for a GPU, many times longer on a CPU). On a shared machine ``--threads 1`` gives steadier ratios: two OpenMP threads
 stall whenever another job takes one of the cores. ``$CELLULIB_PRECISION=float32`` benchmarks
-both sides in float32. Used in the README's performance section and,
-through :func:`status_markdown`, for the book's execution-status page
-(``python -m cellulib.bench status``).
+both sides in float32. Used in the README's performance section. The book's execution-status page
+is :mod:`cellulib.bookstatus`.
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import importlib.metadata
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -57,6 +54,18 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+# the book's execution records and the machine description live in cellulib.bookstatus; they are
+# importable from here as before
+from cellulib.bookstatus import (  # noqa: F401
+    BOOK_BUDGET_S,
+    chapter_times,
+    execute_chapters,
+    machine_info,
+    status_markdown,
+    write_status,
+)
+from cellulib.engine import precision_label
 
 __all__ = [
     "CASES",
@@ -81,7 +90,6 @@ __all__ = [
 CASES: tuple[str, ...] = ("features", "predict", "train", "book", "memory")
 """The benchmark cases, in the order they run and print."""
 
-BOOK_BUDGET_S: float = 600.0
 """Goal for executing the whole book in the quick profile on a 2-core CPU (seconds)."""
 
 PREDICT_ATOL: float = 0.02
@@ -206,53 +214,6 @@ def _sync(device) -> None:
 
 # --------------------------------------------------------------------------------------------------
 # the machine
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info() -> dict[str, Any]:
-    """The machine a benchmark ran on: CPU cores, torch threads, device and versions.
-
-    Printed above every benchmark table and written to the JSON output, since no timing means
-    anything without it. Used in the README's performance section and the book's status page.
-
-    Returns
-    -------
-    dict
-        ``cpu_count``, ``cpus_available`` (the affinity mask), ``cpu_model``, ``torch_threads``,
-        ``device`` (``cpu`` or ``cuda (GPU name)``), ``precision`` (what
-        :func:`cellulib.engine.amp_dtype` picks there), ``python``, ``torch``, ``platform`` and
-        ``load_average`` (1-minute; other jobs on a shared machine make timings noisy).
-    """
-    import torch
-
-    from cellulib import engine
-
-    device = engine.resolve_device()
-    name = f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"
-    available = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                 else os.cpu_count())
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpus_available": available,
-        "cpu_model": _cpu_model(),
-        "torch_threads": torch.get_num_threads(),
-        "device": name,
-        "precision": _precision_label(engine.amp_dtype(device)),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "load_average": load,
-    }
 
 
 def _machine_line(machine: dict[str, Any], load_end: float | None = None) -> str:
@@ -404,21 +365,6 @@ def _save_direct_model(path: Path, input_size: int, seed: int = 0) -> Path:
                                                "normalize": "minus_one_one"})
 
 
-def _precision_label(dtype, channels_last: bool | None = None) -> str:
-    """How a pass computes, e.g. ``bf16 autocast + channels-last`` or ``float32``.
-
-    ``channels_last`` defaults to what :mod:`cellulib.engine` does: channels-last exactly when it
-    autocasts.
-    """
-    import torch
-
-    name = ("float32" if dtype is None else
-            f"{'bf16' if dtype == torch.bfloat16 else 'fp16'} autocast")
-    if channels_last is None:
-        channels_last = dtype is not None
-    return name + (" + channels-last" if channels_last else "")
-
-
 def _autocast(device, dtype):
     """``torch.autocast`` for ``dtype`` on ``device``, a null context for float32."""
     import contextlib
@@ -554,7 +500,7 @@ def bench_predict(n_images: int = 48, file_size: int = 512, input_size: int = 12
         def ours() -> None:
             predict_to_csv(predictor, tmp / "images", out_csv, progress=False)
 
-        ref_label = _precision_label(amp, channels_last=True)
+        ref_label = precision_label(amp, channels_last=True)
         _log(f"predict: {repeats} repeats of {n_images} images at {input_size} px on {device}, "
              f"reference {ref_label}", verbose)
         times = _time_side_by_side({
@@ -728,7 +674,7 @@ def _train_pair(name: str, learn, fit: Callable[[Any], None], lr: float, repeats
         counts["reference"] = plain.epoch()
 
     _log(f"train {name}: {repeats} repeats of {len(dl)} batches of {dl.bs}, "
-         f"{_precision_label(dtype, channels_last=True)}", verbose)
+         f"{precision_label(dtype, channels_last=True)}", verbose)
     times = _time_side_by_side({"ours": ours, "reference": reference}, repeats)
     if counts["ours"] != counts["reference"]:
         raise RuntimeError(f"train {name}: the Learner saw {counts['ours']} images per epoch, the "
@@ -756,7 +702,7 @@ def _train_pair(name: str, learn, fit: Callable[[Any], None], lr: float, repeats
         {"ours_s": times["ours"], "reference_s": times["reference"], "images_per_epoch": n,
          "batches_per_epoch": len(plain.batches), "overhead": 1 - ratio,
          "best_ratio": _best_ratio(times), "device": str(device),
-         "precision": _precision_label(dtype), "callbacks": _engine_callbacks(learn),
+         "precision": precision_label(dtype), "callbacks": _engine_callbacks(learn),
          "optimizer_step_ms": step_ms,
          "ours_optimizer": _opt_name(learn), "reference_optimizer": "torch AdamW"
          + (" (fused)" if plain.opt.defaults.get("fused") else " (foreach)")})
@@ -843,135 +789,6 @@ def bench_train(seg_crop: int = 96, seg_bs: int = 8, seg_images: int = 24,
 
 # --------------------------------------------------------------------------------------------------
 # 4. the book
-
-
-def _cell_seconds(cell: dict) -> float | None:
-    meta = cell.get("metadata", {})
-    pm = meta.get("papermill") or {}
-    if isinstance(pm.get("duration"), (int, float)):
-        return float(pm["duration"])
-    ex = meta.get("execution") or {}
-    a, b = ex.get("iopub.execute_input"), ex.get("shell.execute_reply")
-    if a and b:
-        return (_parse_time(b) - _parse_time(a)).total_seconds()
-    return None
-
-
-def _parse_time(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
-
-
-def _title(nb: dict, fallback: str) -> str:
-    for cell in nb.get("cells", []):
-        if cell.get("cell_type") == "markdown":
-            source = "".join(cell.get("source", ""))
-            for line in source.splitlines():
-                if line.startswith("# "):
-                    return line[2:].strip()
-            break
-    return fallback
-
-
-def _read_notebook(path: Path) -> dict:
-    try:
-        nb = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: not a readable notebook ({type(exc).__name__}: {exc})") from None
-    if not isinstance(nb, dict) or not isinstance(nb.get("cells"), list):
-        raise ValueError(f"{path}: not a Jupyter notebook (no 'cells' list)")
-    return nb
-
-
-def chapter_times(chapters_dir: str | os.PathLike,
-                  notebooks_dir: str | os.PathLike | None = None) -> list[dict[str, Any]]:
-    """Execution time, status and date of every executed chapter notebook in a folder.
-
-    Reads what papermill records (``metadata.papermill``: duration, end time, exception; per cell
-    ``metadata.papermill.duration``), falling back to the cells' execution timestamps that nbclient
-    writes. Temporary copies (``*.tmp.ipynb``) are skipped. With ``notebooks_dir``, chapters that
-    have a source notebook but no executed copy are listed as ``not executed``. Used by the
-    ``book`` benchmark and the book's execution-status page.
-
-    Returns
-    -------
-    list of dict
-        In file-name order: ``chapter`` (file stem), ``title``, ``seconds`` (None when unknown),
-        ``status`` (``ok``, ``failed``, ``not executed`` or ``unknown``), ``executed_at`` (ISO
-        text or ""), ``python`` (the kernel's version) and ``n_cells``.
-
-    Raises
-    ------
-    ValueError
-        ``chapters_dir`` is not a folder, or a notebook there cannot be parsed (named).
-    """
-    folder = Path(chapters_dir)
-    if not folder.is_dir():
-        raise ValueError(f"{folder}: no such folder of executed chapters")
-    rows = []
-    for path in sorted(folder.glob("*.ipynb")):
-        if path.name.endswith(".tmp.ipynb") or path.name.startswith("."):
-            continue
-        nb = _read_notebook(path)
-        pm = nb.get("metadata", {}).get("papermill") or {}
-        cells = [c for c in nb["cells"] if c.get("cell_type") == "code"]
-        seconds = pm.get("duration")
-        if not isinstance(seconds, (int, float)):
-            per_cell = [_cell_seconds(c) for c in cells]
-            known = [s for s in per_cell if s is not None]
-            seconds = float(sum(known)) if known else None
-        errors = any(o.get("output_type") == "error" for c in cells for o in c.get("outputs", []))
-        if pm.get("exception") or errors:
-            status = "failed"
-        elif seconds is None:
-            status = "unknown"
-        else:
-            status = "ok"
-        rows.append({
-            "chapter": path.stem,
-            "title": _title(nb, path.stem),
-            "seconds": None if seconds is None else float(seconds),
-            "status": status,
-            "executed_at": pm.get("end_time") or "",
-            "python": nb.get("metadata", {}).get("language_info", {}).get("version", ""),
-            "n_cells": len(cells),
-        })
-    if notebooks_dir is not None and Path(notebooks_dir).is_dir():
-        done = {r["chapter"] for r in rows}
-        for path in sorted(Path(notebooks_dir).glob("[0-9][0-9]*_*.ipynb")):
-            if path.stem not in done:
-                rows.append({"chapter": path.stem, "title": path.stem, "seconds": None,
-                             "status": "not executed", "executed_at": "", "python": "",
-                             "n_cells": 0})
-        rows.sort(key=lambda r: r["chapter"])
-    return rows
-
-
-def execute_chapters(notebooks_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                     parameters: dict[str, Any] | None = None,
-                     cwd: str | os.PathLike | None = None, verbose: bool = False) -> Path:
-    """Execute every chapter notebook (``NN_*.ipynb``) with papermill into ``out_dir``, in order.
-
-    What ``make chapters`` does, callable from the benchmark (``--execute-book``) to time the book
-    from scratch. ``parameters`` default to ``{"profile": "quick"}``. A chapter that fails is
-    recorded as failed in its output notebook and the others still run. Returns ``out_dir``.
-    """
-    import papermill
-
-    src = Path(notebooks_dir)
-    notebooks = sorted(src.glob("[0-9][0-9]*_*.ipynb"))
-    if not notebooks:
-        raise ValueError(f"{src}: no chapter notebooks (NN_name.ipynb) to execute")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for nb in notebooks:
-        _log(f"book: executing {nb.name}", verbose)
-        try:
-            papermill.execute_notebook(str(nb), str(out / nb.name),
-                                       parameters=parameters or {"profile": "quick"},
-                                       cwd=str(cwd) if cwd else None, progress_bar=False)
-        except papermill.PapermillExecutionError as exc:
-            _log(f"book: {nb.name} failed: {exc.ename}: {exc.evalue}", verbose)
-    return out
 
 
 def bench_book(chapters_dir: str | os.PathLike = "book/chapters",
@@ -1291,130 +1108,6 @@ def format_table(result: dict[str, Any], markdown: bool = False) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# the book's execution-status page
-
-_STATUS_PACKAGES = (
-    ("torch", ("torch",)),
-    ("torchvision", ("torchvision",)),
-    ("fastai", ("fastai",)),
-    ("lightgbm", ("lightgbm",)),
-    ("albumentations", ("albumentations",)),
-    ("opencv", ("opencv-python-headless", "opencv-python", "opencv-contrib-python-headless")),
-    ("scikit-image", ("scikit-image",)),
-    ("numpy", ("numpy",)),
-    ("pandas", ("pandas",)),
-    ("jupyter-book", ("jupyter-book",)),
-    ("papermill", ("papermill",)),
-)
-
-
-def _package_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for label, dists in _STATUS_PACKAGES:
-        versions[label] = "not installed"
-        for dist in dists:
-            try:
-                versions[label] = importlib.metadata.version(dist)
-                break
-            except importlib.metadata.PackageNotFoundError:
-                continue
-    from cellulib import __version__
-
-    versions["cellulib"] = __version__
-    return versions
-
-
-def _md_escape(text: str) -> str:
-    return str(text).replace("|", "\\|")
-
-
-def status_markdown(chapters_dir: str | os.PathLike,
-                    notebooks_dir: str | os.PathLike | None = None) -> str:
-    """The book's execution-status page (MyST Markdown): per-chapter times, versions, machine.
-
-    What well-run books show (QuantEcon's status page): for each chapter the execution time, the
-    status and when it ran, read from the executed notebooks (:func:`chapter_times`); the total
-    against the 600 s budget of the quick profile; the versions of the key packages in the
-    environment that wrote the page (``make chapters`` executes and writes it in one go) and the
-    machine. Written by ``python -m cellulib.bench status``; shown as the book's last page.
-
-    Parameters
-    ----------
-    chapters_dir : path
-        Folder of executed chapters (``book/chapters``).
-    notebooks_dir : path, optional
-        Source notebooks; chapters without an executed copy are listed as ``not executed``.
-
-    Returns
-    -------
-    str
-        The page, starting with ``# Execution status``.
-
-    Examples
-    --------
-    >>> page = status_markdown("book/chapters")  # doctest: +SKIP
-    >>> page.splitlines()[0]  # doctest: +SKIP
-    '# Execution status'
-    """
-    rows = chapter_times(chapters_dir, notebooks_dir)
-    machine = machine_info()
-    lines = [
-        "# Execution status",
-        "",
-        "Every chapter of this book is a notebook executed top to bottom by papermill before the "
-        "book is built. The table gives each chapter's execution time as papermill recorded it, "
-        "its status and when it ran; the versions below are those of the environment that wrote "
-        "this page. Regenerate it with "
-        "`python -m cellulib.bench status --chapters book/chapters --out book/chapters/status.md`.",
-        "",
-        "| chapter | file | execution time (s) | status | executed at (UTC) | Python |",
-        "| --- | --- | ---: | --- | --- | --- |",
-    ]
-    for r in rows:
-        when = r["executed_at"].replace("T", " ")[:19] if r["executed_at"] else ""
-        secs = "" if r["seconds"] is None else f"{r['seconds']:.1f}"
-        lines.append(f"| {_md_escape(r['title'])} | `{r['chapter']}.ipynb` | {secs} | "
-                     f"{r['status']} | {when} | {r['python']} |")
-    timed = [r["seconds"] for r in rows if r["seconds"] is not None]
-    total = sum(timed)
-    lines.append(f"| **total** | | **{total:.1f}** | | | |")
-    lines += [
-        "",
-        f"Goal: the whole book in the quick profile within {BOOK_BUDGET_S:.0f} s on a 2-core CPU; "
-        f"these {len(timed)} chapters took {total:.0f} s "
-        f"({100 * total / BOOK_BUDGET_S:.0f}% of the budget).",
-        "",
-        "## Package versions",
-        "",
-        "| package | version |",
-        "| --- | --- |",
-    ]
-    lines += [f"| {k} | {v} |" for k, v in _package_versions().items()]
-    lines += [
-        "",
-        "## Machine",
-        "",
-        f"- CPU: {machine['cpu_model']}, {machine['cpus_available']} of {machine['cpu_count']} "
-        "cores available",
-        f"- torch threads: {machine['torch_threads']}",
-        f"- device: {machine['device']}",
-        f"- platform: {machine['platform']}",
-        f"- page written: {datetime.now().astimezone().isoformat(timespec='seconds')}",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def write_status(chapters_dir: str | os.PathLike, out: str | os.PathLike,
-                 notebooks_dir: str | os.PathLike | None = None) -> Path:
-    """Write :func:`status_markdown` to ``out`` atomically (a temporary file renamed into place)."""
-    from cellulib.store import atomic_write_bytes
-
-    text = status_markdown(chapters_dir, notebooks_dir)
-    return atomic_write_bytes(out, lambda fh: fh.write(text.encode("utf-8")))
-
-
-# --------------------------------------------------------------------------------------------------
 # command line
 
 
@@ -1447,35 +1140,14 @@ def _bench_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _status_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m cellulib.bench status",
-        description="Write the book's execution-status page (MyST Markdown) from the executed "
-        "chapter notebooks: execution time, status and date per chapter, package versions and "
-        "machine.",
-    )
-    p.add_argument("--chapters", default="book/chapters", help="executed chapters folder")
-    p.add_argument("--notebooks", default=None,
-                   help="source notebooks folder (lists chapters not executed yet)")
-    p.add_argument("--out", default=None, help="page to write (default: print it)")
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
-    """``python -m cellulib.bench [options]`` or ``python -m cellulib.bench status [options]``."""
+    """``python -m cellulib.bench [options]``; ``python -m cellulib.bench status [options]`` is
+    ``python -m cellulib.bookstatus [options]``, its name before that module."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["status"]:
-        args = _status_parser().parse_args(argv[1:])
-        try:
-            if args.out:
-                path = write_status(args.chapters, args.out, args.notebooks)
-                print(f"execution status written to {path}")
-            else:
-                print(status_markdown(args.chapters, args.notebooks))
-        except ValueError as exc:
-            print(f"cellulib.bench status: {exc}", file=sys.stderr)
-            return 2
-        return 0
+        from cellulib.bookstatus import main as status_main
+
+        return status_main(argv[1:])
     parser = _bench_parser()
     args = parser.parse_args(argv)
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
@@ -1494,10 +1166,9 @@ def main(argv: list[str] | None = None) -> int:
                        args.execute_book, args.seed, verbose=not args.quiet)
     print(format_table(result, markdown=args.markdown))
     if args.json:
-        from cellulib.store import atomic_write_bytes
+        from cellulib.imageio import atomic_write_text
 
-        text = json.dumps(result, indent=2, default=str) + "\n"
-        atomic_write_bytes(args.json, lambda fh: fh.write(text.encode("utf-8")))
+        atomic_write_text(args.json, json.dumps(result, indent=2, default=str) + "\n")
         print(f"\nresult written to {args.json}")
     return 0
 

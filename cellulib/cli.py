@@ -1,4 +1,5 @@
-"""The ``cellulib`` command line: ``cellulib --help`` lists the commands (SPEC section 7)."""
+"""The ``cellulib`` command line, every command in one place: ``cellulib --help`` lists them (SPEC
+section 7). Each command parses its options and calls the library; the work is done there."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     import shutil
 
     from cellulib import profiles, train
-    from cellulib.store import atomic_write_bytes
+    from cellulib.imageio import atomic_write_bytes
 
     root = profiles.get_dataset(args.data, args.profile, args.seed)
     seg_args = dict(profile=args.profile, seed=args.seed, stain_augment=args.stain_augment)
@@ -59,6 +60,257 @@ def _cmd_train(args: argparse.Namespace) -> int:
     for name, value in result.scores.items():
         print(f"  {name}: {value:.4f}")
     return 0
+
+
+def _print_failures(failed: list[dict[str, str]], command: str, what: str) -> None:
+    for row in failed[:20]:
+        print(f"cellulib {command}: {row['error']}", file=sys.stderr)
+    if len(failed) > 20:
+        print(f"cellulib {command}: ... {len(failed) - 20} more {what} failed (see the CSV)",
+              file=sys.stderr)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from cellulib.predict import predict_to_csv
+    from cellulib.store import normalizer_from_options
+
+    summary = predict_to_csv(args.model, args.images, args.out, batch_size=args.batch_size,
+                             tta=args.tta, progress=not args.quiet, device=args.device,
+                             workers=args.workers, recursive=args.recursive,
+                             precision=args.precision, mpp=args.mpp,
+                             stain_norm=normalizer_from_options(args.stain_norm, args.stain_target,
+                                                                args.model))
+    _print_failures(summary["failed"], "predict", "images")
+    print(f"scored {summary['n_ok']} of {summary['n_images']} images with the "
+          f"{summary['family']} model {args.model} ({summary['images_per_second']} img/s); "
+          f"written to {args.out} (+ {args.out}.json)")
+    return 1 if summary["n_failed"] else 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    import pandas as pd
+
+    from cellulib.evaluation import evaluate_pairs, match_predictions, train_mean_source
+    from cellulib.imageio import jsonable
+    from cellulib.metrics import format_ci
+    from cellulib.plots import agreement_figure, save_figure
+    from cellulib.report import MEAN_PREDICTOR, learned
+
+    pairs = match_predictions(args.pred, args.labels)
+    train_mean, source = train_mean_source(args.pred, args.train_mean, args.train_labels)
+    table = evaluate_pairs(pairs, args.n_boot, args.seed, train_mean)
+    base_row = f"MSE ({MEAN_PREDICTOR.lower()})"
+    model_learned = (None if train_mean is None else
+                     learned(table.loc["MSE", "ci_high"], table.loc[base_row, "value"], len(pairs)))
+    if args.figure:
+        save_figure(agreement_figure(pairs["y_true"], pairs["y_pred"],
+                                      title=Path(args.pred).name), Path(args.figure))
+    if args.json:
+        metrics = table.drop(index=base_row, errors="ignore")
+        if train_mean is None:
+            mean_predictor = {"available": False, "reason": source}
+        else:
+            mean_predictor = {"available": True, "train_mean": train_mean, "source": source,
+                              "MSE": jsonable(table.loc[base_row].to_dict())}
+        payload = {"pred": str(args.pred), "labels": str(args.labels), "n": int(len(pairs)),
+                   "n_boot": args.n_boot, "seed": args.seed,
+                   "metrics": {m: jsonable(row.to_dict()) for m, row in metrics.iterrows()},
+                   "mean_predictor": mean_predictor, "learned": model_learned}
+        print(json.dumps(payload, indent=2))
+    else:
+        shown = pd.DataFrame({
+            "value [95% CI]": [format_ci(r.value, r.ci_low, r.ci_high) for r in table.itertuples()],
+            "CI": table["ci_method"], "n": table["n"]}, index=table.index)
+        print(f"{args.pred} vs {args.labels}: {len(pairs)} matched images")
+        print(shown.to_string())
+        if train_mean is None:
+            print(f"no mean predictor, so whether the model learned is unknown: {source}")
+        else:
+            verdict = ("yes: the upper end of its MSE's 95% CI is below" if model_learned
+                       else "no: its MSE's 95% CI is not entirely below")
+            print(f"mean predictor: training mean {train_mean:.4f} ({source})")
+            print(f"learned: {verdict} the mean predictor's MSE "
+                  f"{table.loc[base_row, 'value']:.4f}")
+    if args.figure:
+        print(f"figure written to {args.figure}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def _cmd_slide(args: argparse.Namespace) -> int:
+    from cellulib.predict import Predictor
+    from cellulib.slide import slide_map
+    from cellulib.store import normalizer_from_options
+
+    predictor = Predictor(args.model, batch_size=args.batch_size, tta=args.tta,
+                          device=args.device, workers=args.workers, precision=args.precision,
+                          stain_norm=normalizer_from_options(args.stain_norm, args.stain_target,
+                                                             args.model))
+    tiles = slide_map(predictor, args.image, args.out, tile=args.tile, tile_um=args.tile_um,
+                      stride=args.stride, min_tissue=args.min_tissue, level=args.level,
+                      mpp=args.mpp, progress=not args.quiet)
+    failed = tiles[tiles["error"] != ""]
+    _print_failures([{"error": e} for e in failed["error"]], "slide", "tiles")
+    scored = tiles["cellularity"].notna()
+    mean = tiles.loc[scored, "cellularity"].mean()
+    print(f"{args.image}: {len(tiles)} tiles, {int(scored.sum())} tissue tiles scored"
+          + (f" (mean cellularity {mean:.3f})" if scored.any() else "")
+          + f"; written to {Path(args.out) / 'tiles.csv'} and {Path(args.out) / 'heatmap.png'}")
+    return 1 if len(failed) or not scored.any() else 0
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model file (cellulib train / save_model)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (16)")
+    p.add_argument("--tta", action="store_true", help="average the 8 flips and rotations")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--workers", type=int, default=2, help="threads decoding images ahead (2)")
+    p.add_argument("--precision", choices=("auto", "bf16", "float32"), default="auto",
+                   help="forward-pass arithmetic: auto (bf16 autocast on a CPU with native bf16 "
+                   "and on CUDA, else float32), bf16, or float32 to force full precision")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_stain_options(p)
+
+
+def _add_inference_commands(sub) -> None:
+    """Register ``predict``, ``evaluate`` and ``slide``."""
+    p = sub.add_parser(
+        "predict",
+        help="score images with a trained model and write path,cellularity rows",
+        description="Score TIFF/PNG/JPEG images (any size; RGB, RGBA, grey, 16-bit) with a "
+        "direct, SR or GBT model file. Writes a CSV with the columns path,cellularity,error (a "
+        "bad image gets an empty cellularity and its error; the others are still scored, and the "
+        "exit code is 1) and a sidecar OUT.json with the model, options and counts.",
+    )
+    p.add_argument("--images", nargs="+", required=True, metavar="DIR_OR_FILE",
+                   help="image files and/or folders of images")
+    p.add_argument("--out", required=True, help="CSV to write (atomically)")
+    p.add_argument("--recursive", action="store_true", help="also search subfolders")
+    p.add_argument("--mpp", type=float, default=None, metavar="UM",
+                   help="micrometres per pixel of the images: they are cut into windows of the "
+                   "model's training field of view (its pixel size times its patch side), so a "
+                   "40x scan (0.25) is seen at the 20x (0.5) scale the models learned")
+    _add_model_options(p)
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="MSE, kappa, ICC and PK with 95%% CIs of predictions against labels",
+        description="Compare a predictions CSV (cellulib predict) with labels, matched by image "
+        "name: a BreastPathQ label file (slide,rid,y) or a CSV with path,cellularity. Prints MSE, "
+        "4-bin kappa, ICC(2,1) and PK with 95% confidence intervals (paper section 3.5), and the "
+        "mean predictor (the training labels' mean) with whether the model learned: the upper end "
+        "of its MSE's 95% CI below the mean predictor's MSE.",
+    )
+    p.add_argument("--pred", required=True, help="predictions CSV (path,cellularity[,error])")
+    p.add_argument("--labels", required=True, help="labels CSV (slide,rid,y or path,cellularity)")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--figure", default=None, help="write a calibration + Bland-Altman figure")
+    p.add_argument("--train-mean", type=float, default=None, metavar="FLOAT",
+                   help="mean of the training labels: scores the mean predictor and says whether "
+                   "the model learned (default: from --train-labels, or the train_mean recorded "
+                   "in the model file named by PRED.json)")
+    p.add_argument("--train-labels", default=None, metavar="CSV",
+                   help="training labels (slide,rid,y or path,cellularity) whose mean is the mean "
+                   "predictor")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (2000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (0)")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser(
+        "slide",
+        help="cellularity map of a large (pyramidal) image: tiles.csv and heatmap.png",
+        description="Cut a large image (tiled or pyramidal TIFF/OME-TIFF, JPEG tiles included; "
+        "OpenSlide formats when openslide-python is installed; PNG/JPEG) into tiles, skip "
+        "background (Otsu on saturation of a thumbnail), score tissue tiles and write "
+        "OUT/tiles.csv (x,y,w,h,tissue_fraction,cellularity,error at level 0), OUT/heatmap.png "
+        "and OUT/slide.json.",
+    )
+    p.add_argument("image", help="the slide or large image")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--tile", type=int, default=None,
+                   help="tile side in level-0 pixels, resized to the model input (default: the "
+                   "model's training field of view at the image's pixel size, else 512)")
+    p.add_argument("--tile-um", type=float, default=None,
+                   help="tile side in micrometres (needs the pixel size in the file); "
+                   "overrides --tile")
+    p.add_argument("--mpp", type=float, default=None, metavar="UM",
+                   help="micrometres per level-0 pixel, when the file does not record it (or "
+                   "records it wrongly)")
+    p.add_argument("--stride", type=int, default=None, help="tile step in level-0 pixels (= tile)")
+    p.add_argument("--min-tissue", type=float, default=0.5,
+                   help="smallest tissue fraction of a scored tile (0.5)")
+    p.add_argument("--level", default="auto",
+                   help="pyramid level to read tiles from (default auto: the coarsest level that "
+                   "still has at least the model's input resolution)")
+    _add_model_options(p)
+    p.set_defaults(func=_cmd_slide)
+
+
+def _cmd_detect(args: argparse.Namespace) -> int:
+    from cellulib.detect import detect_to_csv
+    from cellulib.store import normalizer_from_options
+
+    norm = normalizer_from_options(args.stain_norm, args.stain_target, args.model)
+    summary = detect_to_csv(args.model, args.images, args.out, geojson_dir=args.geojson,
+                            threshold=args.threshold, progress=not args.quiet,
+                            device=args.device, recursive=args.recursive, stain_norm=norm,
+                            mpp=args.mpp, precision=args.precision)
+    _print_failures(summary["failed"], "detect", "images")
+    counts = ", ".join(f"{n} {c}" for c, n in summary["per_class"].items())
+    print(f"{summary['n_nuclei']} nuclei ({counts}) in {summary['n_ok']} of "
+          f"{summary['n_images']} images; written to {args.out}"
+          + (f" and {len(summary['geojson'])} GeoJSON files in {args.geojson}"
+             if args.geojson else ""))
+    return 1 if summary["n_failed"] else 0
+
+
+def _add_detect_command(sub) -> None:
+    """Register ``detect``."""
+    from cellulib.constants import DETECTION_THRESHOLD as DEFAULT_THRESHOLD
+
+    p = sub.add_parser(
+        "detect",
+        help="detect and classify nuclei with a segmentation model: path,x,y,class,probability",
+        description="Detect nuclei in TIFF/PNG/JPEG images with a segmentation model file "
+        "(cellulib train seg): the LoG blob centres of its nucleus map at the trained disc size, "
+        "each classed normal, lymphocyte or malignant by the maps there (paper 3.3), in pixels "
+        "of the input image (pixel centres at integers). Writes a CSV with "
+        "the columns path,x,y,class,probability,error (a bad image gets one row with its error; "
+        "the others are still processed, and the exit code is 1) and, with --geojson, one "
+        "QuPath-readable GeoJSON file of points per image.",
+    )
+    p.add_argument("--model", required=True, help="segmentation model file (family seg)")
+    p.add_argument("--images", nargs="+", required=True, metavar="DIR_OR_FILE",
+                   help="image files and/or folders of images")
+    p.add_argument("--out", required=True, help="CSV to write (atomically)")
+    p.add_argument("--geojson", default=None, metavar="DIR",
+                   help="also write DIR/<image stem>.geojson per image (QuPath detections)")
+    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                   help="smallest nucleus probability at a centre, in (0, 1) "
+                   f"({DEFAULT_THRESHOLD})")
+    p.add_argument("--recursive", action="store_true", help="also search subfolders")
+    p.add_argument("--mpp", type=float, default=None, metavar="UM",
+                   help="micrometres per pixel of the images: resized to the model's training "
+                   "pixel size first (e.g. 0.25 for a 40x scan seen by a 20x model)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--precision", choices=("auto", "bf16", "float32"), default="auto",
+                   help="network arithmetic: auto (bf16 autocast on a CPU with native bf16 and on "
+                   "CUDA, else float32), bf16, or float32")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_stain_options(p)
+    p.set_defaults(func=_cmd_detect)
+
+
+def _add_stain_options(parser) -> None:
+    """Add ``--stain-norm`` and ``--stain-target`` to an argparse (sub)parser."""
+    from cellulib.stain import METHODS
+
+    parser.add_argument("--stain-norm", choices=METHODS, default=None,
+                        help="normalise each image's stain before scoring: macenko or reinhard")
+    parser.add_argument("--stain-target", default=None, metavar="IMAGE",
+                        help="H&E image whose stain the images are normalised to")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,12 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.set_defaults(func=_cmd_train)
 
-    from cellulib.predict import add_commands
-
-    add_commands(sub)  # predict, evaluate, slide
-    from cellulib.detect import add_command
-
-    add_command(sub)  # detect
+    _add_inference_commands(sub)  # predict, evaluate, slide
+    _add_detect_command(sub)
     return parser
 
 

@@ -1,4 +1,5 @@
-"""BreastPathQ reader, cell-centroid XML, weak segmentation masks, augmentation and DataLoaders.
+"""Datasets: the BreastPathQ reader (labels, folders, patients, cell-centroid XML), the training
+Datasets and splits, and their DataLoaders.
 
 One loader reads the real BreastPathQ dataset and what `cellulib.synth` writes (SPEC 1.1):
 
@@ -10,7 +11,8 @@ ROOT/patient_ids.csv                                  optional: patient_id,slide
 ```
 
 Every bad input raises `DataError` (a `ValueError`) or warns with `DataWarning`, and the message names
-the file and the problem. Pixels go to the networks as float32 in [-1, 1] (paper section 4.2).
+the file and the problem. Images are read by :mod:`cellulib.imageio`; masks, normalisation and
+augmentation are in :mod:`cellulib.transforms`.
 """
 from __future__ import annotations
 
@@ -23,65 +25,59 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import albumentations as A
 import cv2
 import numpy as np
 import pandas as pd
-import tifffile
 import torch
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
-from PIL import Image
+
+from cellulib import transforms
+from cellulib._moved import moved_names
+from cellulib.annotations import (
+    BRCA_M2C_SPLITS,
+    DESCRIPTION_TO_CLASS,
+    parse_pathcore_xml,
+    read_brca_m2c,
+)
+
+# The shared facts and the image reader, and the transforms, under the names this module had when it
+# held them all (``cellulib.data.read_image``, ``cellulib.data.weak_mask``, ... keep working).
+from cellulib.constants import (  # noqa: F401
+    BACKGROUND,
+    CLASSES,
+    IMAGE_SUFFIXES,
+    MPP,
+    NORMALIZATIONS,
+    NUCLEUS_CLASSES,
+)
+from cellulib.imageio import DataError, DataWarning, listing, read_image  # noqa: F401
+from cellulib.transforms import (
+    bins_target,
+    cellularity_transforms,
+    check_normalize,
+    one_hot,
+    seg_transforms,
+    to_tensor_image,
+    weak_label_map,
+)
 
 __all__ = [
-    "CLASSES",
-    "NUCLEUS_CLASSES",
     "DESCRIPTION_TO_CLASS",
-    "NORMALIZATIONS",
-    "DataError",
-    "DataWarning",
-    "read_image",
     "read_labels",
     "read_breastpathq",
     "read_cell_points",
     "read_cells",
-    "weak_label_map",
-    "weak_mask",
-    "split_by_patient",
-    "normalize_image",
-    "to_tensor_image",
-    "denormalize_image",
-    "seg_transforms",
-    "cellularity_transforms",
     "SegDataset",
     "CellularityDataset",
+    "seg_split",
+    "cells_split",
     "seg_dataloaders",
     "cellularity_dataloaders",
+    "describe_layout",
+    "pick_across_range",
 ]
 
-#: Mask channels, in order (SPEC 2): three nucleus classes, then background.
-CLASSES: tuple[str, ...] = ("normal", "lymphocyte", "malignant", "background")
-NUCLEUS_CLASSES: tuple[str, ...] = CLASSES[:3]
-BACKGROUND = 3
-
-#: PathCore ``description`` -> nucleus class (SPEC 1.1), matched after stripping outer whitespace.
-DESCRIPTION_TO_CLASS: dict[str, str] = {
-    **{d: "malignant" for d in (
-        "IDC", "ILC", "Muc C", "DCIS 1", "DCIS 2", "DCIS 3", "MC- E", "MC - C", "MC - M")},
-    **{d: "normal" for d in ("normal", "UDH", "ADH")},
-    **{d: "lymphocyte" for d in ("TIL-E", "TIL-S")},
-}
-
-#: Pixel size of the training data in micrometres per pixel: BreastPathQ and BRCA-M2C were scanned
-#: at 20x (about 0.5 um/px), and the synthetic generator draws nuclei at that scale. Model files
-#: record it (``meta["pixel_size"]``) so that ``cellulib slide`` and ``--mpp`` can resample other
-#: scans to it.
-MPP = 0.5
-
-#: Pixel normalisations understood by `normalize_image` and the DataLoaders.
-NORMALIZATIONS: tuple[str, ...] = ("minus_one_one", "imagenet")
-_IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-_IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 _LAYOUT = (
     "expected the BreastPathQ layout ROOT/datasets/{train,validation}/{slide}_{rid}.tif with "
@@ -89,198 +85,6 @@ _LAYOUT = (
     "ROOT/datasets/cells/ ('{N}_Region {M}_crop.tif' + '_key.xml'), optional ROOT/patient_ids.csv; "
     "ROOT may be the folder holding datasets/ or datasets/ itself"
 )
-_IMAGE_SUFFIXES = {".tif", ".tiff", ".png", ".jpg", ".jpeg"}
-_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-_N_LISTED = 5  # how many offending files an error or warning names before "..."
-
-
-class DataError(ValueError):
-    """Bad input data: the message names the file and the problem."""
-
-
-class DataWarning(UserWarning):
-    """Suspicious but usable input data (unknown cell descriptions, unlabelled images, ...)."""
-
-
-def _listing(items: Sequence[Any], n: int = _N_LISTED) -> str:
-    shown = ", ".join(str(i) for i in list(items)[:n])
-    return shown + (f", ... ({len(items)} in all)" if len(items) > n else "")
-
-
-# --------------------------------------------------------------------------------------------------
-# Images
-# --------------------------------------------------------------------------------------------------
-def read_image(path: str | Path) -> np.ndarray:
-    """Read a TIFF, PNG or JPEG image as an (H, W, 3) uint8 RGB array.
-
-    Implements the image side of SPEC 1.1 and 1.3; used in chapter 1 (data exploration) and by every
-    DataLoader and `cellulib predict`.
-
-    TIFF files (recognised by their magic bytes, not their suffix) are read with tifffile: the first
-    series at its full-resolution level, so pyramidal / OME-TIFF files give level 0; LZW, Deflate and
-    JPEG compression are decoded by imagecodecs; min-is-white and palette images are converted. Other
-    formats are read with Pillow. Conversions:
-
-    * greyscale -> the grey value repeated in the three channels;
-    * RGBA / grey+alpha -> alpha composited onto white (transparent pixels are no tissue, and white
-      is the slide background; fully opaque images are unchanged);
-    * 16-bit -> 8-bit by ``round(v / 257)``, so 0 -> 0, 65535 -> 255 and ``257 * k -> k`` exactly
-      (Pillow reduces 16-bit *RGB* PNGs to 8 bits itself);
-    * float images must lie in [0, 1] and are scaled by 255; a multi-plane stack gives its first
-      plane with a `DataWarning`.
-
-    Parameters
-    ----------
-    path : str or Path
-        Image file.
-
-    Returns
-    -------
-    np.ndarray
-        (H, W, 3) uint8, C-contiguous.
-
-    Raises
-    ------
-    DataError
-        Missing, empty, truncated, corrupt or non-image file, or an unsupported pixel layout; the
-        message names the file.
-
-    Examples
-    --------
-    >>> img = read_image("datasets/train/99788_1.tif")  # doctest: +SKIP
-    >>> img.shape, img.dtype  # doctest: +SKIP
-    ((512, 512, 3), dtype('uint8'))
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: image file not found")
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-    except OSError as e:
-        raise DataError(f"{path}: cannot open image file ({e})") from e
-    if not head:
-        raise DataError(f"{path}: empty file, not an image")
-    if head[:4] in _TIFF_MAGIC:
-        arr = _read_tiff(path)
-    else:
-        arr = _read_pil(path)
-    return _to_rgb8(arr, path)
-
-
-def _read_tiff(path: Path) -> np.ndarray:
-    try:
-        with tifffile.TiffFile(path) as tif:
-            if not tif.series:
-                raise DataError(f"{path}: TIFF file holds no image")
-            series = tif.series[0]
-            level = series.levels[0] if series.levels else series
-            page = level.keyframe
-            photometric = int(page.photometric)
-            colormap = page.colormap
-            arr = level.asarray()
-            axes = level.axes
-    except DataError:
-        raise
-    except Exception as e:  # tifffile/imagecodecs raise many types for broken files
-        raise DataError(f"{path}: corrupt, truncated or unreadable TIFF ({e})") from e
-
-    if photometric not in (0, 1, 2, 3, 6):  # not min-is-white/black, RGB, palette or YCbCr
-        # CMYK, CIELab, ...: Pillow knows the colour conversions.
-        return _read_pil(path)
-    arr = _reduce_axes(arr, axes, path)
-    if photometric == 0:  # min-is-white: invert so that 0 is black
-        arr = ~arr if arr.dtype == bool else (
-            np.iinfo(arr.dtype).max - arr if arr.dtype.kind in "ui" else 1.0 - arr)
-    elif photometric == 3:
-        if colormap is None or arr.ndim != 2:
-            raise DataError(f"{path}: palette TIFF without a usable colour map")
-        cmap = np.asarray(colormap)
-        if arr.max(initial=0) >= cmap.shape[1]:
-            raise DataError(f"{path}: palette index outside the colour map")
-        arr = np.moveaxis(cmap[:, arr], 0, -1)  # (H, W, 3), 16-bit colour map
-    return arr
-
-
-def _reduce_axes(arr: np.ndarray, axes: str, path: Path) -> np.ndarray:
-    """Bring a tifffile array with named axes to (Y, X) or (Y, X, channels)."""
-    axes = axes.upper()
-    if "Y" not in axes or "X" not in axes or len(axes) != arr.ndim:
-        raise DataError(f"{path}: unsupported TIFF layout (axes {axes!r}, shape {arr.shape})")
-    index: list[Any] = []
-    kept = ""
-    for ax, n in zip(axes, arr.shape):
-        if ax in "YXSC" or n == 1:
-            index.append(slice(None) if ax in "YXSC" else 0)
-            kept += ax if ax in "YXSC" else ""
-        else:
-            warnings.warn(f"{path}: {n} planes along TIFF axis {ax!r}; reading the first",
-                          DataWarning, stacklevel=4)
-            index.append(0)
-    arr = arr[tuple(index)]
-    # S (samples) and C (OME channels) both mean colour; drop singleton ones, then order YX(S).
-    for ax in "CS":
-        if ax in kept and len(kept) == 4 and arr.shape[kept.index(ax)] == 1:
-            arr = arr.squeeze(kept.index(ax))
-            kept = kept.replace(ax, "")
-    chan = [i for i, ax in enumerate(kept) if ax in "SC"]
-    if len(chan) > 1:
-        raise DataError(f"{path}: unsupported TIFF layout (axes {axes!r}, shape {arr.shape})")
-    order = [kept.index("Y"), kept.index("X")] + chan
-    return np.transpose(arr, order)
-
-
-def _read_pil(path: Path) -> np.ndarray:
-    try:
-        with Image.open(path) as im:
-            im.load()  # decode now: truncated files fail here, not later
-            mode = im.mode
-            if mode == "P":
-                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-            elif mode in ("1", "CMYK", "YCbCr", "LAB", "HSV"):
-                im = im.convert("L" if mode == "1" else "RGB")
-            elif mode in ("RGBa", "La", "PA"):
-                im = im.convert("RGBA")
-            arr = np.array(im)
-    except Exception as e:  # Pillow: UnidentifiedImageError, OSError, SyntaxError, DecompressionBomb
-        raise DataError(f"{path}: not a readable image (corrupt, truncated or not an image: {e})") \
-            from e
-    if mode == "I" and arr.size and (arr.min() < 0 or arr.max() > 65535):
-        raise DataError(f"{path}: 32-bit integer image with values outside [0, 65535]")
-    if mode == "I":
-        arr = arr.astype(np.uint16)  # Pillow opens some 16-bit greyscale PNGs as 32-bit
-    return arr
-
-
-def _to_rgb8(arr: np.ndarray, path: Path) -> np.ndarray:
-    """Scale to 8 bits, expand grey, composite alpha on white."""
-    if not arr.dtype.isnative:  # big-endian TIFF/PNG samples
-        arr = arr.astype(arr.dtype.newbyteorder("="))
-    if arr.ndim == 3 and arr.shape[2] == 1:
-        arr = arr[..., 0]
-    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (2, 3, 4)):
-        raise DataError(f"{path}: unsupported image shape {arr.shape} (expected grey, RGB or RGBA)")
-    if arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise DataError(f"{path}: image has no pixels (shape {arr.shape})")
-    if arr.dtype == bool:
-        arr = arr.astype(np.uint8) * 255
-    elif arr.dtype == np.uint16:
-        arr = ((arr.astype(np.uint32) * 2 + 257) // 514).astype(np.uint8)  # round(v / 257)
-    elif arr.dtype.kind == "f":
-        if not np.all(np.isfinite(arr)) or arr.min() < 0 or arr.max() > 1:
-            raise DataError(f"{path}: floating-point image with values outside [0, 1]")
-        arr = np.rint(arr * 255).astype(np.uint8)
-    elif arr.dtype != np.uint8:
-        raise DataError(f"{path}: unsupported pixel type {arr.dtype} (expected 8 or 16 bit)")
-    if arr.ndim == 2:
-        return np.ascontiguousarray(np.repeat(arr[:, :, None], 3, axis=2))
-    if arr.shape[2] in (2, 4):  # grey+alpha or RGBA: composite onto white
-        alpha = arr[..., -1:].astype(np.float32) / 255.0
-        color = arr[..., :-1].astype(np.float32)
-        if color.shape[2] == 1:
-            color = np.repeat(color, 3, axis=2)
-        arr = np.rint(color * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
-    return np.ascontiguousarray(arr)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -341,7 +145,7 @@ def read_labels(csv_path: str | Path) -> pd.DataFrame:
     rid = df["rid"].str.strip()
     bad_id = (slide.isna() | (slide == "") | rid.isna() | (rid == "")).to_numpy()
     if bad_id.any():
-        raise DataError(f"{csv_path}: empty slide or rid on line(s) {_listing(lines[bad_id])}")
+        raise DataError(f"{csv_path}: empty slide or rid on line(s) {listing(lines[bad_id])}")
 
     raw = df[label_cols[0]].str.strip()
     value = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64)
@@ -349,11 +153,11 @@ def read_labels(csv_path: str | Path) -> pd.DataFrame:
     if nan.any():
         shown = [f"line {n}: {v!r}" for n, v in zip(lines[nan], raw[nan].tolist())]
         raise DataError(f"{csv_path}: missing or non-numeric label in column "
-                        f"{label_cols[0]!r} ({_listing(shown)})")
+                        f"{label_cols[0]!r} ({listing(shown)})")
     out = (value < 0) | (value > 1)
     if out.any():
         shown = [f"line {n}: {v:g}" for n, v in zip(lines[out], value[out])]
-        raise DataError(f"{csv_path}: cellularity outside [0, 1] ({_listing(shown)})")
+        raise DataError(f"{csv_path}: cellularity outside [0, 1] ({listing(shown)})")
 
     labels = pd.DataFrame({"slide": slide.to_numpy(dtype=object),
                            "rid": rid.to_numpy(dtype=object), "cellularity": value})
@@ -363,7 +167,7 @@ def read_labels(csv_path: str | Path) -> pd.DataFrame:
         if conflict.any():
             pairs = [f"{s}_{r}" for s, r in conflict[conflict].index]
             raise DataError(f"{csv_path}: patches labelled twice with different values: "
-                            f"{_listing(pairs)}")
+                            f"{listing(pairs)}")
         warnings.warn(f"{csv_path}: {int(dup.sum())} duplicated rows (same label) kept once",
                       DataWarning, stacklevel=2)
         labels = labels.drop_duplicates(["slide", "rid"])
@@ -387,7 +191,7 @@ def _image_names(folder: Path) -> set[str]:
     if not folder.is_dir():
         return set()
     return {p.name for p in folder.iterdir()
-            if p.suffix.lower() in _IMAGE_SUFFIXES and not p.name.startswith(".")}
+            if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")}
 
 
 def read_breastpathq(root: str | Path) -> pd.DataFrame:
@@ -433,7 +237,7 @@ def read_breastpathq(root: str | Path) -> pd.DataFrame:
         if not csv_path.is_file():
             if on_disk:
                 warnings.warn(f"{folder}: {len(on_disk)} images but no {csv_name}; they are "
-                              f"ignored ({_listing(sorted(on_disk))})", DataWarning, stacklevel=2)
+                              f"ignored ({listing(sorted(on_disk))})", DataWarning, stacklevel=2)
             continue
         labels = read_labels(csv_path)
         names = [f"{s}_{r}.tif" for s, r in zip(labels["slide"], labels["rid"])]
@@ -441,11 +245,11 @@ def read_breastpathq(root: str | Path) -> pd.DataFrame:
         if missing:
             where = folder if folder.is_dir() else f"{folder} (folder missing)"
             raise DataError(f"{csv_path}: {len(missing)} of {len(names)} labelled images are "
-                            f"missing from {where}: {_listing(missing)}")
+                            f"missing from {where}: {listing(missing)}")
         extra = sorted(on_disk - set(names))
         if extra:
             warnings.warn(f"{folder}: {len(extra)} images have no row in {csv_name} and are "
-                          f"ignored: {_listing(extra)}", DataWarning, stacklevel=2)
+                          f"ignored: {listing(extra)}", DataWarning, stacklevel=2)
         labels.insert(0, "path", [str((folder / n).resolve()) for n in names])
         labels["split"] = split
         frames.append(labels)
@@ -473,12 +277,12 @@ def _merge_patient_ids(df: pd.DataFrame, pid_path: Path) -> pd.DataFrame:
     pids = pids.drop_duplicates()
     multi = pids["slide"][pids["slide"].duplicated()].unique().tolist()
     if multi:
-        raise DataError(f"{pid_path}: slides assigned to more than one patient: {_listing(multi)}")
+        raise DataError(f"{pid_path}: slides assigned to more than one patient: {listing(multi)}")
     out = df.merge(pids, on="slide", how="left", validate="many_to_one")
     unknown = sorted(out.loc[out["patient_id"].isna(), "slide"].unique().tolist())
     if unknown:
         warnings.warn(f"{pid_path}: no patient_id for {len(unknown)} slides (left as NaN): "
-                      f"{_listing(unknown)}", DataWarning, stacklevel=3)
+                      f"{listing(unknown)}", DataWarning, stacklevel=3)
     return out
 
 
@@ -491,12 +295,10 @@ _POINT_COLUMNS = ("x", "y", "description", "cls")
 def _parse_cell_xml(xml_path: Path) -> tuple[pd.DataFrame, Counter]:
     """Points of the known classes and a Counter of skipped descriptions, accepting the real
     files' quirks (SPEC 1.1; see :func:`cellulib.annotations.parse_pathcore_xml`)."""
-    from cellulib.annotations import parse_pathcore_xml
-
     return parse_pathcore_xml(xml_path, DESCRIPTION_TO_CLASS)
 
 
-def _annotation_points(path: Path) -> pd.DataFrame:
+def annotation_points(path: Path) -> pd.DataFrame:
     """Nucleus points of one annotation file: PathCore XML, or a BRCA-M2C dot file (``.txt``)."""
     if path.suffix.lower() == ".txt":
         from cellulib.annotations import read_brca_m2c_points
@@ -585,7 +387,6 @@ def read_cells(root: str | Path) -> pd.DataFrame:
     DataWarning
         A crop without its XML or an XML without its crop (named), unknown descriptions.
     """
-    from cellulib.annotations import BRCA_M2C_SPLITS, read_brca_m2c
 
     if any((Path(root) / name).is_file() for name in BRCA_M2C_SPLITS.values()):
         # BRCA-M2C (SPEC 1.4): the same table; "xml_path" holds the dot file, "split" the
@@ -604,7 +405,7 @@ def read_cells(root: str | Path) -> pd.DataFrame:
                     + [keys[n].name for n in keys.keys() - crops.keys()])
     if lonely:
         warnings.warn(f"{cells}: {len(lonely)} files without their crop/XML partner are ignored: "
-                      f"{_listing(lonely)}", DataWarning, stacklevel=2)
+                      f"{listing(lonely)}", DataWarning, stacklevel=2)
     names = sorted(crops.keys() & keys.keys(), key=_natural_key)
     if not names:
         raise DataError(f"{cells}: no '{{N}}_Region {{M}}_crop.tif' with its '_key.xml'; {_LAYOUT}")
@@ -627,401 +428,6 @@ def read_cells(root: str | Path) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------------------------------
-# Weak masks
-# --------------------------------------------------------------------------------------------------
-def _point_arrays(points: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    try:
-        x = np.asarray(points["x"], dtype=np.float64).reshape(-1)
-        y = np.asarray(points["y"], dtype=np.float64).reshape(-1)
-        cls = np.asarray(points["cls"]).reshape(-1)
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"points need numeric 'x', 'y' and a 'cls' column ({e})") from e
-    if not (len(x) == len(y) == len(cls)):
-        raise ValueError("points: 'x', 'y' and 'cls' differ in length")
-    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
-        raise ValueError("points: x and y must be finite")
-    if cls.dtype.kind in "iu":
-        idx = cls.astype(np.int64)
-        if idx.size and (idx.min() < 0 or idx.max() > 2):
-            raise ValueError("points: integer classes must be 0 (normal), 1 (lymphocyte) or "
-                             "2 (malignant)")
-    else:
-        lookup = {c: i for i, c in enumerate(NUCLEUS_CLASSES)}
-        bad = sorted({str(c) for c in cls if c not in lookup})
-        if bad:
-            raise ValueError(f"points: unknown classes {bad}; expected {list(NUCLEUS_CLASSES)}")
-        idx = np.array([lookup[c] for c in cls], dtype=np.int64)
-    return x, y, idx
-
-
-def weak_label_map(points: Any, shape: Sequence[int], diameter: float = 15.0,
-                   scale: float | tuple[float, float] = 1.0) -> np.ndarray:
-    """Class index per pixel: a disc at each centroid, nearest centroid wins, 3 elsewhere.
-
-    SPEC 2 / paper sections 3.1 and 4.1 (the weak segmentation targets), as an (H, W) label map;
-    `weak_mask` is its one-hot form. Used in chapter 2 (weak segmentation).
-
-    A pixel (row ``r``, column ``c``, centre at integer coordinates) is inside the disc of centroid
-    ``(cx, cy)`` when ``(c - cx)**2 + (r - cy)**2 <= (diameter / 2)**2``. A pixel inside several
-    discs takes the class of the nearest centroid; exact ties go to the point listed first.
-    Coordinates are mapped to the resized grid with pixel centres aligned,
-    ``cx = (x + 0.5) * scale - 0.5``, which is exactly how ``cv2.resize`` maps a pixel; for
-    ``scale = 0.5`` this is ``x / 2 - 0.25`` (plain ``x * scale`` would shift every disc by a quarter
-    pixel). Fully vectorised: every point's (diameter + 3)^2 window is scored at once and a lexsort
-    picks the winner per pixel.
-
-    Parameters
-    ----------
-    points : pd.DataFrame or mapping
-        Columns ``x``, ``y`` (pixels of the original crop) and ``cls`` (class names of
-        `NUCLEUS_CLASSES` or integers 0-2), e.g. from `read_cell_points`.
-    shape : sequence of int
-        (H, W, ...) of the output grid; extra entries are ignored.
-    diameter : float
-        Disc diameter in output pixels (15 in the paper, at the x2-downscaled resolution).
-    scale : float or (float, float)
-        Output size / original size, or ``(scale_x, scale_y)``.
-
-    Returns
-    -------
-    np.ndarray
-        (H, W) uint8 with values 0 normal, 1 lymphocyte, 2 malignant, 3 background.
-    """
-    h, w = int(shape[0]), int(shape[1])
-    if h <= 0 or w <= 0:
-        raise ValueError(f"shape must be positive, got {tuple(shape)}")
-    if not (np.isfinite(diameter) and diameter > 0):
-        raise ValueError(f"diameter must be a positive number, got {diameter}")
-    sx, sy = (float(scale), float(scale)) if np.isscalar(scale) else map(float, scale)
-    if not (sx > 0 and sy > 0):
-        raise ValueError(f"scale must be positive, got {scale}")
-    label = np.full((h, w), BACKGROUND, dtype=np.uint8)
-    x, y, cls = _point_arrays(points)
-    if x.size == 0:
-        return label
-    cx = (x + 0.5) * sx - 0.5
-    cy = (y + 0.5) * sy - 0.5
-    r2 = (diameter / 2.0) ** 2
-    k = int(np.ceil(diameter / 2.0)) + 1
-    off = np.arange(-k, k + 1)
-    n, m = cx.size, off.size
-    px = np.broadcast_to(np.floor(cx).astype(np.int64)[:, None, None] + off[None, None, :],
-                         (n, m, m))
-    py = np.broadcast_to(np.floor(cy).astype(np.int64)[:, None, None] + off[None, :, None],
-                         (n, m, m))
-    d2 = (px - cx[:, None, None]) ** 2 + (py - cy[:, None, None]) ** 2
-    keep = (d2 <= r2) & (px >= 0) & (px < w) & (py >= 0) & (py < h)
-    pix = (py * w + px)[keep]
-    dist = d2[keep]
-    pid = np.broadcast_to(np.arange(n)[:, None, None], (n, m, m))[keep]
-    if pix.size == 0:
-        return label
-    # Sort by pixel, then distance, then point order: the first row per pixel is its winner.
-    order = np.lexsort((pid, dist, pix))
-    pix_sorted = pix[order]
-    first = np.ones(pix_sorted.size, dtype=bool)
-    first[1:] = pix_sorted[1:] != pix_sorted[:-1]
-    win = order[first]
-    label.reshape(-1)[pix[win]] = cls[pid[win]].astype(np.uint8)
-    return label
-
-
-def weak_mask(points: Any, shape: Sequence[int], diameter: float = 15.0,
-              scale: float | tuple[float, float] = 1.0) -> np.ndarray:
-    """Four-channel weak segmentation target from nucleus centroids.
-
-    SPEC 2 / paper sections 3.1 and 4.1: channels 0 normal, 1 lymphocyte, 2 malignant,
-    3 background; a disc of ``diameter`` pixels at each centroid (coordinates times ``scale``,
-    pixel centres aligned), overlaps to the nearest centroid, background where no disc is. Exactly
-    one channel is 1 at every pixel. See `weak_label_map` for the geometry. Used in chapter 1 (data
-    exploration) and chapter 2 (weak segmentation).
-
-    Parameters
-    ----------
-    points : pd.DataFrame or mapping
-        Columns ``x``, ``y``, ``cls`` (see `weak_label_map`).
-    shape : sequence of int
-        (H, W) of the mask.
-    diameter : float
-        Disc diameter in mask pixels.
-    scale : float or (float, float)
-        Mask size / size of the image the coordinates refer to (0.5 after the x2 downscale).
-
-    Returns
-    -------
-    np.ndarray
-        (4, H, W) float32 of zeros and ones.
-
-    Examples
-    --------
-    >>> pts = pd.DataFrame({"x": [10.0], "y": [10.0], "cls": ["malignant"]})
-    >>> m = weak_mask(pts, (21, 21))
-    >>> m.shape, int(m[2].sum()), int(m.sum(axis=0).min())
-    ((4, 21, 21), 177, 1)
-    """
-    label = weak_label_map(points, shape, diameter=diameter, scale=scale)
-    return _one_hot(label)
-
-
-def _one_hot(label: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(np.eye(len(CLASSES), dtype=np.float32)[label].transpose(2, 0, 1))
-
-
-# --------------------------------------------------------------------------------------------------
-# Splits
-# --------------------------------------------------------------------------------------------------
-def split_by_patient(df: pd.DataFrame, valid_pct: float = 0.2,
-                     seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Patient-level train/validation split: no patient has patches on both sides.
-
-    Patches of one patient are correlated, so a patch-level split leaks (SPEC 1.1, patient_ids.csv).
-    Groups are ``patient_id`` where the column exists and is set, else the slide. The sorted groups
-    are permuted with ``numpy.random.default_rng(seed)`` and the first ``ceil(valid_pct * n_groups)``
-    go to validation (the rule of scikit-learn's ``GroupShuffleSplit``), so the split depends on the
-    set of groups and the seed only, not on row order. Used in chapter 4 (direct models) and by
-    `cellularity_dataloaders` when ``valid_pct`` is given.
-
-    Parameters
-    ----------
-    df : pd.DataFrame
-        Rows with a ``slide`` column (and optionally ``patient_id``), e.g. from `read_breastpathq`.
-    valid_pct : float
-        Fraction of groups (patients) for validation, in [0, 1).
-    seed : int
-        Seed of the permutation.
-
-    Returns
-    -------
-    (np.ndarray, np.ndarray)
-        Positional row indices (int64, ascending) of the training and validation rows.
-    """
-    if not 0 <= valid_pct < 1:
-        raise ValueError(f"valid_pct must be in [0, 1), got {valid_pct}")
-    if "slide" not in df.columns and "patient_id" not in df.columns:
-        raise ValueError("split_by_patient needs a 'slide' or 'patient_id' column")
-    slide = df["slide"].astype(str) if "slide" in df.columns else pd.Series([""] * len(df))
-    group = ("slide:" + slide).to_numpy(dtype=object)
-    if "patient_id" in df.columns:
-        pid = df["patient_id"]
-        has = pid.notna().to_numpy()
-        group[has] = ("patient:" + pid[has].astype(str)).to_numpy(dtype=object)
-    groups = np.array(sorted(set(group)), dtype=object)
-    n_valid = math.ceil(valid_pct * len(groups) - 1e-12)
-    if valid_pct > 0 and n_valid >= len(groups):
-        raise ValueError(f"valid_pct={valid_pct} leaves no training patient "
-                         f"({len(groups)} patients/slides)")
-    perm = np.random.default_rng(seed).permutation(len(groups))
-    is_valid = np.isin(group, groups[perm[:n_valid]])
-    return np.flatnonzero(~is_valid), np.flatnonzero(is_valid)
-
-
-# --------------------------------------------------------------------------------------------------
-# Normalisation
-# --------------------------------------------------------------------------------------------------
-def _check_normalize(normalize: str) -> str:
-    if normalize not in NORMALIZATIONS:
-        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
-    return normalize
-
-
-def normalize_image(img: np.ndarray, normalize: str = "minus_one_one") -> np.ndarray:
-    """Scale (..., 3) pixels in [0, 255] for the networks, as float32.
-
-    ``"minus_one_one"`` maps [0, 255] linearly to [-1, 1] (paper section 4.2, used everywhere by
-    default); ``"imagenet"`` subtracts the ImageNet mean and divides by its std after scaling to
-    [0, 1] (for torchvision/timm ImageNet weights). Shared by training and prediction; used in
-    chapters 2 to 5.
-
-    Examples
-    --------
-    >>> normalize_image(np.array([[[0, 127.5, 255]]]))
-    array([[[-1.,  0.,  1.]]], dtype=float32)
-    """
-    _check_normalize(normalize)
-    x = np.asarray(img, dtype=np.float32)
-    if normalize == "minus_one_one":
-        return x / np.float32(127.5) - np.float32(1.0)
-    return (x / np.float32(255.0) - _IMAGENET_MEAN) / _IMAGENET_STD
-
-
-def to_tensor_image(img: np.ndarray, normalize: str = "minus_one_one") -> torch.Tensor:
-    """(H, W, 3) image with pixels in [0, 255] -> (3, H, W) float32 tensor, normalised.
-
-    The one conversion used by the DataLoaders and by prediction, so that both see the same pixels
-    (paper section 4.2: [0, 255] -> [-1, 1]). Used in chapters 2 to 5 and by `cellulib predict`.
-
-    Parameters
-    ----------
-    img : np.ndarray
-        (H, W, 3) array, typically uint8 from `read_image`.
-    normalize : str
-        One of `NORMALIZATIONS`.
-
-    Returns
-    -------
-    torch.Tensor
-        (3, H, W) float32.
-    """
-    img = np.asarray(img)
-    if img.ndim != 3 or img.shape[2] != 3:
-        raise ValueError(f"expected an (H, W, 3) image, got shape {img.shape}")
-    return torch.from_numpy(np.ascontiguousarray(normalize_image(img, normalize).transpose(2, 0, 1)))
-
-
-def denormalize_image(x: torch.Tensor | np.ndarray,
-                      normalize: str = "minus_one_one") -> np.ndarray:
-    """Undo `to_tensor_image`: (3, H, W) or (B, 3, H, W) -> (H, W, 3) or (B, H, W, 3) uint8.
-
-    For showing batches; used in chapters 1 and 2.
-    """
-    _check_normalize(normalize)
-    a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-    a = np.moveaxis(a.astype(np.float32), -3, -1)
-    if normalize == "minus_one_one":
-        a = (a + 1.0) * 127.5
-    else:
-        a = (a * _IMAGENET_STD + _IMAGENET_MEAN) * 255.0
-    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
-
-
-# --------------------------------------------------------------------------------------------------
-# Augmentation
-# --------------------------------------------------------------------------------------------------
-def _shared_random_state(tfm: A.Compose, seed: int | None) -> A.Compose:
-    # Compose(seed=s) gives every child its own generator seeded with the same s, so two
-    # transforms with the same p fire together (HorizontalFlip and VerticalFlip always both or
-    # neither, checked in albumentations 2.0.8). One shared generator avoids that correlation.
-    tfm.set_random_state(np.random.default_rng(seed), random.Random(seed))
-    return tfm
-
-
-#: Stain augmentations of the ``stain_augment`` profile setting (issue 12): ``none`` (the paper's
-#: gamma and hue/saturation only) or ``hed`` (also `HEDJitter`).
-STAIN_AUGMENTS = ("none", "hed")
-
-
-class HEDJitter(A.ImageOnlyTransform):
-    """Stain augmentation in HED space: haematoxylin and eosin optical densities scaled by a factor
-    drawn from ``1 +/- scale`` and shifted by one from ``+/- shift`` (uniform, H and E drawn
-    independently), as :func:`cellulib.stain.hed_perturb` applies them (Tellez et al. 2018's HED
-    jitter). The defaults span the scale of the stain-shift chapter's ``hed`` shift up to strength
-    0.6 and its tint up to 0.2. A larger tint (0.03) left ResNet34 (R) at the mean predictor after
-    the quick profile's 30 epochs (seed 0; validation MSE 0.132): the synthetic patches' haematoxylin
-    is pale (mean optical density 0.016), and +/- 0.03 erases or triples it. Used when the
-    ``stain_augment`` setting is ``hed`` (``cellulib train --stain-augment hed``, and the two models
-    the stain-shift chapter retrains)."""
-
-    def __init__(self, scale: float = 0.3, shift: float = 0.01, p: float = 0.8):
-        super().__init__(p=p)
-        if not (0 <= scale < 1 and shift >= 0):
-            raise ValueError(f"HEDJitter needs 0 <= scale < 1 and shift >= 0, got {scale}, {shift}")
-        self.scale, self.shift = float(scale), float(shift)
-
-    def get_params(self) -> dict[str, float]:
-        s, t = self.scale, self.shift
-        u = self.random_generator.uniform(-1.0, 1.0, size=4)
-        return {"h_scale": 1 + s * u[0], "e_scale": 1 + s * u[1],
-                "h_shift": t * u[2], "e_shift": t * u[3]}
-
-    def apply(self, img: np.ndarray, h_scale: float = 1.0, e_scale: float = 1.0,
-              h_shift: float = 0.0, e_shift: float = 0.0, **params: Any) -> np.ndarray:
-        from cellulib.stain import hed_perturb
-
-        return hed_perturb(img, h_scale, e_scale, h_shift, e_shift)
-
-    def get_transform_init_args_names(self) -> tuple[str, ...]:
-        return ("scale", "shift")
-
-
-def _flips_and_colour(stain: str = "none") -> list[A.BasicTransform]:
-    if stain not in STAIN_AUGMENTS:
-        raise ValueError(f"unknown stain augmentation {stain!r}; choose one of {STAIN_AUGMENTS}")
-    return [
-        A.HorizontalFlip(p=0.5),
-        A.VerticalFlip(p=0.5),
-        A.RandomRotate90(p=1.0),
-        *([HEDJitter()] if stain == "hed" else []),
-        A.RandomGamma(gamma_limit=(80, 120), p=0.5),
-        # Small hue shifts: H&E colour varies between labs, but haematoxylin must stay blue-purple.
-        A.HueSaturationValue(hue_shift_limit=10, sat_shift_limit=15, val_shift_limit=0, p=0.5),
-    ]
-
-
-def seg_transforms(size: int = 256, train: bool = True, seed: int | None = None,
-                   stain: str = "none") -> A.Compose:
-    """Augmentation for the weak segmentation network (image and label mask together).
-
-    Paper section 4.2 / SPEC 2: a random ``size`` x ``size`` crop of the x2-downscaled image with
-    flips, rotation (RandomRotate90 and a small Rotate of up to 15 degrees, reflecting at the
-    border), gamma (80-120) and hue/saturation shifts. The mask (an (H, W) label map from
-    `weak_label_map`) follows every geometric step with nearest-neighbour interpolation, so it stays
-    a valid label map. Images smaller than ``size`` are padded by reflection. Validation
-    (``train=False``): pad if needed, then the centre crop; no randomness. Used in chapter 2 (weak
-    segmentation).
-
-    Parameters
-    ----------
-    size : int
-        Crop side in pixels.
-    train : bool
-        Random augmentation (True) or the deterministic centre crop.
-    seed : int or None
-        Seed of the random state (one generator shared by all steps).
-    stain : str
-        Stain augmentation, one of `STAIN_AUGMENTS` (``hed`` adds `HEDJitter`).
-
-    Returns
-    -------
-    albumentations.Compose
-        Call as ``tfm(image=img, mask=label)``.
-    """
-    pad = A.PadIfNeeded(min_height=size, min_width=size, border_mode=cv2.BORDER_REFLECT_101)
-    if not train:
-        return A.Compose([pad, A.CenterCrop(size, size)], seed=seed)
-    steps = [
-        pad,
-        A.Rotate(limit=15, border_mode=cv2.BORDER_REFLECT_101, p=0.5),
-        A.RandomCrop(size, size),
-        *_flips_and_colour(stain),
-    ]
-    return _shared_random_state(A.Compose(steps, seed=seed), seed)
-
-
-def cellularity_transforms(size: int = 512, train: bool = True,
-                           seed: int | None = None, stain: str = "none") -> A.Compose:
-    """Augmentation for the cellularity regressors and classifiers (image only).
-
-    Paper section 4.4 (with the augmentations of section 4.2): the whole patch is resized to
-    ``size`` x ``size`` (INTER_AREA) rather than cropped, because a crop does not carry the
-    patch's cellularity label; then flips, RandomRotate90, a small rotation (15 degrees, reflected
-    border), gamma and hue/saturation shifts, all of which leave cellularity unchanged. Validation
-    (``train=False``): the resize only. Used in chapter 3 (SR) and chapter 4 (direct models).
-
-    Parameters
-    ----------
-    size : int
-        Output side in pixels.
-    train : bool
-        Random augmentation (True) or resize only.
-    seed : int or None
-        Seed of the random state (one generator shared by all steps).
-    stain : str
-        Stain augmentation, one of `STAIN_AUGMENTS` (``hed`` adds `HEDJitter`).
-
-    Returns
-    -------
-    albumentations.Compose
-        Call as ``tfm(image=img)``.
-    """
-    resize = A.Resize(size, size, interpolation=cv2.INTER_AREA)
-    if not train:
-        return A.Compose([resize], seed=seed)
-    steps = [resize, A.Rotate(limit=15, border_mode=cv2.BORDER_REFLECT_101, p=0.5),
-             *_flips_and_colour(stain)]
-    return _shared_random_state(A.Compose(steps, seed=seed), seed)
-
-
-# --------------------------------------------------------------------------------------------------
 # Datasets and DataLoaders
 # --------------------------------------------------------------------------------------------------
 def _split_key(key: Any) -> tuple[int, int | None]:
@@ -1034,9 +440,9 @@ def _split_key(key: Any) -> tuple[int, int | None]:
 class _AugmentedDataset(torch.utils.data.Dataset):
     n_inp = 1  # fastai: the first element of a sample is the input, the rest the target
 
-    def __init__(self, tfm: A.Compose, train: bool, length: int, normalize: str):
+    def __init__(self, tfm, train: bool, length: int, normalize: str):
         self.tfm, self.train, self.length = tfm, train, int(length)
-        self.normalize = _check_normalize(normalize)
+        self.normalize = check_normalize(normalize)
         self._cache: dict[int, Any] = {}
 
     def __len__(self) -> int:
@@ -1068,7 +474,8 @@ class SegDataset(_AugmentedDataset):
     ``downscale`` reduction (cv2.INTER_AREA), together with its label map drawn at the reduced
     resolution (`weak_label_map` with scale = reduced size / original size). Training samples are
     random crops (`seg_transforms`); sample ``i`` uses image ``i % n_images``, so a dataset longer
-    than the number of images draws several crops per image per epoch. Used in chapter 2.
+    than the number of images draws several crops per image per epoch. Used in chapter 2 through
+    :func:`cellulib.train.train_seg`.
 
     Items are ``(image, mask)``: image (3, size, size) float32 (normalised, [-1, 1] by default),
     mask (4, size, size) float32 one-hot (channels `CLASSES`).
@@ -1094,10 +501,8 @@ class SegDataset(_AugmentedDataset):
         if i not in self._cache:
             img = read_image(self.image_paths[i])
             h, w = img.shape[:2]
-            if self.downscale != 1:
-                nw, nh = max(1, round(w / self.downscale)), max(1, round(h / self.downscale))
-                img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA)
-            points = _annotation_points(Path(self.xml_paths[i]))  # read_cells already warned
+            img = transforms.downscale(img, self.downscale)
+            points = annotation_points(Path(self.xml_paths[i]))  # read_cells already warned
             label = weak_label_map(points, img.shape, self.diameter,
                                    scale=(img.shape[1] / w, img.shape[0] / h))
             self._cache[i] = (img, label)
@@ -1109,7 +514,7 @@ class SegDataset(_AugmentedDataset):
             raise IndexError(f"index {idx} out of range for {len(self)} samples")
         img, label = self._load(idx % len(self.image_paths))
         out = self._augment(sample_seed, image=img, mask=label)
-        mask = torch.from_numpy(_one_hot(np.asarray(out["mask"], dtype=np.uint8)))
+        mask = torch.from_numpy(one_hot(np.asarray(out["mask"], dtype=np.uint8)))
         return to_tensor_image(out["image"], self.normalize), mask
 
 
@@ -1117,8 +522,8 @@ class CellularityDataset(_AugmentedDataset):
     """Labelled BreastPathQ patches -> (image, cellularity) pairs.
 
     Paper sections 3.4 and 4.4. Images are resized to ``size`` (cv2.INTER_AREA) when first read and
-    cached at that size when ``cache`` is true (2394 patches at 512 px take 1.9 GB). Used in
-    chapter 3 (SR) and chapter 4 (direct models).
+    cached at that size when ``cache`` is true (2394 patches at 512 px take 1.9 GB). Used in chapter
+    3 through :func:`cellulib.train.train_sr` (SR) and chapter 4 (direct models).
 
     Items are ``(image, target)``: image (3, size, size) float32 (normalised, [-1, 1] by default);
     target for ``task="regression"`` a float32 tensor of shape (1,) holding the cellularity (so a
@@ -1159,7 +564,7 @@ class CellularityDataset(_AugmentedDataset):
         out = self._augment(sample_seed, image=self._load(idx))
         y = float(self.cellularity[idx])
         target = (torch.tensor([y], dtype=torch.float32) if self.task == "regression"
-                  else torch.tensor(int(round(100 * y)), dtype=torch.int64))
+                  else bins_target(y))
         return to_tensor_image(out["image"], self.normalize), target
 
 
@@ -1199,6 +604,51 @@ def _dataloaders(train_ds: _AugmentedDataset, valid_ds: _AugmentedDataset, bs: i
     valid = _SeededDataLoader(valid_ds, seed=seed, bs=bs, shuffle=False, drop_last=False,
                               num_workers=num_workers)
     return DataLoaders(train, valid, device=device)
+
+
+def split_by_patient(df: pd.DataFrame, valid_pct: float = 0.2,
+                     seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Patient-level train/validation split: no patient has patches on both sides.
+
+    Patches of one patient are correlated, so a patch-level split leaks (SPEC 1.1, patient_ids.csv).
+    Groups are ``patient_id`` where the column exists and is set, else the slide. The sorted groups
+    are permuted with ``numpy.random.default_rng(seed)`` and the first ``ceil(valid_pct * n_groups)``
+    go to validation (the rule of scikit-learn's ``GroupShuffleSplit``), so the split depends on the
+    set of groups and the seed only, not on row order. Used by `cellularity_dataloaders` when
+    ``valid_pct`` is given (a BreastPathQ copy without validation labels).
+
+    Parameters
+    ----------
+    df : pd.DataFrame
+        Rows with a ``slide`` column (and optionally ``patient_id``), e.g. from `read_breastpathq`.
+    valid_pct : float
+        Fraction of groups (patients) for validation, in [0, 1).
+    seed : int
+        Seed of the permutation.
+
+    Returns
+    -------
+    (np.ndarray, np.ndarray)
+        Positional row indices (int64, ascending) of the training and validation rows.
+    """
+    if not 0 <= valid_pct < 1:
+        raise ValueError(f"valid_pct must be in [0, 1), got {valid_pct}")
+    if "slide" not in df.columns and "patient_id" not in df.columns:
+        raise ValueError("split_by_patient needs a 'slide' or 'patient_id' column")
+    slide = df["slide"].astype(str) if "slide" in df.columns else pd.Series([""] * len(df))
+    group = ("slide:" + slide).to_numpy(dtype=object)
+    if "patient_id" in df.columns:
+        pid = df["patient_id"]
+        has = pid.notna().to_numpy()
+        group[has] = ("patient:" + pid[has].astype(str)).to_numpy(dtype=object)
+    groups = np.array(sorted(set(group)), dtype=object)
+    n_valid = math.ceil(valid_pct * len(groups) - 1e-12)
+    if valid_pct > 0 and n_valid >= len(groups):
+        raise ValueError(f"valid_pct={valid_pct} leaves no training patient "
+                         f"({len(groups)} patients/slides)")
+    perm = np.random.default_rng(seed).permutation(len(groups))
+    is_valid = np.isin(group, groups[perm[:n_valid]])
+    return np.flatnonzero(~is_valid), np.flatnonzero(is_valid)
 
 
 def seg_split(n: int, valid_pct: float = 0.2, seed: int = 0,
@@ -1247,6 +697,7 @@ def seg_dataloaders(root: str | Path, size: int = 256, downscale: float = 2, bs:
     gamma, hue and saturation for training; centre crops without augmentation for validation. The
     patches are split at patch level: ``round(valid_pct * n)`` (at least 1 when valid_pct > 0)
     patches, drawn with ``numpy.random.default_rng(seed)``, go to validation. Used in chapter 2
+    through :func:`cellulib.train.train_seg`
     (weak segmentation).
 
     Batches are ``(xb, yb)``: xb (B, 3, size, size) float32 in [-1, 1] (or ImageNet-normalised),
@@ -1314,7 +765,8 @@ def cellularity_dataloaders(root: str | Path, size: int = 512, bs: int = 8, seed
     Paper sections 3.2, 3.4, 4.3 and 4.4: the ``train`` split for training with
     `cellularity_transforms` augmentation, the ``validation`` split (resize only, file order) for
     validation. With ``valid_pct`` both come from the train split instead, split by patient with
-    `split_by_patient`. Used in chapter 3 (SR) and chapter 4 (direct models).
+    `split_by_patient`. Used in chapter 3 through :func:`cellulib.train.train_sr` (SR) and chapter 4
+    (direct models).
 
     Batches are ``(xb, yb)``: xb (B, 3, size, size) float32 in [-1, 1] (or ImageNet-normalised);
     yb (B, 1) float32 cellularity for ``task="regression"`` or (B,) int64 bins 0..100 for
@@ -1373,24 +825,6 @@ def cellularity_dataloaders(root: str | Path, size: int = 512, bs: int = 8, seed
 # --------------------------------------------------------------------------------------------------
 # Exploration helpers
 # --------------------------------------------------------------------------------------------------
-def downscale(img: np.ndarray, factor: float = 2) -> np.ndarray:
-    """Shrink an image by ``factor`` with area averaging (cv2.INTER_AREA), as the loaders do.
-
-    Paper section 4.2 (images downscaled x2 before segmentation). Used in chapters 1 and 2.
-    """
-    if factor <= 0:
-        raise ValueError(f"downscale factor must be positive, got {factor}")
-    if factor == 1:
-        return img
-    h, w = img.shape[:2]
-    size = (max(1, round(w / factor)), max(1, round(h / factor)))
-    return cv2.resize(img, size, interpolation=cv2.INTER_AREA)
-
-
-def scale_points(points: pd.DataFrame, scale: float) -> pd.DataFrame:
-    """Centroids in the pixel frame of an image resized by ``scale`` (pixel centres aligned, as in
-    `weak_label_map`). Used in chapter 1 to mark nuclei on downscaled patches."""
-    return points.assign(x=(points.x + 0.5) * scale - 0.5, y=(points.y + 0.5) * scale - 0.5)
 
 
 def describe_layout(root: str | Path) -> pd.DataFrame:
@@ -1423,3 +857,9 @@ def pick_across_range(patches: pd.DataFrame, n: int, seed: int = 0) -> pd.DataFr
     shuffled = patches.sample(frac=1.0, random_state=seed).sort_values("cellularity", kind="stable")
     positions = np.unique(np.round(np.linspace(0, len(shuffled) - 1, min(n, len(shuffled)))).astype(int))
     return shuffled.iloc[positions].reset_index(drop=True)
+
+
+# Names that lived here before cellulib.transforms held them.
+__getattr__ = moved_names(__name__, dict.fromkeys(
+    ("HEDJitter", "STAIN_AUGMENTS", "downscale", "normalize_image", "scale_points", "weak_mask"),
+    "cellulib.transforms"))

@@ -1,4 +1,4 @@
-"""Nucleus detection with a segmentation model: the ``detect`` command (SPEC 7).
+"""Nucleus detection with a segmentation model, behind the ``detect`` command (SPEC 7).
 
 A segmentation model file (family ``seg``, :func:`cellulib.train.train_seg`) gives one point per
 detected nucleus: the LoG blob centres (paper 3.3, Fig. 5) of its nucleus map at the size of the
@@ -14,12 +14,10 @@ processed one at a time, so memory holds one image and its maps whatever their n
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,15 +25,30 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy import ndimage as ndi
+from tqdm import tqdm
 
-__all__ = ["COLUMNS", "DEFAULT_THRESHOLD", "AnnotatedScores", "add_command", "detect_nuclei",
+from cellulib.constants import (
+    CLASSES,
+    DETECTION_THRESHOLD,
+    DISC_DIAMETER,
+    NUCLEUS_CLASSES,
+    SEG_DOWNSCALE,
+)
+from cellulib.data import annotation_points
+from cellulib.engine import amp_dtype, autocast, precision_name, resolve_device
+from cellulib.imageio import atomic_open, atomic_write_text, collect_images, read_image
+from cellulib.metrics import DETECTION_RADIUS, detection_curve, detection_scores
+from cellulib.models import segment
+from cellulib.store import ModelFileError, check_mpp, model_and_info, pixel_size
+from cellulib.transforms import downscale, weak_label_map
+
+__all__ = ["COLUMNS", "DEFAULT_THRESHOLD", "AnnotatedScores", "detect_nuclei",
            "detect_to_csv", "nucleus_centres", "score_annotated", "to_geojson"]
 
 #: Columns of :func:`detect_nuclei` and of the CSV of ``cellulib detect``.
 COLUMNS: tuple[str, ...] = ("path", "x", "y", "class", "probability", "error")
 
-_DEFAULT_DOWNSCALE = 2  # paper 4.2: images downscaled x2 before segmentation
-_DEFAULT_DIAMETER = 15.0  # paper 4.2: 15 px discs at that scale
 PathLike = str | os.PathLike
 
 
@@ -55,7 +68,7 @@ def nucleus_centres(probs: np.ndarray, diameter: float, threshold: float = 0.3
     Parameters
     ----------
     probs : numpy.ndarray, shape (4, H, W)
-        Probabilities in the channel order of `cellulib.models.CLASS_NAMES`.
+        Probabilities in the channel order of `cellulib.models.CLASSES`.
     diameter : float
         Disc diameter the network was trained with, in pixels of ``probs``.
     threshold : float
@@ -76,19 +89,15 @@ def nucleus_centres(probs: np.ndarray, diameter: float, threshold: float = 0.3
     >>> nucleus_centres(probs, diameter=11)
     [(20.0, 12.0, 'lymphocyte', 0.9)]
     """
-    from scipy import ndimage as ndi
-
-    from cellulib.data import NUCLEUS_CLASSES
-    from cellulib.models import CLASS_NAMES
 
     probs = np.asarray(probs, dtype=np.float32)
-    if probs.ndim != 3 or probs.shape[0] != len(CLASS_NAMES):
-        raise ValueError(f"probs must have shape ({len(CLASS_NAMES)}, H, W), got {probs.shape}")
+    if probs.ndim != 3 or probs.shape[0] != len(CLASSES):
+        raise ValueError(f"probs must have shape ({len(CLASSES)}, H, W), got {probs.shape}")
     if not 0 < threshold < 1:
         raise ValueError(f"threshold must lie in (0, 1), got {threshold}")
     if not diameter > 0:
         raise ValueError(f"diameter must be positive, got {diameter}")
-    nucleus = 1.0 - probs[CLASS_NAMES.index("background")].astype(np.float64)
+    nucleus = 1.0 - probs[CLASSES.index("background")].astype(np.float64)
     sigma = float(diameter) / (2.0 * np.sqrt(2.0))
     response = -sigma ** 2 * ndi.gaussian_laplace(nucleus, sigma, mode="reflect")
     peaks = (response == ndi.maximum_filter(response, size=3, mode="constant", cval=-np.inf)) \
@@ -99,7 +108,7 @@ def nucleus_centres(probs: np.ndarray, diameter: float, threshold: float = 0.3
         return []
     centres = np.asarray(ndi.center_of_mass(peaks, labels, range(1, n + 1)), dtype=np.float64)
     names = NUCLEUS_CLASSES
-    channels = [CLASS_NAMES.index(c) for c in names]
+    channels = [CLASSES.index(c) for c in names]
     local = ndi.uniform_filter(probs[channels], size=(1, 3, 3), mode="nearest")
     rows, cols = np.rint(centres[:, 0]).astype(int), np.rint(centres[:, 1]).astype(int)
     best = np.argmax(local[:, rows, cols], axis=0)
@@ -113,10 +122,6 @@ class _SegModel:
     def __init__(self, model: Any, threshold: float, device: Any = None,
                  stain_norm: Any = None, mpp: float | None = None,
                  precision: str = "auto") -> None:
-        from cellulib.data import NUCLEUS_CLASSES
-        from cellulib.engine import amp_dtype, resolve_device
-        from cellulib.store import ModelFileError, model_and_info, pixel_size
-
         threshold = float(threshold)
         if not 0 < threshold < 1:
             raise ValueError(f"threshold must lie in (0, 1), got {threshold}")
@@ -126,16 +131,14 @@ class _SegModel:
             raise ModelFileError(f"{self.source}: a {family!r} model cannot detect nuclei; "
                                  "give a segmentation model (family 'seg', cellulib train seg)")
         params = (info.get("meta") or {}).get("params") or {}
-        factor = params.get("downscale", _DEFAULT_DOWNSCALE)
-        diameter = params.get("disc_diameter", _DEFAULT_DIAMETER)
+        factor = params.get("downscale", SEG_DOWNSCALE)
+        diameter = params.get("disc_diameter", DISC_DIAMETER)
         for key, value in (("downscale", factor), ("disc_diameter", diameter)):
             if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) \
                     or not value > 0:
                 raise ModelFileError(f"{self.source}: meta['params']['{key}'] must be a positive "
                                      f"number, the file records {value!r}")
-        if mpp is not None and not 0 < float(mpp) < 100:
-            raise ValueError(f"mpp (micrometres per pixel of the images) must lie in (0, 100), "
-                             f"got {mpp}")
+        mpp = check_mpp(mpp)
         self.threshold = threshold
         # --mpp: the images are first brought to the training images' pixel size
         self.mpp = None if mpp is None else float(mpp)
@@ -157,10 +160,6 @@ class _SegModel:
     def maps(self, img: np.ndarray) -> tuple[np.ndarray, float, float]:
         """The model's 4 probability maps of one uint8 RGB image at its own scale, and the
         factors ``(sx, sy)`` from that scale back to the input pixels."""
-        from cellulib.data import downscale
-        from cellulib.engine import autocast
-        from cellulib.models import segment
-
         if self.stain_norm is not None:
             img = self.stain_norm.normalize(img)
         small = downscale(img, self.downscale)
@@ -192,9 +191,6 @@ def _error_message(path: Path, exc: Exception) -> str:
 def _iter_images(seg: _SegModel, files: list[Path], progress: bool
                  ) -> Iterator[tuple[Path, list[tuple[float, float, str, float]], str]]:
     """``(path, nuclei, error)`` per image, one image in memory at a time."""
-    from tqdm import tqdm
-
-    from cellulib.data import read_image
 
     for path in tqdm(files, desc="detect", unit="img", disable=not progress, file=sys.stderr,
                      leave=False, dynamic_ncols=True):
@@ -204,11 +200,9 @@ def _iter_images(seg: _SegModel, files: list[Path], progress: bool
             yield path, [], _error_message(path, exc)
 
 
-#: Default smallest nucleus probability at a detected centre (:func:`nucleus_centres`). On the
-#: BRCA-M2C validation split the pooled detection F of the quick-profile FPN (32 epochs) moved by
-#: 0.015 between thresholds 0.15 and 0.5 (0.819 to 0.834), tumour F by 0.009; 0.3 sits in that
-#: plateau. It was not tuned on a test set.
-DEFAULT_THRESHOLD = 0.3
+#: Default smallest nucleus probability at a detected centre (:func:`nucleus_centres`); see
+#: :data:`cellulib.constants.DETECTION_THRESHOLD`.
+DEFAULT_THRESHOLD = DETECTION_THRESHOLD
 
 
 def detect_nuclei(model: Any, paths: PathLike | Sequence[PathLike],
@@ -278,8 +272,6 @@ def detect_nuclei(model: Any, paths: PathLike | Sequence[PathLike],
     >>> nuclei.columns.tolist()  # doctest: +SKIP
     ['path', 'x', 'y', 'class', 'probability', 'error']
     """
-    from cellulib.predict import collect_images
-
     seg = _SegModel(model, threshold, device=device, stain_norm=stain_norm, mpp=mpp,
                     precision=precision)
     files = collect_images(paths, recursive=recursive)
@@ -303,7 +295,6 @@ class AnnotatedScores:
     classes (Table 1's figure). ``fractions``: per image, the tumour (malignant) share of the
     nuclei, annotated and detected.
     """
-
     truth: pd.DataFrame
     pred: pd.DataFrame
     jaccard: pd.DataFrame
@@ -311,15 +302,11 @@ class AnnotatedScores:
 
     def scores(self, radius: float | None = None) -> pd.DataFrame:
         """Detection P, R and F per class and pooled (:func:`cellulib.metrics.detection_scores`)."""
-        from cellulib.metrics import DETECTION_RADIUS, detection_scores
-
         radius = DETECTION_RADIUS if radius is None else radius
         return detection_scores(self.truth, self.pred, radius, images=self.fractions["image"])
 
     def curve(self, radii=range(1, 7)) -> pd.DataFrame:
         """:meth:`scores` over matching radii (MCSpatNet's 1-6 px)."""
-        from cellulib.metrics import detection_curve
-
         return detection_curve(self.truth, self.pred, radii, images=self.fractions["image"])
 
 
@@ -355,16 +342,12 @@ def score_annotated(model: Any, cells: pd.DataFrame, threshold: float = DEFAULT_
     precision : str
         As in :func:`detect_nuclei`.
     """
-    from tqdm import tqdm
-
-    from cellulib.data import _annotation_points, read_image, weak_label_map
-    from cellulib.models import CLASS_NAMES
 
     if not len(cells):
         raise ValueError("score_annotated needs at least one annotated image")
     seg = _SegModel(model, threshold, device=device, precision=precision)
     truth, pred, fractions = [], [], []
-    nuclei = [CLASS_NAMES.index(c) for c in seg.classes]
+    nuclei = [CLASSES.index(c) for c in seg.classes]
     inter = np.zeros(len(nuclei), dtype=np.int64)
     union = np.zeros(len(nuclei), dtype=np.int64)
     for i, row in enumerate(tqdm(list(cells.itertuples()), desc="score", unit="img",
@@ -377,7 +360,7 @@ def score_annotated(model: Any, cells: pd.DataFrame, threshold: float = DEFAULT_
         # a transform may resample the whole image (another pixel size): the factors from the
         # network's grid go back to the annotated image's pixels
         sx0, sy0 = img.shape[1] / w0, img.shape[0] / h0
-        points = _annotation_points(Path(row.xml_path))
+        points = annotation_points(Path(row.xml_path))
         probs, sx, sy = seg.maps(img)
         sx, sy = sx / sx0, sy / sy0
         found = seg.centres(probs, sx, sy)
@@ -464,8 +447,6 @@ def detect_to_csv(model: Any, paths: PathLike | Sequence[PathLike], out: PathLik
         ``n_images``, ``n_ok``, ``n_failed``, ``n_nuclei``, ``per_class`` (nuclei per class),
         ``failed`` (list of ``{"path", "error"}``), ``output`` and ``geojson`` (files written).
     """
-    from cellulib.predict import _atomic_text, collect_images
-
     seg = _SegModel(model, threshold, device=device, stain_norm=stain_norm, mpp=mpp,
                     precision=precision)
     files = collect_images(paths, recursive=recursive)
@@ -477,86 +458,27 @@ def detect_to_csv(model: Any, paths: PathLike | Sequence[PathLike], out: PathLik
         geojson_dir.mkdir(parents=True, exist_ok=True)
     per_class = dict.fromkeys(seg.classes, 0)
     failed, written = [], []
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(COLUMNS)
-            for (path, nuclei, error), name in zip(_iter_images(seg, files, progress), names):
-                if error:
-                    writer.writerow([str(path), "", "", "", "", error])
-                    failed.append({"path": str(path), "error": error})
-                    continue
-                for x, y, cls, p in nuclei:
-                    writer.writerow([str(path), f"{x:.2f}", f"{y:.2f}", cls, f"{p:.6f}", ""])
-                    per_class[cls] += 1
-                if geojson_dir is not None:
-                    target = geojson_dir / name
-                    _atomic_text(target, json.dumps(to_geojson(nuclei)) + "\n")
-                    written.append(str(target))
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(out, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(COLUMNS)
+        for (path, nuclei, error), name in zip(_iter_images(seg, files, progress), names):
+            if error:
+                writer.writerow([str(path), "", "", "", "", error])
+                failed.append({"path": str(path), "error": error})
+                continue
+            for x, y, cls, p in nuclei:
+                writer.writerow([str(path), f"{x:.2f}", f"{y:.2f}", cls, f"{p:.6f}", ""])
+                per_class[cls] += 1
+            if geojson_dir is not None:
+                target = geojson_dir / name
+                atomic_write_text(target, json.dumps(to_geojson(nuclei)) + "\n")
+                written.append(str(target))
     return {"model": seg.source, "downscale": seg.downscale, "threshold": seg.threshold,
             "stain_norm": None if seg.stain_norm is None else seg.stain_norm.method,
             "mpp": seg.mpp,
-            "precision": "float32" if seg.amp_dtype is None else str(seg.amp_dtype).split(".")[-1],
+            "precision": precision_name(seg.amp_dtype),
             "n_images": len(files), "n_ok": len(files) - len(failed), "n_failed": len(failed),
             "n_nuclei": sum(per_class.values()), "per_class": per_class, "failed": failed,
             "output": str(out), "geojson": written}
 
 
-def _cmd_detect(args: argparse.Namespace) -> int:
-    from cellulib.predict import _print_failures
-    from cellulib.stain import normalizer_from_options
-
-    norm = normalizer_from_options(args.stain_norm, args.stain_target, args.model)
-    summary = detect_to_csv(args.model, args.images, args.out, geojson_dir=args.geojson,
-                            threshold=args.threshold, progress=not args.quiet,
-                            device=args.device, recursive=args.recursive, stain_norm=norm,
-                            mpp=args.mpp, precision=args.precision)
-    _print_failures(summary["failed"], "detect", "images")
-    counts = ", ".join(f"{n} {c}" for c, n in summary["per_class"].items())
-    print(f"{summary['n_nuclei']} nuclei ({counts}) in {summary['n_ok']} of "
-          f"{summary['n_images']} images; written to {args.out}"
-          + (f" and {len(summary['geojson'])} GeoJSON files in {args.geojson}"
-             if args.geojson else ""))
-    return 1 if summary["n_failed"] else 0
-
-
-def add_command(sub) -> None:
-    """Register ``detect`` on the ``cellulib`` subparsers."""
-    p = sub.add_parser(
-        "detect",
-        help="detect and classify nuclei with a segmentation model: path,x,y,class,probability",
-        description="Detect nuclei in TIFF/PNG/JPEG images with a segmentation model file "
-        "(cellulib train seg): the LoG blob centres of its nucleus map at the trained disc size, "
-        "each classed normal, lymphocyte or malignant by the maps there (paper 3.3), in pixels "
-        "of the input image (pixel centres at integers). Writes a CSV with "
-        "the columns path,x,y,class,probability,error (a bad image gets one row with its error; "
-        "the others are still processed, and the exit code is 1) and, with --geojson, one "
-        "QuPath-readable GeoJSON file of points per image.",
-    )
-    p.add_argument("--model", required=True, help="segmentation model file (family seg)")
-    p.add_argument("--images", nargs="+", required=True, metavar="DIR_OR_FILE",
-                   help="image files and/or folders of images")
-    p.add_argument("--out", required=True, help="CSV to write (atomically)")
-    p.add_argument("--geojson", default=None, metavar="DIR",
-                   help="also write DIR/<image stem>.geojson per image (QuPath detections)")
-    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
-                   help="smallest nucleus probability at a centre, in (0, 1) "
-                   f"({DEFAULT_THRESHOLD})")
-    p.add_argument("--recursive", action="store_true", help="also search subfolders")
-    p.add_argument("--mpp", type=float, default=None, metavar="UM",
-                   help="micrometres per pixel of the images: resized to the model's training "
-                   "pixel size first (e.g. 0.25 for a 40x scan seen by a 20x model)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--precision", choices=("auto", "bf16", "float32"), default="auto",
-                   help="network arithmetic: auto (bf16 autocast on a CPU with native bf16 and on "
-                   "CUDA, else float32), bf16, or float32")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    from cellulib.stain import add_options
-
-    add_options(p)
-    p.set_defaults(func=_cmd_detect)

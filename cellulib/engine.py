@@ -83,6 +83,28 @@ def amp_dtype(device: Any = None, precision: str = "auto") -> torch.dtype | None
     return None
 
 
+def precision_name(dtype: torch.dtype | None) -> str:
+    """The `PRECISIONS` name of an autocast dtype from :func:`amp_dtype`: ``float32`` (None),
+    ``bf16`` or ``fp16``; what ``predict`` and ``detect`` report in their sidecars.
+
+    >>> precision_name(torch.bfloat16), precision_name(None)
+    ('bf16', 'float32')
+    """
+    return {None: "float32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def precision_label(dtype, channels_last: bool | None = None) -> str:
+    """How a pass computes, e.g. ``bf16 autocast + channels-last`` or ``float32``.
+
+    ``channels_last`` defaults to what this module does: channels-last exactly when it autocasts.
+    Printed by :mod:`cellulib.bench` and the book's status page.
+    """
+    name = "float32" if dtype is None else f"{precision_name(dtype)} autocast"
+    if channels_last is None:
+        channels_last = dtype is not None
+    return name + (" + channels-last" if channels_last else "")
+
+
 def autocast(device: Any = None, dtype: torch.dtype | None = None):
     """``torch.autocast`` to ``dtype`` on ``device`` (a null context for ``None``: float32).
 

@@ -25,6 +25,8 @@ import pandas as pd
 import scipy.fft as sfft
 from scipy.spatial import cKDTree
 
+from cellulib.constants import NUCLEUS_CLASSES
+
 __all__ = [
     "CLASSES",
     "AREA_THRESHOLDS",
@@ -40,7 +42,7 @@ __all__ = [
     "gbt_importance",
 ]
 
-CLASSES: tuple[str, ...] = ("normal", "lymphocyte", "malignant")
+CLASSES: tuple[str, ...] = NUCLEUS_CLASSES
 """Nucleus channels that get features, in channel order (channel 3, background, is ignored)."""
 
 AREA_THRESHOLDS: tuple[float, ...] = (0.02, 0.04, 0.08, 0.16, 0.24, 0.32, 0.5)
@@ -585,7 +587,7 @@ def predict_gbt(model, X) -> np.ndarray:
     """Cellularity predicted by a :func:`fit_gbt` model, clipped to [0, 1] (paper 3.3).
 
     A DataFrame's columns are matched to the model's features by name (order free, extras
-    ignored). Used in chapter 3 (feature importance).
+    ignored). Used in chapter 3 through :func:`cellulib.train.train_gbt` (feature importance).
 
     Parameters
     ----------
@@ -622,7 +624,7 @@ def predict_gbt(model, X) -> np.ndarray:
 def gbt_importance(model) -> pd.Series:
     """Total gain of each feature in a :func:`fit_gbt` model, largest first (paper Fig. 9).
 
-    Used in chapter 3 (feature importance).
+    Used in chapter 3 through :func:`cellulib.train.train_gbt` (feature importance).
 
     Parameters
     ----------

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cellulib.constants import CLASSES, NUCLEUS_CHANNELS
+
 try:  # fastai only decides whether the metrics are recognised as fastai metrics
     from fastai.learner import Metric as _MetricBase
 except ImportError:  # pragma: no cover - fastai is a dependency, this keeps the loss usable
@@ -21,7 +23,6 @@ except ImportError:  # pragma: no cover - fastai is a dependency, this keeps the
 
 __all__ = [
     "CLASS_NAMES",
-    "NUCLEUS_CLASSES",
     "BCEJaccardLoss",
     "jaccard_per_class",
     "JaccardMetric",
@@ -29,11 +30,8 @@ __all__ = [
     "SoftBinCrossEntropy",
 ]
 
-#: Channels of the segmentation target and output, in order (SPEC 2).
-CLASS_NAMES: tuple[str, ...] = ("normal", "lymphocyte", "malignant", "background")
-
-#: Indices of the nucleus classes whose mean Jaccard Table 1 reports.
-NUCLEUS_CLASSES: tuple[int, ...] = (0, 1, 2)
+#: Channels of the segmentation target and output, in order (SPEC 2): :data:`cellulib.constants.CLASSES`.
+CLASS_NAMES: tuple[str, ...] = CLASSES
 
 
 def _plain(x: torch.Tensor) -> torch.Tensor:
@@ -61,7 +59,8 @@ class BCEJaccardLoss(nn.Module):
     ``J_c = sum_i y_i p_i / (sum_i (y_i + p_i - y_i p_i) + eps)`` (ratio of sums, as the authors
     and Iglovikov et al. compute it; the paper's eq. 2 prints the ratio inside the sum),
     ``L_c = (1 - alpha) BCE_c - alpha J_c`` (eq. 1) and ``L = sum_c v_c L_c / sum_c v_c`` (eq. 3).
-    A perfect confident prediction gives ``L = -alpha``. Used in chapter 2 (weak segmentation).
+    A perfect confident prediction gives ``L = -alpha``. Used in chapter 2 through
+    :func:`cellulib.train.train_seg` (weak segmentation).
 
     Works as a fastai ``loss_func``: :meth:`activation` (sigmoid) and :meth:`decodes` (> 0.5) are
     what ``Learner.get_preds`` and ``show_results`` call.
@@ -173,7 +172,7 @@ def jaccard_per_class(logits_or_probs: torch.Tensor, target: torch.Tensor,
 
     Paper 3.1 and Table 1 (Jaccard at 0.5). ``IoU_c = |P_c & Y_c| / |P_c | Y_c|`` with ``P_c`` the
     pixels whose probability exceeds ``threshold`` and ``Y_c`` the pixels whose target is 1, both
-    counted over every image of the batch. Used in chapter 2 (weak segmentation).
+    counted over every image of the batch. The hard IoU behind Table 1 (weak segmentation).
 
     Parameters
     ----------
@@ -216,7 +215,8 @@ class JaccardMetric(_MetricBase):
     Intersections and unions are summed over all validation batches before dividing, so the value
     is the IoU of the validation set, not a mean of batch means. With several classes the value is
     the mean of their IoUs (Table 1 reports the mean over normal, lymphocyte and malignant).
-    Build the four of the book with :func:`jaccard_metrics`. Used in chapter 2.
+    Build the four of the book with :func:`jaccard_metrics`. Used in chapter 2 through
+    :func:`cellulib.train.train_seg`.
 
     Parameters
     ----------
@@ -275,7 +275,8 @@ class JaccardMetric(_MetricBase):
 def jaccard_metrics(threshold: float = 0.5, from_logits: bool = True) -> list[JaccardMetric]:
     """The four Jaccard columns of the book: normal, lymphocyte, malignant and their mean.
 
-    Paper Table 1 (the mean of the three nucleus classes at threshold 0.5). Used in chapter 2.
+    Paper Table 1 (the mean of the three nucleus classes at threshold 0.5). Used in chapter 2
+    through :func:`cellulib.train.train_seg`.
 
     Returns
     -------
@@ -283,8 +284,8 @@ def jaccard_metrics(threshold: float = 0.5, from_logits: bool = True) -> list[Ja
         ``jaccard_normal``, ``jaccard_lymphocyte``, ``jaccard_malignant``, ``jaccard_nuclei``.
     """
     metrics = [JaccardMetric(i, f"jaccard_{CLASS_NAMES[i]}", threshold, from_logits)
-               for i in NUCLEUS_CLASSES]
-    metrics.append(JaccardMetric(NUCLEUS_CLASSES, "jaccard_nuclei", threshold, from_logits))
+               for i in NUCLEUS_CHANNELS]
+    metrics.append(JaccardMetric(NUCLEUS_CHANNELS, "jaccard_nuclei", threshold, from_logits))
     return metrics
 
 

@@ -2,8 +2,8 @@
 nucleus detection scores (the MCSpatNet protocol).
 
 Implements paper section 3.5 and SPEC section 5 with numpy, scipy and pandas only (no torch), so
-the book can evaluate predictions read from a CSV without loading a model. ``PAPER`` holds the
-paper's published numbers, typed once here, so every chapter shows them beside ours.
+the book can evaluate predictions read from a CSV without loading a model. The paper's published
+numbers are :data:`cellulib.report.PAPER`.
 
 Degenerate inputs follow one rule everywhere: a statistic that is mathematically undefined for the
 given data (kappa when both raters use one and the same bin, PK when every truth value is tied, an
@@ -13,7 +13,6 @@ message that says why. :func:`bootstrap_ci` skips resamples that raise it.
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from collections.abc import Callable
 
@@ -21,12 +20,12 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from cellulib._moved import moved_names
+
 __all__ = [
     "DETECTION_CLASSES",
     "DETECTION_RADIUS",
-    "MCSPATNET_F",
     "ICC_KINDS",
-    "PAPER",
     "MetricWarning",
     "UndefinedMetricError",
     "bootstrap_ci",
@@ -161,7 +160,8 @@ def cellularity_bins(y) -> np.ndarray:
     Paper section 3.5 (after Peikari et al.): 0-25 %, 26-50 %, 51-75 %, 76-100 %, here as
     [0, 0.25] -> 0, (0.25, 0.5] -> 1, (0.5, 0.75] -> 2, (0.75, 1] -> 3 (SPEC 5). Values are rounded
     to 1e-9 first so that a 0.25 produced by float arithmetic stays in bin 0, and values within 1e-9
-    outside [0, 1] are clipped. Used in chapters 3-5 (kappa in Table 3).
+    outside [0, 1] are clipped. Used in chapter 4 through :func:`cellulib.plots.residuals_by_bin`
+    (kappa in Table 3).
 
     Parameters
     ----------
@@ -216,7 +216,8 @@ def kappa4(y_true, y_pred, weights=None) -> float:
     Paper section 3.5 and Table 3 ("Kappa (4 class binning)"); bins from :func:`cellularity_bins`.
     All four bins are always used as categories, so the linear and quadratic weights are the
     distances between bin indices even when a bin is empty (scikit-learn's ``cohen_kappa_score``
-    agrees only when given ``labels=[0, 1, 2, 3]``). Used in chapters 3-5 (Table 3).
+    agrees only when given ``labels=[0, 1, 2, 3]``). Used in chapters 3, 4 and 5 through
+    :func:`cellulib.report.results_table` (Table 3).
 
     Parameters
     ----------
@@ -336,7 +337,8 @@ def icc(ratings, kind: str = "ICC2") -> float:
     squares. ICC1: one-way random; ICC2: two-way random, absolute agreement (McGraw & Wong's
     ICC(A,1)); ICC3: two-way mixed, consistency (ICC(C,1)); the ``k`` forms are the reliability of
     the mean of the k raters. The book reports ICC2 = ICC(2,1) for model vs. pathologist, where the
-    two columns are the truth and the prediction. Used in chapters 3-5 (Table 3).
+    two columns are the truth and the prediction. Used in chapters 3, 4 and 5 through
+    :func:`cellulib.report.results_table` (Table 3).
 
     Parameters
     ----------
@@ -373,7 +375,7 @@ def icc_ci(ratings, kind: str = "ICC2", alpha: float = 0.05) -> tuple[float, flo
     The same formulas as pingouin's ``intraclass_corr`` and R's ``psych::ICC``: exact F intervals
     for ICC1/ICC3 and their k forms, and the Satterthwaite approximation (degrees of freedom ``v``)
     for ICC2, whose k form is the Spearman-Brown transform of the ICC2 limits. Paper Table 3
-    brackets. Used in chapters 3-5 (Table 3).
+    brackets. Used in chapters 3, 4 and 5 through :func:`cellulib.report.results_table` (Table 3).
 
     Parameters
     ----------
@@ -469,7 +471,8 @@ def prediction_probability(y_true, y_pred) -> float:
     concordant pairs, Q discordant pairs and T pairs tied in the prediction only; pairs tied in the
     truth are left out. Equivalently PK = (1 + Somers' D(pred | truth)) / 2. Computed in
     O(n log^2 n) without forming the pairs. The paper does not report PK; the challenge's best test
-    PK (.941) and the pathologists' (.927) are in ``PAPER``. Used in chapters 3-5.
+    PK (.941) and the pathologists' (.927) are in :data:`cellulib.report.PAPER`. Used in chapters 3,
+    4 and 5 through :func:`cellulib.report.results_table`.
 
     Parameters
     ----------
@@ -548,7 +551,8 @@ def bootstrap_ci(
     unweighted :func:`kappa4` are computed for all resamples at once; other metrics are called
     once per resample. Resamples on which the metric is undefined (it raises
     :class:`UndefinedMetricError` or returns NaN, e.g. kappa when every drawn patch falls in one
-    bin) are skipped and a :class:`MetricWarning` says how many. Used in chapters 3-5.
+    bin) are skipped and a :class:`MetricWarning` says how many. Used in chapters 3, 4 and 5 through
+    :func:`cellulib.report.results_table`.
 
     Parameters
     ----------
@@ -631,7 +635,8 @@ def evaluate(y_true, y_pred, n_boot: int = 2000, seed=0, alpha: float = 0.05) ->
     4 bins) and PK get a percentile bootstrap interval (:func:`bootstrap_ci`, same seed for each);
     ICC(2,1) gets the analytic interval (:func:`icc_ci`) with the truth and the prediction as the
     two raters of an (n, 2) matrix. A metric that is undefined on these data is NaN, with a
-    warning. Used in chapters 3-5 to print Tables 2 and 3 beside ``PAPER``.
+    warning. Used in chapters 3, 4 and 5 through :func:`cellulib.report.results_table` to print
+    Tables 2 and 3 beside :data:`cellulib.report.PAPER`.
 
     Parameters
     ----------
@@ -687,7 +692,8 @@ def evaluate(y_true, y_pred, n_boot: int = 2000, seed=0, alpha: float = 0.05) ->
 def format_ci(value: float, lo: float, hi: float, digits: int = 3) -> str:
     """Format a value with its interval as the paper prints it: ``0.023 [0.019-0.026]``.
 
-    Used in chapters 3-5 so that our tables read like paper Tables 2 and 3.
+    Used in chapters 3, 4 and 5 through :func:`cellulib.report.results_table` so that our tables
+    read like paper Tables 2 and 3.
 
     Examples
     --------
@@ -699,80 +705,6 @@ def format_ci(value: float, lo: float, hi: float, digits: int = 3) -> str:
     if lo is None or hi is None or math.isnan(lo) or math.isnan(hi):
         return f"{value:.{digits}f}"
     return f"{value:.{digits}f} [{lo:.{digits}f}-{hi:.{digits}f}]"
-
-
-# --------------------------------------------------------------------------------------------
-# the paper's numbers
-
-_PAPER_SRC = "Rakhlin et al. 2019"
-_CHALLENGE_SRC = "BreastPathQ challenge (SPEC 5; not in the Rakhlin et al. text)"
-
-# (table, model, init, metric, text exactly as printed, source); numbers are parsed from the text.
-_PAPER_ROWS = [
-    ("Table 1", "U-Net decoder", "random", "Jaccard", "0.35", _PAPER_SRC),
-    ("Table 1", "FPN decoder", "random", "Jaccard", "0.47", _PAPER_SRC),
-    ("Table 1", "U-Net decoder", "imagenet", "Jaccard", "0.50", _PAPER_SRC),
-    ("Table 1", "FPN decoder", "imagenet", "Jaccard", "0.53", _PAPER_SRC),
-    ("Table 2", "GBT", "random", "MSE", "0.023 [0.019-0.026]", _PAPER_SRC),
-    ("Table 2", "GBT", "imagenet", "MSE", "0.022 [0.019-0.026]", _PAPER_SRC),
-    ("Table 2", "ResNet34 (SR)", "random", "MSE", "0.013 [0.011-0.015]", _PAPER_SRC),
-    ("Table 2", "ResNet34 (SR)", "imagenet", "MSE", "0.013 [0.011-0.015]", _PAPER_SRC),
-    ("Table 2", "ResNet34 (R)", "random", "MSE", "0.015 [0.013-0.018]", _PAPER_SRC),
-    ("Table 2", "ResNet34 (R)", "imagenet", "MSE", "0.011 [0.010-0.012]", _PAPER_SRC),
-    ("Table 2", "ResNet50 (R)", "random", "MSE", "0.025 [0.022-0.028]", _PAPER_SRC),
-    ("Table 2", "ResNet50 (R)", "imagenet", "MSE", "0.011 [0.009-0.012]", _PAPER_SRC),
-    ("Table 2", "Xception (R)", "random", "MSE", "0.017 [0.015-0.020]", _PAPER_SRC),
-    ("Table 2", "Xception (R)", "imagenet", "MSE", "0.010 [0.009-0.012]", _PAPER_SRC),
-    ("Table 2", "Xception (C)", "random", "MSE", "0.012 [0.010-0.014]", _PAPER_SRC),
-    ("Table 2", "Xception (C)", "imagenet", "MSE", "0.010 [0.009-0.012]", _PAPER_SRC),
-    ("Table 3", "GBT", "imagenet", "kappa", "0.571 [0.520-0.622]", _PAPER_SRC),
-    ("Table 3", "GBT", "imagenet", "ICC", "0.787 [0.744-0.823]", _PAPER_SRC),
-    ("Table 3", "ResNet34 (SR)", "imagenet", "kappa", "0.658 [0.604-0.704]", _PAPER_SRC),
-    ("Table 3", "ResNet34 (SR)", "imagenet", "ICC", "0.865 [0.835-0.891]", _PAPER_SRC),
-    ("Table 3", "ResNet34 (R)", "imagenet", "kappa", "0.649 [0.599-0.700]", _PAPER_SRC),
-    ("Table 3", "ResNet34 (R)", "imagenet", "ICC", "0.868 [0.840-0.892]", _PAPER_SRC),
-    ("Table 3", "ResNet50 (R)", "imagenet", "kappa", "0.652 [0.603-0.701]", _PAPER_SRC),
-    ("Table 3", "ResNet50 (R)", "imagenet", "ICC", "0.867 [0.844-0.894]", _PAPER_SRC),
-    ("Table 3", "Xception (R)", "imagenet", "kappa", "0.669 [0.616-0.713]", _PAPER_SRC),
-    ("Table 3", "Xception (R)", "imagenet", "ICC", "0.881 [0.853-0.904]", _PAPER_SRC),
-    ("Table 3", "Xception (C)", "imagenet", "kappa", "0.689 [0.642-0.734]", _PAPER_SRC),
-    ("Table 3", "Xception (C)", "imagenet", "ICC", "0.883 [0.858-0.905]", _PAPER_SRC),
-    ("Table 3", "Peikari et al.", None, "kappa", "0.38-0.42", _PAPER_SRC),
-    ("Table 3", "Peikari et al.", None, "ICC", "0.75 [0.71-0.79]", _PAPER_SRC),
-    ("Table 3", "Akbar et al.", None, "ICC", "0.83 [0.79-0.86]", _PAPER_SRC),
-    ("challenge", "best team (test set)", None, "PK", "0.941", _CHALLENGE_SRC),
-    ("challenge", "pathologist vs pathologist", None, "PK", "0.927", _CHALLENGE_SRC),
-]
-
-
-def _parse_paper_text(text: str) -> tuple[float, float, float]:
-    """'0.023 [0.019-0.026]' -> (0.023, 0.019, 0.026); '0.38-0.42' (a range) -> (nan, .38, .42)."""
-    m = re.fullmatch(r"([\d.]+)(?: \[([\d.]+)-([\d.]+)\])?", text)
-    if m:
-        lo, hi = (float(g) if g else np.nan for g in m.group(2, 3))
-        return float(m.group(1)), lo, hi
-    lo, hi = text.split("-")
-    return np.nan, float(lo), float(hi)
-
-
-def _paper_table() -> pd.DataFrame:
-    df = pd.DataFrame(_PAPER_ROWS, columns=["table", "model", "init", "metric", "text", "source"])
-    parsed = np.array([_parse_paper_text(s) for s in df["text"]], dtype=float)
-    df.insert(4, "value", parsed[:, 0])
-    df.insert(5, "ci_low", parsed[:, 1])
-    df.insert(6, "ci_high", parsed[:, 2])
-    return df
-
-
-#: The paper's anchor values, one row per number (SPEC 5), transcribed from Rakhlin et al. 2019
-#: Tables 1-3 and the BreastPathQ challenge. Columns: ``table``, ``model``, ``init`` (``random``,
-#: ``imagenet``, or missing for other studies and the challenge), ``metric`` (``Jaccard``, ``MSE``, ``kappa``, ``ICC``, ``PK``), ``value``,
-#: ``ci_low``, ``ci_high`` (95 % CI; NaN when not reported), ``text`` (as printed in the paper) and
-#: ``source``. Peikari et al.'s kappa is printed as a range (0.38-0.42) with no point value:
-#: ``value`` is NaN and the range is stored in ``ci_low``/``ci_high``, see ``text``. The paper does
-#: not name its ICC form. Its abstract quotes kappa 0.69 and ICC 0.89 for the best model, where
-#: Table 3 prints 0.689 and 0.883; the table values are the ones kept here.
-PAPER = _paper_table()
 
 
 def bland_altman(y_true, y_pred) -> dict[str, float]:
@@ -805,9 +737,6 @@ def bland_altman(y_true, y_pred) -> dict[str, float]:
 DETECTION_RADIUS = 6.0
 #: The nucleus classes scored per class, in the order of the BRCA-M2C dot classes 1, 2, 3.
 DETECTION_CLASSES = ("lymphocyte", "malignant", "normal")
-#: MCSpatNet's F on the BRCA-M2C test split at 6 px (their committed test predictions scored with
-#: this protocol; SPEC 1.4), by class as this library names them ("normal" holds the stromal dots).
-MCSPATNET_F = {"lymphocyte": 0.649, "malignant": 0.792, "normal": 0.548, "detection": 0.851}
 
 
 def _dot_map(xy: np.ndarray) -> np.ndarray:
@@ -911,7 +840,8 @@ def detection_scores(truth: pd.DataFrame, pred: pd.DataFrame, radius: float = DE
     SPEC 1.4, the MCSpatNet protocol: for each class, the predictions of that class are matched to
     that class's dots image by image with :func:`match_points`; TP, FP and FN are summed over the
     images and P, R and F computed once. The ``detection`` row pools the classes: every dot against
-    every prediction, whatever their class. Used in the real-H&E chapter.
+    every prediction, whatever their class. Used in the real-H&E chapter through
+    :func:`cellulib.metrics.detection_curve`.
 
     Parameters
     ----------
@@ -981,3 +911,7 @@ def detection_curve(truth: pd.DataFrame, pred: pd.DataFrame, radii=range(1, 7),
     parts = [detection_scores(truth, pred, r, classes, images).assign(radius=float(r))
              for r in radii]
     return pd.concat(parts).reset_index()
+
+
+# The paper's numbers lived here before cellulib.report held them with the tables.
+__getattr__ = moved_names(__name__, dict.fromkeys(("PAPER", "MCSPATNET_F"), "cellulib.report"))

@@ -28,6 +28,9 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from cellulib.constants import CLASSES, N_BINS
+from cellulib.transforms import bins_target, normalize_image  # noqa: F401  (bins_target: its old home)
+
 __all__ = [
     "CLASS_NAMES",
     "N_BINS",
@@ -42,17 +45,13 @@ __all__ = [
     "seg_model",
     "direct_model",
     "sr_model",
-    "sr_splitter",
     "decode_bins",
     "bins_target",
     "load_imagenet_resnet",
 ]
 
-#: Output channels of the segmentation network, in order (SPEC 2).
-CLASS_NAMES: tuple[str, ...] = ("normal", "lymphocyte", "malignant", "background")
-
-#: Number of cellularity classes of the classification models: 0.00, 0.01, ..., 1.00 (paper 3.4).
-N_BINS: int = 101
+#: Output channels of the segmentation network, in order (SPEC 2): :data:`cellulib.constants.CLASSES`.
+CLASS_NAMES: tuple[str, ...] = CLASSES
 
 #: File names of the ImageNet weights as torch hub caches them, in order of preference, and the
 #: address a user can fetch them from on a machine with internet access.
@@ -148,6 +147,7 @@ class BasicBlockELU(nn.Module):
     ImageNet weights load unchanged. The residual sum gets no activation afterwards: with the
     activation moved before BN, every branch already ends in a normalised, activated map, and the
     identity path stays linear as in pre-activation ResNets (He et al. 2016). Used in chapter 2
+    through :func:`cellulib.models.seg_model`
     (weak segmentation).
 
     Parameters
@@ -186,7 +186,7 @@ class ResNetELUEncoder(nn.Module):
     Stem: 7x7 conv stride 2 -> ELU -> BN -> 3x3 max-pool stride 2, then four stages of 3, 4, 6, 3
     basic blocks with 64, 128, 256, 512 maps. Random He init. Parameter names follow torchvision's
     ``resnet34`` (without ``fc``) so its ImageNet state dict loads with strict key matching. Used in
-    chapter 2 (weak segmentation).
+    chapter 2 through :func:`cellulib.models.seg_model` (weak segmentation).
 
     Parameters
     ----------
@@ -243,7 +243,8 @@ class FPNDecoder(nn.Module):
     BN (the encoder's conv -> ELU -> BN unit, so the four maps arrive on a common scale) and is
     upsampled bilinearly x8, x4, x2, x1 to the stride-4 level. The 4 x 64 = 256 maps are
     concatenated, passed through ``nn.Dropout2d`` (SpatialDropout2D: drops whole maps, rate 0.5 in
-    the paper) and a 1x1 conv to ``n_classes`` logits at stride 4. Used in chapter 2.
+    the paper) and a 1x1 conv to ``n_classes`` logits at stride 4. Used in chapter 2 through
+    :func:`cellulib.models.seg_model`.
 
     Parameters
     ----------
@@ -294,7 +295,8 @@ class UNetDecoder(nn.Module):
     encoder map of the same stride (stages 16, 8, 4 and the stride-2 stem; none at full size), two
     3x3 conv -> ELU -> BN units. ``decoder_channels`` (256, 128, 64, 32, 16) as in
     segmentation_models.pytorch. The same spatial dropout as the FPN sits before the 1x1 head, so
-    that the ablation changes the decoder only. Used in chapter 2.
+    that the ablation changes the decoder only. Used in chapter 2 through
+    :func:`cellulib.models.seg_model`.
 
     Parameters
     ----------
@@ -343,7 +345,8 @@ class SegmentationModel(nn.Module):
 
     ``(B, 3, H, W)`` float images in [-1, 1], H and W multiples of 32 -> ``(B, n_classes, H, W)``
     logits, channels in the order of :data:`CLASS_NAMES`. Build it with :func:`seg_model`.
-    Submodules ``encoder`` and ``decoder`` (for a fastai splitter). Used in chapters 2 and 3.
+    Submodules ``encoder`` and ``decoder`` (for a fastai splitter). Used in chapter 2 through
+    :func:`cellulib.models.seg_model`, and in chapter 3 through :func:`cellulib.train.train_seg`.
     """
 
     def __init__(self, encoder: ResNetELUEncoder, decoder: nn.Module, config: dict) -> None:
@@ -418,7 +421,8 @@ def load_imagenet_resnet(arch: str = "resnet34", path: PathLike | None = None
     read from ``path`` when given, else from the torch hub cache
     (``torch.hub.get_dir()/checkpoints/``: ``resnet34-b627a593.pth``, ``resnet50-0676ba61.pth`` or
     ``resnet50-11ad3fa6.pth``, ``xception-43020ad28.pth``) or, for Xception, from timm's Hugging
-    Face cache (``models--timm--legacy_xception.tf_in1k``). Used in chapters 2 and 4 (ImageNet
+    Face cache (``models--timm--legacy_xception.tf_in1k``). Used in chapters 2 and 4 through
+    :func:`cellulib.train.imagenet_status` (ImageNet
     rows of Tables 1-3).
 
     Parameters
@@ -586,7 +590,8 @@ class DirectModel(nn.Module):
     cellularity is bounded; train with MSE). Classification: ``(B, 101)`` logits over the bins
     0.00, 0.01, ..., 1.00 (train with cross-entropy on :func:`bins_target`, decode with
     :func:`decode_bins`). Submodules ``body`` and ``head`` (for a fastai splitter). Build it with
-    :func:`direct_model`. Used in chapter 4 (direct models).
+    :func:`direct_model`. Used in chapter 4 through :func:`cellulib.train.train_direct` (direct
+    models).
     """
 
     def __init__(self, body: nn.Module, n_features: int, task: str, config: dict) -> None:
@@ -627,7 +632,8 @@ def direct_model(arch: str, task: str = "regression", pretrained: PathLike | Non
     everywhere in cellulib, which is Xception's own ImageNet normalisation; the ResNets were
     trained with mean/std normalisation, a small shift that fine-tuning absorbs. All three have
     stride 32 and global pooling, so any size from 32x32 up works (Xception does not need its
-    nominal 299x299; at 64x64 its last map is 2x2). Used in chapter 4 (direct models).
+    nominal 299x299; at 64x64 its last map is 2x2). Used in chapter 4 through
+    :func:`cellulib.train.train_direct` (direct models).
 
     Parameters
     ----------
@@ -731,42 +737,6 @@ def decode_bins(logits: torch.Tensor, method: str = "expectation") -> torch.Tens
     raise ValueError(f"method must be 'expectation' or 'argmax', got {method!r}")
 
 
-def bins_target(y) -> torch.Tensor:
-    """Class index ``round(100 * y)`` of each cellularity, the target of the 101-class models.
-
-    Paper 3.4; SPEC 4. Rounds to the nearest bin (exact halves to the even bin, as ``torch.round``).
-    Used in chapter 4.
-
-    Parameters
-    ----------
-    y : float, sequence, numpy array or torch.Tensor
-        Cellularity in [0, 1].
-
-    Returns
-    -------
-    torch.LongTensor
-        Same shape as ``y``, values 0..100.
-
-    Raises
-    ------
-    ValueError
-        When a value is NaN or outside [0, 1].
-
-    Examples
-    --------
-    >>> bins_target([0.0, 0.29, 1.0])
-    tensor([  0,  29, 100])
-    """
-    t = _plain(y).detach() if isinstance(y, torch.Tensor) else torch.as_tensor(y)
-    t = t.to(dtype=torch.float64)
-    bad = torch.isnan(t) | (t < 0) | (t > 1)
-    if bool(bad.any()):
-        first = t[bad].reshape(-1)[0].item()
-        raise ValueError(f"cellularity must lie in [0, 1]; {int(bad.sum())} value(s) outside, "
-                         f"e.g. {first}")
-    return torch.round(t * (N_BINS - 1)).long()
-
-
 # --------------------------------------------------------------------------------------------
 # segmentation -> regression cascade (paper 3.2, 4.3)
 
@@ -782,7 +752,8 @@ class SRModel(nn.Module):
     ``torch.no_grad`` with ``requires_grad=False`` and stays in eval mode even when the model is
     put in train mode (BN statistics and dropout frozen), so only the regressor learns; after
     :meth:`unfreeze_seg` both train end to end. Use these methods rather than fastai's
-    ``Learner.freeze``, which keeps BN layers trainable. Used in chapter 3.
+    ``Learner.freeze``, which keeps BN layers trainable. Used in chapter 3 through
+    :func:`cellulib.train.train_sr`.
     """
 
     def __init__(self, seg: nn.Module, head: nn.Module, drop_background: bool, config: dict,
@@ -839,7 +810,8 @@ def sr_model(
 
     Paper 3.2 and 4.3; SPEC 3.1 (the "ResNet34 (SR)" rows of Tables 2 and 3). Random init: a
     4-channel stem over normal, lymphocyte, malignant and background probabilities. ImageNet init:
-    the background channel is dropped to fit the vanilla 3-channel stem. Used in chapter 3.
+    the background channel is dropped to fit the vanilla 3-channel stem. Used in chapter 3 through
+    :func:`cellulib.train.train_sr`.
 
     Parameters
     ----------
@@ -886,11 +858,6 @@ def sr_model(
     config = {"kind": "sr", "arch": arch, "drop_background": bool(drop_background),
               "seg": dict(getattr(seg, "config", {}))}
     return SRModel(seg, head, drop_background, config, freeze_seg=freeze_seg)
-
-
-def sr_splitter(model: SRModel) -> list[list[nn.Parameter]]:
-    """Parameter groups ``[segmentation, regressor]`` for a fastai ``splitter`` (paper 4.3)."""
-    return [list(model.seg.parameters()), list(model.head.parameters())]
 
 
 # --------------------------------------------------------------------------------------------
@@ -957,7 +924,7 @@ def segment(model: nn.Module, img: np.ndarray, device: str | torch.device | None
     ph, pw = (-h) % _STRIDE, (-w) % _STRIDE
     if ph or pw:
         arr = np.pad(arr, ((0, ph), (0, pw), (0, 0)), mode="reflect")
-    x = torch.from_numpy(arr.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+    x = torch.from_numpy(normalize_image(arr)).permute(2, 0, 1)[None]
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -978,7 +945,8 @@ class GBTModel(nn.Module):
 
     ``forward`` takes the same ``(B, 3, H, W)`` images in [-1, 1] as the other families and returns
     ``(B, 1)`` cellularity in [0, 1], so prediction treats every family alike. The booster is not
-    trainable by gradient; fit it with :func:`cellulib.features.fit_gbt`. Used in chapter 3 and by
+    trainable by gradient; fit it with :func:`cellulib.features.fit_gbt`. Used in chapter 3 through
+    :func:`cellulib.train.train_gbt` and by
     ``cellulib predict``.
     """
 

@@ -5,7 +5,9 @@ Colours follow the paper's Fig. 3: malignant red, normal epithelial green, lymph
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import matplotlib
 import matplotlib.pyplot as plt
@@ -13,9 +15,12 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
+from cellulib.constants import NUCLEUS_CLASSES
+from cellulib.imageio import figure_png
+
 #: Display colour of each weak-mask channel (normal, lymphocyte, malignant), as in the paper's Fig. 3.
 CLASS_COLOURS = {"normal": "#2ca02c", "lymphocyte": "#1f77b4", "malignant": "#d62728"}
-CLASS_ORDER = ("normal", "lymphocyte", "malignant")
+CLASS_ORDER = NUCLEUS_CLASSES
 
 
 def _hex_to_rgb(colour: str) -> np.ndarray:
@@ -165,15 +170,6 @@ def size_comparison(sizes: pd.DataFrame) -> plt.Figure:
     ax.set_ylabel("density")
     fig.tight_layout()
     return fig
-
-
-def figure_png(fig: plt.Figure, dpi: int = 120) -> bytes:
-    """The figure rendered to PNG bytes (tight bounding box)."""
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    return buf.getvalue()
 
 
 def glue_figure(name: str, fig: plt.Figure, dpi: int = 120) -> None:
@@ -338,28 +334,86 @@ def bin_probabilities(probs: np.ndarray, y_true: Sequence[float], y_pred: Sequen
     return fig
 
 
-def bland_altman(y_true: Sequence[float], y_pred: Sequence[float], title: str = "") -> plt.Figure:
-    """Bland-Altman agreement plot: difference (model - reference) against the mean of the two, with
-    the mean difference and the 95% limits of agreement. Used in chapter 4 and ``cellulib evaluate``."""
+def _bland_altman_axes(ax: plt.Axes, y_true: Sequence[float], y_pred: Sequence[float]) -> None:
+    """Difference (model - label) against the mean of the two, with the bias and the 95% limits of
+    agreement of :func:`cellulib.metrics.bland_altman`, on ``ax``."""
     from cellulib.metrics import bland_altman as limits
 
-    y_true, y_pred = np.asarray(y_true, float), np.asarray(y_pred, float)
-    mean, diff = (y_true + y_pred) / 2, y_pred - y_true
+    y_true, y_pred = np.asarray(y_true, float).ravel(), np.asarray(y_pred, float).ravel()
     stats = limits(y_true, y_pred)
-    bias, sd = stats["bias"], stats["sd"]
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    ax.scatter(mean, diff, s=12, alpha=0.6)
-    ax.axhline(bias, color="C3", label=f"mean difference {bias:+.3f}")
-    for limit in (bias - 1.96 * sd, bias + 1.96 * sd):
-        ax.axhline(limit, color="C3", ls="--")
-    ax.plot([], [], color="C3", ls="--", label=f"95% limits of agreement ±{1.96 * sd:.3f}")
-    ax.set_xlabel("mean of model and label (cellularity)")
+    ax.scatter((y_true + y_pred) / 2, y_pred - y_true, s=10, alpha=0.5, color="0.4")
+    ax.axhline(stats["bias"], color="C3", label=f"mean difference {stats['bias']:+.3f}")
+    for key in ("loa_low", "loa_high"):
+        ax.axhline(stats[key], color="C0", ls="--")
+    ax.plot([], [], color="C0", ls="--",
+            label=f"95% limits of agreement {stats['loa_low']:+.3f} to {stats['loa_high']:+.3f}")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_xlabel("mean of model and label (cellularity, 0-1)")
     ax.set_ylabel("model - label (cellularity)")
+    ax.legend(fontsize=8)
+
+
+def bland_altman(y_true: Sequence[float], y_pred: Sequence[float], title: str = "") -> plt.Figure:
+    """Bland-Altman agreement plot: difference (model - label) against the mean of the two, with the
+    mean difference and the 95% limits of agreement. Used in chapter 4."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    _bland_altman_axes(ax, y_true, y_pred)
     if title:
         ax.set_title(title)
-    ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def agreement_figure(y_true: Sequence[float], y_pred: Sequence[float], title: str | None = None,
+                     n_bins: int = 10) -> plt.Figure:
+    """Calibration plot and Bland-Altman plot of predictions against labels, side by side.
+
+    Left: each patch (dots), the mean label within ``n_bins`` equal-width bins of the prediction
+    (line with +-1 sd bars) and the identity. Right: :func:`bland_altman`'s plot. Used by
+    ``cellulib evaluate --figure``.
+    """
+    t = np.asarray(y_true, dtype=np.float64).ravel()
+    p = np.asarray(y_pred, dtype=np.float64).ravel()
+    fig, (ax_cal, ax_ba) = plt.subplots(1, 2, figsize=(10, 4.2))
+    ax_cal.scatter(p, t, s=10, alpha=0.4, color="0.4", label="patches")
+    edges = np.linspace(0, 1, n_bins + 1)
+    idx = np.clip(np.digitize(p, edges[1:-1]), 0, n_bins - 1)
+    counts = np.bincount(idx, minlength=n_bins)
+    used = counts > 0
+    mean_p = np.bincount(idx, p, n_bins)[used] / counts[used]
+    mean_t = np.bincount(idx, t, n_bins)[used] / counts[used]
+    sd_t = np.sqrt(np.maximum(np.bincount(idx, t * t, n_bins)[used] / counts[used] - mean_t ** 2,
+                              0))
+    ax_cal.errorbar(mean_p, mean_t, yerr=sd_t, color="C3", marker="o", capsize=3,
+                    label=f"mean label per prediction bin (+-1 sd, {n_bins} bins)")
+    ax_cal.plot([0, 1], [0, 1], color="k", ls="--", lw=1, label="identity")
+    ax_cal.set_xlim(-0.02, 1.02)
+    ax_cal.set_ylim(-0.02, 1.02)
+    ax_cal.set_xlabel("predicted cellularity (fraction, 0-1)")
+    ax_cal.set_ylabel("label cellularity (fraction, 0-1)")
+    ax_cal.set_title("calibration")
+    ax_cal.legend(fontsize=8, loc="upper left")
+    _bland_altman_axes(ax_ba, t, p)
+    ax_ba.set_title(f"Bland-Altman (n = {len(t)})")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig: plt.Figure, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """Write ``fig`` to ``path`` atomically, in the format its suffix names (png by default), and
+    close it. Used by ``cellulib evaluate --figure``."""
+    import io
+
+    from cellulib.imageio import atomic_write_bytes
+
+    path = Path(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format=path.suffix.lstrip(".").lower() or "png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return atomic_write_bytes(path, lambda fh: fh.write(buf.getvalue()))
 
 
 def mse_summary(summary: pd.DataFrame, title: str = "") -> plt.Figure:

@@ -1,4 +1,5 @@
-"""Reporting: the paper's tables with ours beside them, and honest comparisons.
+"""Reporting: the paper's published numbers (`PAPER`), its tables with ours beside them, and honest
+comparisons.
 
 Every results table carries a **mean predictor**: the training labels' mean, predicted for every
 patch and scored like a model. A model has *learned* when the upper end of the 95% CI of its MSE is
@@ -11,6 +12,7 @@ claims; it *does not hold* when both learned and the CI excludes 0 on the other 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -19,7 +21,9 @@ import pandas as pd
 
 __all__ = [
     "BRCA_M2C_NAMES",
+    "MCSPATNET_F",
     "MEAN_PREDICTOR",
+    "PAPER",
     "MIN_PATCHES",
     "PAPER_ROWS",
     "VERDICTS",
@@ -30,6 +34,7 @@ __all__ = [
     "detection_table",
     "findings",
     "jaccard_summary",
+    "table1",
     "learned",
     "learned_sentence",
     "mean_predictor_predictions",
@@ -61,6 +66,85 @@ MIN_PATCHES = 5
 
 _DIRECT = ("ResNet34 (R)", "ResNet50 (R)", "Xception (R)", "Xception (C)")
 _SEGMENTATION = ("GBT", "ResNet34 (SR)")
+
+
+# --------------------------------------------------------------------------------------------
+# the paper's numbers
+
+_PAPER_SRC = "Rakhlin et al. 2019"
+_CHALLENGE_SRC = "BreastPathQ challenge (SPEC 5; not in the Rakhlin et al. text)"
+
+# (table, model, init, metric, text exactly as printed, source); numbers are parsed from the text.
+_PAPER_ROWS = [
+    ("Table 1", "U-Net decoder", "random", "Jaccard", "0.35", _PAPER_SRC),
+    ("Table 1", "FPN decoder", "random", "Jaccard", "0.47", _PAPER_SRC),
+    ("Table 1", "U-Net decoder", "imagenet", "Jaccard", "0.50", _PAPER_SRC),
+    ("Table 1", "FPN decoder", "imagenet", "Jaccard", "0.53", _PAPER_SRC),
+    ("Table 2", "GBT", "random", "MSE", "0.023 [0.019-0.026]", _PAPER_SRC),
+    ("Table 2", "GBT", "imagenet", "MSE", "0.022 [0.019-0.026]", _PAPER_SRC),
+    ("Table 2", "ResNet34 (SR)", "random", "MSE", "0.013 [0.011-0.015]", _PAPER_SRC),
+    ("Table 2", "ResNet34 (SR)", "imagenet", "MSE", "0.013 [0.011-0.015]", _PAPER_SRC),
+    ("Table 2", "ResNet34 (R)", "random", "MSE", "0.015 [0.013-0.018]", _PAPER_SRC),
+    ("Table 2", "ResNet34 (R)", "imagenet", "MSE", "0.011 [0.010-0.012]", _PAPER_SRC),
+    ("Table 2", "ResNet50 (R)", "random", "MSE", "0.025 [0.022-0.028]", _PAPER_SRC),
+    ("Table 2", "ResNet50 (R)", "imagenet", "MSE", "0.011 [0.009-0.012]", _PAPER_SRC),
+    ("Table 2", "Xception (R)", "random", "MSE", "0.017 [0.015-0.020]", _PAPER_SRC),
+    ("Table 2", "Xception (R)", "imagenet", "MSE", "0.010 [0.009-0.012]", _PAPER_SRC),
+    ("Table 2", "Xception (C)", "random", "MSE", "0.012 [0.010-0.014]", _PAPER_SRC),
+    ("Table 2", "Xception (C)", "imagenet", "MSE", "0.010 [0.009-0.012]", _PAPER_SRC),
+    ("Table 3", "GBT", "imagenet", "kappa", "0.571 [0.520-0.622]", _PAPER_SRC),
+    ("Table 3", "GBT", "imagenet", "ICC", "0.787 [0.744-0.823]", _PAPER_SRC),
+    ("Table 3", "ResNet34 (SR)", "imagenet", "kappa", "0.658 [0.604-0.704]", _PAPER_SRC),
+    ("Table 3", "ResNet34 (SR)", "imagenet", "ICC", "0.865 [0.835-0.891]", _PAPER_SRC),
+    ("Table 3", "ResNet34 (R)", "imagenet", "kappa", "0.649 [0.599-0.700]", _PAPER_SRC),
+    ("Table 3", "ResNet34 (R)", "imagenet", "ICC", "0.868 [0.840-0.892]", _PAPER_SRC),
+    ("Table 3", "ResNet50 (R)", "imagenet", "kappa", "0.652 [0.603-0.701]", _PAPER_SRC),
+    ("Table 3", "ResNet50 (R)", "imagenet", "ICC", "0.867 [0.844-0.894]", _PAPER_SRC),
+    ("Table 3", "Xception (R)", "imagenet", "kappa", "0.669 [0.616-0.713]", _PAPER_SRC),
+    ("Table 3", "Xception (R)", "imagenet", "ICC", "0.881 [0.853-0.904]", _PAPER_SRC),
+    ("Table 3", "Xception (C)", "imagenet", "kappa", "0.689 [0.642-0.734]", _PAPER_SRC),
+    ("Table 3", "Xception (C)", "imagenet", "ICC", "0.883 [0.858-0.905]", _PAPER_SRC),
+    ("Table 3", "Peikari et al.", None, "kappa", "0.38-0.42", _PAPER_SRC),
+    ("Table 3", "Peikari et al.", None, "ICC", "0.75 [0.71-0.79]", _PAPER_SRC),
+    ("Table 3", "Akbar et al.", None, "ICC", "0.83 [0.79-0.86]", _PAPER_SRC),
+    ("challenge", "best team (test set)", None, "PK", "0.941", _CHALLENGE_SRC),
+    ("challenge", "pathologist vs pathologist", None, "PK", "0.927", _CHALLENGE_SRC),
+]
+
+
+def _parse_paper_text(text: str) -> tuple[float, float, float]:
+    """'0.023 [0.019-0.026]' -> (0.023, 0.019, 0.026); '0.38-0.42' (a range) -> (nan, .38, .42)."""
+    m = re.fullmatch(r"([\d.]+)(?: \[([\d.]+)-([\d.]+)\])?", text)
+    if m:
+        lo, hi = (float(g) if g else np.nan for g in m.group(2, 3))
+        return float(m.group(1)), lo, hi
+    lo, hi = text.split("-")
+    return np.nan, float(lo), float(hi)
+
+
+def _paper_table() -> pd.DataFrame:
+    df = pd.DataFrame(_PAPER_ROWS, columns=["table", "model", "init", "metric", "text", "source"])
+    parsed = np.array([_parse_paper_text(s) for s in df["text"]], dtype=float)
+    df.insert(4, "value", parsed[:, 0])
+    df.insert(5, "ci_low", parsed[:, 1])
+    df.insert(6, "ci_high", parsed[:, 2])
+    return df
+
+
+#: The paper's anchor values, one row per number (SPEC 5), transcribed from Rakhlin et al. 2019
+#: Tables 1-3 and the BreastPathQ challenge. Columns: ``table``, ``model``, ``init`` (``random``,
+#: ``imagenet``, or missing for other studies and the challenge), ``metric`` (``Jaccard``, ``MSE``, ``kappa``, ``ICC``, ``PK``), ``value``,
+#: ``ci_low``, ``ci_high`` (95 % CI; NaN when not reported), ``text`` (as printed in the paper) and
+#: ``source``. Peikari et al.'s kappa is printed as a range (0.38-0.42) with no point value:
+#: ``value`` is NaN and the range is stored in ``ci_low``/``ci_high``, see ``text``. The paper does
+#: not name its ICC form. Its abstract quotes kappa 0.69 and ICC 0.89 for the best model, where
+#: Table 3 prints 0.689 and 0.883; the table values are the ones kept here.
+PAPER = _paper_table()
+
+
+#: MCSpatNet's F on the BRCA-M2C test split at 6 px (their committed test predictions scored with
+#: this protocol; SPEC 1.4), by class as this library names them ("normal" holds the stromal dots).
+MCSPATNET_F = {"lymphocyte": 0.649, "malignant": 0.792, "normal": 0.548, "detection": 0.851}
 
 
 class Estimate(NamedTuple):
@@ -113,7 +197,8 @@ def mean_predictor_predictions(y_true, train_mean: float) -> pd.DataFrame:
     """Predictions of the mean predictor: ``train_mean`` for every patch, beside the truth.
 
     SPEC 5.1: the baseline row of every results table. ``y_true`` is an array of labels or a
-    predictions table (its ``path`` and ``y_true`` columns are kept). Used in chapters 3-5 and by
+    predictions table (its ``path`` and ``y_true`` columns are kept). Used in chapters 3, 4 and 5
+    through :func:`cellulib.report.mse_summary` and by
     ``cellulib evaluate``.
 
     Returns
@@ -139,7 +224,8 @@ def mse_ci(y_true, y_pred, n_boot: int = 2000, seed: int = 0, alpha: float = 0.0
     """MSE with its percentile bootstrap CI over patches (paper section 3.5, Table 2).
 
     The resamples are those of :func:`cellulib.metrics.bootstrap_ci` with the same seed, so two
-    models scored on the same patches are resampled alike. Used in chapters 3-5.
+    models scored on the same patches are resampled alike. Used in chapters 3, 4 and 5 through
+    :func:`cellulib.report.mse_summary`.
     """
     from cellulib.metrics import bootstrap_ci, mse
 
@@ -189,8 +275,6 @@ def mse_summary(preds: Mapping[str, pd.DataFrame], train_mean: float | None = No
         or None for the mean predictor and when there is no mean predictor), ``paper_random`` and
         ``paper_imagenet`` (the paper's MSE, NaN where it has none).
     """
-    from cellulib.metrics import PAPER
-
     paper = PAPER[(PAPER.table == "Table 2") & (PAPER.metric == "MSE")]
     paper = paper.set_index(["model", "init"])["value"]
     rows = {}
@@ -280,7 +364,7 @@ def paired_mse_difference(pred_a: pd.DataFrame, pred_b: pd.DataFrame, n_boot: in
     .integers(0, n, (n_boot, n))``, the draw of :func:`cellulib.metrics.bootstrap_ci`) and takes
     ``MSE_A - MSE_B`` over those same patches, so what the two models share (hard patches, easy
     patches) cancels; the limits are the percentiles. A negative difference favours A. SPEC 5.1;
-    used in chapters 3-5.
+    used in chapters 3, 4 and 5 through :func:`cellulib.report.compare`.
 
     Parameters
     ----------
@@ -331,7 +415,8 @@ def verdict(difference: Estimate, learned_a: bool, learned_b: bool,
 
     ``difference`` is A minus B with its CI (:func:`paired_mse_difference`: lower is better).
     "holds" when both learned and the CI lies entirely on A's side of 0, "does not hold" when both
-    learned and it lies entirely on B's side, else "undecided". Used in chapters 3-5.
+    learned and it lies entirely on B's side, else "undecided". Used in chapter 5, and in chapters 3
+    and 4 through :func:`cellulib.report.compare`.
 
     Examples
     --------
@@ -412,7 +497,8 @@ def bias_by_bin(preds: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
 
     The signature of regression to the mean (paper section 4.4) is a positive error in the lowest
     bin and a negative one in the highest. Bins are those of Cohen's kappa
-    (:func:`cellulib.metrics.cellularity_bins`); an empty bin is NaN. Used in chapter 4.
+    (:func:`cellulib.metrics.cellularity_bins`); an empty bin is NaN. Used in chapter 4 through
+    :func:`cellulib.report.regression_to_mean_sentence`.
     """
     from cellulib.metrics import cellularity_bins
 
@@ -468,7 +554,7 @@ def segmentation_counts(seg, root, threshold: float = 0.5) -> pd.DataFrame:
     its ``downscale``, discs of its ``disc_diameter``) and counts, per image, the pixels of each
     nucleus class in the prediction, the weak mask, both, and either. Summed over all images and
     averaged over the classes they give the run's ``jaccard_nuclei`` (paper Table 1). Used in
-    chapter 5 (the FPN-vs-U-Net finding).
+    chapter 5 through :func:`cellulib.report.findings` (the FPN-vs-U-Net finding).
 
     Parameters
     ----------
@@ -527,7 +613,8 @@ def jaccard_summary(counts: Mapping[str, pd.DataFrame], n_boot: int = 2000, seed
 
     The baseline, playing the mean predictor's part, marks every pixel as every class (its IoU
     is the share of mask pixels, the best any constant map reaches); a network has learned when
-    the lower end of its CI is above that (SPEC 5.1 by analogy). Paper Table 1; used in chapter 5.
+    the lower end of its CI is above that (SPEC 5.1 by analogy). Paper Table 1; used in chapter 5
+    through :func:`cellulib.report.findings`.
 
     Returns
     -------
@@ -552,7 +639,8 @@ def paired_jaccard_difference(counts_a: pd.DataFrame, counts_b: pd.DataFrame, n_
     """Mean nuclear Jaccard of network A minus B on the same images, paired bootstrap 95% CI.
 
     Each replicate resamples the validation images once and recomputes both pooled Jaccards on
-    them (paper Table 1; SPEC 5.1). A positive difference favours A. Used in chapter 5.
+    them (paper Table 1; SPEC 5.1). A positive difference favours A. Used in chapter 5 through
+    :func:`cellulib.report.findings`.
     """
     images = sorted(set(counts_a["image"]))
     if images != sorted(set(counts_b["image"])):
@@ -569,9 +657,28 @@ def paired_jaccard_difference(counts_a: pd.DataFrame, counts_b: pd.DataFrame, n_
 # the findings table
 
 
-def _paper_value(table: str, model: str, init: str, metric: str) -> float:
-    from cellulib.metrics import PAPER
+def table1(results: Mapping[tuple[str, str], Any]) -> pd.DataFrame:
+    """Paper Table 1 with ours beside it: mean nuclear Jaccard, {random, ImageNet} x {U-Net, FPN}.
 
+    ``results`` maps ``(init, decoder)`` (init in ``random``/``imagenet``, decoder in
+    ``unet``/``fpn``) to a training result (:class:`cellulib.train.TrainResult`), or to None for a run that was not made (shown as
+    "not run", never as a number). Used in chapters 2 and 5.
+    """
+    paper = PAPER[PAPER.table == "Table 1"].set_index(["init", "model"])["value"]
+    names = {"unet": "U-Net decoder", "fpn": "FPN decoder"}
+    rows = []
+    for init, label in (("random", "Random"), ("imagenet", "ImageNet")):
+        row = {"initialisation": label}
+        for dec in ("unet", "fpn"):
+            res = results.get((init, dec))
+            short = "U-Net" if dec == "unet" else "FPN"
+            row[f"{short} (paper)"] = f"{paper[(init, names[dec])]:.2f}"
+            row[f"{short} (ours)"] = "not run" if res is None else f"{res.scores['jaccard_nuclei']:.2f}"
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("initialisation")
+
+
+def _paper_value(table: str, model: str, init: str, metric: str) -> float:
     sel = PAPER[(PAPER.table == table) & (PAPER.model == model) & (PAPER.init == init)
                 & (PAPER.metric == metric)]
     return float(sel["value"].iloc[0]) if len(sel) else float("nan")
@@ -600,7 +707,7 @@ def decoder_finding(seg, root=None, n_boot: int = 2000, seed: int = 0) -> dict[s
     difference (:func:`paired_jaccard_difference`) and each network's "learned" verdict
     (:func:`jaccard_summary`); without it the finding stays undecided. Returns one row of
     :func:`findings` (``paper's finding``, ``verdict``, ``ours``, ``paper``, ``why``). SPEC 5.1;
-    used in chapters 2 and 5.
+    used in chapter 2, and in chapter 5 through :func:`cellulib.report.findings`.
     """
     j = {d: _paper_value("Table 1", f"{n} decoder", "random", "Jaccard")
          for d, n in (("fpn", "FPN"), ("unet", "U-Net"))}
@@ -723,7 +830,7 @@ def results_table(preds: dict[str, pd.DataFrame], n_boot: int = 2000, seed: int 
     is below the mean predictor's MSE (SPEC 5.1). Paper section 3.5; SPEC 5. Used in chapters 3,
     4 and 5.
     """
-    from cellulib.metrics import PAPER, evaluate, format_ci
+    from cellulib.metrics import evaluate, format_ci
 
     paper = PAPER.set_index(["table", "model", "init", "metric"])["text"]
 

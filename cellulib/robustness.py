@@ -203,8 +203,7 @@ def score_under_shifts(models: Mapping[str, Any], paths: Sequence, y_true: Seque
 
     from cellulib.data import read_image
     from cellulib.predict import Predictor
-    from cellulib.stain import normalizer_from_options
-    from cellulib.store import model_and_info
+    from cellulib.store import model_and_info, normalizer_from_options
 
     y_true = np.asarray(y_true, dtype=np.float64)
     paths = [str(p) for p in paths]
@@ -365,7 +364,7 @@ def detection_under_shifts(model: Any, cells: pd.DataFrame,
 
     from cellulib.detect import DEFAULT_THRESHOLD, score_annotated
     from cellulib.metrics import detection_counts
-    from cellulib.stain import normalizer_from_options
+    from cellulib.store import normalizer_from_options
 
     norm = normalizer_from_options(stain_norm, None, model) if stain_norm else None
     out = {}

@@ -6,11 +6,12 @@ tissue tiles are scored in batches, and the result is written as ``DIR/tiles.csv
 tile of the grid), ``DIR/heatmap.png`` (the map over a thumbnail) and ``DIR/slide.json`` (how it was
 made). Every file is written atomically.
 
-Reading uses maintained libraries only: tifffile with imagecodecs decodes the TIFF tiles or strips
-that a region covers (JPEG, LZW, Deflate, ... as tifffile supports them) without reading the whole
-level, so memory stays flat for any slide size; openslide-python reads the vendor formats (SVS,
-NDPI, MRXS, ...) when it is installed; other images are read whole with
-:func:`cellulib.data.read_image`.
+Reading uses maintained libraries only: a TIFF pyramid level is tifffile's zarr store
+(``series.aszarr(level=i)``) opened with zarr, and a region is a slice of that array, so tifffile
+and imagecodecs read and decode only the tiles or strips that the region covers (JPEG, LZW,
+Deflate, ... as tifffile supports them) and memory stays flat for any slide size; openslide-python
+reads the vendor formats (SVS, NDPI, MRXS, ...) when it is installed; other images are read whole
+with :func:`cellulib.imageio.read_image`.
 
 Scale. A BreastPathQ patch is 512 x 512 pixels of a slide scanned at 20x (about 0.5 um/px), and
 the models saw such patches resized to their ``input_size`` S; a model file records the pixel size
@@ -35,17 +36,26 @@ import json
 import math
 import os
 import re
-import threading
 import time
 import warnings
 import xml.etree.ElementTree as ET
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 import pandas as pd
+
+from cellulib.constants import TIFF_MAGIC
+from cellulib.imageio import (
+    DataError,
+    atomic_write_bytes,
+    atomic_write_text,
+    figure_png,
+    jsonable,
+    read_image,
+    to_rgb8,
+)
 
 __all__ = [
     "SlideWarning",
@@ -56,12 +66,11 @@ __all__ = [
     "heatmap_figure",
 ]
 
-_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _JPEG_COMPRESSIONS = {6, 7, 33007, 34892}
 _THUMB_SIDE = 2048
 _BLOCK = 2048  # side of the blocks a thumbnail is assembled from (bounded memory)
 _PIECE = 256  # a block that fails to decode is retried in pieces of this side
-_CACHE_BYTES = 256 * 2 ** 20
+_DECODE_THREADS = 2  # > 1: the zarr store decodes tiles in zarr's thread pool, not on its loop
 _SATURATION_CLAMP = (15.0, 30.0)
 
 
@@ -71,29 +80,6 @@ class SlideWarning(UserWarning):
 
 # --------------------------------------------------------------------------------------------
 # readers: level geometry and read_region(level, x, y, w, h) -> (h, w, 3) uint8
-
-
-def _to_rgb8(arr: np.ndarray, where: str) -> np.ndarray:
-    """(h, w[, c]) grey, grey+alpha, RGB or RGBA of 8 or 16 bits -> (h, w, 3) uint8."""
-    from cellulib.data import DataError
-
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    if arr.dtype == np.uint16:
-        arr = ((arr.astype(np.uint32) * 2 + 257) // 514).astype(np.uint8)  # round(v / 257)
-    elif arr.dtype != np.uint8:
-        raise DataError(f"{where}: unsupported pixel type {arr.dtype} (expected 8 or 16 bit)")
-    c = arr.shape[2]
-    if c in (2, 4):  # composite alpha onto white, the colour of glass
-        alpha = arr[..., -1:].astype(np.float32) / 255.0
-        colour = arr[..., :-1].astype(np.float32)
-        arr = np.rint(colour * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
-        c -= 1
-    if c == 1:
-        return np.ascontiguousarray(np.repeat(arr, 3, axis=2))
-    if c != 3:
-        raise DataError(f"{where}: unsupported number of channels {c}")
-    return np.ascontiguousarray(arr)
 
 
 class _Reader:
@@ -130,8 +116,6 @@ class _ArrayReader(_Reader):
     kind = "image"
 
     def __init__(self, path: Path, img: np.ndarray | None = None) -> None:
-        from cellulib.data import read_image
-
         super().__init__(path)
         self.img = read_image(path) if img is None else img
         self.dims = [(self.img.shape[1], self.img.shape[0])]
@@ -141,116 +125,97 @@ class _ArrayReader(_Reader):
 
 
 class _TiffReader(_Reader):
-    """Regions of a tiled or stripped (pyramidal) TIFF decoded segment by segment with tifffile."""
+    """Regions of a tiled or stripped (pyramidal) TIFF through tifffile's zarr interface.
+
+    Each pyramid level is ``series.aszarr(level=i)`` (a ``ZarrTiffStore``) opened with
+    ``zarr.open``; slicing it reads and decodes only the tiles or strips that the region covers
+    and keeps nothing between reads. A missing (sparse) tile or strip reads as the largest sample
+    value: white, the colour of glass. Several threads may read regions at once: zarr runs every
+    read on its one I/O event loop, where the store reads the file under the file handle's lock,
+    and decodes the chunks in zarr's thread pool.
+    """
 
     kind = "tifffile"
 
     def __init__(self, path: Path) -> None:
         import tifffile
-
-        from cellulib.data import DataError
+        import zarr
 
         super().__init__(path)
+        self.tif = None
+        self._stores: list = []
+        self._levels: list[tuple[Any, tuple, bool]] = []  # (zarr array, plane index, planar)
+        self.dims = []
+        planes = None
         try:
             self.tif = tifffile.TiffFile(path)
             series = self.tif.series[0]
             levels = list(series.levels) or [series]
+            for i, level in enumerate(levels):
+                key = level.keyframe
+                if not self._supported(key):
+                    if i == 0:
+                        raise _Unsupported
+                    break  # keep the readable finer levels
+                store = series.aszarr(level=i, fillvalue=np.iinfo(key.dtype).max,
+                                      maxworkers=_DECODE_THREADS)
+                self._stores.append(store)
+                arr = zarr.open(store, mode="r")
+                axes = "".join(arr.attrs["_ARRAY_DIMENSIONS"])
+                yx = axes.find("YX")
+                planar = yx > 0 and axes[yx - 1] == "S"  # samples in separate planes: SYX
+                if yx < 0 or axes[yx + 2:] not in ("", "S") or len(axes) != arr.ndim:
+                    if i == 0:
+                        raise _Unsupported
+                    break
+                if i == 0 and int(np.prod(level.shape)) > int(np.prod(key.shape)):
+                    planes = level.axes
+                self._levels.append((arr, (0,) * (yx - planar), planar))
+                self.dims.append((int(arr.shape[yx + 1]), int(arr.shape[yx])))
+        except _Unsupported:
+            self.close()
+            raise
         except Exception as exc:  # noqa: BLE001 - tifffile raises many types for broken files
-            if hasattr(self, "tif"):
-                self.tif.close()
+            self.close()
             raise DataError(f"{path}: corrupt, truncated or unreadable TIFF ({exc})") from None
-        self.pages, self.dims = [], []
-        for i, level in enumerate(levels):
-            page, key = level.pages[0], level.keyframe
-            if not self._supported(key):
-                if i == 0:
-                    self.tif.close()
-                    raise _Unsupported
-                break  # keep the readable finer levels
-            if i == 0 and int(np.prod(level.shape)) > int(np.prod(key.shape)):
-                warnings.warn(f"{path}: the image has several planes (axes {level.axes}); the "
-                              "first is used", SlideWarning, stacklevel=3)
-            self.pages.append((page, key))
-            self.dims.append((int(key.imagewidth), int(key.imagelength)))
+        if planes is not None:
+            warnings.warn(f"{path}: the image has several planes (axes {planes}); the first is "
+                          "used", SlideWarning, stacklevel=3)
         self.mpp = _tiff_mpp(self.tif)
-        self._lock = threading.Lock()
-        self._cache: OrderedDict = OrderedDict()
-        self._cache_bytes = 0
 
     @staticmethod
     def _supported(key) -> bool:
+        # grey or RGB (with alpha) of 8 or 16 bits, or JPEG-compressed YCbCr (tifffile converts
+        # it to RGB); samples interleaved or, for grey and RGB, in separate planes (the zarr array
+        # is then S, Y, X). Palette, min-is-white, CMYK, Lab, float, 1-, 4- or 32-bit, volumes:
+        # read whole by read_image.
         photometric = int(key.photometric)
         jpeg_ycbcr = photometric == 6 and int(key.compression) in _JPEG_COMPRESSIONS
         return ((photometric in (1, 2) or jpeg_ycbcr)
-                and (key.planarconfig == 1 or key.samplesperpixel == 1)
+                and (key.planarconfig == 1 or photometric in (1, 2))
                 and key.imagedepth == 1 and key.bitspersample in (8, 16)
                 and key.sampleformat == 1 and key.samplesperpixel in (1, 2, 3, 4))
 
-    def _segments(self, level: int, indices: list[int]) -> dict[int, np.ndarray]:
-        page, key = self.pages[level]
-        found, missing = {}, []
-        with self._lock:
-            for i in indices:
-                if (level, i) in self._cache:
-                    self._cache.move_to_end((level, i))
-                    found[i] = self._cache[(level, i)]
-                else:
-                    missing.append(i)
-        if not missing:
-            return found
-        fh = self.tif.filehandle
-        offsets = [page.dataoffsets[i] for i in missing]
-        counts = [page.databytecounts[i] for i in missing]
-        kwargs: dict[str, Any] = {"_fullsize": bool(key.is_tiled)}
-        if int(key.compression) in _JPEG_COMPRESSIONS:
-            kwargs.update(jpegtables=page.jpegtables, jpegheader=key.jpegheader)
-        with self._lock:  # seek + read must not interleave between threads
-            raw = list(fh.read_segments(offsets, counts, indices=missing, sort=True,
-                                        lock=threading.RLock(), flat=True))
-        for data, index in raw:
-            seg, _, shape = key.decode(data, index, **kwargs)
-            if seg is None:  # an empty segment holds no scanned pixels: glass
-                seg = np.full(shape, np.iinfo(key.dtype).max, dtype=key.dtype)
-            found[index] = seg[0]  # (length, width, samples)
-        with self._lock:
-            for i in missing:
-                arr = found[i]
-                self._cache[(level, i)] = arr
-                self._cache_bytes += arr.nbytes
-            while self._cache_bytes > _CACHE_BYTES and len(self._cache) > 1:
-                _, old = self._cache.popitem(last=False)
-                self._cache_bytes -= old.nbytes
-        return found
-
     def read_region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
-        page, key = self.pages[level]
+        arr, plane, planar = self._levels[level]
         width, length = self.dims[level]
         x, y = max(0, min(x, width - w)), max(0, min(y, length - h))
-        if key.is_tiled:
-            th, tw = int(key.tilelength), int(key.tilewidth)
-        else:
-            th, tw = min(int(key.rowsperstrip), length), width
-        nx = math.ceil(width / tw)
-        rows = range(y // th, (y + h - 1) // th + 1)
-        cols = range(x // tw, (x + w - 1) // tw + 1)
-        indices = [r * nx + c for r in rows for c in cols]
-        segments = self._segments(level, indices)
-        out = np.empty((h, w, int(key.samplesperpixel)), dtype=key.dtype)
-        for r in rows:
-            for c in cols:
-                seg = segments[r * nx + c]
-                y0, x0 = r * th, c * tw
-                ya, yb = max(y, y0), min(y + h, y0 + seg.shape[0])
-                xa, xb = max(x, x0), min(x + w, x0 + seg.shape[1])
-                out[ya - y:yb - y, xa - x:xb - x] = seg[ya - y0:yb - y0, xa - x0:xb - x0]
-        return _to_rgb8(out, f"{self.path} level {level}")
+        samples = (slice(None),) if planar else ()
+        region = arr[plane + samples + (slice(y, y + h), slice(x, x + w))]
+        if planar:
+            region = np.moveaxis(region, 0, -1)
+        return to_rgb8(region, f"{self.path} level {level}")
 
     def close(self) -> None:
-        self.tif.close()
+        for store in self._stores:
+            store.close()
+        self._stores = []
+        if self.tif is not None:
+            self.tif.close()
 
 
 class _Unsupported(Exception):
-    """This TIFF layout is read whole by :func:`cellulib.data.read_image` instead."""
+    """This TIFF layout is read whole by :func:`cellulib.imageio.read_image` instead."""
 
 
 class _OpenSlideReader(_Reader):
@@ -260,8 +225,6 @@ class _OpenSlideReader(_Reader):
 
     def __init__(self, path: Path) -> None:
         import openslide
-
-        from cellulib.data import DataError
 
         super().__init__(path)
         try:
@@ -283,7 +246,7 @@ class _OpenSlideReader(_Reader):
         ds = self._downsamples[level]
         # OpenSlide takes the top-left corner in level-0 pixels and returns un-premultiplied RGBA
         region = self.osr.read_region((int(round(x * ds)), int(round(y * ds))), level, (w, h))
-        return _to_rgb8(np.asarray(region), f"{self.path} level {level}")
+        return to_rgb8(np.asarray(region), f"{self.path} level {level}")
 
     def close(self) -> None:
         self.osr.close()
@@ -319,10 +282,11 @@ def open_slide(path: str | os.PathLike):
     """Open a large image for region reading; use as a context manager.
 
     Chooses the reader: openslide-python for vendor formats it recognises (when installed),
-    tifffile for TIFF files (tiles or strips decoded on demand; pyramid levels from
-    ``series[0].levels``; the first plane of a multi-plane image), :func:`cellulib.data.read_image`
-    for PNG/JPEG and for TIFF layouts that cannot be read by region (palette, planar, ...). Used by
-    :func:`slide_map` and in chapter 5 (discussion).
+    tifffile's zarr store for TIFF files (tiles or strips decoded on demand, missing ones read as
+    white glass; pyramid levels from ``series[0].levels``; the first plane of a multi-plane image,
+    with a `SlideWarning`), :func:`cellulib.imageio.read_image` for PNG/JPEG and for TIFF layouts
+    that are not read by region (palette, min-is-white, CMYK, float or 32-bit samples, ...). Used
+    by :func:`slide_map`.
 
     Returns
     -------
@@ -333,11 +297,9 @@ def open_slide(path: str | os.PathLike):
 
     Raises
     ------
-    cellulib.data.DataError
+    cellulib.imageio.DataError
         Missing, empty, corrupt or unsupported file; the message names it.
     """
-    from cellulib.data import DataError
-
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: image file not found")
@@ -356,7 +318,7 @@ def open_slide(path: str | os.PathLike):
         head = fh.read(4)
     if not head:
         raise DataError(f"{path}: empty file, not an image")
-    if head in _TIFF_MAGIC:
+    if head in TIFF_MAGIC:
         try:
             return _TiffReader(path)
         except _Unsupported:
@@ -418,7 +380,7 @@ def tissue_mask(thumb: np.ndarray, threshold: float | None = None) -> tuple[np.n
     Glass is white or grey (HSV saturation below about 15/255), H&E-stained tissue is pink to
     purple. ``threshold`` None: Otsu's threshold on the median-filtered saturation, clamped to
     [15, 30] (an all-tissue field would otherwise be split into pale and dark tissue); then a 5x5
-    opening and closing. Used by :func:`slide_map` and in chapter 5 (discussion).
+    opening and closing. Used by :func:`slide_map`.
 
     Returns
     -------
@@ -490,7 +452,7 @@ def heatmap_figure(thumb: np.ndarray, tiles: pd.DataFrame, width: int, height: i
     """The cellularity of the scored tiles over the thumbnail, with a labelled colour bar.
 
     Overlapping tiles are averaged; unscored tiles (background, failed) stay transparent. Axes are
-    in level-0 pixels. Used by :func:`slide_map` and in chapter 5 (discussion).
+    in level-0 pixels. Used by :func:`slide_map`.
 
     Returns
     -------
@@ -528,12 +490,6 @@ def heatmap_figure(thumb: np.ndarray, tiles: pd.DataFrame, width: int, height: i
     return fig
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    from cellulib.store import atomic_write_bytes
-
-    atomic_write_bytes(path, lambda fh: fh.write(data))
-
-
 def _pick_level(reader, level: Any, target: float) -> int:
     downs = reader.downsamples
     if level in (None, "auto"):
@@ -565,7 +521,7 @@ def slide_map(model: Any, image_path: str | os.PathLike, out_dir: str | os.PathL
     failed tiles), ``error``), ``out_dir/heatmap.png`` and ``out_dir/slide.json`` (model, reader,
     levels, pixel size, tile geometry, tissue threshold, counts), each atomically. A tile that
     cannot be decoded gets an error row; the others are still scored. Used by
-    ``cellulib slide`` and in chapter 5 (discussion).
+    ``cellulib slide``.
 
     Parameters
     ----------
@@ -603,22 +559,20 @@ def slide_map(model: Any, image_path: str | os.PathLike, out_dir: str | os.PathL
 
     Raises
     ------
-    cellulib.data.DataError
+    cellulib.imageio.DataError
         Unreadable image, or an image smaller than one tile; the message names the file.
     """
     import matplotlib.pyplot as plt
 
-    from cellulib.data import DataError
-    from cellulib.plots import figure_png
-    from cellulib.predict import Predictor, _jsonable
+    from cellulib.predict import Predictor
+    from cellulib.store import check_mpp
 
     start = time.perf_counter()
     image_path = Path(image_path)
     out_dir = Path(out_dir)
     if not 0.0 <= float(min_tissue) <= 1.0:
         raise ValueError(f"min_tissue must lie in [0, 1], got {min_tissue}")
-    if mpp is not None and not 0 < float(mpp) < 100:
-        raise ValueError(f"mpp (micrometres per pixel) must lie in (0, 100), got {mpp}")
+    mpp = check_mpp(mpp, "mpp (micrometres per pixel)")
     predictor = model if isinstance(model, Predictor) else Predictor(
         model, batch_size=batch_size, tta=tta, device=device, workers=workers)
     size = predictor.input_size
@@ -716,9 +670,8 @@ def slide_map(model: Any, image_path: str | os.PathLike, out_dir: str | os.PathL
     buf = io.StringIO()
     grid.to_csv(buf, index=False, float_format="%.6g")
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_bytes(out_dir / "tiles.csv", buf.getvalue().encode())
-    _atomic_bytes(out_dir / "heatmap.png", png)
-    _atomic_bytes(out_dir / "slide.json",
-                  (json.dumps(_jsonable(summary), indent=2) + "\n").encode())
+    atomic_write_text(out_dir / "tiles.csv", buf.getvalue())
+    atomic_write_bytes(out_dir / "heatmap.png", png)
+    atomic_write_text(out_dir / "slide.json", json.dumps(jsonable(summary), indent=2) + "\n")
     grid.attrs["summary"] = summary
     return grid

@@ -17,13 +17,13 @@ from typing import Any
 
 import numpy as np
 
+from cellulib._moved import moved_names
+
 __all__ = [
     "METHODS",
     "StainError",
     "StainNormalizer",
-    "add_options",
     "hed_perturb",
-    "normalizer_from_options",
     "tissue_fraction",
     "training_reference",
 ]
@@ -103,7 +103,7 @@ class StainNormalizer:
         fewer than 500 tissue pixels) or one whose stain vectors are not H and E raises
         :class:`StainError` naming it."""
         if isinstance(target, (str, Path)):
-            from cellulib.data import DataError, read_image
+            from cellulib.imageio import DataError, read_image
 
             name = str(target)
             try:
@@ -196,7 +196,7 @@ def training_reference(paths, n: int = 16, tile: int = 128) -> dict[str, Any]:
     """
     import cv2
 
-    from cellulib.data import read_image
+    from cellulib.imageio import read_image
 
     paths = [str(p) for p in paths]
     if not paths:
@@ -225,7 +225,7 @@ def hed_perturb(img: np.ndarray, h_scale: float = 1.0, e_scale: float = 1.0,
     Colour deconvolution of Ruifrok & Johnston (2001) (``skimage.color.rgb2hed``), then
     ``H' = h_scale * H + h_shift`` (and E likewise, the residual D unchanged) on tissue pixels,
     and back to RGB (``hed2rgb``). Background (white) pixels keep their colour, as a scanner's
-    white balance would. Used by `cellulib.data.HEDJitter` (training) and
+    white balance would. Used by `cellulib.transforms.HEDJitter` (training) and
     `cellulib.robustness.shift_image` (the stain-shift chapter).
     """
     from skimage.color import hed2rgb, rgb2hed
@@ -244,42 +244,7 @@ def hed_perturb(img: np.ndarray, h_scale: float = 1.0, e_scale: float = 1.0,
 # -------------------------------------------------------------------------------------------------
 # the command-line options
 # -------------------------------------------------------------------------------------------------
-def normalizer_from_options(method: str | None, target: str | Path | None = None,
-                            model: Any = None) -> StainNormalizer | None:
-    """The normaliser of ``--stain-norm METHOD [--stain-target IMAGE]``; None without a method.
-
-    The target image is fitted when given. Without one, the stored reference of ``model`` (a model
-    file or the ``(model, info)`` pair of :func:`cellulib.load_model`; ``meta["stain"][method]``,
-    the stain of its training set, :func:`training_reference`) is used; otherwise :class:`StainError` says that
-    a target is needed. Called before anything is written, so a bad target loses nothing. Used by
-    ``cellulib predict``, ``detect`` and ``slide``.
-    """
-    if method is None:
-        if target is not None:
-            raise StainError("--stain-target needs --stain-norm macenko or reinhard")
-        return None
-    if target is not None:
-        return StainNormalizer(method).fit(target)
-    meta = {}
-    if model is not None:
-        from cellulib.store import model_and_info
-
-        meta = model_and_info(model)[2].get("meta") or {}
-    stored = meta.get("stain")
-    # meta["stain"] maps method -> reference (cellulib.train); one bare reference is read too
-    ref = (stored.get(method) if isinstance(stored, dict) and "method" not in stored else stored)
-    if isinstance(ref, dict) and ref.get("method") == method:
-        return StainNormalizer.from_reference(ref)
-    why = (f" ({stored['unavailable']})" if isinstance(stored, dict) and "unavailable" in stored
-           else "")
-    raise StainError(f"--stain-norm {method} needs --stain-target IMAGE (an H&E image stained "
-                     "the way the model's training data were): this model file carries no "
-                     f"{method} stain reference{why}")
 
 
-def add_options(parser) -> None:
-    """Add ``--stain-norm`` and ``--stain-target`` to an argparse (sub)parser."""
-    parser.add_argument("--stain-norm", choices=METHODS, default=None,
-                        help="normalise each image's stain before scoring: macenko or reinhard")
-    parser.add_argument("--stain-target", default=None, metavar="IMAGE",
-                        help="H&E image whose stain the images are normalised to")
+# ``--stain-norm`` with a model's stored reference needs the model file: it lives in cellulib.store.
+__getattr__ = moved_names(__name__, {"normalizer_from_options": "cellulib.store"})

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from cellulib.constants import IMAGE_SUFFIXES, MPP
+from cellulib.imageio import atomic_write_bytes  # noqa: F401  (its home before imageio)
 from cellulib.profiles import fingerprint, home
+from cellulib.stain import StainError, StainNormalizer
 
 #: Bumped when the file layout changes; a file of another format version is refused with a clear error.
 FORMAT_VERSION = 1
@@ -52,22 +54,6 @@ def _build(family: str, config: dict[str, Any], booster: str | None = None):
         return models.sr_model(seg(config["seg"]), arch=config.get("arch", "resnet34"),
                                drop_background=config.get("drop_background", False))
     raise ModelFileError(f"unknown model family {family!r}")
-
-
-def atomic_write_bytes(path: str | os.PathLike, write) -> Path:
-    """Call ``write(fileobj)`` on a temporary file beside ``path`` and rename it into place, so a crash
-    never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def save_model(model, path: str | os.PathLike, *, family: str | None = None,
@@ -140,14 +126,14 @@ def load_model(path: str | os.PathLike, map_location: str = "cpu"):
 
 #: Files of a dataset folder that decide what a model learns: images, label tables, cell XML,
 #: BRCA-M2C dot files and split lists (.txt).
-_DATA_SUFFIXES = frozenset({".tif", ".tiff", ".png", ".jpg", ".jpeg", ".csv", ".xml", ".txt"})
+_DATA_SUFFIXES = frozenset(IMAGE_SUFFIXES + (".csv", ".xml", ".txt"))
 
 #: The cellulib modules whose source decides what each model family learns. Every family is built,
-#: fed (stain augmentation included) and fitted by the common seven; the segmentation loss trains
+#: fed (stain augmentation included) and fitted by the common ten; the segmentation loss trains
 #: ``seg`` and the seg net inside ``sr`` and ``gbt``; the 81 features feed ``gbt``; validation
 #: predictions go through ``predict``.
-_COMMON_SOURCES = ("annotations.py", "data.py", "engine.py", "models.py", "profiles.py",
-                   "stain.py", "train.py")
+_COMMON_SOURCES = ("annotations.py", "constants.py", "data.py", "engine.py", "imageio.py",
+                   "models.py", "profiles.py", "stain.py", "train.py", "transforms.py")
 TRAINING_SOURCES: dict[str, tuple[str, ...]] = {
     "seg": _COMMON_SOURCES + ("losses.py",),
     "direct": _COMMON_SOURCES + ("predict.py",),
@@ -219,8 +205,18 @@ def model_and_info(model: Any) -> tuple[str, Any, dict[str, Any]]:
 
 
 #: Pixel size assumed for a model file that records none (``meta["pixel_size"]``): BreastPathQ's
-#: 512-px patches at about 0.5 um/px (cellulib.data.MPP).
-DEFAULT_PIXEL_SIZE = {"mpp": 0.5, "patch_px": 512}
+#: 512-px patches at about 0.5 um/px (cellulib.constants.MPP).
+DEFAULT_PIXEL_SIZE = {"mpp": MPP, "patch_px": 512}
+
+
+def check_mpp(mpp: Any, what: str = "mpp (micrometres per pixel of the images)") -> float | None:
+    """``mpp`` as a float, or None when not given; a clear error for anything outside (0, 100).
+    The one check of ``--mpp`` for ``cellulib predict``, ``detect`` and ``slide``."""
+    if mpp is None:
+        return None
+    if isinstance(mpp, bool) or not isinstance(mpp, (int, float)) or not 0 < float(mpp) < 100:
+        raise ValueError(f"{what} must lie in (0, 100), got {mpp!r}")
+    return float(mpp)
 
 
 def pixel_size(info: dict[str, Any]) -> tuple[float, int, bool]:
@@ -287,3 +283,34 @@ def cache_path(kind: str, params: dict[str, Any], suffix: str = ".pt") -> Path:
     folder = home() / "models"
     folder.mkdir(parents=True, exist_ok=True)
     return folder / f"{kind}-{key}{suffix}"
+
+
+def normalizer_from_options(method: str | None, target: str | Path | None = None,
+                            model: Any = None) -> StainNormalizer | None:
+    """The normaliser of ``--stain-norm METHOD [--stain-target IMAGE]``; None without a method.
+
+    The target image is fitted when given. Without one, the stored reference of ``model`` (a model
+    file or the ``(model, info)`` pair of :func:`cellulib.load_model`; ``meta["stain"][method]``,
+    the stain of its training set, :func:`cellulib.stain.training_reference`) is used; otherwise :class:`StainError` says that
+    a target is needed. Called before anything is written, so a bad target loses nothing. Used by
+    ``cellulib predict``, ``detect`` and ``slide``.
+    """
+    if method is None:
+        if target is not None:
+            raise StainError("--stain-target needs --stain-norm macenko or reinhard")
+        return None
+    if target is not None:
+        return StainNormalizer(method).fit(target)
+    meta = {}
+    if model is not None:
+        meta = model_and_info(model)[2].get("meta") or {}
+    stored = meta.get("stain")
+    # meta["stain"] maps method -> reference (cellulib.train); one bare reference is read too
+    ref = (stored.get(method) if isinstance(stored, dict) and "method" not in stored else stored)
+    if isinstance(ref, dict) and ref.get("method") == method:
+        return StainNormalizer.from_reference(ref)
+    why = (f" ({stored['unavailable']})" if isinstance(stored, dict) and "unavailable" in stored
+           else "")
+    raise StainError(f"--stain-norm {method} needs --stain-target IMAGE (an H&E image stained "
+                     "the way the model's training data were): this model file carries no "
+                     f"{method} stain reference{why}")

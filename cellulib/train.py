@@ -23,6 +23,7 @@ from fastai.learner import Learner, Metric
 from fastai.torch_core import set_seed
 
 from cellulib import data, losses, models
+from cellulib._moved import moved_names
 from cellulib.profiles import brca_m2c_profile, get_profile, seg_scale_size
 from cellulib.store import cache_path, data_fingerprint, load_model, save_model
 
@@ -83,7 +84,8 @@ def fit(learn: Learner, epochs: int, lr: float, schedule: str = "one_cycle",
     ``"decay"``: the rate decays exponentially from ``lr`` to ``lr_end`` (paper section 4.2:
     "gradually decreasing learning rate from 1e-4 to 1e-5"; the ``paper`` profile). Under
     ``accelerate launch`` with several processes (one per GPU) training runs in fastai's distributed
-    data-parallel context. Used in chapters 2-4 and by ``cellulib train``.
+    data-parallel context. Used in chapters 2 and 3 through :func:`cellulib.train.train_seg` and by
+    ``cellulib train``, and in chapter 4 through :func:`cellulib.train.train_direct`.
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
@@ -97,7 +99,7 @@ def fit(learn: Learner, epochs: int, lr: float, schedule: str = "one_cycle",
 def fit_decay(learn: Learner, epochs: int, lr: float, lr_end: float, progress: bool = True) -> None:
     """Adam with the learning rate decaying exponentially from ``lr`` to ``lr_end`` (paper 4.2).
 
-    Shorthand for ``fit(learn, epochs, lr, "decay", lr_end)``. Used in chapter 2's exercise.
+    Shorthand for ``fit(learn, epochs, lr, "decay", lr_end)``, for chapter 2's exercise.
     """
     fit(learn, epochs, lr, "decay", lr_end, progress)
 
@@ -110,7 +112,9 @@ def learner(dls, model: torch.nn.Module, loss_func, metrics=(), precision: str =
     """A fastai Learner with Adam that trains with mixed precision and channels-last.
 
     :func:`cellulib.engine.training_callbacks` picks bf16 autocast on CPUs with native bf16, AMP on
-    CUDA, float32 elsewhere. Every model of the book is trained through this. Used in chapters 2-4.
+    CUDA, float32 elsewhere. Every model of the book is trained through this. Used in chapter 2
+    through :func:`cellulib.train.train_seg`, and in chapter 3 through
+    :func:`cellulib.train.train_sr`, and in chapter 4 through :func:`cellulib.train.train_direct`.
     """
     from cellulib import engine
 
@@ -146,7 +150,8 @@ def seg_learner(dls, decoder: str = "fpn", pretrained=None, dropout: float = 0.5
                 alpha: float = 0.15, weights=(1, 1, 4, 1), precision: str = "auto") -> Learner:
     """A fastai Learner for weak nucleus segmentation: BCE - Jaccard loss, Adam, per-class Jaccard.
 
-    Paper sections 3.1 and 4.2; SPEC 2. Used in chapter 2 (weak segmentation).
+    Paper sections 3.1 and 4.2; SPEC 2. Used in chapter 2 through :func:`cellulib.train.train_seg`
+    (weak segmentation).
     """
     model = models.seg_model(decoder=decoder, pretrained=pretrained, dropout=dropout)
     return learner(dls, model, losses.BCEJaccardLoss(alpha=alpha, weights=weights),
@@ -241,7 +246,7 @@ def imagenet_status(arch: str = "resnet34", path=None) -> tuple[bool, str]:
     """Whether local ImageNet weights for ``arch`` are available, and a sentence saying so.
 
     Never downloads: looks at ``path`` or the torch hub cache (see
-    :func:`cellulib.models.load_imagenet_resnet`). Used in chapters 2-4 to decide whether the
+    :func:`cellulib.models.load_imagenet_resnet`). Used in chapters 2 and 4 to decide whether the
     ImageNet rows of the paper's tables can be run.
     """
     try:
@@ -249,29 +254,6 @@ def imagenet_status(arch: str = "resnet34", path=None) -> tuple[bool, str]:
     except (FileNotFoundError, ValueError) as exc:
         return False, str(exc)
     return True, f"ImageNet {arch} weights found" + (f" at {path}" if path else " in the cache")
-
-
-def table1(results: dict[tuple[str, str], TrainResult | None]) -> pd.DataFrame:
-    """Paper Table 1 with ours beside it: mean nuclear Jaccard, {random, ImageNet} x {U-Net, FPN}.
-
-    ``results`` maps ``(init, decoder)`` (init in ``random``/``imagenet``, decoder in
-    ``unet``/``fpn``) to a training result, or to None for a run that was not made (shown as
-    "not run", never as a number). Used in chapters 2 and 5.
-    """
-    from cellulib.metrics import PAPER
-
-    paper = PAPER[PAPER.table == "Table 1"].set_index(["init", "model"])["value"]
-    names = {"unet": "U-Net decoder", "fpn": "FPN decoder"}
-    rows = []
-    for init, label in (("random", "Random"), ("imagenet", "ImageNet")):
-        row = {"initialisation": label}
-        for dec in ("unet", "fpn"):
-            res = results.get((init, dec))
-            short = "U-Net" if dec == "unet" else "FPN"
-            row[f"{short} (paper)"] = f"{paper[(init, names[dec])]:.2f}"
-            row[f"{short} (ours)"] = "not run" if res is None else f"{res.scores['jaccard_nuclei']:.2f}"
-        rows.append(row)
-    return pd.DataFrame(rows).set_index("initialisation")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -282,7 +264,8 @@ class CellularityMSE(Metric):
 
     Works for every family: the model's ``to_cellularity`` turns regression outputs or the 101-bin
     logits into scores; classification targets (bin indices) are turned back into cellularity.
-    Used in chapters 3 and 4.
+    Used in chapter 3 through :func:`cellulib.train.train_sr`, and in chapter 4 through
+    :func:`cellulib.train.train_direct`.
     """
 
     def __init__(self) -> None:
@@ -560,5 +543,6 @@ def train_gbt(root: str | os.PathLike, seg: TrainResult, profile: str = "quick",
                    features_valid=tables["validation"].to_dict("list"))
 
 
-# Tables 2 and 3 live in cellulib.report; these names stay importable from here.
-from cellulib.report import PAPER_ROWS, results_table  # noqa: E402,F401
+# Tables 1-3 live in cellulib.report.
+__getattr__ = moved_names(__name__, dict.fromkeys(("PAPER_ROWS", "results_table", "table1"),
+                                                  "cellulib.report"))

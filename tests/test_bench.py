@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cellulib import bench
+from cellulib import bench, bookstatus
 
 nbformat = pytest.importorskip("nbformat")
 
@@ -158,7 +158,7 @@ def test_predict_case_scores_what_the_bare_forward_scores(smallest):
     dtype = engine.amp_dtype(d["device"])
     assert d["precision"] == {None: "float32", torch.bfloat16: "bf16",
                               torch.float16: "fp16"}[dtype]
-    assert d["reference_precision"] == bench._precision_label(dtype, channels_last=True)
+    assert d["reference_precision"] == engine.precision_label(dtype, channels_last=True)
     assert len(d["ours_s"]) == len(d["reference_s"]) == len(d["float32_s"]) == 1
     assert f"|diff| <= {bench.PREDICT_ATOL:g}" in row["goal"]
 
@@ -220,7 +220,7 @@ def test_train_case_sees_the_same_images_on_both_sides(smallest):
     for case in ("train seg", "train direct"):
         d = _row(smallest, case)["details"]
         assert d["overhead"] == pytest.approx(1 - _row(smallest, case)["ratio"])
-        assert d["precision"] == bench._precision_label(engine.amp_dtype(d["device"]))
+        assert d["precision"] == engine.precision_label(engine.amp_dtype(d["device"]))
         assert d["reference_optimizer"].startswith("torch AdamW")
         assert all(ms > 0 for ms in d["optimizer_step_ms"].values())
 
@@ -338,7 +338,7 @@ def test_status_page_lists_chapters_with_their_durations(book_dirs, tmp_path):
     _executed_notebook(failed / "04_direct.ipynb", "4. Direct models", [3.0], exception=True)
     _executed_notebook(failed / "05_discussion.ipynb", "5. Discussion", [1.25, 2.25],
                        papermill=False)
-    page = bench.status_markdown(failed, notebooks)
+    page = bookstatus.status_markdown(failed, notebooks)
     lines = page.splitlines()
     assert lines[0] == "# Execution status"
     rows = {line.split("|")[2].strip(" `"): [c.strip() for c in line.split("|")[1:-1]]
@@ -371,23 +371,27 @@ def test_status_page_lists_chapters_with_their_durations(book_dirs, tmp_path):
 def test_status_command_writes_the_page_atomically(book_dirs, tmp_path, capsys):
     chapters, _ = book_dirs
     out = tmp_path / "site" / "status.md"
-    assert bench.main(["status", "--chapters", str(chapters), "--out", str(out)]) == 0
+    assert bookstatus.main(["--chapters", str(chapters), "--out", str(out)]) == 0
     assert out.read_text().startswith("# Execution status\n")
     assert [p.name for p in out.parent.iterdir()] == ["status.md"]  # no temporary file left
-    assert bench.main(["status", "--chapters", str(tmp_path / "nowhere")]) == 2
+    assert bookstatus.main(["--chapters", str(tmp_path / "nowhere")]) == 2
     assert "nowhere" in capsys.readouterr().err
+    # the command's name before cellulib.bookstatus still works
+    out.unlink()
+    assert bench.main(["status", "--chapters", str(chapters), "--out", str(out)]) == 0
+    assert out.read_text().startswith("# Execution status\n")
 
 
 def test_corrupt_notebook_is_named(tmp_path):
     (tmp_path / "01_bad.ipynb").write_text("{not json")
     with pytest.raises(ValueError, match="01_bad.ipynb"):
-        bench.chapter_times(tmp_path)
+        bookstatus.chapter_times(tmp_path)
 
 
 def test_module_runs_as_a_program(book_dirs):
     chapters, _ = book_dirs
     env = dict(os.environ, PYTHONPATH=str(REPO), NO_ALBUMENTATIONS_UPDATE="1")
-    proc = subprocess.run([sys.executable, "-m", "cellulib.bench", "status", "--chapters",
+    proc = subprocess.run([sys.executable, "-m", "cellulib.bookstatus", "--chapters",
                            str(chapters)], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("# Execution status")
@@ -405,12 +409,12 @@ def test_execute_chapters_runs_papermill_with_the_quick_profile(tmp_path):
     nb.cells = [nbformat.v4.new_markdown_cell("# 1. Tiny"), params,
                 nbformat.v4.new_code_cell("print('profile', profile)")]
     nbformat.write(nb, src / "01_tiny.ipynb")
-    out = bench.execute_chapters(src, tmp_path / "out")
+    out = bookstatus.execute_chapters(src, tmp_path / "out")
     executed = nbformat.read(out / "01_tiny.ipynb", as_version=4)
     printed = "".join(o.get("text", "") for c in executed.cells if c.cell_type == "code"
                       for o in c.get("outputs", []))
     assert "profile quick" in printed
-    (row,) = bench.chapter_times(out)
+    (row,) = bookstatus.chapter_times(out)
     assert row["status"] == "ok" and row["seconds"] > 0 and row["title"] == "1. Tiny"
 
 

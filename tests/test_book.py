@@ -89,7 +89,7 @@ def built_book(tmp_path_factory):
             os.environ.pop("CELLULIB_HOME", None)
         else:
             os.environ["CELLULIB_HOME"] = env_before
-    from cellulib.bench import write_status
+    from cellulib.bookstatus import write_status
 
     write_status(chapters, chapters / "status.md", notebooks_dir=REPO / "notebooks")
     out = subprocess.run(

@@ -16,7 +16,6 @@ from sklearn.metrics import cohen_kappa_score, mean_squared_error
 import cellulib.metrics as M
 from cellulib.metrics import (
     ICC_KINDS,
-    PAPER,
     MetricWarning,
     UndefinedMetricError,
     bootstrap_ci,
@@ -29,6 +28,7 @@ from cellulib.metrics import (
     mse,
     prediction_probability,
 )
+from cellulib.report import PAPER
 
 # pingouin 0.7 calls a pandas API that pandas 3.1 deprecates; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:The inplace keyword in DataFrame.dropna")

@@ -16,7 +16,6 @@ from cellulib.models import (
     load_imagenet_resnet,
     seg_model,
     sr_model,
-    sr_splitter,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -369,9 +368,6 @@ def test_sr_model_frozen_stage_then_end_to_end():
     model = sr_model(seg_model("fpn"))
     assert model.head.conv1.in_channels == 4  # normal, lymphocyte, malignant, background
     x, y = torch.rand(2, 3, 64, 64) * 2 - 1, torch.tensor([[0.2], [0.7]])
-    groups = sr_splitter(model)
-    assert len(groups) == 2
-    assert sum(p.numel() for g in groups for p in g) == sum(p.numel() for p in model.parameters())
     # stage 1: an optimiser over every parameter (as fastai builds it) must not move the seg net
     model.train()
     assert not model.seg.training and model.head.training
@@ -422,8 +418,14 @@ def test_sr_model_imagenet_variant_uses_three_channels(tv_resnet34_file):
 
 
 def test_class_names_agree_between_modules():
-    assert models.CLASS_NAMES == losses.CLASS_NAMES == (
+    from cellulib import constants, features, metrics, plots
+
+    # SPEC 2's channel order, defined once in cellulib.constants and used everywhere
+    assert models.CLASS_NAMES == losses.CLASS_NAMES == constants.CLASSES == (
         "normal", "lymphocyte", "malignant", "background")
+    assert features.CLASSES == plots.CLASS_ORDER == constants.NUCLEUS_CLASSES == (
+        "normal", "lymphocyte", "malignant")
+    assert set(metrics.DETECTION_CLASSES) == set(constants.NUCLEUS_CLASSES)
 
 
 @pytest.mark.parametrize("task", ["regression", "classification"])

@@ -5,6 +5,8 @@ metrics of `evaluate` equal hand-computed values (ICC against pingouin)."""
 import argparse
 import functools
 import json
+import math
+import os
 import re
 import threading
 import time
@@ -19,11 +21,11 @@ import torch
 from PIL import Image
 
 from cellulib import load_model, models, save_model
+from cellulib.cli import build_parser
 from cellulib.data import DataError
 from cellulib.predict import (
     Predictor,
     PredictWarning,
-    add_commands,
     agreement_figure,
     bland_altman,
     collect_images,
@@ -166,9 +168,7 @@ def _reference(path, img):
 
 
 def _parser():
-    parser = argparse.ArgumentParser(prog="cellulib")
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    return parser
+    return build_parser()
 
 
 def _run(argv):
@@ -433,6 +433,199 @@ def test_stream_keeps_order_and_reads_ahead_only_a_window(model_files):
     ref = predictor.score_batch(np.stack(inputs))
     np.testing.assert_allclose([v for _, v, _ in [first, *rest]], ref, atol=1e-6)
 
+
+# the engine behind Predictor.stream: a DataLoader over the jobs, in-process first, then workers
+REGIMES = {"in-process": float("inf"), "workers": 0.0}
+
+
+def _engine(path, regime, **options):
+    predictor = Predictor(path, **options)
+    predictor._WORKER_START_S = REGIMES[regime]  # inf: never fork; 0: every job in a worker
+    return predictor
+
+
+def _mixed_jobs(n=31):
+    """Jobs of 1-5 inputs each, with raising jobs of two kinds and an empty one between them;
+    returns the jobs and, per key, the inputs or the expected error message."""
+    spec = {}
+    for i in range(n):
+        if i % 7 == 3:
+            spec[i] = ValueError(f"job {i}: broken\n   pixels"), f"job {i}: broken pixels"
+        elif i % 11 == 5:
+            spec[i] = OSError(f"job {i}: gone"), f"OSError: job {i}: gone"
+        elif i == 8:
+            spec[i] = [], "8: nothing to score"
+        else:
+            spec[i] = [_rgb(S, S, 300 + 7 * i + j) for j in range(1 + (i * 5) % 5)], ""
+
+    def job(i):
+        def load():
+            what = spec[i][0]
+            if isinstance(what, Exception):
+                raise what
+            return what
+        return load
+
+    return ((i, job(i)) for i in range(n)), spec
+
+
+@pytest.mark.parametrize("regime", list(REGIMES))
+@pytest.mark.parametrize("batch_size", [1, 4, 7])
+def test_stream_order_errors_and_batches_across_images(model_files, monkeypatch, regime,
+                                                        batch_size):
+    predictor = _engine(model_files["regression"], regime, batch_size=batch_size, workers=2)
+    jobs, spec = _mixed_jobs()
+    sizes = []
+    original = Predictor.score_batch
+
+    def recording(self, batch):
+        sizes.append(len(batch))
+        return original(self, batch)
+
+    monkeypatch.setattr(Predictor, "score_batch", recording)
+    rows = list(predictor.stream(jobs, progress=False))
+    assert [k for k, _, _ in rows] == list(spec)  # job order, errors included
+    assert [e for _, _, e in rows] == [spec[k][1] for k in spec]  # the same messages as ever
+    assert all(np.isnan(v) == bool(e) for _, v, e in rows)
+    # the inputs of consecutive images fill whole batches; only the last one is partial
+    flat = [x for k in spec if not spec[k][1] for x in spec[k][0]]
+    assert sum(sizes) == len(flat) and all(s == batch_size for s in sizes[:-1])
+    # bit for bit what scoring those batches and averaging each image's windows gives
+    monkeypatch.setattr(Predictor, "score_batch", original)
+    scores = np.concatenate([predictor.score_batch(np.stack(flat[a:a + batch_size]))
+                             for a in range(0, len(flat), batch_size)])
+    expected, at = {}, 0
+    for k in spec:
+        if not spec[k][1]:
+            n = len(spec[k][0])
+            expected[k] = float(np.mean(list(scores[at:at + n])))
+            at += n
+    assert {k: v for k, v, e in rows if not e} == expected
+
+
+def test_stream_workers_read_ahead_only_a_window(model_files, tmp_path):
+    predictor = _engine(model_files["regression"], "workers", batch_size=4, workers=2)
+    log = tmp_path / "started.txt"
+
+    def job(i):
+        def load():
+            with open(log, "a") as fh:  # visible across processes, unlike a list
+                fh.write(f"{i} {os.getpid()}\n")
+            return [_rgb(S, S, 100 + i)]
+        return load
+
+    stream = predictor.stream(((i, job(i)) for i in range(60)), progress=False)
+    first = next(stream)
+    time.sleep(0.5)  # give the workers every chance to run further ahead
+    started = log.read_text().split("\n")[:-1]
+    window = max(2 * predictor.batch_size, 2 * predictor.workers)
+    assert first[0] == 0
+    assert len(started) <= predictor.batch_size + window
+    rest = list(stream)
+    assert [k for k, _, _ in [first, *rest]] == list(range(60))
+    pids = {int(line.split()[1]) for line in log.read_text().split("\n")[:-1]}
+    assert len(pids) == predictor.workers and os.getpid() not in pids  # forked workers loaded
+
+
+def test_stream_hands_over_to_workers_once_loading_costs_their_start(model_files, tmp_path):
+    predictor = Predictor(model_files["regression"], batch_size=3, workers=2)
+    budget = predictor.workers * predictor._WORKER_START_S
+    inputs = [_rgb(S, S, 200 + i) for i in range(16)]
+
+    def jobs():
+        def job(i):
+            def load():
+                (tmp_path / f"{i}.pid").write_text(str(os.getpid()))
+                time.sleep(0.03)  # slow enough that the budget is spent after a few jobs
+                return [inputs[i], inputs[-1 - i]] if i % 2 else [inputs[i]]
+            return load
+        return ((i, job(i)) for i in range(16))
+
+    rows = list(predictor.stream(jobs(), total=16, progress=False))
+    assert [k for k, _, _ in rows] == list(range(16)) and all(not e for _, _, e in rows)
+    loaded_by = [int((tmp_path / f"{i}.pid").read_text()) for i in range(16)]
+    here = [i for i in range(16) if loaded_by[i] == os.getpid()]
+    assert here == list(range(len(here)))  # the first jobs in-process, then the workers
+    assert 1 <= len(here) <= math.ceil(budget / 0.03) + 1 < 16
+    # the scores do not depend on where a job was loaded
+    again = _engine(model_files["regression"], "in-process", batch_size=3, workers=2)
+    assert rows == list(again.stream(jobs(), progress=False))
+
+
+def test_stream_workers_read_files_opened_before_the_stream(model_files, tmp_path):
+    # a reader opened here (a slide's TIFF): after fork its seek + read must not race
+    data = np.arange(1 << 16, dtype=np.uint32)
+    data.tofile(tmp_path / "blob.bin")
+    fh = open(tmp_path / "blob.bin", "rb", buffering=0)
+    image = _rgb(S, S, 7)
+
+    def job(i):
+        def load():
+            offset = (i * 997) % ((1 << 16) - 256)
+            fh.seek(offset * 4)
+            time.sleep(0.002)  # the other worker seeks meanwhile
+            got = np.frombuffer(fh.read(1024), np.uint32)
+            if not np.array_equal(got, data[offset:offset + 256]):
+                raise ValueError(f"job {i}: read another job's bytes")
+            return [image]
+        return load
+
+    try:
+        predictor = _engine(model_files["regression"], "workers", batch_size=8, workers=2)
+        rows = list(predictor.stream(((i, job(i)) for i in range(60)), progress=False))
+        assert [e for _, _, e in rows] == [""] * 60
+        assert fh.tell() == 0  # the parent's own offset is untouched
+    finally:
+        fh.close()
+
+
+def test_stream_leaves_no_workers_and_no_rng_change(model_files, capsys):
+    import multiprocessing
+
+    predictor = _engine(model_files["regression"], "workers", batch_size=2, workers=2)
+    jobs, spec = _mixed_jobs(12)
+    state = torch.get_rng_state()
+    stream = predictor.stream(jobs, total=12, desc="tiles-bar", unit="tile")
+    next(stream)
+    assert multiprocessing.active_children()
+    stream.close()  # stopped early: the workers are shut down
+    assert not multiprocessing.active_children()
+    assert torch.equal(torch.get_rng_state(), state)  # workers' seeds from a private generator
+    captured = capsys.readouterr()
+    assert "tiles-bar" in captured.err and captured.out == ""  # the bar is on stderr
+
+
+
+def test_stream_in_a_daemonic_process_loads_in_process(model_files):
+    # a multiprocessing.Pool worker may not start processes: the jobs are loaded where it runs
+    import multiprocessing
+
+    predictor = _engine(model_files["regression"], "workers", batch_size=2, workers=2)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+
+    def bad(i):
+        def load():
+            raise ValueError(f"job {i}: unreadable in pid {os.getpid()}")
+        return load
+
+    def run():
+        try:
+            rows = list(predictor.stream(((i, bad(i)) for i in range(5)), progress=False))
+            queue.put((os.getpid(), rows))
+        except BaseException as exc:  # noqa: BLE001 - reported to the test
+            queue.put((os.getpid(), repr(exc)))
+
+    proc = ctx.Process(target=run, daemon=True)
+    proc.start()
+    try:
+        pid, rows = queue.get(timeout=120)
+    finally:
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+    assert [k for k, _, _ in rows] == list(range(5))
+    assert [e for _, _, e in rows] == [f"job {i}: unreadable in pid {pid}" for i in range(5)]
 
 # ---------------------------------------------------------------------------------------------
 # predict: precision (bf16 autocast or float32)

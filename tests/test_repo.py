@@ -66,7 +66,7 @@ def test_notebook_sources_are_clean(path):
 def test_toc_lists_only_existing_pages():
     toc = yaml.safe_load((REPO / "_toc.yml").read_text())
     files = [toc["root"]] + [c["file"] for part in toc["parts"] for c in part["chapters"]]
-    generated = {"book/chapters/status"}  # written by `python -m cellulib.bench status`
+    generated = {"book/chapters/status"}  # written by `python -m cellulib.bookstatus`
     for file in files:
         if file in generated:
             continue

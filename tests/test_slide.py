@@ -1,13 +1,14 @@
-"""`cellulib slide`: region reading equals tifffile's full decode at every pyramid level, tissue
-tiles are found and scored exactly as the documented recipe on the same pixels, background is
-skipped, damaged tiles give error rows, and the outputs are written (synthetic pyramidal OME-TIFF,
-the real OpenSlide crop, an OpenSlide adapter)."""
+"""`cellulib slide`: region reading (tifffile's zarr store) equals tifffile's full decode at every
+pyramid level and for every TIFF layout it reads by region, missing tiles read as white glass, reads
+from several threads agree, tissue tiles are found and scored exactly as the documented recipe on
+the same pixels, background is skipped, damaged tiles give error rows, and the outputs are written
+(synthetic pyramidal OME-TIFF, the real OpenSlide crop, an OpenSlide adapter)."""
 
-import argparse
 import json
 import sys
 import types
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import numpy as np
@@ -18,9 +19,17 @@ import torch
 from PIL import Image
 
 from cellulib import load_model, models, save_model
+from cellulib.cli import build_parser
 from cellulib.data import DataError
-from cellulib.predict import add_commands
-from cellulib.slide import SlideWarning, open_slide, slide_map, tile_grid, tissue_mask
+from cellulib.imageio import to_rgb8
+from cellulib.slide import (
+    SlideWarning,
+    _thumbnail,
+    open_slide,
+    slide_map,
+    tile_grid,
+    tissue_mask,
+)
 from cellulib.synth import render_patch
 
 
@@ -100,9 +109,7 @@ def _score(model, tile):
 
 
 def _run(argv):
-    parser = argparse.ArgumentParser(prog="cellulib")
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 
@@ -144,6 +151,135 @@ def test_stripped_16bit_and_grey_tiffs_read_by_region(tmp_path):
     grey16 = rgb[..., 0].astype(np.uint16) * 257
     tifffile.imwrite(tmp_path / "grey16.tif", grey16, tile=(128, 128), compression="zlib")
     _check_regions(tmp_path / "grey16.tif", [np.repeat(rgb[..., :1], 3, axis=2)])
+
+
+def _rgba(h, w, seed):
+    rng = np.random.default_rng(seed)
+    rgb = cv2.resize(rng.integers(0, 256, (h // 20, w // 20, 3), dtype=np.uint8), (w, h))
+    alpha = np.linspace(0, 255, w).astype(np.uint8)[None].repeat(h, 0)
+    return np.dstack([rgb, alpha])
+
+
+def _layouts(tmp_path):
+    """One TIFF of each layout the region reader handles: name -> (path, level-0 pixels as
+    ``to_rgb8`` converts a full decode)."""
+    rgba = _rgba(300, 420, 7)
+    rgb, grey = rgba[..., :3], rgba[..., 0]
+    cases = {  # name: (tifffile.imwrite options, data written, the same pixels interleaved)
+        "ycbcr_jpeg_tiles": ({"photometric": "ycbcr", "compression": "jpeg", "tile": (128, 128)},
+                             rgb, None),  # lossy: compared with what tifffile decodes
+        "rgba_tiles": ({"photometric": "rgb", "extrasamples": ["unassalpha"], "tile": (128, 128),
+                        "compression": "zlib"}, rgba, rgba),
+        "grey_alpha_strips": ({"photometric": "minisblack", "extrasamples": ["unassalpha"],
+                               "rowsperstrip": 35}, rgba[..., [0, 3]], rgba[..., [0, 3]]),
+        "rgb16_big_endian_tiles": ({"photometric": "rgb", "byteorder": ">", "tile": (64, 128),
+                                    "compression": "zlib"}, rgb.astype(np.uint16) * 257, rgb),
+        "planar_rgb_tiles": ({"photometric": "rgb", "planarconfig": "separate",
+                              "tile": (128, 128)}, rgb.transpose(2, 0, 1), rgb),
+        "grey8_tiles": ({"tile": (64, 64)}, grey, grey),
+    }
+    out = {}
+    for name, (opts, data, pixels) in cases.items():
+        path = tmp_path / f"{name}.tif"
+        tifffile.imwrite(path, data, **opts)
+        out[name] = (path, to_rgb8(tifffile.imread(path) if pixels is None else pixels, name))
+    return out
+
+
+def test_every_tiff_layout_reads_by_region_like_a_full_decode(tmp_path):
+    for path, expected in _layouts(tmp_path).values():
+        _check_regions(path, [expected], n=8)  # planar RGB too, read whole before zarr
+
+
+def test_a_layout_not_read_by_region_is_read_whole(tmp_path):
+    grey = _rgba(200, 300, 8)[..., 0]
+    path = tmp_path / "palette.tif"
+    tifffile.imwrite(path, grey // 16, photometric="palette", tile=(64, 64),
+                     colormap=np.stack([np.arange(256) * 257] * 3).astype(np.uint16))
+    with open_slide(path) as reader:
+        assert reader.kind == "image" and reader.dims == [(300, 200)]
+        assert reader.read_region(0, 10, 20, 30, 40).shape == (40, 30, 3)
+
+
+def test_the_first_plane_of_a_multi_plane_tiff_with_a_warning(tmp_path):
+    planes = np.stack([_rgba(200, 300, 9)[..., :3], _rgba(200, 300, 10)[..., :3]])
+    path = tmp_path / "planes.tif"
+    tifffile.imwrite(path, planes, photometric="rgb", tile=(64, 64))
+    with pytest.warns(SlideWarning, match=r"planes\.tif: the image has several planes"):
+        reader = open_slide(path)
+    with reader:
+        np.testing.assert_array_equal(reader.read_region(0, 37, 41, 150, 120),
+                                      planes[0, 41:161, 37:187])
+
+
+def _drop_tiles(path, level, indices):
+    """Make tiles or strips of a level sparse: offset and byte count 0, as GDAL writes tiles
+    that hold nothing."""
+    with tifffile.TiffFile(path, mode="r+") as tif:
+        page = tif.series[0].levels[level].pages[0]
+        prefix = "Tile" if page.is_tiled else "Strip"
+        for tag in (f"{prefix}Offsets", f"{prefix}ByteCounts"):
+            values = list(page.tags[tag].value)
+            for i in indices:
+                values[i] = 0
+            page.tags[tag].overwrite(values)
+
+
+def test_missing_tiles_read_as_white_glass(synthetic_slide, tmp_path):
+    path, _ = synthetic_slide
+    sparse = tmp_path / "sparse.ome.tif"
+    sparse.write_bytes(path.read_bytes())
+    _drop_tiles(sparse, 0, [0, 7])  # level 0 (6 x 4 tiles of 256): x=0 y=0 and x=256 y=256
+    _drop_tiles(sparse, 2, [0])  # the single tile of level 2 holds x < 256, y < 256
+    with tifffile.TiffFile(path) as tif:
+        levels = [level.asarray() for level in tif.series[0].levels]
+    levels[0][:256, :256] = levels[0][256:512, 256:512] = 255
+    levels[2][:256, :256] = 255
+    _check_regions(sparse, levels)
+    grey = _rgba(300, 400, 11)[..., 0].astype(np.uint16) * 257
+    tifffile.imwrite(tmp_path / "grey16.tif", grey, tile=(128, 128), compression="zlib")
+    _drop_tiles(tmp_path / "grey16.tif", 0, [1])
+    with open_slide(tmp_path / "grey16.tif") as reader:
+        region = reader.read_region(0, 100, 0, 200, 200)
+        assert (region[:128, 28:156] == 255).all()  # 65535 -> 255
+        np.testing.assert_array_equal(region[128:, :, 0], np.rint(grey[128:200, 100:300] / 257))
+
+
+def test_regions_read_from_several_threads_equal_serial_reads(synthetic_slide):
+    path, _ = synthetic_slide
+    rng = np.random.default_rng(3)
+    with open_slide(path) as reader:
+        jobs = []
+        for level, (width, height) in enumerate(reader.dims):
+            for _ in range(20):
+                w, h = int(rng.integers(1, min(width, 300))), int(rng.integers(1, min(height, 300)))
+                jobs.append((level, int(rng.integers(0, width - w)), int(rng.integers(0, height - h)),
+                             w, h))
+        serial = [reader.read_region(*job) for job in jobs]
+        with ThreadPoolExecutor(6) as pool:
+            threaded = list(pool.map(lambda job: reader.read_region(*job), jobs * 3))
+    for a, b in zip(serial * 3, threaded):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_truncated_tiff_reads_its_whole_tiles_and_reports_the_rest(tmp_path):
+    img = _rgba(600, 800, 12)[..., :3]
+    full = tmp_path / "full.tif"
+    tifffile.imwrite(full, img, photometric="rgb", tile=(128, 128), compression="zlib")
+    with tifffile.TiffFile(full) as tif:
+        page = tif.pages[0]
+        cut = page.dataoffsets[14] + 50  # 7 tiles a row: rows 0-1 whole, the rest cut or gone
+        assert page.offset < page.dataoffsets[0]  # tifffile writes the IFD first
+    short = tmp_path / "short.tif"
+    short.write_bytes(full.read_bytes()[:cut])
+    with open_slide(short) as reader:
+        np.testing.assert_array_equal(reader.read_region(0, 0, 0, 800, 256), img[:256])
+        with pytest.raises(Exception):  # noqa: B017 - the codec's error for a cut tile
+            reader.read_region(0, 0, 256, 128, 128)
+        with pytest.warns(SlideWarning, match=r"short\.tif: \d+ damaged region"):
+            thumb, _ = _thumbnail(reader)
+    np.testing.assert_array_equal(thumb[:256], img[:256])
+    assert (thumb[256:] == 255).all()
 
 
 def test_unreadable_inputs_are_clear_errors(tmp_path, model_file):

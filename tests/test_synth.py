@@ -139,7 +139,9 @@ def test_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
     def boom(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(synth.os, "replace", boom)
+    from cellulib import imageio  # synth writes every file through imageio's atomic writes
+
+    monkeypatch.setattr(imageio.os, "replace", boom)
     with pytest.raises(OSError, match="disk full"):
         synth.make_breastpathq(tmp_path, 1, 0, 0, size=64, seed=0, progress=False)
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
@@ -343,3 +345,143 @@ def test_comparison_tables(real_dir):
     # only the full-size BreastPathQ patch shares the synthetic pixel scale
     assert set(sizes.source) == {"synthetic", "real (breastpathq_99788_1.tif)"}
     assert (sizes.diameter_px > 0).all()
+
+
+# ------------------------------------------------------------------- renderer stages and parameters
+def test_render_params_follow_the_spec():
+    import dataclasses
+    import inspect
+
+    p = synth.RENDER_PARAMS
+    assert p == synth.RenderParams()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.lymphocyte_h_od = 0.1
+    # SPEC 1.1/1.2: 512x512 patches by default, and rates are per such a patch.
+    assert p.reference_size == 512
+    assert inspect.signature(synth.render_patch).parameters["size"].default == 512
+    # SPEC 1.2: normal epithelium in one or two layers around a lumen: both kinds of duct occur.
+    assert 0 < p.p_duct_two_layers < 1 and min(p.duct_lumen_px) > 0
+    # Malignant nuclei large, normal ones small, lymphocytes small and round (one radius): the
+    # largest lymphocyte is smaller than the smallest luminal nucleus, and the largest luminal
+    # nucleus smaller than a malignant one of the smallest slide radius.
+    area = {"lymphocyte": (np.pi * p.lymphocyte_radius_px[0] ** 2,
+                           np.pi * p.lymphocyte_radius_px[1] ** 2),
+            "normal": (np.pi * p.luminal_major_px[0] * p.luminal_minor_px[0],
+                       np.pi * p.luminal_major_px[1] * p.luminal_minor_px[1])}
+    smallest_slide_radius = min(synth.sample_slide_style(k).nucleus_radius for k in range(200))
+    assert area["lymphocyte"][1] < area["normal"][0]
+    assert area["normal"][1] < np.pi * smallest_slide_radius ** 2
+    # Lymphocytes about 7 px across at the BreastPathQ scale (module notes).
+    assert 6 <= 2 * p.lymphocyte_radius_px[0] < 2 * p.lymphocyte_radius_px[1] <= 8
+    # Lymphocytes very dark: the densest haematoxylin of any nucleus (malignant at its rim).
+    others = (p.luminal_h_od, p.myoepithelial_h_od, p.fibroblast_h_od,
+              p.malignant_h_od * (p.malignant_h_centre + p.malignant_h_rim))
+    assert p.lymphocyte_h_od > max(others)
+    # Malignant nuclei vesicular: a pale centre and a dark rim near the outline.
+    assert p.malignant_h_rim > 0 and 0 < p.malignant_rim_start < 1
+    # Stroma with eosinophilic fibres.
+    assert p.stroma_e_fibres > 0
+
+
+def test_stage_lymphocyte_masks_hand_counted():
+    # One lymphocyte of radius 3.5 px at a pixel centre: the lattice points with
+    # dx^2 + dy^2 <= 12.25 are 7 + 2*7 + 2*5 + 2*3 = 37; with the 1.2 px rim of cytoplasm
+    # (radius 4.7, 22.09) 9 + 2*9 + 2*9 + 2*7 + 2*5 = 69.
+    owner, cells, nuclei = synth._lymphocyte_masks(np.array([[16.0, 16.0]]), np.array([3.5]),
+                                                   33, 1.0)
+    assert nuclei.sum() == 37 and cells.sum() == 69
+    assert not (nuclei & ~cells).any() and (owner == 0).all()
+    np.testing.assert_array_equal(nuclei, nuclei.T)
+    np.testing.assert_array_equal(nuclei, nuclei[::-1, ::-1])
+    # Two lymphocytes: each pixel belongs to the nearer one, nuclei do not merge.
+    owner, cells, nuclei = synth._lymphocyte_masks(np.array([[8.0, 16.0], [24.0, 16.0]]),
+                                                   np.array([3.5, 3.5]), 33, 1.0)
+    assert nuclei.sum() == 74 and owner[16, 8] == 0 and owner[16, 24] == 1
+    # None: empty maps.
+    owner, cells, nuclei = synth._lymphocyte_masks(np.zeros((0, 2)), np.zeros(0), 33, 1.0)
+    assert not cells.any() and (owner == -1).all()
+
+
+def test_stage_beer_lambert_by_hand():
+    style = synth.SlideStyle(
+        h_vector=np.array([0.6, 0.7, 0.4]), e_vector=np.array([0.2, 0.8, 0.56]), h_scale=1.5,
+        e_scale=0.5, background=np.array([240.0, 230.0, 250.0]), cell_spacing=25.0,
+        nucleus_radius=7.0, pleomorphism=1.0, blur=0.6, tumour_type="IDC")
+    h = np.zeros((2, 3), np.float32)
+    e = np.zeros((2, 3), np.float32)
+    h[0, 1], e[1, 2] = 0.2, 0.4
+    red = np.zeros((2, 3), np.float32)
+    rgb = synth._beer_lambert(h, e, red, style, h_gain=1.0, e_gain=2.0)
+    assert rgb.shape == (2, 3, 3) and rgb.dtype == np.float32
+    # No stain: the background, exactly.
+    np.testing.assert_array_equal(rgb[0, 0], np.float32(style.background))
+    # I = I0 10^-(cH * h_scale * h); eosin doubled by e_gain.
+    np.testing.assert_allclose(rgb[0, 1], style.background * 10 ** -(0.2 * 1.5 * style.h_vector),
+                               rtol=1e-5)
+    np.testing.assert_allclose(rgb[1, 2],
+                               style.background * 10 ** -(0.4 * 0.5 * 2.0 * style.e_vector),
+                               rtol=1e-5)
+
+
+def _state(size, target=0.5, seed=0, **params):
+    p = synth.RenderParams(**params)
+    rng = np.random.default_rng(seed)
+    return synth._new_state(rng, size, 1.0, synth.sample_slide_style(1), target, p)
+
+
+def test_stage_glass_takes_its_share_from_one_side():
+    st = _state(64, p_no_glass=0.0, glass_share=(0.25, 0.25))
+    assert st.context.glass_share == 0.25
+    synth._add_glass(st)
+    glass = st.compartments == synth._WHITE
+    assert glass.sum() == int(0.25 * 64 * 64)
+    assert glass[0].any() or glass[-1].any() or glass[:, 0].any() or glass[:, -1].any()
+    # Without glass the stage changes nothing.
+    st = _state(64, p_no_glass=1.0)
+    synth._add_glass(st)
+    assert (st.compartments == synth._STROMA).all()
+
+
+def test_stage_high_target_drops_the_ducts():
+    st = _state(256, target=1.0, duct_rate=(40.0, 40.0))
+    synth._add_ducts(st)
+    assert st.ducts and (st.compartments == synth._DUCT).any() and st.lumen.any()
+    assert {layers for *_, layers in st.ducts} <= {1, 2}
+    need = synth._tumour_pixels_needed(st)
+    # Target 1: every tissue pixel is wanted for tumour, so no duct may stay.
+    assert st.ducts == [] and st.duct_masks == [] and not st.lumen.any()
+    assert not (st.compartments == synth._DUCT).any()
+    assert need == (st.compartments == synth._STROMA).sum() == (st.compartments != synth._WHITE).sum()
+
+
+def test_stage_normal_seeds_on_rings_around_the_lumen():
+    st = _state(160)
+    # One duct at the centre, lumen semi-axes 20 x 12 px, major axis at 30 degrees, two layers.
+    cx, cy, a, b, angle = 80.0, 80.0, 20.0, 12.0, np.deg2rad(30)
+    st.ducts = [(cx, cy, a, b, angle, 2)]
+    seeds, myo = synth._normal_seeds(st)
+    p = st.params
+    # Rings at the middle of each luminal layer, and the myoepithelial ring just outside them.
+    offsets = [0.5 * p.epithelial_layer_px, 1.5 * p.epithelial_layer_px,
+               2 * p.epithelial_layer_px + p.myoepithelial_offset_px]
+    dx, dy = seeds[:, 0] - cx, seeds[:, 1] - cy
+    u = dx * np.cos(angle) + dy * np.sin(angle)
+    v = -dx * np.sin(angle) + dy * np.cos(angle)
+    ring = np.full(len(seeds), -1)
+    for k, off in enumerate(offsets):
+        ring[np.isclose((u / (a + off)) ** 2 + (v / (b + off)) ** 2, 1.0, atol=1e-9)] = k
+    assert (ring >= 0).all(), "every nucleus lies on one of the three rings"
+    assert set(ring[myo]) == {2} and set(ring[~myo]) == {0, 1}
+    # Luminal nuclei about 9 px apart, myoepithelial ones about 24 px (perimeter of the ring
+    # from its mean radius, a rough independent estimate).
+    for k, spacing in ((0, p.luminal_spacing_px), (2, p.myoepithelial_spacing_px)):
+        perimeter = 2 * np.pi * ((a + offsets[k]) + (b + offsets[k])) / 2
+        assert abs((ring == k).sum() - perimeter / spacing) <= 2
+    # Myoepithelial nuclei lie flat along the outline: their major axis is tangent to the ring.
+    k = np.flatnonzero(myo)
+    t = np.arctan2(v[k] / (b + offsets[2]), u[k] / (a + offsets[2]))
+    tangent = np.arctan2(-(a + offsets[2]) * np.sin(t) * np.sin(angle)
+                         + (b + offsets[2]) * np.cos(t) * np.cos(angle),
+                         -(a + offsets[2]) * np.sin(t) * np.cos(angle)
+                         - (b + offsets[2]) * np.cos(t) * np.sin(angle))
+    assert np.allclose(np.sin(seeds[k, 2] - tangent), 0.0, atol=1e-9)

@@ -112,7 +112,7 @@ def test_model_files_record_their_training_stain_and_pixel_size(tiny_root, tiny_
                                                                 tmp_path, capsys):
     import numpy as np
 
-    from cellulib import data, stain
+    from cellulib import data, stain, store
 
     # the segmentation net: the stain of its training cells patches, the datasets' pixel size
     meta = tiny_seg.meta
@@ -122,7 +122,7 @@ def test_model_files_record_their_training_stain_and_pixel_size(tiny_root, tiny_
     expected = stain.training_reference(cells["image_path"].iloc[train_idx].tolist())
     assert meta["stain"]["macenko"]["HERef"] == expected["macenko"]["HERef"]
     # --stain-norm macenko needs no target with such a file, and its reference is the stored one
-    norm = stain.normalizer_from_options("macenko", None, tiny_seg.path)
+    norm = store.normalizer_from_options("macenko", None, tiny_seg.path)
     np.testing.assert_array_equal(norm._impl.HERef, np.asarray(expected["macenko"]["HERef"]))
     out = tmp_path / "nuclei.csv"
     assert cli.main(["detect", "--model", str(tiny_seg.path), "--images",

@@ -1,0 +1,110 @@
+"""The library's layout: every module has one layer, imports point down (or across) and never
+around in a cycle, and the README's "What is here" table names every module.
+
+Imports are read from the source (``import``/``from`` anywhere in a module, lazy ones in functions
+included), so a cycle hidden inside a function fails here as well. Old import paths kept by
+`cellulib._moved` resolve only when used and are not imports.
+"""
+from __future__ import annotations
+
+import ast
+import re
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "cellulib"
+
+#: Lowest first: a module may import modules of its own layer or of layers below it.
+LAYERS: dict[str, tuple[str, ...]] = {
+    "facts": ("constants", "_moved"),
+    "files": ("imageio",),
+    "data": ("stain", "transforms", "annotations", "data", "synth", "profiles"),
+    "models": ("features", "losses", "metrics", "models", "engine", "store"),
+    "training and inference": ("train", "predict", "detect", "slide"),
+    "reporting": ("report", "plots", "evaluation", "robustness"),
+    "commands and tools": ("cli", "bench", "bookstatus", "__init__", "__main__"),
+}
+RANK = {m: i for i, mods in enumerate(LAYERS.values()) for m in mods}
+
+
+def _imports() -> dict[str, set[str]]:
+    modules = {p.stem for p in PACKAGE.glob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for path in PACKAGE.glob("*.py"):
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                if node.module == "cellulib":
+                    found |= {a.name for a in node.names if a.name in modules}
+                elif node.module.startswith("cellulib."):
+                    found.add(node.module.split(".")[1])
+            elif isinstance(node, ast.ImportFrom) and node.level:
+                found.add((node.module or "").split(".")[0])
+            elif isinstance(node, ast.Import):
+                found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("cellulib.")}
+        graph[path.stem] = found - {path.stem}
+    return graph
+
+
+def test_every_module_has_a_layer():
+    modules = {p.stem for p in PACKAGE.glob("*.py")}
+    assert modules - RANK.keys() == set(), "place new modules in LAYERS (and the README table)"
+    assert RANK.keys() - modules == set()
+
+
+def test_imports_point_down_the_layers():
+    wrong = [f"{m} ({_layer(m)}) imports {t} ({_layer(t)})"
+             for m, targets in sorted(_imports().items()) for t in sorted(targets)
+             if RANK[t] > RANK[m]]
+    assert not wrong, "imports that point up: " + "; ".join(wrong)
+
+
+def _layer(module: str) -> str:
+    return next(name for name, mods in LAYERS.items() if module in mods)
+
+
+def test_no_import_cycle():
+    graph = _imports()
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        stack.append(m)
+        for t in sorted(graph.get(m, ())):
+            if state.get(t) == 1:
+                return stack[stack.index(t):] + [t]
+            if t not in state:
+                cycle = visit(t)
+                if cycle:
+                    return cycle
+        stack.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(graph):
+        if m not in state:
+            cycle = visit(m)
+            assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_check_sees_a_cycle_hidden_in_a_function(tmp_path, monkeypatch):
+    # the checker itself: two modules that import each other lazily form a cycle
+    pkg = tmp_path / "cellulib"
+    pkg.mkdir()
+    (pkg / "a.py").write_text("def f():\n    from cellulib import b\n")
+    (pkg / "b.py").write_text("def g():\n    from cellulib.a import f\n")
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", pkg)
+    assert _imports() == {"a": {"b"}, "b": {"a"}}
+
+
+def test_readme_names_every_module_in_its_layer():
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text.split("## What is here", 1)[1].split("\n## ", 1)[0]
+    for layer, mods in LAYERS.items():
+        row = next((line for line in section.splitlines() if line.startswith(f"| {layer} ")), None)
+        assert row is not None, f"README 'What is here' has no row for the layer {layer!r}"
+        for m in mods:
+            if not m.startswith("_"):
+                assert re.search(rf"`{m}`", row), f"README: module {m} missing from its layer row"
