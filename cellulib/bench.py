@@ -520,7 +520,7 @@ def bench_predict(n_images: int = 48, file_size: int = 512, input_size: int = 12
     ratio = ours_ips / ref_ips
     note = (f"best-of-{repeats} ratio {_best_ratio(times):.2f}; {n_images} TIFFs "
             f"{file_size}x{file_size} -> resnet34 direct model at {input_size}x{input_size}, "
-            f"batch {batch_size}, {workers} decoding threads, device {device}, "
+            f"batch {batch_size}, {workers} decoding workers, device {device}, "
             f"{predictor.precision}; reference: bare forward on pre-loaded tensors, {ref_label}; "
             f"textbook float32 NCHW forward {f32_ips:.1f} img/s; the same {n_images} images in "
             f"the same order: ours vs reference max |diff| "

@@ -165,7 +165,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (16)")
     p.add_argument("--tta", action="store_true", help="average the 8 flips and rotations")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--workers", type=int, default=2, help="threads decoding images ahead (2)")
+    p.add_argument("--workers", type=int, default=2, help="worker processes decoding images ahead (2)")
     p.add_argument("--precision", choices=("auto", "bf16", "float32"), default="auto",
                    help="forward-pass arithmetic: auto (bf16 autocast on a CPU with native bf16 "
                    "and on CUDA, else float32), bf16, or float32 to force full precision")

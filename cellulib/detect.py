@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from scipy import ndimage as ndi
 from tqdm import tqdm
 
@@ -151,8 +152,6 @@ class _SegModel:
         self.amp_dtype = amp_dtype(self.device, precision)
         self.model = model.eval().to(self.device)
         if self.amp_dtype is not None:
-            import torch
-
             self.model.to(memory_format=torch.channels_last)
         self.stain_norm = stain_norm  # a cellulib.stain.StainNormalizer, or None
         self.classes = NUCLEUS_CLASSES  # every class of the segmentation output but background
