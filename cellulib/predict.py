@@ -15,10 +15,12 @@ scored and failed images. The sidecar, rather than ``#`` comment lines, keeps th
 ``pandas.read_csv`` without options. Both files are written atomically.
 
 Speed: images are read through a ``torch.utils.data.DataLoader`` over the jobs
-(:meth:`Predictor.stream`). The first ones are decoded in this process; once that has taken as long
-as starting worker processes would (about 50 ms each), the rest are decoded and resized ahead of the
-network by ``workers`` forked processes (no GIL between them; they never touch CUDA) and come back
-in order. The inputs of consecutive images fill batches of ``batch_size``, which go through the
+(:meth:`Predictor.stream`). They are decoded in this process at first; once loading has taken at
+least half of the time and as long as starting worker processes would (about 0.1 s each), with
+more of it to come, the rest are decoded and resized ahead of the network by ``workers`` forked
+processes (no GIL between them; they never touch CUDA) and come back in order. Few or cheap files
+(or a CPU busy with the network) thus never pay for the processes' start. The inputs of
+consecutive images fill batches of ``batch_size``, which go through the
 model under ``torch.inference_mode`` in channels-last layout (faster on CPU and GPU for these
 ResNets), on CUDA when available. Memory stays flat: at most a window of prepared ``S x S`` inputs
 is held (the DataLoader's ``prefetch_factor``), never the decoded images, and rows are streamed to
@@ -27,6 +29,7 @@ the output file.
 from __future__ import annotations
 
 import csv
+import gc
 import json
 import math
 import os
@@ -387,10 +390,12 @@ class Predictor:
         The inputs of consecutive images fill the forward passes of ``batch_size`` together.
 
         The jobs are read by a :class:`torch.utils.data.DataLoader` over an iterable dataset of
-        the jobs (:class:`_JobStream`). The first jobs are loaded in this process; once loading
-        them has taken as long as starting the workers would (about 50 ms a worker), the rest go
-        to ``workers`` forked processes (round-robin, so the DataLoader's in-order fetch keeps the
-        job order), each given its own offsets of the files it inherited (:func:`_worker_init`).
+        the jobs (:class:`_JobStream`). The first jobs are loaded in this process. Once loading
+        has taken as long as starting the workers would (``_WORKER_START_S`` a worker), and at
+        least ``_LOAD_BOUND`` of the time so far, and (given ``total``) the jobs left would take
+        as long again, the rest go to ``workers`` forked processes (round-robin, so the
+        DataLoader's in-order fetch keeps the job order), each given its own offsets of the files
+        it inherited (:func:`_worker_init`). Scores do not depend on where a job was loaded.
         A job's ``load`` runs in a worker as a copy of this process: a closure over the predictor,
         paths or images needs no pickling, but what it changes is not seen here; the inputs and
         keys come back pickled. Memory holds the prepared inputs of at most
@@ -432,17 +437,19 @@ class Predictor:
                 bar.update(1)
                 yield key, value, error
 
-        # start-up cost of the worker processes, paid once loading in-process has cost as much
+        # the workers' start-up, paid once loading in-process has cost as much (and more remains)
         budget = self.workers * self._WORKER_START_S if _can_fork() else math.inf
         rows = None
+        start = time.perf_counter()
         try:
             rows = iter(self._job_loader(jobs, 0))
             spent, done, handed_over = 0.0, 0, False
             while True:
-                if spent >= budget and (total is None or done < total):
+                t0 = time.perf_counter()
+                if (spent >= budget and spent >= self._LOAD_BOUND * (t0 - start)
+                        and (total is None or (total - done) * spent >= budget * max(done, 1))):
                     handed_over = True
                     break
-                t0 = time.perf_counter()
                 row = next(rows, None)
                 spent += time.perf_counter() - t0
                 if row is None:
@@ -456,7 +463,18 @@ class Predictor:
                     # own); the workers only run the jobs' loads, which take no lock of ours
                     warnings.filterwarnings("ignore", "This process .* is multi-threaded, use "
                                             "of fork", DeprecationWarning)
-                    rows = iter(self._job_loader(jobs, self.workers))
+                    # frozen, this process's objects are left out of the workers' garbage
+                    # collections, which would otherwise write to (and so copy) every page of them:
+                    # a worker's own memory stays ~10 MiB instead of growing with the jobs it runs
+                    # (unless the program froze objects itself: then gc is left as it is)
+                    freeze = gc.get_freeze_count() == 0
+                    if freeze:
+                        gc.freeze()
+                    try:
+                        rows = iter(self._job_loader(jobs, self.workers))
+                    finally:
+                        if freeze:
+                            gc.unfreeze()
                 for row in rows:
                     take(row)
                     yield from completed()
@@ -467,9 +485,14 @@ class Predictor:
             del rows  # the last reference: a multi-process iterator shuts its workers down
             bar.close()
 
-    #: Seconds one worker process takes to start and stop (fork of a process holding torch and a
-    #: model, the DataLoader's set-up and shutdown): 35-50 ms measured on a 2-core CPU.
-    _WORKER_START_S = 0.05
+    #: Seconds one worker process costs to start and stop: the fork of a process holding torch and
+    #: a model, the DataLoader's set-up, the first items' way through it and the shutdown (measured
+    #: 0.05-0.1 s on a 2-core CPU).
+    _WORKER_START_S = 0.1
+    #: Workers take over only while loading is at least this fraction of the time so far: when the
+    #: forward passes dominate (a CPU running torch on every core, cheap files) processes decoding
+    #: beside them mostly compete for the same cores.
+    _LOAD_BOUND = 0.5
 
     def _job_loader(self, jobs: Iterator, workers: int):
         """A DataLoader over the jobs, one ``(key, inputs, error)`` row per job, in job order."""
