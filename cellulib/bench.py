@@ -473,7 +473,8 @@ def bench_predict(n_images: int = 48, file_size: int = 512, input_size: int = 12
     import torch
 
     from cellulib import engine, load_model
-    from cellulib.data import normalize_image, read_image
+    from cellulib.data import read_image
+    from cellulib.transforms import normalize_image
 
     with tempfile.TemporaryDirectory(dir=workdir, prefix="bench-predict-") as tmp:
         tmp = Path(tmp)

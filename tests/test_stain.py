@@ -255,7 +255,7 @@ def test_hed_jitter_draws_its_stated_law_and_applies_hed_perturb(patch):
 
     import albumentations as A
 
-    from cellulib.data import HEDJitter
+    from cellulib.transforms import HEDJitter
 
     img = np.ascontiguousarray(patch[:96, :96])
     jitter = HEDJitter(scale=0.3, shift=0.03, p=1.0)
@@ -272,7 +272,8 @@ def test_hed_jitter_draws_its_stated_law_and_applies_hed_perturb(patch):
 
 
 def test_stain_augment_setting_adds_the_jitter_to_training_only():
-    from cellulib.data import HEDJitter, cellularity_transforms, seg_transforms
+    from cellulib.data import cellularity_transforms, seg_transforms
+    from cellulib.transforms import HEDJitter
 
     def has_jitter(tfm):
         return any(isinstance(t, HEDJitter) for t in tfm.transforms)
