@@ -124,6 +124,22 @@ class _ArrayReader(_Reader):
         return self.img[y:y + h, x:x + w]
 
 
+#: The oldest tifffile and zarr whose zarr stores this reader uses (pyproject.toml): older
+#: tifffile writes zarr-2 stores without the axes attribute read below.
+_MIN_VERSIONS = {"tifffile": (2025, 5, 26), "zarr": (3, 1, 5)}
+
+
+def _check_versions(*modules) -> None:
+    """An ImportError that names the package to upgrade, instead of an error deep in a TIFF read."""
+    for module in modules:
+        found = tuple(int(p) for p in re.findall(r"\d+", module.__version__)[:3])
+        need = _MIN_VERSIONS[module.__name__]
+        if found < need:
+            want = ".".join(map(str, need))
+            raise ImportError(f"reading TIFF slides needs {module.__name__} >= {want}, found "
+                              f"{module.__version__}: pip install '{module.__name__}>={want}'")
+
+
 class _TiffReader(_Reader):
     """Regions of a tiled or stripped (pyramidal) TIFF through tifffile's zarr interface.
 
@@ -141,6 +157,7 @@ class _TiffReader(_Reader):
         import tifffile
         import zarr
 
+        _check_versions(tifffile, zarr)
         super().__init__(path)
         self.tif = None
         self._stores: list = []

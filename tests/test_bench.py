@@ -390,7 +390,8 @@ def test_corrupt_notebook_is_named(tmp_path):
 
 def test_module_runs_as_a_program(book_dirs):
     chapters, _ = book_dirs
-    env = dict(os.environ, PYTHONPATH=str(REPO), NO_ALBUMENTATIONS_UPDATE="1")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+               NO_ALBUMENTATIONS_UPDATE="1")
     proc = subprocess.run([sys.executable, "-m", "cellulib.bookstatus", "--chapters",
                            str(chapters)], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -282,6 +282,23 @@ def test_a_truncated_tiff_reads_its_whole_tiles_and_reports_the_rest(tmp_path):
     assert (thumb[256:] == 255).all()
 
 
+def test_too_old_tifffile_or_zarr_is_named_instead_of_a_corrupt_file(tmp_path, monkeypatch):
+    # seen on a GPU machine with tifffile 2024: its zarr-2 store lacks the axes attribute, which
+    # surfaced as "corrupt, truncated or unreadable TIFF ('_ARRAY_DIMENSIONS')"
+    import zarr
+
+    path = tmp_path / "small.tif"
+    tifffile.imwrite(path, np.zeros((64, 64, 3), np.uint8), photometric="rgb", tile=(32, 32))
+    assert open_slide(path).dims == [(64, 64)]  # the installed versions read it
+    monkeypatch.setattr(tifffile, "__version__", "2024.8.30")
+    with pytest.raises(ImportError, match=r"tifffile >= 2025\.5\.26, found 2024\.8\.30"):
+        open_slide(path)
+    monkeypatch.undo()
+    monkeypatch.setattr(zarr, "__version__", "2.18.3")
+    with pytest.raises(ImportError, match=r"zarr >= 3\.1\.5, found 2\.18\.3: pip install"):
+        open_slide(path)
+
+
 def test_unreadable_inputs_are_clear_errors(tmp_path, model_file):
     (tmp_path / "notes.tif").write_text("not a tiff at all")
     with pytest.raises(DataError, match=r"notes\.tif"):
