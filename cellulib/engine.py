@@ -9,7 +9,8 @@ compute the same way:
 - **CPU with native bf16** (AVX-512 BF16 or AMX): bf16 autocast and channels-last, measured 2.4x
   faster than float32 NCHW for ResNet-34 training on this project's 2-core machines. fastai's own
   ``MixedPrecision`` autocasts on CUDA only, hence :class:`CPUAutocast`.
-- **Anything else**: float32.
+- **Anything else**: float32, and on CUDA without TF32 (:func:`full_float32`), so that
+  ``precision="float32"`` computes what the CPU computes.
 
 ``precision`` is ``"auto"`` (the above), ``"bf16"``, ``"fp16"`` (CUDA only) or ``"float32"``;
 ``$CELLULIB_PRECISION`` overrides ``"auto"``. Used by :mod:`cellulib.train` (chapters 2-4),
@@ -106,13 +107,33 @@ def precision_label(dtype, channels_last: bool | None = None) -> str:
 
 
 def autocast(device: Any = None, dtype: torch.dtype | None = None):
-    """``torch.autocast`` to ``dtype`` on ``device`` (a null context for ``None``: float32).
+    """``torch.autocast`` to ``dtype`` on ``device``; for ``None``, float32 (:func:`full_float32`).
 
     Used by :class:`cellulib.predict.Predictor` with the dtype :func:`amp_dtype` resolved once.
     """
     if dtype is None:
-        return contextlib.nullcontext()
+        return full_float32(device)
     return torch.autocast(device_type=resolve_device(device).type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def full_float32(device: Any = None):
+    """float32 that is float32 on CUDA too: convolutions and matrix products without TF32.
+
+    PyTorch lets cuDNN convolutions use TF32 (a 10-bit mantissa) by default on Ampere and later
+    GPUs, so a "float32" pass there differs from the CPU's by about 1e-3 on a score; on an H200 the
+    float32 scores of the test suite's models moved by up to 0.01. Inside this context both flags
+    are off, and restored afterwards; on other devices it changes nothing.
+    """
+    if resolve_device(device).type != "cuda":
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -131,10 +152,28 @@ def training_callbacks(device: Any = None, precision: str = "auto") -> list:
     dev = resolve_device(device)
     dtype = amp_dtype(dev, precision)
     if dtype is None:
-        return []
+        return [Float32()] if dev.type == "cuda" else []
     if dev.type == "cuda":
         return [ChannelsLast(), MixedPrecision("bf16" if dtype == torch.bfloat16 else "fp16")]
     return [ChannelsLast(), CPUAutocast(dtype)]
+
+
+class Float32(Callback):
+    """fastai callback: a fit in :func:`full_float32` (no TF32 on CUDA), flags restored after it."""
+
+    def __init__(self) -> None:
+        self._ctx = None
+
+    def before_fit(self) -> None:
+        self._ctx = full_float32("cuda")
+        self._ctx.__enter__()
+
+    def after_fit(self) -> None:
+        if self._ctx is not None:
+            self._ctx.__exit__(None, None, None)
+            self._ctx = None
+
+    after_cancel_fit = after_fit
 
 
 class CPUAutocast(Callback):

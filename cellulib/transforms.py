@@ -216,14 +216,20 @@ def normalize_batch(x: torch.Tensor, normalize: str = "minus_one_one") -> torch.
     """`normalize_image` for a float32 (B, 3, H, W) batch of [0, 255] pixels on any device, in place.
 
     Division, not multiplication by the reciprocal: bit for bit the pixels of `normalize_image`,
-    which the models were trained on. Used by :class:`cellulib.predict.Predictor`.
+    which the models were trained on. The divisors are tensors on ``x``'s device because CUDA
+    divides by a Python number as a multiplication by its reciprocal (one bit off on some
+    pixels). Used by :class:`cellulib.predict.Predictor`.
     """
     check_normalize(normalize)
+
+    def divisor(value) -> torch.Tensor:
+        return torch.tensor(value, dtype=x.dtype, device=x.device)
+
     if normalize == "minus_one_one":
-        return x.div_(127.5).sub_(1.0)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return x.div_(255.0).sub_(mean).div_(std)
+        return x.div_(divisor(127.5)).sub_(1.0)
+    mean = divisor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = divisor(IMAGENET_STD).view(1, 3, 1, 1)
+    return x.div_(divisor(255.0)).sub_(mean).div_(std)
 
 
 def to_tensor_image(img: np.ndarray, normalize: str = "minus_one_one") -> torch.Tensor:
