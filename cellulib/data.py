@@ -51,7 +51,7 @@ from cellulib.constants import (  # noqa: F401
     NORMALIZATIONS,
     NUCLEUS_CLASSES,
 )
-from cellulib.imageio import DataError, DataWarning, listing, read_image  # noqa: F401
+from cellulib.imageio import DataError, DataWarning, listing, read_csv_strings, read_image  # noqa: F401
 from cellulib.transforms import (
     bins_target,
     cellularity_transforms,
@@ -90,19 +90,6 @@ _LAYOUT = (
 # --------------------------------------------------------------------------------------------------
 # Labels and the BreastPathQ folder
 # --------------------------------------------------------------------------------------------------
-def _read_csv(csv_path: Path) -> pd.DataFrame:
-    if not csv_path.is_file():
-        raise DataError(f"{csv_path}: file not found")
-    try:
-        df = pd.read_csv(csv_path, dtype=str, skipinitialspace=True)
-    except pd.errors.EmptyDataError as e:
-        raise DataError(f"{csv_path}: empty CSV file (expected a header row)") from e
-    except Exception as e:  # ParserError, UnicodeDecodeError
-        raise DataError(f"{csv_path}: not a readable CSV file ({e})") from e
-    df.columns = [str(c).strip() for c in df.columns]
-    return df
-
-
 def read_labels(csv_path: str | Path) -> pd.DataFrame:
     """Read a BreastPathQ label file (``train_labels.csv`` or ``val_labels.csv``).
 
@@ -129,7 +116,7 @@ def read_labels(csv_path: str | Path) -> pd.DataFrame:
         The message names the file and the CSV line numbers.
     """
     csv_path = Path(csv_path)
-    df = _read_csv(csv_path)
+    df = read_csv_strings(csv_path)
     missing = [c for c in ("slide", "rid") if c not in df.columns]
     if missing:
         raise DataError(f"{csv_path}: missing column(s) {missing}; expected header slide,rid,y "
@@ -265,7 +252,7 @@ def read_breastpathq(root: str | Path) -> pd.DataFrame:
 
 
 def _merge_patient_ids(df: pd.DataFrame, pid_path: Path) -> pd.DataFrame:
-    pids = _read_csv(pid_path)
+    pids = read_csv_strings(pid_path)
     missing = [c for c in ("patient_id", "slide") if c not in pids.columns]
     if missing:
         raise DataError(f"{pid_path}: missing column(s) {missing}; expected header "

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from cellulib.data import read_labels
-from cellulib.imageio import DataError
+from cellulib.imageio import DataError, read_csv_strings
 
 __all__ = ["PredictWarning", "read_predictions", "match_predictions", "evaluate_files",
            "evaluate_pairs", "train_mean_source"]
@@ -25,19 +25,6 @@ PathLike = str | os.PathLike
 
 class PredictWarning(UserWarning):
     """Usable but suspicious input: unmatched predictions or labels, rows without a score."""
-
-
-def _read_table(path: Path, what: str) -> pd.DataFrame:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: {what} file not found")
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{path}: empty CSV file (expected a header row)") from None
-    except Exception as exc:  # noqa: BLE001 - ParserError, UnicodeDecodeError, ...
-        raise DataError(f"{path}: not a readable CSV file ({exc})") from None
-    df.columns = [str(c).strip() for c in df.columns]
-    return df
 
 
 def _cellularity_column(df: pd.DataFrame, path: Path, column: str, allow_empty: bool) -> np.ndarray:
@@ -74,7 +61,7 @@ def read_predictions(pred_csv: PathLike) -> pd.DataFrame:
         the same file stem; the message names the file.
     """
     path = Path(pred_csv)
-    df = _read_table(path, "predictions")
+    df = read_csv_strings(path, "predictions", keep_default_na=False, missing=FileNotFoundError)
     missing = [c for c in ("path", "cellularity") if c not in df.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; expected the header "
@@ -98,7 +85,7 @@ def read_predictions(pred_csv: PathLike) -> pd.DataFrame:
 
 def _read_label_table(labels_csv: PathLike) -> pd.DataFrame:
     path = Path(labels_csv)
-    df = _read_table(path, "labels")
+    df = read_csv_strings(path, "labels", keep_default_na=False, missing=FileNotFoundError)
     if "path" in df.columns:
         column = next((c for c in ("cellularity", "y", "p") if c in df.columns), None)
         if column is None:

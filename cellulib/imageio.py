@@ -1,5 +1,5 @@
-"""Image files: reading any TIFF, PNG or JPEG as RGB8, finding the images in folders, and writing
-output files atomically.
+"""Image files: reading any TIFF, PNG or JPEG as RGB8, finding the images in folders, reading CSV
+tables as strings, and writing output files atomically.
 
 Every bad input raises `DataError` (a `ValueError`) or warns with `DataWarning`, and the message
 names the file and the problem. Whole-slide images are read by :mod:`cellulib.slide`.
@@ -22,7 +22,8 @@ from PIL import Image
 
 from cellulib.constants import IMAGE_SUFFIXES, TIFF_MAGIC
 
-__all__ = ["DataError", "DataWarning", "read_image", "to_rgb8", "collect_images", "atomic_open",
+__all__ = ["DataError", "DataWarning", "read_image", "to_rgb8", "collect_images", "read_csv_strings",
+           "atomic_open",
            "atomic_write_bytes", "atomic_write_text", "jsonable",
            "figure_png"]
 
@@ -252,6 +253,32 @@ def collect_images(paths: PathLike | Sequence[PathLike], recursive: bool = False
     if not out:
         raise ValueError("no images given")
     return out
+
+
+def read_csv_strings(path: PathLike, what: str = "", *, keep_default_na: bool = True,
+                     missing: type[Exception] = DataError):
+    """A CSV file as a DataFrame of strings with stripped column names; every failure is an error
+    that names the file.
+
+    ``what`` names the file's role in the not-found message (``labels file not found``) and
+    ``missing`` is the error raised then; an empty or unparsable file raises `DataError`.
+    ``keep_default_na=False`` keeps empty cells as ``""`` instead of NaN. Used by
+    :mod:`cellulib.data` (label and patient-id files) and :mod:`cellulib.evaluation` (predictions
+    and labels).
+    """
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise missing(f"{path}: {what + ' ' if what else ''}file not found")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=keep_default_na, skipinitialspace=True)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: empty CSV file (expected a header row)") from None
+    except Exception as exc:  # noqa: BLE001 - ParserError, UnicodeDecodeError, ...
+        raise DataError(f"{path}: not a readable CSV file ({exc})") from None
+    df.columns = [str(c).strip() for c in df.columns]
+    return df
 
 
 @contextlib.contextmanager
