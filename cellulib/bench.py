@@ -365,17 +365,6 @@ def _save_direct_model(path: Path, input_size: int, seed: int = 0) -> Path:
                                                "normalize": "minus_one_one"})
 
 
-def _autocast(device, dtype):
-    """``torch.autocast`` for ``dtype`` on ``device``, a null context for float32."""
-    import contextlib
-
-    import torch
-
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def _bare_scores(model, x, batch_size: int, device, dtype):
     """The plain inference loop: forward passes over pre-loaded inputs, batch by batch.
 
@@ -385,8 +374,10 @@ def _bare_scores(model, x, batch_size: int, device, dtype):
     """
     import torch
 
+    from cellulib import engine
+
     with torch.inference_mode():
-        with _autocast(device, dtype):
+        with engine.autocast(device, dtype):
             outputs = [model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
         scores = model.to_cellularity(torch.cat(outputs).float()).reshape(-1)
         result = scores.double().cpu().numpy()
@@ -600,7 +591,9 @@ class _PlainLoop:
         self.scaler = (torch.amp.GradScaler(device.type) if dtype == torch.float16 else None)
 
     def forward_backward(self, xb, yb) -> None:
-        with _autocast(self.device, self.dtype):
+        from cellulib import engine
+
+        with engine.autocast(self.device, self.dtype):
             pred = self.model(xb)
         loss = self.loss_func(pred.float(), yb)
         (self.scaler.scale(loss) if self.scaler else loss).backward()
@@ -685,7 +678,7 @@ def _train_pair(name: str, learn, fit: Callable[[Any], None], lr: float, repeats
 
     def ours_forward_backward() -> None:
         learn.model.train()
-        with _autocast(device, dtype):
+        with engine.autocast(device, dtype):
             pred = learn.model(engine.channels_last(xb))
         learn.loss_func(pred.float(), yb).backward()
 
