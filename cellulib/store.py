@@ -87,7 +87,34 @@ def save_model(model, path: str | os.PathLike, *, family: str | None = None,
     if family == "gbt":
         payload["booster"] = model.booster.model_to_string()
     payload["state_dict"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    payload = _plain(payload, "payload")
     return atomic_write_bytes(path, lambda fh: torch.save(payload, fh))
+
+
+def _plain(obj: Any, where: str) -> Any:
+    """``obj`` as the data a model file may hold: dicts with string keys, lists, strings, numbers,
+    booleans, None and tensors. NumPy scalars and arrays become numbers and lists, tuples lists,
+    paths strings; anything else raises :class:`ModelFileError` naming where it sits, so that no
+    file is written that :func:`load_model` would refuse."""
+    import numpy as np
+    import torch
+
+    if isinstance(obj, np.generic):  # first: np.float64 is a float, but pickles as NumPy's
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str, torch.Tensor)):
+        return obj
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, dict):
+        if not all(isinstance(k, str) for k in obj):
+            raise ModelFileError(f"{where}: a model file holds dicts with string keys only")
+        return {k: _plain(v, f"{where}[{k!r}]") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    raise ModelFileError(f"{where}: a {type(obj).__name__} cannot go into a model file, which holds "
+                         "only tensors, numbers, strings, lists and dicts (data, never code)")
 
 
 def load_model(path: str | os.PathLike, map_location: str = "cpu"):
@@ -95,15 +122,28 @@ def load_model(path: str | os.PathLike, map_location: str = "cpu"):
 
     ``info`` is a dict with ``family``, ``config``, ``meta`` and ``cellulib_version``. Torch models
     come back in eval mode. A missing, corrupt, foreign or future-format file raises
-    :class:`ModelFileError` naming the file.
+    :class:`ModelFileError` naming the file. The file is read with ``torch.load(weights_only=True)``
+    (SPEC 6): a pickle that names any Python callable other than torch's tensor rebuilders, as one
+    that would run code does, is refused before anything in it runs.
     """
     import torch
 
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: no such model file")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=False)
+    import pickle
+
+    try:  # weights_only: tensors and plain data only, so no file can run code while it loads
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "GLOBAL" not in str(exc).upper():  # a pickle torch cannot parse at all: corrupt bytes
+            raise ModelFileError(f"{path}: not a readable cellulib model file (corrupt or not a "
+                                 "torch archive)") from None
+        raise ModelFileError(f"{path}: refused: {_forbidden(exc)}; a model file holds only tensors "
+                             "and plain data, and cellulib loads none that could run code. If it is "
+                             "a cellulib model file of your own from an older version, re-save it "
+                             f"as data: cellulib resave --trust {path} NEW.pt (this one step runs "
+                             "the file's pickle: never for a file from elsewhere)") from None
     except Exception as exc:  # torch raises many types for a corrupt archive
         raise ModelFileError(f"{path}: not a readable cellulib model file ({exc.__class__.__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_TAG:
@@ -122,6 +162,39 @@ def load_model(path: str | os.PathLike, map_location: str = "cpu"):
     model.eval()
     info = {k: payload[k] for k in ("family", "config", "meta", "cellulib_version")}
     return model, info
+
+
+def resave_trusted(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Re-save a model file written by an older cellulib as data (``cellulib resave --trust``).
+
+    The one place that unpickles with full Python (``weights_only=False``): only for a file the
+    user wrote and trusts. NumPy values in it become plain numbers and lists (:func:`_plain`); the
+    result loads with :func:`load_model`, and ``dst`` is written atomically.
+    """
+    import torch
+
+    src = Path(src)
+    if not src.is_file():
+        raise ModelFileError(f"{src}: no such model file")
+    try:
+        payload = torch.load(src, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise ModelFileError(f"{src}: not a readable model file ({exc.__class__.__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT_TAG:
+        raise ModelFileError(f"{src}: not a cellulib model file (no '{FORMAT_TAG}' header)")
+    payload = _plain(payload, str(src))
+    out = atomic_write_bytes(dst, lambda fh: torch.save(payload, fh))
+    load_model(out)  # proves it reads back as data
+    return out
+
+
+def _forbidden(exc: Exception) -> str:
+    """What a weights-only load refused, from torch's message (the global it named, if any)."""
+    import re
+
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    return (f"it asks to call {found.group(1)}" if found
+            else "it holds Python objects other than tensors and plain data")
 
 
 #: Files of a dataset folder that decide what a model learns: images, label tables, cell XML,

@@ -239,3 +239,40 @@ def test_families_get_different_keys_for_the_same_params(tmp_path, monkeypatch):
     assert len(keys) == len(kinds)
     with pytest.raises(ValueError, match="unknown model kind 'svm'"):
         cache_path("svm", params)
+
+
+# --------------------------------------------------------------------------------------------------
+# model files are data (issue 20): weights_only loading, plain payloads, re-saving old files
+# --------------------------------------------------------------------------------------------------
+def test_save_model_writes_plain_data_only(tmp_path):
+    model = models.direct_model("resnet34")
+    path = save_model(model, tmp_path / "d.pt", scores={"mse": np.float64(0.25)},
+                      sides=np.array([3, 4]), where=tmp_path / "x", pair=(1, 2))
+    meta = load_model(path)[1]["meta"]
+    assert meta["scores"]["mse"] == 0.25 and type(meta["scores"]["mse"]) is float
+    assert meta["sides"] == [3, 4] and meta["pair"] == [1, 2]
+    assert meta["where"] == str(tmp_path / "x")
+    payload = torch.load(path, weights_only=True)  # torch's own safe loader reads it as it is
+    assert payload["format"] == "cellulib-model"
+    with pytest.raises(ModelFileError, match=r"\['meta'\]\['callback'\]: a function cannot go"):
+        save_model(model, tmp_path / "bad.pt", callback=lambda: None)
+    assert not (tmp_path / "bad.pt").exists()
+
+
+def test_an_old_file_with_numpy_values_is_refused_then_resaved(tmp_path):
+    torch.manual_seed(3)
+    model = models.seg_model("fpn").eval()
+    payload = {"format": "cellulib-model", "format_version": 1, "cellulib_version": "0.1.0",
+               "family": "seg", "config": dict(model.config),
+               "meta": {"train_mean": np.float64(0.4), "sides": np.arange(3)},
+               "state_dict": model.state_dict()}
+    old = tmp_path / "old.pt"
+    torch.save(payload, old)  # as a cellulib that saved NumPy values would have
+    with pytest.raises(ModelFileError, match=r"old\.pt: refused: .*cellulib resave --trust"):
+        load_model(old)
+    new = store.resave_trusted(old, tmp_path / "new.pt")
+    loaded, info = load_model(new)
+    assert info["meta"] == {"train_mean": 0.4, "sides": [0, 1, 2]}
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
