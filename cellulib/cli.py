@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -29,29 +30,97 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+#: The options of ``cellulib train`` each family reads (argparse ``dest`` names). An option given
+#: to a family that does not read it is an error, not silently ignored.
+TRAIN_OPTIONS: dict[str, tuple[str, ...]] = {
+    "seg": ("decoder", "pretrained", "epochs", "crop"),
+    "direct": ("arch", "task", "pretrained", "epochs", "input_size"),
+    "sr": ("decoder", "pretrained", "epochs", "finetune_epochs", "input_size"),
+    "gbt": ("decoder", "rounds", "input_size"),
+}
+_OPTION_NAMES = {"decoder": "--decoder", "pretrained": "--pretrained", "epochs": "--epochs",
+                 "crop": "--crop", "arch": "--arch", "task": "--task",
+                 "input_size": "--input-size", "finetune_epochs": "--finetune-epochs",
+                 "rounds": "--rounds"}
+
+
+def _train_options(args: argparse.Namespace) -> dict:
+    """The family's options from ``args``: ``--size`` becomes ``--crop`` for seg and
+    ``--input-size`` for the others; an option the family does not read raises ValueError."""
+    family = args.family
+    given = {dest: getattr(args, dest) for dest in _OPTION_NAMES if getattr(args, dest) is not None}
+    if args.size is not None:
+        dest = "crop" if family == "seg" else "input_size"
+        if dest in given:
+            raise ValueError(f"--size and {_OPTION_NAMES[dest]} say the same thing; give one")
+        given[dest] = args.size
+    wrong = [_OPTION_NAMES[d] for d in given if d not in TRAIN_OPTIONS[family]]
+    if wrong:
+        reads = ", ".join(_OPTION_NAMES[d] for d in TRAIN_OPTIONS[family])
+        raise ValueError(f"{', '.join(wrong)} does not apply to 'train {family}', which reads "
+                         f"{reads} (and --data, --profile, --stain-augment, --seed)")
+    return given
+
+
+def _confirm_render(args: argparse.Namespace) -> None:
+    """Say what ``train`` without ``--data`` renders first, and how long that takes; the paper
+    profile's set (thousands of 512 px patches) needs ``--yes`` or a yes at the prompt."""
+    import time
+
+    from cellulib import profiles, synth
+
+    root = profiles.synthetic_root(args.profile, args.seed)
+    if (root / "datasets" / "val_labels.csv").exists():
+        return
+    params = profiles.synthetic_params(args.profile, args.seed)
+    n = params["n_train"] + params["n_val"] + params["n_cells"]
+    start = time.perf_counter()
+    synth.render_patch(params["size"], seed=args.seed)
+    minutes = n * (time.perf_counter() - start) / 60
+    print(f"no --data: first rendering the {args.profile} profile's synthetic set, {n} patches of "
+          f"{params['size']} px, into {root} (about {minutes:.0f} min on this machine, from one "
+          "patch timed just now)", file=sys.stderr)
+    if args.profile == "quick" or args.yes:
+        return
+    if not sys.stdin.isatty():
+        raise ValueError("the paper profile's synthetic set is large: pass --yes to render it, "
+                         "or --data with a BreastPathQ folder")
+    if input("render it now? [y/N] ").strip().lower() not in ("y", "yes"):
+        raise KeyboardInterrupt
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     import shutil
 
     from cellulib import profiles, train
     from cellulib.imageio import atomic_write_bytes
 
+    opts = _train_options(args)
+    if args.data is None:
+        _confirm_render(args)
     root = profiles.get_dataset(args.data, args.profile, args.seed)
     seg_args = dict(profile=args.profile, seed=args.seed, stain_augment=args.stain_augment)
+    decoder = opts.get("decoder", "fpn")
     if args.family == "seg":
-        result = train.train_seg(root, decoder=args.decoder, pretrained=args.pretrained,
-                                 epochs=args.epochs, crop=args.size, **seg_args)
+        result = train.train_seg(root, decoder=decoder, pretrained=opts.get("pretrained"),
+                                 epochs=opts.get("epochs"), crop=opts.get("crop"), **seg_args)
     elif args.family == "direct":
-        result = train.train_direct(root, arch=args.arch, task=args.task,
-                                    pretrained=args.pretrained, epochs=args.epochs, size=args.size,
-                                    **seg_args)
-    else:  # sr and gbt start from the (cached) FPN segmentation network of the profile
-        seg = train.train_seg(root, decoder=args.decoder, **seg_args)
+        result = train.train_direct(root, arch=opts.get("arch", "resnet34"),
+                                    task=opts.get("task", "regression"),
+                                    pretrained=opts.get("pretrained"), epochs=opts.get("epochs"),
+                                    size=opts.get("input_size"), **seg_args)
+    else:  # sr and gbt start from the (cached) segmentation network of the profile
+        seg = train.train_seg(root, decoder=decoder, **seg_args)
         if args.family == "sr":
-            overrides = {"sr_epochs": args.epochs} if args.epochs else {}
-            result = train.train_sr(root, seg, pretrained=args.pretrained, input_size=args.size,
-                                    **seg_args, **overrides)
+            stages = {k: v for k, v in (("sr_epochs", opts.get("epochs")),
+                                        ("sr_finetune_epochs", opts.get("finetune_epochs")))
+                      if v is not None}
+            result = train.train_sr(root, seg, pretrained=opts.get("pretrained"),
+                                    input_size=opts.get("input_size"), **seg_args, **stages)
         else:
-            result = train.train_gbt(root, seg, input_size=args.size, **seg_args)
+            rounds = {"gbt_rounds": opts["rounds"]} if "rounds" in opts else {}
+            result = train.train_gbt(root, seg, input_size=opts.get("input_size"), **seg_args,
+                                     **rounds)
     out = Path(args.out)
     with open(result.path, "rb") as src:
         atomic_write_bytes(out, lambda dst: shutil.copyfileobj(src, dst))
@@ -59,6 +128,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"{args.family} model {state}; written to {out}")
     for name, value in result.scores.items():
         print(f"  {name}: {value:.4f}")
+    return 0
+
+
+def _cmd_resave(args: argparse.Namespace) -> int:
+    from cellulib.store import resave_trusted
+
+    if not args.trust:
+        raise ValueError("resave unpickles the old file with full Python, which can run code: "
+                         "pass --trust to say that you wrote it and trust it")
+    out = resave_trusted(args.old, args.new)
+    print(f"{args.old} re-saved as data to {out}")
     return 0
 
 
@@ -354,44 +434,111 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="BreastPathQ folder (default: synthetic data)")
     p.add_argument("--out", required=True, help="model file to write")
     p.add_argument("--profile", default="quick", help="quick (default) or paper")
-    p.add_argument("--epochs", type=int, default=None, help="epochs (default: the profile's)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="seg, direct: training epochs; sr: stage 1 epochs, segmentation frozen "
+                   "(default: the profile's)")
+    p.add_argument("--finetune-epochs", type=int, default=None,
+                   help="sr: stage 2 epochs, end to end (default: the profile's)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="gbt: LightGBM boosting rounds (default: the profile's)")
+    p.add_argument("--crop", type=int, default=None,
+                   help="seg: side of the random training crops, after the x2 downscale "
+                   "(default: the profile's)")
+    p.add_argument("--input-size", type=int, default=None,
+                   help="direct, sr, gbt: side the whole patch is resized to (default: the "
+                   "profile's)")
     p.add_argument("--size", type=int, default=None,
-                   help="input side: seg training crop after the x2 downscale, direct/sr/gbt "
-                   "input size (default: the profile's)")
-    p.add_argument("--decoder", choices=["fpn", "unet"], default="fpn",
-                   help="segmentation decoder (seg; sr and gbt build on it)")
-    p.add_argument("--arch", choices=["resnet34", "resnet50", "xception"], default="resnet34",
-                   help="direct model architecture")
-    p.add_argument("--task", choices=["regression", "classification"], default="regression",
-                   help="direct model task: regression or 101-bin classification")
+                   help="--crop for seg, --input-size for direct, sr and gbt")
+    p.add_argument("--decoder", choices=["fpn", "unet"], default=None,
+                   help="seg: the segmentation decoder (fpn); sr, gbt: the decoder of the "
+                   "segmentation network they build on")
+    p.add_argument("--arch", choices=["resnet34", "resnet50", "xception"], default=None,
+                   help="direct: the architecture (resnet34)")
+    p.add_argument("--task", choices=["regression", "classification"], default=None,
+                   help="direct: regression (default) or 101-bin classification")
     p.add_argument("--pretrained", default=None,
-                   help="ImageNet weights: 'imagenet' (torch hub cache) or a weights file")
+                   help="seg, direct, sr: ImageNet weights, 'imagenet' (torch hub cache) or a "
+                   "weights file")
     p.add_argument("--stain-augment", choices=["none", "hed"], default=None,
                    help="stain augmentation in training (default: the profile's, none): hed adds "
                    "HED jitter of the haematoxylin and eosin densities (for sr and gbt, to "
                    "their segmentation network too)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--yes", action="store_true",
+                   help="without --data in the paper profile: render its synthetic set without "
+                   "asking")
     p.set_defaults(func=_cmd_train)
 
     _add_inference_commands(sub)  # predict, evaluate, slide
     _add_detect_command(sub)
+
+    p = sub.add_parser(
+        "resave",
+        help="re-save a model file of an older cellulib as data (only for a file you trust)",
+        description="Model files are loaded as data (torch.load with weights_only=True), so a file "
+        "that holds other Python objects is refused. A model file you wrote yourself with an older "
+        "cellulib can be converted once: this command unpickles it with full Python (which can run "
+        "code: --trust says you trust the file) and writes NEW holding only tensors and plain data.",
+    )
+    p.add_argument("old", help="the model file to convert")
+    p.add_argument("new", help="the model file to write")
+    p.add_argument("--trust", action="store_true", help="I wrote this file and trust it")
+    p.set_defaults(func=_cmd_resave)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit code."""
-    from cellulib.profiles import ProfileError
+def _one_line(exc: BaseException) -> str:
+    """An exception as one line that names the file: an OSError as ``FILE: what happened``."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = exc.filename if exc.filename is not None else None
+        text = f"{where}: {exc.strerror}" if where else exc.strerror
+    else:
+        text = str(exc).strip() or exc.__class__.__name__
+        if isinstance(exc, KeyError):  # str(KeyError) is the key's repr alone
+            text = f"missing {text}"
+    return " ".join(text.split())
 
+
+#: Failures of the user's input: a bad option, file, folder, dataset or model file (exit code 2).
+_INPUT_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                 PermissionError, FileExistsError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code.
+
+    Every failure becomes one line on stderr, ``cellulib COMMAND: error: ...``, naming the file or
+    option: exit code 2 for bad input (options, files, folders, datasets, model files) and 1 for a
+    failure while running (a full disk, a training run that fails). Ctrl-C prints
+    ``interrupted`` and exits with 130; outputs are written atomically, so none is left half
+    written. Warnings are one line each too, ``cellulib COMMAND: warning: ...``, each shown once.
+    ``CELLULIB_DEBUG=1`` re-raises instead, with the traceback.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
+
+    shown: set[str] = set()
+
+    def one_line_warning(message, category, *_args, **_kwargs) -> None:
+        text = " ".join(str(message).split())
+        if text not in shown:  # a reader called from several places warns once
+            shown.add(text)
+            print(f"cellulib {args.command}: warning: {text}", file=sys.stderr)
+
     try:
-        return args.func(args)
-    except (ProfileError, FileNotFoundError, ValueError) as exc:
-        print(f"cellulib {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        with warnings.catch_warnings():
+            warnings.showwarning = one_line_warning
+            return args.func(args)
     except KeyboardInterrupt:
-        print(f"cellulib {args.command}: interrupted", file=sys.stderr)
+        print(f"cellulib {args.command}: interrupted; nothing was left half written", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if os.environ.get("CELLULIB_DEBUG"):
+            raise
+        code = 2 if isinstance(exc, _INPUT_ERRORS) else 1
+        kind = "" if code == 2 or isinstance(exc, (OSError, RuntimeError)) else f"{type(exc).__name__}: "
+        print(f"cellulib {args.command}: error: {kind}{_one_line(exc)}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ names the file and the problem. Whole-slide images are read by :mod:`cellulib.sl
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
+import logging
 import math
 import os
 import tempfile
@@ -106,9 +108,22 @@ def read_image(path: str | Path) -> np.ndarray:
     return to_rgb8(arr, path)
 
 
+@contextlib.contextmanager
+def _tifffile_quiet() -> Iterator[None]:
+    """tifffile logs what it finds broken in a file as a warning; the DataError raised for that
+    file says it in one line, so its log stays quiet meanwhile."""
+    log = logging.getLogger("tifffile")
+    before = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(before)
+
+
 def _read_tiff(path: Path) -> np.ndarray:
     try:
-        with tifffile.TiffFile(path) as tif:
+        with _tifffile_quiet(), tifffile.TiffFile(path) as tif:
             if not tif.series:
                 raise DataError(f"{path}: TIFF file holds no image")
             series = tif.series[0]
@@ -281,6 +296,20 @@ def read_csv_strings(path: PathLike, what: str = "", *, keep_default_na: bool = 
     return df
 
 
+#: The errors of a write that found no room: no space left, quota exceeded, file too large.
+_FULL = frozenset(getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EFBIG") if hasattr(errno, name))
+
+
+def _check_writable(path: Path) -> None:
+    """Refuse, naming ``path``, an output that is a folder or lies below a file."""
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a folder; give a file name", str(path))
+    above = next((p for p in path.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"cannot be written: {above} is a file, not a folder",
+                                 str(path))
+
+
 @contextlib.contextmanager
 def atomic_open(path: PathLike, mode: str = "wb", **kwargs: Any) -> Iterator[IO]:
     """Open a temporary file beside ``path`` for writing and rename it into place when the block
@@ -288,12 +317,18 @@ def atomic_open(path: PathLike, mode: str = "wb", **kwargs: Any) -> Iterator[IO]
     leaves any previous ``path`` untouched. Rows can be streamed into it (``cellulib predict`` and
     ``detect``); ``kwargs`` go to :func:`open` (``newline=""``, ``encoding=``)."""
     path = Path(path)
+    _check_writable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, mode, **kwargs) as fh:
             yield fh
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if exc.errno in _FULL and exc.filename is None:  # a full disk names no file: name ours
+            raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(path)) from exc
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
