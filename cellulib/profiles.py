@@ -181,19 +181,41 @@ def home() -> Path:
     return path
 
 
-def real_dir() -> Path | None:
-    """The folder of real H&E images next to the repository (``../shared/data/real``), if present.
+#: The environment variable naming a folder laid out like the project's ``shared/data/real``.
+REAL_DATA_ENV = "CELLULIB_REAL_DATA"
 
-    ``$CELLULIB_REAL_DIR``, when set, replaces it (an empty or missing folder then means "no real
-    data"). Returns ``None`` when no such folder exists.
+
+def real_dir() -> Path | None:
+    """The folder of real H&E data: ``$CELLULIB_REAL_DATA`` when set, else ``../shared/data/real``
+    beside a checkout of the repository. Returns ``None`` when neither holds anything (an installed
+    package has no checkout folder); :func:`real_data_missing` says so in words.
+
+    The folder has the layout of the project's ``shared/data/real``: ``brca-m2c/`` (a BRCA-M2C
+    copy), ``breastpathq_99788_1.tif``, ``breastpathq_train_labels.csv`` and other H&E images. A
+    set but empty or missing folder means "no real data" (the checkout's is not used then).
     """
-    env = os.environ.get("CELLULIB_REAL_DIR")
-    default = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
-    candidates = [Path(env)] if env else [default]
-    for path in candidates:
-        if path.is_dir() and any(path.iterdir()):
-            return path
-    return None
+    env = os.environ.get(REAL_DATA_ENV)
+    path = Path(env).expanduser() if env else _CHECKOUT_REAL
+    return path if path.is_dir() and any(path.iterdir()) else None
+
+
+#: Where a checkout of the repository finds the real data: ``shared/data/real`` beside it.
+_CHECKOUT_REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+
+
+def real_data_missing(what: str, parameter: str | None = "real_data", part: str = "section",
+                      given: str | os.PathLike | None = None) -> str:
+    """The sentence a chapter prints when ``what`` (e.g. "BRCA-M2C") was not found: where it was
+    looked for (``given``, the folder the chapter's ``parameter`` named, else the environment or the
+    checkout) and how to give it, for a checkout and an installed package alike, and which ``part``
+    of the chapter was skipped. Used in chapter 1, the real-H&E chapter and the stain-shift chapter."""
+    env = os.environ.get(REAL_DATA_ENV)
+    looked = (f"looked in {given}" if given is not None
+              else f"${REAL_DATA_ENV} is {env}" if env
+              else f"{REAL_DATA_ENV} is not set and there is no {_CHECKOUT_REAL}")
+    give = f"give its folder as the {parameter} parameter, or " if parameter else ""
+    return (f"{what} not found ({looked}; {give}set {REAL_DATA_ENV} to a folder laid out like "
+            f"the project's shared/data/real), so this {part} was skipped.")
 
 
 def brca_m2c_dir(path: str | os.PathLike | None = None) -> Path | None:
@@ -231,6 +253,15 @@ def synthetic_params(profile: str = "quick", seed: int = 0, **overrides: Any) ->
     return {k: settings[k] for k in ("n_train", "n_val", "n_cells", "size")} | {"seed": int(seed)}
 
 
+def synthetic_root(profile: str = "quick", seed: int = 0, **overrides: Any) -> Path:
+    """Where :func:`get_dataset` keeps the synthetic set of ``profile`` and ``seed``
+    (``home()/synth/<profile>-<hash>``); it is complete once ``datasets/val_labels.csv`` exists."""
+    from cellulib import synth
+
+    params = synthetic_params(profile, seed, **overrides)
+    return home() / "synth" / f"{profile}-{fingerprint(params | {'v': synth.GENERATOR_VERSION})}"
+
+
 def get_dataset(
     data_dir: str | os.PathLike | None = None,
     profile: str = "quick",
@@ -255,7 +286,7 @@ def get_dataset(
     from cellulib import synth  # imported here: reading a real dataset does not need the generator
 
     params = synthetic_params(profile, seed, **overrides)
-    root = home() / "synth" / f"{profile}-{fingerprint(params | {'v': synth.GENERATOR_VERSION})}"
+    root = synthetic_root(profile, seed, **overrides)
     if (root / "datasets" / "val_labels.csv").exists():
         return root
     tmp = root.with_name(root.name + ".tmp")

@@ -10,7 +10,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _real_dir() -> Path:
-    env = os.environ.get("CELLULIB_REAL_DIR")
+    env = os.environ.get("CELLULIB_REAL_DATA")
     return Path(env) if env else REPO.parent / "shared" / "data" / "real"
 
 

@@ -184,9 +184,9 @@ def _run_real_chapter(tmp_path, monkeypatch, **parameters) -> str:
 def test_real_chapter_without_data_says_it_skipped(tmp_path, monkeypatch):
     empty = tmp_path / "no-real-data"
     empty.mkdir()
-    monkeypatch.setenv("CELLULIB_REAL_DIR", str(empty))
+    monkeypatch.setenv("CELLULIB_REAL_DATA", str(empty))
     text = _run_real_chapter(tmp_path, monkeypatch)
-    assert "BRCA-M2C was not found" in text and "section was skipped" in text
+    assert "BRCA-M2C not found ($CELLULIB_REAL_DATA is" in text and "section was skipped" in text
     assert "Traceback" not in text
 
 

@@ -1,5 +1,7 @@
 """Profiles, overrides and the dataset a chapter reads."""
 
+from pathlib import Path
+
 import pytest
 
 from cellulib import profiles
@@ -71,3 +73,36 @@ def test_a_chapter_stops_on_a_parameter_of_the_wrong_type(tmp_path):
                                    str(tmp_path / "out.ipynb"), parameters={"seed": "abc"},
                                    kernel_name="python3", progress_bar=False)
     assert "ParameterError" in str(err.value) and "parameter 'seed' must be int" in str(err.value)
+
+
+def test_real_data_from_the_environment_or_the_checkout(tmp_path, monkeypatch):
+    """CELLULIB_REAL_DATA names the real-data folder anywhere; without it a checkout finds
+    ../shared/data/real, and an installed package (no such folder) finds nothing and says so."""
+    given = tmp_path / "real"
+    (given / "brca-m2c").mkdir(parents=True)
+    monkeypatch.setenv("CELLULIB_REAL_DATA", str(given))
+    assert profiles.real_dir() == given
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("CELLULIB_REAL_DATA", str(empty))
+    assert profiles.real_dir() is None and profiles.brca_m2c_dir() is None
+    text = profiles.real_data_missing("BRCA-M2C")
+    assert f"$CELLULIB_REAL_DATA is {empty}" in text and "section was skipped" in text
+
+    monkeypatch.delenv("CELLULIB_REAL_DATA")
+    installed = tmp_path / "site-packages" / "shared" / "data" / "real"  # never created
+    monkeypatch.setattr(profiles, "_CHECKOUT_REAL", installed)
+    assert profiles.real_dir() is None
+    text = profiles.real_data_missing("The real H&E images", parameter=None)
+    assert text.startswith("The real H&E images not found (CELLULIB_REAL_DATA is not set")
+    assert str(installed) in text and "parameter" not in text
+    assert "looked in /data/x" in profiles.real_data_missing("BRCA-M2C", given="/data/x")
+
+
+def test_a_checkout_finds_the_shared_real_data(monkeypatch):
+    monkeypatch.delenv("CELLULIB_REAL_DATA", raising=False)
+    shared = profiles._CHECKOUT_REAL
+    if not shared.is_dir():
+        pytest.skip(f"no real data beside this checkout ({shared})")
+    assert profiles.real_dir() == shared
+    assert shared == Path(profiles.__file__).resolve().parents[2] / "shared" / "data" / "real"
