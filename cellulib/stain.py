@@ -163,8 +163,11 @@ class StainNormalizer:
             norm._impl.HERef = np.asarray(ref["HERef"], dtype=np.float64)
             norm._impl.maxCRef = np.asarray(ref["maxCRef"], dtype=np.float64)
         else:
-            norm._impl.target_means = np.asarray(ref["means"], dtype=np.float64)
-            norm._impl.target_stds = np.asarray(ref["stds"], dtype=np.float64)
+            # float32, as torchstain's Reinhard fit leaves them: in float64 the arithmetic of
+            # normalize rounds differently, and a few pixels came out one grey level apart on an
+            # AVX2 CPU (the lists hold the float32 values exactly)
+            norm._impl.target_means = np.asarray(ref["means"], dtype=np.float32)
+            norm._impl.target_stds = np.asarray(ref["stds"], dtype=np.float32)
         norm.source = ref.get("source")
         return norm
 
