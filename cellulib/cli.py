@@ -82,11 +82,11 @@ def _confirm_render(args: argparse.Namespace) -> None:
           "patch timed just now)", file=sys.stderr)
     if args.profile == "quick" or args.yes:
         return
-    if not sys.stdin.isatty():
+    if sys.stdin is None or not sys.stdin.isatty():
         raise ValueError("the paper profile's synthetic set is large: pass --yes to render it, "
                          "or --data with a BreastPathQ folder")
     if input("render it now? [y/N] ").strip().lower() not in ("y", "yes"):
-        raise KeyboardInterrupt
+        raise ValueError("nothing rendered or trained: answer y, pass --yes, or give --data")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -131,8 +132,6 @@ def load_model(path: str | os.PathLike, map_location: str = "cpu"):
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: no such model file")
-    import pickle
-
     try:  # weights_only: tensors and plain data only, so no file can run code while it loads
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -32,12 +32,10 @@ def brca_dir(real_dir) -> Path:
     return path
 
 
-@pytest.fixture
-def brca_full_copy(brca_dir, tmp_path):
+def make_brca_full_copy(brca_dir: Path, root: Path) -> Path:
     """A small BRCA-M2C copy with the three splits a full clone has (the real copy lacks the
     official test split): two training images, one validation image, and two more validation
     images of the real copy listed in brca_ds_test.txt. Links, not copies."""
-    root = tmp_path / "brca-full"
     (root / "images").mkdir(parents=True)
     (root / "labels").mkdir()
 
@@ -55,6 +53,12 @@ def brca_full_copy(brca_dir, tmp_path):
     for split, listed_names in (("train", train), ("val", val), ("test", test)):
         (root / f"brca_ds_{split}.txt").write_text("\n".join(listed_names) + "\n")
     return root
+
+
+@pytest.fixture
+def brca_full_copy(brca_dir, tmp_path):
+    """`make_brca_full_copy` in the test's folder."""
+    return make_brca_full_copy(brca_dir, tmp_path / "brca-full")
 
 
 @pytest.fixture(scope="module")

@@ -39,6 +39,26 @@ TINY = {
                       "gbt_rounds": 20, "epochs": 1, "input_size": 64, "n_boot": 100},
 }
 
+# The paper profile with the same tiny sizes, so that every line reading the paper's settings runs
+# (decaying schedules, the direct models' input at the segmentation scale: no input_size given).
+PAPER_TINY = {name: {k: v for k, v in params.items() if k != "input_size"}
+              for name, params in TINY.items()}
+
+# The paper profile trimmed to fit a 15-minute GPU lease (.ci/gpu-check, PAPER=lease): the paper's
+# 512 px patches, batch sizes, rates and schedules, with fewer patches and epochs. Chapters share
+# models through the cache, so later chapters repeat the earlier ones' settings.
+DATA_LEASE = {"n_train": 120, "n_val": 40, "n_cells": 40}
+CASCADE_LEASE = {**DATA_LEASE, "seg_epochs": 10, "sr_epochs": 6, "sr_finetune_epochs": 2}
+PAPER_LEASE = {
+    "01_data_exploration": DATA_LEASE,
+    "02_weak_segmentation": {**DATA_LEASE, "epochs": 10},
+    "02b_real_he": {**DATA_LEASE, "epochs": 10, "seg_epochs": 10, "n_boot": 500},
+    "03_feature_importance": {**CASCADE_LEASE, "n_boot": 500},
+    "04_direct_regression_vs_classification": {**DATA_LEASE, "epochs": 8, "n_boot": 500},
+    "04b_stain_shift": {**CASCADE_LEASE, "epochs": 8, "real_epochs": 10, "n_boot": 500},
+    "05_discussion": {**CASCADE_LEASE, "epochs": 8, "n_boot": 500},
+}
+
 # Numbered figures each chapter shows (glued PNGs with captions).
 FIGURES = {
     "01_data_exploration": 8,
@@ -99,6 +119,78 @@ def built_book(tmp_path_factory):
     )
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     return root / "_build" / "html"
+
+
+def _glued(notebook: Path) -> dict[str, str]:
+    """The values a chapter glued (myst-nb's records), as text."""
+    import nbformat
+
+    values = {}
+    for cell in nbformat.read(notebook, as_version=4).cells:
+        for output in cell.get("outputs", []):
+            record = output.get("metadata", {}).get("scrapbook", {})
+            text = output.get("data", {}).get(record.get("mime_prefix", "") + "text/plain")
+            if record.get("name") and text is not None:
+                values[record["name"]] = text
+    return values
+
+
+@pytest.fixture(scope="module")
+def paper_chapters(tmp_path_factory):
+    """Every chapter executed in the paper profile with tiny sizes; returns the executed folder.
+    A cell that fails raises papermill's error naming the chapter and the cell. The real-H&E and
+    stain-shift chapters read a five-image BRCA-M2C copy with a test split when the real copy is
+    there (a float32 forward of one 500 px image takes seconds on these CPUs)."""
+    import papermill
+    from conftest import _real_dir, make_brca_full_copy
+
+    out = tmp_path_factory.mktemp("paper")
+    home = tmp_path_factory.mktemp("paper_home")
+    brca = _real_dir() / "brca-m2c"
+    real = ({"real_data": str(make_brca_full_copy(brca, tmp_path_factory.mktemp("brca") / "copy"))}
+            if brca.is_dir() else {})
+    env_before = os.environ.get("CELLULIB_HOME")
+    os.environ["CELLULIB_HOME"] = str(home)
+    try:
+        for name in _toc_chapters():
+            papermill.execute_notebook(
+                str(REPO / "notebooks" / f"{name}.ipynb"), str(out / f"{name}.ipynb"),
+                parameters={"profile": "paper", "seed": 0, **PAPER_TINY[name],
+                            **(real if name in ("02b_real_he", "04b_stain_shift") else {})},
+                cwd=str(out),
+                kernel_name="python3", progress_bar=False)
+    finally:
+        if env_before is None:
+            os.environ.pop("CELLULIB_HOME", None)
+        else:
+            os.environ["CELLULIB_HOME"] = env_before
+    return out
+
+
+def test_every_chapter_runs_in_the_paper_profile(paper_chapters):
+    for name in _toc_chapters():
+        notebook = paper_chapters / f"{name}.ipynb"
+        assert notebook.exists(), f"{name} was not executed in the paper profile"
+        text = notebook.read_text()
+        assert '"output_type": "error"' not in text and "Traceback" not in text, name
+    direct = _glued(paper_chapters / "04_direct_regression_vs_classification.ipynb")
+    # the paper's direct models read the patch at the segmentation scale: 128 px / 2
+    assert direct["direct_size"] == "64"
+    assert direct["schedule_text"] == "'a learning rate decaying from 0.0001 to 1e-05'"
+    seg = _glued(paper_chapters / "02_weak_segmentation.ipynb")
+    assert seg["seg_epochs"] == "1" and seg["crop"] == "64"
+
+
+def test_lease_parameters_name_only_chapter_parameters():
+    """.ci/gpu-check runs PAPER_LEASE on a GPU: every name must be a parameter of its chapter."""
+    import nbformat
+
+    for name in _toc_chapters():
+        nb = nbformat.read(REPO / "notebooks" / f"{name}.ipynb", as_version=4)
+        cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+        declared = set(re.findall(r"^(\w+)\s*:", cell.source, flags=re.M))
+        for params in (TINY[name], PAPER_TINY[name], PAPER_LEASE[name]):
+            assert set(params) <= declared, (name, set(params) - declared)
 
 
 def test_every_chapter_page_has_its_figures(built_book):
