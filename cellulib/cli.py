@@ -334,10 +334,11 @@ def _cmd_cache(args: argparse.Namespace) -> int:
         return 0
     print(f"{'family':8} {'key':12} {'MB':>8} {'age':>6}  current")
     for e in entries:
-        age = e["age_s"] / 86400
+        age = next(f"{e['age_s'] / s:.0f}{unit}" for s, unit in ((86400, "d"), (3600, "h"), (60, "m"),
+                                                                  (1, "s")) if e["age_s"] >= s or s == 1)
         state = "yes" if e["current"] else f"no: {e['why']}"
-        print(f"{e['family'] or '?':8} {e['key'] or '?':12} {e['bytes'] / 1e6:8.1f} "
-              f"{age:5.1f}d  {state}  {Path(e['path']).name}")
+        print(f"{e['family'] or '?':8} {e['key'] or '?':12} {e['bytes'] / 1e6:8.1f} {age:>6}  "
+              f"{state}  {Path(e['path']).name}")
     stale = [e for e in entries if not e["current"]]
     print(f"{len(entries)} file(s), {sum(e['bytes'] for e in entries) / 1e6:.1f} MB; "
           f"{len(stale)} not current ({sum(e['bytes'] for e in stale) / 1e6:.1f} MB; "

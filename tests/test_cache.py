@@ -240,3 +240,31 @@ def test_a_new_inference_version_recomputes_predictions_without_retraining(tiny,
     assert again.scores == pytest.approx(first.scores)
     assert again.meta["derived"]["inference"] == predict.INFERENCE_VERSION
     assert load_model(first.path)[1]["meta"]["derived"]["inference"] == predict.INFERENCE_VERSION
+
+
+def test_new_stain_and_inference_versions_refresh_seg_and_gbt_files(tiny, home, monkeypatch,
+                                                                    one_torch_thread):
+    from cellulib import features, predict, stain
+
+    seg = train.train_seg(tiny, "fpn", **SEG)
+    gbt = train.train_gbt(tiny, seg, gbt_rounds=5, progress=False)
+    for result in (seg, gbt):  # spoil what is derived from the weights
+        model, info = load_model(result.path)
+        meta = {**info["meta"], "stain": {"unavailable": "spoiled"}}
+        if "predictions" in meta:
+            meta["predictions"] = {**meta["predictions"], "y_pred": [-1.0, -1.0]}
+        save_model(model, result.path, **meta)
+    monkeypatch.setattr(stain, "REFERENCE_VERSION", stain.REFERENCE_VERSION + 1)
+    monkeypatch.setattr(predict, "INFERENCE_VERSION", predict.INFERENCE_VERSION + 1)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a new stain or inference version must not retrain")
+
+    monkeypatch.setattr(train, "fit", no_training)
+    monkeypatch.setattr(features, "fit_gbt", no_training)
+    seg2 = train.train_seg(tiny, "fpn", **SEG)
+    gbt2 = train.train_gbt(tiny, seg2, gbt_rounds=5, progress=False)
+    assert seg2.cached and gbt2.cached and gbt2.path == gbt.path
+    assert seg2.meta["stain"] == seg.meta["stain"] and gbt2.meta["stain"] == gbt.meta["stain"]
+    assert gbt2.meta["predictions"]["y_pred"] == pytest.approx(gbt.meta["predictions"]["y_pred"])
+    assert load_model(gbt.path)[1]["meta"]["derived"]["stain"] == stain.REFERENCE_VERSION
