@@ -13,6 +13,7 @@ recomputed in seconds, without retraining, when one of those versions changes.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import time
 import warnings
@@ -262,9 +263,18 @@ def _cached(path: Path, rec: dict[str, Any], settings: dict[str, Any],
 
 
 def _pretrained_key(pretrained) -> str | None:
+    """How the initial weights enter the recipe: ``"imagenet"`` (torch hub's files, named by their
+    hash), or a local file's name and the sha256 of its bytes, so that another file of the same
+    name makes another recipe (a missing file keeps its name: loading it gives the error)."""
     if pretrained is None:
         return None
-    return str(pretrained) if str(pretrained) == "imagenet" else f"file:{Path(pretrained).name}"
+    if str(pretrained) == "imagenet":
+        return "imagenet"
+    path = Path(pretrained).expanduser()
+    if not path.is_file():
+        return f"file:{path.name}"
+    with open(path, "rb") as fh:
+        return f"file:{path.name}:{hashlib.file_digest(fh, 'sha256').hexdigest()[:12]}"
 
 
 def _is_brca_m2c(root) -> bool:

@@ -268,3 +268,13 @@ def test_new_stain_and_inference_versions_refresh_seg_and_gbt_files(tiny, home, 
     assert seg2.meta["stain"] == seg.meta["stain"] and gbt2.meta["stain"] == gbt.meta["stain"]
     assert gbt2.meta["predictions"]["y_pred"] == pytest.approx(gbt.meta["predictions"]["y_pred"])
     assert load_model(gbt.path)[1]["meta"]["derived"]["stain"] == stain.REFERENCE_VERSION
+
+
+def test_the_bytes_of_a_pretrained_weights_file_are_part_of_the_key(tmp_path):
+    a, b = tmp_path / "a" / "w.pth", tmp_path / "b" / "w.pth"
+    for path, value in ((a, 0.0), (b, 1.0)):
+        path.parent.mkdir()
+        torch.save({"w": torch.full((2,), value)}, path)
+    assert train._pretrained_key(a) != train._pretrained_key(b)  # same name, other weights
+    assert train._pretrained_key(a).startswith("file:w.pth:")
+    assert train._pretrained_key("imagenet") == "imagenet" and train._pretrained_key(None) is None
