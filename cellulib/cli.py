@@ -393,6 +393,57 @@ def _add_stain_options(parser) -> None:
                         help="H&E image whose stain the images are normalised to")
 
 
+def _cmd_cache(args: argparse.Namespace) -> int:
+    import json
+
+    from cellulib import store, train
+
+    if args.action == "list":
+        entries = store.cache_entries(train.RECIPE_VERSIONS)
+    else:
+        entries = store.prune_cache(train.RECIPE_VERSIONS, dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps(entries, indent=1))
+        return 0
+    if args.action == "prune":
+        verb = "would remove" if args.dry_run else "removed"
+        for e in entries:
+            print(f"{verb} {e['path']} ({e['bytes'] / 1e6:.1f} MB): {e['why']}")
+        total = sum(e["bytes"] for e in entries)
+        print(f"{verb} {len(entries)} file(s), {total / 1e6:.1f} MB")
+        return 0
+    print(f"{'family':8} {'key':12} {'MB':>8} {'age':>6}  current")
+    for e in entries:
+        age = next(f"{e['age_s'] / s:.0f}{unit}" for s, unit in ((86400, "d"), (3600, "h"), (60, "m"),
+                                                                  (1, "s")) if e["age_s"] >= s or s == 1)
+        state = "yes" if e["current"] else f"no: {e['why']}"
+        print(f"{e['family'] or '?':8} {e['key'] or '?':12} {e['bytes'] / 1e6:8.1f} {age:>6}  "
+              f"{state}  {Path(e['path']).name}")
+    stale = [e for e in entries if not e["current"]]
+    print(f"{len(entries)} file(s), {sum(e['bytes'] for e in entries) / 1e6:.1f} MB; "
+          f"{len(stale)} not current ({sum(e['bytes'] for e in stale) / 1e6:.1f} MB; "
+          "cellulib cache prune removes them)")
+    return 0
+
+
+def _add_cache_command(sub) -> None:
+    """``cellulib cache list|prune``: the cached model files of ``$CELLULIB_HOME/models``."""
+    p = sub.add_parser(
+        "cache",
+        help="list the cached model files, or remove those the running code would not reuse",
+        description="The model files cached under $CELLULIB_HOME/models by their training recipe "
+        "(SPEC 6). list: each file's family, recipe key, size, age and whether the running code "
+        "and library versions would reuse it (and why not); prune: remove those that are not "
+        "current (another recipe version, other library versions, unreadable).",
+    )
+    p.add_argument("action", choices=["list", "prune"], help="list or prune")
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON list of objects (path, family, kind, key, bytes, age_s, "
+                   "current, why)")
+    p.add_argument("--dry-run", action="store_true", help="prune: say what would be removed")
+    p.set_defaults(func=_cmd_cache)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every command (kept separate so the README and tests can inspect it)."""
     from cellulib import __version__
@@ -471,6 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_inference_commands(sub)  # predict, evaluate, slide
     _add_detect_command(sub)
+    _add_cache_command(sub)
 
     p = sub.add_parser(
         "resave",

@@ -60,10 +60,16 @@ from cellulib.transforms import normalize_batch
 
 __all__ = [
     "FAMILIES",
+    "INFERENCE_VERSION",
     "Predictor",
     "predict_images",
     "predict_to_csv",
 ]
+
+#: Bumped whenever what :class:`Predictor` computes for an image changes (resizing, scaling,
+#: batching, decoding): the validation predictions stored in cached model files
+#: (:func:`cellulib.train.predictions`) are recomputed from their weights, not retrained.
+INFERENCE_VERSION = 1
 
 #: Model families that score cellularity (``seg`` predicts nucleus maps only).
 FAMILIES: tuple[str, ...] = ("direct", "sr", "gbt")

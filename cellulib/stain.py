@@ -188,6 +188,11 @@ def _macenko_vectors(img: np.ndarray, alpha: float = 1.0) -> np.ndarray:
     return he / np.linalg.norm(he, axis=0, keepdims=True)
 
 
+#: Bumped whenever :func:`training_reference` (or the fit it makes) changes: the references stored in
+#: cached model files (``meta["stain"]``) are then recomputed, without retraining.
+REFERENCE_VERSION = 1
+
+
 def training_reference(paths, n: int = 16, tile: int = 128) -> dict[str, Any]:
     """The stain of a training set, for a model file's ``meta["stain"]``.
 

@@ -5,17 +5,26 @@ the model without the book: its family and constructor arguments (``config``), t
 free-form metadata (training history, validation scores, data fingerprint). SPEC section 7:
 ``cellulib.save_model(model, path, **meta)`` and ``cellulib.load_model(path)``.
 
-Results are cached by the hash of their inputs (SPEC section 6) under ``$CELLULIB_HOME/models``, so
-a later chapter reuses an earlier chapter's model instead of retraining. The inputs are the settings,
-the bytes of the data (:func:`data_fingerprint`) and the bytes of the training code
-(:func:`code_fingerprint`): a cached model is never reused after the code or the data changed.
+Trained models are cached under ``$CELLULIB_HOME/models`` by their training recipe (SPEC section 6),
+so a later chapter reuses an earlier chapter's model instead of retraining. The recipe
+(:func:`recipe`) is what decides the weights: the resolved settings (the precision and device type
+actually used among them), the seed, the bytes of the data (:func:`data_fingerprint`), the recipe
+version of the model family (``cellulib.train.RECIPE_VERSIONS``, guarded by the golden tests of
+``tests/test_recipes.py``), the versions of the libraries doing the arithmetic
+(:data:`RECIPE_LIBRARIES`) and the Python minor version. It is not the bytes of the source: a
+docstring, comment, plot or report edit retrains nothing. Every cached model file records its recipe
+(``meta["recipe"]``), so :func:`cache_entries` (``cellulib cache list``) can say whether the
+running code would reuse it, and why not.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import os
 import pickle
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -118,22 +127,14 @@ def _plain(obj: Any, where: str) -> Any:
                          "only tensors, numbers, strings, lists and dicts (data, never code)")
 
 
-def load_model(path: str | os.PathLike, map_location: str = "cpu"):
-    """Load a model file written by :func:`save_model`; returns ``(model, info)``.
-
-    ``info`` is a dict with ``family``, ``config``, ``meta`` and ``cellulib_version``. Torch models
-    come back in eval mode. A missing, corrupt, foreign or future-format file raises
-    :class:`ModelFileError` naming the file. The file is read with ``torch.load(weights_only=True)``
-    (SPEC 6): a pickle that names any Python callable other than torch's tensor rebuilders, as one
-    that would run code does, is refused before anything in it runs.
-    """
+def _read_payload(path: Path, map_location: str = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """A model file's payload, read as data: ``torch.load(weights_only=True)``, so a pickle that
+    names any Python callable (as one that would run code does) is refused before anything in it
+    runs. Raises :class:`ModelFileError` naming the file for a refused, corrupt or foreign file."""
     import torch
 
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"{path}: no such model file")
-    try:  # weights_only: tensors and plain data only, so no file can run code while it loads
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        payload = torch.load(path, map_location=map_location, mmap=mmap, weights_only=True)
     except pickle.UnpicklingError as exc:
         if "GLOBAL" not in str(exc).upper():  # a pickle torch cannot parse at all: corrupt bytes
             raise ModelFileError(f"{path}: not a readable cellulib model file (corrupt or not a "
@@ -144,9 +145,26 @@ def load_model(path: str | os.PathLike, map_location: str = "cpu"):
                              f"as data: cellulib resave --trust {path} NEW.pt (this one step runs "
                              "the file's pickle: never for a file from elsewhere)") from None
     except Exception as exc:  # torch raises many types for a corrupt archive
-        raise ModelFileError(f"{path}: not a readable cellulib model file ({exc.__class__.__name__})") from None
+        raise ModelFileError(f"{path}: not a readable cellulib model file "
+                             f"({exc.__class__.__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_TAG:
         raise ModelFileError(f"{path}: not a cellulib model file (no '{FORMAT_TAG}' header)")
+    return payload
+
+
+def load_model(path: str | os.PathLike, map_location: str = "cpu"):
+    """Load a model file written by :func:`save_model`; returns ``(model, info)``.
+
+    ``info`` is a dict with ``family``, ``config``, ``meta`` and ``cellulib_version``. Torch models
+    come back in eval mode. A missing, corrupt, foreign or future-format file raises
+    :class:`ModelFileError` naming the file. The file is read with ``torch.load(weights_only=True)``
+    (SPEC 6): a pickle that names any Python callable other than torch's tensor rebuilders, as one
+    that would run code does, is refused before anything in it runs.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such model file")
+    payload = _read_payload(path, map_location)
     if payload.get("format_version") != FORMAT_VERSION:
         raise ModelFileError(
             f"{path}: model file format {payload.get('format_version')} was written by cellulib "
@@ -199,22 +217,6 @@ def _forbidden(exc: Exception) -> str:
 #: Files of a dataset folder that decide what a model learns: images, label tables, cell XML,
 #: BRCA-M2C dot files and split lists (.txt).
 _DATA_SUFFIXES = frozenset(IMAGE_SUFFIXES + (".csv", ".xml", ".txt"))
-
-#: The cellulib modules whose source decides what each model family learns. Every family is built,
-#: fed (stain augmentation included) and fitted by the common ten; the segmentation loss trains
-#: ``seg`` and the seg net inside ``sr`` and ``gbt``; the 81 features feed ``gbt``; validation
-#: predictions go through ``predict``.
-_COMMON_SOURCES = ("annotations.py", "constants.py", "data.py", "engine.py", "imageio.py",
-                   "models.py", "profiles.py", "stain.py", "train.py", "transforms.py")
-TRAINING_SOURCES: dict[str, tuple[str, ...]] = {
-    "seg": _COMMON_SOURCES + ("losses.py",),
-    "direct": _COMMON_SOURCES + ("predict.py",),
-    "sr": _COMMON_SOURCES + ("losses.py", "predict.py"),
-    "gbt": _COMMON_SOURCES + ("features.py", "losses.py", "predict.py"),
-}
-
-#: The installed package (this file's folder); a test points it at an edited copy.
-_PACKAGE_DIR = Path(__file__).resolve().parent
 
 # sha256 of a file's bytes by (absolute path, size, mtime_ns, ctime_ns, inode): in one process an
 # unchanged file is read once, and any write (even one that keeps the size and restores the mtime)
@@ -324,37 +326,199 @@ def data_fingerprint(root: str | os.PathLike) -> str:
     return _tree_digest(root, relpaths)
 
 
-def code_fingerprint(kind: str) -> str:
-    """Short hash of the cellulib source files that decide how a model of ``kind`` is trained.
+#: Bumped when the layout of a recipe (what :func:`recipe` puts in a key) changes.
+KEY_SCHEME = 1
+
+#: The installed distributions whose arithmetic decides the weights of each model family: torch
+#: and torchvision (every layer), fastai (the training loop, schedules, metrics), albumentations
+#: (augmentation), numpy and OpenCV (every resize, disc mask and crop of the pipeline),
+#: scikit-image (the HED colour deconvolution of stain augmentation); timm builds the Xception
+#: direct model; LightGBM and SciPy (the spatial features) fit the GBT route. A different version
+#: of any of them makes a different recipe. pandas and the plotting libraries only move numbers
+#: around and are not part of it.
+_COMMON_LIBRARIES = ("torch", "torchvision", "fastai", "albumentations", "numpy", "opencv",
+                     "scikit-image")
+RECIPE_LIBRARIES: dict[str, tuple[str, ...]] = {
+    "seg": _COMMON_LIBRARIES,
+    "direct": _COMMON_LIBRARIES + ("timm",),
+    "sr": _COMMON_LIBRARIES,
+    "gbt": _COMMON_LIBRARIES + ("lightgbm", "scipy"),
+}
+_OPENCV_DISTRIBUTIONS = ("opencv-python-headless", "opencv-python", "opencv-contrib-python-headless",
+                         "opencv-contrib-python")
+
+
+@functools.cache
+def library_version(name: str) -> str | None:
+    """The installed version of distribution ``name`` (``opencv``: whichever OpenCV wheel is
+    installed), or None when it is not installed. Read from the package metadata, so nothing is
+    imported."""
+    from importlib import metadata
+
+    for dist in _OPENCV_DISTRIBUTIONS if name == "opencv" else (name,):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _family(kind: str) -> str:
+    family = kind.split("-", 1)[0]
+    if family not in RECIPE_LIBRARIES:
+        raise ValueError(f"unknown model kind {kind!r}: its family must be one of "
+                         f"{', '.join(RECIPE_LIBRARIES)}")
+    return family
+
+
+def recipe(kind: str, params: dict[str, Any], version: int) -> dict[str, Any]:
+    """The training recipe of a cached model, with its ``key`` (a short hash of the rest).
 
     ``kind`` is a cache kind of :mod:`cellulib.train`: ``seg``, ``sr``, ``gbt`` or
-    ``direct-{arch}-{task}``; the part before the first ``-`` names the family, whose modules are
-    listed in :data:`TRAINING_SOURCES`. Hashes each file's name and bytes, so a cached model is
-    never reused after the code that trained it changed. Files are re-read only when they change
-    on disk. Used in chapters 2-5 through :mod:`cellulib.train` (via :func:`cache_path`).
+    ``direct-{arch}-{task}``; the part before the first ``-`` names the family. ``params`` are the
+    resolved settings (precision and device type as actually used), the seed and the
+    :func:`data_fingerprint`; ``version`` is the family's recipe version
+    (``cellulib.train.RECIPE_VERSIONS``). The versions of the family's :data:`RECIPE_LIBRARIES` and
+    the Python minor version are added here. The result holds plain JSON values only (stored as a
+    model file's ``meta["recipe"]``). Used in chapters 2-5 through :mod:`cellulib.train`.
     """
-    family = kind.split("-", 1)[0]
-    if family not in TRAINING_SOURCES:
-        raise ValueError(f"unknown model kind {kind!r}: its family must be one of "
-                         f"{', '.join(TRAINING_SOURCES)}")
-    return _tree_digest(_PACKAGE_DIR, sorted(TRAINING_SOURCES[family]))
+    family = _family(kind)
+    parts = {"scheme": KEY_SCHEME, "kind": kind, "family": family, "version": int(version),
+             "params": params,
+             "libraries": {name: library_version(name) for name in RECIPE_LIBRARIES[family]},
+             "python": "{}.{}".format(*sys.version_info[:2])}
+    parts = json.loads(json.dumps(parts, sort_keys=True, default=str))  # plain JSON values
+    return {"key": fingerprint(parts), **parts}
 
 
-def cache_path(kind: str, params: dict[str, Any], suffix: str = ".pt") -> Path:
-    """Where the result of ``kind`` computed from ``params`` is cached (``$CELLULIB_HOME/models``).
-
-    The key hashes ``params`` (settings, seed and the :func:`data_fingerprint` of the data),
-    ``kind``, the cellulib version and the :func:`code_fingerprint` of the family's training code,
-    so a cached model is never reused after the code or the data changed. Used in chapters 2-5
-    through :mod:`cellulib.train`.
-    """
-    from cellulib import __version__
-
-    key = fingerprint({"params": params, "kind": kind, "cellulib": __version__,
-                       "code": code_fingerprint(kind)})
+def cache_path(kind: str, params: dict[str, Any], version: int, suffix: str = ".pt") -> Path:
+    """Where the model of ``kind`` trained with ``params`` under recipe ``version`` is cached:
+    ``$CELLULIB_HOME/models/{kind}-{key}.pt``, the key of its :func:`recipe`. Used in chapters 2-5
+    through :mod:`cellulib.train`."""
     folder = home() / "models"
     folder.mkdir(parents=True, exist_ok=True)
-    return folder / f"{kind}-{key}{suffix}"
+    return folder / f"{kind}-{recipe(kind, params, version)['key']}{suffix}"
+
+
+def recipe_mismatch(recorded: Any, versions: dict[str, int]) -> list[str]:
+    """Why a model file's recorded recipe (``meta["recipe"]``) would not be reused by the running
+    code: each reason a short phrase; an empty list when it would.
+
+    Compares the key scheme, the family's recipe version with ``versions``
+    (``cellulib.train.RECIPE_VERSIONS``), the library versions with the installed ones and the
+    Python minor version, and checks that the key is the hash of the recorded parts. The settings
+    and data are not judged: another profile, seed or dataset makes another, equally valid, file.
+    Used by :func:`cache_entries` and by :mod:`cellulib.train` before it reuses a file.
+    """
+    if not isinstance(recorded, dict) or "key" not in recorded:
+        return ["no recipe recorded (written before recipe keys, when the cache was keyed on "
+                "the bytes of the source)"]
+    parts = {k: v for k, v in recorded.items() if k != "key"}
+    if recorded.get("scheme") != KEY_SCHEME:
+        return [f"recipe key scheme {recorded.get('scheme')}, this cellulib writes {KEY_SCHEME}"]
+    if fingerprint(parts) != recorded["key"]:
+        return ["its recipe key is not the hash of its recorded recipe (the file was edited)"]
+    family = recorded.get("family")
+    if family not in versions:
+        return [f"unknown model family {family!r}"]
+    why = []
+    if recorded.get("version") != versions[family]:
+        why.append(f"{family} recipe version {recorded.get('version')}, the code's is "
+                   f"{versions[family]}")
+    libraries = recorded.get("libraries") or {}
+    for name in sorted(set(libraries) | set(RECIPE_LIBRARIES[family])):
+        had, have = libraries.get(name), library_version(name)
+        if had != have:
+            why.append(f"{name} {had or 'absent'}, installed {have or 'absent'}")
+    python = "{}.{}".format(*sys.version_info[:2])
+    if recorded.get("python") != python:
+        why.append(f"Python {recorded.get('python')}, running {python}")
+    return why
+
+
+def read_info(path: str | os.PathLike) -> dict[str, Any]:
+    """A model file's ``family``, ``config``, ``meta`` and ``cellulib_version`` without loading
+    its weights (the archive is memory-mapped, so this is fast for any size). Raises
+    :class:`ModelFileError` naming the file when it is not a readable cellulib model file. Used by
+    :func:`cache_entries`."""
+    payload = _read_payload(Path(path), mmap=True)
+    return {k: payload.get(k) for k in ("family", "config", "meta", "cellulib_version")}
+
+
+#: A leftover temporary file of an interrupted write older than this is listed for pruning.
+_STALE_TMP_S = 3600
+
+
+def cache_entries(versions: dict[str, int], folder: str | os.PathLike | None = None
+                  ) -> list[dict[str, Any]]:
+    """Every model file of the cache (``$CELLULIB_HOME/models`` unless ``folder``), oldest first.
+
+    Each entry: ``path``, ``family``, ``kind``, ``key`` (from the file name), ``bytes``, ``age_s``
+    (seconds since written), ``current`` (whether the running code, with ``versions``, i.e.
+    ``cellulib.train.RECIPE_VERSIONS``, and these library versions would reuse it) and ``why``
+    (the reasons it would not, joined by ``"; "``; empty when current; see
+    :func:`recipe_mismatch`). Unreadable files and temporary files of interrupted writes (over an
+    hour old) are listed as not current. Used by ``cellulib cache list`` and ``cache prune``.
+    """
+    folder = Path(folder) if folder is not None else home() / "models"
+    now = time.time()
+    paths = sorted(folder.glob("*.pt")) if folder.is_dir() else []
+    stale = [p for p in sorted(folder.glob(".*.tmp")) if now - p.stat().st_mtime > _STALE_TMP_S
+             ] if folder.is_dir() else []
+    entries = []
+    for path in paths + stale:
+        st = path.stat()
+        kind, _, key = path.stem.rpartition("-")
+        entry = {"path": str(path), "family": kind.split("-", 1)[0] or None, "kind": kind or None,
+                 "key": key or None, "bytes": st.st_size, "age_s": round(now - st.st_mtime, 1),
+                 "current": False, "why": ""}
+        if path.suffix == ".tmp":
+            entry.update(family=None, kind=None, key=None, why="an interrupted write")
+            entries.append(entry)
+            continue
+        try:
+            info = read_info(path)
+        except ModelFileError as exc:
+            entry["why"] = str(exc).removeprefix(f"{path}: ")
+            entries.append(entry)
+            continue
+        recorded = (info.get("meta") or {}).get("recipe")
+        why = recipe_mismatch(recorded, versions)
+        if not why and recorded["key"] != key:
+            why = [f"its name says key {key}, it records {recorded['key']}"]
+        if isinstance(recorded, dict):
+            entry["family"], entry["kind"] = recorded.get("family"), recorded.get("kind")
+        entry.update(current=not why, why="; ".join(why))
+        entries.append(entry)
+    return sorted(entries, key=lambda e: -e["age_s"])
+
+
+def prune_cache(versions: dict[str, int], dry_run: bool = False,
+                folder: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    """Remove the model files of the cache that are not current (see :func:`cache_entries`);
+    returns their entries. With ``dry_run`` nothing is removed. Used by ``cellulib cache prune``."""
+    gone = [e for e in cache_entries(versions, folder) if not e["current"]]
+    if not dry_run:
+        for entry in gone:
+            Path(entry["path"]).unlink(missing_ok=True)
+    return gone
+
+
+def weights_digest(model: Any) -> str:
+    """Short sha256 of a model's weights: every tensor of its ``state_dict`` (name, dtype, shape and
+    bytes, in name order) and, for a GBT model, its LightGBM booster. Outputs derived from a model
+    (its stored validation predictions, in :mod:`cellulib.train`) are keyed on it."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    booster = getattr(model, "booster", None)
+    if booster is not None:
+        digest.update(booster.model_to_string().encode())
+    return digest.hexdigest()[:12]
 
 
 def normalizer_from_options(method: str | None, target: str | Path | None = None,

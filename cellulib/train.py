@@ -1,16 +1,22 @@
 """Training with fastai: Learners for every model family and cached training runs.
 
 Each ``train_*`` function trains one model for a profile (SPEC 6), saves it as one model file with
-its history and validation scores (:func:`cellulib.save_model`), and caches it by the hash of its
-inputs (the data, the settings, the seed), so a later chapter reuses an earlier chapter's model and
-re-running a chapter gives the same table.
+its history and validation scores (:func:`cellulib.save_model`), and caches it by its training recipe
+(:func:`cellulib.store.recipe`: the data, the resolved settings, the seed, the family's
+:data:`RECIPE_VERSIONS` entry and the library versions), so a later chapter reuses an earlier
+chapter's model and re-running a chapter gives the same table. What is computed from the weights
+afterwards (the stored validation predictions and the stain reference) is keyed on the weights and
+:data:`cellulib.predict.INFERENCE_VERSION` / :data:`cellulib.stain.REFERENCE_VERSION`, and is
+recomputed in seconds, without retraining, when one of those versions changes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,8 +30,30 @@ from fastai.torch_core import set_seed
 
 from cellulib import data, losses, models
 from cellulib._moved import moved_names
-from cellulib.profiles import brca_m2c_profile, get_profile, seg_scale_size
-from cellulib.store import cache_path, data_fingerprint, load_model, save_model
+from cellulib.profiles import brca_m2c_profile, fingerprint, get_profile, seg_scale_size
+from cellulib.store import (
+    ModelFileError,
+    cache_path,
+    data_fingerprint,
+    load_model,
+    recipe,
+    recipe_mismatch,
+    save_model,
+    weights_digest,
+)
+
+#: The recipe version of each model family: bumped whenever a change of the training code (the
+#: data pipeline, augmentation, model construction, loss, optimiser, schedule or features of that
+#: family) changes the weights it learns from the same settings and data, so that cached models of
+#: the old recipe are not reused (SPEC 6). ``tests/test_recipes.py`` fails when a family's tiny
+#: training run changes while its version stays; an edit that changes no number (a docstring, a
+#: comment, a plot) needs no bump. ``sr`` and ``gbt`` also follow their segmentation network's key.
+RECIPE_VERSIONS: dict[str, int] = {"seg": 1, "direct": 1, "sr": 1, "gbt": 1}
+
+
+class CacheWarning(UserWarning):
+    """A cached model file that was not reused (unreadable, or of another recipe): it is trained
+    again."""
 
 
 @dataclass
@@ -167,19 +195,86 @@ def _trained(model: torch.nn.Module) -> torch.nn.Module:
     return model.cpu().to(memory_format=torch.contiguous_format).eval()
 
 
-def _cached(path: Path, settings: dict[str, Any]) -> TrainResult | None:
+def _recipe(kind: str, params: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    """The cache path and :func:`cellulib.store.recipe` of a training run: ``params`` with the
+    precision resolved to what training uses on this machine (``"auto"`` and
+    ``$CELLULIB_PRECISION`` resolved by :func:`cellulib.engine.amp_dtype`), the device type and,
+    under ``accelerate launch``, the number of processes."""
+    from fastai.torch_core import default_device, num_distrib
+
+    from cellulib import engine
+
+    device = default_device()
+    resolved = dict(params, device=device.type)
+    if "precision" in params:
+        resolved["precision"] = engine.precision_name(engine.amp_dtype(device, params["precision"]))
+    if num_distrib() > 1:
+        resolved["processes"] = num_distrib()
+    version = RECIPE_VERSIONS[kind.split("-", 1)[0]]
+    return cache_path(kind, resolved, version), recipe(kind, resolved, version)
+
+
+def _derived_versions() -> dict[str, int]:
+    from cellulib.predict import INFERENCE_VERSION
+    from cellulib.stain import REFERENCE_VERSION
+
+    return {"inference": INFERENCE_VERSION, "stain": REFERENCE_VERSION}
+
+
+def _derived(model: torch.nn.Module) -> dict[str, Any]:
+    """What a model file's derived outputs (validation predictions, stain reference) were computed
+    from: the :func:`cellulib.store.weights_digest` of the weights and the inference and stain
+    reference versions, with their ``key``; stored as ``meta["derived"]``."""
+    parts = {"weights": weights_digest(model), **_derived_versions()}
+    return {"key": fingerprint(parts), **parts}
+
+
+def _cached(path: Path, rec: dict[str, Any], settings: dict[str, Any],
+            derive: Any) -> TrainResult | None:
+    """The cached model at ``path`` when it holds the recipe ``rec``, else None (train it).
+
+    A corrupt file or one recording another recipe is not reused: a :class:`CacheWarning` says why,
+    and the caller trains again (and overwrites it). When the derived outputs were computed by
+    another inference or stain reference version, ``derive(model, meta)`` recomputes them (a dict of
+    ``meta`` entries) from the stored weights and the file is rewritten; the weights are the
+    file's own, so their digest in ``meta["derived"]`` stays valid until the file is rewritten.
+    """
     if not path.exists():
         return None
-    model, info = load_model(path)
+    try:
+        model, info = load_model(path)
+    except ModelFileError as exc:
+        warnings.warn(f"{exc}: training it again", CacheWarning, stacklevel=3)
+        return None
     meta = info["meta"]
+    recorded = meta.get("recipe")
+    if not isinstance(recorded, dict) or recorded.get("key") != rec["key"]:
+        why = "; ".join(recipe_mismatch(recorded, RECIPE_VERSIONS)) or (
+            f"it records recipe key {recorded.get('key')}, not {rec['key']}")
+        warnings.warn(f"{path}: not reused ({why}): training it again", CacheWarning, stacklevel=3)
+        return None
+    stored = meta.get("derived") or {}
+    if {k: stored.get(k) for k in ("inference", "stain")} != _derived_versions():
+        meta = {**meta, **derive(model, meta), "derived": _derived(model)}
+        model = _trained(model)
+        save_model(model, path, **meta)
     return TrainResult(model, pd.DataFrame(meta["history"]), meta["scores"], path, True,
                        settings, meta.get("seconds", 0.0), meta)
 
 
 def _pretrained_key(pretrained) -> str | None:
+    """How the initial weights enter the recipe: ``"imagenet"`` (torch hub's files, named by their
+    hash), or a local file's name and the sha256 of its bytes, so that another file of the same
+    name makes another recipe (a missing file keeps its name: loading it gives the error)."""
     if pretrained is None:
         return None
-    return str(pretrained) if str(pretrained) == "imagenet" else f"file:{Path(pretrained).name}"
+    if str(pretrained) == "imagenet":
+        return "imagenet"
+    path = Path(pretrained).expanduser()
+    if not path.is_file():
+        return f"file:{path.name}"
+    with open(path, "rb") as fh:
+        return f"file:{path.name}:{hashlib.file_digest(fh, 'sha256').hexdigest()[:12]}"
 
 
 def _is_brca_m2c(root) -> bool:
@@ -215,8 +310,15 @@ def train_seg(root: str | os.PathLike, decoder: str = "fpn", pretrained=None, pr
                                     "crop", "downscale", "disc_diameter", "patches_per_epoch",
                                     "precision", "stain_augment")},
     }
-    path = cache_path("seg", params)
-    if cache and (hit := _cached(path, settings)) is not None:
+    path, rec = _recipe("seg", params)
+    params = rec["params"]
+
+    def train_images() -> list[str]:
+        cells = data.read_cells(root)
+        return cells["image_path"].iloc[data.cells_split(cells, seed=seed, root=root)[0]].tolist()
+
+    if cache and (hit := _cached(path, rec, settings,
+                                 lambda model, meta: _provenance(train_images()))) is not None:
         return hit
     set_seed(seed, reproducible=True)
     # the same patch-level split seg_dataloaders makes (its default valid_pct)
@@ -234,10 +336,9 @@ def train_seg(root: str | os.PathLike, decoder: str = "fpn", pretrained=None, pr
     history = _history(learn)
     scores = {k: float(v) for k, v in history.iloc[-1].items() if k.startswith(("jaccard", "valid"))}
     model = _trained(learn.model)
-    cells = data.read_cells(root)
-    train_images = cells["image_path"].iloc[data.cells_split(cells, seed=seed, root=root)[0]]
     meta = {"history": history.to_dict("list"), "scores": scores, "seconds": seconds,
-            "params": params, **_provenance(train_images.tolist())}
+            "params": params, "recipe": rec, **_provenance(train_images()),
+            "derived": _derived(model)}
     save_model(model, path, **meta)
     return TrainResult(model, history, scores, path, False, settings, seconds, meta)
 
@@ -352,20 +453,45 @@ def _train_labels(root) -> np.ndarray:
     return df.loc[df["split"] == "train", "cellularity"].to_numpy(dtype=float)
 
 
-def _finish(model, path: Path, params: dict, history: pd.DataFrame, root, seconds: float,
+def _derive_cellularity(root, input_size: int, settings: dict, pred: pd.DataFrame | None = None):
+    """``derive(model, meta)`` for :func:`_cached` and :func:`_finish` of a cellularity model: its
+    validation predictions (``pred`` when given; scored by :func:`_valid_predictions` otherwise),
+    their scores and the stain reference and pixel size of its training images."""
+    def derive(model, meta: dict) -> dict[str, Any]:
+        scored = pred if pred is not None else _valid_predictions(model, root, input_size,
+                                                                  settings["precision"])
+        return {"scores": _scores(scored), "predictions": scored.to_dict("list"),
+                **_provenance(_train_paths(root))}
+    return derive
+
+
+def _derive_gbt(root):
+    """``derive(model, meta)`` of a cached GBT model: its booster's validation predictions on the
+    stored validation features (``meta["features_valid"]``), their scores and the training stain."""
+    from cellulib import features
+
+    def derive(model, meta: dict) -> dict[str, Any]:
+        valid = _validation_patches(root)
+        table = pd.DataFrame(meta["features_valid"])
+        scored = pd.DataFrame({"path": valid["path"].to_numpy(),
+                               "y_true": valid["cellularity"].to_numpy(),
+                               "y_pred": features.predict_gbt(model.booster, table)})
+        return {"scores": _scores(scored), "predictions": scored.to_dict("list"),
+                **_provenance(_train_paths(root))}
+    return derive
+
+
+def _finish(model, path: Path, rec: dict, history: pd.DataFrame, root, seconds: float,
             settings: dict, input_size: int, pred: pd.DataFrame | None = None,
             **extra: Any) -> TrainResult:
-    if pred is None:
-        pred = _valid_predictions(model, root, input_size, settings["precision"])
+    derived = _derive_cellularity(root, input_size, settings, pred)(model, {})
     model = _trained(model)  # after scoring: the predictor moved it to its device and layout
-    scores = _scores(pred)
-    meta = {"history": history.to_dict("list"), "scores": scores, "seconds": seconds,
-            "params": params, "predictions": pred.to_dict("list"),
-            "train_mean": float(_train_labels(root).mean()),
+    meta = {"history": history.to_dict("list"), "seconds": seconds, "params": rec["params"],
+            "recipe": rec, "train_mean": float(_train_labels(root).mean()),
             "preprocess": {"input_size": int(input_size), "normalize": "minus_one_one"},
-            **_provenance(_train_paths(root)), **extra}
+            **derived, **extra, "derived": _derived(model)}
     save_model(model, path, **meta)
-    return TrainResult(model, history, scores, path, False, settings, seconds, meta)
+    return TrainResult(model, history, meta["scores"], path, False, settings, seconds, meta)
 
 
 def predictions(result: TrainResult) -> pd.DataFrame:
@@ -401,8 +527,9 @@ def train_direct(root: str | os.PathLike, arch: str = "resnet34", task: str = "r
                                           "direct_schedule", "precision", "stain_augment")}}
     if task == "classification":
         params["cls_sigma"] = settings["cls_sigma"]
-    path = cache_path(f"direct-{arch}-{task}", params)
-    if cache and (hit := _cached(path, settings)) is not None:
+    path, rec = _recipe(f"direct-{arch}-{task}", params)
+    derive = _derive_cellularity(root, input_size, settings)
+    if cache and (hit := _cached(path, rec, settings, derive)) is not None:
         return hit
     set_seed(seed, reproducible=True)
     dls = data.cellularity_dataloaders(root, size=input_size, bs=settings["direct_bs"],
@@ -416,7 +543,7 @@ def train_direct(root: str | os.PathLike, arch: str = "resnet34", task: str = "r
     fit(learn, settings["direct_epochs"], settings["direct_lr"], settings["direct_schedule"],
         settings["direct_lr"] / 10, progress)
     seconds = time.perf_counter() - start
-    return _finish(learn.model, path, params, _history(learn), root, seconds, settings, input_size)
+    return _finish(learn.model, path, rec, _history(learn), root, seconds, settings, input_size)
 
 
 def _seg_input_size(root, settings: dict) -> int:
@@ -463,8 +590,9 @@ def train_sr(root: str | os.PathLike, seg: TrainResult, pretrained=None, profile
               "seed": int(seed), "data": data_fingerprint(root), "input_size": input_size,
               **{k: settings[k] for k in ("sr_epochs", "sr_finetune_epochs", "sr_lr", "sr_schedule",
                                           "direct_bs", "precision", "stain_augment")}}
-    path = cache_path("sr", params)
-    if cache and (hit := _cached(path, settings)) is not None:
+    path, rec = _recipe("sr", params)
+    derive = _derive_cellularity(root, input_size, settings)
+    if cache and (hit := _cached(path, rec, settings, derive)) is not None:
         return hit
     set_seed(seed, reproducible=True)
     dls = data.cellularity_dataloaders(root, size=input_size, bs=settings["direct_bs"], seed=seed,
@@ -485,7 +613,7 @@ def train_sr(root: str | os.PathLike, seg: TrainResult, pretrained=None, profile
         stage1 = pd.concat([stage1, stage2], ignore_index=True)
     seconds = time.perf_counter() - start
     model.freeze_seg()
-    return _finish(model, path, params, stage1, root, seconds, settings, input_size)
+    return _finish(model, path, rec, stage1, root, seconds, settings, input_size)
 
 
 def segment_patches(seg_model: torch.nn.Module, paths, input_size: int,
@@ -519,8 +647,8 @@ def train_gbt(root: str | os.PathLike, seg: TrainResult, profile: str = "quick",
     input_size = input_size or _seg_input_size(root, settings)
     params = {"kind": "gbt", "seg": seg.path.name, "seed": int(seed), "data": data_fingerprint(root),
               "input_size": input_size, "rounds": settings["gbt_rounds"]}
-    path = cache_path("gbt", params)
-    if cache and (hit := _cached(path, settings)) is not None:
+    path, rec = _recipe("gbt", params)
+    if cache and (hit := _cached(path, rec, settings, _derive_gbt(root))) is not None:
         return hit
     df = data.read_breastpathq(root)
     start = time.perf_counter()
@@ -538,7 +666,7 @@ def train_gbt(root: str | os.PathLike, seg: TrainResult, profile: str = "quick",
     importance = features.gbt_importance(booster)
     model = models.GBTModel(seg.model, booster)
     history = pd.DataFrame({"epoch": [1], "train_loss": [float("nan")], "valid_loss": [float("nan")]})
-    return _finish(model, path, params, history, root, seconds, settings, input_size, pred=pred,
+    return _finish(model, path, rec, history, root, seconds, settings, input_size, pred=pred,
                    importance=importance.to_dict(), features_train=tables["train"].to_dict("list"),
                    features_valid=tables["validation"].to_dict("list"))
 

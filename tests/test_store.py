@@ -1,8 +1,10 @@
 """Model files: round trips give identical outputs; bad files get clear errors; writes are atomic;
-cache keys change with every pixel of the data and every byte of the training code."""
+cache keys change with every pixel of the data and every part of the training recipe."""
 
 import hashlib
+import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,13 +12,11 @@ import pytest
 import tifffile
 import torch
 
-import cellulib
 from cellulib import load_model, models, save_model, store
 from cellulib.store import (
     ModelFileError,
     atomic_write_bytes,
     cache_path,
-    code_fingerprint,
     data_fingerprint,
 )
 
@@ -111,9 +111,10 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
 
 def test_cache_path_depends_on_every_input(tmp_path, monkeypatch):
     monkeypatch.setenv("CELLULIB_HOME", str(tmp_path))
-    a = cache_path("seg", {"seed": 0, "epochs": 3})
-    assert a == cache_path("seg", {"epochs": 3, "seed": 0})  # order does not matter
-    assert a != cache_path("seg", {"seed": 1, "epochs": 3})
+    a = cache_path("seg", {"seed": 0, "epochs": 3}, 1)
+    assert a == cache_path("seg", {"epochs": 3, "seed": 0}, 1)  # order does not matter
+    assert a != cache_path("seg", {"seed": 1, "epochs": 3}, 1)
+    assert a != cache_path("seg", {"seed": 0, "epochs": 3}, 2)  # the recipe version
     assert a.parent == tmp_path / "models" and a.name.startswith("seg-")
 
 
@@ -190,55 +191,70 @@ def test_data_fingerprint_reads_an_unchanged_file_once(tmp_path, monkeypatch):
     assert data_fingerprint(root) != first and reads == ["train_labels.csv"]
 
 
-# The modules that decide training, per family: changing this list is a deliberate change of test.
-# annotations.py: data.py reads the cell XML through it, so it decides the segmentation targets;
-# stain.py: the HED jitter of the stain_augment setting, and the stain reference a model records;
-# constants.py, imageio.py and transforms.py: the shared facts, the image reader, the weak masks,
-# normalisation and augmentation that data.py held before issue 13
-COMMON_SOURCES = ["annotations.py", "constants.py", "data.py", "engine.py", "imageio.py",
-                  "models.py", "profiles.py", "stain.py", "train.py", "transforms.py"]
-TRAINING_SOURCES = {
-    "seg": COMMON_SOURCES + ["losses.py"],
-    "direct-resnet34-regression": COMMON_SOURCES + ["predict.py"],
-    "sr": COMMON_SOURCES + ["losses.py", "predict.py"],
-    "gbt": COMMON_SOURCES + ["features.py", "losses.py", "predict.py"],
-}
+def test_recipe_key_is_the_hash_of_its_parts(monkeypatch):
+    # the key, recomputed by hand from what the SPEC (section 6) says it is made of
+    versions = {"torch": "2.0.0", "torchvision": "0.1", "fastai": "2.7", "albumentations": "1.4",
+                "numpy": "1.26", "opencv": "4.9", "scikit-image": "0.22", "lightgbm": "4.3",
+                "scipy": "1.12"}
+    monkeypatch.setattr(store, "library_version", versions.get)
+    params = {"seed": 0, "data": "0123456789ab", "precision": "float32", "device": "cpu"}
+    got = store.recipe("gbt", params, 3)
+    parts = {"scheme": 1, "kind": "gbt", "family": "gbt", "version": 3, "params": params,
+             "libraries": versions, "python": f"{sys.version_info[0]}.{sys.version_info[1]}"}
+    blob = json.dumps(parts, sort_keys=True).encode()
+    assert got == {"key": hashlib.sha256(blob).hexdigest()[:12], **parts}
+    # the segmentation net is not fitted by LightGBM: its recipe does not name it
+    assert "lightgbm" not in store.recipe("seg", params, 3)["libraries"]
+    assert "timm" in store.recipe("direct-xception-regression", params, 3)["libraries"]
 
 
-@pytest.mark.parametrize("kind", list(TRAINING_SOURCES))
-def test_code_fingerprint_is_the_hash_of_the_training_sources(kind):
-    package = Path(cellulib.__file__).parent
-    digest = hashlib.sha256()
-    for name in sorted(TRAINING_SOURCES[kind]):
-        digest.update(name.encode() + b"\0" + hashlib.sha256((package / name).read_bytes()).digest())
-    assert code_fingerprint(kind) == digest.hexdigest()[:12]
+def test_a_library_version_or_the_python_version_changes_the_key(monkeypatch):
+    params = {"seed": 0}
+    before = store.recipe("seg", params, 1)["key"]
+    real = store.library_version
+    monkeypatch.setattr(store, "library_version",
+                        lambda name: "9.9.9" if name == "torch" else real(name))
+    assert store.recipe("seg", params, 1)["key"] != before
+    monkeypatch.setattr(store, "library_version", real)
+    assert store.recipe("seg", params, 1)["key"] == before
+    monkeypatch.setattr(sys, "version_info", (3, 99, 0, "final", 0))
+    assert store.recipe("seg", params, 1)["key"] != before
 
 
-def test_cache_key_changes_with_the_training_code(tmp_path, monkeypatch):
-    monkeypatch.setenv("CELLULIB_HOME", str(tmp_path / "home"))
-    params = {"seed": 0, "data": "0123456789ab"}
-    gbt, seg = cache_path("gbt", params), cache_path("seg", params)
-    package = shutil.copytree(Path(cellulib.__file__).parent, tmp_path / "cellulib",
-                              ignore=shutil.ignore_patterns("__pycache__"))
-    monkeypatch.setattr(store, "_PACKAGE_DIR", package)
-    assert cache_path("gbt", params) == gbt  # an identical copy: the same key
-    features = package / "features.py"
-    features.write_bytes(features.read_bytes() + b"\n# one more line\n")
-    assert cache_path("gbt", params) != gbt
-    assert cache_path("seg", params) == seg  # the segmentation net does not use the features
-    train = package / "train.py"
-    train.write_bytes(train.read_bytes().replace(b"def ", b"def  ", 1))
-    assert cache_path("seg", params) != seg
+def test_recipe_mismatch_names_each_reason(monkeypatch):
+    rec = store.recipe("sr", {"seed": 0}, 2)
+    assert store.recipe_mismatch(rec, {"sr": 2}) == []
+    assert store.recipe_mismatch(rec, {"sr": 3}) == ["sr recipe version 2, the code's is 3"]
+    real = store.library_version
+    monkeypatch.setattr(store, "library_version",
+                        lambda name: "0.0.1" if name == "fastai" else real(name))
+    why = store.recipe_mismatch(rec, {"sr": 2})
+    assert why == [f"fastai {real('fastai')}, installed 0.0.1"]
+    monkeypatch.setattr(store, "library_version", real)
+    edited = {**rec, "params": {"seed": 1}}  # the key no longer matches what it records
+    assert "edited" in store.recipe_mismatch(edited, {"sr": 2})[0]
+    assert "no recipe recorded" in store.recipe_mismatch(None, {"sr": 2})[0]
+
+
+def test_weights_digest_follows_every_weight():
+    torch.manual_seed(0)
+    a = models.seg_model("unet", dropout=0.3)
+    b = models.seg_model("unet", dropout=0.3)
+    b.load_state_dict(a.state_dict())
+    assert store.weights_digest(a) == store.weights_digest(b)
+    with torch.no_grad():
+        next(b.parameters()).view(-1)[0] += 1e-6
+    assert store.weights_digest(a) != store.weights_digest(b)
 
 
 def test_families_get_different_keys_for_the_same_params(tmp_path, monkeypatch):
     monkeypatch.setenv("CELLULIB_HOME", str(tmp_path))
     params = {"seed": 0, "data": "0123456789ab"}
     kinds = ["seg", "sr", "gbt", "direct-resnet34-regression", "direct-resnet34-classification"]
-    keys = {cache_path(kind, params).stem.rsplit("-", 1)[1] for kind in kinds}
+    keys = {cache_path(kind, params, 1).stem.rsplit("-", 1)[1] for kind in kinds}
     assert len(keys) == len(kinds)
     with pytest.raises(ValueError, match="unknown model kind 'svm'"):
-        cache_path("svm", params)
+        cache_path("svm", params, 1)
 
 
 # --------------------------------------------------------------------------------------------------
