@@ -473,10 +473,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "train",
-        help="train a model (cached by the hash of its inputs) and write its model file",
+        help="train a model (cached by its training recipe) and write its model file",
         description="Train a model family on a BreastPathQ folder (default: the profile's synthetic "
         "data) with the settings of a profile, and write one model file with its config, history "
-        "and validation scores. The same run with the same inputs is loaded from the cache.",
+        "and validation scores. The same recipe (settings, seed, data, recipe version, library "
+        "versions) is loaded from the cache: cellulib cache list shows what is there.",
     )
     p.add_argument("family", choices=["seg", "sr", "gbt", "direct"],
                    help="seg: weak nucleus segmentation (chapter 2); sr: segmentation -> ResNet-34 "
