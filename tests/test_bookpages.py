@@ -262,3 +262,38 @@ def test_history_refuses_a_damaged_file_naming_it(tmp_path):
     with pytest.raises(ValueError, match="book-history.json: not a book history"):
         bookstatus.record_history(tmp_path / "ch", history, tmp_path)
     assert history.read_text() == "[1, 2", "nothing written over it"
+
+
+def test_exercises_run_with_their_parameters_and_reach_the_teachers_page(tmp_path, project_kernel,
+                                                                        monkeypatch):
+    """`make exercises` in small: each chapter executed with the book's values plus its exercise
+    parameters, folded, recorded in the history, and its time shown in the exercises' table."""
+    notebooks, home = tmp_path / "nb", tmp_path / "home"
+    notebooks.mkdir()
+    monkeypatch.setenv("CELLULIB_HOME", str(home))
+    _demo_source(notebooks).rename(notebooks / "02_weak_segmentation.ipynb")
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys; from cellulib import bookstatus as b; "
+         "b.EXERCISE_PARAMETERS['02_weak_segmentation'] = {'a': 5}; sys.exit(b.main(sys.argv[1:]))",
+         "--execute-exercises", str(tmp_path / "ex"), "--notebooks", str(notebooks),
+         "--chapters", str(tmp_path / "none"), "--teachers", str(tmp_path / "teachers.md")],
+        capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    executed = tmp_path / "ex" / "02_weak_segmentation.ipynb"
+    cells = _cells(executed)
+    printed = [o for c in cells if c["cell_type"] == "code" for o in c["outputs"]]
+    assert "twice a: 10 x" in "".join(printed[0]["text"])
+    assert any(bookstatus.PARAMETERS_BLOCK_TAG in c["metadata"].get("tags", []) for c in cells)
+    runs = json.loads((home / "book-history.json").read_text())["runs"]
+    assert [(r["chapter"], r["parameters"], r["built"]) for r in runs] == [
+        ("02_weak_segmentation", {"profile": "quick", "seed": 0, "a": 5}, "cache")]
+    # the page, written from a book built with the book's values, shows the exercise run's time
+    monkeypatch.setitem(bookstatus.EXERCISE_PARAMETERS, "02_weak_segmentation", {"a": 5})
+    book = tmp_path / "book"
+    book.mkdir()
+    _executed_record(book, "02_weak_segmentation", T0, 30.0, {"profile": "quick", "seed": 0})
+    page = bookstatus.teachers_markdown(book, notebooks, home / "book-history.json", home)
+    row = next(line for line in page.split("## Exercises")[1].splitlines()
+               if "`02_weak_segmentation`" in line)
+    assert row.startswith("| `02_weak_segmentation` | `-p a 5` |")
+    assert f"| {runs[0]['seconds']:.0f} s |" in row
