@@ -6,9 +6,10 @@ project's kernel in that environment (:func:`install_kernel`, ``--sys-prefix``) 
     python -m cellulib.lab --port 8888
 
 which checks that the port is free before anything starts, prints the URL of the chapter sources
-(``notebooks/``) and runs JupyterLab on the loopback address with the repository as its root, so the
-built book is served beside the chapters (``/files/_build/html/index.html``) and its "source
-notebook" button opens the chapter in JupyterLab.
+(``notebooks/``) and runs JupyterLab on the loopback address with the repository as its root. This
+module is also a small Jupyter server extension that serves the built book (``_build/html``) at
+``/cellulib-book/`` to logged-in users, so each chapter page's "Source notebook" button
+(``book/_static/source-link.js``) opens the chapter in the same JupyterLab.
 
 Every chapter notebook names the kernel :data:`KERNEL_NAME` in its metadata, so papermill and
 JupyterLab run the chapters with the same interpreter.
@@ -31,6 +32,7 @@ __all__ = [
     "install_kernel",
     "port_in_use",
     "lab_command",
+    "BOOK_PREFIX",
     "main",
 ]
 
@@ -38,6 +40,9 @@ __all__ = [
 KERNEL_NAME = "cellulib"
 #: How JupyterLab's launcher and kernel picker show it.
 KERNEL_DISPLAY_NAME = "Python (cellulib)"
+#: Where ``make lab`` serves the built book (``_build/html`` under the server's root); the book's
+#: source-link.js looks for it in the page's address.
+BOOK_PREFIX = "cellulib-book"
 
 
 def kernel_spec_dir(name: str = KERNEL_NAME) -> Path | None:
@@ -82,10 +87,37 @@ def lab_command(port: int, token: str, root: str | os.PathLike = ".",
     cmd = [sys.executable, "-m", "jupyterlab", f"--ServerApp.ip={host}", f"--ServerApp.port={port}",
            "--ServerApp.port_retries=0", "--ServerApp.open_browser=False",
            f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={Path(root).resolve()}",
-           f"--LabApp.default_url=/lab/tree/{open_path}"]
+           f"--LabApp.default_url=/lab/tree/{open_path}",
+           "--ServerApp.jpserver_extensions=cellulib.lab=True"]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         cmd.append("--allow-root")
     return cmd
+
+
+def _jupyter_server_extension_points() -> list[dict[str, str]]:
+    """Jupyter server's entry point: this module is the extension that serves the book."""
+    return [{"module": "cellulib.lab"}]
+
+
+def _load_jupyter_server_extension(serverapp) -> None:
+    """Serve ``<root>/_build/html`` at ``/cellulib-book/`` to the server's logged-in users.
+
+    jupyter_server's own file handler confines HTML to a sandbox (no cookies, so a page loads
+    none of its styles or scripts); the built book is this project's own output, so it is served
+    as a site of the server's origin, behind the same login as JupyterLab.
+    """
+    from jupyter_server.base.handlers import AuthenticatedFileHandler, JupyterHandler
+    from jupyter_server.utils import url_path_join
+
+    class BookHandler(AuthenticatedFileHandler):
+        @property
+        def content_security_policy(self) -> str:
+            return JupyterHandler.content_security_policy.fget(self)
+
+    book = Path(serverapp.root_dir) / "_build" / "html"
+    route = url_path_join(serverapp.base_url, BOOK_PREFIX, "(.*)")
+    serverapp.web_app.add_handlers(".*$", [(route, BookHandler, {"path": str(book),
+                                                                 "default_filename": "index.html"})])
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -122,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     base = f"http://127.0.0.1:{args.port}"
     print(f"JupyterLab with the kernel {KERNEL_DISPLAY_NAME!r}:\n"
           f"    {base}/lab/tree/{args.open}?token={token}\n"
-          f"the built book, if any: {base}/files/_build/html/book/intro.html?token={token}\n"
+          f"the built book (make book): {base}/{BOOK_PREFIX}/book/intro.html\n"
           "Ctrl-C stops the server.", flush=True)
     if args.check:
         return 0

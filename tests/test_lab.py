@@ -87,16 +87,31 @@ def _execute(ws, session: str, code: str, clock: _Clock) -> dict:
     return out
 
 
+PAGE = """<!DOCTYPE html><html><head>
+<meta name="cellulib-source" content="notebooks/01_data_exploration.ipynb">
+<meta name="cellulib-source-href" content="../../../../notebooks/01_data_exploration.ipynb">
+<script src="../../_static/source-link.js"></script></head>
+<body><div class="article-header-buttons"></div><p>chapter 1</p></body></html>
+"""
+
+
 @pytest.fixture
 def lab_server(project_kernel, tmp_path):
-    """JupyterLab as `make lab` starts it (cellulib.lab.lab_command), rooted at the repository, on
-    a free loopback port with a token; always stopped, kernels included."""
+    """JupyterLab as `make lab` starts it (cellulib.lab.lab_command), on a free loopback port with
+    a token, rooted at a copy of the repository's chapters with a built chapter page beside them
+    (its head as the book's source_link extension writes it); always stopped, kernels included."""
+    root = tmp_path / "repo"
+    shutil.copytree(REPO / "notebooks", root / "notebooks")
+    html = root / "_build" / "html"
+    (html / "book" / "chapters").mkdir(parents=True)
+    (html / "book" / "chapters" / "01_data_exploration.html").write_text(PAGE)
+    shutil.copytree(REPO / "book" / "_static", html / "_static")
     port, token = _free_port(), uuid.uuid4().hex
     env = dict(os.environ, CELLULIB_HOME=str(tmp_path / "home"), MPLBACKEND="Agg",
                JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"),
                JUPYTER_CONFIG_DIR=str(tmp_path / "config"), JUPYTER_DATA_DIR=str(tmp_path / "data"))
     log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen(lab.lab_command(port, token, REPO, "notebooks"), cwd=REPO, env=env,
+    proc = subprocess.Popen(lab.lab_command(port, token, root, "notebooks"), cwd=root, env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -138,14 +153,28 @@ def test_lab_opens_a_chapter_and_runs_its_first_cells(lab_server):
         "kernel": {"name": nb["metadata"]["kernelspec"]["name"]}})
     assert session["kernel"]["name"] == lab.KERNEL_NAME
 
+    def dom(url: str, budget_ms: int) -> str:
+        return subprocess.run(
+            [chromium, "--headless", "--no-sandbox", "--disable-gpu",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--no-first-run", f"--user-data-dir={tmp / 'chromium'}",
+             f"--virtual-time-budget={budget_ms}", "--dump-dom", url],
+            capture_output=True, text=True, timeout=min(45.0, clock.left("running Chromium"))).stdout
+
+    # a chapter page of the book served by the same server (cellulib.lab's extension, with its
+    # styles and scripts: no sandbox): its source button opens the notebook in JupyterLab
+    page = dom(f"{base}/{lab.BOOK_PREFIX}/book/chapters/01_data_exploration.html?token={token}",
+               3000)
+    assert 'id="cellulib-source-link"' in page, page[:1000]
+    assert f'href="/lab/tree/{CHAPTER}"' in page.split('id="cellulib-source-link"')[1].split(">")[0]
+
+    # only behind the server's login
+    with urllib.request.urlopen(f"{base}/{lab.BOOK_PREFIX}/book/chapters/01_data_exploration.html",
+                                timeout=10) as resp:
+        assert "/login" in resp.geturl() and "chapter 1" not in resp.read().decode()
+
     # the chapter in JupyterLab's interface, rendered by headless Chromium
-    dom = subprocess.run(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run",
-         f"--user-data-dir={tmp / 'chromium'}", "--virtual-time-budget=15000", "--dump-dom",
-         f"{base}/lab/tree/{CHAPTER}?token={token}"],
-        capture_output=True, text=True, timeout=min(45.0, clock.left("starting Chromium")))
-    html = dom.stdout
+    html = dom(f"{base}/lab/tree/{CHAPTER}?token={token}", 15000)
     assert "jp-NotebookPanel" in html, "JupyterLab showed no notebook"
     title = nb["cells"][0]["source"][0].lstrip("# ").strip()
     assert title in html, f"the chapter's title {title!r} is not on the page"

@@ -1,13 +1,13 @@
 // The "source notebook" button of a chapter page (see book/_ext/source_link.py): JupyterLab's
-// editor of the notebook when the book is served by `make lab` (under JupyterLab's /files/),
-// the repository file otherwise.
+// editor of the notebook when the book is served by `make lab` (at /cellulib-book/, see
+// cellulib/lab.py), the repository file otherwise.
 function cellulibSourceLink() {
   const source = document.querySelector('meta[name="cellulib-source"]');
   const fallback = document.querySelector('meta[name="cellulib-source-href"]');
   if (!source || !fallback || document.getElementById("cellulib-source-link")) return;
   let href = fallback.content;
   let title = "The chapter's source notebook in the repository";
-  const at = window.location.pathname.indexOf("/files/");
+  const at = window.location.pathname.indexOf("/cellulib-book/");
   if (window.location.protocol.startsWith("http") && at >= 0) {
     href = window.location.pathname.slice(0, at) + "/lab/tree/" + source.content;
     title = "Open the chapter's source notebook in JupyterLab";
