@@ -297,3 +297,19 @@ def test_exercises_run_with_their_parameters_and_reach_the_teachers_page(tmp_pat
                if "`02_weak_segmentation`" in line)
     assert row.startswith("| `02_weak_segmentation` | `-p a 5` |")
     assert f"| {runs[0]['seconds']:.0f} s |" in row
+
+
+def test_exercise_parameters_are_declared_by_their_chapters():
+    """Every exercise parameter is one the chapter's parameters cell declares, of its type."""
+    import ast
+
+    chapters = {p.stem: p for p in (REPO / "notebooks").glob("[0-9][0-9]*_*.ipynb")}
+    assert set(bookstatus.EXERCISE_PARAMETERS) == set(chapters)
+    for name, params in bookstatus.EXERCISE_PARAMETERS.items():
+        cell = next(c for c in _cells(chapters[name])
+                    if "parameters" in c.get("metadata", {}).get("tags", []))
+        declared = {node.target.id: ast.unparse(node.annotation)
+                    for node in ast.parse(_text(cell)).body if isinstance(node, ast.AnnAssign)}
+        for key, value in params.items():
+            assert key in declared, f"{name} has no parameter {key!r}"
+            assert type(value).__name__ in declared[key], f"{name}: {key} is {declared[key]}"
