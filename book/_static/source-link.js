@@ -18,6 +18,7 @@ function cellulibSourceLink() {
   link.title = title;
   link.className = "btn btn-sm";
   link.textContent = "Source notebook";
+  link.style.fontSize = "0.85rem";
   const bar = document.querySelector(".article-header-buttons");
   if (bar) bar.prepend(link); else document.body.prepend(link);
 }
