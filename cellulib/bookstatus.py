@@ -697,7 +697,8 @@ def teachers_markdown(chapters_dir: str | os.PathLike, notebooks_dir: str | os.P
     totals = {"scratch": [], "cache": []}
     for name in names:
         params = _book_parameters(chapters, name)
-        label = "`" + _papermill_args(params) + "`" if params else "the defaults"
+        label = ("not executed yet" if params is None
+                 else "`" + _papermill_args(params) + "`" if params else "the defaults")
         row = {}
         for built in ("scratch", "cache"):
             row[built] = _latest(runs, name, built, machine, params)

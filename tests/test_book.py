@@ -139,9 +139,10 @@ def test_every_chapter_page_folds_its_parameters_into_one_block(built_book):
 
 def test_teachers_page_shows_the_times_of_this_build(built_book):
     html = (built_book / "book" / "chapters" / "teachers.html").read_text()
-    assert "For teachers" in html and "make lab" in html and "SOLUTIONS=hide" in html
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", "", html))
+    assert "For teachers" in text and "make lab" in text and "SOLUTIONS=hide" in text
     for name in _toc_chapters():
-        assert name in html, f"{name} missing from the teachers' page"
+        assert name in text, f"{name} missing from the teachers' page"
     # chapter 2 trained its networks in this build (a fresh cache): its from-scratch time is shown
     row = html.split("02_weak_segmentation")[1].split("</tr>")[0]
     assert re.search(r"\d+ s", row), row
