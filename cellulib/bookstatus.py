@@ -677,9 +677,9 @@ def teachers_markdown(chapters_dir: str | os.PathLike, notebooks_dir: str | os.P
         "registry; no GPU):",
         "",
         "```bash",
-        "make install      # .venv with the library, JupyterLab and the project's kernel",
-        "make chapters     # synthetic data, every model trained once, executed chapters",
-        "make lab          # the chapter sources in JupyterLab; PORT=8889 for another port",
+        "make install    # .venv: the library, JupyterLab, the project's kernel",
+        "make chapters   # synthetic data, every model trained once",
+        "make lab        # the chapters in JupyterLab (PORT=8889: another port)",
         "```",
         "",
         f"`make lab` prints the address to open; pick the kernel \"{KERNEL_DISPLAY_NAME}\" if "
