@@ -1,12 +1,18 @@
 """The book's execution record: how long each chapter took and whether it ran, the status page the
-book ends with, and the machine it ran on (``python -m cellulib.bookstatus``).
+book ends with, the machine it ran on, the history of build times and the teachers' page
+(``python -m cellulib.bookstatus``).
 
-``make chapters`` executes every chapter with papermill and then writes the page::
+``make chapters`` executes every chapter with papermill, folds each chapter's parameters into one
+collapsed block (:func:`fold_parameters`) and then writes the pages::
 
     python -m cellulib.bookstatus --chapters book/chapters --notebooks notebooks \
-        --out book/chapters/status.md
+        --out book/chapters/status.md --teachers book/chapters/teachers.md
 
-The ``book`` case of :mod:`cellulib.bench` reads the same records.
+Each run also adds the chapters' times to a history beside the model cache
+(``$CELLULIB_HOME/book-history.json``, :func:`record_history`), marked "from scratch" when the
+chapter trained or generated something and "from the cache" when it did not; the teachers' page
+(:func:`teachers_markdown`) shows both. The ``book`` case of :mod:`cellulib.bench` reads the same
+records.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -22,6 +29,14 @@ from typing import Any
 
 __all__ = [
     "BOOK_BUDGET_S",
+    "EXERCISE_PARAMETERS",
+    "PARAMETERS_BLOCK_TAG",
+    "default_history_path",
+    "fold_parameters",
+    "hide_solutions",
+    "record_history",
+    "teachers_markdown",
+    "write_teachers",
     "machine_info",
     "chapter_times",
     "execute_chapters",
@@ -189,14 +204,21 @@ def chapter_times(chapters_dir: str | os.PathLike,
 
 def execute_chapters(notebooks_dir: str | os.PathLike, out_dir: str | os.PathLike,
                      parameters: dict[str, Any] | None = None,
-                     cwd: str | os.PathLike | None = None, verbose: bool = False) -> Path:
+                     cwd: str | os.PathLike | None = None, verbose: bool = False,
+                     per_chapter: dict[str, dict[str, Any]] | None = None) -> Path:
     """Execute every chapter notebook (``NN_*.ipynb``) with papermill into ``out_dir``, in order.
 
     What ``make chapters`` does, callable from the benchmark (``--execute-book``) to time the book
-    from scratch. ``parameters`` default to ``{"profile": "quick"}``. A chapter that fails is
-    recorded as failed in its output notebook and the others still run. Returns ``out_dir``.
+    from scratch, and by ``make exercises`` with :data:`EXERCISE_PARAMETERS` as ``per_chapter``.
+    ``parameters`` default to ``{"profile": "quick"}``; ``per_chapter`` adds parameters by chapter
+    stem. Each chapter runs with the project's kernel (:data:`cellulib.lab.KERNEL_NAME`) when it
+    is registered, with this interpreter's ``python3`` kernel otherwise. Its parameters are folded
+    into one block (:func:`fold_parameters`). A chapter that fails is recorded as failed in its
+    output notebook and the others still run. Returns ``out_dir``.
     """
     import papermill
+
+    from cellulib.lab import KERNEL_NAME, kernel_spec_dir
 
     src = Path(notebooks_dir)
     notebooks = sorted(src.glob("[0-9][0-9]*_*.ipynb"))
@@ -204,14 +226,19 @@ def execute_chapters(notebooks_dir: str | os.PathLike, out_dir: str | os.PathLik
         raise ValueError(f"{src}: no chapter notebooks (NN_name.ipynb) to execute")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    kernel = KERNEL_NAME if kernel_spec_dir() is not None else "python3"
     for nb in notebooks:
         _log(f"book: executing {nb.name}", verbose)
+        params = dict(parameters or {"profile": "quick"})
+        params.update((per_chapter or {}).get(nb.stem, {}))
         try:
-            papermill.execute_notebook(str(nb), str(out / nb.name),
-                                       parameters=parameters or {"profile": "quick"},
-                                       cwd=str(cwd) if cwd else None, progress_bar=False)
+            papermill.execute_notebook(str(nb), str(out / nb.name), parameters=params,
+                                       cwd=str(cwd) if cwd else None, kernel_name=kernel,
+                                       progress_bar=False)
         except papermill.PapermillExecutionError as exc:
             _log(f"book: {nb.name} failed: {exc.ename}: {exc.evalue}", verbose)
+        if (out / nb.name).exists():
+            fold_parameters(out / nb.name)
     return out
 
 
@@ -335,29 +362,481 @@ def write_status(chapters_dir: str | os.PathLike, out: str | os.PathLike,
     return atomic_write_text(out, status_markdown(chapters_dir, notebooks_dir))
 
 
+# --------------------------------------------------------------------------------------------------
+# a chapter's parameters in one collapsed block
+# --------------------------------------------------------------------------------------------------
+#: Tag of the markdown cell that :func:`fold_parameters` adds.
+PARAMETERS_BLOCK_TAG = "parameters-block"
+
+
+def _source(cell: dict) -> str:
+    src = cell.get("source", "")
+    return "".join(src) if isinstance(src, list) else str(src)
+
+
+def _fence(code: str) -> str:
+    """A backtick fence longer than any run of backticks inside ``code``."""
+    longest = max((len(run) for run in code.replace("`", "\0`\0").split("\0") if run
+                   and set(run) == {"`"}), default=0)
+    return "`" * max(3, longest + 1)
+
+
+def fold_parameters(path: str | os.PathLike) -> bool:
+    """Show an executed chapter's papermill parameters in one collapsed block of its book page.
+
+    The ``parameters`` cell (the defaults, with a comment for each) and papermill's
+    ``injected-parameters`` cell (the values of this run) are tagged ``remove-cell`` and both
+    sources are copied, verbatim, into one markdown cell after them: a ``dropdown`` (sphinx-design,
+    closed) titled "Parameters of this run". papermill cannot tag the cell it injects, so ``make
+    chapters`` calls this on each executed notebook (:func:`execute_chapters` too). The notebook is
+    rewritten atomically in nbformat's layout; running it twice changes nothing.
+
+    Returns
+    -------
+    bool
+        True when the notebook was changed; False when it has no ``parameters`` cell or was folded
+        already.
+
+    Raises
+    ------
+    ValueError
+        ``path`` is not a readable notebook (named).
+    """
+    from cellulib.imageio import atomic_write_text
+
+    path = Path(path)
+    nb = _read_notebook(path)
+    cells = nb["cells"]
+    if any(PARAMETERS_BLOCK_TAG in c.get("metadata", {}).get("tags", []) for c in cells):
+        return False
+    tagged = {tag: next((i for i, c in enumerate(cells) if c.get("cell_type") == "code"
+                         and tag in c.get("metadata", {}).get("tags", [])), None)
+              for tag in ("parameters", "injected-parameters")}
+    if tagged["parameters"] is None:
+        return False
+    parts = ["The defaults (the chapter's `parameters` cell):", "",
+             *_code_block(_source(cells[tagged["parameters"]]))]
+    if tagged["injected-parameters"] is not None:
+        parts += ["", "The values papermill gave this run, which replace the defaults:", "",
+                  *_code_block(_source(cells[tagged["injected-parameters"]]))]
+    else:
+        parts += ["", "papermill gave this run no other values: the defaults apply."]
+    block = ["::::{dropdown} Parameters of this run", *parts, "::::"]
+    for i in tagged.values():
+        if i is not None:
+            tags = cells[i].setdefault("metadata", {}).setdefault("tags", [])
+            if "remove-cell" not in tags:
+                tags.append("remove-cell")
+    last = max(i for i in tagged.values() if i is not None)
+    text = "\n".join(block)
+    cells.insert(last + 1, {
+        "cell_type": "markdown",
+        "id": PARAMETERS_BLOCK_TAG,
+        "metadata": {"tags": [PARAMETERS_BLOCK_TAG]},
+        "source": text.splitlines(keepends=True),
+    })
+    atomic_write_text(path, json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+    return True
+
+
+_SOLUTION = re.compile(r"^```\{solution-start\}.*?^```\{solution-end\}[^\n]*\n```[ \t]*(?:\n|$)",
+                       re.DOTALL | re.MULTILINE)
+
+
+def hide_solutions(path: str | os.PathLike) -> int:
+    """Remove the exercises' solutions from an executed chapter, for a book without them.
+
+    Deletes each gated solution (from a ``{solution-start}`` fence to the fence that closes its
+    ``{solution-end}``) in the markdown cells of the executed notebook ``path``; the exercises
+    stay. The source notebooks keep their solutions: ``make book SOLUTIONS=hide`` calls this on
+    the executed copies. (sphinx-exercise's own ``hide_solutions`` option stops the HTML build on
+    gated solutions, as seen with sphinx-exercise 1.2.1.) Written atomically.
+
+    Returns
+    -------
+    int
+        How many solutions were removed.
+    """
+    from cellulib.imageio import atomic_write_text
+
+    path = Path(path)
+    nb = _read_notebook(path)
+    removed = 0
+    for cell in nb["cells"]:
+        if cell.get("cell_type") != "markdown":
+            continue
+        text, n = _SOLUTION.subn("", _source(cell))
+        if n:
+            cell["source"] = text.splitlines(keepends=True)
+            removed += n
+    if removed:
+        atomic_write_text(path, json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+    return removed
+
+
+def _code_block(code: str) -> list[str]:
+    fence = _fence(code)
+    return [f"{fence}python", code.rstrip("\n"), fence]
+
+
+# --------------------------------------------------------------------------------------------------
+# the history of build times: from scratch and from the cache
+# --------------------------------------------------------------------------------------------------
+#: Parameters that make each chapter's exercises quick in a class (fewer epochs, fewer bootstrap
+#: resamples than the quick profile), added to the book's own by ``make exercises``; their times
+#: on this machine appear on the teachers' page once measured.
+EXERCISE_PARAMETERS: dict[str, dict[str, Any]] = {
+    "01_data_exploration": {"n_examples": 4},
+    "02_weak_segmentation": {"epochs": 4},  # quick profile: 8
+    "02b_real_he": {"epochs": 8, "n_boot": 500},  # quick profile: 32
+    "03_feature_importance": {"sr_epochs": 5, "sr_finetune_epochs": 1, "n_boot": 500},  # 15 + 3
+    "04_direct_regression_vs_classification": {"epochs": 8, "n_boot": 500},  # quick profile: 30
+    "04b_stain_shift": {"augment": "none", "n_boot": 500},  # no retraining with stain jitter
+    "05_discussion": {"n_boot": 500},
+}
+
+_HISTORY_NAME = "book-history.json"
+
+
+def default_history_path() -> Path:
+    """``$CELLULIB_HOME/book-history.json``: the history lives beside the model cache it describes."""
+    from cellulib.profiles import home
+
+    return home() / _HISTORY_NAME
+
+
+def _machine_key(machine: dict[str, Any]) -> str:
+    return f"{machine['cpu_model']}, {machine['cpus_available']} cores, {machine['device']}"
+
+
+def _files_written_between(root: Path, start: float, end: float, skip: Path) -> int:
+    """How many files under ``root`` were last written in [start, end] (seconds since the epoch)."""
+    count = 0
+    if not root.is_dir():
+        return 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            path = Path(dirpath) / name
+            if path == skip:
+                continue
+            try:
+                mtime = path.stat().st_mtime
+            except OSError:
+                continue
+            if start <= mtime <= end:
+                count += 1
+    return count
+
+
+def _load_history(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    try:
+        runs = json.loads(path.read_text(encoding="utf-8"))["runs"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not a book history ({type(exc).__name__}: {exc}); "
+                         "delete it to start a new one") from None
+    if not isinstance(runs, list):
+        raise ValueError(f"{path}: not a book history ('runs' is not a list)")
+    return runs
+
+
+def record_history(chapters_dir: str | os.PathLike, history: str | os.PathLike | None = None,
+                   cache_dir: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    """Add the successful runs of the executed chapters in ``chapters_dir`` to the history file.
+
+    A run is "from scratch" when files of the cache folder ``cache_dir`` (default
+    ``$CELLULIB_HOME``: trained models, generated data) were written between papermill's start and
+    end of the chapter, and "from the cache" when none were: everything it needed was there
+    already. Each run records its chapter, seconds, end time, papermill parameters, that kind and
+    the machine (:func:`machine_info`). A run already recorded (same chapter and end time) is not
+    added twice, so ``make chapters`` may call this after every build. Written atomically.
+
+    Returns
+    -------
+    list of dict
+        Every run in the history, the new ones included.
+
+    Raises
+    ------
+    ValueError
+        The history file exists but is not one (named), or a notebook cannot be parsed.
+    """
+    from cellulib.imageio import atomic_write_text
+    from cellulib.profiles import home
+
+    path = Path(history) if history is not None else default_history_path()
+    cache = Path(cache_dir) if cache_dir is not None else home()
+    runs = _load_history(path)
+    seen = {(r.get("chapter"), r.get("executed_at")) for r in runs}
+    machine = _machine_key(machine_info())
+    added = 0
+    for nb_path in sorted(Path(chapters_dir).glob("*.ipynb")):
+        if nb_path.name.endswith(".tmp.ipynb") or nb_path.name.startswith("."):
+            continue
+        pm = _read_notebook(nb_path).get("metadata", {}).get("papermill") or {}
+        start, end = pm.get("start_time"), pm.get("end_time")
+        if (not start or not end or pm.get("exception")
+                or not isinstance(pm.get("duration"), (int, float))
+                or (nb_path.stem, end) in seen):
+            continue
+        t0, t1 = _parse_time(start).timestamp(), _parse_time(end).timestamp()
+        written = _files_written_between(cache, t0 - 1.0, t1 + 1.0, path.resolve())
+        runs.append({
+            "chapter": nb_path.stem,
+            "executed_at": end,
+            "seconds": round(float(pm["duration"]), 1),
+            "built": "scratch" if written else "cache",
+            "files_written": written,
+            "parameters": pm.get("parameters") or {},
+            "machine": machine,
+        })
+        seen.add((nb_path.stem, end))
+        added += 1
+    if added:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps({"runs": runs}, indent=1) + "\n")
+    return runs
+
+
+def _latest(runs: list[dict[str, Any]], chapter: str, built: str, machine: str,
+            parameters: dict[str, Any] | None) -> dict[str, Any] | None:
+    hits = [r for r in runs if r.get("chapter") == chapter and r.get("built") == built
+            and r.get("machine") == machine
+            and (parameters is None or r.get("parameters") == parameters)]
+    return max(hits, key=lambda r: r.get("executed_at", "")) if hits else None
+
+
+def _cell(run: dict[str, Any] | None) -> str:
+    return "not measured on this machine yet" if run is None else f"{run['seconds']:.0f} s"
+
+
+def _folder_mib(root: Path) -> float:
+    total = 0
+    if root.is_dir():
+        for dirpath, _dirs, files in os.walk(root):
+            for name in files:
+                try:
+                    total += (Path(dirpath) / name).stat().st_size
+                except OSError:
+                    pass
+    return total / 2**20
+
+
+def _book_parameters(chapters_dir: Path, chapter: str) -> dict[str, Any] | None:
+    path = chapters_dir / f"{chapter}.ipynb"
+    if not path.exists():
+        return None
+    pm = _read_notebook(path).get("metadata", {}).get("papermill") or {}
+    return pm.get("parameters") or {}
+
+
+def _papermill_args(params: dict[str, Any]) -> str:
+    return " ".join(f"-p {k} {v}" for k, v in params.items())
+
+
+def teachers_markdown(chapters_dir: str | os.PathLike, notebooks_dir: str | os.PathLike,
+                      history: str | os.PathLike | None = None,
+                      cache_dir: str | os.PathLike | None = None) -> str:
+    """The book's page for workshop teachers (MyST Markdown), its numbers from the history.
+
+    Set-up commands; each chapter's time from scratch and from the cache on the machine writing
+    the page, with the parameters the book was built with (read from the executed chapters in
+    ``chapters_dir``) and with :data:`EXERCISE_PARAMETERS` (``make exercises``); what to build
+    before the day, with the totals and the size of the cache folder; where the solutions are and
+    how to hide them. A time not in the history reads "not measured on this machine yet".
+    Written by ``make chapters`` (``python -m cellulib.bookstatus --teachers PAGE``).
+
+    Returns
+    -------
+    str
+        The page, starting with ``# For teachers``.
+    """
+    from cellulib.lab import KERNEL_DISPLAY_NAME
+    from cellulib.profiles import home
+
+    chapters = Path(chapters_dir)
+    hist = Path(history) if history is not None else default_history_path()
+    cache = Path(cache_dir) if cache_dir is not None else home()
+    runs = _load_history(hist)
+    machine = _machine_key(machine_info())
+    names = sorted(p.stem for p in Path(notebooks_dir).glob("[0-9][0-9]*_*.ipynb"))
+    if not names:
+        raise ValueError(f"{notebooks_dir}: no chapter notebooks (NN_name.ipynb)")
+
+    lines = [
+        "# For teachers",
+        "",
+        "This page is written by `make chapters` from the book's own build record "
+        f"(`{hist.name}` beside the model cache): every time on it was measured on the machine "
+        f"that built this book ({machine}).",
+        "",
+        "## Setting up",
+        "",
+        "On each machine, in a copy of the repository (Python 3.11+, `make`, the package "
+        "registry; no GPU):",
+        "",
+        "```bash",
+        "make install    # .venv: the library, JupyterLab, the project's kernel",
+        "make chapters   # synthetic data, every model trained once",
+        "make lab        # the chapters in JupyterLab (PORT=8889: another port)",
+        "```",
+        "",
+        f"`make lab` prints the address to open; pick the kernel \"{KERNEL_DISPLAY_NAME}\" if "
+        "JupyterLab asks (the chapters name it already). `make book` adds the HTML book.",
+        "",
+        "## Time per chapter",
+        "",
+        "From scratch: the chapter trained its models (or generated its data) itself, after the "
+        "chapters before it had filled the cache. From the cache: every model it needed was "
+        "there already, so it only scored and plotted.",
+        "",
+        "| chapter | parameters | from scratch | from the cache |",
+        "| --- | --- | ---: | ---: |",
+    ]
+    totals = {"scratch": [], "cache": []}
+    for name in names:
+        params = _book_parameters(chapters, name)
+        label = ("not executed yet" if params is None
+                 else "`" + _papermill_args(params) + "`" if params else "the defaults")
+        row = {}
+        for built in ("scratch", "cache"):
+            row[built] = _latest(runs, name, built, machine, params)
+            if row[built] is not None:
+                totals[built].append(row[built]["seconds"])
+        lines.append(f"| `{name}` | {label} | {_cell(row['scratch'])} | {_cell(row['cache'])} |")
+    complete = {k: len(v) == len(names) for k, v in totals.items()}
+    lines += [
+        "",
+        "## Before the day",
+        "",
+        "Run `make chapters` on every participant's machine the day before (or once, and copy the "
+        "`data/` folder, which is the cache, into each copy of the same commit). A participant "
+        "then re-executes a chapter from the cache; a model is trained again only when its data, "
+        "settings, seed or training code differ, since the cache is keyed by all of them.",
+        "",
+    ]
+    if complete["scratch"]:
+        lines.append(f"- The whole book from scratch took {sum(totals['scratch']):.0f} s here.")
+    else:
+        lines.append("- The whole book from scratch: not measured on this machine yet "
+                     f"({len(totals['scratch'])} of {len(names)} chapters seen).")
+    if complete["cache"]:
+        lines.append(f"- Every chapter from the cache: {sum(totals['cache']):.0f} s in all.")
+    else:
+        lines.append("- Every chapter from the cache: not measured on this machine yet "
+                     f"({len(totals['cache'])} of {len(names)} chapters seen).")
+    lines += [
+        f"- The cache folder holds {_folder_mib(cache):.0f} MiB now.",
+        "",
+        "## Exercises in a few minutes",
+        "",
+        "Each chapter ends with exercises that re-execute it with other values. With these "
+        "parameters added, a chapter trains fewer epochs and draws fewer bootstrap resamples, so "
+        "a changed seed or setting trains anew in minutes on a CPU (`make exercises` runs them all "
+        "into `book/exercises/` and records their times here):",
+        "",
+        "| chapter | add | from scratch | from the cache |",
+        "| --- | --- | ---: | ---: |",
+    ]
+    for name in names:
+        extra = EXERCISE_PARAMETERS.get(name, {})
+        book = _book_parameters(chapters, name) or {}
+        params = {**book, **extra} if book else None
+        lines.append(f"| `{name}` | `{_papermill_args(extra) or '-'}` | "
+                     f"{_cell(_latest(runs, name, 'scratch', machine, params) if params else None)} | "
+                     f"{_cell(_latest(runs, name, 'cache', machine, params) if params else None)} |")
+    lines += [
+        "",
+        "For example: `.venv/bin/papermill notebooks/02_weak_segmentation.ipynb out.ipynb "
+        f"{_papermill_args(EXERCISE_PARAMETERS.get('02_weak_segmentation', {}))} -p seed 1`.",
+        "",
+        "## Solutions",
+        "",
+        "Each exercise's solution follows it in the chapter, in a closed dropdown: in the chapter "
+        "sources (`notebooks/`), between a `{solution-start}` and a `{solution-end}` fence of the "
+        "exercises' markdown cell, and on the book's page. `make book SOLUTIONS=hide` builds the "
+        "book without them (the exercises stay; `make clean` first if the chapters are already "
+        "executed). For participants' copies of the notebooks, delete the text between those "
+        "fences, or leave the dropdowns closed.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_teachers(chapters_dir: str | os.PathLike, out: str | os.PathLike,
+                   notebooks_dir: str | os.PathLike, history: str | os.PathLike | None = None,
+                   cache_dir: str | os.PathLike | None = None) -> Path:
+    """Write :func:`teachers_markdown` to ``out`` atomically."""
+    from cellulib.imageio import atomic_write_text
+
+    return atomic_write_text(out, teachers_markdown(chapters_dir, notebooks_dir, history,
+                                                    cache_dir))
+
+
 def _status_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m cellulib.bookstatus",
         description="Write the book's execution-status page (MyST Markdown) from the executed "
         "chapter notebooks: execution time, status and date per chapter, package versions and "
-        "machine.",
+        "machine; record the chapters' times in the build history and write the teachers' page; "
+        "fold a chapter's parameters into one block; run the exercises' parameters.",
     )
     p.add_argument("--chapters", default="book/chapters", help="executed chapters folder")
     p.add_argument("--notebooks", default=None,
                    help="source notebooks folder (lists chapters not executed yet)")
     p.add_argument("--out", default=None, help="page to write (default: print it)")
+    p.add_argument("--teachers", default=None, metavar="PAGE",
+                   help="also record the chapters in the history and write the teachers' page")
+    p.add_argument("--history", default=None,
+                   help="build history (default: $CELLULIB_HOME/book-history.json)")
+    p.add_argument("--fold", nargs="+", default=None, metavar="NOTEBOOK",
+                   help="only fold these executed notebooks' parameters into one block")
+    p.add_argument("--hide-solutions", nargs="+", default=None, metavar="NOTEBOOK",
+                   help="only remove the exercises' solutions from these executed notebooks")
+    p.add_argument("--execute-exercises", default=None, metavar="DIR",
+                   help="execute every chapter of --notebooks with the exercises' parameters "
+                   "into DIR and record the runs in the history")
+    p.add_argument("--profile", default="quick", help="profile of --execute-exercises")
+    p.add_argument("--seed", type=int, default=0, help="seed of --execute-exercises")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m cellulib.bookstatus [--chapters DIR] [--notebooks DIR] [--out PAGE]``."""
+    """``python -m cellulib.bookstatus [--chapters DIR] [--notebooks DIR] [--out PAGE]
+    [--teachers PAGE] [--history FILE] [--fold NOTEBOOK...] [--execute-exercises DIR]``."""
     args = _status_parser().parse_args(argv)
     try:
-        if args.out:
+        if args.fold:
+            for path in args.fold:
+                changed = fold_parameters(path)
+                print(f"{path}: parameters {'folded' if changed else 'already folded or none'}")
+            return 0
+        if args.hide_solutions:
+            for path in args.hide_solutions:
+                print(f"{path}: {hide_solutions(path)} solutions removed")
+            return 0
+        if args.execute_exercises:
+            if not args.notebooks:
+                raise ValueError("--execute-exercises needs --notebooks")
+            out = execute_chapters(args.notebooks, args.execute_exercises,
+                                   {"profile": args.profile, "seed": args.seed},
+                                   cwd=args.execute_exercises, verbose=True,
+                                   per_chapter=EXERCISE_PARAMETERS)
+            runs = record_history(out, args.history)
+            print(f"exercises executed into {out}; {len(runs)} runs in the history")
+        elif args.out:
             path = write_status(args.chapters, args.out, args.notebooks)
             print(f"execution status written to {path}")
         else:
             print(status_markdown(args.chapters, args.notebooks))
+        if args.teachers:
+            if not args.notebooks:
+                raise ValueError("--teachers needs --notebooks")
+            if not args.execute_exercises:
+                record_history(args.chapters, args.history)
+            path = write_teachers(args.chapters, args.teachers, args.notebooks, args.history)
+            print(f"teachers' page written to {path}")
     except ValueError as exc:
         print(f"cellulib.bookstatus: {exc}", file=sys.stderr)
         return 2

@@ -71,3 +71,23 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def project_kernel(tmp_path_factory) -> str:
+    """The kernel the chapters name (``cellulib``), for papermill and Jupyter servers in tests.
+
+    ``make install`` registers it in the environment; where it is missing (``pip install -e .``
+    without make) it is registered under a temporary prefix for this session only, found through
+    ``JUPYTER_PATH`` (which subprocesses inherit), so the environment is never written to.
+    """
+    from cellulib.lab import KERNEL_NAME, install_kernel, kernel_spec_dir
+
+    if kernel_spec_dir() is None:
+        prefix = tmp_path_factory.mktemp("kernel-prefix")
+        install_kernel(prefix)
+        share = str(prefix / "share" / "jupyter")
+        before = os.environ.get("JUPYTER_PATH")
+        os.environ["JUPYTER_PATH"] = share + (os.pathsep + before if before else "")
+        assert kernel_spec_dir() is not None, "the kernel registered for the tests is not found"
+    return KERNEL_NAME

@@ -13,6 +13,8 @@ import pytest
 import yaml
 from PIL import Image
 
+from cellulib import bookstatus
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -74,20 +76,24 @@ pytestmark = pytest.mark.slow
 
 
 def _toc_chapters() -> list[str]:
+    """The executed chapters in the table of contents (not the pages cellulib.bookstatus writes)."""
     toc = yaml.safe_load((REPO / "_toc.yml").read_text())
     files = [c["file"] for part in toc["parts"] for c in part["chapters"]]
-    return [Path(f).name for f in files if f.startswith("book/chapters/") and not f.endswith("status")]
+    return [Path(f).name for f in files
+            if f.startswith("book/chapters/") and Path(f).name[:2].isdigit()]
 
 
 @pytest.fixture(scope="module")
-def built_book(tmp_path_factory):
-    """Execute every chapter into a copy of the book and build it; returns the HTML folder."""
+def built_book(tmp_path_factory, project_kernel):
+    """Execute every chapter into a copy of the book with the project's kernel, fold each one's
+    parameters, write the status and teachers' pages as `make chapters` does, and build it;
+    returns the HTML folder."""
     import papermill
 
     root = tmp_path_factory.mktemp("book")
     for name in ("_config.yml", "_toc.yml"):
         shutil.copy(REPO / name, root / name)
-    shutil.copytree(REPO / "book", root / "book", ignore=shutil.ignore_patterns("chapters"))
+    shutil.copytree(REPO / "book", root / "book", ignore=shutil.ignore_patterns("chapters", "exercises"))
     chapters = root / "book" / "chapters"
     chapters.mkdir()
     home = tmp_path_factory.mktemp("cellulib_home")
@@ -101,17 +107,20 @@ def built_book(tmp_path_factory):
                 str(chapters / f"{name}.ipynb"),
                 parameters={"profile": "quick", "seed": 0, **TINY[name]},
                 cwd=str(chapters),
-                kernel_name="python3",
+                kernel_name=project_kernel,
                 progress_bar=False,
             )
+            bookstatus.fold_parameters(chapters / f"{name}.ipynb")
     finally:
         if env_before is None:
             os.environ.pop("CELLULIB_HOME", None)
         else:
             os.environ["CELLULIB_HOME"] = env_before
-    from cellulib.bookstatus import write_status
-
-    write_status(chapters, chapters / "status.md", notebooks_dir=REPO / "notebooks")
+    bookstatus.write_status(chapters, chapters / "status.md", notebooks_dir=REPO / "notebooks")
+    history = home / "book-history.json"
+    bookstatus.record_history(chapters, history, cache_dir=home)
+    bookstatus.write_teachers(chapters, chapters / "teachers.md", REPO / "notebooks", history,
+                              cache_dir=home)
     out = subprocess.run(
         [str(BIN / "jupyter-book"), "build", str(root), "--warningiserror", "--nitpick", "--keep-going"],
         capture_output=True,
@@ -206,6 +215,29 @@ def test_every_chapter_page_has_its_figures(built_book):
             assert (page.parent / src.split('"')[0]).resolve().exists(), src.split('"')[0]
         numbered = re.findall(r'<span class="caption-number">Fig(?:ure|\.) [\d.]+', html)
         assert len(numbered) >= FIGURES[name], f"{name}: figures are numbered with captions"
+
+
+def test_every_chapter_page_folds_its_parameters_into_one_block(built_book):
+    for name in _toc_chapters():
+        html = (built_book / "book" / "chapters" / f"{name}.html").read_text()
+        assert html.count("Parameters of this run") == 1, name
+        block = html.split("Parameters of this run")[1]
+        # papermill's injected cell (it starts with the comment "# Parameters") is shown once:
+        # inside the block, beside the defaults
+        assert html.count("# Parameters</span>") == 1 and "# Parameters</span>" in block, name
+        assert "profile" in block and "seed" in block, name
+        assert f'content="notebooks/{name}.ipynb"' in html, f"{name}: no source-notebook link"
+
+
+def test_teachers_page_shows_the_times_of_this_build(built_book):
+    html = (built_book / "book" / "chapters" / "teachers.html").read_text()
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", "", html))
+    assert "For teachers" in text and "make lab" in text and "SOLUTIONS=hide" in text
+    for name in _toc_chapters():
+        assert name in text, f"{name} missing from the teachers' page"
+    # chapter 2 trained its networks in this build (a fresh cache): its from-scratch time is shown
+    row = html.split(">02_weak_segmentation<")[1].split("</tr>")[0]  # the table, not the sidebar
+    assert re.search(r"\d+ s", row), row
 
 
 def test_status_page_lists_every_chapter(built_book):
