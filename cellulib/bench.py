@@ -696,6 +696,7 @@ def _train_pair(name: str, learn, fit: Callable[[Any], None], lr: float, repeats
         {"ours_s": times["ours"], "reference_s": times["reference"], "images_per_epoch": n,
          "batches_per_epoch": len(plain.batches), "overhead": 1 - ratio,
          "best_ratio": _best_ratio(times), "device": str(device),
+         "workers": int(dl.fake_l.num_workers),
          "precision": precision_label(dtype), "callbacks": _engine_callbacks(learn),
          "optimizer_step_ms": step_ms,
          "ours_optimizer": _opt_name(learn), "reference_optimizer": "torch AdamW"
@@ -716,8 +717,9 @@ def bench_train(seg_crop: int = 96, seg_bs: int = 8, seg_images: int = 24,
     profile exponential decay for the segmentation net, one-cycle for the direct model): our
     DataLoaders (augmentation included), the optimizer of :func:`cellulib.train.learner`, the
     callbacks of :func:`cellulib.engine.training_callbacks` (on a CPU with native bf16:
-    channels-last and bf16 autocast; on CUDA: channels-last and AMP), no progress bar or logging,
-    validation skipped. Reference: :class:`_PlainLoop`, the fastest plain loop on this hardware,
+    channels-last and bf16 autocast; on CUDA: channels-last and AMP), the DataLoader workers of
+    :func:`cellulib.data.loader_workers` (none on a CPU; augmentation in workers on a GPU), no
+    progress bar or logging, validation skipped. Reference: :class:`_PlainLoop`, the fastest plain loop on this hardware,
     over a copy of the same initial model, the same batches (taken from the same DataLoader once,
     before timing, and kept as tensors), the same loss and batch size. Data: a small synthetic
     BreastPathQ folder. The note gives one optimizer step of each side (fastai's Adam steps
@@ -777,7 +779,8 @@ def bench_train(seg_crop: int = 96, seg_bs: int = 8, seg_images: int = 24,
             f"model, data tensors pre-loaded, loss and batch size, {d['reference_optimizer']}; "
             f"optimizer step {d['optimizer_step_ms']['ours']:.0f} ms ({d['ours_optimizer']}) vs "
             f"{d['optimizer_step_ms']['reference']:.0f} ms, of a {per_batch:.0f} ms reference "
-            f"batch; device {d['device']}; torch threads {torch.get_num_threads()}")
+            f"batch; device {d['device']}, DataLoader workers {d['workers']} "
+            f"(data.loader_workers); torch threads {torch.get_num_threads()}")
     return rows
 
 

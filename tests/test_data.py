@@ -672,6 +672,31 @@ def test_seg_dataloaders_deterministic(cells_root):
     assert all(torch.equal(x, y) for ba, bw in zip(a, w) for x, y in zip(ba, bw))
 
 
+def test_loader_workers_cpu_gpu_and_override(monkeypatch):
+    monkeypatch.delenv(data.WORKERS_ENV, raising=False)
+    assert data.loader_workers("cpu") == 0  # the 2 cores stay with the arithmetic
+    # a GPU: all CPUs but one, at most MAX_GPU_WORKERS, at least one
+    assert [data.loader_workers("cuda", cpus=n) for n in (1, 2, 5, 16, 64)] == [1, 1, 4, 8, 8]
+    monkeypatch.setenv(data.WORKERS_ENV, "3")
+    assert data.loader_workers("cpu") == 3 and data.loader_workers("cuda", cpus=16) == 3
+    for bad in ("-1", "two", "1.5"):
+        monkeypatch.setenv(data.WORKERS_ENV, bad)
+        with pytest.raises(ValueError, match="CELLULIB_WORKERS must be a non-negative integer"):
+            data.loader_workers("cpu")
+
+
+def test_dataloaders_take_their_workers_from_loader_workers(cells_root, monkeypatch):
+    monkeypatch.delenv(data.WORKERS_ENV, raising=False)
+    dls = seg_dataloaders(cells_root, size=32, bs=2, valid_pct=0.34, seed=0, device="cpu")
+    assert dls.train.fake_l.num_workers == 0 and not dls.train.pin_memory
+    first = _batches(dls.train)
+    monkeypatch.setenv(data.WORKERS_ENV, "2")
+    dls = seg_dataloaders(cells_root, size=32, bs=2, valid_pct=0.34, seed=0, device="cpu")
+    assert dls.train.fake_l.num_workers == 2 and dls.valid.fake_l.num_workers == 2
+    assert not dls.train.pin_memory  # pinning only helps a copy to a GPU
+    assert all(torch.equal(x, y) for a, b in zip(first, _batches(dls.train)) for x, y in zip(a, b))
+
+
 def test_seg_dataloaders_patches_per_epoch_and_learner(cells_root):
     from fastai.learner import Learner
 
