@@ -691,7 +691,8 @@ def teachers_markdown(chapters_dir: str | os.PathLike, notebooks_dir: str | os.P
         "chapters before it had filled the cache. From the cache: every model it needed was "
         "there already, so it only scored and plotted.",
         "",
-        "| chapter | parameters | from scratch | from the cache |",
+        # the parameters last: a long list wraps there without pushing the times off the page
+        "| chapter | from scratch | from the cache | parameters |",
         "| --- | --- | ---: | ---: |",
     ]
     totals = {"scratch": [], "cache": []}
@@ -704,7 +705,7 @@ def teachers_markdown(chapters_dir: str | os.PathLike, notebooks_dir: str | os.P
             row[built] = _latest(runs, name, built, machine, params)
             if row[built] is not None:
                 totals[built].append(row[built]["seconds"])
-        lines.append(f"| `{name}` | {label} | {_cell(row['scratch'])} | {_cell(row['cache'])} |")
+        lines.append(f"| `{name}` | {_cell(row['scratch'])} | {_cell(row['cache'])} | {label} |")
     complete = {k: len(v) == len(names) for k, v in totals.items()}
     lines += [
         "",
@@ -713,7 +714,8 @@ def teachers_markdown(chapters_dir: str | os.PathLike, notebooks_dir: str | os.P
         "Run `make chapters` on every participant's machine the day before (or once, and copy the "
         "`data/` folder, which is the cache, into each copy of the same commit). A participant "
         "then re-executes a chapter from the cache; a model is trained again only when its data, "
-        "settings, seed or training code differ, since the cache is keyed by all of them.",
+        "settings, seed, recipe version or library versions differ, since the cache is keyed by "
+        "the training recipe (`cellulib cache list` shows each model and whether it is current).",
         "",
     ]
     if complete["scratch"]:
