@@ -397,11 +397,16 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     import json
 
     from cellulib import store, train
+    from cellulib.detect import DETECTION_VERSION
+    from cellulib.robustness import SHIFT_VERSION
 
+    # derived results (store.derived_frame) are current for these code versions
+    derived = {**train.derived_versions(), "shift": SHIFT_VERSION, "detection": DETECTION_VERSION}
     if args.action == "list":
-        entries = store.cache_entries(train.RECIPE_VERSIONS)
+        entries = store.cache_entries(train.RECIPE_VERSIONS, derived_versions=derived)
     else:
-        entries = store.prune_cache(train.RECIPE_VERSIONS, dry_run=args.dry_run)
+        entries = store.prune_cache(train.RECIPE_VERSIONS, dry_run=args.dry_run,
+                                    derived_versions=derived)
     if args.json:
         print(json.dumps(entries, indent=1))
         return 0

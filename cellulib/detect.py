@@ -44,7 +44,7 @@ from cellulib.models import segment
 from cellulib.store import ModelFileError, check_mpp, model_and_info, pixel_size
 from cellulib.transforms import downscale, weak_label_map
 
-__all__ = ["COLUMNS", "DEFAULT_THRESHOLD", "AnnotatedScores", "detect_nuclei",
+__all__ = ["COLUMNS", "DEFAULT_THRESHOLD", "DETECTION_VERSION", "AnnotatedScores", "detect_nuclei",
            "detect_to_csv", "nucleus_centres", "score_annotated", "to_geojson"]
 
 #: Columns of :func:`detect_nuclei` and of the CSV of ``cellulib detect``.
@@ -202,6 +202,11 @@ def _iter_images(seg: _SegModel, files: list[Path], progress: bool
 #: Default smallest nucleus probability at a detected centre (:func:`nucleus_centres`); see
 #: :data:`cellulib.constants.DETECTION_THRESHOLD`.
 DEFAULT_THRESHOLD = DETECTION_THRESHOLD
+
+#: Bumped whenever what :func:`detect_nuclei` or :func:`score_annotated` finds in an image changes
+#: (peak finding, classing, scaling): stored detection results
+#: (:func:`cellulib.robustness.detection_under_shifts`) are then computed again.
+DETECTION_VERSION = 1
 
 
 def detect_nuclei(model: Any, paths: PathLike | Sequence[PathLike],

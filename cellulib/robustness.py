@@ -24,6 +24,7 @@ from cellulib.report import Estimate, paired_mean
 
 __all__ = [
     "GRID",
+    "SHIFT_VERSION",
     "MODERATE",
     "SHIFTS",
     "SHIFT_NAMES",
@@ -52,6 +53,10 @@ GRID: dict[str, tuple[float, ...]] = {
     "jpeg": (0.5, 1.0),
     "scale": (-1.0, -0.5, 0.5, 1.0),
 }
+#: Bumped whenever what :func:`shift_image` makes of an image changes, or how
+#: :func:`score_under_shifts` scores it: the stored scores (:func:`cellulib.store.derived_frame`)
+#: are then computed again.
+SHIFT_VERSION = 1
 #: The "moderate" strength of the degradation table (``scale``: +0.5, a 1.41x magnification).
 MODERATE = 0.5
 #: Readable names of the shift kinds.
@@ -169,9 +174,16 @@ def _settings(grid: Mapping[str, Sequence[float]]) -> list[tuple[str, float]]:
 def score_under_shifts(models: Mapping[str, Any], paths: Sequence, y_true: Sequence[float],
                        grid: Mapping[str, Sequence[float]] = GRID, seed: int = 0,
                        train_mean: float | None = None, stain_norm: str | None = None,
-                       true_mpp: bool = False, progress: bool = True) -> pd.DataFrame:
+                       true_mpp: bool = False, progress: bool = True,
+                       cache: bool = True) -> pd.DataFrame:
     """Every model's cellularity on every shifted copy of the images: one row per (model, shift,
     strength, image).
+
+    The table is stored (:func:`cellulib.store.derived_frame`) under a key of the models' weights,
+    the images' bytes, the arguments, :data:`SHIFT_VERSION`,
+    :data:`cellulib.predict.INFERENCE_VERSION`, :data:`cellulib.stain.REFERENCE_VERSION` and the
+    library versions, so re-executing the chapter after an edit elsewhere reads it back in a
+    second instead of scoring every setting again.
 
     Parameters
     ----------
@@ -193,15 +205,14 @@ def score_under_shifts(models: Mapping[str, Any], paths: Sequence, y_true: Seque
         cutting it into windows of the training patch's pixel size.
     progress : bool
         A bar over the settings.
+    cache : bool
+        Read a stored table when there is one, and store the one computed.
 
     Returns
     -------
     pandas.DataFrame
         ``model, kind, strength, path, y_true, y_pred``.
     """
-    from tqdm.auto import tqdm
-
-    from cellulib.data import read_image
     from cellulib.predict import Predictor
     from cellulib.store import model_and_info, normalizer_from_options
 
@@ -214,6 +225,41 @@ def score_under_shifts(models: Mapping[str, Any], paths: Sequence, y_true: Seque
              for name, pair in loaded.items()}
     predictors = {name: Predictor(pair, stain_norm=norms[name], mpp=1.0)
                   for name, pair in loaded.items()}
+
+    def compute() -> pd.DataFrame:
+        return _score_settings(predictors, paths, y_true, grid, seed, train_mean, true_mpp,
+                               progress)
+
+    if not cache:
+        return compute()
+    from cellulib.predict import INFERENCE_VERSION
+    from cellulib.stain import REFERENCE_VERSION
+    from cellulib.store import derived_frame, files_digest, weights_digest
+
+    weights = {name: weights_digest(pair[0]) for name, pair in loaded.items()}
+    described = {name: {k: v for k, v in pred.describe().items()
+                        if k not in ("model", "cellulib_version", "model_cellulib_version")}
+                 for name, pred in predictors.items()}
+    parts = {"models": {name: {"weights": weights[name], "predictor": described[name]}
+                        for name in predictors},
+             "images": paths, "bytes": files_digest(paths), "y_true": y_true.tolist(),
+             "grid": {k: [float(s) for s in v] for k, v in grid.items()}, "seed": int(seed),
+             "train_mean": None if train_mean is None else float(train_mean),
+             "stain_norm": stain_norm, "true_mpp": bool(true_mpp)}
+    return derived_frame("shifts", parts, list(weights.values()),
+                         {"inference": INFERENCE_VERSION, "shift": SHIFT_VERSION,
+                          "stain": REFERENCE_VERSION}, compute,
+                         libraries=("torch", "numpy", "opencv", "albumentations", "scikit-image",
+                                    "lightgbm", "scipy", "timm"))
+
+
+def _score_settings(predictors: Mapping[str, Any], paths: list[str], y_true: np.ndarray,
+                    grid: Mapping[str, Sequence[float]], seed: int, train_mean: float | None,
+                    true_mpp: bool, progress: bool) -> pd.DataFrame:
+    from tqdm.auto import tqdm
+
+    from cellulib.data import read_image
+
     originals = [read_image(p) for p in paths]
     rows = []
     for kind, strength in tqdm(_settings(grid), desc="shifts", disable=not progress):
@@ -354,28 +400,57 @@ def route_summary(verdicts: Mapping[str, str]) -> str:
 def detection_under_shifts(model: Any, cells: pd.DataFrame,
                            grid: Mapping[str, Sequence[float]], seed: int = 0,
                            threshold: float | None = None, stain_norm: str | None = None,
-                           progress: bool = True) -> dict[tuple[str, float], pd.DataFrame]:
+                           progress: bool = True,
+                           cache: bool = True) -> dict[tuple[str, float], pd.DataFrame]:
     """Per-image detection counts of a segmentation model on annotated images under each shift:
     ``{(kind, strength): counts}`` (:func:`cellulib.metrics.detection_counts`), the unshifted
     images as ``("none", 0.0)``. A ``scale`` shift resamples the whole image, and the detections
     are mapped back to the dots' pixels. ``stain_norm`` normalises each shifted image to the
-    stain of the model's training set first."""
+    stain of the model's training set first. With ``cache`` the counts are stored
+    (:func:`cellulib.store.derived_frame`) under a key of the model's weights, the images' and
+    annotations' bytes, the arguments, :data:`SHIFT_VERSION` and
+    :data:`cellulib.detect.DETECTION_VERSION`, and read back when none of them changed."""
     from tqdm.auto import tqdm
 
-    from cellulib.detect import DEFAULT_THRESHOLD, score_annotated
+    from cellulib.detect import DEFAULT_THRESHOLD, DETECTION_VERSION, score_annotated
     from cellulib.metrics import detection_counts
-    from cellulib.store import normalizer_from_options
+    from cellulib.stain import REFERENCE_VERSION
+    from cellulib.store import (derived_frame, files_digest, model_and_info,
+                                normalizer_from_options, weights_digest)
 
+    threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
+    _, net, info = model_and_info(model)
+    model = (net, info)
     norm = normalizer_from_options(stain_norm, None, model) if stain_norm else None
-    out = {}
-    for kind, strength in tqdm(_settings(grid), desc="detection shifts", disable=not progress):
-        def transform(img, i, kind=kind, strength=strength):
-            if kind != "none":
-                img = shift_image(img, kind, strength, seed + i)
-            return norm.normalize(img) if norm is not None else img
 
-        res = score_annotated(model, cells, DEFAULT_THRESHOLD if threshold is None else threshold,
-                              progress=False, transform=transform)
-        out[(kind, float(strength))] = detection_counts(res.truth, res.pred,
-                                                        images=res.fractions["image"])
-    return out
+    def compute() -> pd.DataFrame:
+        frames = []
+        for kind, strength in tqdm(_settings(grid), desc="detection shifts",
+                                   disable=not progress):
+            def transform(img, i, kind=kind, strength=strength):
+                if kind != "none":
+                    img = shift_image(img, kind, strength, seed + i)
+                return norm.normalize(img) if norm is not None else img
+
+            res = score_annotated(model, cells, threshold, progress=False, transform=transform)
+            counts = detection_counts(res.truth, res.pred, images=res.fractions["image"])
+            frames.append(counts.assign(kind=kind, strength=float(strength)))
+        return pd.concat(frames, ignore_index=True)
+
+    if cache:
+        files = [str(p) for pair in zip(cells["image_path"], cells["xml_path"]) for p in pair]
+        weights = weights_digest(net)
+        parts = {"weights": weights, "config": info.get("config"),
+                 "preprocess": (info.get("meta") or {}).get("preprocess"),
+                 "files": files, "bytes": files_digest(files), "names": list(cells["name"]),
+                 "grid": {k: [float(s) for s in v] for k, v in grid.items()}, "seed": int(seed),
+                 "threshold": threshold, "stain_norm": stain_norm}
+        table = derived_frame("detection-shifts", parts, [weights],
+                              {"detection": DETECTION_VERSION, "shift": SHIFT_VERSION,
+                               "stain": REFERENCE_VERSION}, compute,
+                              libraries=("torch", "numpy", "opencv", "albumentations",
+                                         "scikit-image", "scipy"))
+    else:
+        table = compute()
+    return {(kind, float(strength)): part.drop(columns=["kind", "strength"]).reset_index(drop=True)
+            for (kind, strength), part in table.groupby(["kind", "strength"], sort=False)}

@@ -307,6 +307,13 @@ def pixel_size(info: dict[str, Any]) -> tuple[float, int, bool]:
     return DEFAULT_PIXEL_SIZE["mpp"], DEFAULT_PIXEL_SIZE["patch_px"], False
 
 
+def files_digest(paths: list[str | os.PathLike]) -> str:
+    """Short sha256 over each file's absolute path and the sha256 of its bytes, in the given order
+    (read once per process while unchanged, like :func:`data_fingerprint`). Used in the
+    stain-shift chapter through :func:`cellulib.robustness.score_under_shifts`."""
+    return _tree_digest(Path("/"), [str(Path(p).resolve()) for p in paths])
+
+
 def data_fingerprint(root: str | os.PathLike) -> str:
     """Short hash of every image, label table and cell XML in a BreastPathQ folder, pixels included.
 
@@ -449,9 +456,15 @@ def read_info(path: str | os.PathLike) -> dict[str, Any]:
 _STALE_TMP_S = 3600
 
 
-def cache_entries(versions: dict[str, int], folder: str | os.PathLike | None = None
-                  ) -> list[dict[str, Any]]:
+def cache_entries(versions: dict[str, int], folder: str | os.PathLike | None = None,
+                  derived_versions: dict[str, int] | None = None,
+                  derived_folder: str | os.PathLike | None = None) -> list[dict[str, Any]]:
     """Every model file of the cache (``$CELLULIB_HOME/models`` unless ``folder``), oldest first.
+
+    With ``derived_versions`` (the code versions of derived results, e.g. ``{"inference": 1,
+    "shift": 1}``) the derived-results files of :func:`derived_frame` follow, family
+    ``"derived"``: current when the versions they record match and every model they were computed
+    from is a current model file of the cache.
 
     Each entry: ``path``, ``family``, ``kind``, ``key`` (from the file name), ``bytes``, ``age_s``
     (seconds since written), ``current`` (whether the running code, with ``versions``, i.e.
@@ -489,19 +502,116 @@ def cache_entries(versions: dict[str, int], folder: str | os.PathLike | None = N
         if isinstance(recorded, dict):
             entry["family"], entry["kind"] = recorded.get("family"), recorded.get("kind")
         entry.update(current=not why, why="; ".join(why))
+        entry["weights"] = ((info.get("meta") or {}).get("derived") or {}).get("weights")
         entries.append(entry)
-    return sorted(entries, key=lambda e: -e["age_s"])
+    entries.sort(key=lambda e: -e["age_s"])
+    if derived_versions is not None:
+        current = {e["weights"] for e in entries if e.get("weights") and e["current"]}
+        entries += sorted(_derived_entries(_derived_folder(derived_folder), derived_versions,
+                                           current, now), key=lambda e: -e["age_s"])
+    for e in entries:
+        e.pop("weights", None)
+    return entries
 
 
 def prune_cache(versions: dict[str, int], dry_run: bool = False,
-                folder: str | os.PathLike | None = None) -> list[dict[str, Any]]:
-    """Remove the model files of the cache that are not current (see :func:`cache_entries`);
-    returns their entries. With ``dry_run`` nothing is removed. Used by ``cellulib cache prune``."""
-    gone = [e for e in cache_entries(versions, folder) if not e["current"]]
+                folder: str | os.PathLike | None = None,
+                derived_versions: dict[str, int] | None = None,
+                derived_folder: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    """Remove the model files (and, with ``derived_versions``, the derived-results files) of the
+    cache that are not current (see :func:`cache_entries`); returns their entries. With
+    ``dry_run`` nothing is removed. Used by ``cellulib cache prune``."""
+    gone = [e for e in cache_entries(versions, folder, derived_versions, derived_folder)
+            if not e["current"]]
     if not dry_run:
         for entry in gone:
             Path(entry["path"]).unlink(missing_ok=True)
     return gone
+
+
+#: Bumped when the layout of a derived-results file (:func:`derived_frame`) changes.
+DERIVED_SCHEME = 1
+
+
+def _derived_folder(folder: str | os.PathLike | None = None) -> Path:
+    return Path(folder) if folder is not None else home() / "derived"
+
+
+def derived_frame(kind: str, parts: dict[str, Any], weights: list[str], versions: dict[str, int],
+                  compute: Any, libraries: tuple[str, ...] = _COMMON_LIBRARIES,
+                  folder: str | os.PathLike | None = None) -> Any:
+    """A table computed from trained models (e.g. every model's scores under every shift), stored
+    in ``$CELLULIB_HOME/derived`` and read back instead of recomputed when nothing it depends on
+    changed.
+
+    Its key is made of ``parts`` (what was computed, on which data, with which settings), the
+    :func:`weights_digest` of each model it ran (``weights``), the code ``versions`` whose output it
+    is (e.g. ``cellulib.predict.INFERENCE_VERSION``), the versions of ``libraries`` and the Python
+    minor version, so an edit to a docstring, a plot or a report leaves it valid and a retrained
+    model, a new inference version or another library version does not. ``compute()`` returns the
+    pandas DataFrame; it is written atomically, column by column with its dtypes, to a NumPy
+    ``.npz`` file (no pickle: strings, numbers and booleans only). An unreadable file is computed
+    again, with a warning naming it. ``cellulib cache list`` lists these files, and ``cache
+    prune`` removes those whose models are no longer current. Used in the stain-shift chapter
+    through :func:`cellulib.robustness.score_under_shifts`.
+    """
+    import warnings
+    import zipfile
+
+    import numpy as np
+    import pandas as pd
+
+    record = {"scheme": DERIVED_SCHEME, "kind": kind, "parts": parts,
+              "weights": sorted(set(weights)), "versions": dict(versions),
+              "libraries": {name: library_version(name) for name in libraries},
+              "python": f"{sys.version_info.major}.{sys.version_info.minor}"}
+    record = json.loads(json.dumps(record, default=str))  # plain JSON values, as stored
+    path = _derived_folder(folder) / f"{kind}-{fingerprint(record)}.npz"
+    if path.exists():
+        try:
+            with np.load(path, allow_pickle=False) as stored:
+                columns = [str(c) for c in stored["__columns__"]]
+                frame = pd.DataFrame({c: stored[f"c{i}"] for i, c in enumerate(columns)})
+            return frame
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+            warnings.warn(f"{path}: not readable ({exc}): computing it again", stacklevel=2)
+    frame = compute()
+    arrays = {"__record__": np.array(json.dumps(record)),
+              "__columns__": np.array([str(c) for c in frame.columns])}
+    for i, column in enumerate(frame.columns):
+        values = frame[column].to_numpy()
+        arrays[f"c{i}"] = values.astype(str) if values.dtype == object else values
+    atomic_write_bytes(path, lambda fh: np.savez(fh, **arrays))
+    return frame
+
+
+def _derived_entries(folder: Path, versions: dict[str, int], current_weights: set[str],
+                     now: float) -> list[dict[str, Any]]:
+    import numpy as np
+
+    entries = []
+    for path in sorted(folder.glob("*.npz")) if folder.is_dir() else []:
+        st = path.stat()
+        kind, _, key = path.stem.rpartition("-")
+        entry = {"path": str(path), "family": "derived", "kind": kind or None, "key": key or None,
+                 "bytes": st.st_size, "age_s": round(now - st.st_mtime, 1), "current": False,
+                 "why": ""}
+        try:
+            with np.load(path, allow_pickle=False) as stored:
+                record = json.loads(str(stored["__record__"]))
+        except Exception as exc:  # noqa: BLE001 - any damage: listed as not current
+            entry["why"] = f"not readable ({type(exc).__name__})"
+            entries.append(entry)
+            continue
+        why = [f"{name} version {record['versions'].get(name)}, now {v}"
+               for name, v in versions.items() if name in record["versions"]
+               and record["versions"][name] != v]
+        missing = [w for w in record.get("weights", []) if w not in current_weights]
+        if missing:
+            why.append(f"computed from weights no current model file holds ({', '.join(missing)})")
+        entry.update(current=not why, why="; ".join(why))
+        entries.append(entry)
+    return entries
 
 
 def weights_digest(model: Any) -> str:

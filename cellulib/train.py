@@ -214,7 +214,10 @@ def _recipe(kind: str, params: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
     return cache_path(kind, resolved, version), recipe(kind, resolved, version)
 
 
-def _derived_versions() -> dict[str, int]:
+def derived_versions() -> dict[str, int]:
+    """The code versions that outputs derived from trained weights depend on:
+    :data:`cellulib.predict.INFERENCE_VERSION` and :data:`cellulib.stain.REFERENCE_VERSION`. Used
+    by ``cellulib cache list`` and, through the cache, in chapters 2-5."""
     from cellulib.predict import INFERENCE_VERSION
     from cellulib.stain import REFERENCE_VERSION
 
@@ -225,7 +228,7 @@ def _derived(model: torch.nn.Module) -> dict[str, Any]:
     """What a model file's derived outputs (validation predictions, stain reference) were computed
     from: the :func:`cellulib.store.weights_digest` of the weights and the inference and stain
     reference versions, with their ``key``; stored as ``meta["derived"]``."""
-    parts = {"weights": weights_digest(model), **_derived_versions()}
+    parts = {"weights": weights_digest(model), **derived_versions()}
     return {"key": fingerprint(parts), **parts}
 
 
@@ -254,7 +257,7 @@ def _cached(path: Path, rec: dict[str, Any], settings: dict[str, Any],
         warnings.warn(f"{path}: not reused ({why}): training it again", CacheWarning, stacklevel=3)
         return None
     stored = meta.get("derived") or {}
-    if {k: stored.get(k) for k in ("inference", "stain")} != _derived_versions():
+    if {k: stored.get(k) for k in ("inference", "stain")} != derived_versions():
         meta = {**meta, **derive(model, meta), "derived": _derived(model)}
         model = _trained(model)
         save_model(model, path, **meta)

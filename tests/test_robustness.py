@@ -140,6 +140,18 @@ def test_detections_on_a_resampled_image_come_back_to_the_dots(tmp_path, monkeyp
     assert set(counts) == {("none", 0.0), ("scale", 1.0), ("blur", 0.5)}
     tp = counts[("scale", 1.0)].set_index("class").loc["detection", "tp"]
     assert tp == len(dots)
+    # stored: read back as computed (the same frames, dtypes included), and the same as a fresh
+    # computation without the store
+    monkeypatch.setenv("CELLULIB_HOME", str(tmp_path / "home"))
+    first = robustness.detection_under_shifts(seg, cells, {"blur": (0.5,)}, progress=False)
+    assert len(list((tmp_path / "home" / "derived").glob("detection-shifts-*.npz"))) == 1
+    again = robustness.detection_under_shifts(seg, cells, {"blur": (0.5,)}, progress=False)
+    fresh = robustness.detection_under_shifts(seg, cells, {"blur": (0.5,)}, progress=False,
+                                              cache=False)
+    assert list(first) == list(again) == list(fresh) == [("none", 0.0), ("blur", 0.5)]
+    for key in first:
+        pd.testing.assert_frame_equal(again[key], first[key])
+        pd.testing.assert_frame_equal(fresh[key], first[key])
 
 
 def test_route_summary_says_what_the_verdicts_say():
@@ -174,3 +186,64 @@ def test_icc_table_and_the_robustness_figure():
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
     assert titles == ["blur (focus): MSE", "blur (focus): ICC"]
     assert fig.axes[0].get_ylabel() == "validation MSE (log scale)"
+
+
+def test_scores_under_shift_are_stored_and_recomputed_only_when_an_input_changes(tiny, monkeypatch):
+    import os
+    import shutil
+    from pathlib import Path
+
+    from cellulib import store
+
+    root, model = tiny
+    valid = train.predictions(model).iloc[:3]
+    grid = {"blur": (1.0,)}
+    derived = Path(os.environ["CELLULIB_HOME"]) / "derived"
+    shutil.rmtree(derived, ignore_errors=True)
+    first = robustness.score_under_shifts({"R34": model.path}, valid.path, valid.y_true, grid,
+                                          seed=3, train_mean=0.4, progress=False)
+    assert len(list(derived.glob("shifts-*.npz"))) == 1
+    calls = []
+    real = robustness._score_settings
+    monkeypatch.setattr(robustness, "_score_settings",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = robustness.score_under_shifts({"R34": model.path}, valid.path, valid.y_true, grid,
+                                          seed=3, train_mean=0.4, progress=False)
+    assert not calls, "scored again although nothing changed"
+    pd.testing.assert_frame_equal(again, first)  # values and dtypes, exactly
+    # each of these is another table: scored again, stored beside the first
+    robustness.score_under_shifts({"R34": model.path}, valid.path, valid.y_true, grid, seed=4,
+                                  train_mean=0.4, progress=False)
+    monkeypatch.setattr(robustness, "SHIFT_VERSION", robustness.SHIFT_VERSION + 1)
+    robustness.score_under_shifts({"R34": model.path}, valid.path, valid.y_true, grid, seed=3,
+                                  train_mean=0.4, progress=False)
+    assert len(calls) == 2 and len(list(derived.glob("shifts-*.npz"))) == 3
+    monkeypatch.setattr(robustness, "SHIFT_VERSION", robustness.SHIFT_VERSION - 1)
+    # other weights: a model file whose weights differ by one value
+    from cellulib.store import load_model
+
+    net, info = load_model(model.path)
+    with __import__("torch").no_grad():
+        next(net.parameters()).view(-1)[0] += 1.0
+    robustness.score_under_shifts({"R34": (net, info)}, valid.path, valid.y_true, grid, seed=3,
+                                  train_mean=0.4, progress=False)
+    assert len(calls) == 3
+    # a damaged file is computed again, with a warning naming it
+    stored = sorted(derived.glob("shifts-*.npz"), key=lambda p: p.stat().st_mtime)[0]
+    stored.write_bytes(b"not a zip")
+    with pytest.warns(UserWarning, match=f"{stored.name}: not readable"):
+        redone = robustness.score_under_shifts({"R34": model.path}, valid.path, valid.y_true,
+                                               grid, seed=3, train_mean=0.4, progress=False)
+    assert len(calls) == 4
+    pd.testing.assert_frame_equal(redone, first)
+    # cache list: derived tables of current models are current; the one of the changed weights
+    # (no model file holds them) and those of another shift version are not
+    versions = {"inference": 1, "shift": robustness.SHIFT_VERSION, "stain": 1}
+    entries = [e for e in store.cache_entries(train.RECIPE_VERSIONS, derived_versions=versions)
+               if e["family"] == "derived"]
+    assert len(entries) == 4
+    assert sorted(e["current"] for e in entries) == [False, False, True, True]
+    assert any("shift version 2, now 1" in e["why"] for e in entries)
+    assert any("weights no current model file holds" in e["why"] for e in entries)
+    gone = store.prune_cache(train.RECIPE_VERSIONS, derived_versions=versions)
+    assert len(gone) == 2 and len(list(derived.glob("*.npz"))) == 2
