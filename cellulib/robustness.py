@@ -415,8 +415,13 @@ def detection_under_shifts(model: Any, cells: pd.DataFrame,
     from cellulib.detect import DEFAULT_THRESHOLD, DETECTION_VERSION, score_annotated
     from cellulib.metrics import detection_counts
     from cellulib.stain import REFERENCE_VERSION
-    from cellulib.store import (derived_frame, files_digest, model_and_info,
-                                normalizer_from_options, weights_digest)
+    from cellulib.store import (
+        derived_frame,
+        files_digest,
+        model_and_info,
+        normalizer_from_options,
+        weights_digest,
+    )
 
     threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
     _, net, info = model_and_info(model)
