@@ -354,10 +354,16 @@ def _add_inference_commands(sub) -> None:
         "name: a BreastPathQ label file (slide,rid,y) or a CSV with path,cellularity. Prints MSE, "
         "4-bin kappa, ICC(2,1) and PK with 95% confidence intervals (paper section 3.5), and the "
         "mean predictor (the training labels' mean) with whether the model learned: the upper end "
-        "of its MSE's 95% CI below the mean predictor's MSE.",
+        "of its MSE's 95% CI below the mean predictor's MSE. A path,cellularity file may carry a "
+        "patient column (the bootstrap then resamples whole patients), an image column (windows "
+        "of one image resampled together) and an error column (rows without a label are left out "
+        "and counted); labels of cellulib proxy (a proxy column) add Spearman's rho and no mean "
+        "predictor, since only the ranking is a fair comparison with a proxy.",
     )
     p.add_argument("--pred", required=True, help="predictions CSV (path,cellularity[,error])")
-    p.add_argument("--labels", required=True, help="labels CSV (slide,rid,y or path,cellularity)")
+    p.add_argument("--labels", required=True,
+                   help="labels CSV (slide,rid,y or path,cellularity[,error,patient,image,proxy], "
+                   "e.g. from cellulib proxy)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--figure", default=None, help="write a calibration + Bland-Altman figure")
     p.add_argument("--train-mean", type=float, default=None, metavar="FLOAT",

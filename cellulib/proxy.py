@@ -21,7 +21,7 @@ wide acellular stroma can score as high as a solid tumour sheet.
   nucleus to the nearest other tumour nucleus (:func:`cell_radius`). In a sheet of touching
   tumour cells that distance is a cell's diameter, so a packed cell's region is about its Voronoi
   polygon and an isolated one gets a disc of a packed cell's size. On the 90 images of the
-  train/val copy the radius is 9.4 px (4.7 um at 0.5 um/px).
+  train/val copy the radius is 9.3 px (4.7 um at 0.5 um/px).
 - the proxy is the tumour dots' cell area over the tissue area.
 
 Neither is the pathologists' cellularity score (BreastPathQ's: the share of the tumour bed's area
