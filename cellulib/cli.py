@@ -179,7 +179,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from cellulib.report import MEAN_PREDICTOR, learned
 
     pairs = match_predictions(args.pred, args.labels)
-    train_mean, source = train_mean_source(args.pred, args.train_mean, args.train_labels)
+    proxy = "proxy" in pairs.columns
+    if proxy:  # a proxy's scale is not cellularity's: a ranking is the fair comparison
+        kinds = ", ".join(sorted(set(pairs["proxy"])))
+        train_mean, source = None, (f"the labels are the {kinds} proxy of cellularity (cellulib "
+                                    "proxy): only the ranking (PK, Spearman) is a fair comparison")
+    else:
+        train_mean, source = train_mean_source(args.pred, args.train_mean, args.train_labels)
     table = evaluate_pairs(pairs, args.n_boot, args.seed, train_mean)
     base_row = f"MSE ({MEAN_PREDICTOR.lower()})"
     model_learned = (None if train_mean is None else
@@ -205,7 +211,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             "CI": table["ci_method"], "n": table["n"]}, index=table.index)
         print(f"{args.pred} vs {args.labels}: {len(pairs)} matched images")
         print(shown.to_string())
-        if train_mean is None:
+        if proxy:
+            print(f"no mean predictor: {source}")
+        elif train_mean is None:
             print(f"no mean predictor, so whether the model learned is unknown: {source}")
         else:
             verdict = ("yes: the upper end of its MSE's 95% CI is below" if model_learned
@@ -216,6 +224,71 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.figure:
         print(f"figure written to {args.figure}", file=sys.stderr if args.json else sys.stdout)
     return 0
+
+
+def _cmd_proxy(args: argparse.Namespace) -> int:
+    from cellulib.imageio import atomic_open
+    from cellulib.proxy import LABEL_COLUMNS, proxy_labels
+
+    table = proxy_labels(args.data, kind=args.kind, splits=args.split, window=args.window,
+                         radius=args.radius, min_tissue=args.min_tissue, crops_dir=args.crops)
+    left_out = table[table["error"] != ""]
+    if len(left_out) == len(table):
+        raise ValueError(f"{args.data}: no image or window has a {args.kind} proxy: "
+                         + "; ".join(left_out["error"].head(3)))
+    with atomic_open(args.out, "w", newline="", encoding="utf-8") as fh:
+        table[list(LABEL_COLUMNS)].to_csv(fh, index=False, float_format="%.6f", na_rep="")
+    for error in left_out["error"].head(20):
+        print(f"cellulib proxy: left out: {error}", file=sys.stderr)
+    if len(left_out) > 20:
+        print(f"cellulib proxy: ... {len(left_out) - 20} more left out (see the error column)",
+              file=sys.stderr)
+    fields = "windows" if args.window else "images"
+    value = table["cellularity"].dropna()
+    print(f"{len(value)} {args.kind}-proxy labels ({fields} of {table['image'].nunique()} images, "
+          f"{table['patient'].nunique()} patients, splits {', '.join(table['split'].unique())}); "
+          f"{len(left_out)} left out; median {value.median():.3f}, range {value.min():.3f}-"
+          f"{value.max():.3f}; cell radius {table['radius_px'].iloc[0]:.1f} px; written to "
+          f"{args.out}" + (f" (windows in {args.crops})" if args.window else ""))
+    return 0
+
+
+def _add_proxy_command(sub) -> None:
+    """Register ``proxy``."""
+    from cellulib.annotations import BRCA_M2C_SPLITS
+    from cellulib.proxy import KINDS
+
+    p = sub.add_parser(
+        "proxy",
+        help="cellularity proxies of BRCA-M2C images from their nucleus dots: path,cellularity",
+        description="Write proxy labels of real tissue from a BRCA-M2C folder (SPEC 1.6): count, "
+        "the tumour share of the annotated nuclei, or area, the tumour-cell area over the tissue "
+        "area measured on the image (each dot's Voronoi region of the tissue, clipped to a cell "
+        "radius measured from the tumour dots). They are not the pathologists' score: compare a "
+        "model with them by rank (cellulib evaluate prints PK and Spearman with a bootstrap CI "
+        "over patients). Writes path,cellularity,error,... (an image without a proxy gets an "
+        "empty cellularity and the reason); with --window, each window is written as a PNG to "
+        "--crops and labelled on its own.",
+    )
+    p.add_argument("--data", required=True, help="BRCA-M2C folder (brca_ds_*.txt, images/, labels/)")
+    p.add_argument("--out", required=True, help="labels CSV to write (atomically)")
+    p.add_argument("--kind", choices=KINDS, default="count",
+                   help="count: tumour dots / all dots (default); area: tumour-cell area / "
+                   "tissue area")
+    p.add_argument("--split", nargs="+", choices=list(BRCA_M2C_SPLITS), default=None,
+                   help="the official splits to label (default: every split the folder has)")
+    p.add_argument("--window", type=int, default=None, metavar="PX",
+                   help="label square windows of this side instead of whole images (e.g. the "
+                   "model's field of view: 256 for a 256-px model at the same pixel size); needs "
+                   "--crops")
+    p.add_argument("--crops", default=None, metavar="DIR",
+                   help="with --window: folder the windows are written to, for cellulib predict")
+    p.add_argument("--radius", type=float, default=None, metavar="PX",
+                   help="area: cell radius in pixels (default: half the median distance between "
+                   "neighbouring tumour dots of the images labelled)")
+    p.add_argument("--min-tissue", type=float, default=0.5,
+                   help="smallest tissue share of an image or window with a proxy (0.5)")
+    p.set_defaults(func=_cmd_proxy)
 
 
 def _cmd_slide(args: argparse.Namespace) -> int:
@@ -281,10 +354,16 @@ def _add_inference_commands(sub) -> None:
         "name: a BreastPathQ label file (slide,rid,y) or a CSV with path,cellularity. Prints MSE, "
         "4-bin kappa, ICC(2,1) and PK with 95% confidence intervals (paper section 3.5), and the "
         "mean predictor (the training labels' mean) with whether the model learned: the upper end "
-        "of its MSE's 95% CI below the mean predictor's MSE.",
+        "of its MSE's 95% CI below the mean predictor's MSE. A path,cellularity file may carry a "
+        "patient column (the bootstrap then resamples whole patients), an image column (windows "
+        "of one image resampled together) and an error column (rows without a label are left out "
+        "and counted); labels of cellulib proxy (a proxy column) add Spearman's rho and no mean "
+        "predictor, since only the ranking is a fair comparison with a proxy.",
     )
     p.add_argument("--pred", required=True, help="predictions CSV (path,cellularity[,error])")
-    p.add_argument("--labels", required=True, help="labels CSV (slide,rid,y or path,cellularity)")
+    p.add_argument("--labels", required=True,
+                   help="labels CSV (slide,rid,y or path,cellularity[,error,patient,image,proxy], "
+                   "e.g. from cellulib proxy)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--figure", default=None, help="write a calibration + Bland-Altman figure")
     p.add_argument("--train-mean", type=float, default=None, metavar="FLOAT",
@@ -528,6 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_inference_commands(sub)  # predict, evaluate, slide
     _add_detect_command(sub)
+    _add_proxy_command(sub)
     _add_cache_command(sub)
 
     p = sub.add_parser(

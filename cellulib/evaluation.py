@@ -15,10 +15,10 @@ import numpy as np
 import pandas as pd
 
 from cellulib.data import read_labels
-from cellulib.imageio import DataError, read_csv_strings
+from cellulib.imageio import DataError, listing, read_csv_strings
 
 __all__ = ["PredictWarning", "read_predictions", "match_predictions", "evaluate_files",
-           "evaluate_pairs", "train_mean_source"]
+           "evaluate_pairs", "bootstrap_clusters", "train_mean_source"]
 
 PathLike = str | os.PathLike
 
@@ -83,6 +83,12 @@ def read_predictions(pred_csv: PathLike) -> pd.DataFrame:
     return out
 
 
+#: Columns of a ``path,cellularity`` labels file that are kept beside the label: ``patient`` and
+#: ``image`` (clusters for the bootstrap) and ``proxy`` (the labels are a proxy of cellularity,
+#: :mod:`cellulib.proxy`).
+EXTRA_LABEL_COLUMNS: tuple[str, ...] = ("patient", "image", "proxy")
+
+
 def _read_label_table(labels_csv: PathLike) -> pd.DataFrame:
     path = Path(labels_csv)
     df = read_csv_strings(path, "labels", keep_default_na=False, missing=FileNotFoundError)
@@ -91,9 +97,27 @@ def _read_label_table(labels_csv: PathLike) -> pd.DataFrame:
         if column is None:
             raise DataError(f"{path}: a labels file with a 'path' column needs a 'cellularity' "
                             f"column (found {list(df.columns)})")
-        value = _cellularity_column(df, path, column, allow_empty=False)
+        # a row may say why it has no label (an ``error``, as cellulib proxy writes): left out
+        explained = (df["error"].str.strip() != "") if "error" in df.columns else None
+        value = _cellularity_column(df, path, column, allow_empty=explained is not None)
+        if explained is not None:
+            unexplained = ~np.isfinite(value) & ~explained.to_numpy()
+            if unexplained.any():
+                lines = (np.flatnonzero(unexplained) + 2)[:5].tolist()
+                raise DataError(f"{path}: empty {column!r} without an error saying why "
+                                f"(lines {lines})")
+            gone = ~np.isfinite(value)
+            if gone.any():
+                reasons = df.loc[gone, "error"].str.strip().tolist()
+                warnings.warn(f"{path}: {int(gone.sum())} of {len(df)} labelled image(s) have no "
+                              f"label and are left out of the score: {listing(reasons, 3)}",
+                              PredictWarning, stacklevel=3)
+            df, value = df[~gone].reset_index(drop=True), value[~gone]
         keys = [Path(p.strip().replace("\\", "/")).stem for p in df["path"]]
         labels = pd.DataFrame({"key": keys, "label": value})
+        for extra in EXTRA_LABEL_COLUMNS:
+            if extra in df.columns:
+                labels[extra] = df[extra].str.strip().to_numpy()
     else:
         bp = read_labels(path)  # slide,rid,y|p with its own checks and messages
         labels = pd.DataFrame({"key": bp["slide"] + "_" + bp["rid"], "label": bp["cellularity"]})
@@ -118,7 +142,8 @@ def match_predictions(pred_csv: PathLike, labels_csv: PathLike) -> pd.DataFrame:
     Returns
     -------
     pandas.DataFrame
-        Columns ``key``, ``path``, ``y_true``, ``y_pred`` in the order of the predictions.
+        Columns ``key``, ``path``, ``y_true``, ``y_pred`` in the order of the predictions, and the
+        labels' ``patient``, ``image`` and ``proxy`` columns where the labels file has them.
 
     Raises
     ------
@@ -140,8 +165,9 @@ def match_predictions(pred_csv: PathLike, labels_csv: PathLike) -> pd.DataFrame:
     if no_pred:
         warnings.warn(f"{labels_csv}: {len(no_pred)} labelled image(s) have no prediction in "
                       f"{pred_csv}, e.g. {no_pred[:5]}", PredictWarning, stacklevel=2)
+    extras = [c for c in EXTRA_LABEL_COLUMNS if c in merged.columns]
     return merged.rename(columns={"label": "y_true", "cellularity": "y_pred"})[
-        ["key", "path", "y_true", "y_pred"]]
+        ["key", "path", "y_true", "y_pred", *extras]]
 
 
 def evaluate_files(pred_csv: PathLike, labels_csv: PathLike, n_boot: int = 2000,
@@ -167,13 +193,44 @@ def evaluate_files(pred_csv: PathLike, labels_csv: PathLike, n_boot: int = 2000,
     return evaluate_pairs(pairs, n_boot, seed, train_mean)
 
 
+def bootstrap_clusters(pairs: pd.DataFrame) -> tuple[np.ndarray | None, str]:
+    """What the bootstrap resamples: ``(groups, "patients")`` when the labels name patients,
+    ``(groups, "images")`` when they name the image of each window (several rows per image), else
+    ``(None, "images")`` (each row on its own)."""
+    if "patient" in pairs.columns and (pairs["patient"] != "").all():
+        return pairs["patient"].to_numpy(), "patients"
+    if "image" in pairs.columns and (pairs["image"] != "").all() and pairs["image"].duplicated().any():
+        return pairs["image"].to_numpy(), "images"
+    return None, "images"
+
+
 def evaluate_pairs(pairs: pd.DataFrame, n_boot: int, seed: int,
                     train_mean: float | None) -> pd.DataFrame:
-    from cellulib.metrics import evaluate
+    """The metrics of :func:`evaluate_files` on matched pairs (:func:`match_predictions`).
+
+    The bootstrap resamples whole patients when the labels have a ``patient`` column, whole images
+    when they have an ``image`` column naming several windows of one image
+    (:func:`bootstrap_clusters`); ``ci_method`` then says ``bootstrap over N patients``. Labels
+    with a ``proxy`` column (:mod:`cellulib.proxy`) add Spearman's rho, the second rank measure.
+    """
+    from cellulib.metrics import MetricWarning, UndefinedMetricError, bootstrap_ci, evaluate, spearman
     from cellulib.report import MEAN_PREDICTOR, mean_predictor_predictions, mse_ci
 
     y_true, y_pred = pairs["y_true"].to_numpy(), pairs["y_pred"].to_numpy()
-    table = evaluate(y_true, y_pred, n_boot=n_boot, seed=seed)
+    groups, what = bootstrap_clusters(pairs)
+    table = evaluate(y_true, y_pred, n_boot=n_boot, seed=seed, groups=groups)
+    if groups is not None:
+        n_groups = len(set(groups))
+        table.loc[table["ci_method"] == "bootstrap", "ci_method"] = f"bootstrap over {n_groups} {what}"
+    if "proxy" in pairs.columns:
+        try:
+            value = spearman(y_true, y_pred)
+            lo, hi = bootstrap_ci(spearman, y_true, y_pred, n_boot=n_boot, seed=seed, groups=groups)
+        except UndefinedMetricError as err:
+            warnings.warn(f"evaluate: Spearman is NaN: {err}", MetricWarning, stacklevel=2)
+            value = lo = hi = np.nan
+        method = table.loc["PK", "ci_method"]
+        table.loc["Spearman"] = [value, lo, hi, method, len(y_true)]
     if train_mean is not None:
         base = mean_predictor_predictions(y_true, train_mean)
         est = mse_ci(base.y_true, base.y_pred, n_boot=n_boot, seed=seed)

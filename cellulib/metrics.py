@@ -43,6 +43,7 @@ __all__ = [
     "precision_recall_f1",
     "prediction_probability",
     "scores_from_counts",
+    "spearman",
 ]
 
 #: The six Shrout & Fleiss (1979) forms accepted by :func:`icc` (aliases in ``_ICC_ALIASES``).
@@ -539,8 +540,42 @@ def _kappa4_rows(t: np.ndarray, p: np.ndarray, idx: np.ndarray) -> np.ndarray:
 _VECTORISED = {mse: _mse_rows, kappa4: _kappa4_rows}
 
 
+def spearman(y_true, y_pred) -> float:
+    """Spearman's rank correlation of prediction and truth (ties get their mean rank).
+
+    Beside PK, the rank comparison against a proxy of cellularity (SPEC 1.6, `cellulib.proxy`).
+
+    Raises
+    ------
+    UndefinedMetricError
+        If either side is constant (no ranking to correlate).
+
+    Examples
+    --------
+    >>> round(spearman([0.1, 0.2, 0.3, 0.4], [0.2, 0.1, 0.5, 0.9]), 6)  # 1 - 6 * 2 / (4 * 15)
+    0.8
+    """
+    t, p = _pair(y_true, y_pred, "spearman")
+    if np.ptp(t) == 0 or np.ptp(p) == 0:
+        raise UndefinedMetricError("spearman: undefined because the truth or the prediction is "
+                                   "constant")
+    return float(stats.spearmanr(t, p).statistic)
+
+
+def _group_rows(groups, n: int) -> list[np.ndarray]:
+    """The row indices of each group (in order of first appearance)."""
+    g = np.asarray(groups)
+    if g.shape != (n,):
+        raise ValueError(f"bootstrap_ci: groups must have one entry per patch ({n}), got shape "
+                         f"{g.shape}")
+    _, first, inverse = np.unique(g, return_index=True, return_inverse=True)
+    order = np.argsort(first)
+    return [np.flatnonzero(inverse == k) for k in order]
+
+
 def bootstrap_ci(
-    metric: Callable, y_true, y_pred, n_boot: int = 2000, alpha: float = 0.05, seed=0
+    metric: Callable, y_true, y_pred, n_boot: int = 2000, alpha: float = 0.05, seed=0,
+    groups=None,
 ) -> tuple[float, float]:
     """Percentile bootstrap confidence interval of ``metric(y_true, y_pred)`` over patches.
 
@@ -566,6 +601,11 @@ def bootstrap_ci(
         1 - confidence level.
     seed : int or numpy.random.Generator
         Seed of the resampling; the interval is deterministic for a given seed.
+    groups : array-like, shape (n,), optional
+        A cluster label per patch (a patient, an image cut into windows): each resample then
+        draws as many whole clusters as there are, with replacement, and pools their patches (the
+        cluster bootstrap), since patches of one patient are not independent. Metrics are called
+        once per resample.
 
     Returns
     -------
@@ -595,9 +635,14 @@ def bootstrap_ci(
     name = getattr(metric, "__name__", "metric")
     t, p = _pair(y_true, y_pred, f"bootstrap_ci({name})")
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, t.size, (int(n_boot), t.size))
-
-    fast = _VECTORISED.get(metric)
+    if groups is not None:
+        members = _group_rows(groups, t.size)
+        picks = rng.integers(0, len(members), (int(n_boot), len(members)))
+        idx = [np.concatenate([members[k] for k in row]) for row in picks]
+        fast = None
+    else:
+        idx = rng.integers(0, t.size, (int(n_boot), t.size))
+        fast = _VECTORISED.get(metric)
     if fast is not None:
         values = fast(t, p, idx)
     else:
@@ -628,7 +673,8 @@ def bootstrap_ci(
 # reporting
 
 
-def evaluate(y_true, y_pred, n_boot: int = 2000, seed=0, alpha: float = 0.05) -> pd.DataFrame:
+def evaluate(y_true, y_pred, n_boot: int = 2000, seed=0, alpha: float = 0.05,
+             groups=None) -> pd.DataFrame:
     """All of the paper's agreement metrics with confidence intervals, one row per metric.
 
     Paper section 3.5, Tables 2 and 3, plus the challenge's PK (SPEC 5). MSE, kappa (unweighted,
@@ -648,6 +694,9 @@ def evaluate(y_true, y_pred, n_boot: int = 2000, seed=0, alpha: float = 0.05) ->
         Seed of the bootstrap.
     alpha : float
         1 - confidence level.
+    groups : array-like, optional
+        A cluster per patch (patient): the bootstrap resamples whole clusters (see
+        :func:`bootstrap_ci`).
 
     Returns
     -------
@@ -671,7 +720,8 @@ def evaluate(y_true, y_pred, n_boot: int = 2000, seed=0, alpha: float = 0.05) ->
     for label, metric in (("MSE", mse), ("kappa", kappa4), ("PK", prediction_probability)):
         try:
             value = metric(t, p)
-            lo, hi = bootstrap_ci(metric, t, p, n_boot=n_boot, alpha=alpha, seed=seed)
+            lo, hi = bootstrap_ci(metric, t, p, n_boot=n_boot, alpha=alpha, seed=seed,
+                                  groups=groups)
         except UndefinedMetricError as err:
             warnings.warn(f"evaluate: {label} is NaN: {err}", MetricWarning, stacklevel=2)
             value = lo = hi = np.nan

@@ -60,8 +60,11 @@ from cellulib.transforms import normalize_batch
 
 __all__ = [
     "FAMILIES",
+    "FOV_TOLERANCE",
     "INFERENCE_VERSION",
     "Predictor",
+    "ScaleWarning",
+    "field_of_view_warning",
     "predict_images",
     "predict_to_csv",
 ]
@@ -70,6 +73,16 @@ __all__ = [
 #: batching, decoding): the validation predictions stored in cached model files
 #: (:func:`cellulib.train.predictions`) are recomputed from their weights, not retrained.
 INFERENCE_VERSION = 1
+
+#: An image (without ``--mpp``) whose shorter side is more than this factor above or below the
+#: model's training patch side is "far from the model's field of view" and gets a warning
+#: (:func:`field_of_view_warning`).
+FOV_TOLERANCE = 1.5
+
+
+class ScaleWarning(UserWarning):
+    """Images scored at a scale far from the one the model learned (no ``--mpp``)."""
+
 
 #: Model families that score cellularity (``seg`` predicts nucleus maps only).
 FAMILIES: tuple[str, ...] = ("direct", "sr", "gbt")
@@ -636,6 +649,47 @@ def _iter_rows(predictor: Predictor, files: list[Path], progress: bool, transfor
     yield from predictor.stream(jobs, total=len(files), progress=progress)
 
 
+def _image_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) from the file's header, or None when PIL cannot tell (the run then
+    reports the file itself)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Exception:  # noqa: BLE001 - a bad file is reported by the run, not here
+        return None
+
+
+def field_of_view_warning(predictor: Predictor, files: Sequence[PathLike]) -> str | None:
+    """The one-line warning for images far from the model's training field of view, or None.
+
+    Without ``--mpp`` an image is resized whole to the model's input, so a 512 px patch at 20x
+    shown to a model that learned 256 px patches at 20x has its nuclei shrunk to half the size it
+    learned. When the model file records its training pixel size (``meta["pixel_size"]``) and
+    ``mpp`` is not set, each image's shorter side (read from the file's header, nothing decoded)
+    is compared with the training patch side; more than :data:`FOV_TOLERANCE` times larger or
+    smaller is far. The message names both sizes, how many images are concerned and
+    ``--mpp``. Used by :func:`predict_to_csv`.
+    """
+    if predictor.mpp is not None or not predictor.pixel_size_recorded:
+        return None
+    patch = predictor.model_patch_px
+    far = []
+    for f in files:
+        size = _image_size(Path(f))
+        if size and not 1 / FOV_TOLERANCE <= min(size) / patch <= FOV_TOLERANCE:
+            far.append((Path(f), size))
+    if not far:
+        return None
+    path, (w, h) = far[0]
+    return (f"{len(far)} of {len(files)} images are far from the model's training field of view "
+            f"({patch} px at {predictor.model_mpp:g} um/px), e.g. {path} is {w}x{h} px: without "
+            f"--mpp each image is resized whole to {predictor.input_size} px, so its nuclei look "
+            f"{patch / min(w, h):.2g}x the size the model learned; give --mpp (micrometres per "
+            f"pixel of the images) to score windows of the model's field of view")
+
+
 def predict_images(model: Any, paths: PathLike | Sequence[PathLike], batch_size: int = 16,
                    tta: bool = False, progress: bool = True, *, device: Any = None,
                    workers: int = 2, recursive: bool = False,
@@ -718,6 +772,9 @@ def predict_to_csv(model: Any, paths: PathLike | Sequence[PathLike], out: PathLi
                               workers=workers, precision=precision, stain_norm=stain_norm, mpp=mpp)
     given = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     files = collect_images(given, recursive=recursive)
+    note = field_of_view_warning(predictor, files)
+    if note:
+        warnings.warn(note, ScaleWarning, stacklevel=2)
     out = Path(out)
     n_ok, failed = 0, []
     start = time.perf_counter()

@@ -507,6 +507,25 @@ def heatmap_figure(thumb: np.ndarray, tiles: pd.DataFrame, width: int, height: i
     return fig
 
 
+def _warn_tile_scale(image_path: Path, tile: int, predictor, image_mpp: float | None) -> None:
+    """Warn (one line) when a ``tile`` given in pixels, without ``mpp``, is far from the model's
+    training field of view at the image's pixel size (the model's own when the file records
+    none): each tile is resized whole to the model's input, so its nuclei would not have the size
+    the model learned."""
+    from cellulib.predict import FOV_TOLERANCE, ScaleWarning
+
+    fov = predictor.model_patch_px * predictor.model_mpp / (image_mpp or predictor.model_mpp)
+    if 1 / FOV_TOLERANCE <= tile / fov <= FOV_TOLERANCE:
+        return
+    where = (f"{image_mpp:g} um/px (recorded in the file)" if image_mpp else
+             f"{predictor.model_mpp:g} um/px, as the file records no pixel size")
+    warnings.warn(f"{image_path}: a tile of {tile} px is far from the model's training field of "
+                  f"view ({predictor.model_patch_px} px at {predictor.model_mpp:g} um/px, {fov:.0f} "
+                  f"px at {where}), and each tile is resized whole to {predictor.input_size} px; "
+                  "give --mpp (micrometres per pixel of the image) and leave out --tile to cut "
+                  "tiles of the model's field of view", ScaleWarning, stacklevel=3)
+
+
 def _pick_level(reader, level: Any, target: float) -> int:
     downs = reader.downsamples
     if level in (None, "auto"):
@@ -614,6 +633,8 @@ def slide_map(model: Any, image_path: str | os.PathLike, out_dir: str | os.PathL
         tile = int(tile)
         if tile < 1:
             raise ValueError(f"tile must be positive, got {tile}")
+        if tile_from == "tile" and mpp is None and predictor.pixel_size_recorded:
+            _warn_tile_scale(image_path, tile, predictor, image_mpp)
         if tile * predictor.max_upscale < size:
             raise DataError(f"{image_path}: a tile of {tile} px is too small for this model "
                             f"(input {size}x{size}); use a tile of at least "

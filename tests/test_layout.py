@@ -19,7 +19,7 @@ PACKAGE = REPO / "cellulib"
 LAYERS: dict[str, tuple[str, ...]] = {
     "facts": ("constants", "_moved"),
     "files": ("imageio",),
-    "data": ("stain", "transforms", "annotations", "data", "synth", "profiles"),
+    "data": ("stain", "transforms", "annotations", "data", "synth", "profiles", "proxy"),
     "models": ("features", "losses", "metrics", "models", "engine", "store"),
     "training and inference": ("train", "predict", "detect", "slide"),
     "reporting": ("report", "plots", "evaluation", "robustness"),
