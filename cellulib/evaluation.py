@@ -213,7 +213,13 @@ def evaluate_pairs(pairs: pd.DataFrame, n_boot: int, seed: int,
     (:func:`bootstrap_clusters`); ``ci_method`` then says ``bootstrap over N patients``. Labels
     with a ``proxy`` column (:mod:`cellulib.proxy`) add Spearman's rho, the second rank measure.
     """
-    from cellulib.metrics import MetricWarning, UndefinedMetricError, bootstrap_ci, evaluate, spearman
+    from cellulib.metrics import (
+        MetricWarning,
+        UndefinedMetricError,
+        bootstrap_ci,
+        evaluate,
+        spearman,
+    )
     from cellulib.report import MEAN_PREDICTOR, mean_predictor_predictions, mse_ci
 
     y_true, y_pred = pairs["y_true"].to_numpy(), pairs["y_pred"].to_numpy()

@@ -4,7 +4,6 @@ real BRCA-M2C images, the cluster bootstrap, and the scale warnings of `predict`
 
 import math
 import re
-import shutil
 
 import numpy as np
 import pandas as pd
