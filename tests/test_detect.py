@@ -213,6 +213,26 @@ def test_nucleus_centres_separates_touching_nuclei_and_picks_the_strongest_class
     assert [round(x) for _, x, _, _ in nucleus_centres(weak, 11, threshold=0.3)] == [60]
 
 
+def test_disc_rule_classes_a_nucleus_by_its_whole_disc():
+    from cellulib.detect import disc_kernel, nucleus_centres
+
+    # one nucleus: the lymphocyte map covers the whole disc at 0.6, the malignant map only a
+    # 3x3 spot at the centre at 0.9: the centre favours malignant, the disc lymphocyte
+    yy, xx = np.mgrid[:40, :40]
+    disc = ((yy - 20) ** 2 + (xx - 20) ** 2 <= 5.5 ** 2)
+    spot = (np.abs(yy - 20) <= 1) & (np.abs(xx - 20) <= 1)
+    lym, mal = 0.6 * disc, 0.9 * spot
+    probs = np.stack([0 * lym, lym, mal, 1 - np.maximum(lym, mal)]).astype(np.float32)
+    (y, x, peak, p_peak), = nucleus_centres(probs, 11, class_rule="peak")
+    (_, _, whole, p_whole), = nucleus_centres(probs, 11, class_rule="disc")
+    assert (y, x, peak, whole) == (20.0, 20.0, "malignant", "lymphocyte")
+    assert (p_peak, p_whole) == pytest.approx((0.9, 0.6))
+    # by hand: the disc of 11 px holds 97 pixels, 0.6 * 97 = 58.2 > 0.9 * 9 = 8.1
+    assert disc_kernel(11).sum() == 97 == int(disc.sum())
+    with pytest.raises(ValueError, match="class_rule"):
+        nucleus_centres(probs, 11, class_rule="vote")
+
+
 def test_nucleus_centres_rejects_bad_input():
     from cellulib.detect import nucleus_centres
 
