@@ -415,7 +415,8 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     summary = detect_to_csv(args.model, args.images, args.out, geojson_dir=args.geojson,
                             threshold=args.threshold, progress=not args.quiet,
                             device=args.device, recursive=args.recursive, stain_norm=norm,
-                            mpp=args.mpp, precision=args.precision)
+                            mpp=args.mpp, precision=args.precision, class_rule=args.class_rule,
+                            tta=args.tta)
     _print_failures(summary["failed"], "detect", "images")
     counts = ", ".join(f"{n} {c}" for c, n in summary["per_class"].items())
     print(f"{summary['n_nuclei']} nuclei ({counts}) in {summary['n_ok']} of "
@@ -457,6 +458,11 @@ def _add_detect_command(sub) -> None:
     p.add_argument("--precision", choices=("auto", "bf16", "float32"), default="auto",
                    help="network arithmetic: auto (bf16 autocast on a CPU with native bf16 and on "
                    "CUDA, else float32), bf16, or float32")
+    p.add_argument("--class-rule", choices=("disc", "peak"), default="disc",
+                   help="how a nucleus gets its class: disc (the class maps summed over its disc, "
+                   "default) or peak (the strongest map at its centre)")
+    p.add_argument("--tta", action="store_true",
+                   help="average the maps over the four flips of each image (4x slower)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_stain_options(p)
     p.set_defaults(func=_cmd_detect)

@@ -72,6 +72,10 @@ __all__ = [
     "CellularityDataset",
     "seg_split",
     "cells_split",
+    "patient_code",
+    "patient_split",
+    "PATIENT_VALID_PCT",
+    "VALIDATIONS",
     "seg_dataloaders",
     "cellularity_dataloaders",
     "describe_layout",
@@ -707,16 +711,96 @@ def seg_split(n: int, valid_pct: float = 0.2, seed: int = 0,
     return np.sort(perm[n_valid:]), np.sort(perm[:n_valid])
 
 
+#: How BRCA-M2C's training images are split for validation (issue 22): ``"patients"`` (the
+#: default) holds out whole patients from the official train and val splits together
+#: (`patient_split`); ``"official"`` keeps the official split, whose validation images share
+#: patients with its training images (TCGA-A7-A0DB and TCGA-A7-A13G are in both).
+VALIDATIONS: tuple[str, ...] = ("patients", "official")
+
+#: Share of BRCA-M2C's train+val images held out, as whole patients, by `patient_split`.
+PATIENT_VALID_PCT = 0.2
+
+_TCGA_PATIENT = re.compile(r"TCGA-[0-9A-Z]{2}-[0-9A-Z]{4}")
+
+
+def patient_code(name: str) -> str:
+    """The TCGA patient of a BRCA-M2C image: the first 12 characters of its name
+    (``"TCGA-A7-A0DB-01Z-00-DX1_..."`` -> ``"TCGA-A7-A0DB"``, the TCGA barcode's project, site
+    and participant). Used by `patient_split`.
+
+    Examples
+    --------
+    >>> patient_code("TCGA-A7-A0DB-01Z-00-DX1_20001_9001_1000_1000_0.9824")
+    'TCGA-A7-A0DB'
+    """
+    code = Path(str(name)).name[:12]
+    if not _TCGA_PATIENT.fullmatch(code):
+        raise DataError(f"{name}: not a TCGA image name (expected it to start with a patient "
+                        "code such as TCGA-A7-A0DB)")
+    return code
+
+
+def _patient_rank(code: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(code.encode()).hexdigest()
+
+
+def patient_split(cells: pd.DataFrame, valid_pct: float = PATIENT_VALID_PCT,
+                  root: str | Path = "") -> tuple[np.ndarray, np.ndarray]:
+    """Patient-disjoint training and validation rows of a BRCA-M2C table (issue 22).
+
+    The rows of the official ``train`` and ``val`` splits are pooled; their patients
+    (`patient_code`) are ordered by the SHA-256 of the code and taken in that order, whole,
+    until they hold at least ``max(1, round(valid_pct * n))`` of the ``n`` pooled images: those
+    images validate, the others train, and no patient is on both sides. ``test`` rows are in
+    neither (the official test split is for final numbers only). The split does not depend on a
+    seed: every seed and every setting is compared on the same patients, so a difference between
+    two runs is not a difference between two validation sets; and a patient's side depends on
+    its own code only, not on which other images a copy holds. Used by `cells_split` (the
+    default for BRCA-M2C), :func:`cellulib.train.train_seg` and the real-H&E chapter.
+
+    Returns
+    -------
+    (np.ndarray, np.ndarray)
+        Positional row indices (int64, ascending) of the training and validation rows.
+    """
+    if not 0 < valid_pct < 1:
+        raise ValueError(f"valid_pct must be in (0, 1), got {valid_pct}")
+    pool = np.flatnonzero(cells["split"].isin(["train", "val"]).to_numpy())
+    codes = np.array([patient_code(n) for n in cells["name"].iloc[pool]], dtype=object)
+    target = max(1, int(round(valid_pct * len(pool))))
+    held: set[str] = set()
+    n_held = 0
+    for code in sorted(set(codes), key=_patient_rank):
+        if n_held >= target:
+            break
+        held.add(code)
+        n_held += int((codes == code).sum())
+    is_valid = np.isin(codes, list(held))
+    if is_valid.all():
+        raise DataError(f"{root}: the {len(pool)} train and val images belong to "
+                        f"{len(set(codes))} patient(s); holding out {valid_pct:.0%} of the images as "
+                        "whole patients leaves none for training")
+    return pool[~is_valid], pool[is_valid]
+
+
 def cells_split(cells: pd.DataFrame, valid_pct: float = 0.2, seed: int = 0,
-                root: str | Path = "") -> tuple[np.ndarray, np.ndarray]:
+                root: str | Path = "", validation: str = "patients") -> tuple[np.ndarray, np.ndarray]:
     """Training and validation rows of an annotated-cells table (`read_cells`).
 
-    A dataset with official splits (BRCA-M2C: a ``split`` column) keeps them: ``train`` rows for
-    training, ``val`` rows for validation, ``test`` rows in neither. Otherwise `seg_split` draws
-    ``valid_pct`` of the patches with ``seed``. Used by `seg_dataloaders`, by
-    :func:`cellulib.train.train_seg` and in chapter 2.
+    A dataset with official splits (BRCA-M2C: a ``split`` column) is split by patient: with
+    ``validation="patients"`` (the default), `patient_split` holds out
+    `PATIENT_VALID_PCT` of the train+val images as whole patients, whatever ``valid_pct`` and
+    ``seed``; with ``validation="official"`` the official ``train`` and ``val`` rows are kept.
+    ``test`` rows are in neither. Otherwise `seg_split` draws ``valid_pct`` of the patches with
+    ``seed``. Used by `seg_dataloaders`, by :func:`cellulib.train.train_seg` and in chapter 2.
     """
-    if "split" in cells.columns and (cells["split"] == "val").any():
+    if validation not in VALIDATIONS:
+        raise ValueError(f"validation must be one of {VALIDATIONS}, got {validation!r}")
+    if "split" in cells.columns and cells["split"].isin(["train", "val"]).any():
+        if validation == "patients":
+            return patient_split(cells, root=root)
         split = cells["split"].to_numpy()
         return np.flatnonzero(split == "train"), np.flatnonzero(split == "val")
     return seg_split(len(cells), valid_pct, seed, root)
@@ -726,14 +810,16 @@ def seg_dataloaders(root: str | Path, size: int = 256, downscale: float = 2, bs:
                     diameter: float = 15.0, valid_pct: float = 0.2, seed: int = 0,
                     device: Any = None, num_workers: int | None = None,
                     patches_per_epoch: int | None = None,
-                    normalize: str = "minus_one_one", stain: str = "none") -> DataLoaders:
+                    normalize: str = "minus_one_one", stain: str = "none",
+                    validation: str = "patients") -> DataLoaders:
     """fastai DataLoaders for the weak segmentation network from the annotated ``cells`` patches.
 
     Paper section 4.2 / SPEC 2: images downscaled by ``downscale`` (INTER_AREA), weak masks with
     discs of ``diameter`` pixels at that resolution, random ``size`` crops with flips, rotations,
     gamma, hue and saturation for training; centre crops without augmentation for validation. The
-    patches are split at patch level: ``round(valid_pct * n)`` (at least 1 when valid_pct > 0)
-    patches, drawn with ``numpy.random.default_rng(seed)``, go to validation. Used in chapter 2
+    patches are split by `cells_split`: at patch level, ``round(valid_pct * n)`` (at least 1 when
+    valid_pct > 0) patches drawn with ``numpy.random.default_rng(seed)`` go to validation; a
+    BRCA-M2C copy is split by patient (``validation``). Used in chapter 2
     through :func:`cellulib.train.train_seg`
     (weak segmentation).
 
@@ -771,6 +857,9 @@ def seg_dataloaders(root: str | Path, size: int = 256, downscale: float = 2, bs:
         Pixel normalisation, one of `NORMALIZATIONS`.
     stain : str
         Stain augmentation of the training crops, one of `STAIN_AUGMENTS`.
+    validation : str
+        BRCA-M2C only, one of `VALIDATIONS`: whole held-out patients (``"patients"``) or the
+        official validation split (``"official"``).
 
     Returns
     -------
@@ -778,7 +867,7 @@ def seg_dataloaders(root: str | Path, size: int = 256, downscale: float = 2, bs:
         ``dls.train``, ``dls.valid``; their datasets are `SegDataset` objects.
     """
     cells = read_cells(root)
-    train_idx, valid_idx = cells_split(cells, valid_pct, seed, root)
+    train_idx, valid_idx = cells_split(cells, valid_pct, seed, root, validation)
     n_valid = len(valid_idx)
     common = dict(size=size, downscale=downscale, diameter=diameter, normalize=normalize)
     tr, va = cells.iloc[train_idx], cells.iloc[valid_idx]

@@ -53,17 +53,42 @@ COLUMNS: tuple[str, ...] = ("path", "x", "y", "class", "probability", "error")
 PathLike = str | os.PathLike
 
 
-def nucleus_centres(probs: np.ndarray, diameter: float, threshold: float = 0.3
-                    ) -> list[tuple[float, float, str, float]]:
+#: How :func:`nucleus_centres` gives a detected nucleus its class: ``"disc"``, the class whose
+#: probabilities summed over the disc of the trained diameter around the centre are largest
+#: (issue 22); ``"peak"``, the class whose map, averaged over the 3x3 pixels at the centre, is
+#: strongest (the rule before issue 22).
+CLASS_RULES: tuple[str, ...] = ("disc", "peak")
+
+
+def disc_kernel(diameter: float) -> np.ndarray:
+    """A 0/1 float32 disc of ``diameter`` pixels, centred on an odd square grid: the pixels whose
+    centres lie within ``diameter / 2`` of the middle one.
+
+    Examples
+    --------
+    >>> disc_kernel(3).astype(int).tolist()
+    [[0, 1, 0], [1, 1, 1], [0, 1, 0]]
+    """
+    r = float(diameter) / 2.0
+    n = int(np.floor(r))
+    yy, xx = np.mgrid[-n:n + 1, -n:n + 1]
+    return (yy ** 2 + xx ** 2 <= r ** 2).astype(np.float32)
+
+
+def nucleus_centres(probs: np.ndarray, diameter: float, threshold: float = 0.3,
+                    class_rule: str = "disc") -> list[tuple[float, float, str, float]]:
     """Nucleus centres and classes from the 4 probability maps of a segmentation network.
 
     The network was trained on discs of ``diameter`` pixels (SPEC 2), so a nucleus appears as a
     blob of that size in its nucleus map ``1 - p(background)``. Centres are the local maxima of
     the map's scale-normalised Laplacian of Gaussian at the disc's scale (``sigma = d / (2 sqrt 2)``,
     where the LoG of a disc of diameter ``d`` responds most), 3x3 maxima whose nucleus
-    probability is at least ``threshold``. Each centre is given the nucleus class (normal,
-    lymphocyte, malignant) with the highest probability, averaged over the 3x3 pixels around it,
-    so a nucleus is reported once even where two class maps both see it. Used by
+    probability is at least ``threshold``. Each centre is given one nucleus class (normal,
+    lymphocyte, malignant), so a nucleus is reported once even where two class maps both see it:
+    with ``class_rule="disc"`` the class whose probabilities, summed over the disc of ``diameter``
+    around the centre (`disc_kernel`), are largest, the evidence of the whole nucleus; with
+    ``"peak"`` the class with the highest probability averaged over the 3x3 pixels at the centre.
+    Used by
     :func:`detect_nuclei` (``cellulib detect``) and the real-H&E chapter.
 
     Parameters
@@ -74,6 +99,8 @@ def nucleus_centres(probs: np.ndarray, diameter: float, threshold: float = 0.3
         Disc diameter the network was trained with, in pixels of ``probs``.
     threshold : float
         Smallest nucleus probability at a centre, in (0, 1).
+    class_rule : {"disc", "peak"}
+        How a centre gets its class (`CLASS_RULES`).
 
     Returns
     -------
@@ -98,6 +125,8 @@ def nucleus_centres(probs: np.ndarray, diameter: float, threshold: float = 0.3
         raise ValueError(f"threshold must lie in (0, 1), got {threshold}")
     if not diameter > 0:
         raise ValueError(f"diameter must be positive, got {diameter}")
+    if class_rule not in CLASS_RULES:
+        raise ValueError(f"class_rule must be one of {CLASS_RULES}, got {class_rule!r}")
     nucleus = 1.0 - probs[CLASSES.index("background")].astype(np.float64)
     sigma = float(diameter) / (2.0 * np.sqrt(2.0))
     response = -sigma ** 2 * ndi.gaussian_laplace(nucleus, sigma, mode="reflect")
@@ -110,9 +139,18 @@ def nucleus_centres(probs: np.ndarray, diameter: float, threshold: float = 0.3
     centres = np.asarray(ndi.center_of_mass(peaks, labels, range(1, n + 1)), dtype=np.float64)
     names = NUCLEUS_CLASSES
     channels = [CLASSES.index(c) for c in names]
-    local = ndi.uniform_filter(probs[channels], size=(1, 3, 3), mode="nearest")
     rows, cols = np.rint(centres[:, 0]).astype(int), np.rint(centres[:, 1]).astype(int)
-    best = np.argmax(local[:, rows, cols], axis=0)
+    if class_rule == "disc":
+        # the class maps summed over the disc at each centre (pixels outside the image add 0)
+        kernel = disc_kernel(diameter)
+        n = kernel.shape[0] // 2
+        padded = np.pad(probs[channels], ((0, 0), (n, n), (n, n)))
+        dy, dx = np.nonzero(kernel)
+        evidence = padded[:, rows[:, None] + dy[None], cols[:, None] + dx[None]].sum(axis=2)
+    else:
+        local = ndi.uniform_filter(probs[channels], size=(1, 3, 3), mode="nearest")
+        evidence = local[:, rows, cols]
+    best = np.argmax(evidence, axis=0)
     return [(float(y), float(x), names[k], round(float(probs[channels[k], r, c]), 6))
             for (y, x), r, c, k in zip(centres, rows, cols, best)]
 
@@ -122,7 +160,7 @@ class _SegModel:
 
     def __init__(self, model: Any, threshold: float, device: Any = None,
                  stain_norm: Any = None, mpp: float | None = None,
-                 precision: str = "auto") -> None:
+                 precision: str = "auto", class_rule: str = "disc", tta: bool = False) -> None:
         threshold = float(threshold)
         if not 0 < threshold < 1:
             raise ValueError(f"threshold must lie in (0, 1), got {threshold}")
@@ -140,6 +178,10 @@ class _SegModel:
                 raise ModelFileError(f"{self.source}: meta['params']['{key}'] must be a positive "
                                      f"number, the file records {value!r}")
         mpp = check_mpp(mpp)
+        if class_rule not in CLASS_RULES:
+            raise ValueError(f"class_rule must be one of {CLASS_RULES}, got {class_rule!r}")
+        self.class_rule = class_rule
+        self.tta = bool(tta)
         self.threshold = threshold
         # --mpp: the images are first brought to the training images' pixel size
         self.mpp = None if mpp is None else float(mpp)
@@ -164,6 +206,12 @@ class _SegModel:
         small = downscale(img, self.downscale)
         with autocast(self.device, self.amp_dtype):
             probs = segment(self.model, small, device=self.device)
+            if self.tta:  # the mean over the four flips, each flipped back
+                for axes in ((0,), (1,), (0, 1)):
+                    flipped = np.ascontiguousarray(np.flip(small, axes))
+                    probs += np.flip(segment(self.model, flipped, device=self.device),
+                                     tuple(a + 1 for a in axes))
+                probs /= 4.0
         # the actual factors: the downscaled side is rounded to whole pixels
         return probs, img.shape[1] / small.shape[1], img.shape[0] / small.shape[0]
 
@@ -173,7 +221,8 @@ class _SegModel:
         # pixel centres aligned, as in cellulib.data.scale_points; to 0.01 px, as the CSV holds
         # them, so that scoring the CSV gives exactly what scoring these gives
         return [(round((xi + 0.5) * sx - 0.5, 2), round((yi + 0.5) * sy - 0.5, 2), name, p)
-                for yi, xi, name, p in nucleus_centres(probs, self.diameter, self.threshold)]
+                for yi, xi, name, p in nucleus_centres(probs, self.diameter, self.threshold,
+                                                       self.class_rule)]
 
     def detect(self, img: np.ndarray) -> list[tuple[float, float, str, float]]:
         """``(x, y, class, probability)`` of the nuclei of one uint8 RGB image, input pixels."""
@@ -206,14 +255,15 @@ DEFAULT_THRESHOLD = DETECTION_THRESHOLD
 #: Bumped whenever what :func:`detect_nuclei` or :func:`score_annotated` finds in an image changes
 #: (peak finding, classing, scaling): stored detection results
 #: (:func:`cellulib.robustness.detection_under_shifts`) are then computed again.
-DETECTION_VERSION = 1
+DETECTION_VERSION = 2  # 2: classes from the maps summed over each nucleus's disc (issue 22)
 
 
 def detect_nuclei(model: Any, paths: PathLike | Sequence[PathLike],
                   threshold: float = DEFAULT_THRESHOLD,
                   progress: bool = True, *, device: Any = None,
                   recursive: bool = False, stain_norm: Any = None,
-                  mpp: float | None = None, precision: str = "auto") -> pd.DataFrame:
+                  mpp: float | None = None, precision: str = "auto",
+                  class_rule: str = "disc", tta: bool = False) -> pd.DataFrame:
     """Detect and classify nuclei in image files with a segmentation model; one row per nucleus.
 
     SPEC 7 (``cellulib detect``), built on paper 3.3 (Fig. 5). Each image is read with
@@ -254,6 +304,10 @@ def detect_nuclei(model: Any, paths: PathLike | Sequence[PathLike],
     precision : {"auto", "bf16", "fp16", "float32"}
         Arithmetic of the network, as in :class:`cellulib.predict.Predictor`: ``"auto"`` autocasts
         to bf16 (channels-last) on a CPU with native bf16 and on CUDA, else float32.
+    class_rule : {"disc", "peak"}
+        How each nucleus gets its class (:func:`nucleus_centres`).
+    tta : bool
+        Average the maps over the four flips of the image (4 times the network's time).
 
     Returns
     -------
@@ -277,7 +331,7 @@ def detect_nuclei(model: Any, paths: PathLike | Sequence[PathLike],
     ['path', 'x', 'y', 'class', 'probability', 'error']
     """
     seg = _SegModel(model, threshold, device=device, stain_norm=stain_norm, mpp=mpp,
-                    precision=precision)
+                    precision=precision, class_rule=class_rule, tta=tta)
     files = collect_images(paths, recursive=recursive)
     rows: list[tuple] = []
     for path, nuclei, error in _iter_images(seg, files, progress):
@@ -316,7 +370,8 @@ class AnnotatedScores:
 
 def score_annotated(model: Any, cells: pd.DataFrame, threshold: float = DEFAULT_THRESHOLD,
                     progress: bool = True, *, device: Any = None,
-                    transform: Any = None, precision: str = "auto") -> AnnotatedScores:
+                    transform: Any = None, precision: str = "auto", class_rule: str = "disc",
+                    tta: bool = False) -> AnnotatedScores:
     """Run a segmentation model on annotated images and keep what the real-H&E chapter scores.
 
     Each image of ``cells`` (a table from :func:`cellulib.data.read_cells`: ``name``,
@@ -343,13 +398,14 @@ def score_annotated(model: Any, cells: pd.DataFrame, threshold: float = DEFAULT_
         is segmented, e.g. a stain shift (`cellulib.robustness.shift_image`). It must not move the
         tissue, but it may resample the whole image to another size (another pixel size): the
         detections are mapped back to the annotated image's pixels.
-    precision : str
+    precision, class_rule, tta
         As in :func:`detect_nuclei`.
     """
 
     if not len(cells):
         raise ValueError("score_annotated needs at least one annotated image")
-    seg = _SegModel(model, threshold, device=device, precision=precision)
+    seg = _SegModel(model, threshold, device=device, precision=precision, class_rule=class_rule,
+                    tta=tta)
     truth, pred, fractions = [], [], []
     nuclei = [CLASSES.index(c) for c in seg.classes]
     inter = np.zeros(len(nuclei), dtype=np.int64)
@@ -427,7 +483,8 @@ def detect_to_csv(model: Any, paths: PathLike | Sequence[PathLike], out: PathLik
                   geojson_dir: PathLike | None = None, threshold: float = DEFAULT_THRESHOLD,
                   progress: bool = True, *, device: Any = None,
                   recursive: bool = False, stain_norm: Any = None,
-                  mpp: float | None = None, precision: str = "auto") -> dict[str, Any]:
+                  mpp: float | None = None, precision: str = "auto",
+                  class_rule: str = "disc", tta: bool = False) -> dict[str, Any]:
     """Detect nuclei in image files and write them to a CSV (and GeoJSON files), atomically.
 
     SPEC 7 (``cellulib detect``). Rows (see :func:`detect_nuclei`; ``x``, ``y`` with 2 decimals,
@@ -442,7 +499,7 @@ def detect_to_csv(model: Any, paths: PathLike | Sequence[PathLike], out: PathLik
         The CSV to write.
     geojson_dir : path, optional
         Folder of the GeoJSON files (created when missing).
-    model, paths, threshold, progress, device, recursive, stain_norm, mpp, precision
+    model, paths, threshold, progress, device, recursive, stain_norm, mpp, precision, class_rule, tta
         As in :func:`detect_nuclei`.
 
     Returns
@@ -452,7 +509,7 @@ def detect_to_csv(model: Any, paths: PathLike | Sequence[PathLike], out: PathLik
         ``failed`` (list of ``{"path", "error"}``), ``output`` and ``geojson`` (files written).
     """
     seg = _SegModel(model, threshold, device=device, stain_norm=stain_norm, mpp=mpp,
-                    precision=precision)
+                    precision=precision, class_rule=class_rule, tta=tta)
     files = collect_images(paths, recursive=recursive)
     names = _geojson_names(files)
     out = Path(out)

@@ -39,6 +39,7 @@ __all__ = [
     "icc_ci",
     "kappa4",
     "match_points",
+    "class_confusion",
     "mse",
     "precision_recall_f1",
     "prediction_probability",
@@ -789,15 +790,43 @@ DETECTION_RADIUS = 6.0
 DETECTION_CLASSES = ("lymphocyte", "malignant", "normal")
 
 
-def _dot_map(xy: np.ndarray) -> np.ndarray:
+def _dot_map(xy: np.ndarray, first: bool = False):
     """Points as the protocol scores them: rounded to whole pixels, one per pixel, in raster
-    order (by row ``y``, then column ``x``), as ``numpy.where`` lists the dots of a dot map."""
+    order (by row ``y``, then column ``x``), as ``numpy.where`` lists the dots of a dot map.
+    With ``first``, also the index of the first input point on each pixel."""
     xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
     if not np.isfinite(xy).all():
         raise ValueError("point coordinates must be finite numbers")
     # pixel k (centre at k) spans [k - 0.5, k + 0.5): round half up, not to even
-    pix = np.unique(np.floor(xy + 0.5).astype(np.int64)[:, ::-1], axis=0)  # (y, x), row-major
-    return pix[:, ::-1]
+    pix, idx = np.unique(np.floor(xy + 0.5).astype(np.int64)[:, ::-1], axis=0,
+                         return_index=True)  # (y, x), row-major
+    return (pix[:, ::-1], idx) if first else pix[:, ::-1]
+
+
+def _greedy_pairs(t: np.ndarray, p: np.ndarray, radius: float) -> list[tuple[int, int]]:
+    """``(truth, prediction)`` index pairs of the protocol's greedy matching of two dot maps."""
+    from scipy.spatial import cKDTree
+
+    if not len(t) or not len(p):
+        return []
+    tree = cKDTree(p)
+    taken = np.zeros(len(p), dtype=bool)
+    pairs = []
+    for i, (cand, point) in enumerate(zip(tree.query_ball_point(t, r=radius), t)):
+        cand = np.asarray(cand, dtype=np.int64)
+        cand = cand[~taken[cand]]
+        if not len(cand):
+            continue
+        d2 = ((p[cand] - point) ** 2).sum(axis=1)
+        keep = d2 < radius * radius
+        if not keep.any():
+            continue
+        cand, d2 = cand[keep], d2[keep]
+        # nearest first; p is in raster order, so the smaller index wins a tie
+        best = int(cand[np.lexsort((cand, d2))[0]])
+        taken[best] = True
+        pairs.append((i, best))
+    return pairs
 
 
 def match_points(truth, pred, radius: float = DETECTION_RADIUS) -> tuple[int, int, int]:
@@ -824,30 +853,10 @@ def match_points(truth, pred, radius: float = DETECTION_RADIUS) -> tuple[int, in
     >>> match_points([[10, 10]], [[16, 10]])  # 6 px is not strictly closer than 6 px
     (0, 1, 1)
     """
-    from scipy.spatial import cKDTree
-
     if not radius > 0:
         raise ValueError(f"radius must be positive, got {radius}")
     t, p = _dot_map(truth), _dot_map(pred)
-    if not len(t) or not len(p):
-        return 0, len(p), len(t)
-    tree = cKDTree(p)
-    taken = np.zeros(len(p), dtype=bool)
-    tp = 0
-    for cand, point in zip(tree.query_ball_point(t, r=radius), t):
-        cand = np.asarray(cand, dtype=np.int64)
-        cand = cand[~taken[cand]]
-        if not len(cand):
-            continue
-        d2 = ((p[cand] - point) ** 2).sum(axis=1)
-        keep = d2 < radius * radius
-        if not keep.any():
-            continue
-        cand, d2 = cand[keep], d2[keep]
-        # nearest first; p is in raster order, so the smaller index wins a tie
-        best = cand[np.lexsort((cand, d2))[0]]
-        taken[best] = True
-        tp += 1
+    tp = len(_greedy_pairs(t, p, radius))
     return tp, len(p) - tp, len(t) - tp
 
 
@@ -961,6 +970,81 @@ def detection_curve(truth: pd.DataFrame, pred: pd.DataFrame, radii=range(1, 7),
     parts = [detection_scores(truth, pred, r, classes, images).assign(radius=float(r))
              for r in radii]
     return pd.concat(parts).reset_index()
+
+
+#: Row label of :func:`class_confusion` for detections that match no dot, and column label for
+#: dots that no detection matches.
+UNMATCHED = "unmatched"
+
+
+def class_confusion(truth: pd.DataFrame, pred: pd.DataFrame, radius: float = DETECTION_RADIUS,
+                    classes=DETECTION_CLASSES, images=None) -> pd.DataFrame:
+    """Confusion matrix of matched nuclei: annotated class (rows) against detected class (columns).
+
+    Detections are matched to dots image by image as the pooled ``detection`` row of
+    :func:`detection_scores` matches them (:func:`match_points`, every dot against every detection
+    whatever their class, the MCSpatNet protocol's rounding to dot maps, where a pixel keeps the
+    class of its first point); each matched pair counts once in the cell (its dot's class, its
+    detection's class). The column ``unmatched`` counts the dots of each class that no detection
+    matches (false negatives), the row ``unmatched`` the detections of each class that match no dot
+    (false positives); so the matched cells sum to the pooled TP. Used in the real-H&E chapter.
+
+    Parameters
+    ----------
+    truth, pred : pandas.DataFrame
+        One row per nucleus: ``image``, ``x``, ``y``, ``cls``.
+    radius : float
+        Matching distance in pixels (strictly closer counts).
+    classes : sequence of str
+        Row and column order; points of another class raise ValueError.
+    images : sequence, optional
+        The images counted; by default every image of ``truth`` or ``pred``.
+
+    Returns
+    -------
+    pandas.DataFrame
+        int64 counts, index ``classes + ("unmatched",)`` (annotated), columns
+        ``classes + ("unmatched",)`` (detected); the ``("unmatched", "unmatched")`` cell is 0.
+
+    Examples
+    --------
+    >>> truth = pd.DataFrame({"image": 0, "x": [10, 40], "y": [10, 10], "cls": ["malignant", "normal"]})
+    >>> pred = pd.DataFrame({"image": 0, "x": [11, 80], "y": [10, 10], "cls": ["normal", "normal"]})
+    >>> class_confusion(truth, pred, classes=("malignant", "normal")).to_numpy().tolist()
+    [[0, 1, 0], [0, 0, 1], [0, 1, 0]]
+    """
+    truth, pred = _points_frame(truth, "truth"), _points_frame(pred, "pred")
+    classes = list(classes)
+    for name, df in (("truth", truth), ("pred", pred)):
+        other = sorted(set(df["cls"]) - set(classes))
+        if other:
+            raise ValueError(f"{name} has classes {other} outside {classes}")
+    labels = [*classes, UNMATCHED]
+    code = {c: i for i, c in enumerate(labels)}
+    counts = np.zeros((len(labels), len(labels)), dtype=np.int64)
+    keys = (pd.unique(pd.concat([truth["image"], pred["image"]], ignore_index=True))
+            if images is None else list(images))
+    t_groups = dict(tuple(truth.groupby("image", sort=False)))
+    p_groups = dict(tuple(pred.groupby("image", sort=False)))
+    empty = truth.iloc[:0]
+    u = code[UNMATCHED]
+    for key in keys:
+        t_img, p_img = t_groups.get(key, empty), p_groups.get(key, empty)
+        t, t_first = _dot_map(t_img[["x", "y"]].to_numpy(), first=True)
+        p, p_first = _dot_map(p_img[["x", "y"]].to_numpy(), first=True)
+        t_cls = np.array([code[c] for c in t_img["cls"].to_numpy()[t_first]], dtype=np.int64)
+        p_cls = np.array([code[c] for c in p_img["cls"].to_numpy()[p_first]], dtype=np.int64)
+        pairs = np.array(_greedy_pairs(t, p, radius), dtype=np.int64).reshape(-1, 2)
+        np.add.at(counts, (t_cls[pairs[:, 0]], p_cls[pairs[:, 1]]), 1)
+        t_free = np.ones(len(t), dtype=bool)
+        t_free[pairs[:, 0]] = False
+        p_free = np.ones(len(p), dtype=bool)
+        p_free[pairs[:, 1]] = False
+        np.add.at(counts, (t_cls[t_free], u), 1)
+        np.add.at(counts, (u, p_cls[p_free]), 1)
+    out = pd.DataFrame(counts, index=pd.Index(labels, name="annotated"),
+                       columns=pd.Index(labels, name="detected"))
+    return out
 
 
 # The paper's numbers lived here before cellulib.report held them with the tables.

@@ -34,6 +34,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "seg_lr": 1e-3,  # paper: 1e-4 decaying to 1e-5 (a short CPU run needs a larger step)
         "seg_lr_end": 1e-4,
         "seg_schedule": "decay",  # the paper's exponential decay
+        # class weights of the segmentation loss, channel order normal, lymphocyte, malignant,
+        # background (paper 3.1: malignant counts 4 times)
+        "seg_weights": (1.0, 1.0, 4.0, 1.0),
         "patches_per_epoch": 3,
         # cellularity models (SPEC 3, 4). The direct models see the patch resized to 96 px
         # (ResNet-34 (R) reaches validation ICC 0.97 at 96 px, 0.78 at 64 px, both after 30
@@ -75,6 +78,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "seg_lr": 1e-4,
         "seg_lr_end": 1e-5,
         "seg_schedule": "decay",
+        "seg_weights": (1.0, 1.0, 4.0, 1.0),
         "patches_per_epoch": 1,
         "direct_size": None,  # the segmentation scale (256 px), SR's input too
         "direct_epochs": 50,

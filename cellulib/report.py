@@ -22,6 +22,10 @@ import pandas as pd
 __all__ = [
     "BRCA_M2C_NAMES",
     "MCSPATNET_F",
+    "DENUC_F",
+    "PUBLISHED_F",
+    "REAL_FLOORS",
+    "floors_missed",
     "MEAN_PREDICTOR",
     "PAPER",
     "MIN_PATCHES",
@@ -145,6 +149,36 @@ PAPER = _paper_table()
 #: MCSpatNet's F on the BRCA-M2C test split at 6 px (their committed test predictions scored with
 #: this protocol; SPEC 1.4), by class as this library names them ("normal" holds the stromal dots).
 MCSPATNET_F = {"lymphocyte": 0.649, "malignant": 0.792, "normal": 0.548, "detection": 0.851}
+
+#: DeNuC's F on the BRCA-M2C test split (2026; a small detector with the UNI2-h pathology foundation
+#: model as classifier, scored at 40x with a 12 px radius: close to this protocol, not identical),
+#: as quoted in issue 22.
+DENUC_F = {"lymphocyte": 0.697, "malignant": 0.851, "normal": 0.611, "detection": 0.875}
+
+#: The published F on the test split that the real-H&E chapter puts beside its own, by column name.
+PUBLISHED_F = {"MCSpatNet F (test)": MCSPATNET_F, "DeNuC F (test)": DENUC_F}
+
+#: This book's floors for the real-H&E detector (issue 22): F per class and pooled on the
+#: patient-disjoint validation split (:func:`cellulib.data.patient_split`), with the default recipe
+#: of ``cellulib train seg --data <BRCA-M2C folder>`` (CPU, no pretrained weights, seed 0).
+REAL_FLOORS = {"lymphocyte": 0.55, "malignant": 0.75, "normal": 0.55, "detection": 0.82}
+
+
+def floors_missed(table: pd.DataFrame, floors: Mapping[str, float] | None = None) -> dict[str, float]:
+    """The rows of a :func:`cellulib.metrics.detection_scores` table whose F is under its floor
+    (`REAL_FLOORS` by default), with that F; empty when every floor is met. Used in the real-H&E
+    chapter.
+
+    Examples
+    --------
+    >>> t = pd.DataFrame({"f1": [0.6, 0.7, 0.5, 0.85]},
+    ...                  index=["lymphocyte", "malignant", "normal", "detection"])
+    >>> floors_missed(t)
+    {'malignant': 0.7, 'normal': 0.5}
+    """
+    floors = REAL_FLOORS if floors is None else floors
+    return {c: float(table.loc[c, "f1"]) for c, floor in floors.items()
+            if float(table.loc[c, "f1"]) < floor}
 
 
 class Estimate(NamedTuple):
@@ -574,9 +608,11 @@ def segmentation_counts(seg, root, threshold: float = 0.5) -> pd.DataFrame:
     from cellulib import data
 
     settings = seg.settings
-    seed = int((seg.meta.get("params") or {}).get("seed", 0))
+    params = seg.meta.get("params") or {}
+    seed = int(params.get("seed", 0))
     cells = data.read_cells(root)
-    _, valid_idx = data.cells_split(cells, seed=seed, root=root)
+    _, valid_idx = data.cells_split(cells, seed=seed, root=root,
+                                    validation=params.get("validation", "patients"))
     valid = cells.iloc[valid_idx]
     ds = data.SegDataset(valid["image_path"].tolist(), valid["xml_path"].tolist(),
                          size=settings["crop"], downscale=settings["downscale"],
@@ -924,17 +960,22 @@ def best_detector(scores: Mapping[str, pd.DataFrame]) -> str:
 
 def detection_table(scores: Mapping[str, pd.DataFrame], reference: Mapping[str, float] | None = None,
                     reference_name: str = "MCSpatNet F (test)",
-                    names: Mapping[str, str] | None = None) -> pd.DataFrame:
-    """Precision, recall and F per class (and pooled) of several detectors side by side, with a
-    published F beside them. ``scores`` maps a detector's name to its
-    :func:`cellulib.metrics.detection_scores` table. Used in the real-H&E chapter."""
+                    names: Mapping[str, str] | None = None,
+                    references: Mapping[str, Mapping[str, float]] | None = None) -> pd.DataFrame:
+    """Precision, recall and F per class (and pooled) of several detectors side by side, with
+    published F beside them: ``reference`` in the column ``reference_name``, and each of
+    ``references`` (column name -> F by class, e.g. `PUBLISHED_F`). ``scores`` maps a detector's
+    name to its :func:`cellulib.metrics.detection_scores` table. Used in the real-H&E chapter."""
     names = dict(BRCA_M2C_NAMES if names is None else names)
     first = next(iter(scores.values()))
     out = pd.DataFrame(index=[names.get(c, c) for c in first.index])
     for model, table in scores.items():
         for col, short in (("precision", "P"), ("recall", "R"), ("f1", "F")):
             out[f"{model} {short}"] = [round(float(v), 3) for v in table[col]]
+    published = dict(references or {})
     if reference is not None:
-        out[reference_name] = [reference.get(c, np.nan) for c in first.index]
+        published = {reference_name: reference, **published}
+    for column, values in published.items():
+        out[column] = [values.get(c, np.nan) for c in first.index]
     out.index.name = "class"
     return out

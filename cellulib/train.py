@@ -48,7 +48,7 @@ from cellulib.store import (
 #: the old recipe are not reused (SPEC 6). ``tests/test_recipes.py`` fails when a family's tiny
 #: training run changes while its version stays; an edit that changes no number (a docstring, a
 #: comment, a plot) needs no bump. ``sr`` and ``gbt`` also follow their segmentation network's key.
-RECIPE_VERSIONS: dict[str, int] = {"seg": 1, "direct": 1, "sr": 1, "gbt": 1}
+RECIPE_VERSIONS: dict[str, int] = {"seg": 2, "direct": 1, "sr": 1, "gbt": 1}
 
 
 class CacheWarning(UserWarning):
@@ -291,47 +291,60 @@ def _is_brca_m2c(root) -> bool:
 
 def train_seg(root: str | os.PathLike, decoder: str = "fpn", pretrained=None, profile: str = "quick",
               seed: int = 0, epochs: int | None = None, progress: bool = True, cache: bool = True,
-              **overrides: Any) -> TrainResult:
+              validation: str = "patients", **overrides: Any) -> TrainResult:
     """Train (or load from the cache) the weak segmentation network on the annotated patches.
 
     Paper section 4.2 and Table 1; SPEC 2. Settings come from ``profile`` (``seg_epochs``,
     ``seg_bs``, ``seg_lr`` -> ``seg_lr_end`` under ``seg_schedule``, ``crop``, ``downscale``,
-    ``disc_diameter``, ``patches_per_epoch``, ``precision``), any of them overridable; on a
+    ``disc_diameter``, ``patches_per_epoch``, ``seg_weights``, ``stain_augment``, ``precision``),
+    any of them overridable; on a
     BRCA-M2C copy the profile's `cellulib.profiles.BRCA_M2C_SEG` settings (pixel scale, disc size,
-    schedule) replace the BreastPathQ ones. Validation: a fixed 20% of the annotated BreastPathQ
-    patches, or BRCA-M2C's official validation split; centre crops. ``scores`` holds the
+    schedule) replace the BreastPathQ ones. Validation (:func:`cellulib.data.cells_split`): a fixed
+    20% of the annotated BreastPathQ patches; on BRCA-M2C whole held-out patients
+    (``validation="patients"``, :func:`cellulib.data.patient_split`, the default) or the official
+    validation split (``validation="official"``, which shares patients with training); centre crops. ``scores`` holds the
     per-class Jaccard at 0.5 and their mean (``jaccard_nuclei``, Table 1). Used in chapter 2, the real-H&E chapter and, through the cache,
     chapter 3.
     """
     overrides = {**overrides, "seg_epochs": epochs}
-    settings = (brca_m2c_profile(profile, **overrides) if _is_brca_m2c(root)
+    brca = _is_brca_m2c(root)
+    settings = (brca_m2c_profile(profile, **overrides) if brca
                 else get_profile(profile, **overrides))
+    if validation not in data.VALIDATIONS:
+        raise ValueError(f"validation must be one of {data.VALIDATIONS}, got {validation!r}")
     params = {
         "kind": "seg", "decoder": decoder, "pretrained": _pretrained_key(pretrained),
         "seed": int(seed), "data": data_fingerprint(root),
         **{k: settings[k] for k in ("seg_epochs", "seg_bs", "seg_lr", "seg_lr_end", "seg_schedule",
                                     "crop", "downscale", "disc_diameter", "patches_per_epoch",
                                     "precision", "stain_augment")},
+        "seg_weights": [float(w) for w in settings["seg_weights"]],
+        # the split is part of a BRCA-M2C recipe (the data fingerprint does not see it)
+        **({"validation": validation} if brca else {}),
     }
     path, rec = _recipe("seg", params)
     params = rec["params"]
 
     def train_images() -> list[str]:
         cells = data.read_cells(root)
-        return cells["image_path"].iloc[data.cells_split(cells, seed=seed, root=root)[0]].tolist()
+        return cells["image_path"].iloc[data.cells_split(cells, seed=seed, root=root,
+                                                         validation=validation)[0]].tolist()
 
     if cache and (hit := _cached(path, rec, settings,
                                  lambda model, meta: _provenance(train_images()))) is not None:
         return hit
     set_seed(seed, reproducible=True)
     # the same patch-level split seg_dataloaders makes (its default valid_pct)
-    n_train = len(data.cells_split(data.read_cells(root), seed=seed, root=root)[0])
+    n_train = len(data.cells_split(data.read_cells(root), seed=seed, root=root,
+                                   validation=validation)[0])
     dls = data.seg_dataloaders(
         root, size=settings["crop"], downscale=settings["downscale"], bs=settings["seg_bs"],
         diameter=settings["disc_diameter"], seed=seed,
         patches_per_epoch=settings["patches_per_epoch"] * n_train, stain=settings["stain_augment"],
+        validation=validation,
     )
-    learn = seg_learner(dls, decoder=decoder, pretrained=pretrained, precision=settings["precision"])
+    learn = seg_learner(dls, decoder=decoder, pretrained=pretrained, weights=settings["seg_weights"],
+                        precision=settings["precision"])
     start = time.perf_counter()
     fit(learn, settings["seg_epochs"], settings["seg_lr"], settings["seg_schedule"],
         settings["seg_lr_end"], progress)

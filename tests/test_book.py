@@ -317,4 +317,7 @@ def test_real_chapter_without_data_says_it_skipped(tmp_path, monkeypatch):
 def test_real_chapter_reports_the_test_split_of_a_full_copy(brca_full_copy, tmp_path, monkeypatch):
     text = _run_real_chapter(tmp_path, monkeypatch, real_data=str(brca_full_copy))
     assert "results on the test split" in text
-    assert "Its official test split" in text and "optimistic" not in text
+    assert "The official test split (patients in neither) is present" in text
+    # validation holds out whole patients, and the confusion matrix and published F are reported
+    assert "patients it has not seen" in text and "DeNuC F (test)" in text
+    assert "Of the matched nuclei" in text and "Traceback" not in text

@@ -541,6 +541,50 @@ def test_weak_mask_scale_follows_cv2_resize():
 # --------------------------------------------------------------------------------------------------
 # splits, normalisation, transforms
 # --------------------------------------------------------------------------------------------------
+def test_patient_split_of_brca_m2c_holds_out_whole_patients(brca_dir, tmp_path):
+    import hashlib
+
+    from conftest import make_brca_full_copy
+
+    from cellulib.data import cells_split, patient_code, patient_split
+
+    cells = read_cells(brca_dir)
+    codes = cells["name"].str[:12]
+    tr, va = cells_split(cells)
+    # every train+val image on exactly one side, no patient on both, about 20% held out
+    assert sorted([*tr, *va]) == list(range(len(cells))) and len(va) == 18
+    assert not set(codes.iloc[tr]) & set(codes.iloc[va])
+    # the official val split shares two patients with the official train split; this one does not
+    official = cells["split"].to_numpy()
+    assert set(codes[official == "train"]) & set(codes[official == "val"]) == {
+        "TCGA-A7-A0DB", "TCGA-A7-A13G"}
+    # independent of the seed and of valid_pct (the BreastPathQ argument), deterministic
+    for seed in (1, 7):
+        assert [a.tolist() for a in cells_split(cells, 0.3, seed)] == [tr.tolist(), va.tolist()]
+    # the rule by hand: patients in SHA-256 order of their code until 18 images are held out
+    order = sorted(set(codes), key=lambda c: hashlib.sha256(c.encode()).hexdigest())
+    held, n = [], 0
+    for c in order:
+        if n >= round(0.2 * len(cells)):
+            break
+        held.append(c)
+        n += int((codes == c).sum())
+    assert sorted(set(codes.iloc[va])) == sorted(held)
+    # the official split on request
+    otr, ova = cells_split(cells, validation="official")
+    assert (official[otr] == "train").all() and (official[ova] == "val").all() and len(ova) == 10
+    # a copy with a test split: test images are on neither side
+    full = read_cells(make_brca_full_copy(brca_dir, tmp_path / "full"))
+    ftr, fva = patient_split(full)
+    assert not set(full["split"].iloc[[*ftr, *fva]]) & {"test"} and len(ftr) + len(fva) == 3
+    assert len(fva) >= 1 and not set(full["name"].str[:12].iloc[ftr]) & set(full["name"].str[:12].iloc[fva])
+    assert patient_code("TCGA-A7-A0DB-01Z-00-DX1_1_2_3_4_0.98") == "TCGA-A7-A0DB"
+    with pytest.raises(DataError, match="not a TCGA image name"):
+        patient_code("slide_12.png")
+    with pytest.raises(ValueError, match="validation"):
+        cells_split(cells, validation="test")
+
+
 def test_split_by_patient():
     from sklearn.model_selection import GroupShuffleSplit
 

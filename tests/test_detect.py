@@ -135,6 +135,15 @@ def test_cli_writes_csv_and_geojson(seg_file, images, tmp_path, capsys):
     assert list(tmp_path.rglob("*.tmp")) == []
 
 
+def test_cli_tta_and_class_rule_options(seg_file, images, tmp_path, capsys):
+    # the stand-in network is pixelwise, so flips change nothing: the same nuclei either way
+    out = tmp_path / "tta.csv"
+    code = cli.main(["detect", "--model", str(seg_file), "--images", str(images), "--out", str(out),
+                     "--quiet", "--device", "cpu", "--tta", "--class-rule", "peak"])
+    assert code == 0, capsys.readouterr().err
+    _assert_found(pd.read_csv(out, keep_default_na=False), tol=0.1)
+
+
 def test_bad_image_gives_error_row_and_exit_1(seg_file, images, tmp_path, capsys):
     bad = images / "broken.tif"
     bad.write_bytes(b"II*\x00 this is not a TIFF at all" * 3)
@@ -211,6 +220,44 @@ def test_nucleus_centres_separates_touching_nuclei_and_picks_the_strongest_class
     # the threshold applies to the nucleus probability 1 - p(background)
     weak = _maps([(20, 30, {"lymphocyte": 0.25}), (60, 30, {"lymphocyte": 0.5})])
     assert [round(x) for _, x, _, _ in nucleus_centres(weak, 11, threshold=0.3)] == [60]
+
+
+def test_disc_rule_classes_a_nucleus_by_its_whole_disc():
+    from cellulib.detect import disc_kernel, nucleus_centres
+
+    # one nucleus: the lymphocyte map covers the whole disc at 0.6, the malignant map only a
+    # 3x3 spot at the centre at 0.9: the centre favours malignant, the disc lymphocyte
+    yy, xx = np.mgrid[:40, :40]
+    disc = ((yy - 20) ** 2 + (xx - 20) ** 2 <= 5.5 ** 2)
+    spot = (np.abs(yy - 20) <= 1) & (np.abs(xx - 20) <= 1)
+    lym, mal = 0.6 * disc, 0.9 * spot
+    probs = np.stack([0 * lym, lym, mal, 1 - np.maximum(lym, mal)]).astype(np.float32)
+    (y, x, peak, p_peak), = nucleus_centres(probs, 11, class_rule="peak")
+    (_, _, whole, p_whole), = nucleus_centres(probs, 11, class_rule="disc")
+    assert (y, x, peak, whole) == (20.0, 20.0, "malignant", "lymphocyte")
+    assert (p_peak, p_whole) == pytest.approx((0.9, 0.6))
+    # by hand: the disc of 11 px holds 97 pixels, 0.6 * 97 = 58.2 > 0.9 * 9 = 8.1
+    assert disc_kernel(11).sum() == 97 == int(disc.sum())
+    with pytest.raises(ValueError, match="class_rule"):
+        nucleus_centres(probs, 11, class_rule="vote")
+
+
+def test_flip_tta_is_the_mean_of_the_maps_of_the_flipped_images(seg_net):
+    from cellulib.detect import _SegModel
+
+    info = {"family": "seg", "meta": {"params": {"downscale": 1, "disc_diameter": 11}}}
+    img = _image()[:64, :96]
+    torch.manual_seed(0)
+    net = models.seg_model("fpn").eval()  # random weights: not flip-equivariant
+    plain = _SegModel((net, info), 0.3, device="cpu", precision="float32")
+    tta = _SegModel((net, info), 0.3, device="cpu", precision="float32", tta=True)
+    by_hand = [models.segment(net, img)]
+    for axes in ((0,), (1,), (0, 1)):
+        maps = models.segment(net, np.ascontiguousarray(np.flip(img, axes)))
+        by_hand.append(np.flip(maps, tuple(a + 1 for a in axes)))
+    expected = np.mean(by_hand, axis=0)
+    np.testing.assert_allclose(tta.maps(img)[0], expected, atol=1e-6)
+    assert np.abs(plain.maps(img)[0] - expected).max() > 1e-4
 
 
 def test_nucleus_centres_rejects_bad_input():

@@ -8,7 +8,13 @@ import pandas as pd
 import pytest
 from mcspatnet_reference import reference_counts
 
-from cellulib.metrics import DETECTION_RADIUS, detection_curve, detection_scores, match_points
+from cellulib.metrics import (
+    DETECTION_RADIUS,
+    class_confusion,
+    detection_curve,
+    detection_scores,
+    match_points,
+)
 
 
 def test_hand_computed_cases():
@@ -103,3 +109,50 @@ def test_real_dots_against_themselves(brca_dir):
         assert got == expected.tolist()
         if shift == DETECTION_RADIUS:
             assert got[0] < 0.1 * len(truth)
+
+
+def test_class_confusion_hand_computed():
+    classes = ("lymphocyte", "malignant", "normal")
+    truth = pd.DataFrame([
+        ("a", 10, 10, "malignant"),   # matched by a malignant detection: diagonal
+        ("a", 40, 10, "lymphocyte"),  # matched by a malignant detection: lymphocyte -> malignant
+        ("a", 70, 10, "normal"),      # no detection near: missed
+        ("b", 10, 10, "normal"),      # matched by a lymphocyte detection
+        ("b", 10, 20, "normal"),      # its only candidate was taken (raster order): missed
+    ], columns=["image", "x", "y", "cls"])
+    pred = pd.DataFrame([
+        ("a", 12, 10, "malignant"),
+        ("a", 43, 10, "malignant"),
+        ("a", 90, 90, "lymphocyte"),  # far from every dot: a false detection
+        ("b", 10, 15, "lymphocyte"),  # 5 px from both dots of image b
+        ("b", 10.2, 15.1, "normal"),  # the same pixel: one dot of the map, the first point's class
+    ], columns=["image", "x", "y", "cls"])
+    got = class_confusion(truth, pred, classes=classes)
+    expected = np.array([
+        # lym mal nor unmatched   (detected)
+        [0, 1, 0, 0],  # lymphocyte
+        [0, 1, 0, 0],  # malignant
+        [1, 0, 0, 2],  # normal
+        [1, 0, 0, 0],  # unmatched detections
+    ])
+    assert got.to_numpy().tolist() == expected.tolist()
+    assert got.index.tolist() == got.columns.tolist() == [*classes, "unmatched"]
+    # the matched cells are the pooled TP of detection_scores, the margins its FN and FP
+    pooled = detection_scores(truth, pred).loc["detection"]
+    assert got.iloc[:3, :3].to_numpy().sum() == pooled.tp
+    assert got.iloc[:3, 3].sum() == pooled.fn and got.iloc[3, :3].sum() == pooled.fp
+    with pytest.raises(ValueError, match="outside"):
+        class_confusion(truth.assign(cls="stroma"), pred)
+
+
+def test_class_confusion_margins_agree_with_the_protocol_on_random_points():
+    rng = np.random.default_rng(3)
+    classes = ["lymphocyte", "malignant", "normal"]
+    def points(n):
+        return pd.DataFrame({"image": rng.integers(0, 4, n), "x": rng.uniform(0, 80, n),
+                             "y": rng.uniform(0, 80, n), "cls": rng.choice(classes, n)})
+    truth, pred = points(300), points(280)
+    got = class_confusion(truth, pred)
+    pooled = detection_scores(truth, pred).loc["detection"]
+    assert got.iloc[:3, :3].to_numpy().sum() == pooled.tp
+    assert got.iloc[:3, 3].sum() == pooled.fn and got.iloc[3, :3].sum() == pooled.fp

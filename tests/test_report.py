@@ -301,3 +301,17 @@ def test_paired_detection_difference_by_hand():
     assert diff.ci_low == pytest.approx(0.2) and diff.ci_high == pytest.approx(0.2)
     with pytest.raises(ValueError, match="same images"):
         paired_detection_difference(counts([1, 2]), counts([1, 2, 3]))
+
+
+def test_detection_table_puts_the_published_f_beside_ours():
+    table = pd.DataFrame({"precision": [0.5, 0.8, 0.4, 0.7], "recall": [0.6, 0.7, 0.5, 0.9],
+                          "f1": [0.545, 0.747, 0.444, 0.788]},
+                         index=["lymphocyte", "malignant", "normal", "detection"])
+    out = report.detection_table({"FPN": table}, references=report.PUBLISHED_F)
+    # the values issue 22 quotes from the two papers, stromal dots under "normal"
+    assert out["MCSpatNet F (test)"].tolist() == [0.649, 0.792, 0.548, 0.851]
+    assert out["DeNuC F (test)"].tolist() == [0.697, 0.851, 0.611, 0.875]
+    assert out["FPN F"].tolist() == [0.545, 0.747, 0.444, 0.788]
+    assert report.floors_missed(table) == {"lymphocyte": 0.545, "malignant": 0.747,
+                                           "normal": 0.444, "detection": 0.788}
+    assert report.floors_missed(table.assign(f1=[0.55, 0.75, 0.55, 0.82])) == {}

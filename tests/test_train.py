@@ -193,8 +193,13 @@ def test_train_seg_reads_a_brca_m2c_folder_with_its_official_splits(brca_subset,
     from cellulib import data
 
     cells = data.read_cells(brca_subset)
-    train_idx, valid_idx = data.cells_split(cells)
+    train_idx, valid_idx = data.cells_split(cells, validation="official")
     assert len(train_idx) == 6 and len(valid_idx) == 2  # the split files, not a random 20%
+    # the default holds out whole patients of train + val, at least 20% of the 8 images
+    train_idx, valid_idx = data.cells_split(cells)
+    patients = cells["name"].str[:12]
+    assert len(valid_idx) >= 2 and len(train_idx) + len(valid_idx) == 8
+    assert not set(patients.iloc[train_idx]) & set(patients.iloc[valid_idx])
     result = train.train_seg(brca_subset, "fpn", epochs=1, progress=False, crop=64,
                              patches_per_epoch=1, seg_bs=2)
     assert 0.0 <= result.scores["jaccard_nuclei"] <= 1.0
