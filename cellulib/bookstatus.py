@@ -283,7 +283,7 @@ def status_markdown(chapters_dir: str | os.PathLike,
 
     What well-run books show (QuantEcon's status page): for each chapter the execution time, the
     status and when it ran, read from the executed notebooks (:func:`chapter_times`); the total
-    against the 600 s budget of the quick profile; the versions of the key packages in the
+    against the budget of the quick profile (`BOOK_BUDGET_S`); the versions of the key packages in the
     environment that wrote the page (``make chapters`` executes and writes it in one go) and the
     machine. Written by ``python -m cellulib.bookstatus``; shown as the book's last page.
 

@@ -33,25 +33,14 @@ from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 
 from cellulib import transforms
-from cellulib._moved import moved_names
 from cellulib.annotations import (
     BRCA_M2C_SPLITS,
     DESCRIPTION_TO_CLASS,
     parse_pathcore_xml,
     read_brca_m2c,
 )
-
-# The shared facts and the image reader, and the transforms, under the names this module had when it
-# held them all (``cellulib.data.read_image``, ``cellulib.data.weak_mask``, ... keep working).
-from cellulib.constants import (  # noqa: F401
-    BACKGROUND,
-    CLASSES,
-    IMAGE_SUFFIXES,
-    MPP,
-    NORMALIZATIONS,
-    NUCLEUS_CLASSES,
-)
-from cellulib.imageio import DataError, DataWarning, listing, read_csv_strings, read_image  # noqa: F401
+from cellulib.constants import IMAGE_SUFFIXES, NUCLEUS_CLASSES
+from cellulib.imageio import DataError, DataWarning, listing, read_csv_strings, read_image
 from cellulib.transforms import (
     bins_target,
     cellularity_transforms,
@@ -844,9 +833,3 @@ def pick_across_range(patches: pd.DataFrame, n: int, seed: int = 0) -> pd.DataFr
     shuffled = patches.sample(frac=1.0, random_state=seed).sort_values("cellularity", kind="stable")
     positions = np.unique(np.round(np.linspace(0, len(shuffled) - 1, min(n, len(shuffled)))).astype(int))
     return shuffled.iloc[positions].reset_index(drop=True)
-
-
-# Names that lived here before cellulib.transforms held them.
-__getattr__ = moved_names(__name__, dict.fromkeys(
-    ("HEDJitter", "STAIN_AUGMENTS", "downscale", "normalize_image", "scale_points", "weak_mask"),
-    "cellulib.transforms"))

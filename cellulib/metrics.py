@@ -20,8 +20,6 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from cellulib._moved import moved_names
-
 __all__ = [
     "DETECTION_CLASSES",
     "DETECTION_RADIUS",
@@ -911,7 +909,3 @@ def detection_curve(truth: pd.DataFrame, pred: pd.DataFrame, radii=range(1, 7),
     parts = [detection_scores(truth, pred, r, classes, images).assign(radius=float(r))
              for r in radii]
     return pd.concat(parts).reset_index()
-
-
-# The paper's numbers lived here before cellulib.report held them with the tables.
-__getattr__ = moved_names(__name__, dict.fromkeys(("PAPER", "MCSPATNET_F"), "cellulib.report"))

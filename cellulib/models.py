@@ -29,7 +29,7 @@ import torchvision
 from torch import nn
 
 from cellulib.constants import CLASSES, N_BINS
-from cellulib.transforms import bins_target, normalize_image  # noqa: F401  (bins_target: its old home)
+from cellulib.transforms import bins_target, normalize_image
 
 __all__ = [
     "CLASS_NAMES",

@@ -45,8 +45,7 @@ import numpy as np
 import pandas as pd
 from torch.utils.data import IterableDataset, get_worker_info
 
-from cellulib._moved import moved_names
-from cellulib.constants import IMAGE_SUFFIXES, NORMALIZATIONS  # noqa: F401  (IMAGE_SUFFIXES: old home)
+from cellulib.constants import NORMALIZATIONS
 from cellulib.imageio import (
     DataError,
     atomic_open,
@@ -744,10 +743,3 @@ def predict_to_csv(model: Any, paths: PathLike | Sequence[PathLike], out: PathLi
         }
     atomic_write_text(Path(f"{out}.json"), json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-# Names that lived here before cellulib.evaluation and cellulib.plots held them.
-__getattr__ = moved_names(__name__, {
-    **dict.fromkeys(("PredictWarning", "read_predictions", "match_predictions", "evaluate_files"),
-                    "cellulib.evaluation"),
-    "agreement_figure": "cellulib.plots", "bland_altman": "cellulib.metrics"})

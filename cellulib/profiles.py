@@ -226,7 +226,7 @@ def brca_m2c_dir(path: str | os.PathLike | None = None) -> Path | None:
     folder lacks. Used in the real-H&E chapter.
     """
     from cellulib.annotations import detect_layout
-    from cellulib.data import DataError
+    from cellulib.imageio import DataError
 
     if path is not None:
         root = Path(path).expanduser()

@@ -572,6 +572,7 @@ def segmentation_counts(seg, root, threshold: float = 0.5) -> pd.DataFrame:
     import torch
 
     from cellulib import data
+    from cellulib.constants import NUCLEUS_CLASSES
 
     settings = seg.settings
     seed = int((seg.meta.get("params") or {}).get("seed", 0))
@@ -588,7 +589,7 @@ def segmentation_counts(seg, root, threshold: float = 0.5) -> pd.DataFrame:
             x, mask = ds[i]
             pred = torch.sigmoid(model(x[None].float()))[0] > threshold
             target = mask > 0.5
-            for c, cls in enumerate(data.NUCLEUS_CLASSES):
+            for c, cls in enumerate(NUCLEUS_CLASSES):
                 p, t = pred[c], target[c]
                 rows.append({"image": name, "cls": cls, "intersection": int((p & t).sum()),
                              "union": int((p | t).sum()), "target": int(t.sum()),

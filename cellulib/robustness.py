@@ -201,7 +201,7 @@ def score_under_shifts(models: Mapping[str, Any], paths: Sequence, y_true: Seque
     """
     from tqdm.auto import tqdm
 
-    from cellulib.data import read_image
+    from cellulib.imageio import read_image
     from cellulib.predict import Predictor
     from cellulib.store import model_and_info, normalizer_from_options
 

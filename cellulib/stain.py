@@ -17,8 +17,6 @@ from typing import Any
 
 import numpy as np
 
-from cellulib._moved import moved_names
-
 __all__ = [
     "METHODS",
     "StainError",
@@ -247,12 +245,3 @@ def hed_perturb(img: np.ndarray, h_scale: float = 1.0, e_scale: float = 1.0,
     rgb = hed2rgb(hed)
     out = np.clip(np.rint(rgb * 255), 0, 255).astype(np.uint8)
     return np.where(tissue[..., None], out, arr)
-
-
-# -------------------------------------------------------------------------------------------------
-# the command-line options
-# -------------------------------------------------------------------------------------------------
-
-
-# ``--stain-norm`` with a model's stored reference needs the model file: it lives in cellulib.store.
-__getattr__ = moved_names(__name__, {"normalizer_from_options": "cellulib.store"})

@@ -29,7 +29,8 @@ from fastai.learner import Learner, Metric
 from fastai.torch_core import set_seed
 
 from cellulib import data, losses, models
-from cellulib._moved import moved_names
+from cellulib.constants import N_BINS
+from cellulib.imageio import DataError, read_image
 from cellulib.profiles import brca_m2c_profile, fingerprint, get_profile, seg_scale_size
 from cellulib.store import (
     ModelFileError,
@@ -282,7 +283,7 @@ def _is_brca_m2c(root) -> bool:
 
     try:
         return detect_layout(root) == "brca-m2c"
-    except data.DataError:
+    except DataError:
         return False  # read_cells gives the error, with both layouts described
 
 
@@ -407,7 +408,7 @@ def _valid_predictions(model: torch.nn.Module, root, input_size: int,
                             valid["path"].tolist(), progress=False)
     bad = scored[scored["error"] != ""]
     if len(bad):
-        raise data.DataError(f"validation patch {bad.path.iloc[0]}: {bad.error.iloc[0]}")
+        raise DataError(f"validation patch {bad.path.iloc[0]}: {bad.error.iloc[0]}")
     return pd.DataFrame({"path": valid["path"].to_numpy(), "y_true": valid["cellularity"].to_numpy(),
                          "y_pred": scored["cellularity"].to_numpy(dtype=float)})
 
@@ -443,7 +444,7 @@ def _provenance(train_images: list[str]) -> dict[str, Any]:
     ``cellulib slide`` cuts tiles of ``patch_px * mpp`` micrometres)."""
     from cellulib.stain import training_reference
 
-    sides = [min(data.read_image(p).shape[:2]) for p in train_images[:16]]
+    sides = [min(read_image(p).shape[:2]) for p in train_images[:16]]
     return {"stain": training_reference(train_images),
             "pixel_size": {"mpp": data.MPP, "patch_px": int(np.median(sides))}}
 
@@ -537,7 +538,7 @@ def train_direct(root: str | os.PathLike, arch: str = "resnet34", task: str = "r
     model = models.init_output(models.direct_model(arch, task=task, pretrained=pretrained),
                                _train_labels(root))
     loss = (MSELossFlat() if task == "regression"
-            else losses.SoftBinCrossEntropy(settings["cls_sigma"], models.N_BINS))
+            else losses.SoftBinCrossEntropy(settings["cls_sigma"], N_BINS))
     learn = learner(dls, model, loss, [CellularityMSE()], settings["precision"])
     start = time.perf_counter()
     fit(learn, settings["direct_epochs"], settings["direct_lr"], settings["direct_schedule"],
@@ -549,7 +550,7 @@ def train_direct(root: str | os.PathLike, arch: str = "resnet34", task: str = "r
 def _seg_input_size(root, settings: dict) -> int:
     """The patch side at the segmentation network's scale (x2 downscale), a multiple of 32."""
     first = data.read_breastpathq(root)["path"].iloc[0]
-    return seg_scale_size(data.read_image(first).shape[0], settings["downscale"])
+    return seg_scale_size(read_image(first).shape[0], settings["downscale"])
 
 
 def cellularity_input_size(root, settings: dict) -> int:
@@ -627,7 +628,7 @@ def segment_patches(seg_model: torch.nn.Module, paths, input_size: int,
 
     maps = []
     for p in tqdm(list(paths), desc="segment", unit="patch", disable=not progress):
-        img = cv2.resize(data.read_image(p), (input_size, input_size), interpolation=cv2.INTER_AREA)
+        img = cv2.resize(read_image(p), (input_size, input_size), interpolation=cv2.INTER_AREA)
         maps.append(models.segment(seg_model, img))
     return maps
 
@@ -669,8 +670,3 @@ def train_gbt(root: str | os.PathLike, seg: TrainResult, profile: str = "quick",
     return _finish(model, path, rec, history, root, seconds, settings, input_size, pred=pred,
                    importance=importance.to_dict(), features_train=tables["train"].to_dict("list"),
                    features_valid=tables["validation"].to_dict("list"))
-
-
-# Tables 1-3 live in cellulib.report.
-__getattr__ = moved_names(__name__, dict.fromkeys(("PAPER_ROWS", "results_table", "table1"),
-                                                  "cellulib.report"))

@@ -9,14 +9,8 @@ import torchvision
 from torch import nn
 
 from cellulib import losses, models
-from cellulib.models import (
-    bins_target,
-    decode_bins,
-    direct_model,
-    load_imagenet_resnet,
-    seg_model,
-    sr_model,
-)
+from cellulib.models import decode_bins, direct_model, load_imagenet_resnet, seg_model, sr_model
+from cellulib.transforms import bins_target
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
