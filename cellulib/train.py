@@ -29,7 +29,7 @@ from fastai.learner import Learner, Metric
 from fastai.torch_core import set_seed
 
 from cellulib import data, losses, models
-from cellulib.constants import N_BINS
+from cellulib.constants import MPP, N_BINS
 from cellulib.imageio import DataError, read_image
 from cellulib.profiles import brca_m2c_profile, fingerprint, get_profile, seg_scale_size
 from cellulib.store import (
@@ -440,13 +440,13 @@ def _provenance(train_images: list[str]) -> dict[str, Any]:
     """What a model file records about its training images, for users of other scans: their
     stain (``meta["stain"]``, Macenko and Reinhard references fitted on a mosaic of them, so that
     ``--stain-norm`` needs no target) and pixel size (``meta["pixel_size"]``: ``mpp``, the
-    `cellulib.data.MPP` of the datasets, and ``patch_px``, the median side of a training image;
+    `cellulib.MPP` of the datasets, and ``patch_px``, the median side of a training image;
     ``cellulib slide`` cuts tiles of ``patch_px * mpp`` micrometres)."""
     from cellulib.stain import training_reference
 
     sides = [min(read_image(p).shape[:2]) for p in train_images[:16]]
     return {"stain": training_reference(train_images),
-            "pixel_size": {"mpp": data.MPP, "patch_px": int(np.median(sides))}}
+            "pixel_size": {"mpp": MPP, "patch_px": int(np.median(sides))}}
 
 
 def _train_labels(root) -> np.ndarray:

@@ -23,8 +23,8 @@ from PIL import Image
 
 from cellulib import data, transforms
 from cellulib.annotations import DESCRIPTION_TO_CLASS
+from cellulib.constants import CLASSES
 from cellulib.data import (
-    CLASSES,
     cellularity_dataloaders,
     read_breastpathq,
     read_cell_points,
