@@ -731,8 +731,8 @@ def bench_train(seg_crop: int = 96, seg_bs: int = 8, seg_images: int = 24,
                                 size=synth_size, seed=seed, progress=False)
         rows = []
         set_seed(seed)
-        dls = data.seg_dataloaders(root, size=seg_crop, downscale=2, bs=seg_bs, seed=seed,
-                                   patches_per_epoch=seg_images)
+        dls = data.seg_dataloaders(root, size=seg_crop, downscale=profile["downscale"], bs=seg_bs,
+                                   seed=seed, patches_per_epoch=seg_images)
         lr, schedule = profile["seg_lr"], profile["seg_schedule"]
         rows.append(_train_pair(
             "seg", seg_learner(dls),

@@ -34,12 +34,12 @@ from fastai.data.load import DataLoader
 
 from cellulib import transforms
 from cellulib.annotations import (
-    BRCA_M2C_SPLITS,
     DESCRIPTION_TO_CLASS,
+    is_brca_m2c,
     parse_pathcore_xml,
     read_brca_m2c,
 )
-from cellulib.constants import IMAGE_SUFFIXES, NUCLEUS_CLASSES
+from cellulib.constants import DISC_DIAMETER, IMAGE_SUFFIXES, NUCLEUS_CLASSES, SEG_DOWNSCALE
 from cellulib.imageio import DataError, DataWarning, listing, read_csv_strings, read_image
 from cellulib.transforms import (
     bins_target,
@@ -364,7 +364,7 @@ def read_cells(root: str | Path) -> pd.DataFrame:
         A crop without its XML or an XML without its crop (named), unknown descriptions.
     """
 
-    if any((Path(root) / name).is_file() for name in BRCA_M2C_SPLITS.values()):
+    if is_brca_m2c(root):
         # BRCA-M2C (SPEC 1.4): the same table; "xml_path" holds the dot file, "split" the
         # official split, which the segmentation loaders then use (see `cells_split`)
         return read_brca_m2c(root).rename(columns={"label_path": "xml_path"})
@@ -458,7 +458,8 @@ class SegDataset(_AugmentedDataset):
     """
 
     def __init__(self, image_paths: Sequence[str], xml_paths: Sequence[str], size: int = 256,
-                 downscale: float = 2, diameter: float = 15.0, train: bool = True,
+                 downscale: float = SEG_DOWNSCALE, diameter: float = DISC_DIAMETER,
+                 train: bool = True,
                  seed: int | None = None, length: int | None = None,
                  normalize: str = "minus_one_one", stain: str = "none"):
         if len(image_paths) != len(xml_paths) or not len(image_paths):
@@ -662,8 +663,9 @@ def cells_split(cells: pd.DataFrame, valid_pct: float = 0.2, seed: int = 0,
     return seg_split(len(cells), valid_pct, seed, root)
 
 
-def seg_dataloaders(root: str | Path, size: int = 256, downscale: float = 2, bs: int = 8,
-                    diameter: float = 15.0, valid_pct: float = 0.2, seed: int = 0,
+def seg_dataloaders(root: str | Path, size: int = 256, downscale: float = SEG_DOWNSCALE,
+                    bs: int = 8, diameter: float = DISC_DIAMETER, valid_pct: float = 0.2,
+                    seed: int = 0,
                     device: Any = None, num_workers: int = 0, patches_per_epoch: int | None = None,
                     normalize: str = "minus_one_one", stain: str = "none") -> DataLoaders:
     """fastai DataLoaders for the weak segmentation network from the annotated ``cells`` patches.

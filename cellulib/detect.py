@@ -44,7 +44,7 @@ from cellulib.models import segment
 from cellulib.store import ModelFileError, check_mpp, model_and_info, pixel_size
 from cellulib.transforms import downscale, weak_label_map
 
-__all__ = ["COLUMNS", "DEFAULT_THRESHOLD", "AnnotatedScores", "detect_nuclei",
+__all__ = ["COLUMNS", "AnnotatedScores", "detect_nuclei",
            "detect_to_csv", "nucleus_centres", "score_annotated", "to_geojson"]
 
 #: Columns of :func:`detect_nuclei` and of the CSV of ``cellulib detect``.
@@ -199,13 +199,8 @@ def _iter_images(seg: _SegModel, files: list[Path], progress: bool
             yield path, [], _error_message(path, exc)
 
 
-#: Default smallest nucleus probability at a detected centre (:func:`nucleus_centres`); see
-#: :data:`cellulib.constants.DETECTION_THRESHOLD`.
-DEFAULT_THRESHOLD = DETECTION_THRESHOLD
-
-
 def detect_nuclei(model: Any, paths: PathLike | Sequence[PathLike],
-                  threshold: float = DEFAULT_THRESHOLD,
+                  threshold: float = DETECTION_THRESHOLD,
                   progress: bool = True, *, device: Any = None,
                   recursive: bool = False, stain_norm: Any = None,
                   mpp: float | None = None, precision: str = "auto") -> pd.DataFrame:
@@ -309,7 +304,7 @@ class AnnotatedScores:
         return detection_curve(self.truth, self.pred, radii, images=self.fractions["image"])
 
 
-def score_annotated(model: Any, cells: pd.DataFrame, threshold: float = DEFAULT_THRESHOLD,
+def score_annotated(model: Any, cells: pd.DataFrame, threshold: float = DETECTION_THRESHOLD,
                     progress: bool = True, *, device: Any = None,
                     transform: Any = None, precision: str = "auto") -> AnnotatedScores:
     """Run a segmentation model on annotated images and keep what the real-H&E chapter scores.
@@ -419,7 +414,7 @@ def _geojson_names(files: list[Path]) -> list[str]:
 
 
 def detect_to_csv(model: Any, paths: PathLike | Sequence[PathLike], out: PathLike,
-                  geojson_dir: PathLike | None = None, threshold: float = DEFAULT_THRESHOLD,
+                  geojson_dir: PathLike | None = None, threshold: float = DETECTION_THRESHOLD,
                   progress: bool = True, *, device: Any = None,
                   recursive: bool = False, stain_norm: Any = None,
                   mpp: float | None = None, precision: str = "auto") -> dict[str, Any]:

@@ -45,7 +45,7 @@ import numpy as np
 import pandas as pd
 from torch.utils.data import IterableDataset, get_worker_info
 
-from cellulib.constants import NORMALIZATIONS
+from cellulib.constants import NORMALIZATIONS, STRIDE
 from cellulib.imageio import (
     DataError,
     atomic_open,
@@ -73,7 +73,6 @@ INFERENCE_VERSION = 1
 #: Model families that score cellularity (``seg`` predicts nucleus maps only).
 FAMILIES: tuple[str, ...] = ("direct", "sr", "gbt")
 
-_STRIDE = 32  # SR and GBT models run a segmentation net whose input must be a multiple of 32
 _MIN_INPUT = 32  # smallest input any of the networks accepts
 PathLike = str | os.PathLike
 
@@ -175,9 +174,9 @@ class Predictor:
         if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < _MIN_INPUT:
             raise _model_error(self.source, f"preprocess input_size must be an integer >= "
                                f"{_MIN_INPUT}, got {size!r}; {hint}")
-        if family in ("sr", "gbt") and size % _STRIDE:
+        if family in ("sr", "gbt") and size % STRIDE:
             raise _model_error(self.source, f"a {family} model needs an input_size divisible by "
-                               f"{_STRIDE}, the file records {size}")
+                               f"{STRIDE}, the file records {size}")
         normalize = pre.get("normalize", "minus_one_one")
         if normalize not in NORMALIZATIONS:
             raise _model_error(self.source, f"unknown normalisation {normalize!r} in preprocess; "

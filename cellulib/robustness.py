@@ -362,7 +362,8 @@ def detection_under_shifts(model: Any, cells: pd.DataFrame,
     stain of the model's training set first."""
     from tqdm.auto import tqdm
 
-    from cellulib.detect import DEFAULT_THRESHOLD, score_annotated
+    from cellulib.constants import DETECTION_THRESHOLD
+    from cellulib.detect import score_annotated
     from cellulib.metrics import detection_counts
     from cellulib.store import normalizer_from_options
 
@@ -374,7 +375,7 @@ def detection_under_shifts(model: Any, cells: pd.DataFrame,
                 img = shift_image(img, kind, strength, seed + i)
             return norm.normalize(img) if norm is not None else img
 
-        res = score_annotated(model, cells, DEFAULT_THRESHOLD if threshold is None else threshold,
+        res = score_annotated(model, cells, DETECTION_THRESHOLD if threshold is None else threshold,
                               progress=False, transform=transform)
         out[(kind, float(strength))] = detection_counts(res.truth, res.pred,
                                                         images=res.fractions["image"])

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from cellulib.constants import E_STAIN_VECTOR, H_STAIN_VECTOR
+
 __all__ = [
     "METHODS",
     "StainError",
@@ -39,7 +41,7 @@ _MIN_TISSUE = 500
 #: Johnston / Macenko for the image to count as H&E. The real H&E images in ../shared/data/real
 #: (BreastPathQ, AMIDA13, OpenSlide) fit within 12 degrees; a pure blue, green or red image does not.
 _MAX_STAIN_ANGLE = 35.0
-_REF_HE = np.array([[0.5626, 0.2159], [0.7201, 0.8012], [0.4062, 0.5581]])
+_REF_HE = np.array([H_STAIN_VECTOR, E_STAIN_VECTOR]).T  # (RGB, H/E)
 
 
 class StainError(ValueError):

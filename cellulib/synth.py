@@ -37,7 +37,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from cellulib.constants import IMAGE_SUFFIXES
+from cellulib.constants import E_STAIN_VECTOR, H_STAIN_VECTOR, IMAGE_SUFFIXES
 from cellulib.imageio import DataError, atomic_write_bytes, read_image
 
 #: Bumped whenever the rendering or the label law changes, so cached synthetic datasets are
@@ -66,10 +66,10 @@ __all__ = [
     "LYMPHOCYTE_DESCRIPTIONS",
 ]
 
-# Stain optical-density vectors (log10 units, RGB order): Macenko et al. (2009) reference vectors.
-# Macenko's estimate on the real BreastPathQ patch in data/real differs by at most 0.11 per entry.
-_H_VECTOR = np.array([0.5626, 0.7201, 0.4062])
-_E_VECTOR = np.array([0.2159, 0.8012, 0.5581])
+# Stain optical-density vectors (cellulib.constants). Macenko's estimate on the real BreastPathQ
+# patch in data/real differs by at most 0.11 per entry.
+_H_VECTOR = np.array(H_STAIN_VECTOR)
+_E_VECTOR = np.array(E_STAIN_VECTOR)
 # Red blood cells absorb green and blue but hardly red: a third, fixed "haemoglobin" vector.
 _RBC_VECTOR = np.array([0.08, 0.78, 0.62])
 

@@ -29,6 +29,7 @@ from fastai.learner import Learner, Metric
 from fastai.torch_core import set_seed
 
 from cellulib import data, losses, models
+from cellulib.annotations import is_brca_m2c
 from cellulib.constants import MPP, N_BINS
 from cellulib.imageio import DataError, read_image
 from cellulib.profiles import brca_m2c_profile, fingerprint, get_profile, seg_scale_size
@@ -278,15 +279,6 @@ def _pretrained_key(pretrained) -> str | None:
         return f"file:{path.name}:{hashlib.file_digest(fh, 'sha256').hexdigest()[:12]}"
 
 
-def _is_brca_m2c(root) -> bool:
-    from cellulib.annotations import detect_layout
-
-    try:
-        return detect_layout(root) == "brca-m2c"
-    except DataError:
-        return False  # read_cells gives the error, with both layouts described
-
-
 def train_seg(root: str | os.PathLike, decoder: str = "fpn", pretrained=None, profile: str = "quick",
               seed: int = 0, epochs: int | None = None, progress: bool = True, cache: bool = True,
               **overrides: Any) -> TrainResult:
@@ -302,7 +294,7 @@ def train_seg(root: str | os.PathLike, decoder: str = "fpn", pretrained=None, pr
     chapter 3.
     """
     overrides = {**overrides, "seg_epochs": epochs}
-    settings = (brca_m2c_profile(profile, **overrides) if _is_brca_m2c(root)
+    settings = (brca_m2c_profile(profile, **overrides) if is_brca_m2c(root)
                 else get_profile(profile, **overrides))
     params = {
         "kind": "seg", "decoder": decoder, "pretrained": _pretrained_key(pretrained),

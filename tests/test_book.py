@@ -151,13 +151,15 @@ def paper_chapters(tmp_path_factory):
     stain-shift chapters read a five-image BRCA-M2C copy with a test split when the real copy is
     there (a float32 forward of one 500 px image takes seconds on these CPUs)."""
     import papermill
-    from conftest import _real_dir, make_brca_full_copy
+    from conftest import make_brca_full_copy
+
+    from cellulib import profiles
 
     out = tmp_path_factory.mktemp("paper")
     home = tmp_path_factory.mktemp("paper_home")
-    brca = _real_dir() / "brca-m2c"
+    brca = profiles.brca_m2c_dir()
     real = ({"real_data": str(make_brca_full_copy(brca, tmp_path_factory.mktemp("brca") / "copy"))}
-            if brca.is_dir() else {})
+            if brca is not None else {})
     env_before = os.environ.get("CELLULIB_HOME")
     os.environ["CELLULIB_HOME"] = str(home)
     try:

@@ -411,17 +411,6 @@ def test_sr_model_imagenet_variant_uses_three_channels(tv_resnet34_file):
         model(torch.zeros(1, 3, 50, 64))
 
 
-def test_class_names_agree_between_modules():
-    from cellulib import constants, features, metrics, plots
-
-    # SPEC 2's channel order, defined once in cellulib.constants and used everywhere
-    assert models.CLASS_NAMES == losses.CLASS_NAMES == constants.CLASSES == (
-        "normal", "lymphocyte", "malignant", "background")
-    assert features.CLASSES == plots.CLASS_ORDER == constants.NUCLEUS_CLASSES == (
-        "normal", "lymphocyte", "malignant")
-    assert set(metrics.DETECTION_CLASSES) == set(constants.NUCLEUS_CLASSES)
-
-
 @pytest.mark.parametrize("task", ["regression", "classification"])
 def test_direct_model_overfits_one_batch(task):
     """Regression (MSE) and 101-bin classification (cross-entropy) both fit a fixed batch: the loss
