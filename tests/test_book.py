@@ -242,6 +242,17 @@ def test_teachers_page_shows_the_times_of_this_build(built_book):
     assert re.search(r"\d+ s", row), row
 
 
+def test_every_executed_chapter_glues_the_numbers_of_its_prose(built_book):
+    """The executed chapters (parameters folded, as the book shows them): every number in the
+    prose is glued or on the allow-list (`cellulib.bookstatus.unglued_numbers`)."""
+    from test_prose import PENDING
+
+    chapters = built_book.parents[1] / "book" / "chapters"
+    typed = [f"{name} cell {i}: ...{text}..." for name in _toc_chapters() if name not in PENDING
+             for _, i, text in bookstatus.unglued_numbers(chapters / f"{name}.ipynb")]
+    assert not typed, "numbers typed in the prose, glue them:\n" + "\n".join(typed)
+
+
 def test_status_page_lists_every_chapter(built_book):
     html = (built_book / "book" / "chapters" / "status.html").read_text()
     assert "Execution status" in html and "torch" in html
