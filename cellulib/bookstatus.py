@@ -531,30 +531,72 @@ def _prose(markdown: str) -> str:
     return "".join(out)
 
 
-def unglued_numbers(path: str | os.PathLike) -> list[tuple[str, int, str]]:
-    """The numbers a chapter's prose types instead of gluing: ``(chapter, cell index, excerpt)``.
+def _typed(text: str) -> list[re.Match]:
+    """The numbers of ``text`` that neither the non-prose patterns nor the allow-list cover."""
+    for pattern in [*_NOT_PROSE, *_ALLOWED]:
+        text = pattern.sub(lambda m: " " * len(m.group()), text)  # keep the offsets
+    return list(re.finditer(r"\d+(?:[.,]\d+)*", text))
 
-    Reads the markdown cells of the notebook ``path`` (a chapter source or an executed chapter:
-    papermill leaves the markdown as it is). Every number in the prose must come from glue
+
+def _glued_text(code: str) -> list[str]:
+    """The literal text a code cell writes into the prose: the string parts of the values it
+    passes to ``glue(name, ...)`` and ``Markdown(...)`` (an f-string's fields and their format
+    specs are computed, so they are left out)."""
+    import ast
+
+    try:
+        tree = ast.parse("\n".join(line for line in code.splitlines()
+                                   if not line.lstrip().startswith(("%", "!"))))
+    except SyntaxError:
+        return []
+    texts = []
+
+    def parts(node: ast.AST) -> None:
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            texts.append(node.value)
+        elif isinstance(node, ast.JoinedStr):
+            texts.append("".join(v.value if isinstance(v, ast.Constant) else " " for v in node.values))
+        elif not isinstance(node, ast.FormattedValue):
+            for child in ast.iter_child_nodes(node):
+                parts(child)
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            name = getattr(node.func, "id", getattr(node.func, "attr", ""))
+            if name in ("glue", "Markdown"):
+                for arg in node.args[1:] if name == "glue" else node.args:
+                    parts(arg)
+    return list(dict.fromkeys(texts))  # Markdown(...) inside glue(...) is met twice
+
+
+def unglued_numbers(path: str | os.PathLike) -> list[tuple[str, int, str]]:
+    """The numbers a chapter's prose types instead of computing: ``(chapter, cell index, excerpt)``.
+
+    Reads the notebook ``path`` (a chapter source or an executed chapter: papermill leaves the
+    markdown and the code as they are). Every number in the prose must come from glue
     (``{glue:}`name```) or belong to the short allow-list: what is not prose (code spans and
     blocks, formulas, the roles of citations and cross-references, directive options), the
     numbers of chapters, figures, tables, sections, equations, SPEC sections, stages and issues
     ("Tables 2 and 3", "paper section 3.4"), years, names that contain digits ("ResNet-34",
     "BRCA-M2C", "x2", "20x", "ICC(2,1)"), numbered lists, the 95% of every confidence interval,
-    and 0 and 1 (the ends of a scale, the null of a difference). The excerpt is the typed number
-    with up to 40 characters around it. Used by the test suite on every chapter."""
+    and 0 and 1 (the ends of a scale, the null of a difference). The same holds for the text that
+    code cells glue into the prose (the literal parts of ``glue`` and ``Markdown`` arguments; an
+    f-string's fields are computed). The excerpt is the typed number with up to 40 characters
+    around it. Used by the test suite on every chapter."""
     path = Path(path)
     found = []
     for index, cell in enumerate(_read_notebook(path)["cells"]):
-        if cell.get("cell_type") != "markdown":
-            continue
         source = _source(cell)
-        text = _prose(source)
-        for pattern in [*_NOT_PROSE, *_ALLOWED]:
-            text = pattern.sub(lambda m: " " * len(m.group()), text)  # keep the offsets
-        for m in re.finditer(r"\d+(?:[.,]\d+)*", text):
-            start, end = max(0, m.start() - 40), min(len(source), m.end() + 40)
-            found.append((path.stem, index, " ".join(source[start:end].split())))
+        if cell.get("cell_type") == "markdown":
+            texts = [(source, _prose(source))]
+        elif cell.get("cell_type") == "code":
+            texts = [(text, text) for text in _glued_text(source)]
+        else:
+            continue
+        for original, text in texts:
+            for m in _typed(text):
+                start, end = max(0, m.start() - 40), min(len(original), m.end() + 40)
+                found.append((path.stem, index, " ".join(original[start:end].split())))
     return found
 
 

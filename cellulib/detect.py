@@ -44,7 +44,7 @@ from cellulib.models import segment
 from cellulib.store import ModelFileError, check_mpp, model_and_info, pixel_size
 from cellulib.transforms import downscale, weak_label_map
 
-__all__ = ["COLUMNS", "AnnotatedScores", "detect_nuclei",
+__all__ = ["COLUMNS", "DEFAULT_THRESHOLD", "AnnotatedScores", "detect_nuclei",
            "detect_to_csv", "nucleus_centres", "score_annotated", "to_geojson"]
 
 #: Columns of :func:`detect_nuclei` and of the CSV of ``cellulib detect``.
@@ -197,6 +197,11 @@ def _iter_images(seg: _SegModel, files: list[Path], progress: bool
             yield path, seg.detect(read_image(path)), ""
         except Exception as exc:  # noqa: BLE001 - one bad file must not stop the others
             yield path, [], _error_message(path, exc)
+
+
+#: The name the real-H&E chapter reads; it is `cellulib.constants.DETECTION_THRESHOLD` (to go once
+#: that chapter reads the constant, see ``tests/test_facts.py``).
+DEFAULT_THRESHOLD = DETECTION_THRESHOLD
 
 
 def detect_nuclei(model: Any, paths: PathLike | Sequence[PathLike],

@@ -194,8 +194,9 @@ def paper_range(table: str, metric: str, models: Sequence[str] = PAPER_ROWS) -> 
 
 def book_numbers() -> dict[str, Any]:
     """The settings and paper values the chapters' prose states, read from where they are
-    defined (constants, profiles, function defaults, `PAPER`), so that no chapter types them.
-    Glued by every chapter (:func:`glue_numbers`); keys are the glue names.
+    defined (constants, profiles, function defaults, `PAPER`), so that no chapter types them;
+    keys are the glue names (:func:`glue_numbers`). Used in chapters 1-5; used in the stain-shift
+    chapter.
 
     Examples
     --------
@@ -264,7 +265,7 @@ def book_numbers() -> dict[str, Any]:
 
 def glue_numbers(values: Mapping[str, Any]) -> None:
     """Glue each of ``values`` under its key for the chapter's prose (myst-nb ``glue``, not
-    displayed). Used in every chapter with :func:`book_numbers`."""
+    displayed). Used in chapters 1-5, with :func:`book_numbers`; used in the stain-shift chapter."""
     from myst_nb import glue
 
     for name, value in values.items():

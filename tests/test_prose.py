@@ -1,7 +1,8 @@
 """Every number in a chapter's prose is computed: glued from code that ran, or on the short
-allow-list of `cellulib.bookstatus.unglued_numbers` (parts, years, names, code, formulas). The
-executed chapters of `tests/test_book.py` are checked too; papermill leaves the markdown as it is, so
-the chapter sources give the same answer here in a second."""
+allow-list of `cellulib.bookstatus.unglued_numbers` (parts, years, names, code, formulas); so is
+the text that code cells glue into it. The executed chapters of `tests/test_book.py` are checked
+too; papermill leaves markdown and code as they are, so the chapter sources give the same answer
+here in a second."""
 from __future__ import annotations
 
 import json
@@ -57,6 +58,17 @@ def test_the_allow_list(tmp_path):
     typed = "```{glue:figure} fig_a\n:figwidth: 80%\n\nStacked; 20 bins.\n```\n"
     (found,) = bookstatus.unglued_numbers(_notebook(tmp_path, typed))
     assert found[2].endswith("Stacked; 20 bins. ```")
+
+
+def test_text_glued_by_code_is_prose_too(tmp_path):
+    code = ('glue("a", Markdown(f"{n:,} draws sit at KS {ks:.2f} " f"in steps of 0.05"), display=False)\n'
+            'glue("b", f"seed {seed} of {n_seeds}", display=False)\n'
+            'print("not glued: 7")\n')
+    path = tmp_path / "ch.ipynb"
+    path.write_text(json.dumps({"cells": [{"cell_type": "code", "id": "c0", "metadata": {},
+                                           "outputs": [], "source": code, "execution_count": None}],
+                                "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+    assert bookstatus.unglued_numbers(path) == [("ch", 0, "draws sit at KS in steps of 0.05")]
 
 
 def _check(chapter: str, path: Path) -> None:
