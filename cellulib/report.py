@@ -251,7 +251,7 @@ def book_numbers() -> dict[str, Any]:
         "code_disc_diameter": 2 * AUTHORS_CODE["disc_radius_px"] / constants.SEG_DOWNSCALE,
         "code_background_weight": AUTHORS_CODE["background_weight"],
         "code_dropout": AUTHORS_CODE["dropout"],
-        "code_lr_steps": ", ".join(f"{v:g}" for v in AUTHORS_CODE["lr_steps"]),
+        "code_lr_steps": ", ".join(f"{v:.0e}".replace("e-0", "e-") for v in AUTHORS_CODE["lr_steps"]),
         "paper_j_fpn": paper_text("Table 1", "FPN decoder", "Jaccard"),
         "paper_j_unet": paper_text("Table 1", "U-Net decoder", "Jaccard"),
         "paper_resnet50_random": paper_text("Table 2", "ResNet50 (R)", "MSE").split(" ")[0],

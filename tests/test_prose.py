@@ -100,7 +100,7 @@ def test_book_numbers_come_from_their_definitions():
     assert (n["paper_resnet50_random"], n["paper_resnet50_imagenet"]) == ("0.025", "0.011")
     assert n["paper_pk_pathologists"] == "0.927"
     assert (n["paper_mse_range"], n["paper_kappa_range"]) == ("0.010-0.025", "0.571-0.689")
-    assert n["code_disc_diameter"] == 12 and n["code_lr_steps"] == "0.0005, 0.0001, 5e-05, 2e-05"
+    assert n["code_disc_diameter"] == 12 and n["code_lr_steps"] == "5e-4, 1e-4, 5e-5, 2e-5"
 
 
 def test_paper_text_refuses_what_the_paper_does_not_print():
