@@ -206,7 +206,17 @@ def book_numbers() -> dict[str, Any]:
     """
     import inspect
 
-    from cellulib import constants, data, features, losses, models, plots, profiles, transforms
+    from cellulib import (
+        constants,
+        data,
+        features,
+        losses,
+        metrics,
+        models,
+        plots,
+        profiles,
+        transforms,
+    )
 
     def default(func, name):
         return inspect.signature(func).parameters[name].default
@@ -241,6 +251,7 @@ def book_numbers() -> dict[str, Any]:
         "top_features": default(plots.importance_bar, "top"),
         "hist_bins": default(plots.cellularity_histogram, "bins"),
         "n_bins": constants.N_BINS, "bin_step": 1 / (constants.N_BINS - 1),
+        "detection_radius": metrics.DETECTION_RADIUS,
         "hed_pct": round(100 * default(transforms.HEDJitter, "p")),
         "hed_scale": default(transforms.HEDJitter, "scale"),
         "hed_shift": default(transforms.HEDJitter, "shift"),

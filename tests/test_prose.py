@@ -95,6 +95,7 @@ def test_book_numbers_come_from_their_definitions():
     assert (n["gbt_rounds"], n["gbt_lr"], n["gbt_depth"], n["gbt_leaves"]) == (600, 0.01, 5, 8)
     assert n["area_thresholds"] == "0.02, 0.04, 0.08, 0.16, 0.24, 0.32 and 0.5"
     assert (n["paper_seg_epochs"], n["paper_crop"], n["paper_seg_side"]) == (150, 256, 256)
+    assert n["detection_radius"] == 6  # MCSpatNet's protocol (SPEC 1.4)
     # the paper's values as it prints them (Tables 1-3, the challenge)
     assert (n["paper_j_fpn"], n["paper_j_unet"]) == ("0.47", "0.35")
     assert (n["paper_resnet50_random"], n["paper_resnet50_imagenet"]) == ("0.025", "0.011")
