@@ -213,7 +213,6 @@ def book_numbers() -> dict[str, Any]:
         losses,
         metrics,
         models,
-        plots,
         profiles,
         transforms,
     )
@@ -248,8 +247,6 @@ def book_numbers() -> dict[str, Any]:
         "top_threshold": max(features.AREA_THRESHOLDS),
         "gbt_rounds": gbt["num_iterations"], "gbt_lr": gbt["learning_rate"],
         "gbt_depth": gbt["max_depth"], "gbt_leaves": gbt["num_leaves"],
-        "top_features": default(plots.importance_bar, "top"),
-        "hist_bins": default(plots.cellularity_histogram, "bins"),
         "n_bins": constants.N_BINS, "bin_step": 1 / (constants.N_BINS - 1),
         "detection_radius": metrics.DETECTION_RADIUS,
         "hed_pct": round(100 * default(transforms.HEDJitter, "p")),
