@@ -51,6 +51,7 @@ __all__ = [
     "BRCA_M2C_CLASSES",
     "BRCA_M2C_SPLITS",
     "detect_layout",
+    "is_brca_m2c",
     "nearest_dot_distances",
     "parse_pathcore_xml",
     "read_brca_m2c",
@@ -440,9 +441,24 @@ def _is_breastpathq(folder: Path) -> bool:
             or (folder / "cells").is_dir())
 
 
-def _is_brca_m2c(folder: Path) -> bool:
-    return (any((folder / f).is_file() for f in BRCA_M2C_SPLITS.values())
-            and (folder / "images").is_dir() and (folder / "labels").is_dir())
+def is_brca_m2c(root: str | Path) -> bool:
+    """Whether ``root`` is meant as a BRCA-M2C copy (SPEC 1.4): it holds at least one of
+    ``brca_ds_{train,val,test}.txt``, the dataset's split files. The one rule for telling a
+    BRCA-M2C folder from a BreastPathQ one (`detect_layout`, `cellulib.data.read_cells`, the
+    training recipe); `read_brca_m2c` then names whatever else the copy lacks (``images/``,
+    ``labels/``, a listed file). Looks at names only.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> is_brca_m2c(d)
+    False
+    >>> _ = (Path(d) / "brca_ds_val.txt").write_text("a.png")
+    >>> is_brca_m2c(d)
+    True
+    """
+    return any((Path(root) / f).is_file() for f in BRCA_M2C_SPLITS.values())
 
 
 def detect_layout(root: str | Path) -> str:
@@ -450,7 +466,8 @@ def detect_layout(root: str | Path) -> str:
 
     SPEC 1.1 and 1.4. BreastPathQ: ``ROOT/datasets/`` (or ROOT being ``datasets/``) with
     ``train_labels.csv`` and/or ``val_labels.csv`` and/or ``cells/``. BRCA-M2C: at least one
-    ``brca_ds_{train,val,test}.txt`` beside ``images/`` and ``labels/``. Looks at names only.
+    ``brca_ds_{train,val,test}.txt`` (`is_brca_m2c`; its reader names a missing ``images/`` or
+    ``labels/``). Looks at names only.
     Used in the real-H&E chapter through :func:`cellulib.profiles.brca_m2c_dir` and wherever a
     reader is chosen from a folder.
 
@@ -477,7 +494,7 @@ def detect_layout(root: str | Path) -> str:
         raise DataError(f"{root}: folder not found; {both}")
     breastpathq = _is_breastpathq(root / "datasets") or (
         root.name == "datasets" and _is_breastpathq(root))
-    brca_m2c = _is_brca_m2c(root)
+    brca_m2c = is_brca_m2c(root)
     if breastpathq and brca_m2c:
         raise DataError(f"{root}: holds both layouts, so it is unclear which to read; "
                                 f"{both}")

@@ -25,7 +25,8 @@ and a reference side by side in one run (interleaved, after a warm-up, medians o
     (overhead <= 10%).
 ``book``
     The execution time of all chapters in the quick profile, read from the executed notebooks that
-    papermill writes (or measured with ``--execute-book``). Goal: <= 600 s.
+    papermill writes (or measured with ``--execute-book``). Goal: within
+    `cellulib.bookstatus.BOOK_BUDGET_S`.
 ``memory``
     Peak resident memory of ``predict`` over many images against few, each in a fresh process.
     Goal: flat (ratio <= 1.1).
@@ -55,24 +56,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-# the book's execution records and the machine description live in cellulib.bookstatus; they are
-# importable from here as before
-from cellulib.bookstatus import (  # noqa: F401
-    BOOK_BUDGET_S,
-    chapter_times,
-    execute_chapters,
-    machine_info,
-    status_markdown,
-    write_status,
-)
+from cellulib.bookstatus import BOOK_BUDGET_S, chapter_times, execute_chapters, machine_info
 from cellulib.engine import precision_label
 
 __all__ = [
     "CASES",
     "MODES",
-    "BOOK_BUDGET_S",
     "PREDICT_ATOL",
-    "machine_info",
     "bench_features",
     "bench_predict",
     "bench_train",
@@ -80,17 +70,11 @@ __all__ = [
     "bench_memory",
     "run_bench",
     "format_table",
-    "chapter_times",
-    "execute_chapters",
-    "status_markdown",
-    "write_status",
     "main",
 ]
 
 CASES: tuple[str, ...] = ("features", "predict", "train", "book", "memory")
 """The benchmark cases, in the order they run and print."""
-
-"""Goal for executing the whole book in the quick profile on a 2-core CPU (seconds)."""
 
 PREDICT_ATOL: float = 0.02
 """Largest accepted |difference| between two scorings of the same image (cellularity, a sigmoid
@@ -455,7 +439,8 @@ def bench_predict(n_images: int = 48, file_size: int = 512, input_size: int = 12
     """
     goal = f"ratio >= {_PREDICT_GOAL:g}, |diff| <= {PREDICT_ATOL:g}"
     try:
-        from cellulib.predict import Predictor, collect_images, predict_to_csv
+        from cellulib.imageio import collect_images
+        from cellulib.predict import Predictor, predict_to_csv
     except ImportError as exc:
         return _unavailable("predict", "img/s", goal,
                             f"cellulib.predict cannot be imported ({exc})")
@@ -464,7 +449,7 @@ def bench_predict(n_images: int = 48, file_size: int = 512, input_size: int = 12
     import torch
 
     from cellulib import engine, load_model
-    from cellulib.data import read_image
+    from cellulib.imageio import read_image
     from cellulib.transforms import normalize_image
 
     with tempfile.TemporaryDirectory(dir=workdir, prefix="bench-predict-") as tmp:
@@ -748,8 +733,8 @@ def bench_train(seg_crop: int = 96, seg_bs: int = 8, seg_images: int = 24,
                                 size=synth_size, seed=seed, progress=False)
         rows = []
         set_seed(seed)
-        dls = data.seg_dataloaders(root, size=seg_crop, downscale=2, bs=seg_bs, seed=seed,
-                                   patches_per_epoch=seg_images)
+        dls = data.seg_dataloaders(root, size=seg_crop, downscale=profile["downscale"], bs=seg_bs,
+                                   seed=seed, patches_per_epoch=seg_images)
         lr, schedule = profile["seg_lr"], profile["seg_schedule"]
         rows.append(_train_pair(
             "seg", seg_learner(dls),
@@ -791,7 +776,8 @@ def bench_train(seg_crop: int = 96, seg_bs: int = 8, seg_images: int = 24,
 def bench_book(chapters_dir: str | os.PathLike = "book/chapters",
                notebooks_dir: str | os.PathLike | None = "notebooks", execute: bool = False,
                verbose: bool = False) -> dict[str, Any]:
-    """Total execution time of the book's chapters (quick profile) against the 600 s budget.
+    """Total execution time of the book's chapters (quick profile) against the book's budget,
+    `cellulib.bookstatus.BOOK_BUDGET_S`.
 
     By default reads the executed chapters in ``chapters_dir`` (:func:`chapter_times`); with
     ``execute=True`` first executes the notebooks of ``notebooks_dir`` with papermill into a
@@ -801,7 +787,7 @@ def bench_book(chapters_dir: str | os.PathLike = "book/chapters",
     Returns
     -------
     dict
-        ``ours`` = total seconds, ``reference`` = 600, ``ratio`` = total / 600 (goal <= 1). Not
+        ``ours`` = total seconds, ``reference`` = the budget, ``ratio`` = total / budget (goal <= 1). Not
         available (``ratio`` None) when no executed chapter is found; ``met`` is None while some
         chapter is missing or has failed.
     """
@@ -1112,8 +1098,8 @@ def _bench_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m cellulib.bench",
         description="Speed and memory benchmarks: each case times our code and a reference side by "
-        "side and prints their ratio against its goal. `python -m cellulib.bench status ...` "
-        "writes the book's execution-status page instead.",
+        "side and prints their ratio against its goal. The book's execution-status page is "
+        "written by `python -m cellulib.bookstatus`.",
     )
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_const", dest="mode", const="quick",
@@ -1138,13 +1124,8 @@ def _bench_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m cellulib.bench [options]``; ``python -m cellulib.bench status [options]`` is
-    ``python -m cellulib.bookstatus [options]``, its name before that module."""
+    """``python -m cellulib.bench [options]``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["status"]:
-        from cellulib.bookstatus import main as status_main
-
-        return status_main(argv[1:])
     parser = _bench_parser()
     args = parser.parse_args(argv)
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]

@@ -36,6 +36,7 @@ __all__ = [
     "hide_solutions",
     "record_history",
     "teachers_markdown",
+    "unglued_numbers",
     "write_teachers",
     "machine_info",
     "chapter_times",
@@ -283,7 +284,7 @@ def status_markdown(chapters_dir: str | os.PathLike,
 
     What well-run books show (QuantEcon's status page): for each chapter the execution time, the
     status and when it ran, read from the executed notebooks (:func:`chapter_times`); the total
-    against the 600 s budget of the quick profile; the versions of the key packages in the
+    against the budget of the quick profile (`BOOK_BUDGET_S`); the versions of the key packages in the
     environment that wrote the page (``make chapters`` executes and writes it in one go) and the
     machine. Written by ``python -m cellulib.bookstatus``; shown as the book's last page.
 
@@ -472,6 +473,131 @@ def hide_solutions(path: str | os.PathLike) -> int:
     if removed:
         atomic_write_text(path, json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
     return removed
+
+
+# --------------------------------------------------------------------------------------------------
+# every number in the prose computed
+# --------------------------------------------------------------------------------------------------
+#: What a chapter's prose may hold besides glued numbers. Removed first, as not prose: code,
+#: formulas, the roles of glue, citations and cross-references, link targets and comments.
+_NOT_PROSE = [
+    re.compile(r"\{[\w:-]+\}`[^`]*`"),  # roles: glue, cite, numref, ref, doc, ...
+    re.compile(r"`[^`\n]*`"),  # code
+    re.compile(r"\$\$.*?\$\$|\$[^$\n]+\$", re.DOTALL),  # formulas
+    re.compile(r"\]\([^)]*\)|<!--.*?-->|https?://\S+", re.DOTALL),  # link targets, comments
+    re.compile(r"\bICC\(2,\s?1\)"),  # a name
+]
+_NUMBER = r"\d+(?:\.\d+)*"
+_PART_WORDS = (r"chapters?|figs?\.|figures?|tables?|sections?|SPEC|eqs?\.|equations?|issues?|"
+               r"stages?|steps?|exercises?|paper|parts?")
+#: Then the numbers that may stand in prose: parts of this book, the paper or SPEC, years, names
+#: that contain digits, numbered lists, and two conventions.
+_ALLOWED = [
+    # parts: "chapter 3", "Tables 2 and 3", "section 3.2", "SPEC 5.1", "paper eq. 1-3", "stage 2"
+    re.compile(rf"(?i:\b(?:{_PART_WORDS}))\s+{_NUMBER}(?:\s*(?:-|–|,|and|or|to)\s*{_NUMBER})*"),
+    re.compile(r"(?<![\d.,])(?:19|20)\d\d(?![\d.,]?\d)"),  # years
+    re.compile(r"[A-Za-z]-?\d+(?:\.\d+)?[A-Za-z]*"),  # names: ResNet-34, ResNet50, BRCA-M2C, x2
+    re.compile(r"(?<![\d.])\d+(?:x\d+)*x(?![a-z])"),  # a magnification and a kernel: 20x, 1x1
+    re.compile(r"(?<![\d.])95%"),  # the level of every confidence interval in the book
+    re.compile(r"(?<![\d.,])[01](?![\d.,]?\d)"),  # the ends of a scale, the null of a difference
+    re.compile(r"^\s*\d+\.\s", re.MULTILINE),  # numbered lists
+]
+_FENCE = re.compile(r"^(`{3,}|~{3,})(.*)$")
+
+
+def _prose(markdown: str) -> str:
+    """``markdown`` with code blocks and directive lines (the fence and its ``:option:`` lines)
+    blanked, so that offsets stay; a directive's body (a caption, an exercise) stays prose."""
+    out, stack, options = [], [], False
+    for line in markdown.splitlines(keepends=True):
+        fence = _FENCE.match(line.rstrip("\n"))
+        blank = " " * (len(line) - 1) + "\n" if line.endswith("\n") else " " * len(line)
+        if stack and stack[-1][0] == "code":
+            if fence and fence.group(1) == stack[-1][1] and not fence.group(2).strip():
+                stack.pop()
+            out.append(blank)
+        elif fence and stack and fence.group(1) == stack[-1][1] and not fence.group(2).strip():
+            stack.pop()
+            out.append(blank)
+        elif fence:
+            stack.append(("directive" if fence.group(2).startswith("{") else "code", fence.group(1)))
+            options = stack[-1][0] == "directive"
+            out.append(blank)
+        elif options and re.match(r"\s*:[\w-]+:", line):
+            out.append(blank)
+        else:
+            options = False
+            out.append(line)
+    return "".join(out)
+
+
+def _typed(text: str) -> list[re.Match]:
+    """The numbers of ``text`` that neither the non-prose patterns nor the allow-list cover."""
+    for pattern in [*_NOT_PROSE, *_ALLOWED]:
+        text = pattern.sub(lambda m: " " * len(m.group()), text)  # keep the offsets
+    return list(re.finditer(r"\d+(?:[.,]\d+)*", text))
+
+
+def _glued_text(code: str) -> list[str]:
+    """The literal text a code cell writes into the prose: the string parts of the values it
+    passes to ``glue(name, ...)`` and ``Markdown(...)`` (an f-string's fields and their format
+    specs are computed, so they are left out)."""
+    import ast
+
+    try:
+        tree = ast.parse("\n".join(line for line in code.splitlines()
+                                   if not line.lstrip().startswith(("%", "!"))))
+    except SyntaxError:
+        return []
+    texts = []
+
+    def parts(node: ast.AST) -> None:
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            texts.append(node.value)
+        elif isinstance(node, ast.JoinedStr):
+            texts.append("".join(v.value if isinstance(v, ast.Constant) else " " for v in node.values))
+        elif not isinstance(node, ast.FormattedValue):
+            for child in ast.iter_child_nodes(node):
+                parts(child)
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            name = getattr(node.func, "id", getattr(node.func, "attr", ""))
+            if name in ("glue", "Markdown"):
+                for arg in node.args[1:] if name == "glue" else node.args:
+                    parts(arg)
+    return list(dict.fromkeys(texts))  # Markdown(...) inside glue(...) is met twice
+
+
+def unglued_numbers(path: str | os.PathLike) -> list[tuple[str, int, str]]:
+    """The numbers a chapter's prose types instead of computing: ``(chapter, cell index, excerpt)``.
+
+    Reads the notebook ``path`` (a chapter source or an executed chapter: papermill leaves the
+    markdown and the code as they are). Every number in the prose must come from glue
+    (``{glue:}`name```) or belong to the short allow-list: what is not prose (code spans and
+    blocks, formulas, the roles of citations and cross-references, directive options), the
+    numbers of chapters, figures, tables, sections, equations, SPEC sections, stages and issues
+    ("Tables 2 and 3", "paper section 3.4"), years, names that contain digits ("ResNet-34",
+    "BRCA-M2C", "x2", "20x", "ICC(2,1)"), numbered lists, the 95% of every confidence interval,
+    and 0 and 1 (the ends of a scale, the null of a difference). The same holds for the text that
+    code cells glue into the prose (the literal parts of ``glue`` and ``Markdown`` arguments; an
+    f-string's fields are computed). The excerpt is the typed number with up to 40 characters
+    around it. Used by the test suite on every chapter."""
+    path = Path(path)
+    found = []
+    for index, cell in enumerate(_read_notebook(path)["cells"]):
+        source = _source(cell)
+        if cell.get("cell_type") == "markdown":
+            texts = [(source, _prose(source))]
+        elif cell.get("cell_type") == "code":
+            texts = [(text, text) for text in _glued_text(source)]
+        else:
+            continue
+        for original, text in texts:
+            for m in _typed(text):
+                start, end = max(0, m.start() - 40), min(len(original), m.end() + 40)
+                found.append((path.stem, index, " ".join(original[start:end].split())))
+    return found
 
 
 def _code_block(code: str) -> list[str]:

@@ -70,7 +70,7 @@ def _confirm_render(args: argparse.Namespace) -> None:
     from cellulib import profiles, synth
 
     root = profiles.synthetic_root(args.profile, args.seed)
-    if (root / "datasets" / "val_labels.csv").exists():
+    if profiles.synthetic_ready(root):
         return
     params = profiles.synthetic_params(args.profile, args.seed)
     n = params["n_train"] + params["n_val"] + params["n_cells"]
@@ -428,7 +428,7 @@ def _cmd_detect(args: argparse.Namespace) -> int:
 
 def _add_detect_command(sub) -> None:
     """Register ``detect``."""
-    from cellulib.constants import DETECTION_THRESHOLD as DEFAULT_THRESHOLD
+    from cellulib.constants import DETECTION_THRESHOLD
 
     p = sub.add_parser(
         "detect",
@@ -447,9 +447,9 @@ def _add_detect_command(sub) -> None:
     p.add_argument("--out", required=True, help="CSV to write (atomically)")
     p.add_argument("--geojson", default=None, metavar="DIR",
                    help="also write DIR/<image stem>.geojson per image (QuPath detections)")
-    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+    p.add_argument("--threshold", type=float, default=DETECTION_THRESHOLD,
                    help="smallest nucleus probability at a centre, in (0, 1) "
-                   f"({DEFAULT_THRESHOLD})")
+                   f"({DETECTION_THRESHOLD})")
     p.add_argument("--recursive", action="store_true", help="also search subfolders")
     p.add_argument("--mpp", type=float, default=None, metavar="UM",
                    help="micrometres per pixel of the images: resized to the model's training "

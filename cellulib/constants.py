@@ -25,11 +25,20 @@ MPP: float = 0.5
 SEG_DOWNSCALE: float = 2
 DISC_DIAMETER: float = 15.0
 
+#: The haematoxylin and eosin stain vectors: optical densities (log10 units) in RGB order, the
+#: reference vectors of Macenko et al. (2009). The synthetic generator stains with them and the
+#: stain normaliser checks that an image's fitted vectors lie near them.
+H_STAIN_VECTOR: tuple[float, float, float] = (0.5626, 0.7201, 0.4062)
+E_STAIN_VECTOR: tuple[float, float, float] = (0.2159, 0.8012, 0.5581)
+
 #: Smallest nucleus probability at a detected nucleus centre (``cellulib detect``). On the BRCA-M2C
 #: validation split the pooled detection F of the quick-profile FPN (32 epochs) moved by 0.015
 #: between thresholds 0.15 and 0.5 (0.819 to 0.834), tumour F by 0.009; 0.3 sits in that plateau.
 #: It was not tuned on a test set.
 DETECTION_THRESHOLD: float = 0.3
+
+#: The segmentation networks' total stride: their input sides must be multiples of it.
+STRIDE: int = 32
 
 #: Pixel normalisations understood by the DataLoaders and the predictors: ``minus_one_one`` maps
 #: [0, 255] to [-1, 1] (paper 4.2), ``imagenet`` scales to [0, 1] and standardises with ImageNet's

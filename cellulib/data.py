@@ -33,25 +33,14 @@ from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 
 from cellulib import transforms
-from cellulib._moved import moved_names
 from cellulib.annotations import (
-    BRCA_M2C_SPLITS,
     DESCRIPTION_TO_CLASS,
+    is_brca_m2c,
     parse_pathcore_xml,
     read_brca_m2c,
 )
-
-# The shared facts and the image reader, and the transforms, under the names this module had when it
-# held them all (``cellulib.data.read_image``, ``cellulib.data.weak_mask``, ... keep working).
-from cellulib.constants import (  # noqa: F401
-    BACKGROUND,
-    CLASSES,
-    IMAGE_SUFFIXES,
-    MPP,
-    NORMALIZATIONS,
-    NUCLEUS_CLASSES,
-)
-from cellulib.imageio import DataError, DataWarning, listing, read_csv_strings, read_image  # noqa: F401
+from cellulib.constants import DISC_DIAMETER, IMAGE_SUFFIXES, NUCLEUS_CLASSES, SEG_DOWNSCALE
+from cellulib.imageio import DataError, DataWarning, listing, read_csv_strings, read_image
 from cellulib.transforms import (
     bins_target,
     cellularity_transforms,
@@ -379,7 +368,7 @@ def read_cells(root: str | Path) -> pd.DataFrame:
         A crop without its XML or an XML without its crop (named), unknown descriptions.
     """
 
-    if any((Path(root) / name).is_file() for name in BRCA_M2C_SPLITS.values()):
+    if is_brca_m2c(root):
         # BRCA-M2C (SPEC 1.4): the same table; "xml_path" holds the dot file, "split" the
         # official split, which the segmentation loaders then use (see `cells_split`)
         return read_brca_m2c(root).rename(columns={"label_path": "xml_path"})
@@ -473,7 +462,8 @@ class SegDataset(_AugmentedDataset):
     """
 
     def __init__(self, image_paths: Sequence[str], xml_paths: Sequence[str], size: int = 256,
-                 downscale: float = 2, diameter: float = 15.0, train: bool = True,
+                 downscale: float = SEG_DOWNSCALE, diameter: float = DISC_DIAMETER,
+                 train: bool = True,
                  seed: int | None = None, length: int | None = None,
                  normalize: str = "minus_one_one", stain: str = "none"):
         if len(image_paths) != len(xml_paths) or not len(image_paths):
@@ -806,9 +796,9 @@ def cells_split(cells: pd.DataFrame, valid_pct: float = 0.2, seed: int = 0,
     return seg_split(len(cells), valid_pct, seed, root)
 
 
-def seg_dataloaders(root: str | Path, size: int = 256, downscale: float = 2, bs: int = 8,
-                    diameter: float = 15.0, valid_pct: float = 0.2, seed: int = 0,
-                    device: Any = None, num_workers: int | None = None,
+def seg_dataloaders(root: str | Path, size: int = 256, downscale: float = SEG_DOWNSCALE,
+                    bs: int = 8, diameter: float = DISC_DIAMETER, valid_pct: float = 0.2,
+                    seed: int = 0, device: Any = None, num_workers: int | None = None,
                     patches_per_epoch: int | None = None,
                     normalize: str = "minus_one_one", stain: str = "none",
                     validation: str = "patients") -> DataLoaders:
@@ -984,9 +974,3 @@ def pick_across_range(patches: pd.DataFrame, n: int, seed: int = 0) -> pd.DataFr
     shuffled = patches.sample(frac=1.0, random_state=seed).sort_values("cellularity", kind="stable")
     positions = np.unique(np.round(np.linspace(0, len(shuffled) - 1, min(n, len(shuffled)))).astype(int))
     return shuffled.iloc[positions].reset_index(drop=True)
-
-
-# Names that lived here before cellulib.transforms held them.
-__getattr__ = moved_names(__name__, dict.fromkeys(
-    ("HEDJitter", "STAIN_AUGMENTS", "downscale", "normalize_image", "scale_points", "weak_mask"),
-    "cellulib.transforms"))

@@ -44,7 +44,7 @@ from cellulib.models import segment
 from cellulib.store import ModelFileError, check_mpp, model_and_info, pixel_size
 from cellulib.transforms import downscale, weak_label_map
 
-__all__ = ["COLUMNS", "DEFAULT_THRESHOLD", "DETECTION_VERSION", "AnnotatedScores", "detect_nuclei",
+__all__ = ["COLUMNS", "DETECTION_VERSION", "AnnotatedScores", "detect_nuclei",
            "detect_to_csv", "nucleus_centres", "score_annotated", "to_geojson"]
 
 #: Columns of :func:`detect_nuclei` and of the CSV of ``cellulib detect``.
@@ -248,10 +248,6 @@ def _iter_images(seg: _SegModel, files: list[Path], progress: bool
             yield path, [], _error_message(path, exc)
 
 
-#: Default smallest nucleus probability at a detected centre (:func:`nucleus_centres`); see
-#: :data:`cellulib.constants.DETECTION_THRESHOLD`.
-DEFAULT_THRESHOLD = DETECTION_THRESHOLD
-
 #: Bumped whenever what :func:`detect_nuclei` or :func:`score_annotated` finds in an image changes
 #: (peak finding, classing, scaling): stored detection results
 #: (:func:`cellulib.robustness.detection_under_shifts`) are then computed again.
@@ -259,7 +255,7 @@ DETECTION_VERSION = 2  # 2: classes from the maps summed over each nucleus's dis
 
 
 def detect_nuclei(model: Any, paths: PathLike | Sequence[PathLike],
-                  threshold: float = DEFAULT_THRESHOLD,
+                  threshold: float = DETECTION_THRESHOLD,
                   progress: bool = True, *, device: Any = None,
                   recursive: bool = False, stain_norm: Any = None,
                   mpp: float | None = None, precision: str = "auto",
@@ -368,7 +364,7 @@ class AnnotatedScores:
         return detection_curve(self.truth, self.pred, radii, images=self.fractions["image"])
 
 
-def score_annotated(model: Any, cells: pd.DataFrame, threshold: float = DEFAULT_THRESHOLD,
+def score_annotated(model: Any, cells: pd.DataFrame, threshold: float = DETECTION_THRESHOLD,
                     progress: bool = True, *, device: Any = None,
                     transform: Any = None, precision: str = "auto", class_rule: str = "disc",
                     tta: bool = False) -> AnnotatedScores:
@@ -480,7 +476,7 @@ def _geojson_names(files: list[Path]) -> list[str]:
 
 
 def detect_to_csv(model: Any, paths: PathLike | Sequence[PathLike], out: PathLike,
-                  geojson_dir: PathLike | None = None, threshold: float = DEFAULT_THRESHOLD,
+                  geojson_dir: PathLike | None = None, threshold: float = DETECTION_THRESHOLD,
                   progress: bool = True, *, device: Any = None,
                   recursive: bool = False, stain_norm: Any = None,
                   mpp: float | None = None, precision: str = "auto",

@@ -28,7 +28,6 @@ from scipy.spatial import cKDTree
 from cellulib.constants import NUCLEUS_CLASSES
 
 __all__ = [
-    "CLASSES",
     "AREA_THRESHOLDS",
     "BLOB_THRESHOLDS",
     "FEATURE_NAMES",
@@ -41,9 +40,6 @@ __all__ = [
     "predict_gbt",
     "gbt_importance",
 ]
-
-CLASSES: tuple[str, ...] = NUCLEUS_CLASSES
-"""Nucleus channels that get features, in channel order (channel 3, background, is ignored)."""
 
 AREA_THRESHOLDS: tuple[float, ...] = (0.02, 0.04, 0.08, 0.16, 0.24, 0.32, 0.5)
 """Thresholds of the area/activation features (paper 3.3)."""
@@ -62,7 +58,7 @@ _RANGE_TOL = 1e-6
 
 def _feature_names() -> list[str]:
     names = []
-    for cls in CLASSES:
+    for cls in NUCLEUS_CLASSES:
         names.append(f"{cls}_total_activation")
         for t in AREA_THRESHOLDS:
             names += [f"{cls}_area_{t:.2f}", f"{cls}_activation_{t:.2f}"]
@@ -389,7 +385,7 @@ def extract_features(probs) -> pd.Series:
     >>> f[["malignant_total_activation", "malignant_area_0.50", "malignant_area_0.02"]].tolist()
     [0.6, 1.0, 1.0]
     """
-    probs = _as_probs(probs)[: len(CLASSES)]
+    probs = _as_probs(probs)[: len(NUCLEUS_CLASSES)]
     sigmas = _sigma_list(_MIN_SIGMA, _MAX_SIGMA, _NUM_SIGMA)
     cube = _log_cube(probs, sigmas)
     values: list[float] = []
@@ -425,7 +421,7 @@ def extract_features_reference(probs) -> pd.Series:
     """
     from skimage.feature import blob_log  # imported here: only the reference needs it
 
-    probs = _as_probs(probs)[: len(CLASSES)]
+    probs = _as_probs(probs)[: len(NUCLEUS_CLASSES)]
     values: list[float] = []
     for p in probs:
         values.append(float(p.sum()))

@@ -4,7 +4,8 @@
 Jaccard; :func:`jaccard_per_class` and :class:`JaccardMetric` give the hard IoU at threshold 0.5
 reported in Table 1 (per class and the mean of the three nucleus classes). All of them take the
 segmentation network's logits ``(B, C, H, W)`` and a 0/1 target of the same shape, channels in the
-order of :data:`CLASS_NAMES`. The metric objects plug into a fastai ``Learner(metrics=...)``.
+order of :data:`cellulib.constants.CLASSES`. The metric objects plug into a fastai
+``Learner(metrics=...)``.
 """
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ except ImportError:  # pragma: no cover - fastai is a dependency, this keeps the
     _MetricBase = object
 
 __all__ = [
-    "CLASS_NAMES",
     "BCEJaccardLoss",
     "jaccard_per_class",
     "JaccardMetric",
@@ -30,8 +30,6 @@ __all__ = [
     "SoftBinCrossEntropy",
 ]
 
-#: Channels of the segmentation target and output, in order (SPEC 2): :data:`cellulib.constants.CLASSES`.
-CLASS_NAMES: tuple[str, ...] = CLASSES
 
 
 def _plain(x: torch.Tensor) -> torch.Tensor:
@@ -283,7 +281,7 @@ def jaccard_metrics(threshold: float = 0.5, from_logits: bool = True) -> list[Ja
     list of JaccardMetric
         ``jaccard_normal``, ``jaccard_lymphocyte``, ``jaccard_malignant``, ``jaccard_nuclei``.
     """
-    metrics = [JaccardMetric(i, f"jaccard_{CLASS_NAMES[i]}", threshold, from_logits)
+    metrics = [JaccardMetric(i, f"jaccard_{CLASSES[i]}", threshold, from_logits)
                for i in NUCLEUS_CHANNELS]
     metrics.append(JaccardMetric(NUCLEUS_CHANNELS, "jaccard_nuclei", threshold, from_logits))
     return metrics

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from cellulib._moved import moved_names
+from cellulib.annotations import BRCA_M2C_CLASSES
 
 __all__ = [
     "DETECTION_CLASSES",
@@ -787,7 +787,7 @@ def bland_altman(y_true, y_pred) -> dict[str, float]:
 #: MCSpatNet's matching radius at 20x, in pixels (Abousamra et al. 2021: 6 px = 3 um).
 DETECTION_RADIUS = 6.0
 #: The nucleus classes scored per class, in the order of the BRCA-M2C dot classes 1, 2, 3.
-DETECTION_CLASSES = ("lymphocyte", "malignant", "normal")
+DETECTION_CLASSES: tuple[str, ...] = tuple(cls for _, cls in BRCA_M2C_CLASSES.values())
 
 
 def _dot_map(xy: np.ndarray, first: bool = False):
@@ -1046,6 +1046,3 @@ def class_confusion(truth: pd.DataFrame, pred: pd.DataFrame, radius: float = DET
                        columns=pd.Index(labels, name="detected"))
     return out
 
-
-# The paper's numbers lived here before cellulib.report held them with the tables.
-__getattr__ = moved_names(__name__, dict.fromkeys(("PAPER", "MCSPATNET_F"), "cellulib.report"))

@@ -9,8 +9,8 @@ ImageNet initialisation reads weights from a local file or from the torch hub ca
 Conventions shared by every model:
 
 - input: a float batch ``(B, 3, H, W)`` of RGB pixels scaled from [0, 255] to [-1, 1];
-- the segmentation output has 4 channels in the order of :data:`CLASS_NAMES` (normal, lymphocyte,
-  malignant, background) and holds logits (apply a sigmoid for probabilities);
+- the segmentation output has 4 channels in the order of :data:`cellulib.constants.CLASSES`
+  (normal, lymphocyte, malignant, background) and holds logits (apply a sigmoid for probabilities);
 - each model carries a ``config`` dict with the arguments that rebuild it, so a checkpoint can
   store weights and configuration together.
 """
@@ -28,12 +28,10 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from cellulib.constants import CLASSES, N_BINS
-from cellulib.transforms import bins_target, normalize_image  # noqa: F401  (bins_target: its old home)
+from cellulib.constants import CLASSES, N_BINS, STRIDE
+from cellulib.transforms import normalize_image
 
 __all__ = [
-    "CLASS_NAMES",
-    "N_BINS",
     "IMAGENET_FILES",
     "BasicBlockELU",
     "ResNetELUEncoder",
@@ -46,12 +44,8 @@ __all__ = [
     "direct_model",
     "sr_model",
     "decode_bins",
-    "bins_target",
     "load_imagenet_resnet",
 ]
-
-#: Output channels of the segmentation network, in order (SPEC 2): :data:`cellulib.constants.CLASSES`.
-CLASS_NAMES: tuple[str, ...] = CLASSES
 
 #: File names of the ImageNet weights as torch hub caches them, in order of preference, and the
 #: address a user can fetch them from on a machine with internet access.
@@ -73,7 +67,6 @@ IMAGENET_FILES: dict[str, tuple[tuple[str, ...], str]] = {
 
 _DIRECT_ARCHS = ("resnet34", "resnet50", "xception")
 _SR_ARCHS = ("resnet34", "resnet50")
-_STRIDE = 32
 _MIN_DIRECT_SIZE = 32
 
 PathLike = str | os.PathLike
@@ -344,8 +337,8 @@ class SegmentationModel(nn.Module):
     """Encoder-decoder nucleus segmentation network (paper 3.1, Fig. 2; SPEC 2).
 
     ``(B, 3, H, W)`` float images in [-1, 1], H and W multiples of 32 -> ``(B, n_classes, H, W)``
-    logits, channels in the order of :data:`CLASS_NAMES`. Build it with :func:`seg_model`.
-    Submodules ``encoder`` and ``decoder`` (for a fastai splitter). Used in chapter 2 through
+    logits, channels in the order of :data:`cellulib.constants.CLASSES`. Build it with
+    :func:`seg_model`. Submodules ``encoder`` and ``decoder`` (for a fastai splitter). Used in chapter 2 through
     :func:`cellulib.models.seg_model`, and in chapter 3 through :func:`cellulib.train.train_seg`.
     """
 
@@ -356,7 +349,7 @@ class SegmentationModel(nn.Module):
         self.config = dict(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_images(x, "the segmentation model", multiple=_STRIDE)
+        _check_images(x, "the segmentation model", multiple=STRIDE)
         x = _plain(x)
         if isinstance(self.decoder, UNetDecoder):
             stem, feats = self.encoder.forward_with_stem(x)
@@ -789,7 +782,7 @@ class SRModel(nn.Module):
 
     def seg_probs(self, x: torch.Tensor) -> torch.Tensor:
         """The sigmoid maps that enter the regressor (4 channels, or 3 without background)."""
-        _check_images(x, "the SR cascade", multiple=_STRIDE)
+        _check_images(x, "the SR cascade", multiple=STRIDE)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.seg_frozen):
             probs = torch.sigmoid(self.seg(_plain(x)))
         return probs[:, :3] if self.drop_background else probs
@@ -840,7 +833,7 @@ def sr_model(
                          f"{', '.join(_SR_ARCHS)}")
     if drop_background is None:
         drop_background = pretrained is not None
-    n_seg = int(getattr(seg, "config", {}).get("n_classes", len(CLASS_NAMES)))
+    n_seg = int(getattr(seg, "config", {}).get("n_classes", len(CLASSES)))
     in_ch = 3 if drop_background else n_seg
     if pretrained is not None and in_ch != 3:
         raise ValueError("ImageNet weights need a 3-channel stem: use drop_background=True "
@@ -921,7 +914,7 @@ def segment(model: nn.Module, img: np.ndarray, device: str | torch.device | None
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise ValueError(f"segment expects an (H, W, 3) RGB image, got shape {arr.shape}")
     h, w = arr.shape[:2]
-    ph, pw = (-h) % _STRIDE, (-w) % _STRIDE
+    ph, pw = (-h) % STRIDE, (-w) % STRIDE
     if ph or pw:
         arr = np.pad(arr, ((0, ph), (0, pw), (0, 0)), mode="reflect")
     x = torch.from_numpy(normalize_image(arr)).permute(2, 0, 1)[None]
@@ -959,7 +952,7 @@ class GBTModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from cellulib.features import extract_features, predict_gbt
 
-        _check_images(x, "the GBT model", multiple=_STRIDE)
+        _check_images(x, "the GBT model", multiple=STRIDE)
         self.seg.eval()
         # the features were computed from float32 maps at training: no autocast here
         with torch.inference_mode(), torch.autocast(x.device.type, enabled=False):

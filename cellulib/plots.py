@@ -20,7 +20,6 @@ from cellulib.imageio import figure_png
 
 #: Display colour of each weak-mask channel (normal, lymphocyte, malignant), as in the paper's Fig. 3.
 CLASS_COLOURS = {"normal": "#2ca02c", "lymphocyte": "#1f77b4", "malignant": "#d62728"}
-CLASS_ORDER = NUCLEUS_CLASSES
 
 
 def _hex_to_rgb(colour: str) -> np.ndarray:
@@ -82,7 +81,7 @@ def mask_to_rgb(mask: np.ndarray) -> np.ndarray:
     """Colour a (4, H, W) or (3, H, W) weak mask or probability map: normal green, lymphocyte blue,
     malignant red, background black. Returns an (H, W, 3) float image in [0, 1]."""
     mask = np.asarray(mask, dtype=float)
-    colours = np.stack([_hex_to_rgb(CLASS_COLOURS[c]) for c in CLASS_ORDER])  # (3, 3)
+    colours = np.stack([_hex_to_rgb(CLASS_COLOURS[c]) for c in NUCLEUS_CLASSES])  # (3, 3)
     rgb = np.einsum("chw,ck->hwk", np.clip(mask[:3], 0, 1), colours)
     return np.clip(rgb, 0, 1)
 
@@ -109,7 +108,7 @@ def weak_mask_panels(
     for i in range(n):
         axes[0, i].imshow(images[i])
         if points is not None:
-            for cls in CLASS_ORDER:
+            for cls in NUCLEUS_CLASSES:
                 sel = points[i][points[i]["cls"] == cls]
                 axes[0, i].scatter(sel["x"], sel["y"], s=6, c=CLASS_COLOURS[cls], label=cls)
         axes[1, i].imshow(overlay_mask(images[i], masks[i]))
@@ -119,7 +118,7 @@ def weak_mask_panels(
     axes[0, 0].set_ylabel("patch + centroids")
     axes[1, 0].set_ylabel("weak mask")
     handles = [
-        matplotlib.patches.Patch(color=CLASS_COLOURS[c], label=c) for c in CLASS_ORDER
+        matplotlib.patches.Patch(color=CLASS_COLOURS[c], label=c) for c in NUCLEUS_CLASSES
     ]
     fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
@@ -132,7 +131,7 @@ def class_counts_bar(counts: pd.DataFrame, ax: plt.Axes | None = None) -> plt.Fi
     if ax is None:
         fig, ax = plt.subplots(figsize=(5, 3.2))
     fig = ax.figure
-    totals = counts[list(CLASS_ORDER)].sum()
+    totals = counts[list(NUCLEUS_CLASSES)].sum()
     ax.bar(totals.index, totals.values, color=[CLASS_COLOURS[c] for c in totals.index])
     ax.set_xlabel("nucleus class")
     ax.set_ylabel("annotated nuclei (count)")
@@ -530,7 +529,7 @@ def dots_vs_detections(images: Sequence[np.ndarray], truth: Sequence[pd.DataFram
         for i, (points, what) in enumerate(((truth[j], "annotated"), (pred[j], "detected"))):
             ax = axes[i, j]
             ax.imshow(img)
-            for cls in CLASS_ORDER:
+            for cls in NUCLEUS_CLASSES:
                 part = points[points["cls"] == cls]
                 ax.scatter(part["x"], part["y"], s=16, c=CLASS_COLOURS[cls], edgecolors="white",
                            linewidths=0.5, label=_class_label(cls, labels))

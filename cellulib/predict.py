@@ -45,8 +45,7 @@ import numpy as np
 import pandas as pd
 from torch.utils.data import IterableDataset, get_worker_info
 
-from cellulib._moved import moved_names
-from cellulib.constants import IMAGE_SUFFIXES, NORMALIZATIONS  # noqa: F401  (IMAGE_SUFFIXES: old home)
+from cellulib.constants import NORMALIZATIONS, STRIDE
 from cellulib.imageio import (
     DataError,
     atomic_open,
@@ -87,7 +86,6 @@ class ScaleWarning(UserWarning):
 #: Model families that score cellularity (``seg`` predicts nucleus maps only).
 FAMILIES: tuple[str, ...] = ("direct", "sr", "gbt")
 
-_STRIDE = 32  # SR and GBT models run a segmentation net whose input must be a multiple of 32
 _MIN_INPUT = 32  # smallest input any of the networks accepts
 PathLike = str | os.PathLike
 
@@ -189,9 +187,9 @@ class Predictor:
         if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < _MIN_INPUT:
             raise _model_error(self.source, f"preprocess input_size must be an integer >= "
                                f"{_MIN_INPUT}, got {size!r}; {hint}")
-        if family in ("sr", "gbt") and size % _STRIDE:
+        if family in ("sr", "gbt") and size % STRIDE:
             raise _model_error(self.source, f"a {family} model needs an input_size divisible by "
-                               f"{_STRIDE}, the file records {size}")
+                               f"{STRIDE}, the file records {size}")
         normalize = pre.get("normalize", "minus_one_one")
         if normalize not in NORMALIZATIONS:
             raise _model_error(self.source, f"unknown normalisation {normalize!r} in preprocess; "
@@ -801,10 +799,3 @@ def predict_to_csv(model: Any, paths: PathLike | Sequence[PathLike], out: PathLi
         }
     atomic_write_text(Path(f"{out}.json"), json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-# Names that lived here before cellulib.evaluation and cellulib.plots held them.
-__getattr__ = moved_names(__name__, {
-    **dict.fromkeys(("PredictWarning", "read_predictions", "match_predictions", "evaluate_files"),
-                    "cellulib.evaluation"),
-    "agreement_figure": "cellulib.plots", "bland_altman": "cellulib.metrics"})

@@ -15,6 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from cellulib.constants import DISC_DIAMETER, SEG_DOWNSCALE, STRIDE
+
 #: Settings per profile. Comments give the paper's value where the quick profile departs from it.
 PROFILES: dict[str, dict[str, Any]] = {
     "quick": {
@@ -26,9 +28,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         # arithmetic (cellulib.engine): bf16 autocast on CPUs with native bf16, AMP on CUDA
         "precision": "auto",
         # weak segmentation (SPEC 2)
-        "downscale": 2,
+        "downscale": SEG_DOWNSCALE,
         "crop": 128,  # paper: 256
-        "disc_diameter": 15.0,
+        "disc_diameter": DISC_DIAMETER,
         "seg_epochs": 8,  # paper: 150
         "seg_bs": 8,
         "seg_lr": 1e-3,  # paper: 1e-4 decaying to 1e-5 (a short CPU run needs a larger step)
@@ -70,9 +72,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "n_cells": 153,
         "size": 512,
         "precision": "auto",
-        "downscale": 2,
+        "downscale": SEG_DOWNSCALE,
         "crop": 256,
-        "disc_diameter": 15.0,
+        "disc_diameter": DISC_DIAMETER,
         "seg_epochs": 150,
         "seg_bs": 16,
         "seg_lr": 1e-4,
@@ -166,15 +168,15 @@ def brca_m2c_profile(profile: str = "quick", **overrides: Any) -> dict[str, Any]
 
 def seg_scale_size(patch_side: float, downscale: float) -> int:
     """A patch's side at the segmentation network's scale: ``patch_side / downscale`` rounded to a
-    multiple of 32 (the networks' stride), at least 32. The default input of the SR, GBT and
-    direct models (:func:`cellulib.train.cellularity_input_size`) and of the bench.
+    multiple of the networks' stride (`cellulib.constants.STRIDE`, 32), at least one stride. The
+    default input of the SR, GBT and direct models (:func:`cellulib.train.cellularity_input_size`) and of the bench.
 
     Examples
     --------
     >>> seg_scale_size(256, 2), seg_scale_size(500, 2)
     (128, 256)
     """
-    return max(32, int(round(patch_side / downscale / 32)) * 32)
+    return max(STRIDE, int(round(patch_side / downscale / STRIDE)) * STRIDE)
 
 
 def home() -> Path:
@@ -230,7 +232,7 @@ def brca_m2c_dir(path: str | os.PathLike | None = None) -> Path | None:
     folder lacks. Used in the real-H&E chapter.
     """
     from cellulib.annotations import detect_layout
-    from cellulib.data import DataError
+    from cellulib.imageio import DataError
 
     if path is not None:
         root = Path(path).expanduser()
@@ -259,11 +261,19 @@ def synthetic_params(profile: str = "quick", seed: int = 0, **overrides: Any) ->
 
 def synthetic_root(profile: str = "quick", seed: int = 0, **overrides: Any) -> Path:
     """Where :func:`get_dataset` keeps the synthetic set of ``profile`` and ``seed``
-    (``home()/synth/<profile>-<hash>``); it is complete once ``datasets/val_labels.csv`` exists."""
+    (``home()/synth/<profile>-<hash>``); :func:`synthetic_ready` says whether it is complete."""
     from cellulib import synth
 
     params = synthetic_params(profile, seed, **overrides)
     return home() / "synth" / f"{profile}-{fingerprint(params | {'v': synth.GENERATOR_VERSION})}"
+
+
+def synthetic_ready(root: str | os.PathLike) -> bool:
+    """Whether the synthetic set in ``root`` (:func:`synthetic_root`) is complete: it holds
+    ``datasets/val_labels.csv`` (:func:`get_dataset` renders into a temporary folder and renames it
+    when done, so a half-written set is never at ``root``). Used by `get_dataset` and by
+    ``cellulib train`` without ``--data``."""
+    return (Path(root) / "datasets" / "val_labels.csv").exists()
 
 
 def get_dataset(
@@ -291,7 +301,7 @@ def get_dataset(
 
     params = synthetic_params(profile, seed, **overrides)
     root = synthetic_root(profile, seed, **overrides)
-    if (root / "datasets" / "val_labels.csv").exists():
+    if synthetic_ready(root):
         return root
     tmp = root.with_name(root.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

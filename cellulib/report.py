@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 __all__ = [
+    "AUTHORS_CODE",
     "BRCA_M2C_NAMES",
     "MCSPATNET_F",
     "DENUC_F",
@@ -34,9 +35,11 @@ __all__ = [
     "Estimate",
     "best_detector",
     "bias_by_bin",
+    "book_numbers",
     "compare",
     "detection_table",
     "findings",
+    "glue_numbers",
     "jaccard_summary",
     "table1",
     "learned",
@@ -48,6 +51,8 @@ __all__ = [
     "paired_jaccard_difference",
     "paired_mean",
     "paired_mse_difference",
+    "paper_range",
+    "paper_text",
     "regression_to_mean_sentence",
     "results_table",
     "segmentation_counts",
@@ -179,6 +184,134 @@ def floors_missed(table: pd.DataFrame, floors: Mapping[str, float] | None = None
     floors = REAL_FLOORS if floors is None else floors
     return {c: float(table.loc[c, "f1"]) for c, floor in floors.items()
             if float(table.loc[c, "f1"]) < floor}
+
+
+#: Settings of the authors' public code (github.com/alexander-rakhlin/BreastPathQ) where it departs
+#: from the paper, transcribed like `PAPER`; chapter 2 sets them beside the paper's and the book's.
+AUTHORS_CODE: dict[str, Any] = {
+    "disc_radius_px": 12,  # at full size, drawn before a bicubic x2 downscale
+    "background_weight": 0,
+    "dropout": 0.3,
+    "lr_steps": (5e-4, 1e-4, 5e-5, 2e-5),
+}
+
+
+def paper_text(table: str, model: str, metric: str, init: str | None = "random") -> str:
+    """A number of the paper as it prints it (`PAPER`'s ``text``), for a chapter's prose.
+
+    Examples
+    --------
+    >>> paper_text("Table 1", "FPN decoder", "Jaccard"), paper_text("Table 2", "GBT", "MSE")
+    ('0.47', '0.023 [0.019-0.026]')
+    """
+    sel = PAPER[(PAPER.table == table) & (PAPER.model == model) & (PAPER.metric == metric)
+                & ((PAPER.init == init) if init is not None else PAPER.init.isna())]
+    if len(sel) != 1:
+        raise KeyError(f"the paper has no single {metric} of {model!r} ({init}) in {table}")
+    return str(sel["text"].iloc[0])
+
+
+def paper_range(table: str, metric: str, models: Sequence[str] = PAPER_ROWS) -> str:
+    """The smallest and largest of the paper's point values of ``metric`` in ``table`` over
+    ``models`` (both initialisations), as printed: ``"0.010-0.025"``.
+
+    Examples
+    --------
+    >>> paper_range("Table 2", "MSE"), paper_range("Table 3", "kappa")
+    ('0.010-0.025', '0.571-0.689')
+    """
+    sel = PAPER[(PAPER.table == table) & (PAPER.metric == metric) & PAPER.model.isin(models)]
+    low = sel.loc[sel["value"].idxmin(), "text"].split(" ")[0]
+    high = sel.loc[sel["value"].idxmax(), "text"].split(" ")[0]
+    return f"{low}-{high}"
+
+
+def book_numbers() -> dict[str, Any]:
+    """The settings and paper values the chapters' prose states, read from where they are
+    defined (constants, profiles, function defaults, `PAPER`), so that no chapter types them;
+    keys are the glue names (:func:`glue_numbers`). Used in chapters 1-5; used in the stain-shift
+    chapter.
+
+    Examples
+    --------
+    >>> n = book_numbers()
+    >>> n["disc_px"], n["n_features"], n["n_bins"], n["paper_j_fpn"]
+    (15, 81, 101, '0.47')
+    """
+    import inspect
+
+    from cellulib import (
+        constants,
+        data,
+        features,
+        losses,
+        metrics,
+        models,
+        profiles,
+        transforms,
+    )
+
+    def default(func, name):
+        return inspect.signature(func).parameters[name].default
+
+    paper = profiles.PROFILES["paper"]
+    weights = default(losses.BCEJaccardLoss, "weights")
+    valid = default(data.seg_split, "valid_pct")
+    gbt = features.GBT_PARAMS
+
+    def listed(values):
+        return ", ".join(f"{v:g}" for v in values[:-1]) + f" and {values[-1]:g}"
+
+    return {
+        "disc_px": int(constants.DISC_DIAMETER),
+        "malignant_weight": int(weights[constants.CLASSES.index("malignant")]),
+        "background_weight": int(weights[constants.BACKGROUND]),
+        "train_pct": round(100 * (1 - valid)), "valid_pct": round(100 * valid),
+        "fpn_level_maps": default(models.FPNDecoder, "segmentation_channels"),
+        "fpn_maps": default(models.FPNDecoder, "segmentation_channels")
+        * len(default(models.FPNDecoder, "encoder_channels")),
+        "fpn_dropout": default(models.seg_model, "dropout"),
+        "n_outputs": len(constants.CLASSES),
+        "jaccard_threshold": default(losses.jaccard_metrics, "threshold"),
+        "log_sigma": f"{features._MIN_SIGMA:g} to {features._MAX_SIGMA:g}",
+        "n_features": len(features.FEATURE_NAMES),
+        "area_thresholds": listed(features.AREA_THRESHOLDS),
+        "n_area_thresholds": len(features.AREA_THRESHOLDS),
+        "n_blob_thresholds": len(features.BLOB_THRESHOLDS),
+        "top_threshold": max(features.AREA_THRESHOLDS),
+        "gbt_rounds": gbt["num_iterations"], "gbt_lr": gbt["learning_rate"],
+        "gbt_depth": gbt["max_depth"], "gbt_leaves": gbt["num_leaves"],
+        "n_bins": constants.N_BINS, "bin_step": 1 / (constants.N_BINS - 1),
+        "detection_radius": metrics.DETECTION_RADIUS,
+        "hed_pct": round(100 * default(transforms.HEDJitter, "p")),
+        "hed_scale": default(transforms.HEDJitter, "scale"),
+        "hed_shift": default(transforms.HEDJitter, "shift"),
+        "paper_seg_epochs": paper["seg_epochs"], "paper_crop": paper["crop"],
+        "paper_patch_px": paper["size"],
+        "paper_seg_side": profiles.seg_scale_size(paper["size"], paper["downscale"]),
+        "code_disc_radius": AUTHORS_CODE["disc_radius_px"],
+        "code_disc_diameter": 2 * AUTHORS_CODE["disc_radius_px"] / constants.SEG_DOWNSCALE,
+        "code_background_weight": AUTHORS_CODE["background_weight"],
+        "code_dropout": AUTHORS_CODE["dropout"],
+        "code_lr_steps": ", ".join(f"{v:.0e}".replace("e-0", "e-") for v in AUTHORS_CODE["lr_steps"]),
+        "paper_j_fpn": paper_text("Table 1", "FPN decoder", "Jaccard"),
+        "paper_j_unet": paper_text("Table 1", "U-Net decoder", "Jaccard"),
+        "paper_resnet50_random": paper_text("Table 2", "ResNet50 (R)", "MSE").split(" ")[0],
+        "paper_resnet50_imagenet": paper_text("Table 2", "ResNet50 (R)", "MSE",
+                                              "imagenet").split(" ")[0],
+        "paper_pk_pathologists": paper_text("challenge", "pathologist vs pathologist", "PK", None),
+        "paper_mse_range": paper_range("Table 2", "MSE"),
+        "paper_kappa_range": paper_range("Table 3", "kappa"),
+    }
+
+
+def glue_numbers(values: Mapping[str, Any]) -> None:
+    """Glue each of ``values`` under its key for the chapter's prose (myst-nb ``glue``, not
+    displayed). Used in chapters 1-5, with :func:`book_numbers`; used in the stain-shift chapter."""
+    from myst_nb import glue
+
+    for name, value in values.items():
+        glue(name, value, display=False)
 
 
 class Estimate(NamedTuple):
@@ -606,6 +739,7 @@ def segmentation_counts(seg, root, threshold: float = 0.5) -> pd.DataFrame:
     import torch
 
     from cellulib import data
+    from cellulib.constants import NUCLEUS_CLASSES
 
     settings = seg.settings
     params = seg.meta.get("params") or {}
@@ -624,7 +758,7 @@ def segmentation_counts(seg, root, threshold: float = 0.5) -> pd.DataFrame:
             x, mask = ds[i]
             pred = torch.sigmoid(model(x[None].float()))[0] > threshold
             target = mask > 0.5
-            for c, cls in enumerate(data.NUCLEUS_CLASSES):
+            for c, cls in enumerate(NUCLEUS_CLASSES):
                 p, t = pred[c], target[c]
                 rows.append({"image": name, "cls": cls, "intersection": int((p & t).sum()),
                              "union": int((p | t).sum()), "target": int(t.sum()),

@@ -258,7 +258,7 @@ def _score_settings(predictors: Mapping[str, Any], paths: list[str], y_true: np.
                     true_mpp: bool, progress: bool) -> pd.DataFrame:
     from tqdm.auto import tqdm
 
-    from cellulib.data import read_image
+    from cellulib.imageio import read_image
 
     originals = [read_image(p) for p in paths]
     rows = []
@@ -412,7 +412,8 @@ def detection_under_shifts(model: Any, cells: pd.DataFrame,
     :data:`cellulib.detect.DETECTION_VERSION`, and read back when none of them changed."""
     from tqdm.auto import tqdm
 
-    from cellulib.detect import DEFAULT_THRESHOLD, DETECTION_VERSION, score_annotated
+    from cellulib.constants import DETECTION_THRESHOLD
+    from cellulib.detect import DETECTION_VERSION, score_annotated
     from cellulib.metrics import detection_counts
     from cellulib.stain import REFERENCE_VERSION
     from cellulib.store import (
@@ -423,7 +424,7 @@ def detection_under_shifts(model: Any, cells: pd.DataFrame,
         weights_digest,
     )
 
-    threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
+    threshold = DETECTION_THRESHOLD if threshold is None else float(threshold)
     _, net, info = model_and_info(model)
     model = (net, info)
     norm = normalizer_from_options(stain_norm, None, model) if stain_norm else None

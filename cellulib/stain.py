@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from cellulib._moved import moved_names
+from cellulib.constants import E_STAIN_VECTOR, H_STAIN_VECTOR
 
 __all__ = [
     "METHODS",
@@ -41,7 +41,7 @@ _MIN_TISSUE = 500
 #: Johnston / Macenko for the image to count as H&E. The real H&E images in ../shared/data/real
 #: (BreastPathQ, AMIDA13, OpenSlide) fit within 12 degrees; a pure blue, green or red image does not.
 _MAX_STAIN_ANGLE = 35.0
-_REF_HE = np.array([[0.5626, 0.2159], [0.7201, 0.8012], [0.4062, 0.5581]])
+_REF_HE = np.array([H_STAIN_VECTOR, E_STAIN_VECTOR]).T  # (RGB, H/E)
 
 
 class StainError(ValueError):
@@ -247,12 +247,3 @@ def hed_perturb(img: np.ndarray, h_scale: float = 1.0, e_scale: float = 1.0,
     rgb = hed2rgb(hed)
     out = np.clip(np.rint(rgb * 255), 0, 255).astype(np.uint8)
     return np.where(tissue[..., None], out, arr)
-
-
-# -------------------------------------------------------------------------------------------------
-# the command-line options
-# -------------------------------------------------------------------------------------------------
-
-
-# ``--stain-norm`` with a model's stored reference needs the model file: it lives in cellulib.store.
-__getattr__ = moved_names(__name__, {"normalizer_from_options": "cellulib.store"})

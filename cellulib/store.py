@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from cellulib.constants import IMAGE_SUFFIXES, MPP
-from cellulib.imageio import atomic_write_bytes  # noqa: F401  (its home before imageio)
+from cellulib.imageio import atomic_write_bytes
 from cellulib.profiles import fingerprint, home
 from cellulib.stain import StainError, StainNormalizer
 

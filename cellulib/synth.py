@@ -37,7 +37,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from cellulib.constants import IMAGE_SUFFIXES
+from cellulib.constants import E_STAIN_VECTOR, H_STAIN_VECTOR, IMAGE_SUFFIXES
 from cellulib.imageio import DataError, atomic_write_bytes, read_image
 
 #: Bumped whenever the rendering or the label law changes, so cached synthetic datasets are
@@ -60,16 +60,17 @@ __all__ = [
     "make_breastpathq",
     "cell_xml",
     "hed_stats",
+    "law_distance",
     "nucleus_sizes",
     "MALIGNANT_DESCRIPTIONS",
     "NORMAL_DESCRIPTIONS",
     "LYMPHOCYTE_DESCRIPTIONS",
 ]
 
-# Stain optical-density vectors (log10 units, RGB order): Macenko et al. (2009) reference vectors.
-# Macenko's estimate on the real BreastPathQ patch in data/real differs by at most 0.11 per entry.
-_H_VECTOR = np.array([0.5626, 0.7201, 0.4062])
-_E_VECTOR = np.array([0.2159, 0.8012, 0.5581])
+# Stain optical-density vectors (cellulib.constants). Macenko's estimate on the real BreastPathQ
+# patch in data/real differs by at most 0.11 per entry.
+_H_VECTOR = np.array(H_STAIN_VECTOR)
+_E_VECTOR = np.array(E_STAIN_VECTOR)
 # Red blood cells absorb green and blue but hardly red: a third, fixed "haemoglobin" vector.
 _RBC_VECTOR = np.array([0.08, 0.78, 0.62])
 
@@ -119,8 +120,7 @@ def sample_cellularity(n: int, seed=0) -> np.ndarray:
     tumour); their positive part has a broad mass at low values and a second mode near 1. The
     mixture is `ZERO_SHARE` exact zeros and, for the rest, `LOW_SHARE` Beta(1.5, 4.0) and the
     remainder Beta(1.5, 0.6): a two-Beta maximum-likelihood fit to the 1724 positive real labels,
-    rounded to one decimal. Its two-sample KS distance to the real labels is 0.05 on 200,000 draws
-    rounded to 0.01 (the real labels are mostly multiples of 0.05, which a smooth law cannot copy).
+    rounded to one decimal. :func:`law_distance` measures it against the real labels.
     Chapter 1 (data exploration) names it and compares the labels it gave the synthetic dataset
     (through :func:`make_breastpathq`) with the real ones.
 
@@ -1884,6 +1884,21 @@ def label_distance(real, synthetic) -> dict[str, float]:
     return {"ks": float(res.statistic), "p": float(res.pvalue), "n_real": int(len(r)),
             "n_synthetic": int(len(s)), "zeros_real": float(np.mean(r == 0)),
             "zeros_synthetic": float(np.mean(s == 0))}
+
+
+def law_distance(real, n: int = 200_000, seed=0) -> dict[str, float]:
+    """How far the label law itself (:func:`sample_cellularity`) is from real labels: `label_distance`
+    to ``n`` draws rounded to 0.01, as pathologists' scores are. With many draws the KS statistic
+    measures the law, not the size of a synthetic set; on the real training labels it is 0.05 (the
+    real labels are mostly multiples of 0.05, which a smooth law cannot copy). Used in chapter 1.
+
+    Examples
+    --------
+    >>> d = law_distance(sample_cellularity(5000, seed=1).round(2), n=5000, seed=2)
+    >>> d["n_synthetic"], d["ks"] < 0.05
+    (5000, True)
+    """
+    return label_distance(real, np.round(sample_cellularity(n, seed), 2))
 
 
 def load_real_examples(real_dir) -> dict[str, np.ndarray]:

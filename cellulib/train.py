@@ -29,7 +29,9 @@ from fastai.learner import Learner, Metric
 from fastai.torch_core import set_seed
 
 from cellulib import data, losses, models
-from cellulib._moved import moved_names
+from cellulib.annotations import is_brca_m2c
+from cellulib.constants import MPP, N_BINS
+from cellulib.imageio import DataError, read_image
 from cellulib.profiles import brca_m2c_profile, fingerprint, get_profile, seg_scale_size
 from cellulib.store import (
     ModelFileError,
@@ -280,15 +282,6 @@ def _pretrained_key(pretrained) -> str | None:
         return f"file:{path.name}:{hashlib.file_digest(fh, 'sha256').hexdigest()[:12]}"
 
 
-def _is_brca_m2c(root) -> bool:
-    from cellulib.annotations import detect_layout
-
-    try:
-        return detect_layout(root) == "brca-m2c"
-    except data.DataError:
-        return False  # read_cells gives the error, with both layouts described
-
-
 def train_seg(root: str | os.PathLike, decoder: str = "fpn", pretrained=None, profile: str = "quick",
               seed: int = 0, epochs: int | None = None, progress: bool = True, cache: bool = True,
               validation: str = "patients", **overrides: Any) -> TrainResult:
@@ -307,7 +300,7 @@ def train_seg(root: str | os.PathLike, decoder: str = "fpn", pretrained=None, pr
     chapter 3.
     """
     overrides = {**overrides, "seg_epochs": epochs}
-    brca = _is_brca_m2c(root)
+    brca = is_brca_m2c(root)
     settings = (brca_m2c_profile(profile, **overrides) if brca
                 else get_profile(profile, **overrides))
     if validation not in data.VALIDATIONS:
@@ -423,7 +416,7 @@ def _valid_predictions(model: torch.nn.Module, root, input_size: int,
                             valid["path"].tolist(), progress=False)
     bad = scored[scored["error"] != ""]
     if len(bad):
-        raise data.DataError(f"validation patch {bad.path.iloc[0]}: {bad.error.iloc[0]}")
+        raise DataError(f"validation patch {bad.path.iloc[0]}: {bad.error.iloc[0]}")
     return pd.DataFrame({"path": valid["path"].to_numpy(), "y_true": valid["cellularity"].to_numpy(),
                          "y_pred": scored["cellularity"].to_numpy(dtype=float)})
 
@@ -455,13 +448,13 @@ def _provenance(train_images: list[str]) -> dict[str, Any]:
     """What a model file records about its training images, for users of other scans: their
     stain (``meta["stain"]``, Macenko and Reinhard references fitted on a mosaic of them, so that
     ``--stain-norm`` needs no target) and pixel size (``meta["pixel_size"]``: ``mpp``, the
-    `cellulib.data.MPP` of the datasets, and ``patch_px``, the median side of a training image;
+    `cellulib.MPP` of the datasets, and ``patch_px``, the median side of a training image;
     ``cellulib slide`` cuts tiles of ``patch_px * mpp`` micrometres)."""
     from cellulib.stain import training_reference
 
-    sides = [min(data.read_image(p).shape[:2]) for p in train_images[:16]]
+    sides = [min(read_image(p).shape[:2]) for p in train_images[:16]]
     return {"stain": training_reference(train_images),
-            "pixel_size": {"mpp": data.MPP, "patch_px": int(np.median(sides))}}
+            "pixel_size": {"mpp": MPP, "patch_px": int(np.median(sides))}}
 
 
 def _train_labels(root) -> np.ndarray:
@@ -553,7 +546,7 @@ def train_direct(root: str | os.PathLike, arch: str = "resnet34", task: str = "r
     model = models.init_output(models.direct_model(arch, task=task, pretrained=pretrained),
                                _train_labels(root))
     loss = (MSELossFlat() if task == "regression"
-            else losses.SoftBinCrossEntropy(settings["cls_sigma"], models.N_BINS))
+            else losses.SoftBinCrossEntropy(settings["cls_sigma"], N_BINS))
     learn = learner(dls, model, loss, [CellularityMSE()], settings["precision"])
     start = time.perf_counter()
     fit(learn, settings["direct_epochs"], settings["direct_lr"], settings["direct_schedule"],
@@ -565,7 +558,7 @@ def train_direct(root: str | os.PathLike, arch: str = "resnet34", task: str = "r
 def _seg_input_size(root, settings: dict) -> int:
     """The patch side at the segmentation network's scale (x2 downscale), a multiple of 32."""
     first = data.read_breastpathq(root)["path"].iloc[0]
-    return seg_scale_size(data.read_image(first).shape[0], settings["downscale"])
+    return seg_scale_size(read_image(first).shape[0], settings["downscale"])
 
 
 def cellularity_input_size(root, settings: dict) -> int:
@@ -643,7 +636,7 @@ def segment_patches(seg_model: torch.nn.Module, paths, input_size: int,
 
     maps = []
     for p in tqdm(list(paths), desc="segment", unit="patch", disable=not progress):
-        img = cv2.resize(data.read_image(p), (input_size, input_size), interpolation=cv2.INTER_AREA)
+        img = cv2.resize(read_image(p), (input_size, input_size), interpolation=cv2.INTER_AREA)
         maps.append(models.segment(seg_model, img))
     return maps
 
@@ -685,8 +678,3 @@ def train_gbt(root: str | os.PathLike, seg: TrainResult, profile: str = "quick",
     return _finish(model, path, rec, history, root, seconds, settings, input_size, pred=pred,
                    importance=importance.to_dict(), features_train=tables["train"].to_dict("list"),
                    features_valid=tables["validation"].to_dict("list"))
-
-
-# Tables 1-3 live in cellulib.report.
-__getattr__ = moved_names(__name__, dict.fromkeys(("PAPER_ROWS", "results_table", "table1"),
-                                                  "cellulib.report"))

@@ -19,6 +19,7 @@ import torch
 from cellulib.constants import (
     BACKGROUND,
     CLASSES,
+    DISC_DIAMETER,
     IMAGENET_MEAN,
     IMAGENET_STD,
     N_BINS,
@@ -70,7 +71,7 @@ def _point_arrays(points: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return x, y, idx
 
 
-def weak_label_map(points: Any, shape: Sequence[int], diameter: float = 15.0,
+def weak_label_map(points: Any, shape: Sequence[int], diameter: float = DISC_DIAMETER,
                    scale: float | tuple[float, float] = 1.0) -> np.ndarray:
     """Class index per pixel: a disc at each centroid, nearest centroid wins, 3 elsewhere.
 
@@ -143,7 +144,7 @@ def weak_label_map(points: Any, shape: Sequence[int], diameter: float = 15.0,
     return label
 
 
-def weak_mask(points: Any, shape: Sequence[int], diameter: float = 15.0,
+def weak_mask(points: Any, shape: Sequence[int], diameter: float = DISC_DIAMETER,
               scale: float | tuple[float, float] = 1.0) -> np.ndarray:
     """Four-channel weak segmentation target from nucleus centroids.
 

@@ -9,26 +9,27 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _real_dir() -> Path:
-    env = os.environ.get("CELLULIB_REAL_DATA")
-    return Path(env) if env else REPO.parent / "shared" / "data" / "real"
-
-
 @pytest.fixture(scope="session")
 def real_dir() -> Path:
-    """The folder of public real H&E images (``../shared/data/real``); skips when absent."""
-    path = _real_dir()
-    if not path.is_dir() or not any(path.iterdir()):
-        pytest.skip(f"real H&E images not found at {path}")
+    """The folder of public real H&E images (`cellulib.profiles.real_dir`: ``$CELLULIB_REAL_DATA``
+    or ``../shared/data/real``); skips when absent."""
+    from cellulib import profiles
+
+    path = profiles.real_dir()
+    if path is None:
+        pytest.skip(profiles.real_data_missing("real H&E images", parameter=None, part="test"))
     return path
 
 
 @pytest.fixture(scope="session")
 def brca_dir(real_dir) -> Path:
-    """The BRCA-M2C copy (``../shared/data/real/brca-m2c``, SPEC 1.4); skips when absent."""
-    path = real_dir / "brca-m2c"
-    if not path.is_dir():
-        pytest.skip(f"BRCA-M2C copy not found at {path}")
+    """The BRCA-M2C copy (`cellulib.profiles.brca_m2c_dir`: ``brca-m2c`` in the real data folder,
+    SPEC 1.4); skips when absent."""
+    from cellulib import profiles
+
+    path = profiles.brca_m2c_dir()
+    if path is None:
+        pytest.skip(f"BRCA-M2C copy not found in {real_dir}")
     return path
 
 

@@ -18,12 +18,14 @@ import tifffile
 
 from cellulib.annotations import (
     BRCA_M2C_CLASSES,
+    DESCRIPTION_TO_CLASS,
     detect_layout,
     parse_pathcore_xml,
     read_brca_m2c,
     read_brca_m2c_points,
 )
-from cellulib.data import DESCRIPTION_TO_CLASS, NUCLEUS_CLASSES, DataError, DataWarning
+from cellulib.constants import NUCLEUS_CLASSES
+from cellulib.imageio import DataError, DataWarning
 from cellulib.synth import cell_xml
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

@@ -151,13 +151,15 @@ def paper_chapters(tmp_path_factory):
     stain-shift chapters read a five-image BRCA-M2C copy with a test split when the real copy is
     there (a float32 forward of one 500 px image takes seconds on these CPUs)."""
     import papermill
-    from conftest import _real_dir, make_brca_full_copy
+    from conftest import make_brca_full_copy
+
+    from cellulib import profiles
 
     out = tmp_path_factory.mktemp("paper")
     home = tmp_path_factory.mktemp("paper_home")
-    brca = _real_dir() / "brca-m2c"
+    brca = profiles.brca_m2c_dir()
     real = ({"real_data": str(make_brca_full_copy(brca, tmp_path_factory.mktemp("brca") / "copy"))}
-            if brca.is_dir() else {})
+            if brca is not None else {})
     env_before = os.environ.get("CELLULIB_HOME")
     os.environ["CELLULIB_HOME"] = str(home)
     try:
@@ -238,6 +240,17 @@ def test_teachers_page_shows_the_times_of_this_build(built_book):
     # chapter 2 trained its networks in this build (a fresh cache): its from-scratch time is shown
     row = html.split(">02_weak_segmentation<")[1].split("</tr>")[0]  # the table, not the sidebar
     assert re.search(r"\d+ s", row), row
+
+
+def test_every_executed_chapter_glues_the_numbers_of_its_prose(built_book):
+    """The executed chapters (parameters folded, as the book shows them): every number in the
+    prose is glued or on the allow-list (`cellulib.bookstatus.unglued_numbers`)."""
+    from test_prose import PENDING
+
+    chapters = built_book.parents[1] / "book" / "chapters"
+    typed = [f"{name} cell {i}: ...{text}..." for name in _toc_chapters() if name not in PENDING
+             for _, i, text in bookstatus.unglued_numbers(chapters / f"{name}.ipynb")]
+    assert not typed, "numbers typed in the prose, glue them:\n" + "\n".join(typed)
 
 
 def test_status_page_lists_every_chapter(built_book):

@@ -22,20 +22,18 @@ import torch
 from PIL import Image
 
 from cellulib import data, transforms
+from cellulib.annotations import DESCRIPTION_TO_CLASS
+from cellulib.constants import CLASSES
 from cellulib.data import (
-    CLASSES,
-    DESCRIPTION_TO_CLASS,
-    DataError,
-    DataWarning,
     cellularity_dataloaders,
     read_breastpathq,
     read_cell_points,
     read_cells,
-    read_image,
     read_labels,
     seg_dataloaders,
     split_by_patient,
 )
+from cellulib.imageio import DataError, DataWarning, read_image
 from cellulib.transforms import (
     cellularity_transforms,
     normalize_batch,

@@ -12,10 +12,10 @@ import scipy.ndimage as ndi
 from skimage.feature import blob_log
 
 from cellulib import features as F
+from cellulib.constants import NUCLEUS_CLASSES
 from cellulib.features import (
     AREA_THRESHOLDS,
     BLOB_THRESHOLDS,
-    CLASSES,
     FEATURE_NAMES,
     extract_features,
     extract_features_reference,
@@ -84,7 +84,7 @@ def _sorted_rows(a):
 def test_feature_names_order_by_hand():
     assert len(FEATURE_NAMES) == 81 == 3 * (7 * 2 + 6 * 2 + 1)
     assert len(set(FEATURE_NAMES)) == 81
-    assert CLASSES == ("normal", "lymphocyte", "malignant")
+    assert NUCLEUS_CLASSES == ("normal", "lymphocyte", "malignant")
     assert AREA_THRESHOLDS == (0.02, 0.04, 0.08, 0.16, 0.24, 0.32, 0.5)
     assert BLOB_THRESHOLDS == (0.02, 0.04, 0.08, 0.16, 0.24, 0.5)
     assert FEATURE_NAMES[0] == "normal_total_activation"
@@ -255,7 +255,7 @@ def test_extract_features_equals_reference_on_realistic_map():
     pd.testing.assert_series_equal(ours[counts], ref[counts], check_exact=True)
     np.testing.assert_allclose(ours[sums].to_numpy(), ref[sums].to_numpy(), rtol=1e-12)
     # the map really has blobs in every class, fewer at higher thresholds
-    for cls in CLASSES:
+    for cls in NUCLEUS_CLASSES:
         blob_counts = ours[[f"{cls}_blob_count_{t:.2f}" for t in BLOB_THRESHOLDS]].to_numpy()
         assert blob_counts[0] >= 3 and np.all(np.diff(blob_counts) <= 0)
         areas = ours[[f"{cls}_area_{t:.2f}" for t in AREA_THRESHOLDS]].to_numpy()

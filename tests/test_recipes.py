@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 import torch
 
-from cellulib import store, synth, train
+from cellulib import profiles, store, synth, train
 from cellulib.imageio import read_image
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden"
@@ -240,7 +240,7 @@ def test_a_changed_recipe_fails_its_golden_test(tiny):
     """The tolerance is tight enough to see a 10% larger learning rate in the seg run."""
     if REFRESH:
         pytest.skip("refreshing")
-    result = train.train_seg(tiny, "fpn", seg_lr=train.get_profile("quick")["seg_lr"] * 1.1, **SEG)
+    result = train.train_seg(tiny, "fpn", seg_lr=profiles.get_profile("quick")["seg_lr"] * 1.1, **SEG)
     with pytest.raises(pytest.fail.Exception, match="bump cellulib.train.RECIPE_VERSIONS"):
         _check("seg", "seg", _record(result))
 

@@ -171,14 +171,10 @@ def test_verdict_when_the_interval_includes_zero():
 
 
 def test_results_table_has_the_mean_predictor_row_and_learned(preds):
-    from cellulib import train
-
     mean = float(preds["GBT"].y_true.mean())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", metrics.MetricWarning)
-        with pytest.warns(DeprecationWarning, match="cellulib.report.results_table"):
-            old_path = train.results_table  # its home before cellulib.report
-        table = old_path(preds, n_boot=100, seed=0, train_mean=mean)
+        table = report.results_table(preds, n_boot=100, seed=0, train_mean=mean)
         plain = report.results_table(preds, n_boot=100, seed=0)
     assert "Mean predictor" in table.index and "learned" in table.columns
     assert table.loc["ResNet34 (SR)", "learned"] == "yes"

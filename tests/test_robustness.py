@@ -48,7 +48,7 @@ def test_unshifted_scores_are_those_of_predict_and_shifts_are_shared(tiny):
     # files scored by cellulib predict); with the true pixel size, the whole magnified patch
     import tifffile
 
-    from cellulib.data import read_image
+    from cellulib.imageio import read_image
 
     zoomed = scores[(scores.model == "R34") & (scores.kind == "scale")].y_pred.to_numpy()
     true = robustness.score_under_shifts({"R34": model.path}, valid.path, valid.y_true,

@@ -20,8 +20,7 @@ from PIL import Image
 
 from cellulib import load_model, models, save_model
 from cellulib.cli import build_parser
-from cellulib.data import DataError
-from cellulib.imageio import to_rgb8
+from cellulib.imageio import DataError, to_rgb8
 from cellulib.slide import (
     SlideWarning,
     _thumbnail,

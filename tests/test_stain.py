@@ -14,7 +14,7 @@ from cellulib.stain import StainError, StainNormalizer, hed_perturb
 
 @pytest.fixture(scope="module")
 def patch(real_dir):
-    from cellulib.data import read_image
+    from cellulib.imageio import read_image
 
     path = real_dir / "breastpathq_99788_1.tif"
     if not path.is_file():
@@ -155,7 +155,7 @@ def test_blank_and_non_he_targets_are_refused(tmp_path, patch):
 
 
 def test_real_images_pass_the_he_check(real_dir):
-    from cellulib.data import read_image
+    from cellulib.imageio import read_image
 
     for name in ("breastpathq_99788_1.tif", "openslide_OS-1-detail.ome.tif", "amida13_example1.png"):
         path = real_dir / name
@@ -272,8 +272,7 @@ def test_hed_jitter_draws_its_stated_law_and_applies_hed_perturb(patch):
 
 
 def test_stain_augment_setting_adds_the_jitter_to_training_only():
-    from cellulib.data import cellularity_transforms, seg_transforms
-    from cellulib.transforms import HEDJitter
+    from cellulib.transforms import HEDJitter, cellularity_transforms, seg_transforms
 
     def has_jitter(tfm):
         return any(isinstance(t, HEDJitter) for t in tfm.transforms)
@@ -289,7 +288,7 @@ def test_stain_augment_setting_adds_the_jitter_to_training_only():
 def test_training_reference_fits_a_mosaic_of_the_images(real_dir, tmp_path):
     from PIL import Image
 
-    from cellulib.data import read_image
+    from cellulib.imageio import read_image
 
     path = real_dir / "breastpathq_99788_1.tif"
     if not path.is_file():

@@ -13,12 +13,8 @@ import tifffile
 import torch
 
 from cellulib import load_model, models, save_model, store
-from cellulib.store import (
-    ModelFileError,
-    atomic_write_bytes,
-    cache_path,
-    data_fingerprint,
-)
+from cellulib.imageio import atomic_write_bytes
+from cellulib.store import ModelFileError, cache_path, data_fingerprint
 
 
 def test_seg_model_round_trip_gives_identical_outputs(tmp_path):

@@ -112,11 +112,11 @@ def test_model_files_record_their_training_stain_and_pixel_size(tiny_root, tiny_
                                                                 tmp_path, capsys):
     import numpy as np
 
-    from cellulib import data, stain, store
+    from cellulib import constants, data, stain, store
 
     # the segmentation net: the stain of its training cells patches, the datasets' pixel size
     meta = tiny_seg.meta
-    assert meta["pixel_size"] == {"mpp": data.MPP, "patch_px": 128}
+    assert meta["pixel_size"] == {"mpp": constants.MPP, "patch_px": 128}
     cells = data.read_cells(tiny_root)
     train_idx = data.cells_split(cells, seed=0, root=tiny_root)[0]
     expected = stain.training_reference(cells["image_path"].iloc[train_idx].tolist())
@@ -136,7 +136,7 @@ def test_model_files_record_their_training_stain_and_pixel_size(tiny_root, tiny_
     assert summary["downscale"] == 4.0 and summary["mpp"] == 0.25
     # a cellularity model records its training patches (128 px here) and their stain
     result = train.train_direct(tiny_root, progress=False, epochs=1, size=64)
-    assert result.meta["pixel_size"] == {"mpp": data.MPP, "patch_px": 128}
+    assert result.meta["pixel_size"] == {"mpp": constants.MPP, "patch_px": 128}
     assert set(result.meta["stain"]) == {"macenko", "reinhard"}
 
 
