@@ -159,6 +159,8 @@ MCSPATNET_F = {"lymphocyte": 0.649, "malignant": 0.792, "normal": 0.548, "detect
 #: model as classifier, scored at 40x with a 12 px radius: close to this protocol, not identical),
 #: as quoted in issue 22.
 DENUC_F = {"lymphocyte": 0.697, "malignant": 0.851, "normal": 0.611, "detection": 0.875}
+#: DeNuC's matching radius in pixels (at 40x), for the sentence that says how its protocol differs.
+DENUC_RADIUS_PX = 12
 
 #: The published F on the test split that the real-H&E chapter puts beside its own, by column name.
 PUBLISHED_F = {"MCSpatNet F (test)": MCSPATNET_F, "DeNuC F (test)": DENUC_F}
@@ -283,6 +285,8 @@ def book_numbers() -> dict[str, Any]:
         "gbt_depth": gbt["max_depth"], "gbt_leaves": gbt["num_leaves"],
         "n_bins": constants.N_BINS, "bin_step": 1 / (constants.N_BINS - 1),
         "detection_radius": metrics.DETECTION_RADIUS,
+        "mpp": constants.MPP,
+        "fpn_stride": models.ResNetELUEncoder.strides[0],
         "hed_pct": round(100 * default(transforms.HEDJitter, "p")),
         "hed_scale": default(transforms.HEDJitter, "scale"),
         "hed_shift": default(transforms.HEDJitter, "shift"),

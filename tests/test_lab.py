@@ -191,8 +191,12 @@ def test_lab_opens_a_chapter_and_runs_its_first_cells(lab_server):
         for source in ("".join(code[0]["source"]), TINY, "".join(code[1]["source"])):
             out = _execute(ws, sid, source, clock)
             assert out["reply"]["status"] == "ok" and not out["error"], out["error"]
-        out = _execute(ws, sid, "".join(code[2]["source"]), clock)
-        assert out["reply"]["status"] == "ok" and not out["error"], out["error"]
+        # then the cells up to the first one a reader sees after the set-up (hidden ones run too)
+        for cell in code[2:]:
+            out = _execute(ws, sid, "".join(cell["source"]), clock)
+            assert out["reply"]["status"] == "ok" and not out["error"], out["error"]
+            if "remove-cell" not in cell["metadata"].get("tags", []):
+                break
         check = _execute(ws, sid, "import sys, cellulib; print(len(patches), sys.executable, "
                                   "cellulib.__file__)", clock)
     finally:

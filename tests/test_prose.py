@@ -15,11 +15,8 @@ from cellulib import bookstatus, report
 REPO = Path(__file__).resolve().parents[1]
 CHAPTERS = sorted(p.stem for p in (REPO / "notebooks").glob("*.ipynb"))
 
-#: Chapters whose prose another branch rewrites (the real-H&E chapter: issue 22); the lead merges.
-PENDING: dict[str, str] = {
-    "02b_real_he": "the real-H&E chapter's prose is rewritten on issue 22's branch; its typed "
-                   "numbers are listed in issue 24's report",
-}
+#: Chapters whose prose is allowed to state typed numbers for now, with the reason (none left).
+PENDING: dict[str, str] = {}
 
 
 def _notebook(tmp_path: Path, *markdown: str) -> Path:
