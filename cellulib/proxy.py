@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from pathlib import Path
 
 import numpy as np
@@ -71,18 +70,22 @@ LABEL_COLUMNS: tuple[str, ...] = (
     "path", "cellularity", "error", "proxy", "image", "patient", "split", "x", "y", "size",
     "count", "area", "n_nuclei", "n_tumour", "tissue_fraction", "radius_px")
 
-_PATIENT = re.compile(r"TCGA-[A-Z0-9]{2}-[A-Z0-9]{4}", re.I)
 _LABEL_SUFFIX = "_gt_class_coords.txt"
 
 
 def patient_of(name: str) -> str:
-    """The TCGA patient code (``TCGA-XX-XXXX``) in a BRCA-M2C file name, else the file stem.
+    """The TCGA patient code (``TCGA-XX-XXXX``) of a BRCA-M2C file name
+    (:func:`cellulib.data.patient_code`), else the file stem.
 
     >>> patient_of("TCGA-A7-A0D9-01Z-00-DX2_18001_13001_1000_1000_0.9824.png")
     'TCGA-A7-A0D9'
     """
-    m = _PATIENT.search(Path(str(name)).name)
-    return m.group(0).upper() if m else Path(str(name)).stem
+    from cellulib.data import patient_code
+
+    try:
+        return patient_code(name)
+    except DataError:
+        return Path(str(name)).stem
 
 
 def tissue_mask(img: np.ndarray) -> np.ndarray:
