@@ -47,7 +47,7 @@ import pandas as pd
 from cellulib.annotations import BRCA_M2C_SPLITS, detect_layout, read_brca_m2c_points
 from cellulib.imageio import DataError, read_image
 
-__all__ = ["KINDS", "LABEL_COLUMNS", "cell_radius", "cell_regions", "image_proxies",
+__all__ = ["KINDS", "LABEL_COLUMNS", "cell_radius", "cell_regions", "folder_radius", "image_proxies",
            "patient_of", "proxy_labels", "tissue_mask", "window_starts"]
 
 PathLike = str | os.PathLike
@@ -145,6 +145,19 @@ def cell_radius(points: pd.DataFrame) -> float:
         raise ValueError("cell_radius: no image has two tumour dots, so the tumour-cell radius "
                          "cannot be measured; give the radius in pixels")
     return float(np.median(dist) / 2)
+
+
+def folder_radius(root: PathLike) -> float:
+    """:func:`cell_radius` over the dots of every image a BRCA-M2C folder lists (all its splits),
+    so that every subset of its images is labelled with the same cell size."""
+    root = Path(root).expanduser()
+    tables = []
+    for _, name, _ in _listed_images(root, None):
+        label = root / "labels" / (Path(name).stem + _LABEL_SUFFIX)
+        if label.is_file():
+            tables.append(read_brca_m2c_points(label).assign(image=name))
+    return cell_radius(pd.concat(tables) if tables else
+                       pd.DataFrame(columns=["x", "y", "cls", "image"]))
 
 
 def cell_regions(shape: tuple[int, int], points: pd.DataFrame, radius: float,
@@ -292,7 +305,7 @@ def _listed_images(root: Path, splits) -> list[tuple[str, str, Path]]:
 
 def proxy_labels(root: PathLike, kind: str = "count", splits=None, window: int | None = None,
                  radius: float | None = None, min_tissue: float = 0.5,
-                 crops_dir: PathLike | None = None) -> pd.DataFrame:
+                 crops_dir: PathLike | None = None, images=None) -> pd.DataFrame:
     """Proxy labels for the images of a BRCA-M2C folder, one row per image or window.
 
     Reads the split files the folder holds (or ``splits``), each listed ``images/{name}`` and its
@@ -300,7 +313,9 @@ def proxy_labels(root: PathLike, kind: str = "count", splits=None, window: int |
     ``cellularity`` holds the ``kind`` chosen. ``radius`` None measures it on the chosen images
     (:func:`cell_radius`). With ``window``, each window is written as a PNG to ``crops_dir``
     (``{stem}_x{X}_y{Y}.png``) and ``path`` names that file, so ``cellulib predict`` can score the
-    same windows. Used by ``cellulib proxy``.
+    same windows. ``images``: only these image stems (file names without suffix) of the chosen
+    splits, e.g. the held-out patients of :func:`cellulib.data.patient_split`. Used by
+    ``cellulib proxy`` and :mod:`cellulib.realtissue`.
 
     A listed image that is missing, a missing or empty dot file, and a field without a proxy
     (:func:`image_proxies`) give a row with an empty ``cellularity`` and the reason in ``error``,
@@ -335,6 +350,9 @@ def proxy_labels(root: PathLike, kind: str = "count", splits=None, window: int |
         raise DataError(f"{root}: a {layout} folder, but proxies need BRCA-M2C's nucleus dots; "
                         f"give a BRCA-M2C folder (brca_ds_*.txt beside images/ and labels/)")
     listed = _listed_images(root, splits)
+    if images is not None:
+        wanted = {str(i) for i in images}  # stems (which may hold dots) or file names
+        listed = [item for item in listed if item[1] in wanted or Path(item[1]).stem in wanted]
     items = []  # (split, name, image path, points or None, error)
     for split, name, split_file in listed:
         image = root / "images" / name

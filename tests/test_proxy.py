@@ -17,6 +17,7 @@ from cellulib.metrics import bootstrap_ci, mse, prediction_probability, spearman
 from cellulib.proxy import (
     cell_radius,
     cell_regions,
+    folder_radius,
     image_proxies,
     patient_of,
     proxy_labels,
@@ -169,6 +170,15 @@ def test_labels_of_a_folder_with_bad_images_left_out_and_named(drawn_brca, tmp_p
     assert crop.shape == (20, 20, 3) and (crop == PINK).all()
     with pytest.raises(ValueError, match="crops"):
         proxy_labels(drawn_brca, window=20)
+
+
+def test_proxy_labels_of_chosen_images(drawn_brca, tmp_path):
+    everything = proxy_labels(drawn_brca, radius=3.0)
+    chosen = proxy_labels(drawn_brca, radius=3.0, images=["TCGA-AA-0001-01Z_b"])
+    assert len(everything) == 5 and chosen["image"].tolist() == ["TCGA-AA-0001-01Z_b"]
+    # a stem with dots in it (BRCA-M2C's names end in a magnification like _0.9824) still matches
+    assert folder_radius(drawn_brca) == pytest.approx(
+        proxy_labels(drawn_brca)["radius_px"].iloc[0], abs=1e-3)
 
 
 def test_a_folder_that_is_not_brca_m2c_names_both_layouts(tmp_path):
