@@ -801,7 +801,7 @@ def seg_dataloaders(root: str | Path, size: int = 256, downscale: float = SEG_DO
                     seed: int = 0, device: Any = None, num_workers: int | None = None,
                     patches_per_epoch: int | None = None,
                     normalize: str = "minus_one_one", stain: str = "none",
-                    validation: str = "patients") -> DataLoaders:
+                    validation: str = "patients", mix: str | Path | None = None) -> DataLoaders:
     """fastai DataLoaders for the weak segmentation network from the annotated ``cells`` patches.
 
     Paper section 4.2 / SPEC 2: images downscaled by ``downscale`` (INTER_AREA), weak masks with
@@ -850,6 +850,11 @@ def seg_dataloaders(root: str | Path, size: int = 256, downscale: float = SEG_DO
     validation : str
         BRCA-M2C only, one of `VALIDATIONS`: whole held-out patients (``"patients"``) or the
         official validation split (``"official"``).
+    mix : str or Path, optional
+        A second annotated folder (e.g. synthetic patches beside BRCA-M2C) whose *training*
+        patches (its own `cells_split`) join the training set, read at the same ``downscale`` and
+        ``diameter``; validation stays on ``root``'s patches. Both must be drawn at the same pixel
+        size (`cellulib.constants.MPP`).
 
     Returns
     -------
@@ -861,6 +866,10 @@ def seg_dataloaders(root: str | Path, size: int = 256, downscale: float = SEG_DO
     n_valid = len(valid_idx)
     common = dict(size=size, downscale=downscale, diameter=diameter, normalize=normalize)
     tr, va = cells.iloc[train_idx], cells.iloc[valid_idx]
+    if mix is not None:
+        other = read_cells(mix)
+        tr = pd.concat([tr, other.iloc[cells_split(other, valid_pct, seed, mix, validation)[0]]],
+                       ignore_index=True)
     train_ds = SegDataset(tr["image_path"].tolist(), tr["xml_path"].tolist(), train=True,
                           seed=seed, length=patches_per_epoch, stain=stain, **common)
     if n_valid:

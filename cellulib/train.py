@@ -284,7 +284,8 @@ def _pretrained_key(pretrained) -> str | None:
 
 def train_seg(root: str | os.PathLike, decoder: str = "fpn", pretrained=None, profile: str = "quick",
               seed: int = 0, epochs: int | None = None, progress: bool = True, cache: bool = True,
-              validation: str = "patients", **overrides: Any) -> TrainResult:
+              validation: str = "patients", mix: str | os.PathLike | None = None,
+              **overrides: Any) -> TrainResult:
     """Train (or load from the cache) the weak segmentation network on the annotated patches.
 
     Paper section 4.2 and Table 1; SPEC 2. Settings come from ``profile`` (``seg_epochs``,
@@ -295,7 +296,10 @@ def train_seg(root: str | os.PathLike, decoder: str = "fpn", pretrained=None, pr
     schedule) replace the BreastPathQ ones. Validation (:func:`cellulib.data.cells_split`): a fixed
     20% of the annotated BreastPathQ patches; on BRCA-M2C whole held-out patients
     (``validation="patients"``, :func:`cellulib.data.patient_split`, the default) or the official
-    validation split (``validation="official"``, which shares patients with training); centre crops. ``scores`` holds the
+    validation split (``validation="official"``, which shares patients with training); centre crops.
+    ``mix``: a second annotated folder whose training patches join the training set at the same
+    scale (:func:`cellulib.data.seg_dataloaders`), e.g. the synthetic patches beside BRCA-M2C, so
+    that one network learns real and synthetic nuclei; part of the key. ``scores`` holds the
     per-class Jaccard at 0.5 and their mean (``jaccard_nuclei``, Table 1). Used in chapter 2, the real-H&E chapter and, through the cache,
     chapter 3.
     """
@@ -314,27 +318,30 @@ def train_seg(root: str | os.PathLike, decoder: str = "fpn", pretrained=None, pr
         "seg_weights": [float(w) for w in settings["seg_weights"]],
         # the split is part of a BRCA-M2C recipe (the data fingerprint does not see it)
         **({"validation": validation} if brca else {}),
+        **({"mix": data_fingerprint(mix)} if mix is not None else {}),
     }
     path, rec = _recipe("seg", params)
     params = rec["params"]
 
     def train_images() -> list[str]:
-        cells = data.read_cells(root)
-        return cells["image_path"].iloc[data.cells_split(cells, seed=seed, root=root,
-                                                         validation=validation)[0]].tolist()
+        paths = []
+        for folder in (root,) if mix is None else (root, mix):
+            cells = data.read_cells(folder)
+            paths += cells["image_path"].iloc[data.cells_split(
+                cells, seed=seed, root=folder, validation=validation)[0]].tolist()
+        return paths
 
     if cache and (hit := _cached(path, rec, settings,
                                  lambda model, meta: _provenance(train_images()))) is not None:
         return hit
     set_seed(seed, reproducible=True)
     # the same patch-level split seg_dataloaders makes (its default valid_pct)
-    n_train = len(data.cells_split(data.read_cells(root), seed=seed, root=root,
-                                   validation=validation)[0])
+    n_train = len(train_images())
     dls = data.seg_dataloaders(
         root, size=settings["crop"], downscale=settings["downscale"], bs=settings["seg_bs"],
         diameter=settings["disc_diameter"], seed=seed,
         patches_per_epoch=settings["patches_per_epoch"] * n_train, stain=settings["stain_augment"],
-        validation=validation,
+        validation=validation, mix=mix,
     )
     learn = seg_learner(dls, decoder=decoder, pretrained=pretrained, weights=settings["seg_weights"],
                         precision=settings["precision"])
@@ -555,10 +562,12 @@ def train_direct(root: str | os.PathLike, arch: str = "resnet34", task: str = "r
     return _finish(learn.model, path, rec, _history(learn), root, seconds, settings, input_size)
 
 
-def _seg_input_size(root, settings: dict) -> int:
-    """The patch side at the segmentation network's scale (x2 downscale), a multiple of 32."""
+def _seg_input_size(root, settings: dict, seg: TrainResult | None = None) -> int:
+    """The patch side at the segmentation network's scale, a multiple of 32: the downscale that
+    ``seg`` recorded (x1 for a network trained on BRCA-M2C), else the profile's (x2)."""
     first = data.read_breastpathq(root)["path"].iloc[0]
-    return seg_scale_size(read_image(first).shape[0], settings["downscale"])
+    recorded = ((seg.meta or {}).get("params") or {}).get("downscale") if seg is not None else None
+    return seg_scale_size(read_image(first).shape[0], recorded or settings["downscale"])
 
 
 def cellularity_input_size(root, settings: dict) -> int:
@@ -592,7 +601,7 @@ def train_sr(root: str | os.PathLike, seg: TrainResult, pretrained=None, profile
     from fastai.losses import MSELossFlat
 
     settings = get_profile(profile, **overrides)
-    input_size = input_size or _seg_input_size(root, settings)
+    input_size = input_size or _seg_input_size(root, settings, seg)
     if input_size % 32:
         raise ValueError(f"SR input size {input_size} must be a multiple of 32")
     params = {"kind": "sr", "seg": seg.path.name, "pretrained": _pretrained_key(pretrained),
@@ -653,7 +662,7 @@ def train_gbt(root: str | os.PathLike, seg: TrainResult, profile: str = "quick",
     from cellulib import features
 
     settings = get_profile(profile, **overrides)
-    input_size = input_size or _seg_input_size(root, settings)
+    input_size = input_size or _seg_input_size(root, settings, seg)
     params = {"kind": "gbt", "seg": seg.path.name, "seed": int(seed), "data": data_fingerprint(root),
               "input_size": input_size, "rounds": settings["gbt_rounds"]}
     path, rec = _recipe("gbt", params)
@@ -678,3 +687,78 @@ def train_gbt(root: str | os.PathLike, seg: TrainResult, profile: str = "quick",
     return _finish(model, path, rec, history, root, seconds, settings, input_size, pred=pred,
                    importance=importance.to_dict(), features_train=tables["train"].to_dict("list"),
                    features_valid=tables["validation"].to_dict("list"))
+
+
+#: The direct models of the book (chapter 4): name -> (architecture, task).
+DIRECT_MODELS: dict[str, tuple[str, str]] = {
+    "ResNet34 (R)": ("resnet34", "regression"), "ResNet50 (R)": ("resnet50", "regression"),
+    "Xception (R)": ("xception", "regression"), "Xception (C)": ("xception", "classification")}
+#: The two routes of the paper and the book's models on each.
+ROUTES: dict[str, tuple[str, ...]] = {"segmentation": ("GBT", "ResNet34 (SR)"),
+                                      "direct": tuple(DIRECT_MODELS)}
+
+
+def book_models(root: str | os.PathLike, profile: str = "quick", seed: int = 0, *,
+                seg_epochs: int | None = None, crop: int | None = None,
+                patches_per_epoch: int | None = None, sr_epochs: int | None = None,
+                sr_finetune_epochs: int | None = None, gbt_rounds: int | None = None,
+                epochs: int | None = None, input_size: int | None = None,
+                progress: bool = False) -> tuple[TrainResult, dict[str, TrainResult]]:
+    """The FPN segmentation network and the book's six cellularity models (chapters 2-4), from the
+    cache or trained, with the chapters' settings: ``(seg, {name: result})`` in the order of
+    :data:`ROUTES`. ``None`` keeps a profile's setting. Used in the real-tissue chapter."""
+    seg = train_seg(root, decoder="fpn", profile=profile, seed=seed, epochs=seg_epochs,
+                    progress=progress, **{k: v for k, v in {"crop": crop,
+                                                             "patches_per_epoch": patches_per_epoch}.items()
+                                           if v is not None})
+    sr_args = {k: v for k, v in {"sr_epochs": sr_epochs,
+                                 "sr_finetune_epochs": sr_finetune_epochs}.items() if v}
+    gbt_args = {"gbt_rounds": gbt_rounds} if gbt_rounds else {}
+    results = {"GBT": train_gbt(root, seg, profile=profile, seed=seed, progress=progress, **gbt_args),
+               "ResNet34 (SR)": train_sr(root, seg, profile=profile, seed=seed, progress=progress,
+                                         **sr_args)}
+    for name, (arch, task) in DIRECT_MODELS.items():
+        results[name] = train_direct(root, arch, task, profile=profile, seed=seed, epochs=epochs,
+                                     size=input_size, progress=progress)
+    return seg, results
+
+
+def real_tissue_levers(root: str | os.PathLike, real_seg: TrainResult, profile: str = "quick",
+                       seed: int = 0, augment: str = "hed", sr: bool = False, *,
+                       seg_epochs: int | None = None,
+                       crop: int | None = None, patches_per_epoch: int | None = None,
+                       sr_epochs: int | None = None, sr_finetune_epochs: int | None = None,
+                       gbt_rounds: int | None = None, epochs: int | None = None,
+                       input_size: int | None = None,
+                       progress: bool = False) -> dict[str, tuple[str, TrainResult]]:
+    """The levers the real-tissue chapter measures, each as ``{name: (model it changes, result)}``:
+
+    - GBT (and with ``sr``, SR) trained on the synthetic patches from the maps of ``real_seg``, a
+      segmentation network that learned real nuclei (BRCA-M2C), instead of the synthetic-trained
+      FPN. SR is off by default: its cascade runs that network at full resolution (no x2
+      downscale) in every training step, and it had not finished after 33 minutes beside a book
+      build on a 2-core machine;
+    - with ``augment`` (``"hed"``; ``"none"`` leaves them out) the stain-shift chapter's models
+      trained with stain jitter: GBT on a jittered FPN, and ResNet34 (R).
+
+    All come from the cache when the chapters that train them have run. Used in the real-tissue
+    chapter."""
+    sr_args = {k: v for k, v in {"sr_epochs": sr_epochs,
+                                 "sr_finetune_epochs": sr_finetune_epochs}.items() if v}
+    gbt_args = {"gbt_rounds": gbt_rounds} if gbt_rounds else {}
+    levers = {"GBT on the real FPN": ("GBT", train_gbt(root, real_seg, profile=profile, seed=seed,
+                                                       progress=progress, **gbt_args))}
+    if sr:
+        levers["ResNet34 (SR) on the real FPN"] = ("ResNet34 (SR)", train_sr(
+            root, real_seg, profile=profile, seed=seed, progress=progress, **sr_args))
+    if augment != "none":
+        seg_aug = train_seg(root, decoder="fpn", profile=profile, seed=seed, epochs=seg_epochs,
+                            crop=crop, patches_per_epoch=patches_per_epoch, stain_augment=augment,
+                            progress=progress)
+        label = augment.upper()
+        levers[f"GBT, {label} jitter"] = ("GBT", train_gbt(root, seg_aug, profile=profile, seed=seed,
+                                                           progress=progress, **gbt_args))
+        levers[f"ResNet34 (R), {label} jitter"] = ("ResNet34 (R)", train_direct(
+            root, "resnet34", "regression", profile=profile, seed=seed, epochs=epochs,
+            size=input_size, stain_augment=augment, progress=progress))
+    return levers

@@ -700,6 +700,18 @@ def test_seg_dataloaders_batches(cells_root):
     assert inter / union > 0.85
 
 
+def test_seg_dataloaders_mix_adds_the_other_folders_training_patches(cells_root, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    _make_cells(other)
+    dls = seg_dataloaders(cells_root, size=32, downscale=2, bs=2, diameter=15, valid_pct=0.34,
+                          seed=0, device="cpu", mix=other)
+    # 4 training patches of each folder; validation stays on the first folder's 2
+    assert len(dls.train.dataset) == 8 and len(dls.valid.dataset) == 2
+    assert sum(str(other) in p for p in dls.train.dataset.image_paths) == 4
+    assert not any(str(other) in p for p in dls.valid.dataset.image_paths)
+
+
 def test_seg_dataloaders_deterministic(cells_root):
     def run(seed, num_workers=0):
         dls = seg_dataloaders(cells_root, size=32, bs=2, valid_pct=0.34, seed=seed, device="cpu",
