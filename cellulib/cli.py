@@ -483,10 +483,12 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
     from cellulib import store, train
     from cellulib.detect import DETECTION_VERSION
+    from cellulib.realtissue import REAL_TISSUE_VERSION
     from cellulib.robustness import SHIFT_VERSION
 
     # derived results (store.derived_frame) are current for these code versions
-    derived = {**train.derived_versions(), "shift": SHIFT_VERSION, "detection": DETECTION_VERSION}
+    derived = {**train.derived_versions(), "shift": SHIFT_VERSION, "detection": DETECTION_VERSION,
+               "real_tissue": REAL_TISSUE_VERSION}
     if args.action == "list":
         entries = store.cache_entries(train.RECIPE_VERSIONS, derived_versions=derived)
     else:

@@ -557,6 +557,33 @@ def fraction_scatter(annotated: Sequence[float], detected: Sequence[float],
     return fig
 
 
+def proxy_scatter(scores: pd.DataFrame, proxy: Sequence[float], names: Sequence[str],
+                  pks: dict[str, float] | None = None, proxy_label: str = "tumour share of nuclei (count proxy)",
+                  ncols: int = 4) -> plt.Figure:
+    """Each model's predicted cellularity of real windows against their proxy, one panel per model,
+    coloured by patient when ``scores`` has a ``patient`` column; the panel title gives the PK.
+    The axes are not forced to the identity: a proxy is compared by rank, not by scale. Used in the
+    real-tissue chapter."""
+    n = len(names)
+    ncols = min(n, ncols)
+    nrows = int(np.ceil(n / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.1 * ncols, 3.0 * nrows), squeeze=False,
+                             sharex=True)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    patients = scores["patient"].astype(str) if "patient" in scores else pd.Series([""] * len(scores))
+    codes, _ = pd.factorize(patients)
+    for ax, name in zip(axes.flat, names):
+        ax.scatter(proxy, scores[name], c=codes, cmap="tab20", s=14, alpha=0.8)
+        ax.set_xlim(-0.02, 1.02)
+        title = name if not pks or name not in pks else f"{name}\nPK {pks[name]:.2f}"
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(proxy_label, fontsize=8)
+        ax.set_ylabel("predicted cellularity", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def message_figure(text: str) -> plt.Figure:
     """A small figure that only says ``text``: stands in for a figure whose data are missing, so
     the page still builds and says why. Used in the real-H&E chapter."""

@@ -23,7 +23,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "data": ("stain", "transforms", "annotations", "data", "synth", "profiles", "proxy"),
     "models": ("features", "losses", "metrics", "models", "engine", "store"),
     "training and inference": ("train", "predict", "detect", "slide"),
-    "reporting": ("report", "plots", "evaluation", "robustness"),
+    "reporting": ("report", "plots", "evaluation", "robustness", "realtissue"),
     "commands and tools": ("cli", "bench", "bookstatus", "lab", "__init__", "__main__"),
 }
 RANK = {m: i for i, mods in enumerate(LAYERS.values()) for m in mods}

@@ -1,0 +1,145 @@
+"""Cellularity models on real tissue (`cellulib.realtissue`): rank agreement with CIs over patients on
+hand-made cases, the route comparison, the detector baseline's counting, the BreastPathQ patch's
+truth, and the proxy's image filter."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cellulib import realtissue
+from cellulib.metrics import prediction_probability
+
+ROUTES = {"segmentation": ("A",), "direct": ("B",)}
+
+
+def _windows(n_patients=6, per=4, seed=0):
+    rng = np.random.default_rng(seed)
+    count = rng.uniform(0, 1, n_patients * per)
+    return pd.DataFrame({"path": [f"w{i}.png" for i in range(count.size)],
+                         "patient": np.repeat([f"P{i}" for i in range(n_patients)], per),
+                         "count": count, "area": count / 3})
+
+
+def test_a_perfect_ranking_has_pk_1_and_the_mean_predictor_half():
+    w = _windows()
+    scores = pd.DataFrame({"path": w.path, "A": w["count"] * 0.2 + 0.4,   # same order, other scale
+                           "B": 1 - w["count"]})                          # reversed
+    t = realtissue.rank_table(scores, w, ROUTES, {"A": 0.9}, n_boot=200)
+    assert t.loc["A", "pk"] == 1.0 and t.loc["A", "pk_area"] == 1.0
+    assert (t.loc["A", "pk_low"], t.loc["A", "pk_high"]) == (1.0, 1.0)
+    assert t.loc["B", "pk"] == 0.0 and not t.loc["B", "above_chance"]
+    assert t.loc["A", "above_chance"] and t.loc["A", "synthetic ICC"] == 0.9
+    assert t.loc["Mean predictor", "pk"] == 0.5 and t.loc["A", "route"] == "segmentation"
+    assert t.loc["A", "PK (count)"] == "1.000 [1.000-1.000]"
+
+
+def test_pk_by_hand_with_a_tie_and_the_baseline_left_out_where_undefined():
+    # truth 0.1 < 0.2 < 0.3 < 0.4; A scores 1, 3, 2, 2: pairs (1,2)C (1,3)C (1,4)C (2,3)D (2,4)D
+    # (3,4)T -> PK = (3 + 0.5) / 6
+    w = pd.DataFrame({"path": list("abcd"), "patient": ["P1", "P1", "P2", "P2"],
+                      "count": [0.1, 0.2, 0.3, 0.4], "area": [0.1, 0.2, 0.3, 0.4]})
+    scores = pd.DataFrame({"path": w.path, "A": [1, 3, 2, 2.0], "B": [1, 2, 3, 4.0]})
+    base = pd.DataFrame({"path": w.path, "n_detected": [0, 5, 5, 5], "share": [np.nan, 0.1, 0.5, 0.9]})
+    t = realtissue.rank_table(scores, w, ROUTES, baseline=base, n_boot=50)
+    assert t.loc["A", "pk"] == pytest.approx(3.5 / 6)
+    assert t.loc[realtissue.BASELINE, "pk"] == 1.0 and t.loc[realtissue.BASELINE, "n"] == 3
+
+
+def test_the_bootstrap_resamples_whole_patients():
+    # within each patient the model ranks perfectly; between patients it is reversed, so which
+    # patients are drawn moves PK: the interval is wide, not the single value a window bootstrap
+    # of a perfect within-patient order would suggest
+    w = pd.DataFrame({"path": [f"w{i}" for i in range(6)], "patient": ["P1"] * 2 + ["P2"] * 2 + ["P3"] * 2,
+                      "count": [0.1, 0.2, 0.4, 0.5, 0.7, 0.8], "area": 0.0})
+    w["area"] = w["count"]
+    scores = pd.DataFrame({"path": w.path, "A": [0.8, 0.9, 0.5, 0.6, 0.1, 0.2], "B": 0.5})
+    t = realtissue.rank_table(scores, w, ROUTES, n_boot=300, seed=1)
+    assert t.loc["A", "pk"] == pytest.approx(prediction_probability(w["count"], scores["A"]))
+    assert t.loc["A", "pk"] == pytest.approx(0.2)  # 3 concordant pairs within patients, 12 discordant
+    assert t.loc["A", "pk_high"] == 1.0 and t.loc["A", "pk_low"] <= 0.25
+
+
+def test_route_difference_and_its_verdict():
+    w = _windows(n_patients=10, per=6, seed=2)
+    rng = np.random.default_rng(3)
+    good = w["count"] + rng.normal(0, 0.05, len(w))
+    fair = w["count"] + rng.normal(0, 0.4, len(w))
+    scores = pd.DataFrame({"path": w.path, "A": good, "B": fair})
+    diff, verdict = realtissue.route_difference(scores, w, ["A"], ["B"], n_boot=300)
+    expected = prediction_probability(w["count"], good) - prediction_probability(w["count"], fair)
+    assert diff.value == pytest.approx(expected) and diff.ci_low > 0
+    assert verdict == "holds"
+    swapped, v2 = realtissue.route_difference(scores, w, ["B"], ["A"], n_boot=300)
+    assert swapped.value == pytest.approx(-expected) and v2 == "does not hold"
+    # a route at chance cannot decide the claim
+    scores["C"] = 0.5
+    _, v3 = realtissue.route_difference(scores, w, ["A"], ["C"], n_boot=300)
+    assert v3 == "undecided"
+
+
+def test_detector_share_counts_detections_by_window(monkeypatch, tmp_path):
+    import cellulib.detect as detect
+
+    found = pd.DataFrame({"path": ["img.png"] * 4 + ["other.png"],
+                          "x": [1.0, 2.0, 12.0, 30.0, 1.0], "y": [1.0, 3.0, 1.0, 1.0, 1.0],
+                          "class": ["malignant", "lymphocyte", "malignant", "malignant", "malignant"],
+                          "probability": 0.9, "error": ""})
+    monkeypatch.setattr(detect, "detect_nuclei", lambda *a, **k: found)
+    w = pd.DataFrame({"path": ["w0", "w1", "w2"], "image_path": ["img.png"] * 3,
+                      "x": [0, 10, 40], "y": [0, 0, 0], "size": [10, 10, 10]})
+    share = realtissue.detector_share(("net", {}), w, cache=False)
+    assert share["n_detected"].tolist() == [2, 1, 0]
+    assert share["share"].iloc[:2].tolist() == [0.5, 1.0] and np.isnan(share["share"].iloc[2])
+
+
+def test_breastpathq_truth(tmp_path):
+    from cellulib import profiles
+
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide,rid,y\n99788,1,0.97\n99788,2,0.8\n")
+    assert realtissue.breastpathq_truth(labels) == 0.97
+    assert realtissue.breastpathq_truth(labels, rid=2) == 0.8
+    with pytest.raises(KeyError, match="slide 1, region 1"):
+        realtissue.breastpathq_truth(labels, slide=1)
+    # the project's copy of the real labels: its README gives 0.97 for 99788_1 (SOURCES.md)
+    real_dir = profiles.real_dir()
+    if real_dir is not None and (real_dir / "breastpathq_train_labels.csv").is_file():
+        real = real_dir / "breastpathq_train_labels.csv"
+        assert realtissue.breastpathq_truth(real) == 0.97
+
+
+def test_floors_and_sentences():
+    w = _windows()
+    scores = pd.DataFrame({"path": w.path, "A": w["count"], "B": 0.5 + 0 * w["count"]})
+    t = realtissue.rank_table(scores, w, ROUTES, n_boot=100)
+    # synthetic floor: ICC >= 0.90 and MSE <= 0.25 x the mean predictor's (hand-made values)
+    synth = pd.DataFrame({"icc": [0.95, 0.95, 0.85], "mse": [0.01, 0.04, 0.01], "mean_mse": 0.13},
+                         index=["A", "B", "C"])
+    f = realtissue.floors_table(t, ["A"], pd.Series({"A": 0.9, "B": 0.6}), synth)
+    assert f["met"].tolist() == [True, True, False]
+    assert f["by"].tolist() == ["A", "A", "B, C"]  # B: 0.04 > 0.25 x 0.13; C: ICC 0.85
+    f2 = realtissue.floors_table(t, ["B"], pd.Series({"A": 0.6, "B": 0.7}))
+    assert f2["met"].tolist() == [False, False] and f2["measured"].iloc[1] == "0.700"
+    text = realtissue.rank_sentence(t, ROUTES)
+    assert text.startswith("1 of the 2 cellularity models") and "A at PK 1.000" in text
+    assert "meets the floor" in realtissue.patch_sentence(pd.Series({"A": 0.9}), 0.97)
+    assert realtissue.summary_sentence(f, {"as trained": "holds"}, None).startswith(
+        "2 of 3 floors are met; not met: every model on the synthetic")
+    assert realtissue.with_levers({"s": ("A",), "d": ("B",)}, {"A2": "A"}) == {"s": ("A", "A2"), "d": ("B",)}
+
+
+def test_synthetic_floors_by_hand():
+    p = pd.DataFrame({"y_true": [0.0, 0.5, 1.0], "y_pred": [0.1, 0.5, 0.9]})
+    f = realtissue.synthetic_floors({"A": p}, train_mean=0.5)
+    assert f.loc["A", "mse"] == pytest.approx(0.02 / 3)
+    assert f.loc["A", "mean_mse"] == pytest.approx(0.5 / 3)
+
+
+def test_windows_of_real_held_out_patients(brca_dir, tmp_path):
+    split, images = realtissue.report_images(brca_dir)
+    w = realtissue.windows(brca_dir, tmp_path / "crops", 256, images["name"])
+    held_out = set(images["name"].map(lambda n: n.split("-01Z")[0][:12]))
+    assert split == "patient-disjoint validation"
+    assert set(w["patient"]) <= held_out and w["count"].between(0, 1).all()
+    assert (w["area"] <= w["tissue_fraction"] + 1e-9).all()
+    assert w["image_path"].map(lambda p: p.endswith(".png")).all()
