@@ -618,6 +618,7 @@ EXERCISE_PARAMETERS: dict[str, dict[str, Any]] = {
     "03_feature_importance": {"sr_epochs": 5, "sr_finetune_epochs": 1, "n_boot": 500},  # 15 + 3
     "04_direct_regression_vs_classification": {"epochs": 8, "n_boot": 500},  # quick profile: 30
     "04b_stain_shift": {"augment": "none", "n_boot": 500},  # no retraining with stain jitter
+    "04c_real_tissue": {"n_boot": 500},
     "05_discussion": {"n_boot": 500},
 }
 

@@ -37,8 +37,13 @@ TINY = {
     "04b_stain_shift": {**DATA, **SEG, "seg_epochs": 1, "sr_epochs": 1, "sr_finetune_epochs": 1,
                         "gbt_rounds": 20, "epochs": 1, "input_size": 64, "real_epochs": 1,
                         "real_crop": 64, "real_patches_per_epoch": 1, "n_boot": 100},
+    # the six models and the BRCA-M2C FPN from the cache; GBT and SR retrained on the FPN's maps
+    "04c_real_tissue": {**DATA, **SEG, "seg_epochs": 1, "sr_epochs": 1, "sr_finetune_epochs": 1,
+                        "gbt_rounds": 20, "epochs": 1, "input_size": 64, "real_epochs": 1,
+                        "real_crop": 64, "real_patches_per_epoch": 1, "n_boot": 100},
     "05_discussion": {**DATA, **SEG, "seg_epochs": 1, "sr_epochs": 1, "sr_finetune_epochs": 1,
-                      "gbt_rounds": 20, "epochs": 1, "input_size": 64, "n_boot": 100},
+                      "gbt_rounds": 20, "epochs": 1, "input_size": 64, "real_epochs": 1,
+                      "real_crop": 64, "real_patches_per_epoch": 1, "n_boot": 100},
 }
 
 # The paper profile with the same tiny sizes, so that every line reading the paper's settings runs
@@ -58,7 +63,8 @@ PAPER_LEASE = {
     "03_feature_importance": {**CASCADE_LEASE, "n_boot": 500},
     "04_direct_regression_vs_classification": {**DATA_LEASE, "epochs": 8, "n_boot": 500},
     "04b_stain_shift": {**CASCADE_LEASE, "epochs": 8, "real_epochs": 10, "n_boot": 500},
-    "05_discussion": {**CASCADE_LEASE, "epochs": 8, "n_boot": 500},
+    "04c_real_tissue": {**CASCADE_LEASE, "epochs": 8, "real_epochs": 10, "n_boot": 500},
+    "05_discussion": {**CASCADE_LEASE, "epochs": 8, "real_epochs": 10, "n_boot": 500},
 }
 
 # Numbered figures each chapter shows (glued PNGs with captions).
@@ -69,6 +75,7 @@ FIGURES = {
     "03_feature_importance": 6,
     "04_direct_regression_vs_classification": 5,
     "04b_stain_shift": 5,
+    "04c_real_tissue": 1,
     "05_discussion": 0,
 }
 
@@ -167,7 +174,8 @@ def paper_chapters(tmp_path_factory):
             papermill.execute_notebook(
                 str(REPO / "notebooks" / f"{name}.ipynb"), str(out / f"{name}.ipynb"),
                 parameters={"profile": "paper", "seed": 0, **PAPER_TINY[name],
-                            **(real if name in ("02b_real_he", "04b_stain_shift") else {})},
+                            **(real if name in ("02b_real_he", "04b_stain_shift", "04c_real_tissue",
+                                                "05_discussion") else {})},
                 cwd=str(out),
                 kernel_name="python3", progress_bar=False)
     finally:
@@ -298,16 +306,16 @@ def test_page_renders_in_headless_chromium(built_book, page, tmp_path):
 # --------------------------------------------------------------------------------------------------
 # the real-H&E chapter on other copies: none at all, and a full copy with a test split
 # --------------------------------------------------------------------------------------------------
-def _run_real_chapter(tmp_path, monkeypatch, **parameters) -> str:
-    """Execute the real-H&E chapter alone with tiny parameters; its outputs as one text."""
+def _run_real_chapter(tmp_path, monkeypatch, chapter="02b_real_he", **parameters) -> str:
+    """Execute a real-data chapter alone with tiny parameters; its outputs as one text."""
     import nbformat
     import papermill
 
     monkeypatch.setenv("CELLULIB_HOME", str(tmp_path / "home"))  # the kernel inherits it
-    out = tmp_path / "02b_real_he.ipynb"
+    out = tmp_path / f"{chapter}.ipynb"
     papermill.execute_notebook(
-        str(REPO / "notebooks" / "02b_real_he.ipynb"), str(out),
-        parameters={"profile": "quick", "seed": 0, **TINY["02b_real_he"], **parameters},
+        str(REPO / "notebooks" / f"{chapter}.ipynb"), str(out),
+        parameters={"profile": "quick", "seed": 0, **TINY[chapter], **parameters},
         cwd=str(tmp_path), kernel_name="python3", progress_bar=False)
     texts = []
     for cell in nbformat.read(out, as_version=4).cells:
@@ -323,6 +331,15 @@ def test_real_chapter_without_data_says_it_skipped(tmp_path, monkeypatch):
     empty.mkdir()
     monkeypatch.setenv("CELLULIB_REAL_DATA", str(empty))
     text = _run_real_chapter(tmp_path, monkeypatch)
+    assert "BRCA-M2C not found ($CELLULIB_REAL_DATA is" in text and "section was skipped" in text
+    assert "Traceback" not in text
+
+
+def test_real_tissue_chapter_without_data_says_it_skipped(tmp_path, monkeypatch):
+    empty = tmp_path / "no-real-data"
+    empty.mkdir()
+    monkeypatch.setenv("CELLULIB_REAL_DATA", str(empty))
+    text = _run_real_chapter(tmp_path, monkeypatch, chapter="04c_real_tissue")
     assert "BRCA-M2C not found ($CELLULIB_REAL_DATA is" in text and "section was skipped" in text
     assert "Traceback" not in text
 

@@ -3,7 +3,7 @@
 A docstring that claims a chapter uses a function, class, method or module is checked against the
 code cells of that chapter's source notebook: the object's name must appear there as a name, or,
 for a claim that says "through X", X's name must. Chapters are the book's numbers (1-5) and the two
-named chapters beyond the paper (the real-H&E and the stain-shift chapter).
+named chapters beyond the paper (the real-H&E, the stain-shift and the real-tissue chapter).
 """
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "cellulib"
 NOTEBOOKS = REPO / "notebooks"
 
-NAMED = {"real-H&E": "2b", "stain-shift": "4b"}
+NAMED = {"real-H&E": "2b", "stain-shift": "4b", "real-tissue": "4c"}
 CLAIM = re.compile(
     r"[Uu]sed\s+(?:in|by)\s+(?:the\s+)?"
-    r"(?:(?P<named>real-H&E|stain-shift)\s+chapter"
+    r"(?:(?P<named>real-H&E|stain-shift|real-tissue)\s+chapter"
     r"|chapters?\s+(?P<numbers>\d(?:\s*(?:-|to|,|and|,\s*and)\s*\d)*)(?P<rest>(?:`[^`]*`|[^.;`])*))")
 
 
