@@ -426,9 +426,12 @@ def route_sentence(difference: Estimate, verdict_: str, better: str = "segmentat
                    worse: str = "direct models") -> str:
     """The route comparison of :func:`route_difference` in words."""
     d = format_ci(*difference)
+    includes_zero = difference.ci_low <= 0 <= difference.ci_high
     why = {"holds": "the CI lies above 0, so the claim holds on real tissue",
            "does not hold": "the CI lies below 0, so on real tissue the claim does not hold",
-           "undecided": ("the CI includes 0, or a route does not rank above chance, so real "
+           "undecided": ("the CI includes 0, so real tissue does not decide the claim"
+                         if includes_zero else
+                         "the CI excludes 0, but a route does not rank above chance, so real "
                          "tissue does not decide the claim")}[verdict_]
     return f"Mean PK of the {better} minus that of the {worse}: {d}; {why}."
 

@@ -8,6 +8,7 @@ import pytest
 
 from cellulib import realtissue
 from cellulib.metrics import prediction_probability
+from cellulib.report import Estimate
 
 ROUTES = {"segmentation": ("A",), "direct": ("B",)}
 
@@ -73,8 +74,10 @@ def test_route_difference_and_its_verdict():
     assert swapped.value == pytest.approx(-expected) and v2 == "does not hold"
     # a route at chance cannot decide the claim
     scores["C"] = 0.5
-    _, v3 = realtissue.route_difference(scores, w, ["A"], ["C"], n_boot=300)
-    assert v3 == "undecided"
+    d3, v3 = realtissue.route_difference(scores, w, ["A"], ["C"], n_boot=300)
+    assert v3 == "undecided" and d3.ci_low > 0
+    assert "excludes 0, but a route does not rank above chance" in realtissue.route_sentence(d3, v3)
+    assert "the CI includes 0" in realtissue.route_sentence(Estimate(0.01, -0.02, 0.04), "undecided")
 
 
 def test_detector_share_counts_detections_by_window(monkeypatch, tmp_path):
