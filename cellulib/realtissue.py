@@ -26,7 +26,13 @@ import numpy as np
 import pandas as pd
 
 from cellulib import constants
-from cellulib.metrics import UndefinedMetricError, format_ci, prediction_probability, spearman
+from cellulib.metrics import (
+    UndefinedMetricError,
+    bootstrap_ci,
+    format_ci,
+    prediction_probability,
+    spearman,
+)
 from cellulib.report import Estimate, verdict
 
 __all__ = ["BASELINE", "BREASTPATHQ_PATCH", "FLOORS", "REAL_TISSUE_VERSION", "breastpathq_truth",
@@ -211,25 +217,19 @@ def detector_share(model: Any, table: pd.DataFrame, threshold: float = constants
     return _derived("real-detector", parts, [weights], compute, {"detection": DETECTION_VERSION})
 
 
-def _pk_ci(y_true: np.ndarray, y_pred: np.ndarray, members: list[np.ndarray], idx: np.ndarray,
-           metric=prediction_probability) -> tuple[float, float, float]:
+def _with_ci(metric, y_true: np.ndarray, y_pred: np.ndarray, patients: np.ndarray, n_boot: int,
+             seed: int) -> tuple[float, float, float]:
+    """``metric`` and its 95% cluster-bootstrap CI over patients
+    (:func:`cellulib.metrics.bootstrap_ci`); NaN where it is undefined."""
     try:
         value = metric(y_true, y_pred)
     except UndefinedMetricError:
         return np.nan, np.nan, np.nan
-    boot = []
-    for draw in idx:
-        rows = np.concatenate([members[g] for g in draw])
-        try:
-            boot.append(metric(y_true[rows], y_pred[rows]))
-        except UndefinedMetricError:
-            continue
-    boot = np.asarray(boot, dtype=np.float64)
-    boot = boot[np.isfinite(boot)]
-    if boot.size == 0:
-        return value, np.nan, np.nan
-    lo, hi = np.percentile(boot, [2.5, 97.5])
-    return float(value), float(lo), float(hi)
+    try:
+        lo, hi = bootstrap_ci(metric, y_true, y_pred, n_boot=n_boot, seed=seed, groups=patients)
+    except UndefinedMetricError:
+        return float(value), np.nan, np.nan
+    return float(value), lo, hi
 
 
 def _clusters(table: pd.DataFrame, n_boot: int, seed: int) -> tuple[list[np.ndarray], np.ndarray]:
@@ -257,7 +257,6 @@ def rank_table(scores: pd.DataFrame, table: pd.DataFrame, routes: Mapping[str, S
         ``pk_high``, ``pk_area``, ``pk_area_low``, ``pk_area_high``, ``above_chance`` (the PK
         interval against the count proxy lies above 0.5), ``n``.
     """
-    members, idx = _clusters(table, n_boot, seed)
     route_of = {m: r for r, ms in routes.items() for m in ms}
     rows = []
     columns: dict[str, np.ndarray] = {name: scores[name].to_numpy(np.float64)
@@ -266,12 +265,12 @@ def rank_table(scores: pd.DataFrame, table: pd.DataFrame, routes: Mapping[str, S
         columns[BASELINE] = baseline["share"].to_numpy(np.float64)
     for name, pred in columns.items():
         ok = np.isfinite(pred)
-        sub = table[ok].reset_index(drop=True)
-        m_sub, i_sub = (members, idx) if ok.all() else _clusters(sub, n_boot, seed)
+        sub = table[ok]
         count, area = sub["count"].to_numpy(np.float64), sub["area"].to_numpy(np.float64)
-        pk = _pk_ci(count, pred[ok], m_sub, i_sub)
-        pka = _pk_ci(area, pred[ok], m_sub, i_sub)
-        rho = _pk_ci(count, pred[ok], m_sub, i_sub, metric=spearman)
+        patients = sub["patient"].astype(str).to_numpy()
+        pk, pka, rho = (_with_ci(metric, truth, pred[ok], patients, n_boot, seed)
+                        for metric, truth in ((prediction_probability, count),
+                                              (prediction_probability, area), (spearman, count)))
         rows.append({"model": name, "route": route_of.get(name, "baseline"),
                      "PK (count)": format_ci(*pk), "PK (area)": format_ci(*pka),
                      "Spearman (count)": format_ci(*rho),
