@@ -40,6 +40,7 @@ __all__ = ["BASELINE", "BREASTPATHQ_PATCH", "FLOORS", "REAL_TISSUE_VERSION", "br
            "model_window",
            "patch_sentence", "rank_sentence", "rank_table", "report_images", "route_difference",
            "route_sentence", "score_breastpathq_patch", "score_windows", "summary_sentence",
+           "validation_images",
            "synthetic_floors", "synthetic_icc", "windows", "windows_sentence", "with_levers",
            "RealTissue", "ROUTE_TESTS", "measure", "route_sentences", "discussion_sentence"]
 
@@ -68,13 +69,25 @@ BREASTPATHQ_PATCH = "breastpathq_99788_1.tif"
 def report_images(root: PathLike) -> tuple[str, pd.DataFrame]:
     """The BRCA-M2C images a chapter reports on, and their name: the official test split when the
     copy has one (its patients are in neither train nor val), else the held-out patients of
-    :func:`cellulib.data.patient_split` (what the real-H&E chapter validates on)."""
+    :func:`validation_images` (what the real-H&E chapter validates on). Used in the real-tissue
+    chapter through :func:`measure`, and in the stain-shift chapter."""
     from cellulib import data
 
     cells = data.read_cells(root)
     if (cells["split"] == "test").any():
         return "test", cells[cells["split"] == "test"]
-    return "patient-disjoint validation", cells.iloc[data.cells_split(cells)[1]]
+    return "patient-disjoint validation", validation_images(root, cells)
+
+
+def validation_images(root: PathLike, cells: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The BRCA-M2C images of the whole patients held out from training
+    (:func:`cellulib.data.cells_split`, :func:`cellulib.data.patient_split`): what the real-H&E
+    chapter validates and chooses its decoder on. ``cells``: the folder's
+    :func:`cellulib.data.read_cells`, when already read. Used in the stain-shift chapter."""
+    from cellulib import data
+
+    cells = data.read_cells(root) if cells is None else cells
+    return cells.iloc[data.cells_split(cells)[1]]
 
 
 def model_window(model: Any, mpp: float = constants.MPP) -> int:

@@ -21,6 +21,7 @@ import pandas as pd
 
 __all__ = [
     "AUTHORS_CODE",
+    "all_learned",
     "BRCA_M2C_NAMES",
     "MCSPATNET_F",
     "DENUC_F",
@@ -468,6 +469,20 @@ def mse_summary(preds: Mapping[str, pd.DataFrame], train_mean: float | None = No
     out["paper_random"] = [paper.get((name, "random"), np.nan) for name in out.index]
     out["paper_imagenet"] = [paper.get((name, "imagenet"), np.nan) for name in out.index]
     return out
+
+
+def all_learned(summary: pd.DataFrame) -> bool:
+    """Whether every model of a :func:`mse_summary` table learned (its mean-predictor row left out):
+    what SPEC 5.1 asks before any comparison between them is decided. Used in the stain-shift
+    chapter.
+
+    Examples
+    --------
+    >>> table = pd.DataFrame({"learned": [True, False]}, index=["A", MEAN_PREDICTOR])
+    >>> all_learned(table)
+    True
+    """
+    return bool(summary["learned"].drop(MEAN_PREDICTOR, errors="ignore").astype(bool).all())
 
 
 def learned_sentence(summary: pd.DataFrame, names: Sequence[str] | None = None) -> str:
@@ -1117,3 +1132,4 @@ def detection_table(scores: Mapping[str, pd.DataFrame], reference: Mapping[str, 
         out[column] = [values.get(c, np.nan) for c in first.index]
     out.index.name = "class"
     return out
+

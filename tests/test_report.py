@@ -311,3 +311,11 @@ def test_detection_table_puts_the_published_f_beside_ours():
     assert report.floors_missed(table) == {"lymphocyte": 0.545, "malignant": 0.747,
                                            "normal": 0.444, "detection": 0.788}
     assert report.floors_missed(table.assign(f1=[0.55, 0.75, 0.55, 0.82])) == {}
+
+
+def test_all_learned_leaves_the_mean_predictor_out():
+    table = pd.DataFrame({"learned": [True, True, False]}, index=["A", "B", report.MEAN_PREDICTOR])
+    assert report.all_learned(table) is True
+    table.loc["B", "learned"] = False
+    assert report.all_learned(table) is False
+    assert report.all_learned(table.drop(index=report.MEAN_PREDICTOR).drop(index="B")) is True
