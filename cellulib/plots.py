@@ -602,7 +602,8 @@ def proxy_scatter(scores: pd.DataFrame, proxy: Sequence[float], names: Sequence[
 
 def message_figure(text: str) -> plt.Figure:
     """A small figure that only says ``text``: stands in for a figure whose data are missing, so
-    the page still builds and says why. Used in the real-H&E chapter."""
+    the page still builds and says why. Used in the real-H&E and stain-shift chapters through
+    :func:`glue_skipped`."""
     fig, ax = plt.subplots(figsize=(6, 1.2))
     ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=10, wrap=True)
     ax.axis("off")

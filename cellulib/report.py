@@ -175,7 +175,7 @@ REAL_FLOORS = {"lymphocyte": 0.55, "malignant": 0.75, "normal": 0.55, "detection
 def floors_missed(table: pd.DataFrame, floors: Mapping[str, float] | None = None) -> dict[str, float]:
     """The rows of a :func:`cellulib.metrics.detection_scores` table whose F is under its floor
     (`REAL_FLOORS` by default), with that F; empty when every floor is met. Used in the real-H&E
-    chapter.
+    chapter through :func:`decoder_sentence`.
 
     Examples
     --------
@@ -1133,3 +1133,270 @@ def detection_table(scores: Mapping[str, pd.DataFrame], reference: Mapping[str, 
     out.index.name = "class"
     return out
 
+
+def claim_words(verdict_: str) -> str:
+    """A :func:`verdict` on one of the paper's claims as the verb of a sentence: "holds", "does
+    not hold" or "is undecided". Used in the real-H&E chapter through :func:`decoder_sentence`."""
+    return {"holds": "holds", "does not hold": "does not hold", "undecided": "is undecided"}[verdict_]
+
+
+def _roles(cells: pd.DataFrame, train_idx, val_idx) -> pd.Series:
+    role = pd.Series("official test", index=cells.index)
+    role.iloc[train_idx], role.iloc[val_idx] = "training", "validation (held-out patients)"
+    return role
+
+
+def brca_m2c_table(cells: pd.DataFrame, train_idx, val_idx,
+                   names: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """Images, patients and annotated nuclei per class of a BRCA-M2C copy
+    (:func:`cellulib.data.read_cells`), by what they are used for: training and validation
+    (``train_idx``, ``val_idx``, :func:`cellulib.data.cells_split`), the rest the official test
+    split. Used in the real-H&E chapter."""
+    from cellulib.data import patient_code
+
+    names = BRCA_M2C_NAMES if names is None else names
+    role, patient = _roles(cells, train_idx, val_idx), cells["name"].map(patient_code)
+    counts = (cells.groupby(role, sort=False)[["n_lymphocyte", "n_malignant", "n_normal"]].sum()
+              .rename(columns=lambda c: names[c[2:]]))
+    counts.insert(0, "patients", patient.groupby(role, sort=False).nunique())
+    counts.insert(0, "images", role.value_counts(sort=False))
+    counts.index.name = "used for"
+    return counts
+
+
+def brca_m2c_sentence(cells: pd.DataFrame, train_idx, val_idx, report_split: str) -> str:
+    """How the real-H&E chapter splits a BRCA-M2C copy, in words: the held-out patients, the
+    patients the official validation split would share with training, and which split the results
+    are on (``report_split``, :func:`cellulib.realtissue.report_images`). Used in the real-H&E
+    chapter."""
+    from cellulib.data import patient_code
+
+    patient = cells["name"].map(patient_code)
+    official = cells["split"].to_numpy()
+    shared = sorted(set(patient[official == "train"]) & set(patient[official == "val"]))
+    return (
+        f"This copy holds {len(cells)} images. Their names start with the TCGA patient code "
+        "(`TCGA-A7-A0DB`, ...), and images of one patient share staining, scanning and tissue, so "
+        f"a network is validated here on **patients it has not seen**: {len(val_idx)} of the "
+        f"{len(train_idx) + len(val_idx)} training and validation images, "
+        f"{patient.iloc[val_idx].nunique()} whole patients (`cellulib.data.patient_split`; the "
+        "same patients for every seed, so runs compare on one set). The official validation split "
+        f"would share {len(shared)} patients ({', '.join(shared)}) with the official training split "
+        "and flatter the network. "
+        + ("The official test split (patients in neither) is present: the results below are on it; "
+           "validation only chooses between the two decoders."
+           if report_split == "test" else
+           "The official test split (images of other patients) is not in this copy, so the results "
+           "below are on the held-out patients, which also choose between the two decoders. The "
+           "README says how to get the full dataset."))
+
+
+def pixel_scale_sentence(nn_distance, diameters, disc: float, factor: float,
+                         low_pct: int = 5) -> str:
+    """Why a dataset's disc diameter and downscale suit its nuclei, in words: the distances to the
+    nearest annotated neighbour (``nn_distance``, px), the nuclei's diameters (px), the disc and
+    the downscale chosen, the FPN's stride and the detection radius. Used in the real-H&E
+    chapter."""
+    from cellulib.metrics import DETECTION_RADIUS
+
+    nn_distance, diameters = np.asarray(nn_distance, float), np.asarray(diameters, float)
+    stride, size = book_numbers()["fpn_stride"], np.median(diameters)
+    return (
+        f"Neighbouring nuclei sit a median {np.median(nn_distance):.1f} px apart ({low_pct}% of "
+        f"them closer than {np.percentile(nn_distance, low_pct):.1f} px), and nuclei segmented from "
+        f"the haematoxylin channel measure a median {size:.1f} px across. The discs here are "
+        f"therefore **{disc:g} px** across, about one nucleus and less than the distance between "
+        f"{100 * np.mean(nn_distance > disc):.0f}% of neighbours, so that most discs do not touch. "
+        f"The images are **{'not downscaled' if factor == 1 else f'downscaled x{factor:g}'}**: "
+        f"the FPN predicts on a grid {stride} times coarser than its input, where a {size:.0f} px "
+        f"nucleus spans {size / stride:.1f} cells at full size and half that after a x2 downscale, "
+        f"and the detection protocol below asks for centres within {DETECTION_RADIUS:g} px of the "
+        "dot.")
+
+
+def training_sentence(settings: Mapping[str, Any], profile: str, seconds: float) -> str:
+    """How a profile's segmentation networks were trained (``settings``,
+    :func:`cellulib.profiles.brca_m2c_profile`), and how long the two took. Used in the real-H&E
+    chapter."""
+    return (f"The {profile} profile trains each network for {settings['seg_epochs']} epochs of "
+            f"{settings['patches_per_epoch']} random {settings['crop']}-pixel crops per image "
+            f"({settings['seg_schedule'].replace('_', '-')} schedule, peak rate "
+            f"{settings['seg_lr']:g}); the two took {seconds / 60:.1f} minutes together.")
+
+
+def decoder_sentence(val_scores: Mapping[str, pd.DataFrame], best: str, threshold: float,
+                     report_split: str, n_images: int, difference: Estimate) -> str:
+    """The real-H&E chapter's choice of decoder and its test of the paper's ranking, in words:
+    pooled and tumour F of FPN and U-Net on the held-out patients (``val_scores``,
+    :func:`cellulib.metrics.detection_scores` tables), the decoder :func:`best_detector` keeps,
+    FPN minus U-Net in pooled F on the reported split (``difference``,
+    :func:`paired_detection_difference`) with its :func:`verdict`, and the floors
+    (:data:`REAL_FLOORS`, :func:`floors_missed`). Used in the real-H&E chapter."""
+    names = BRCA_M2C_NAMES
+    f = {name: (t.loc["detection", "f1"], t.loc["malignant", "f1"]) for name, t in val_scores.items()}
+    missed = {name: floors_missed(t) for name, t in val_scores.items()}
+    ranking = claim_words(verdict(difference, True, True, lower_is_better=False))
+    return (
+        f"The held-out patients pick the **{best}** decoder by the mean of pooled and tumour F, "
+        "because cellularity rests on the tumour nuclei while the other classes only need to be "
+        f"found (pooled / tumour F: FPN {f['FPN'][0]:.3f} / {f['FPN'][1]:.3f}, U-Net "
+        f"{f['U-Net'][0]:.3f} / {f['U-Net'][1]:.3f}; threshold {threshold:g}). On the "
+        f"{report_split} split ({n_images} images), FPN minus U-Net in pooled F is "
+        f"{difference.value:+.3f} (95% CI {difference.ci_low:+.3f} to {difference.ci_high:+.3f}, "
+        f"paired bootstrap over images): the paper's ranking of the decoders (FPN ahead) {ranking} "
+        "here for detection. This book's floors for real H&E, F at least "
+        + ", ".join(f"{names[c]} {v:g}" for c, v in REAL_FLOORS.items())
+        + " on the held-out patients, are "
+        + " and ".join(f"**met** by {name}" if not m else f"**not met** by {name} ("
+                       + ", ".join(f"{names[c]} {v:.3f}" for c, v in m.items()) + ")"
+                       for name, m in missed.items()) + ". "
+        "DeNuC pairs a small detector with a pathology foundation model (UNI2-h) to class the "
+        f"nuclei and is scored at 40x with a {DENUC_RADIUS_PX} px radius, close to this protocol "
+        "but not identical to it.")
+
+
+def _weakest(scores: pd.DataFrame) -> pd.Series:
+    return scores.drop(index="detection")["f1"].nsmallest(2)
+
+
+def real_he_finding(best: str, scores: pd.DataFrame, minutes: float, n_train: int,
+                    report_split: str) -> str:
+    """The real-H&E chapter's one-line finding: the kept network's pooled and tumour F on the
+    reported split (``scores``) beside MCSpatNet's, and its two weakest classes. Used in the
+    real-H&E chapter."""
+    names = BRCA_M2C_NAMES
+    return (f"Trained for {minutes:.0f} minutes on {n_train} real BRCA-M2C patches, the {best} "
+            f"network detects nuclei with F {scores.loc['detection', 'f1']:.2f} and tumour nuclei "
+            f"with F {scores.loc['malignant', 'f1']:.2f} on the {report_split} split (MCSpatNet on "
+            f"the test split: {MCSPATNET_F['detection']:.2f} and {MCSPATNET_F['malignant']:.2f}); "
+            "its weakest classes are "
+            + " and ".join(f"{names[c]} (F {v:.2f})" for c, v in _weakest(scores).items()) + ".")
+
+
+def confusion_sentence(confusion: pd.DataFrame) -> str:
+    """A :func:`cellulib.metrics.class_confusion` table in words: the share of matched nuclei given
+    their annotated class, per class, and the largest confusion. Used in the real-H&E chapter."""
+    from cellulib.metrics import DETECTION_CLASSES
+
+    names, classes = BRCA_M2C_NAMES, list(DETECTION_CLASSES)
+    matched = confusion.loc[classes, classes]
+    right = {c: matched.loc[c, c] / matched.loc[c].sum() for c in classes}
+    off = matched.where(~np.eye(len(classes), dtype=bool)).stack()
+    (worst_true, worst_called), n_worst = off.idxmax(), int(off.max())
+    return (f"Of the matched nuclei, "
+            f"{100 * np.trace(matched.to_numpy()) / matched.to_numpy().sum():.0f}% get their "
+            "annotated class (" + ", ".join(f"{names[c]} {100 * v:.0f}%" for c, v in right.items())
+            + f"). The largest confusion is {names[worst_true]} nuclei called "
+            f"{names[worst_called]}: {n_worst} of {int(matched.loc[worst_true].sum())}.")
+
+
+def jaccard_sentence(jaccard: pd.DataFrame) -> str:
+    """The mean Jaccard of the FPN and U-Net columns of ``jaccard`` (rows named as in
+    :data:`BRCA_M2C_NAMES`) beside the paper's Table 1, in words. Used in the real-H&E chapter."""
+    numbers = book_numbers()
+    return (f"The mean over the three classes is {jaccard.loc['mean (nuclei)', 'FPN']:.3f} for FPN "
+            f"and {jaccard.loc['mean (nuclei)', 'U-Net']:.3f} for U-Net (the paper, BreastPathQ "
+            f"with random initialisation: {numbers['paper_j_fpn']} and {numbers['paper_j_unet']}). "
+            "A detector can count nuclei well with a modest Jaccard: a disc is not a nucleus, and "
+            "only the centre matters for detection.")
+
+
+def fraction_sentence(fractions: pd.DataFrame) -> str:
+    """Agreement of the detected with the annotated tumour share per image (columns ``annotated``
+    and ``detected``): ICC(2,1) with its 95% CI and the mean absolute difference. Used in the
+    real-H&E chapter."""
+    from cellulib.metrics import icc, icc_ci
+
+    ratings = fractions[["annotated", "detected"]].to_numpy()
+    lo, hi = icc_ci(ratings, "ICC2")
+    return (f"Over {len(fractions)} images the agreement is ICC(2,1) {icc(ratings, 'ICC2'):.2f} "
+            f"(95% CI {lo:.2f} to {hi:.2f}); the mean absolute difference is "
+            f"{np.mean(np.abs(fractions['annotated'] - fractions['detected'])):.3f}.")
+
+
+def dot_examples(cells: pd.DataFrame) -> list[str]:
+    """The images to show of a BRCA-M2C split: the one with the most tumour dots, the most
+    lymphocytes and the most stromal dots (each once). Used in the real-H&E chapter."""
+    by_name = cells.set_index("name")
+    return list(dict.fromkeys(by_name[c].idxmax() for c in ("n_malignant", "n_lymphocyte", "n_normal")))
+
+
+def dots_sentence(fractions: pd.DataFrame, images: Sequence[str]) -> str:
+    """Dots against detections per shown image, (a), (b), ... in the order of ``images``
+    (``fractions``: :attr:`cellulib.detect.AnnotatedScores.fractions`). Used in the real-H&E
+    chapter."""
+    per_image = fractions.set_index("image").loc[list(images), ["n_annotated", "n_detected"]]
+    return ("Dots and detections per image: " + "; ".join(
+        f"({chr(97 + i)}) {int(r.n_annotated)} vs {int(r.n_detected)}"
+        for i, r in enumerate(per_image.itertuples()))
+        + ". A nucleus the annotators did not mark counts as a false positive when it is found.")
+
+
+def transfer_table(scored: Mapping[tuple[str, str], Any]) -> pd.DataFrame:
+    """Pooled and tumour F of networks trained on one dataset and scored on another
+    (``{(trained on, scored on): AnnotatedScores}``). Used in the real-H&E chapter."""
+    return pd.DataFrame([
+        {"trained on": a, "scored on": b, "detection F": s.scores().loc["detection", "f1"],
+         "tumour F": s.scores().loc["malignant", "f1"]} for (a, b), s in scored.items()]).round(3)
+
+
+def _transfer_f(scored: Mapping[tuple[str, str], Any]) -> dict[tuple[str, str], float]:
+    return {k: s.scores().loc["detection", "f1"] for k, s in scored.items()}
+
+
+def transfer_sentence(scored: Mapping[tuple[str, str], Any], settings: Mapping[str, Any]) -> str:
+    """A :func:`transfer_table` of the synthetic- and the BRCA-M2C-trained network in words, with
+    why the synthetic one does not count nuclei (its disc and downscale, ``settings``, against the
+    spacing of the synthetic nuclei). Used in the real-H&E chapter."""
+    from cellulib.annotations import nearest_dot_distances
+
+    f = _transfer_f(scored)
+    own = scored[("synthetic", "synthetic")]
+    spacing = np.median(nearest_dot_distances(own.truth)) / settings["downscale"]
+    return (
+        f"Trained on synthetic patches, the network finds real nuclei with pooled F "
+        f"{f[('synthetic', 'BRCA-M2C')]:.2f} against {f[('BRCA-M2C', 'BRCA-M2C')]:.2f} for the "
+        "real-trained one; trained on real patches, it finds synthetic nuclei with F "
+        f"{f[('BRCA-M2C', 'synthetic')]:.2f} against {f[('synthetic', 'synthetic')]:.2f} for the "
+        "synthetic-trained one. That last figure is low on its own data: the synthetic-trained "
+        f"network keeps chapter 2's setting, the paper's {settings['disc_diameter']:g} px discs "
+        f"after a x{settings['downscale']:g} downscale, where neighbouring synthetic nuclei sit a "
+        f"median {spacing:.1f} px apart at that scale, so its discs merge into blobs that hold "
+        f"several nuclei (it finds {len(own.pred)} centres for {len(own.truth)} dots). Such a "
+        "network segments tumour area, which is what cellularity needs, but it does not count "
+        "nuclei. Neither dataset stands in for the other: numbers measured on synthetic data say "
+        "how the methods compare, not how well they do on real tissue.")
+
+
+def real_he_summary(nn_distance, diameters, settings: Mapping[str, Any], best: str,
+                    minutes: float, scores: pd.DataFrame, report_split: str,
+                    scored: Mapping[tuple[str, str], Any]) -> str:
+    """The real-H&E chapter's summary, one bullet each: the pixel scale (``settings`` of the
+    BRCA-M2C networks), the kept network against MCSpatNet (``scores`` on the reported split) and
+    the transfer between datasets (``scored``, as :func:`transfer_table`). Used in the real-H&E
+    chapter."""
+    from cellulib.constants import DISC_DIAMETER, SEG_DOWNSCALE
+
+    f = _transfer_f(scored)
+    disc, factor = settings["disc_diameter"], settings["downscale"]
+    lines = [
+        f"Real nuclei need their own pixel scale: at 20x, with nuclei a median "
+        f"{np.median(diameters):.0f} px across and neighbours {np.median(nn_distance):.0f} px "
+        f"apart, BRCA-M2C is segmented "
+        f"{'at full size' if factor == 1 else f'after a x{factor:g} downscale'} with {disc:g} px "
+        f"discs, where the paper's x{SEG_DOWNSCALE:g} downscale and {DISC_DIAMETER:g} px discs would "
+        "merge neighbours.",
+        f"Chapter 2's weakly supervised {best} network, trained for {minutes:.0f} minutes on real "
+        f"dots, detects nuclei with F {scores.loc['detection', 'f1']:.2f} on the {report_split} "
+        f"split, against {MCSPATNET_F['detection']:.2f} for MCSpatNet, a dedicated detector, on "
+        "the test split" + (" (different images: compare with care)." if report_split != "test"
+                            else ".")
+        + f" Telling {BRCA_M2C_NAMES[_weakest(scores).index[0]]} nuclei from the others is the "
+        "hard part.",
+        f"Across datasets: the real-trained network finds synthetic nuclei with F "
+        f"{f[('BRCA-M2C', 'synthetic')]:.2f} (real ones: {f[('BRCA-M2C', 'BRCA-M2C')]:.2f}); the "
+        "synthetic-trained one, whose large discs make it segment tumour area rather than count "
+        f"nuclei, reaches {f[('synthetic', 'synthetic')]:.2f} on its own data and "
+        f"{f[('synthetic', 'BRCA-M2C')]:.2f} on real nuclei.",
+    ]
+    return "\n".join(f"- {line}" for line in lines)
