@@ -22,6 +22,25 @@ import pandas as pd
 __all__ = [
     "AUTHORS_CODE",
     "all_learned",
+    "kappa_bin_counts",
+    "labels_sentence",
+    "stain_sources_sentence",
+    "claim_words",
+    "brca_m2c_table",
+    "brca_m2c_sentence",
+    "pixel_scale_sentence",
+    "training_sentence",
+    "decoder_sentence",
+    "real_he_finding",
+    "confusion_sentence",
+    "jaccard_sentence",
+    "fraction_sentence",
+    "dot_examples",
+    "dots_sentence",
+    "transfer_table",
+    "transfer_sentence",
+    "real_he_summary",
+    "SCORE_STEP",
     "BRCA_M2C_NAMES",
     "MCSPATNET_F",
     "DENUC_F",
@@ -676,6 +695,22 @@ def compare(preds: Mapping[str, pd.DataFrame], better: str, worse: str, train_me
 
 
 _BIN_LABELS = ("[0, 0.25]", "(0.25, 0.5]", "(0.5, 0.75]", "(0.75, 1]")
+
+
+def kappa_bin_counts(cellularity) -> pd.DataFrame:
+    """Patches per bin of Cohen's kappa (:func:`cellulib.metrics.cellularity_bins`: [0, 0.25],
+    (0.25, 0.5], (0.5, 0.75], (0.75, 1]), an empty bin as 0. Used in chapter 1.
+
+    Examples
+    --------
+    >>> kappa_bin_counts([0.0, 0.1, 0.3, 1.0]).iloc[:, 0].tolist()
+    [2, 1, 0, 1]
+    """
+    from cellulib.metrics import cellularity_bins
+
+    bins = pd.Series(cellularity_bins(cellularity)).value_counts().reindex(range(4), fill_value=0)
+    bins.index = list(_BIN_LABELS)
+    return bins.rename("patches (the 4 bins of Cohen's kappa)").to_frame()
 
 
 def bias_by_bin(preds: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
@@ -1400,3 +1435,38 @@ def real_he_summary(nn_distance, diameters, settings: Mapping[str, Any], best: s
         f"{f[('synthetic', 'BRCA-M2C')]:.2f} on real nuclei.",
     ]
     return "\n".join(f"- {line}" for line in lines)
+
+
+# --------------------------------------------------------------------------------------------
+# the data: synthetic labels and stains beside real ones (chapter 1)
+
+#: BreastPathQ's pathologists score cellularity in steps of this size.
+SCORE_STEP = 0.05
+
+
+def labels_sentence(real, synthetic, gap: Mapping[str, Any], law: Mapping[str, Any],
+                    score_step: float = SCORE_STEP) -> str:
+    """The real BreastPathQ labels beside the synthetic ones, in words: zeros, medians and the
+    two-sample KS statistic (``gap``, :func:`cellulib.synth.label_distance`), and how close the
+    generator's law itself comes (``law``, :func:`cellulib.synth.law_distance`). Used in chapter
+    1."""
+    return (f"{100 * gap['zeros_real']:.0f}% of the real labels are 0 and "
+            f"{100 * gap['zeros_synthetic']:.0f}% of the synthetic ones; the medians are "
+            f"{np.median(real):.2f} and {np.median(synthetic):.2f}. The two-sample KS statistic is "
+            f"{gap['ks']:.3f} (p = {gap['p']:.2g}, {gap['n_synthetic']} synthetic labels): part of "
+            "the gap is the size of the synthetic set, part is that pathologists score in steps of "
+            f"{score_step:g}, which a smooth law does not copy ({law['n_synthetic']:,} draws of the "
+            f"law sit at KS {law['ks']:.2f}).")
+
+
+def stain_sources_sentence(stats: pd.DataFrame) -> str:
+    """Mean H and E optical density per source of :func:`cellulib.synth.compare_stains`, in words,
+    and how much darker in haematoxylin the BRCA-M2C patches are than the synthetic ones when
+    they are there. Used in chapter 1."""
+    od = stats.groupby("source")[["H", "E"]].mean()
+    return ("Mean optical densities per source: "
+            + "; ".join(f"{src} H {row.H:.3f}, E {row.E:.3f}" for src, row in od.iterrows()) + ". "
+            + (f"The BRCA-M2C patches are stained {od.loc['BRCA-M2C', 'H'] / od.loc['synthetic', 'H']:.1f} "
+               "times as dark in haematoxylin as the synthetic ones: staining differs between labs "
+               "and scanners, and the generator sits at the pale end of what these real images span."
+               if "BRCA-M2C" in od.index else ""))

@@ -467,3 +467,34 @@ def test_transfer_table_sentence_and_summary_by_hand():
         "- Across datasets: the real-trained network finds synthetic nuclei with F 0.55 (real ones: "
         "0.80); the synthetic-trained one, whose large discs make it segment tumour area rather than "
         "count nuclei, reaches 0.31 on its own data and 0.42 on real nuclei."]
+
+
+# --------------------------------------------------------------------------------------------------
+# chapter 1: labels and stains beside real ones
+def test_kappa_bin_counts_by_hand():
+    table = report.kappa_bin_counts([0.0, 0.25, 0.26, 0.5, 0.9, 1.0])
+    assert list(table.index) == ["[0, 0.25]", "(0.25, 0.5]", "(0.5, 0.75]", "(0.75, 1]"]
+    assert table.iloc[:, 0].tolist() == [2, 2, 0, 2]
+    assert table.columns.tolist() == ["patches (the 4 bins of Cohen's kappa)"]
+
+
+def test_labels_sentence_by_hand():
+    gap = {"zeros_real": 0.28, "zeros_synthetic": 0.1, "ks": 0.1234, "p": 0.00123, "n_synthetic": 200}
+    law = {"n_synthetic": 200000, "ks": 0.0456}
+    assert report.labels_sentence([0.0, 0.2, 0.5], [0.1, 0.3], gap, law) == (
+        "28% of the real labels are 0 and 10% of the synthetic ones; the medians are 0.20 and 0.20. "
+        "The two-sample KS statistic is 0.123 (p = 0.0012, 200 synthetic labels): part of the gap is "
+        "the size of the synthetic set, part is that pathologists score in steps of 0.05, which a "
+        "smooth law does not copy (200,000 draws of the law sit at KS 0.05).")
+
+
+def test_stain_sources_sentence_by_hand():
+    stats = pd.DataFrame({"source": ["synthetic", "synthetic", "BRCA-M2C", "BRCA-M2C"],
+                          "H": [0.1, 0.3, 0.5, 0.7], "E": [0.1, 0.1, 0.2, 0.2]})
+    assert report.stain_sources_sentence(stats) == (
+        "Mean optical densities per source: BRCA-M2C H 0.600, E 0.200; synthetic H 0.200, E 0.100. "
+        "The BRCA-M2C patches are stained 3.0 times as dark in haematoxylin as the synthetic ones: "
+        "staining differs between labs and scanners, and the generator sits at the pale end of what "
+        "these real images span.")
+    assert report.stain_sources_sentence(stats[stats.source == "synthetic"]) == (
+        "Mean optical densities per source: synthetic H 0.200, E 0.100. ")
