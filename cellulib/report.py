@@ -22,6 +22,10 @@ import pandas as pd
 __all__ = [
     "AUTHORS_CODE",
     "all_learned",
+    "importance_caveat",
+    "learned_count",
+    "route_cost_sentence",
+    "schedule_text",
     "kappa_bin_counts",
     "labels_sentence",
     "stain_sources_sentence",
@@ -428,8 +432,8 @@ def learned(mse_ci_high: float, mean_mse: float, n: int | None = None) -> bool:
     """Whether a model has learned: the upper end of its MSE's 95% CI is below the mean predictor's.
 
     SPEC 5.1. With ``n`` (the number of validation patches) below :data:`MIN_PATCHES` nothing
-    counts as learned: a bootstrap over so few patches gives no evidence. Used in chapters 3-5 and
-    by ``cellulib evaluate``.
+    counts as learned: a bootstrap over so few patches gives no evidence. Used in chapters 4 and 5,
+    in chapter 3 through :func:`mse_summary`, and by ``cellulib evaluate``.
 
     Examples
     --------
@@ -641,6 +645,34 @@ def verdict(difference: Estimate, learned_a: bool, learned_b: bool,
     return "undecided"
 
 
+def learned_count(summary: pd.DataFrame, names: Sequence[str], what: str) -> str:
+    """How many of the models ``names`` learned (:func:`mse_summary`), and which:
+    ``"2 of the 2 segmentation routes learned (GBT, ResNet34 (SR))"``, ``what`` naming the
+    models. Used in chapter 3."""
+    ok = [name for name in names if summary.loc[name, "learned"]]
+    return (f"{len(ok)} of the {len(names)} {what} learned"
+            + (f" ({', '.join(ok)})" if ok else ""))
+
+
+def importance_caveat(summary: pd.DataFrame, model: str = "GBT") -> str:
+    """What a feature ranking of ``model`` says, given whether the model learned
+    (:func:`mse_summary`): what its predictions rest on, or mostly noise. Used in chapter 3."""
+    if summary.loc[model, "learned"]:
+        return f"{model} has learned, so this ranking says what its predictions rest on."
+    return (f"{model} has not learned at this budget (the 95% CI of its MSE reaches the mean "
+            "predictor's), so this ranking reflects noise more than what predicts cellularity.")
+
+
+def schedule_text(settings: Mapping[str, Any], prefix: str = "direct") -> str:
+    """The learning-rate schedule of a profile's ``{prefix}`` models in words
+    (``{prefix}_schedule``, ``{prefix}_lr``): one-cycle with its peak, or a rate decaying tenfold.
+    Used in chapter 4."""
+    lr = settings[f"{prefix}_lr"]
+    if settings[f"{prefix}_schedule"] == "one_cycle":
+        return f"a one-cycle schedule (peak learning rate {lr:g})"
+    return f"a learning rate decaying from {lr:g} to {lr / 10:g}"
+
+
 def _not_learned(summary: pd.DataFrame, names: Sequence[str]) -> list[str]:
     return [n for n in names if not summary.loc[n, "learned"]]
 
@@ -688,6 +720,19 @@ def compare(preds: Mapping[str, pd.DataFrame], better: str, worse: str, train_me
             "mse_worse": float(summary.loc[worse, "mse"]), "difference": diff,
             "learned_better": la, "learned_worse": lb, "verdict": result, "phrase": phrase,
             "detail": detail, "sentence": f"{better} {phrase} {worse} ({detail})"}
+
+
+def route_cost_sentence(comparison: Mapping[str, Any]) -> str:
+    """What the interpretable route costs in accuracy, from :func:`compare` of the best
+    segmentation-route model (``better``) against the best direct one: nothing (it is the more
+    accurate), its paired MSE difference with the CI, or that the numbers cannot tell. Used in
+    chapter 5."""
+    diff = comparison["difference"]
+    return {"holds": "Here the interpretable route costs no accuracy: it is the more accurate one.",
+            "does not hold": (f"Here the interpretable route costs {diff.value:.4f} in MSE (95% CI "
+                              f"{diff.ci_low:.4f} to {diff.ci_high:.4f})."),
+            "undecided": ("Whether the interpretable route costs accuracy cannot be told from these "
+                          "numbers.")}[comparison["verdict"]]
 
 
 # --------------------------------------------------------------------------------------------

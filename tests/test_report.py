@@ -498,3 +498,25 @@ def test_stain_sources_sentence_by_hand():
         "these real images span.")
     assert report.stain_sources_sentence(stats[stats.source == "synthetic"]) == (
         "Mean optical densities per source: synthetic H 0.200, E 0.100. ")
+
+
+def test_learned_count_importance_caveat_and_schedule_text():
+    summary = pd.DataFrame({"learned": [True, False, False]}, index=["GBT", "SR", report.MEAN_PREDICTOR])
+    assert report.learned_count(summary, ["GBT", "SR"], "routes") == "1 of the 2 routes learned (GBT)"
+    assert report.learned_count(summary, ["SR"], "routes") == "0 of the 1 routes learned"
+    assert report.importance_caveat(summary) == (
+        "GBT has learned, so this ranking says what its predictions rest on.")
+    assert report.importance_caveat(summary, "SR").startswith("SR has not learned at this budget")
+    assert report.schedule_text({"direct_lr": 0.001, "direct_schedule": "one_cycle"}) == (
+        "a one-cycle schedule (peak learning rate 0.001)")
+    assert report.schedule_text({"direct_lr": 1e-4, "direct_schedule": "decay"}) == (
+        "a learning rate decaying from 0.0001 to 1e-05")
+
+
+def test_route_cost_sentence_by_hand():
+    cost = {"difference": report.Estimate(0.0041, 0.0012, 0.00705), "verdict": "does not hold"}
+    assert report.route_cost_sentence(cost) == (
+        "Here the interpretable route costs 0.0041 in MSE (95% CI 0.0012 to 0.0070).")
+    assert report.route_cost_sentence({**cost, "verdict": "holds"}).endswith("it is the more accurate one.")
+    assert report.route_cost_sentence({**cost, "verdict": "undecided"}).startswith(
+        "Whether the interpretable route costs accuracy cannot be told")
