@@ -33,7 +33,7 @@ from cellulib.metrics import (
     prediction_probability,
     spearman,
 )
-from cellulib.report import Estimate, verdict
+from cellulib.report import Estimate, claim_words, verdict
 
 __all__ = ["BASELINE", "BREASTPATHQ_PATCH", "FLOORS", "REAL_TISSUE_VERSION", "breastpathq_truth",
            "detector_share", "finding_sentence", "floors_table", "lever_sentence", "lever_table",
@@ -439,12 +439,12 @@ def route_sentence(difference: Estimate, verdict_: str, better: str = "segmentat
     """The route comparison of :func:`route_difference` in words."""
     d = format_ci(*difference)
     includes_zero = difference.ci_low <= 0 <= difference.ci_high
-    why = {"holds": "the CI lies above 0, so the claim holds on real tissue",
-           "does not hold": "the CI lies below 0, so on real tissue the claim does not hold",
-           "undecided": ("the CI includes 0, so real tissue does not decide the claim"
-                         if includes_zero else
-                         "the CI excludes 0, but a route does not rank above chance, so real "
-                         "tissue does not decide the claim")}[verdict_]
+    why = claim_words(verdict_, "the CI lies above 0, so the claim holds on real tissue",
+                      "the CI lies below 0, so on real tissue the claim does not hold",
+                      "the CI includes 0, so real tissue does not decide the claim"
+                      if includes_zero else
+                      "the CI excludes 0, but a route does not rank above chance, so real "
+                      "tissue does not decide the claim")
     return f"Mean PK of the {better} minus that of the {worse}: {d}; {why}."
 
 
@@ -477,8 +477,8 @@ def lever_sentence(levers: pd.DataFrame) -> str:
     """:func:`lever_table` in words: what each lever changed in PK, and whether the CI decides it."""
     bits = []
     for lever, r in levers.iterrows():
-        judged = {"holds": "a gain the CI supports", "does not hold": "a loss the CI supports",
-                  "undecided": "not decided by the CI"}[r["verdict"]]
+        judged = claim_words(r["verdict"], "a gain the CI supports", "a loss the CI supports",
+                             "not decided by the CI")
         bits.append(f"{lever} moves the PK of {r['changes']} from {r['pk_before']:.2f} to "
                     f"{r['pk']:.2f} ({r['difference']}; {judged})")
     return "; ".join(bits) + "."
@@ -492,8 +492,7 @@ def finding_sentence(ranks: pd.DataFrame, routes: Mapping[str, Sequence[str]],
     models = [m for r in routes.values() for m in r if m in ranks.index]
     above = sum(bool(ranks.loc[m, "above_chance"]) for m in models)
     best = max(models, key=lambda m: ranks.loc[m, "pk"])
-    claim = {"holds": "holds", "does not hold": "does not hold",
-             "undecided": "is not decided"}[verdict_]
+    claim = claim_words(verdict_, undecided="is not decided")
     text = (f"Do the book's cellularity models, trained on synthetic patches, rank real H&E by its "
             f"tumour content? As chapters 3 and 4 trained them, {above} of {len(models)} do better "
             f"than chance (the best, {best}, at PK {ranks.loc[best, 'pk']:.2f}).")

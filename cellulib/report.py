@@ -29,6 +29,7 @@ __all__ = [
     "kappa_bin_counts",
     "labels_sentence",
     "stain_sources_sentence",
+    "choose_detector",
     "claim_words",
     "brca_m2c_table",
     "brca_m2c_sentence",
@@ -709,13 +710,9 @@ def compare(preds: Mapping[str, pd.DataFrame], better: str, worse: str, train_me
         detail += (f"; {who} {'has' if len(stuck) == 1 else 'have'} not learned: the 95% CI "
                    f"of the MSE reaches the mean predictor's "
                    f"{summary.loc[MEAN_PREDICTOR, 'mse']:.4f}")
-    elif result == "holds":
-        phrase = "beats"
-    elif result == "does not hold":
-        phrase = "does worse than"
     else:
-        phrase = "cannot be told apart from"
-        detail += ", which includes 0"
+        phrase = claim_words(result, "beats", "does worse than", "cannot be told apart from")
+        detail += ", which includes 0" if result == "undecided" else ""
     return {"better": better, "worse": worse, "mse_better": float(summary.loc[better, "mse"]),
             "mse_worse": float(summary.loc[worse, "mse"]), "difference": diff,
             "learned_better": la, "learned_worse": lb, "verdict": result, "phrase": phrase,
@@ -1184,11 +1181,28 @@ def best_detector(scores: Mapping[str, pd.DataFrame]) -> str:
     """The detector to keep: the highest mean of pooled and tumour (``malignant``) F on the
     validation split. Cellularity rests on the tumour nuclei, and the other classes only need to be
     found. ``scores`` maps a name to its :func:`cellulib.metrics.detection_scores` table. Used in the
-    real-H&E and stain-shift chapters."""
+    real-H&E and stain-shift chapters through :func:`choose_detector`."""
     if not scores:
         raise ValueError("best_detector needs at least one detector's scores")
     return max(scores, key=lambda name: float(scores[name].loc["detection", "f1"])
                + float(scores[name].loc["malignant", "f1"]))
+
+
+def choose_detector(models: Mapping[str, Any], cells: pd.DataFrame,
+                    threshold: float | None = None) -> tuple[str, dict[str, pd.DataFrame]]:
+    """The real-H&E chapter's choice between segmentation networks: each model (name -> model
+    file) detects the nuclei of the annotated images ``cells`` (the held-out patients,
+    :func:`cellulib.detect.score_annotated`, ``threshold`` None: ``cellulib detect``'s default),
+    and :func:`best_detector` keeps one. Returns its name and every model's
+    :func:`cellulib.metrics.detection_scores` table. Used in the real-H&E and stain-shift
+    chapters."""
+    from cellulib.constants import DETECTION_THRESHOLD
+    from cellulib.detect import score_annotated
+
+    threshold = DETECTION_THRESHOLD if threshold is None else threshold
+    scores = {name: score_annotated(model, cells, threshold, progress=False).scores()
+              for name, model in models.items()}
+    return best_detector(scores), scores
 
 
 def detection_table(scores: Mapping[str, pd.DataFrame], reference: Mapping[str, float] | None = None,
@@ -1214,10 +1228,23 @@ def detection_table(scores: Mapping[str, pd.DataFrame], reference: Mapping[str, 
     return out
 
 
-def claim_words(verdict_: str) -> str:
-    """A :func:`verdict` on one of the paper's claims as the verb of a sentence: "holds", "does
-    not hold" or "is undecided". Used in the real-H&E chapter through :func:`decoder_sentence`."""
-    return {"holds": "holds", "does not hold": "does not hold", "undecided": "is undecided"}[verdict_]
+def claim_words(verdict_: str, holds: str = "holds", does_not_hold: str = "does not hold",
+                undecided: str = "is undecided") -> str:
+    """A :func:`verdict` in words: by default the verb of a sentence on one of the paper's claims
+    ("holds", "does not hold", "is undecided"), or the words a table or sentence uses for each
+    verdict (a comparison's "beats", "does worse than", "cannot be told apart from"; a remedy's
+    "helps", "hurts", "undecided"). The one place where a verdict becomes words. Used in chapter 2,
+    and in the real-H&E chapter through :func:`decoder_sentence`.
+
+    Examples
+    --------
+    >>> claim_words("undecided"), claim_words("holds", "helps", "hurts", "undecided")
+    ('is undecided', 'helps')
+    """
+    words = {"holds": holds, "does not hold": does_not_hold, "undecided": undecided}
+    if verdict_ not in words:
+        raise ValueError(f"a verdict is one of {VERDICTS}, got {verdict_!r}")
+    return words[verdict_]
 
 
 def _roles(cells: pd.DataFrame, train_idx, val_idx) -> pd.Series:

@@ -27,7 +27,6 @@ from cellulib.report import Estimate, paired_mean
 __all__ = [
     "GRID",
     "NORMALISATION_EXAMPLES",
-    "REMEDY_WORDS",
     "TISSUE_LEVEL",
     "ShiftPlan",
     "as_seen",
@@ -761,17 +760,13 @@ def stain_sentence(stats: pd.DataFrame, tissue_level: int = TISSUE_LEVEL) -> str
             f"and {spread['Reinhard']:.3f} after Reinhard.")
 
 
-#: A remedy's verdict in words: "the remedy lowers the MSE" holds, or does not.
-REMEDY_WORDS = {"holds": "helps", "does not hold": "hurts", "undecided": "undecided"}
-
-
 def remedy_table(remedies: Mapping[str, pd.DataFrame], scores: pd.DataFrame, models: Sequence[str],
                  all_learned: bool, augmented: pd.DataFrame | None = None, augment: str = "hed",
                  n_boot: int = 2000, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
     """What each remedy changes: for every remedy (name -> its :func:`score_under_shifts` table,
     :func:`remedy_scores`), model and setting it addresses, the MSE without (``scores``) and with
     it, the change with a 95% paired-bootstrap CI (:func:`mse_change`) and its verdict
-    (:data:`REMEDY_WORDS`). The true pixel size addresses the ``scale`` shifts only (it changes
+    ("helps", "hurts" or "undecided", :func:`cellulib.report.claim_words`). The true pixel size addresses the ``scale`` shifts only (it changes
     nothing on unshifted patches); stain normalisation and jitter address the stain shifts and the
     unshifted patches, which they must not spoil. A verdict is undecided unless the model learned
     without the remedy (``all_learned``) and with it: the retrained models of ``"{AUGMENT}
@@ -779,7 +774,7 @@ def remedy_table(remedies: Mapping[str, pd.DataFrame], scores: pd.DataFrame, mod
     table and the changes as rows of :func:`cellulib.plots.estimate_whiskers`. Used in the
     stain-shift chapter."""
     from cellulib.metrics import format_ci
-    from cellulib.report import verdict
+    from cellulib.report import claim_words, verdict
 
     order = list(GRID)
     rows, whisk = [], []
@@ -800,7 +795,8 @@ def remedy_table(remedies: Mapping[str, pd.DataFrame], scores: pd.DataFrame, mod
                              "MSE without": _errors(scores, model, kind, s).mean(),
                              "MSE with": _errors(frame, model, kind, s).mean(),
                              "change [95% CI]": format_ci(*change, digits=4),
-                             "verdict": REMEDY_WORDS[verdict(change, learned_with, all_learned)]})
+                             "verdict": claim_words(verdict(change, learned_with, all_learned),
+                                                    "helps", "hurts", "undecided")})
                 whisk.append({"label": label, "group": f"{model}: {remedy}", "value": change.value,
                               "ci_low": change.ci_low, "ci_high": change.ci_high})
     table = (pd.DataFrame(rows).round({"MSE without": 4, "MSE with": 4})

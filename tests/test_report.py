@@ -325,7 +325,9 @@ def test_all_learned_leaves_the_mean_predictor_out():
 # the real-H&E chapter's sentences and tables, on hand-made inputs
 def test_claim_words():
     assert [report.claim_words(v) for v in report.VERDICTS] == ["holds", "does not hold", "is undecided"]
-    with pytest.raises(KeyError):
+    assert [report.claim_words(v, "helps", "hurts", "undecided") for v in report.VERDICTS] == [
+        "helps", "hurts", "undecided"]
+    with pytest.raises(ValueError, match="a verdict is one of"):
         report.claim_words("maybe")
 
 
@@ -520,3 +522,20 @@ def test_route_cost_sentence_by_hand():
     assert report.route_cost_sentence({**cost, "verdict": "holds"}).endswith("it is the more accurate one.")
     assert report.route_cost_sentence({**cost, "verdict": "undecided"}).startswith(
         "Whether the interpretable route costs accuracy cannot be told")
+
+
+def test_choose_detector_keeps_the_best_mean_of_pooled_and_tumour_f(monkeypatch):
+    from cellulib import constants, detect
+
+    tables = {"a.pt": _f1(0.6, 0.7, 0.6, 0.9), "b.pt": _f1(0.6, 0.8, 0.6, 0.85)}  # means 0.8, 0.825
+    calls = []
+
+    def score_annotated(model, cells, threshold, progress=True):
+        calls.append((model, threshold, progress))
+        return SimpleNamespace(scores=lambda: tables[model])
+
+    monkeypatch.setattr(detect, "score_annotated", score_annotated)
+    best, scores = report.choose_detector({"FPN": "a.pt", "U-Net": "b.pt"}, pd.DataFrame())
+    assert best == "U-Net" and list(scores) == ["FPN", "U-Net"] and scores["FPN"] is tables["a.pt"]
+    assert calls == [("a.pt", constants.DETECTION_THRESHOLD, False), ("b.pt", constants.DETECTION_THRESHOLD, False)]
+    assert report.choose_detector({"FPN": "a.pt"}, pd.DataFrame(), 0.5)[0] == "FPN" and calls[-1][1] == 0.5
