@@ -493,7 +493,8 @@ def detection_under_shifts(model: Any, cells: pd.DataFrame,
 
 
 class ShiftPlan(NamedTuple):
-    """The settings the stain-shift chapter scores (:func:`shift_plan`): kind -> strengths."""
+    """The settings the stain-shift chapter scores, each kind -> strengths. Used in the stain-shift
+    chapter through :func:`shift_plan`."""
 
     grid: dict[str, tuple[float, ...]]  # every setting of the cellularity models
     strong: dict[str, tuple[float, ...]]  # the strongest: 1, and -1 (x0.5) for ``scale``
