@@ -182,6 +182,22 @@ def glue_figure(name: str, fig: plt.Figure, dpi: int = 120) -> None:
     plt.close(fig)
 
 
+def glue_skipped(message: str, texts: Sequence[str] = (), figures: Sequence[str] = (),
+                 figure_text: str = "section skipped", plain: Sequence[str] = ("finding",)) -> None:
+    """Glue what a chapter shows when its data are missing: ``message`` in italics under each of
+    ``texts`` (as it is under those of ``plain``, such as the one-line finding), and a
+    :func:`message_figure` saying ``figure_text`` under each of ``figures``, so that every glue
+    directive of the skipped sections still finds a value. Used in the real-H&E and stain-shift
+    chapters."""
+    from IPython.display import Markdown
+    from myst_nb import glue
+
+    for key in texts:
+        glue(key, Markdown(message if key in plain else f"*{message}*"), display=False)
+    for key in figures:
+        glue_figure(key, message_figure(figure_text))
+
+
 def training_curves(histories: dict[str, pd.DataFrame], metric: str) -> plt.Figure:
     """Loss (train solid, validation dashed) and a validation metric per epoch, one colour per run.
 
@@ -586,7 +602,8 @@ def proxy_scatter(scores: pd.DataFrame, proxy: Sequence[float], names: Sequence[
 
 def message_figure(text: str) -> plt.Figure:
     """A small figure that only says ``text``: stands in for a figure whose data are missing, so
-    the page still builds and says why. Used in the real-H&E chapter."""
+    the page still builds and says why. Used in the real-H&E and stain-shift chapters through
+    :func:`glue_skipped`."""
     fig, ax = plt.subplots(figsize=(6, 1.2))
     ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=10, wrap=True)
     ax.axis("off")

@@ -33,13 +33,14 @@ from cellulib.metrics import (
     prediction_probability,
     spearman,
 )
-from cellulib.report import Estimate, verdict
+from cellulib.report import Estimate, claim_words, verdict
 
 __all__ = ["BASELINE", "BREASTPATHQ_PATCH", "FLOORS", "REAL_TISSUE_VERSION", "breastpathq_truth",
            "detector_share", "finding_sentence", "floors_table", "lever_sentence", "lever_table",
            "model_window",
            "patch_sentence", "rank_sentence", "rank_table", "report_images", "route_difference",
            "route_sentence", "score_breastpathq_patch", "score_windows", "summary_sentence",
+           "validation_images",
            "synthetic_floors", "synthetic_icc", "windows", "windows_sentence", "with_levers",
            "RealTissue", "ROUTE_TESTS", "measure", "route_sentences", "discussion_sentence"]
 
@@ -68,13 +69,25 @@ BREASTPATHQ_PATCH = "breastpathq_99788_1.tif"
 def report_images(root: PathLike) -> tuple[str, pd.DataFrame]:
     """The BRCA-M2C images a chapter reports on, and their name: the official test split when the
     copy has one (its patients are in neither train nor val), else the held-out patients of
-    :func:`cellulib.data.patient_split` (what the real-H&E chapter validates on)."""
+    :func:`validation_images` (what the real-H&E chapter validates on). Used in the real-tissue
+    chapter through :func:`measure`, and in the stain-shift chapter."""
     from cellulib import data
 
     cells = data.read_cells(root)
     if (cells["split"] == "test").any():
         return "test", cells[cells["split"] == "test"]
-    return "patient-disjoint validation", cells.iloc[data.cells_split(cells)[1]]
+    return "patient-disjoint validation", validation_images(root, cells)
+
+
+def validation_images(root: PathLike, cells: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The BRCA-M2C images of the whole patients held out from training
+    (:func:`cellulib.data.cells_split`, :func:`cellulib.data.patient_split`): what the real-H&E
+    chapter validates and chooses its decoder on. ``cells``: the folder's
+    :func:`cellulib.data.read_cells`, when already read. Used in the stain-shift chapter."""
+    from cellulib import data
+
+    cells = data.read_cells(root) if cells is None else cells
+    return cells.iloc[data.cells_split(cells)[1]]
 
 
 def model_window(model: Any, mpp: float = constants.MPP) -> int:
@@ -426,12 +439,12 @@ def route_sentence(difference: Estimate, verdict_: str, better: str = "segmentat
     """The route comparison of :func:`route_difference` in words."""
     d = format_ci(*difference)
     includes_zero = difference.ci_low <= 0 <= difference.ci_high
-    why = {"holds": "the CI lies above 0, so the claim holds on real tissue",
-           "does not hold": "the CI lies below 0, so on real tissue the claim does not hold",
-           "undecided": ("the CI includes 0, so real tissue does not decide the claim"
-                         if includes_zero else
-                         "the CI excludes 0, but a route does not rank above chance, so real "
-                         "tissue does not decide the claim")}[verdict_]
+    why = claim_words(verdict_, "the CI lies above 0, so the claim holds on real tissue",
+                      "the CI lies below 0, so on real tissue the claim does not hold",
+                      "the CI includes 0, so real tissue does not decide the claim"
+                      if includes_zero else
+                      "the CI excludes 0, but a route does not rank above chance, so real "
+                      "tissue does not decide the claim")
     return f"Mean PK of the {better} minus that of the {worse}: {d}; {why}."
 
 
@@ -464,8 +477,8 @@ def lever_sentence(levers: pd.DataFrame) -> str:
     """:func:`lever_table` in words: what each lever changed in PK, and whether the CI decides it."""
     bits = []
     for lever, r in levers.iterrows():
-        judged = {"holds": "a gain the CI supports", "does not hold": "a loss the CI supports",
-                  "undecided": "not decided by the CI"}[r["verdict"]]
+        judged = claim_words(r["verdict"], "a gain the CI supports", "a loss the CI supports",
+                             "not decided by the CI")
         bits.append(f"{lever} moves the PK of {r['changes']} from {r['pk_before']:.2f} to "
                     f"{r['pk']:.2f} ({r['difference']}; {judged})")
     return "; ".join(bits) + "."
@@ -479,8 +492,7 @@ def finding_sentence(ranks: pd.DataFrame, routes: Mapping[str, Sequence[str]],
     models = [m for r in routes.values() for m in r if m in ranks.index]
     above = sum(bool(ranks.loc[m, "above_chance"]) for m in models)
     best = max(models, key=lambda m: ranks.loc[m, "pk"])
-    claim = {"holds": "holds", "does not hold": "does not hold",
-             "undecided": "is not decided"}[verdict_]
+    claim = claim_words(verdict_, undecided="is not decided")
     text = (f"Do the book's cellularity models, trained on synthetic patches, rank real H&E by its "
             f"tumour content? As chapters 3 and 4 trained them, {above} of {len(models)} do better "
             f"than chance (the best, {best}, at PK {ranks.loc[best, 'pk']:.2f}).")

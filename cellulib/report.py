@@ -21,6 +21,31 @@ import pandas as pd
 
 __all__ = [
     "AUTHORS_CODE",
+    "all_learned",
+    "importance_caveat",
+    "learned_count",
+    "route_cost_sentence",
+    "schedule_text",
+    "kappa_bin_counts",
+    "labels_sentence",
+    "stain_sources_sentence",
+    "choose_detector",
+    "claim_words",
+    "brca_m2c_table",
+    "brca_m2c_sentence",
+    "pixel_scale_sentence",
+    "training_sentence",
+    "decoder_sentence",
+    "real_he_finding",
+    "confusion_sentence",
+    "jaccard_sentence",
+    "fraction_sentence",
+    "dot_examples",
+    "dots_sentence",
+    "transfer_table",
+    "transfer_sentence",
+    "real_he_summary",
+    "SCORE_STEP",
     "BRCA_M2C_NAMES",
     "MCSPATNET_F",
     "DENUC_F",
@@ -174,7 +199,7 @@ REAL_FLOORS = {"lymphocyte": 0.55, "malignant": 0.75, "normal": 0.55, "detection
 def floors_missed(table: pd.DataFrame, floors: Mapping[str, float] | None = None) -> dict[str, float]:
     """The rows of a :func:`cellulib.metrics.detection_scores` table whose F is under its floor
     (`REAL_FLOORS` by default), with that F; empty when every floor is met. Used in the real-H&E
-    chapter.
+    chapter through :func:`decoder_sentence`.
 
     Examples
     --------
@@ -408,8 +433,8 @@ def learned(mse_ci_high: float, mean_mse: float, n: int | None = None) -> bool:
     """Whether a model has learned: the upper end of its MSE's 95% CI is below the mean predictor's.
 
     SPEC 5.1. With ``n`` (the number of validation patches) below :data:`MIN_PATCHES` nothing
-    counts as learned: a bootstrap over so few patches gives no evidence. Used in chapters 3-5 and
-    by ``cellulib evaluate``.
+    counts as learned: a bootstrap over so few patches gives no evidence. Used in chapters 4 and 5,
+    in chapter 3 through :func:`mse_summary`, and by ``cellulib evaluate``.
 
     Examples
     --------
@@ -468,6 +493,20 @@ def mse_summary(preds: Mapping[str, pd.DataFrame], train_mean: float | None = No
     out["paper_random"] = [paper.get((name, "random"), np.nan) for name in out.index]
     out["paper_imagenet"] = [paper.get((name, "imagenet"), np.nan) for name in out.index]
     return out
+
+
+def all_learned(summary: pd.DataFrame) -> bool:
+    """Whether every model of a :func:`mse_summary` table learned (its mean-predictor row left out):
+    what SPEC 5.1 asks before any comparison between them is decided. Used in the stain-shift
+    chapter.
+
+    Examples
+    --------
+    >>> table = pd.DataFrame({"learned": [True, False]}, index=["A", MEAN_PREDICTOR])
+    >>> all_learned(table)
+    True
+    """
+    return bool(summary["learned"].drop(MEAN_PREDICTOR, errors="ignore").astype(bool).all())
 
 
 def learned_sentence(summary: pd.DataFrame, names: Sequence[str] | None = None) -> str:
@@ -607,6 +646,34 @@ def verdict(difference: Estimate, learned_a: bool, learned_b: bool,
     return "undecided"
 
 
+def learned_count(summary: pd.DataFrame, names: Sequence[str], what: str) -> str:
+    """How many of the models ``names`` learned (:func:`mse_summary`), and which:
+    ``"2 of the 2 segmentation routes learned (GBT, ResNet34 (SR))"``, ``what`` naming the
+    models. Used in chapter 3."""
+    ok = [name for name in names if summary.loc[name, "learned"]]
+    return (f"{len(ok)} of the {len(names)} {what} learned"
+            + (f" ({', '.join(ok)})" if ok else ""))
+
+
+def importance_caveat(summary: pd.DataFrame, model: str = "GBT") -> str:
+    """What a feature ranking of ``model`` says, given whether the model learned
+    (:func:`mse_summary`): what its predictions rest on, or mostly noise. Used in chapter 3."""
+    if summary.loc[model, "learned"]:
+        return f"{model} has learned, so this ranking says what its predictions rest on."
+    return (f"{model} has not learned at this budget (the 95% CI of its MSE reaches the mean "
+            "predictor's), so this ranking reflects noise more than what predicts cellularity.")
+
+
+def schedule_text(settings: Mapping[str, Any], prefix: str = "direct") -> str:
+    """The learning-rate schedule of a profile's ``{prefix}`` models in words
+    (``{prefix}_schedule``, ``{prefix}_lr``): one-cycle with its peak, or a rate decaying tenfold.
+    Used in chapter 4."""
+    lr = settings[f"{prefix}_lr"]
+    if settings[f"{prefix}_schedule"] == "one_cycle":
+        return f"a one-cycle schedule (peak learning rate {lr:g})"
+    return f"a learning rate decaying from {lr:g} to {lr / 10:g}"
+
+
 def _not_learned(summary: pd.DataFrame, names: Sequence[str]) -> list[str]:
     return [n for n in names if not summary.loc[n, "learned"]]
 
@@ -643,17 +710,26 @@ def compare(preds: Mapping[str, pd.DataFrame], better: str, worse: str, train_me
         detail += (f"; {who} {'has' if len(stuck) == 1 else 'have'} not learned: the 95% CI "
                    f"of the MSE reaches the mean predictor's "
                    f"{summary.loc[MEAN_PREDICTOR, 'mse']:.4f}")
-    elif result == "holds":
-        phrase = "beats"
-    elif result == "does not hold":
-        phrase = "does worse than"
     else:
-        phrase = "cannot be told apart from"
-        detail += ", which includes 0"
+        phrase = claim_words(result, "beats", "does worse than", "cannot be told apart from")
+        detail += ", which includes 0" if result == "undecided" else ""
     return {"better": better, "worse": worse, "mse_better": float(summary.loc[better, "mse"]),
             "mse_worse": float(summary.loc[worse, "mse"]), "difference": diff,
             "learned_better": la, "learned_worse": lb, "verdict": result, "phrase": phrase,
             "detail": detail, "sentence": f"{better} {phrase} {worse} ({detail})"}
+
+
+def route_cost_sentence(comparison: Mapping[str, Any]) -> str:
+    """What the interpretable route costs in accuracy, from :func:`compare` of the best
+    segmentation-route model (``better``) against the best direct one: nothing (it is the more
+    accurate), its paired MSE difference with the CI, or that the numbers cannot tell. Used in
+    chapter 5."""
+    diff = comparison["difference"]
+    return {"holds": "Here the interpretable route costs no accuracy: it is the more accurate one.",
+            "does not hold": (f"Here the interpretable route costs {diff.value:.4f} in MSE (95% CI "
+                              f"{diff.ci_low:.4f} to {diff.ci_high:.4f})."),
+            "undecided": ("Whether the interpretable route costs accuracy cannot be told from these "
+                          "numbers.")}[comparison["verdict"]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -661,6 +737,22 @@ def compare(preds: Mapping[str, pd.DataFrame], better: str, worse: str, train_me
 
 
 _BIN_LABELS = ("[0, 0.25]", "(0.25, 0.5]", "(0.5, 0.75]", "(0.75, 1]")
+
+
+def kappa_bin_counts(cellularity) -> pd.DataFrame:
+    """Patches per bin of Cohen's kappa (:func:`cellulib.metrics.cellularity_bins`: [0, 0.25],
+    (0.25, 0.5], (0.5, 0.75], (0.75, 1]), an empty bin as 0. Used in chapter 1.
+
+    Examples
+    --------
+    >>> kappa_bin_counts([0.0, 0.1, 0.3, 1.0]).iloc[:, 0].tolist()
+    [2, 1, 0, 1]
+    """
+    from cellulib.metrics import cellularity_bins
+
+    bins = pd.Series(cellularity_bins(cellularity)).value_counts().reindex(range(4), fill_value=0)
+    bins.index = list(_BIN_LABELS)
+    return bins.rename("patches (the 4 bins of Cohen's kappa)").to_frame()
 
 
 def bias_by_bin(preds: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
@@ -1089,11 +1181,28 @@ def best_detector(scores: Mapping[str, pd.DataFrame]) -> str:
     """The detector to keep: the highest mean of pooled and tumour (``malignant``) F on the
     validation split. Cellularity rests on the tumour nuclei, and the other classes only need to be
     found. ``scores`` maps a name to its :func:`cellulib.metrics.detection_scores` table. Used in the
-    real-H&E and stain-shift chapters."""
+    real-H&E and stain-shift chapters through :func:`choose_detector`."""
     if not scores:
         raise ValueError("best_detector needs at least one detector's scores")
     return max(scores, key=lambda name: float(scores[name].loc["detection", "f1"])
                + float(scores[name].loc["malignant", "f1"]))
+
+
+def choose_detector(models: Mapping[str, Any], cells: pd.DataFrame,
+                    threshold: float | None = None) -> tuple[str, dict[str, pd.DataFrame]]:
+    """The real-H&E chapter's choice between segmentation networks: each model (name -> model
+    file) detects the nuclei of the annotated images ``cells`` (the held-out patients,
+    :func:`cellulib.detect.score_annotated`, ``threshold`` None: ``cellulib detect``'s default),
+    and :func:`best_detector` keeps one. Returns its name and every model's
+    :func:`cellulib.metrics.detection_scores` table. Used in the real-H&E and stain-shift
+    chapters."""
+    from cellulib.constants import DETECTION_THRESHOLD
+    from cellulib.detect import score_annotated
+
+    threshold = DETECTION_THRESHOLD if threshold is None else threshold
+    scores = {name: score_annotated(model, cells, threshold, progress=False).scores()
+              for name, model in models.items()}
+    return best_detector(scores), scores
 
 
 def detection_table(scores: Mapping[str, pd.DataFrame], reference: Mapping[str, float] | None = None,
@@ -1117,3 +1226,319 @@ def detection_table(scores: Mapping[str, pd.DataFrame], reference: Mapping[str, 
         out[column] = [values.get(c, np.nan) for c in first.index]
     out.index.name = "class"
     return out
+
+
+def claim_words(verdict_: str, holds: str = "holds", does_not_hold: str = "does not hold",
+                undecided: str = "is undecided") -> str:
+    """A :func:`verdict` in words: by default the verb of a sentence on one of the paper's claims
+    ("holds", "does not hold", "is undecided"), or the words a table or sentence uses for each
+    verdict (a comparison's "beats", "does worse than", "cannot be told apart from"; a remedy's
+    "helps", "hurts", "undecided"). The one place where a verdict becomes words. Used in chapter 2,
+    and in the real-H&E chapter through :func:`decoder_sentence`.
+
+    Examples
+    --------
+    >>> claim_words("undecided"), claim_words("holds", "helps", "hurts", "undecided")
+    ('is undecided', 'helps')
+    """
+    words = {"holds": holds, "does not hold": does_not_hold, "undecided": undecided}
+    if verdict_ not in words:
+        raise ValueError(f"a verdict is one of {VERDICTS}, got {verdict_!r}")
+    return words[verdict_]
+
+
+def _roles(cells: pd.DataFrame, train_idx, val_idx) -> pd.Series:
+    role = pd.Series("official test", index=cells.index)
+    role.iloc[train_idx], role.iloc[val_idx] = "training", "validation (held-out patients)"
+    return role
+
+
+def brca_m2c_table(cells: pd.DataFrame, train_idx, val_idx,
+                   names: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """Images, patients and annotated nuclei per class of a BRCA-M2C copy
+    (:func:`cellulib.data.read_cells`), by what they are used for: training and validation
+    (``train_idx``, ``val_idx``, :func:`cellulib.data.cells_split`), the rest the official test
+    split. Used in the real-H&E chapter."""
+    from cellulib.data import patient_code
+
+    names = BRCA_M2C_NAMES if names is None else names
+    role, patient = _roles(cells, train_idx, val_idx), cells["name"].map(patient_code)
+    counts = (cells.groupby(role, sort=False)[["n_lymphocyte", "n_malignant", "n_normal"]].sum()
+              .rename(columns=lambda c: names[c[2:]]))
+    counts.insert(0, "patients", patient.groupby(role, sort=False).nunique())
+    counts.insert(0, "images", role.value_counts(sort=False))
+    counts.index.name = "used for"
+    return counts
+
+
+def brca_m2c_sentence(cells: pd.DataFrame, train_idx, val_idx, report_split: str) -> str:
+    """How the real-H&E chapter splits a BRCA-M2C copy, in words: the held-out patients, the
+    patients the official validation split would share with training, and which split the results
+    are on (``report_split``, :func:`cellulib.realtissue.report_images`). Used in the real-H&E
+    chapter."""
+    from cellulib.data import patient_code
+
+    patient = cells["name"].map(patient_code)
+    official = cells["split"].to_numpy()
+    shared = sorted(set(patient[official == "train"]) & set(patient[official == "val"]))
+    return (
+        f"This copy holds {len(cells)} images. Their names start with the TCGA patient code "
+        "(`TCGA-A7-A0DB`, ...), and images of one patient share staining, scanning and tissue, so "
+        f"a network is validated here on **patients it has not seen**: {len(val_idx)} of the "
+        f"{len(train_idx) + len(val_idx)} training and validation images, "
+        f"{patient.iloc[val_idx].nunique()} whole patients (`cellulib.data.patient_split`; the "
+        "same patients for every seed, so runs compare on one set). The official validation split "
+        f"would share {len(shared)} patients ({', '.join(shared)}) with the official training split "
+        "and flatter the network. "
+        + ("The official test split (patients in neither) is present: the results below are on it; "
+           "validation only chooses between the two decoders."
+           if report_split == "test" else
+           "The official test split (images of other patients) is not in this copy, so the results "
+           "below are on the held-out patients, which also choose between the two decoders. The "
+           "README says how to get the full dataset."))
+
+
+def pixel_scale_sentence(nn_distance, diameters, disc: float, factor: float,
+                         low_pct: int = 5) -> str:
+    """Why a dataset's disc diameter and downscale suit its nuclei, in words: the distances to the
+    nearest annotated neighbour (``nn_distance``, px), the nuclei's diameters (px), the disc and
+    the downscale chosen, the FPN's stride and the detection radius. Used in the real-H&E
+    chapter."""
+    from cellulib.metrics import DETECTION_RADIUS
+
+    nn_distance, diameters = np.asarray(nn_distance, float), np.asarray(diameters, float)
+    stride, size = book_numbers()["fpn_stride"], np.median(diameters)
+    return (
+        f"Neighbouring nuclei sit a median {np.median(nn_distance):.1f} px apart ({low_pct}% of "
+        f"them closer than {np.percentile(nn_distance, low_pct):.1f} px), and nuclei segmented from "
+        f"the haematoxylin channel measure a median {size:.1f} px across. The discs here are "
+        f"therefore **{disc:g} px** across, about one nucleus and less than the distance between "
+        f"{100 * np.mean(nn_distance > disc):.0f}% of neighbours, so that most discs do not touch. "
+        f"The images are **{'not downscaled' if factor == 1 else f'downscaled x{factor:g}'}**: "
+        f"the FPN predicts on a grid {stride} times coarser than its input, where a {size:.0f} px "
+        f"nucleus spans {size / stride:.1f} cells at full size and half that after a x2 downscale, "
+        f"and the detection protocol below asks for centres within {DETECTION_RADIUS:g} px of the "
+        "dot.")
+
+
+def training_sentence(settings: Mapping[str, Any], profile: str, seconds: float) -> str:
+    """How a profile's segmentation networks were trained (``settings``,
+    :func:`cellulib.profiles.brca_m2c_profile`), and how long the two took. Used in the real-H&E
+    chapter."""
+    return (f"The {profile} profile trains each network for {settings['seg_epochs']} epochs of "
+            f"{settings['patches_per_epoch']} random {settings['crop']}-pixel crops per image "
+            f"({settings['seg_schedule'].replace('_', '-')} schedule, peak rate "
+            f"{settings['seg_lr']:g}); the two took {seconds / 60:.1f} minutes together.")
+
+
+def decoder_sentence(val_scores: Mapping[str, pd.DataFrame], best: str, threshold: float,
+                     report_split: str, n_images: int, difference: Estimate) -> str:
+    """The real-H&E chapter's choice of decoder and its test of the paper's ranking, in words:
+    pooled and tumour F of FPN and U-Net on the held-out patients (``val_scores``,
+    :func:`cellulib.metrics.detection_scores` tables), the decoder :func:`best_detector` keeps,
+    FPN minus U-Net in pooled F on the reported split (``difference``,
+    :func:`paired_detection_difference`) with its :func:`verdict`, and the floors
+    (:data:`REAL_FLOORS`, :func:`floors_missed`). Used in the real-H&E chapter."""
+    names = BRCA_M2C_NAMES
+    f = {name: (t.loc["detection", "f1"], t.loc["malignant", "f1"]) for name, t in val_scores.items()}
+    missed = {name: floors_missed(t) for name, t in val_scores.items()}
+    ranking = claim_words(verdict(difference, True, True, lower_is_better=False))
+    return (
+        f"The held-out patients pick the **{best}** decoder by the mean of pooled and tumour F, "
+        "because cellularity rests on the tumour nuclei while the other classes only need to be "
+        f"found (pooled / tumour F: FPN {f['FPN'][0]:.3f} / {f['FPN'][1]:.3f}, U-Net "
+        f"{f['U-Net'][0]:.3f} / {f['U-Net'][1]:.3f}; threshold {threshold:g}). On the "
+        f"{report_split} split ({n_images} images), FPN minus U-Net in pooled F is "
+        f"{difference.value:+.3f} (95% CI {difference.ci_low:+.3f} to {difference.ci_high:+.3f}, "
+        f"paired bootstrap over images): the paper's ranking of the decoders (FPN ahead) {ranking} "
+        "here for detection. This book's floors for real H&E, F at least "
+        + ", ".join(f"{names[c]} {v:g}" for c, v in REAL_FLOORS.items())
+        + " on the held-out patients, are "
+        + " and ".join(f"**met** by {name}" if not m else f"**not met** by {name} ("
+                       + ", ".join(f"{names[c]} {v:.3f}" for c, v in m.items()) + ")"
+                       for name, m in missed.items()) + ". "
+        "DeNuC pairs a small detector with a pathology foundation model (UNI2-h) to class the "
+        f"nuclei and is scored at 40x with a {DENUC_RADIUS_PX} px radius, close to this protocol "
+        "but not identical to it.")
+
+
+def _weakest(scores: pd.DataFrame) -> pd.Series:
+    return scores.drop(index="detection")["f1"].nsmallest(2)
+
+
+def real_he_finding(best: str, scores: pd.DataFrame, minutes: float, n_train: int,
+                    report_split: str) -> str:
+    """The real-H&E chapter's one-line finding: the kept network's pooled and tumour F on the
+    reported split (``scores``) beside MCSpatNet's, and its two weakest classes. Used in the
+    real-H&E chapter."""
+    names = BRCA_M2C_NAMES
+    return (f"Trained for {minutes:.0f} minutes on {n_train} real BRCA-M2C patches, the {best} "
+            f"network detects nuclei with F {scores.loc['detection', 'f1']:.2f} and tumour nuclei "
+            f"with F {scores.loc['malignant', 'f1']:.2f} on the {report_split} split (MCSpatNet on "
+            f"the test split: {MCSPATNET_F['detection']:.2f} and {MCSPATNET_F['malignant']:.2f}); "
+            "its weakest classes are "
+            + " and ".join(f"{names[c]} (F {v:.2f})" for c, v in _weakest(scores).items()) + ".")
+
+
+def confusion_sentence(confusion: pd.DataFrame) -> str:
+    """A :func:`cellulib.metrics.class_confusion` table in words: the share of matched nuclei given
+    their annotated class, per class, and the largest confusion. Used in the real-H&E chapter."""
+    from cellulib.metrics import DETECTION_CLASSES
+
+    names, classes = BRCA_M2C_NAMES, list(DETECTION_CLASSES)
+    matched = confusion.loc[classes, classes]
+    right = {c: matched.loc[c, c] / matched.loc[c].sum() for c in classes}
+    off = matched.where(~np.eye(len(classes), dtype=bool)).stack()
+    (worst_true, worst_called), n_worst = off.idxmax(), int(off.max())
+    return (f"Of the matched nuclei, "
+            f"{100 * np.trace(matched.to_numpy()) / matched.to_numpy().sum():.0f}% get their "
+            "annotated class (" + ", ".join(f"{names[c]} {100 * v:.0f}%" for c, v in right.items())
+            + f"). The largest confusion is {names[worst_true]} nuclei called "
+            f"{names[worst_called]}: {n_worst} of {int(matched.loc[worst_true].sum())}.")
+
+
+def jaccard_sentence(jaccard: pd.DataFrame) -> str:
+    """The mean Jaccard of the FPN and U-Net columns of ``jaccard`` (rows named as in
+    :data:`BRCA_M2C_NAMES`) beside the paper's Table 1, in words. Used in the real-H&E chapter."""
+    numbers = book_numbers()
+    return (f"The mean over the three classes is {jaccard.loc['mean (nuclei)', 'FPN']:.3f} for FPN "
+            f"and {jaccard.loc['mean (nuclei)', 'U-Net']:.3f} for U-Net (the paper, BreastPathQ "
+            f"with random initialisation: {numbers['paper_j_fpn']} and {numbers['paper_j_unet']}). "
+            "A detector can count nuclei well with a modest Jaccard: a disc is not a nucleus, and "
+            "only the centre matters for detection.")
+
+
+def fraction_sentence(fractions: pd.DataFrame) -> str:
+    """Agreement of the detected with the annotated tumour share per image (columns ``annotated``
+    and ``detected``): ICC(2,1) with its 95% CI and the mean absolute difference. Used in the
+    real-H&E chapter."""
+    from cellulib.metrics import icc, icc_ci
+
+    ratings = fractions[["annotated", "detected"]].to_numpy()
+    lo, hi = icc_ci(ratings, "ICC2")
+    return (f"Over {len(fractions)} images the agreement is ICC(2,1) {icc(ratings, 'ICC2'):.2f} "
+            f"(95% CI {lo:.2f} to {hi:.2f}); the mean absolute difference is "
+            f"{np.mean(np.abs(fractions['annotated'] - fractions['detected'])):.3f}.")
+
+
+def dot_examples(cells: pd.DataFrame) -> list[str]:
+    """The images to show of a BRCA-M2C split: the one with the most tumour dots, the most
+    lymphocytes and the most stromal dots (each once). Used in the real-H&E chapter."""
+    by_name = cells.set_index("name")
+    return list(dict.fromkeys(by_name[c].idxmax() for c in ("n_malignant", "n_lymphocyte", "n_normal")))
+
+
+def dots_sentence(fractions: pd.DataFrame, images: Sequence[str]) -> str:
+    """Dots against detections per shown image, (a), (b), ... in the order of ``images``
+    (``fractions``: :attr:`cellulib.detect.AnnotatedScores.fractions`). Used in the real-H&E
+    chapter."""
+    per_image = fractions.set_index("image").loc[list(images), ["n_annotated", "n_detected"]]
+    return ("Dots and detections per image: " + "; ".join(
+        f"({chr(97 + i)}) {int(r.n_annotated)} vs {int(r.n_detected)}"
+        for i, r in enumerate(per_image.itertuples()))
+        + ". A nucleus the annotators did not mark counts as a false positive when it is found.")
+
+
+def transfer_table(scored: Mapping[tuple[str, str], Any]) -> pd.DataFrame:
+    """Pooled and tumour F of networks trained on one dataset and scored on another
+    (``{(trained on, scored on): AnnotatedScores}``). Used in the real-H&E chapter."""
+    return pd.DataFrame([
+        {"trained on": a, "scored on": b, "detection F": s.scores().loc["detection", "f1"],
+         "tumour F": s.scores().loc["malignant", "f1"]} for (a, b), s in scored.items()]).round(3)
+
+
+def _transfer_f(scored: Mapping[tuple[str, str], Any]) -> dict[tuple[str, str], float]:
+    return {k: s.scores().loc["detection", "f1"] for k, s in scored.items()}
+
+
+def transfer_sentence(scored: Mapping[tuple[str, str], Any], settings: Mapping[str, Any]) -> str:
+    """A :func:`transfer_table` of the synthetic- and the BRCA-M2C-trained network in words, with
+    why the synthetic one does not count nuclei (its disc and downscale, ``settings``, against the
+    spacing of the synthetic nuclei). Used in the real-H&E chapter."""
+    from cellulib.annotations import nearest_dot_distances
+
+    f = _transfer_f(scored)
+    own = scored[("synthetic", "synthetic")]
+    spacing = np.median(nearest_dot_distances(own.truth)) / settings["downscale"]
+    return (
+        f"Trained on synthetic patches, the network finds real nuclei with pooled F "
+        f"{f[('synthetic', 'BRCA-M2C')]:.2f} against {f[('BRCA-M2C', 'BRCA-M2C')]:.2f} for the "
+        "real-trained one; trained on real patches, it finds synthetic nuclei with F "
+        f"{f[('BRCA-M2C', 'synthetic')]:.2f} against {f[('synthetic', 'synthetic')]:.2f} for the "
+        "synthetic-trained one. That last figure is low on its own data: the synthetic-trained "
+        f"network keeps chapter 2's setting, the paper's {settings['disc_diameter']:g} px discs "
+        f"after a x{settings['downscale']:g} downscale, where neighbouring synthetic nuclei sit a "
+        f"median {spacing:.1f} px apart at that scale, so its discs merge into blobs that hold "
+        f"several nuclei (it finds {len(own.pred)} centres for {len(own.truth)} dots). Such a "
+        "network segments tumour area, which is what cellularity needs, but it does not count "
+        "nuclei. Neither dataset stands in for the other: numbers measured on synthetic data say "
+        "how the methods compare, not how well they do on real tissue.")
+
+
+def real_he_summary(nn_distance, diameters, settings: Mapping[str, Any], best: str,
+                    minutes: float, scores: pd.DataFrame, report_split: str,
+                    scored: Mapping[tuple[str, str], Any]) -> str:
+    """The real-H&E chapter's summary, one bullet each: the pixel scale (``settings`` of the
+    BRCA-M2C networks), the kept network against MCSpatNet (``scores`` on the reported split) and
+    the transfer between datasets (``scored``, as :func:`transfer_table`). Used in the real-H&E
+    chapter."""
+    from cellulib.constants import DISC_DIAMETER, SEG_DOWNSCALE
+
+    f = _transfer_f(scored)
+    disc, factor = settings["disc_diameter"], settings["downscale"]
+    lines = [
+        f"Real nuclei need their own pixel scale: at 20x, with nuclei a median "
+        f"{np.median(diameters):.0f} px across and neighbours {np.median(nn_distance):.0f} px "
+        f"apart, BRCA-M2C is segmented "
+        f"{'at full size' if factor == 1 else f'after a x{factor:g} downscale'} with {disc:g} px "
+        f"discs, where the paper's x{SEG_DOWNSCALE:g} downscale and {DISC_DIAMETER:g} px discs would "
+        "merge neighbours.",
+        f"Chapter 2's weakly supervised {best} network, trained for {minutes:.0f} minutes on real "
+        f"dots, detects nuclei with F {scores.loc['detection', 'f1']:.2f} on the {report_split} "
+        f"split, against {MCSPATNET_F['detection']:.2f} for MCSpatNet, a dedicated detector, on "
+        "the test split" + (" (different images: compare with care)." if report_split != "test"
+                            else ".")
+        + f" Telling {BRCA_M2C_NAMES[_weakest(scores).index[0]]} nuclei from the others is the "
+        "hard part.",
+        f"Across datasets: the real-trained network finds synthetic nuclei with F "
+        f"{f[('BRCA-M2C', 'synthetic')]:.2f} (real ones: {f[('BRCA-M2C', 'BRCA-M2C')]:.2f}); the "
+        "synthetic-trained one, whose large discs make it segment tumour area rather than count "
+        f"nuclei, reaches {f[('synthetic', 'synthetic')]:.2f} on its own data and "
+        f"{f[('synthetic', 'BRCA-M2C')]:.2f} on real nuclei.",
+    ]
+    return "\n".join(f"- {line}" for line in lines)
+
+
+# --------------------------------------------------------------------------------------------
+# the data: synthetic labels and stains beside real ones (chapter 1)
+
+#: BreastPathQ's pathologists score cellularity in steps of this size.
+SCORE_STEP = 0.05
+
+
+def labels_sentence(real, synthetic, gap: Mapping[str, Any], law: Mapping[str, Any],
+                    score_step: float = SCORE_STEP) -> str:
+    """The real BreastPathQ labels beside the synthetic ones, in words: zeros, medians and the
+    two-sample KS statistic (``gap``, :func:`cellulib.synth.label_distance`), and how close the
+    generator's law itself comes (``law``, :func:`cellulib.synth.law_distance`). Used in chapter
+    1."""
+    return (f"{100 * gap['zeros_real']:.0f}% of the real labels are 0 and "
+            f"{100 * gap['zeros_synthetic']:.0f}% of the synthetic ones; the medians are "
+            f"{np.median(real):.2f} and {np.median(synthetic):.2f}. The two-sample KS statistic is "
+            f"{gap['ks']:.3f} (p = {gap['p']:.2g}, {gap['n_synthetic']} synthetic labels): part of "
+            "the gap is the size of the synthetic set, part is that pathologists score in steps of "
+            f"{score_step:g}, which a smooth law does not copy ({law['n_synthetic']:,} draws of the "
+            f"law sit at KS {law['ks']:.2f}).")
+
+
+def stain_sources_sentence(stats: pd.DataFrame) -> str:
+    """Mean H and E optical density per source of :func:`cellulib.synth.compare_stains`, in words,
+    and how much darker in haematoxylin the BRCA-M2C patches are than the synthetic ones when
+    they are there. Used in chapter 1."""
+    od = stats.groupby("source")[["H", "E"]].mean()
+    return ("Mean optical densities per source: "
+            + "; ".join(f"{src} H {row.H:.3f}, E {row.E:.3f}" for src, row in od.iterrows()) + ". "
+            + (f"The BRCA-M2C patches are stained {od.loc['BRCA-M2C', 'H'] / od.loc['synthetic', 'H']:.1f} "
+               "times as dark in haematoxylin as the synthetic ones: staining differs between labs "
+               "and scanners, and the generator sits at the pale end of what these real images span."
+               if "BRCA-M2C" in od.index else ""))

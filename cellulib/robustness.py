@@ -14,8 +14,10 @@ the stain-shift chapter.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -24,6 +26,30 @@ from cellulib.report import Estimate, paired_mean
 
 __all__ = [
     "GRID",
+    "NORMALISATION_EXAMPLES",
+    "TISSUE_LEVEL",
+    "ShiftPlan",
+    "as_seen",
+    "degradation_sentence",
+    "detection_sentence",
+    "detection_shift_table",
+    "example_rows",
+    "finding_sentence",
+    "lost_to_mean",
+    "normalisation_examples",
+    "normalised",
+    "remedy_scores",
+    "remedy_sentence",
+    "remedy_table",
+    "remedy_tally",
+    "route_table",
+    "route_tally",
+    "route_verdicts",
+    "shift_plan",
+    "stain_sentence",
+    "stain_table",
+    "strength_table",
+    "summary_sentence",
     "SHIFT_VERSION",
     "MODERATE",
     "SHIFTS",
@@ -460,3 +486,405 @@ def detection_under_shifts(model: Any, cells: pd.DataFrame,
         table = compute()
     return {(kind, float(strength)): part.drop(columns=["kind", "strength"]).reset_index(drop=True)
             for (kind, strength), part in table.groupby(["kind", "strength"], sort=False)}
+
+
+# --------------------------------------------------------------------------------------------
+# the stain-shift chapter's tables and sentences
+
+
+class ShiftPlan(NamedTuple):
+    """The settings the stain-shift chapter scores, each kind -> strengths. Used in the stain-shift
+    chapter through :func:`shift_plan`."""
+
+    grid: dict[str, tuple[float, ...]]  # every setting of the cellularity models
+    strong: dict[str, tuple[float, ...]]  # the strongest: 1, and -1 (x0.5) for ``scale``
+    compared: dict[str, tuple[float, ...]]  # the route comparison: moderate and the strongest
+    detection: dict[str, tuple[float, ...]]  # the real nucleus detector: moderate and 1 (and -1)
+    stain: dict[str, tuple[float, ...]]  # the stain shifts the stain remedies address
+
+
+def shift_plan(moderate: float = MODERATE, augment: str = "hed") -> ShiftPlan:
+    """The shift settings of the stain-shift chapter, with ``moderate`` added to :data:`GRID`
+    (``scale`` at both +``moderate`` and -``moderate``); ``augment`` (a stain augmentation of
+    :data:`cellulib.transforms.STAIN_AUGMENTS`) is only checked. Used in the stain-shift chapter.
+
+    Examples
+    --------
+    >>> shift_plan(0.3).grid["scale"]
+    (-1.0, -0.5, -0.3, 0.3, 0.5, 1.0)
+    >>> shift_plan().compared["hed"], shift_plan().compared["scale"]
+    ((0.5, 1.0), (0.5, -1.0, 1.0))
+    """
+    from cellulib.transforms import STAIN_AUGMENTS
+
+    if not 0 < moderate <= 1:
+        raise ValueError(f"moderate must lie in (0, 1], got {moderate}")
+    if augment not in STAIN_AUGMENTS:
+        raise ValueError(f"augment must be one of {STAIN_AUGMENTS}, got {augment!r}")
+    grid = {kind: tuple(sorted(set(strengths) | ({moderate, -moderate} if kind == "scale"
+                                                 else {moderate})))
+            for kind, strengths in GRID.items()}
+    strong = {kind: (-1.0, 1.0) if kind == "scale" else (1.0,) for kind in grid}
+    return ShiftPlan(
+        grid, strong, {kind: (moderate, *strong[kind]) for kind in grid},
+        {kind: (-1.0, moderate, 1.0) if kind == "scale" else (moderate, 1.0) for kind in grid},
+        {kind: (moderate, 1.0) for kind in ("hed", "hestain", "brightness_contrast")})
+
+
+def as_seen(img: np.ndarray, side: int) -> np.ndarray:
+    """The first ``side`` x ``side`` window of a resampled image, as the scoring cuts it; an image
+    smaller than that is padded by reflection on both sides. Used in the stain-shift chapter
+    through :func:`example_rows`."""
+    h, w = img.shape[:2]
+    if h >= side and w >= side:
+        return img[:side, :side]
+    py, px = max(0, side - h), max(0, side - w)
+    return np.pad(img, ((py // 2, py - py // 2), (px // 2, px - px // 2), (0, 0)), mode="reflect")
+
+
+def example_rows(examples: Mapping[str, np.ndarray], kinds: Sequence[str],
+                 strengths: Sequence[float], seed: int = 0) -> tuple[list[list[np.ndarray]], list[str]]:
+    """Rows of a figure of the shifts: for each example image and strength, the image and its
+    shifted copies under ``kinds`` as the model sees them (:func:`as_seen`), with row labels
+    ``"{source}, strength {s}"``. Used in the stain-shift chapter."""
+    rows, labels = [], []
+    for source, img in examples.items():
+        for s in strengths:
+            rows.append([img] + [as_seen(shift_image(img, kind, s, seed), img.shape[0])
+                                 for kind in kinds])
+            labels.append(f"{source}, strength {s:g}")
+    return rows, labels
+
+
+def strength_table(kinds: Sequence[str], strengths: Sequence[float]) -> pd.DataFrame:
+    """What each strength means for each shift (:func:`strength_label`), one row per shift. Used
+    in the stain-shift chapter."""
+    return pd.DataFrame({f"strength {s:g}": [strength_label(k, s) for k in kinds] for s in strengths},
+                        index=pd.Index([SHIFT_NAMES[k] for k in kinds], name="shift"))
+
+
+def lost_to_mean(scores: pd.DataFrame, models: Sequence[str], settings: Mapping[str, Sequence[float]],
+                 mean_mse: float, n_boot: int = 2000, seed: int = 0) -> list[tuple[str, float, str]]:
+    """The floor under shift: ``(kind, strength, model)`` for every model and setting at which the
+    model no longer beats the mean predictor (the upper end of its MSE's 95% CI is not below
+    ``mean_mse``, :func:`cellulib.report.learned`). Used in the stain-shift chapter."""
+    from cellulib.report import learned, mse_ci
+
+    lost = []
+    for kind, strengths in settings.items():
+        for s in strengths:
+            for model in models:
+                part = scores[(scores["model"] == model) & (scores["kind"] == kind)
+                              & np.isclose(scores["strength"], s)]
+                high = mse_ci(part["y_true"], part["y_pred"], n_boot=n_boot, seed=seed).ci_high
+                if not learned(high, mean_mse, len(part)):
+                    lost.append((kind, s, model))
+    return lost
+
+
+def degradation_sentence(clean: pd.DataFrame, summary: pd.DataFrame,
+                         routes: Mapping[str, Sequence[str]], lost: Sequence[tuple[str, float, str]],
+                         strong: Mapping[str, Sequence[float]]) -> str:
+    """How much the worst shift costs each route, and which model-shift pairs fall to the mean
+    predictor (:func:`lost_to_mean` at the ``strong`` settings), in words. ``clean`` is the
+    unshifted :func:`cellulib.report.mse_summary`, ``summary`` the :func:`shift_summary`. Used in
+    the stain-shift chapter."""
+    from cellulib.report import MEAN_PREDICTOR, all_learned
+
+    models = [m for ms in routes.values() for m in ms]
+    worst = summary[summary.kind != "none"].sort_values("mse").groupby("model").tail(1).set_index("model")
+    ratio = {m: worst.loc[m, "mse"] / clean.loc[m, "mse"] for m in models}
+    by_route = {r: np.mean([ratio[m] for m in ms]) for r, ms in routes.items()}
+    text = ("Unshifted, every model has learned (chapters 3 and 4). " if all_learned(clean) else
+            "Unshifted, not every model has learned ("
+            + ", ".join(n for n in models if not clean.loc[n, "learned"])
+            + " did not), so no comparison below can be decided. ")
+    text += (f"The worst shift multiplies a model's MSE by {min(ratio.values()):.1f} to "
+             f"{max(ratio.values()):.1f} (on average {by_route['segmentation']:.1f}x for the "
+             f"segmentation routes and {by_route['direct']:.1f}x for the direct models). ")
+    if not lost:
+        return text + "Even at strength 1 every model still beats the mean predictor."
+    grouped: dict[tuple[str, float], list[str]] = {}
+    for kind, s, model in lost:
+        grouped.setdefault((kind, s), []).append(model)
+    n_pairs = len(models) * sum(len(v) for v in strong.values())
+    return (text + f"At strength 1 (and x0.5), {len(lost)} of {n_pairs} model-shift pairs no longer "
+            "beat the mean predictor (the upper end of the MSE's 95% CI is not below its "
+            f"{float(clean.loc[MEAN_PREDICTOR, 'mse']):.4f}): " + "; ".join(
+                f"{SHIFT_NAMES[k]} at {s:g}: "
+                + (f"all {len(models)} models" if len(ms) == len(models) else ", ".join(ms))
+                for (k, s), ms in grouped.items()) + ".")
+
+
+def route_table(scores: pd.DataFrame, settings: Mapping[str, Sequence[float]],
+                routes: Mapping[str, Sequence[str]], pair: Sequence[str], all_learned: bool,
+                n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """The paper's claim per shift setting: the mean rise in MSE of the segmentation routes minus
+    that of the direct models (:func:`degradation_difference`), and the same for one ``pair`` of
+    models (segmentation, direct), each with its :func:`cellulib.report.verdict` (undecided unless
+    ``all_learned``). Used in the stain-shift chapter."""
+    from cellulib.metrics import format_ci
+    from cellulib.report import verdict
+
+    rows = []
+    for kind, strengths in settings.items():
+        for s in strengths:
+            both = degradation_difference(scores, routes["segmentation"], routes["direct"], kind, s,
+                                          n_boot, seed)
+            one = degradation_difference(scores, [pair[0]], [pair[1]], kind, s, n_boot, seed)
+            rows.append({"shift": SHIFT_NAMES[kind], "strength": strength_label(kind, s),
+                         "segmentation - direct": format_ci(*both, digits=4),
+                         "verdict (routes)": verdict(both, all_learned, all_learned),
+                         f"{pair[0]} - {pair[1]}": format_ci(*one, digits=4),
+                         "verdict (pair)": verdict(one, all_learned, all_learned)})
+    return pd.DataFrame(rows).set_index(["shift", "strength"])
+
+
+def route_verdicts(table: pd.DataFrame) -> dict[str, str]:
+    """``"{shift} ({strength})" -> verdict`` of the routes in a :func:`route_table`, as
+    :func:`route_summary` reads them. Used in the stain-shift chapter through
+    :func:`route_tally`."""
+    return {f"{s} ({t})": v for (s, t), v in table["verdict (routes)"].items()}
+
+
+def route_tally(table: pd.DataFrame, all_learned: bool) -> str:
+    """A :func:`route_table` in words: how many settings hold, do not hold and are undecided, then
+    :func:`route_summary`. Used in the stain-shift chapter."""
+    counts = table["verdict (routes)"].value_counts()
+    return (f"Over the {len(table)} shift settings the claim holds in {counts.get('holds', 0)}, "
+            f"does not hold in {counts.get('does not hold', 0)} and is undecided in "
+            f"{counts.get('undecided', 0)}: " + route_summary(route_verdicts(table)) + "."
+            + ("" if all_learned else
+               " Not every model learned on the unshifted patches, so every verdict is undecided."))
+
+
+def detection_shift_table(counts: Mapping[tuple[str, float], pd.DataFrame], n_boot: int = 2000,
+                          seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Pooled and tumour F of a detector under each shift (:func:`detection_under_shifts`), and
+    the change against the unshifted images with a 95% paired-bootstrap CI over the images
+    (:func:`cellulib.report.paired_detection_difference`): the table, and the changes as rows of
+    :func:`cellulib.plots.estimate_whiskers`. Used in the stain-shift chapter."""
+    from cellulib.metrics import format_ci, scores_from_counts
+    from cellulib.report import paired_detection_difference
+
+    base = counts[("none", 0.0)]
+    rows, whisk = [], []
+    for (kind, s), part in counts.items():
+        f = scores_from_counts(part.groupby("class")[["tp", "fp", "fn"]].sum())["f1"]
+        row = {"shift": SHIFT_NAMES[kind], "strength": strength_label(kind, s),
+               "pooled F": round(f["detection"], 3), "tumour F": round(f["malignant"], 3)}
+        if kind != "none":
+            for cls, label in (("detection", "pooled"), ("malignant", "tumour")):
+                d = paired_detection_difference(part, base, cls, n_boot=n_boot, seed=seed)
+                row[f"change in {label} F"] = format_ci(*d)
+                whisk.append({"label": f"{SHIFT_NAMES[kind]}, {strength_label(kind, s)}",
+                              "group": f"{label} F", "value": d.value, "ci_low": d.ci_low,
+                              "ci_high": d.ci_high})
+        rows.append(row)
+    return (pd.DataFrame(rows).set_index(["shift", "strength"]).fillna(""), pd.DataFrame(whisk))
+
+
+def detection_sentence(detector: str, n_images: int, split: str, table: pd.DataFrame,
+                       whisk: pd.DataFrame) -> str:
+    """A :func:`detection_shift_table` in words: the unshifted F, and under how many settings
+    pooled F falls with its CI below 0. Used in the stain-shift chapter."""
+    if not len(whisk):
+        return "No shift was scored."
+    pooled = whisk[whisk.group == "pooled F"]
+    drops = pooled[pooled.ci_high < 0]
+    worst = whisk.loc[pooled["value"].idxmin()]
+    return (f"The {detector} network on the {n_images} images of BRCA-M2C's {split} split finds "
+            f"nuclei with pooled F {table.iloc[0]['pooled F']:.3f} and tumour F "
+            f"{table.iloc[0]['tumour F']:.3f} unshifted. Pooled F falls significantly (the CI "
+            f"below 0) under {len(drops)} of {len(whisk) // 2} shift settings; the largest fall "
+            f"is {-worst.value:.3f} ({worst.label}).")
+
+
+#: The real H&E images of ``../shared/data/real`` the stain-normalisation figure shows.
+NORMALISATION_EXAMPLES = {"BreastPathQ": "breastpathq_99788_1.tif",
+                          "AMIDA13": "amida13_example1.png",
+                          "OpenSlide CMU-1": "openslide_OS-1-detail.ome.tif"}
+#: Tissue in :func:`stain_table`: pixels darker than this in every channel.
+TISSUE_LEVEL = 220
+
+
+def normalisation_examples(real_dir: str | os.PathLike | None, side: int = 512
+                           ) -> dict[str, np.ndarray]:
+    """The :data:`NORMALISATION_EXAMPLES` present in ``real_dir``, each its top-left ``side`` px
+    square. Used in the stain-shift chapter."""
+    from cellulib.imageio import read_image
+
+    if real_dir is None:
+        return {}
+    return {name: np.ascontiguousarray(read_image(Path(real_dir) / file)[:side, :side])
+            for name, file in NORMALISATION_EXAMPLES.items() if (Path(real_dir) / file).is_file()}
+
+
+def normalised(images: Mapping[str, np.ndarray], model: Any) -> dict[str, list[np.ndarray]]:
+    """``images`` as they are and normalised to the stain stored in ``model``'s file by each
+    method of :data:`cellulib.stain.METHODS`: ``{"as is": [...], "Macenko": [...], ...}``. Used in
+    the stain-shift chapter."""
+    from cellulib.stain import METHODS
+    from cellulib.store import normalizer_from_options
+
+    out = {"as is": list(images.values())}
+    for method in METHODS:
+        norm = normalizer_from_options(method, None, model)
+        out[method.capitalize()] = [norm.normalize(img) for img in images.values()]
+    return out
+
+
+def stain_table(versions: Mapping[str, Sequence[np.ndarray]], names: Sequence[str],
+                tissue_level: int = TISSUE_LEVEL) -> pd.DataFrame:
+    """Mean haematoxylin (H) and eosin (E) optical density of each image's tissue (pixels darker
+    than ``tissue_level`` in every channel; :func:`cellulib.synth.hed_stats`), per image (rows,
+    ``names``) and version (columns, :func:`normalised`). Used in the stain-shift chapter."""
+    from cellulib.synth import hed_stats
+
+    stats = []
+    for version, row in versions.items():
+        for name, img in zip(names, row):
+            tissue = np.all(img < tissue_level, axis=2)
+            st = hed_stats(img, tissue if np.any(tissue) else None)
+            stats.append({"image": name, "version": version, "H": st["H_mean"], "E": st["E_mean"]})
+    return pd.DataFrame(stats).pivot(index="image", columns="version", values=["H", "E"]).round(3)
+
+
+def stain_sentence(stats: pd.DataFrame, tissue_level: int = TISSUE_LEVEL) -> str:
+    """A :func:`stain_table` in words: how far normalisation brings the images' mean H together.
+    Used in the stain-shift chapter."""
+    spread = {v: float(stats[("H", v)].std()) for v in ("as is", "Macenko", "Reinhard")}
+    return (f"The table gives the mean haematoxylin (H) and eosin (E) optical density of each "
+            f"image's tissue (skimage's colour deconvolution, pixels darker than {tissue_level} in "
+            f"every channel). Across the {len(stats)} images the spread (standard deviation) of "
+            f"mean H is {spread['as is']:.3f} as they are, {spread['Macenko']:.3f} after Macenko "
+            f"and {spread['Reinhard']:.3f} after Reinhard.")
+
+
+def remedy_table(remedies: Mapping[str, pd.DataFrame], scores: pd.DataFrame, models: Sequence[str],
+                 all_learned: bool, augmented: pd.DataFrame | None = None, augment: str = "hed",
+                 n_boot: int = 2000, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """What each remedy changes: for every remedy (name -> its :func:`score_under_shifts` table,
+    :func:`remedy_scores`), model and setting it addresses, the MSE without (``scores``) and with
+    it, the change with a 95% paired-bootstrap CI (:func:`mse_change`) and its verdict
+    ("helps", "hurts" or "undecided", :func:`cellulib.report.claim_words`). The true pixel size addresses the ``scale`` shifts only (it changes
+    nothing on unshifted patches); stain normalisation and jitter address the stain shifts and the
+    unshifted patches, which they must not spoil. A verdict is undecided unless the model learned
+    without the remedy (``all_learned``) and with it: the retrained models of ``"{AUGMENT}
+    jitter"`` by their unshifted :func:`cellulib.report.mse_summary`, ``augmented``. Returns the
+    table and the changes as rows of :func:`cellulib.plots.estimate_whiskers`. Used in the
+    stain-shift chapter."""
+    from cellulib.metrics import format_ci
+    from cellulib.report import claim_words, verdict
+
+    order = list(GRID)
+    rows, whisk = [], []
+    for remedy, frame in remedies.items():
+        settings = sorted(set(zip(frame.kind, frame.strength)),
+                          key=lambda ks: (order.index(ks[0]) if ks[0] in order else -1, ks[1]))
+        for kind, s in settings:
+            if remedy == "true pixel size" and kind != "scale":
+                continue
+            for model in models:
+                change = mse_change(frame, scores, model, kind, s, n_boot, seed)
+                label = ("no shift" if kind == "none"
+                         else f"{SHIFT_NAMES[kind]}, {strength_label(kind, s)}")
+                learned_with = (bool(augmented.loc[model, "learned"])
+                                if augmented is not None and remedy == f"{augment.upper()} jitter"
+                                else all_learned)
+                rows.append({"remedy": remedy, "model": model, "shift": label,
+                             "MSE without": _errors(scores, model, kind, s).mean(),
+                             "MSE with": _errors(frame, model, kind, s).mean(),
+                             "change [95% CI]": format_ci(*change, digits=4),
+                             "verdict": claim_words(verdict(change, learned_with, all_learned),
+                                                    "helps", "hurts", "undecided")})
+                whisk.append({"label": label, "group": f"{model}: {remedy}", "value": change.value,
+                              "ci_low": change.ci_low, "ci_high": change.ci_high})
+    table = (pd.DataFrame(rows).round({"MSE without": 4, "MSE with": 4})
+             .set_index(["remedy", "model", "shift"]))
+    return table, pd.DataFrame(whisk)
+
+
+def remedy_tally(table: pd.DataFrame) -> dict[str, str]:
+    """Per remedy of a :func:`remedy_table`: ``"helps in a, hurts in b, undecided in c of n"``.
+    Used in the stain-shift chapter through :func:`remedy_sentence`."""
+    return {remedy: (f"helps in {(v == 'helps').sum()}, hurts in {(v == 'hurts').sum()}, "
+                     f"undecided in {(v == 'undecided').sum()} of {len(v)}")
+            for remedy, v in table.groupby(level="remedy", sort=False)["verdict"]}
+
+
+def remedy_sentence(table: pd.DataFrame, clean: pd.DataFrame, augmented: pd.DataFrame | None,
+                    augment: str) -> str:
+    """A :func:`remedy_table` in words, with the unshifted MSE of the models retrained with stain
+    augmentation (``augmented``, their :func:`cellulib.report.mse_summary`; None when ``augment``
+    is ``"none"``) beside those without (``clean``). Used in the stain-shift chapter."""
+    from cellulib.report import learned_sentence
+
+    text = ("Per remedy, over the cheapest model of each route and the shifts it addresses (a "
+            "change counts when its CI excludes 0): "
+            + "; ".join(f"**{r}** {t}" for r, t in remedy_tally(table).items()) + ".")
+    if augmented is None or augment == "none":
+        return text + " Stain augmentation was not retrained (augment='none')."
+    return (text + f" Retrained with {augment.upper()} jitter, GBT reaches MSE "
+            f"{augmented.loc['GBT', 'mse']:.4f} and ResNet34 (R) "
+            f"{augmented.loc['ResNet34 (R)', 'mse']:.4f} on the unshifted patches (without: "
+            f"{clean.loc['GBT', 'mse']:.4f} and {clean.loc['ResNet34 (R)', 'mse']:.4f}): "
+            + learned_sentence(augmented) + ".")
+
+
+def summary_sentence(scores: pd.DataFrame, grid: Mapping[str, Sequence[float]],
+                     models: Sequence[str], lost: Sequence[tuple[str, float, str]],
+                     routes: pd.DataFrame, remedies: pd.DataFrame,
+                     detection: pd.DataFrame | None = None, n_boot: int = 2000,
+                     seed: int = 0) -> str:
+    """The stain-shift chapter's closing paragraph: how many model-shift settings raise the MSE
+    significantly (:func:`degradation`), the pairs :func:`lost_to_mean`, the route verdicts
+    (:func:`route_table`), the real detector's falls (the whiskers of
+    :func:`detection_shift_table`, when scored) and the remedies (:func:`remedy_table`). Used in
+    the stain-shift chapter."""
+    settings = [(k, s) for k in grid for s in grid[k]]
+    worse = [(k, s, m) for k, s in settings for m in models
+             if degradation(scores, m, k, s, n_boot, seed).ci_low > 0]
+    bits = [
+        f"Under {len(worse)} of {len(settings) * len(models)} model-shift settings a cellularity "
+        "model's MSE rises significantly (the CI of the rise above 0); the mean predictor, which "
+        f"ignores the image, does not move. At strength 1 (and x0.5), {len(lost)} model-shift "
+        "pairs fall to the mean predictor or worse.",
+        "On the paper's argument that the segmentation routes generalise better: "
+        f"{route_summary(route_verdicts(routes))}.",
+    ]
+    if detection is not None:
+        drops = detection[(detection.group == "pooled F") & (detection.ci_high < 0)]
+        bits.append(f"The real nucleus detector loses pooled F significantly under {len(drops)} of "
+                    f"{len(detection) // 2} shift settings.")
+    bits.append("Of the remedies: " + "; ".join(f"{r} {t}" for r, t in remedy_tally(remedies).items())
+                + ".")
+    return " ".join(bits)
+
+
+def finding_sentence(routes: pd.DataFrame) -> str:
+    """The stain-shift chapter's one-line finding, from its :func:`route_table`. Used in the
+    stain-shift chapter."""
+    verdicts = routes["verdict (routes)"]
+    return ("Does the segmentation route generalise better to other stains and scanners, as the "
+            f"paper argues? Here it holds for {int((verdicts == 'holds').sum())} of {len(verdicts)} "
+            f"shift settings and is contradicted by {int((verdicts == 'does not hold').sum())}; "
+            "stain normalisation and the true pixel size are the remedies that need no retraining.")
+
+
+def remedy_scores(models: Mapping[str, Any], paths: Sequence, y_true: Sequence[float],
+                  plan: ShiftPlan, seed: int = 0, augmented: Mapping[str, Any] | None = None,
+                  augment: str = "hed") -> dict[str, pd.DataFrame]:
+    """The remedies of the stain-shift chapter, each scored with :func:`score_under_shifts`:
+    ``"Macenko"`` (``models`` with stain normalisation, under ``plan.stain``), ``"true pixel
+    size"`` (``models`` given the true ``--mpp``, under the ``scale`` shifts of ``plan.grid``) and,
+    with ``augmented`` (the same models retrained with ``augment``), ``"{AUGMENT} jitter"`` under
+    ``plan.stain``. Used in the stain-shift chapter."""
+    out = {"Macenko": score_under_shifts(models, paths, y_true, plan.stain, seed=seed,
+                                         stain_norm="macenko", progress=False),
+           "true pixel size": score_under_shifts(models, paths, y_true, {"scale": plan.grid["scale"]},
+                                                 seed=seed, true_mpp=True, progress=False)}
+    if augmented:
+        out[f"{augment.upper()} jitter"] = score_under_shifts(augmented, paths, y_true, plan.stain,
+                                                              seed=seed, progress=False)
+    return out

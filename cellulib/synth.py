@@ -1565,7 +1565,7 @@ def hed_stats(img, mask=None) -> dict:
     Colour deconvolution of Ruifrok & Johnston (2001) as implemented by
     :func:`skimage.color.rgb2hed`; used to check that synthetic patches have the stain colours of
     the real BreastPathQ patches (SPEC 1.2, 1.3).  Used in chapter 1 through :func:`compare_stains`, and in the
-    stain-shift chapter.
+    stain-shift chapter through :func:`cellulib.robustness.stain_table`.
 
     Parameters
     ----------

@@ -146,3 +146,16 @@ def test_windows_of_real_held_out_patients(brca_dir, tmp_path):
     assert set(w["patient"]) <= held_out and w["count"].between(0, 1).all()
     assert (w["area"] <= w["tissue_fraction"] + 1e-9).all()
     assert w["image_path"].map(lambda p: p.endswith(".png")).all()
+
+
+def test_validation_images_are_the_held_out_patients(brca_dir):
+    # the README's numbers: 18 of the 90 train/val images, of 15 patients no training image shares
+    from cellulib import data
+
+    held_out = realtissue.validation_images(brca_dir)
+    cells = data.read_cells(brca_dir)
+    patients = held_out["name"].map(data.patient_code)
+    rest = cells[~cells["name"].isin(held_out["name"])]["name"].map(data.patient_code)
+    assert (len(cells), len(held_out), patients.nunique()) == (90, 18, 15)
+    assert not set(patients) & set(rest)
+    assert list(realtissue.report_images(brca_dir)[1]["name"]) == list(held_out["name"])

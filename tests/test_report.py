@@ -311,3 +311,231 @@ def test_detection_table_puts_the_published_f_beside_ours():
     assert report.floors_missed(table) == {"lymphocyte": 0.545, "malignant": 0.747,
                                            "normal": 0.444, "detection": 0.788}
     assert report.floors_missed(table.assign(f1=[0.55, 0.75, 0.55, 0.82])) == {}
+
+
+def test_all_learned_leaves_the_mean_predictor_out():
+    table = pd.DataFrame({"learned": [True, True, False]}, index=["A", "B", report.MEAN_PREDICTOR])
+    assert report.all_learned(table) is True
+    table.loc["B", "learned"] = False
+    assert report.all_learned(table) is False
+    assert report.all_learned(table.drop(index=report.MEAN_PREDICTOR).drop(index="B")) is True
+
+
+# --------------------------------------------------------------------------------------------------
+# the real-H&E chapter's sentences and tables, on hand-made inputs
+def test_claim_words():
+    assert [report.claim_words(v) for v in report.VERDICTS] == ["holds", "does not hold", "is undecided"]
+    assert [report.claim_words(v, "helps", "hurts", "undecided") for v in report.VERDICTS] == [
+        "helps", "hurts", "undecided"]
+    with pytest.raises(ValueError, match="a verdict is one of"):
+        report.claim_words("maybe")
+
+
+def _brca_cells() -> pd.DataFrame:
+    # patient 0001 has an image in the official train and one in the official val split
+    return pd.DataFrame({
+        "name": ["TCGA-AA-0001-01Z_a", "TCGA-AA-0001-01Z_b", "TCGA-AA-0002-01Z_c", "TCGA-AA-0003-01Z_d",
+                 "TCGA-AA-0004-01Z_e"],
+        "split": ["train", "val", "train", "val", "test"],
+        "n_lymphocyte": [1, 2, 3, 4, 5], "n_malignant": [10, 20, 30, 40, 50], "n_normal": [0, 1, 0, 1, 0]})
+
+
+def test_brca_m2c_table_and_sentence_by_hand():
+    cells = _brca_cells()
+    table = report.brca_m2c_table(cells, [0, 1, 2], [3])
+    assert table.index.name == "used for"
+    assert table.reset_index().to_dict("list") == {
+        "used for": ["training", "validation (held-out patients)", "official test"],
+        "images": [3, 1, 1], "patients": [2, 1, 1], "lymphocyte": [6, 4, 5],
+        "tumour/epithelial": [60, 40, 50], "stromal": [1, 1, 0]}
+    text = report.brca_m2c_sentence(cells, [0, 1, 2], [3], "test")
+    assert text.startswith("This copy holds 5 images.")
+    assert ("**patients it has not seen**: 1 of the 4 training and validation images, 1 whole "
+            "patients") in text
+    assert "would share 1 patients (TCGA-AA-0001) with the official training split" in text
+    assert text.endswith("The official test split (patients in neither) is present: the results below "
+                         "are on it; validation only chooses between the two decoders.")
+    assert report.brca_m2c_sentence(cells, [0, 1, 2], [3], "patient-disjoint validation").endswith(
+        "The README says how to get the full dataset.")
+
+
+def test_pixel_scale_and_training_sentences_by_hand():
+    # median spacing 14, its 5th percentile 10 + 0.05 * 4 * 2 = 10.4; 4 of 5 neighbours beyond 11
+    # px; a median nucleus of 10 px spans 10 / 4 = 2.5 cells of the FPN's stride-4 grid
+    text = report.pixel_scale_sentence([10, 12, 14, 16, 18], [8, 10, 12], 11, 1)
+    assert text == (
+        "Neighbouring nuclei sit a median 14.0 px apart (5% of them closer than 10.4 px), and nuclei "
+        "segmented from the haematoxylin channel measure a median 10.0 px across. The discs here are "
+        "therefore **11 px** across, about one nucleus and less than the distance between 80% of "
+        "neighbours, so that most discs do not touch. The images are **not downscaled**: the FPN "
+        "predicts on a grid 4 times coarser than its input, where a 10 px nucleus spans 2.5 cells at "
+        "full size and half that after a x2 downscale, and the detection protocol below asks for "
+        "centres within 6 px of the dot.")
+    assert "**downscaled x2**" in report.pixel_scale_sentence([10, 12], [8, 10], 15, 2)
+    settings = {"seg_epochs": 30, "patches_per_epoch": 4, "crop": 256, "seg_schedule": "one_cycle",
+                "seg_lr": 0.001}
+    assert report.training_sentence(settings, "quick", 150) == (
+        "The quick profile trains each network for 30 epochs of 4 random 256-pixel crops per image "
+        "(one-cycle schedule, peak rate 0.001); the two took 2.5 minutes together.")
+
+
+def _f1(lymphocyte, malignant, normal, detection) -> pd.DataFrame:
+    return pd.DataFrame({"f1": [lymphocyte, malignant, normal, detection]},
+                        index=["lymphocyte", "malignant", "normal", "detection"])
+
+
+def test_decoder_sentence_and_finding_by_hand():
+    # FPN meets every floor (0.55, 0.75, 0.55, 0.82); U-Net misses three; FPN - U-Net +0.05 [0.02, 0.08]
+    val = {"FPN": _f1(0.62, 0.8, 0.58, 0.85), "U-Net": _f1(0.5, 0.7, 0.6, 0.8)}
+    text = report.decoder_sentence(val, "FPN", 0.3, "test", 30, report.Estimate(0.05, 0.02, 0.08))
+    assert text.startswith("The held-out patients pick the **FPN** decoder by the mean of pooled and "
+                           "tumour F,")
+    assert "(pooled / tumour F: FPN 0.850 / 0.800, U-Net 0.800 / 0.700; threshold 0.3)" in text
+    assert ("On the test split (30 images), FPN minus U-Net in pooled F is +0.050 (95% CI +0.020 to "
+            "+0.080, paired bootstrap over images): the paper's ranking of the decoders (FPN ahead) "
+            "holds here for detection.") in text
+    assert ("F at least lymphocyte 0.55, tumour/epithelial 0.75, stromal 0.55, detection (all classes) "
+            "0.82 on the held-out patients, are **met** by FPN and **not met** by U-Net (lymphocyte "
+            "0.500, tumour/epithelial 0.700, detection (all classes) 0.800).") in text
+    assert "with a 12 px radius" in text
+    undecided = report.decoder_sentence(val, "FPN", 0.3, "test", 30, report.Estimate(0.01, -0.02, 0.04))
+    assert "(FPN ahead) is undecided here" in undecided
+    assert report.real_he_finding("FPN", val["FPN"], 12.4, 72, "test") == (
+        "Trained for 12 minutes on 72 real BRCA-M2C patches, the FPN network detects nuclei with F "
+        "0.85 and tumour nuclei with F 0.80 on the test split (MCSpatNet on the test split: 0.85 and "
+        "0.79); its weakest classes are stromal (F 0.58) and lymphocyte (F 0.62).")
+
+
+def test_confusion_jaccard_fraction_and_dots_sentences_by_hand():
+    classes = ["lymphocyte", "malignant", "normal"]
+    confusion = pd.DataFrame([[8, 1, 1, 3], [2, 16, 2, 4], [0, 4, 6, 1], [5, 6, 7, 0]],
+                             index=classes + ["unmatched"], columns=classes + ["unmatched"])
+    # 30 of the 40 matched nuclei on the diagonal; the largest off-diagonal cell: 4 stromal as tumour
+    assert report.confusion_sentence(confusion) == (
+        "Of the matched nuclei, 75% get their annotated class (lymphocyte 80%, tumour/epithelial 80%, "
+        "stromal 60%). The largest confusion is stromal nuclei called tumour/epithelial: 4 of 10.")
+    jaccard = pd.DataFrame({"FPN": [0.4123], "U-Net": [0.3456]}, index=["mean (nuclei)"])
+    assert report.jaccard_sentence(jaccard).startswith(
+        "The mean over the three classes is 0.412 for FPN and 0.346 for U-Net (the paper, BreastPathQ "
+        "with random initialisation: 0.47 and 0.35).")
+    # ICC(2,1) by hand: MSR 12.5 / 3, MSC 0.5, MSE 0.5 / 3 -> (MSR - MSE) / (MSR + MSE + 2 (MSC -
+    # MSE) / 4) = 4 / 4.5 = 0.89; the absolute differences 0, 1, 0, 1
+    fr = pd.DataFrame({"annotated": [1.0, 2, 3, 4], "detected": [1.0, 3, 3, 5]})
+    text = report.fraction_sentence(fr)
+    assert text.startswith("Over 4 images the agreement is ICC(2,1) 0.89 (95% CI ")
+    assert text.endswith("); the mean absolute difference is 0.500.")
+    cells = pd.DataFrame({"name": ["a", "b", "c"], "n_malignant": [9, 1, 2],
+                          "n_lymphocyte": [0, 7, 1], "n_normal": [5, 0, 1]})
+    assert report.dot_examples(cells) == ["a", "b"]
+    fractions = pd.DataFrame({"image": ["a", "b", "c"], "n_annotated": [10, 5, 1], "n_detected": [9, 7, 0]})
+    assert report.dots_sentence(fractions, ["b", "a"]) == (
+        "Dots and detections per image: (a) 5 vs 7; (b) 10 vs 9. A nucleus the annotators did not mark "
+        "counts as a false positive when it is found.")
+
+
+def test_transfer_table_sentence_and_summary_by_hand():
+    def scored(detection, malignant, truth=None, n_pred=0):
+        table = _f1(0.5, malignant, 0.5, detection)
+        return SimpleNamespace(scores=lambda: table, truth=truth, pred=pd.DataFrame(index=range(n_pred)))
+
+    # three synthetic dots 10, 10 and 20 px from their nearest neighbour: a median of 10 px, 5 px
+    # after the x2 downscale
+    dots = pd.DataFrame({"image": ["s"] * 3, "x": [0.0, 10, 0], "y": [0.0, 0, 20]})
+    transfer = {("synthetic", "synthetic"): scored(0.31, 0.52, dots, 1),
+                ("synthetic", "BRCA-M2C"): scored(0.42, 0.6),
+                ("BRCA-M2C", "synthetic"): scored(0.55, 0.7),
+                ("BRCA-M2C", "BRCA-M2C"): scored(0.8, 0.75)}
+    table = report.transfer_table(transfer)
+    assert table.to_dict("list") == {
+        "trained on": ["synthetic", "synthetic", "BRCA-M2C", "BRCA-M2C"],
+        "scored on": ["synthetic", "BRCA-M2C", "synthetic", "BRCA-M2C"],
+        "detection F": [0.31, 0.42, 0.55, 0.8], "tumour F": [0.52, 0.6, 0.7, 0.75]}
+    text = report.transfer_sentence(transfer, {"disc_diameter": 15.0, "downscale": 2})
+    assert text.startswith(
+        "Trained on synthetic patches, the network finds real nuclei with pooled F 0.42 against 0.80 "
+        "for the real-trained one; trained on real patches, it finds synthetic nuclei with F 0.55 "
+        "against 0.31 for the synthetic-trained one.")
+    assert ("the paper's 15 px discs after a x2 downscale, where neighbouring synthetic nuclei sit a "
+            "median 5.0 px apart at that scale") in text and "(it finds 1 centres for 3 dots)" in text
+    summary = report.real_he_summary([10, 12, 14], [8, 10], {"disc_diameter": 11, "downscale": 1},
+                                     "FPN", 12.4, _f1(0.62, 0.8, 0.58, 0.85), "test", transfer)
+    assert summary.split("\n") == [
+        "- Real nuclei need their own pixel scale: at 20x, with nuclei a median 9 px across and "
+        "neighbours 12 px apart, BRCA-M2C is segmented at full size with 11 px discs, where the "
+        "paper's x2 downscale and 15 px discs would merge neighbours.",
+        "- Chapter 2's weakly supervised FPN network, trained for 12 minutes on real dots, detects "
+        "nuclei with F 0.85 on the test split, against 0.85 for MCSpatNet, a dedicated detector, on "
+        "the test split. Telling stromal nuclei from the others is the hard part.",
+        "- Across datasets: the real-trained network finds synthetic nuclei with F 0.55 (real ones: "
+        "0.80); the synthetic-trained one, whose large discs make it segment tumour area rather than "
+        "count nuclei, reaches 0.31 on its own data and 0.42 on real nuclei."]
+
+
+# --------------------------------------------------------------------------------------------------
+# chapter 1: labels and stains beside real ones
+def test_kappa_bin_counts_by_hand():
+    table = report.kappa_bin_counts([0.0, 0.25, 0.26, 0.5, 0.9, 1.0])
+    assert list(table.index) == ["[0, 0.25]", "(0.25, 0.5]", "(0.5, 0.75]", "(0.75, 1]"]
+    assert table.iloc[:, 0].tolist() == [2, 2, 0, 2]
+    assert table.columns.tolist() == ["patches (the 4 bins of Cohen's kappa)"]
+
+
+def test_labels_sentence_by_hand():
+    gap = {"zeros_real": 0.28, "zeros_synthetic": 0.1, "ks": 0.1234, "p": 0.00123, "n_synthetic": 200}
+    law = {"n_synthetic": 200000, "ks": 0.0456}
+    assert report.labels_sentence([0.0, 0.2, 0.5], [0.1, 0.3], gap, law) == (
+        "28% of the real labels are 0 and 10% of the synthetic ones; the medians are 0.20 and 0.20. "
+        "The two-sample KS statistic is 0.123 (p = 0.0012, 200 synthetic labels): part of the gap is "
+        "the size of the synthetic set, part is that pathologists score in steps of 0.05, which a "
+        "smooth law does not copy (200,000 draws of the law sit at KS 0.05).")
+
+
+def test_stain_sources_sentence_by_hand():
+    stats = pd.DataFrame({"source": ["synthetic", "synthetic", "BRCA-M2C", "BRCA-M2C"],
+                          "H": [0.1, 0.3, 0.5, 0.7], "E": [0.1, 0.1, 0.2, 0.2]})
+    assert report.stain_sources_sentence(stats) == (
+        "Mean optical densities per source: BRCA-M2C H 0.600, E 0.200; synthetic H 0.200, E 0.100. "
+        "The BRCA-M2C patches are stained 3.0 times as dark in haematoxylin as the synthetic ones: "
+        "staining differs between labs and scanners, and the generator sits at the pale end of what "
+        "these real images span.")
+    assert report.stain_sources_sentence(stats[stats.source == "synthetic"]) == (
+        "Mean optical densities per source: synthetic H 0.200, E 0.100. ")
+
+
+def test_learned_count_importance_caveat_and_schedule_text():
+    summary = pd.DataFrame({"learned": [True, False, False]}, index=["GBT", "SR", report.MEAN_PREDICTOR])
+    assert report.learned_count(summary, ["GBT", "SR"], "routes") == "1 of the 2 routes learned (GBT)"
+    assert report.learned_count(summary, ["SR"], "routes") == "0 of the 1 routes learned"
+    assert report.importance_caveat(summary) == (
+        "GBT has learned, so this ranking says what its predictions rest on.")
+    assert report.importance_caveat(summary, "SR").startswith("SR has not learned at this budget")
+    assert report.schedule_text({"direct_lr": 0.001, "direct_schedule": "one_cycle"}) == (
+        "a one-cycle schedule (peak learning rate 0.001)")
+    assert report.schedule_text({"direct_lr": 1e-4, "direct_schedule": "decay"}) == (
+        "a learning rate decaying from 0.0001 to 1e-05")
+
+
+def test_route_cost_sentence_by_hand():
+    cost = {"difference": report.Estimate(0.0041, 0.0012, 0.00705), "verdict": "does not hold"}
+    assert report.route_cost_sentence(cost) == (
+        "Here the interpretable route costs 0.0041 in MSE (95% CI 0.0012 to 0.0070).")
+    assert report.route_cost_sentence({**cost, "verdict": "holds"}).endswith("it is the more accurate one.")
+    assert report.route_cost_sentence({**cost, "verdict": "undecided"}).startswith(
+        "Whether the interpretable route costs accuracy cannot be told")
+
+
+def test_choose_detector_keeps_the_best_mean_of_pooled_and_tumour_f(monkeypatch):
+    from cellulib import constants, detect
+
+    tables = {"a.pt": _f1(0.6, 0.7, 0.6, 0.9), "b.pt": _f1(0.6, 0.8, 0.6, 0.85)}  # means 0.8, 0.825
+    calls = []
+
+    def score_annotated(model, cells, threshold, progress=True):
+        calls.append((model, threshold, progress))
+        return SimpleNamespace(scores=lambda: tables[model])
+
+    monkeypatch.setattr(detect, "score_annotated", score_annotated)
+    best, scores = report.choose_detector({"FPN": "a.pt", "U-Net": "b.pt"}, pd.DataFrame())
+    assert best == "U-Net" and list(scores) == ["FPN", "U-Net"] and scores["FPN"] is tables["a.pt"]
+    assert calls == [("a.pt", constants.DETECTION_THRESHOLD, False), ("b.pt", constants.DETECTION_THRESHOLD, False)]
+    assert report.choose_detector({"FPN": "a.pt"}, pd.DataFrame(), 0.5)[0] == "FPN" and calls[-1][1] == 0.5
