@@ -10,7 +10,7 @@ PROFILE ?= quick
 SEED ?= 0
 PORT ?= 8888
 SOLUTIONS ?= show
-# The kernel the chapters name in their metadata (cellulib.lab.KERNEL_NAME), registered in $(VENV).
+# The kernel the chapters name in their metadata (cellulib.bench.lab.KERNEL_NAME), registered in $(VENV).
 KERNEL := cellulib
 KERNELSPEC := $(VENV)/share/jupyter/kernels/$(KERNEL)/kernel.json
 
@@ -25,7 +25,7 @@ PIP := env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null $(PY) -m pip
 
 CHAPTERS := $(sort $(notdir $(wildcard notebooks/[0-9][0-9]*_*.ipynb)))
 EXECUTED := $(addprefix book/chapters/,$(CHAPTERS))
-LIBRARY := $(wildcard cellulib/*.py)
+LIBRARY := $(wildcard cellulib/*.py cellulib/*/*.py)
 
 .PHONY: help install data chapters exercises book lab test lint bench clean distclean
 
@@ -64,8 +64,8 @@ book/chapters/%.ipynb: notebooks/%.ipynb $(STAMP) $(KERNELSPEC) $(LIBRARY)
 	@echo "== executing $< (profile=$(PROFILE), seed=$(SEED))"
 	@start=$$(date +%s); \
 	if $(PY) -m papermill --cwd book/chapters -p profile $(PROFILE) -p seed $(SEED) $< $@.tmp.ipynb; then \
-		$(PY) -m cellulib.bookstatus --fold $@.tmp.ipynb $(if $(filter hide,$(SOLUTIONS)),&& \
-		$(PY) -m cellulib.bookstatus --hide-solutions $@.tmp.ipynb) && \
+		$(PY) -m cellulib.bench.bookstatus --fold $@.tmp.ipynb $(if $(filter hide,$(SOLUTIONS)),&& \
+		$(PY) -m cellulib.bench.bookstatus --hide-solutions $@.tmp.ipynb) && \
 		mv $@.tmp.ipynb $@ && echo "== $@ done in $$(( $$(date +%s) - start )) s"; \
 	else \
 		echo "== FAILED: chapter $< (papermill's copy with the error: $@.tmp.ipynb)"; exit 1; \
@@ -73,13 +73,13 @@ book/chapters/%.ipynb: notebooks/%.ipynb $(STAMP) $(KERNELSPEC) $(LIBRARY)
 
 # The status page, the build history ($(CELLULIB_HOME)/book-history.json) and the teachers' page.
 chapters: data $(EXECUTED)
-	$(PY) -m cellulib.bookstatus --chapters book/chapters --notebooks notebooks \
+	$(PY) -m cellulib.bench.bookstatus --chapters book/chapters --notebooks notebooks \
 		--out book/chapters/status.md --teachers book/chapters/teachers.md
 
-# Every chapter with the exercises' parameters (cellulib.bookstatus.EXERCISE_PARAMETERS) into
+# Every chapter with the exercises' parameters (cellulib.bench.bookstatus.EXERCISE_PARAMETERS) into
 # book/exercises/, their times recorded for the teachers' page.
 exercises: data $(KERNELSPEC)
-	$(PY) -m cellulib.bookstatus --execute-exercises book/exercises --notebooks notebooks \
+	$(PY) -m cellulib.bench.bookstatus --execute-exercises book/exercises --notebooks notebooks \
 		--profile $(PROFILE) --seed $(SEED) --chapters book/chapters --teachers book/chapters/teachers.md
 
 book: chapters
@@ -92,7 +92,7 @@ test: $(STAMP) $(KERNELSPEC)
 
 # JupyterLab on 127.0.0.1:$(PORT), rooted here, opening notebooks/ (the port is checked first).
 lab: $(STAMP) $(KERNELSPEC)
-	$(PY) -m cellulib.lab --port $(PORT)
+	$(PY) -m cellulib.bench.lab --port $(PORT)
 
 bench: $(STAMP)
 	$(PY) -m cellulib.bench --quick

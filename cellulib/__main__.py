@@ -1,5 +1,5 @@
-"""``python -m cellulib`` runs the command line (see :mod:`cellulib.cli`)."""
+"""``python -m cellulib`` runs the command line (see :mod:`cellulib.cli.commands`)."""
 
-from cellulib.cli import main
+from cellulib.cli.commands import main
 
 raise SystemExit(main())

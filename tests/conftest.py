@@ -11,9 +11,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def real_dir() -> Path:
-    """The folder of public real H&E images (`cellulib.profiles.real_dir`: ``$CELLULIB_REAL_DATA``
+    """The folder of public real H&E images (`cellulib.data.profiles.real_dir`: ``$CELLULIB_REAL_DATA``
     or ``../shared/data/real``); skips when absent."""
-    from cellulib import profiles
+    from cellulib.data import profiles
 
     path = profiles.real_dir()
     if path is None:
@@ -23,9 +23,9 @@ def real_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def brca_dir(real_dir) -> Path:
-    """The BRCA-M2C copy (`cellulib.profiles.brca_m2c_dir`: ``brca-m2c`` in the real data folder,
+    """The BRCA-M2C copy (`cellulib.data.profiles.brca_m2c_dir`: ``brca-m2c`` in the real data folder,
     SPEC 1.4); skips when absent."""
-    from cellulib import profiles
+    from cellulib.data import profiles
 
     path = profiles.brca_m2c_dir()
     if path is None:
@@ -82,7 +82,7 @@ def project_kernel(tmp_path_factory) -> str:
     without make) it is registered under a temporary prefix for this session only, found through
     ``JUPYTER_PATH`` (which subprocesses inherit), so the environment is never written to.
     """
-    from cellulib.lab import KERNEL_NAME, install_kernel, kernel_spec_dir
+    from cellulib.bench.lab import KERNEL_NAME, install_kernel, kernel_spec_dir
 
     if kernel_spec_dir() is None:
         prefix = tmp_path_factory.mktemp("kernel-prefix")

@@ -1,6 +1,6 @@
 """A second implementation of the MCSpatNet detection protocol (SPEC 1.4), written the way their
 evaluation code works (dot maps, ``numpy.where`` raster order, nearest unmatched prediction within
-the radius), independent of `cellulib.metrics`: the tests score with both and compare."""
+the radius), independent of `cellulib.metrics.agreement`: the tests score with both and compare."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,7 +1,7 @@
 """Real annotation formats: PathCore XML with the real files' quirks, BRCA-M2C dots, layout detection.
 
 References are independent of the code under test: hand-counted points of a hand-made fixture, the
-XML reader of `cellulib.data` (ElementTree) on well-formed files, and plain line counts of the real
+XML reader of `cellulib.data.breastpathq` (ElementTree) on well-formed files, and plain line counts of the real
 BRCA-M2C files.
 """
 import re
@@ -16,7 +16,8 @@ import pandas as pd
 import pytest
 import tifffile
 
-from cellulib.annotations import (
+from cellulib.constants import NUCLEUS_CLASSES
+from cellulib.data.annotations import (
     BRCA_M2C_CLASSES,
     DESCRIPTION_TO_CLASS,
     detect_layout,
@@ -24,9 +25,8 @@ from cellulib.annotations import (
     read_brca_m2c,
     read_brca_m2c_points,
 )
-from cellulib.constants import NUCLEUS_CLASSES
-from cellulib.imageio import DataError, DataWarning
-from cellulib.synth import cell_xml
+from cellulib.data.synth import cell_xml
+from cellulib.files.imageio import DataError, DataWarning
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 QUIRKY = FIXTURES / "quirky_key.xml"
@@ -148,7 +148,7 @@ def test_parse_pathcore_custom_table():
 
 
 # Well-formed files: the tolerant reader must agree exactly with an XML parser. The oracle is the
-# ElementTree reader that `cellulib.data` used before it called `parse_pathcore_xml`, frozen here so
+# ElementTree reader that `cellulib.data.breastpathq` used before it called `parse_pathcore_xml`, frozen here so
 # the comparison stays independent once it does.
 def _elementtree_reference(path):
     def local(tag):
@@ -231,8 +231,8 @@ def test_well_formed_cases_are_not_trivial(tmp_path):
 
 
 def test_reference_matches_cellulib_data(tmp_path):
-    """The frozen oracle and `cellulib.data` agree on the SPEC example."""
-    from cellulib.data import read_cell_points
+    """The frozen oracle and `cellulib.data.breastpathq` agree on the SPEC example."""
+    from cellulib.data.breastpathq import read_cell_points
 
     path = tmp_path / "spec_key.xml"
     path.write_text(_SPEC)
@@ -272,7 +272,7 @@ def test_parse_pathcore_missing_file(tmp_path):
 
 
 def test_module_does_not_import_torch():
-    code = "import sys, cellulib.annotations; print('torch' in sys.modules)"
+    code = "import sys, cellulib.data.annotations; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cellulib import bench, bookstatus, imageio
+from cellulib.bench import bookstatus, suite
+from cellulib.files import imageio
 
 nbformat = pytest.importorskip("nbformat")
 
@@ -79,7 +80,7 @@ def smallest(book_dirs, tmp_path_factory):
     # one thread: other jobs on a shared 2-core machine make OpenMP threads wait on each other
     torch.set_num_threads(1)
     chapters, _ = book_dirs
-    return bench.run_bench("smallest", chapters_dir=chapters, notebooks_dir=None, verbose=False)
+    return suite.run_bench("smallest", chapters_dir=chapters, notebooks_dir=None, verbose=False)
 
 
 def _row(result, case):
@@ -115,7 +116,7 @@ def test_ratios_are_the_stated_quotients(smallest):
     # the medians come from the timed calls: one repeat means the figure is that one call
     assert f["ours"] == pytest.approx(1000 * f["details"]["ours_s"][0])
     p = _row(smallest, "predict")
-    assert p["ours"] == pytest.approx(bench.MODES["smallest"]["predict_images"]
+    assert p["ours"] == pytest.approx(suite.MODES["smallest"]["predict_images"]
                                       / p["details"]["ours_s"][0])
 
 
@@ -128,21 +129,21 @@ def test_features_case_checks_equal_values(smallest):
 def test_feature_comparison_catches_a_different_count():
     import pandas as pd
 
-    from cellulib.features import FEATURE_NAMES
+    from cellulib.models.features import FEATURE_NAMES
 
     ref = pd.Series(range(81), index=FEATURE_NAMES, dtype=float) + 1.0
-    assert bench._compare_features(ref.copy(), ref)[0]
+    assert suite._compare_features(ref.copy(), ref)[0]
     ours = ref.copy()
     ours["malignant_blob_count_0.50"] += 1
-    same, text = bench._compare_features(ours, ref)
+    same, text = suite._compare_features(ours, ref)
     assert not same and "malignant_blob_count_0.50" in text
     ours = ref.copy()
     ours["normal_activation_0.02"] *= 1 + 1e-6  # a sum off by more than rounding
-    assert not bench._compare_features(ours, ref)[0]
+    assert not suite._compare_features(ours, ref)[0]
 
 
 def test_predict_case_scores_what_the_bare_forward_scores(smallest):
-    from cellulib import engine
+    from cellulib.models import engine
 
     row = _row(smallest, "predict")
     d = row["details"]
@@ -150,9 +151,9 @@ def test_predict_case_scores_what_the_bare_forward_scores(smallest):
     # forward pass on the same pixels at the same precision (the CSV keeps 6 decimals), and the
     # mixed-precision forward pass must stay close to float32
     assert d["max_abs_diff"] < 1e-4
-    assert d["amp_vs_float32_max_abs_diff"] <= bench.PREDICT_ATOL
+    assert d["amp_vs_float32_max_abs_diff"] <= suite.PREDICT_ATOL
     names = [Path(p).name for p in d["paths"]]
-    assert names == sorted(names) and len(names) == bench.MODES["smallest"]["predict_images"]
+    assert names == sorted(names) and len(names) == suite.MODES["smallest"]["predict_images"]
     assert d["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     # ours and the reference compute alike: the precision the engine picks for this machine
     dtype = engine.amp_dtype(d["device"])
@@ -160,7 +161,7 @@ def test_predict_case_scores_what_the_bare_forward_scores(smallest):
                               torch.float16: "fp16"}[dtype]
     assert d["reference_precision"] == engine.precision_label(dtype, channels_last=True)
     assert len(d["ours_s"]) == len(d["reference_s"]) == len(d["float32_s"]) == 1
-    assert f"|diff| <= {bench.PREDICT_ATOL:g}" in row["goal"]
+    assert f"|diff| <= {suite.PREDICT_ATOL:g}" in row["goal"]
 
 
 def _scored(paths, scores):
@@ -175,29 +176,29 @@ def test_prediction_check_needs_the_same_images_in_the_same_order():
     paths = [f"/tmp/images/9000{k // 10}_{k % 10 + 1}.tif" for k in range(12)]
     scores = np.linspace(0.1, 0.9, 12)
     ours = _scored(paths, scores + 1e-3)
-    assert bench._check_same_predictions(ours, paths, scores, "reference") == pytest.approx(1e-3)
+    assert suite._check_same_predictions(ours, paths, scores, "reference") == pytest.approx(1e-3)
     # rows in another order (the old check compared folder order with write order)
     shuffled = ours.sample(frac=1, random_state=0).reset_index(drop=True)
     with pytest.raises(RuntimeError, match="same images in the same order"):
-        bench._check_same_predictions(shuffled, paths, scores, "reference")
+        suite._check_same_predictions(shuffled, paths, scores, "reference")
     with pytest.raises(RuntimeError, match="same images in the same order"):
-        bench._check_same_predictions(ours.iloc[:-1], paths, scores, "reference")
+        suite._check_same_predictions(ours.iloc[:-1], paths, scores, "reference")
     # the right names on the wrong scores
     with pytest.raises(RuntimeError, match="disagree on"):
-        bench._check_same_predictions(_scored(paths, scores[::-1]), paths, scores, "reference")
+        suite._check_same_predictions(_scored(paths, scores[::-1]), paths, scores, "reference")
     # the tolerance: bf16-sized differences pass, larger ones and failed images do not
-    tol = bench.PREDICT_ATOL
-    assert bench._check_same_predictions(_scored(paths, scores + 0.9 * tol), paths, scores,
+    tol = suite.PREDICT_ATOL
+    assert suite._check_same_predictions(_scored(paths, scores + 0.9 * tol), paths, scores,
                                          "reference") <= tol
     with pytest.raises(RuntimeError, match=r"\|difference\| 0.03"):
-        bench._check_same_predictions(_scored(paths, scores + 0.03), paths, scores, "reference")
+        suite._check_same_predictions(_scored(paths, scores + 0.03), paths, scores, "reference")
     failed = _scored(paths, scores).assign(error=[""] * 11 + ["x.tif: not an image"])
     with pytest.raises(RuntimeError, match="failed"):
-        bench._check_same_predictions(failed, paths, scores, "reference")
+        suite._check_same_predictions(failed, paths, scores, "reference")
 
 
 def test_predict_case_fails_when_ours_scores_in_another_order(monkeypatch, tmp_path):
-    import cellulib.predict as predict
+    import cellulib.inference.predict as predict
 
     real = predict.predict_to_csv
 
@@ -206,14 +207,14 @@ def test_predict_case_fails_when_ours_scores_in_another_order(monkeypatch, tmp_p
 
     monkeypatch.setattr(predict, "predict_to_csv", reversed_order)
     with pytest.raises(RuntimeError, match="same images in the same order"):
-        bench.bench_predict(n_images=4, file_size=96, input_size=64, batch_size=2, repeats=1,
+        suite.bench_predict(n_images=4, file_size=96, input_size=64, batch_size=2, repeats=1,
                             workdir=tmp_path, workers=1)
 
 
 def test_train_case_sees_the_same_images_on_both_sides(smallest):
-    from cellulib import engine
+    from cellulib.models import engine
 
-    cfg = bench.MODES["smallest"]
+    cfg = suite.MODES["smallest"]
     # drop_last with full batches: exactly the configured number of images per epoch
     assert _row(smallest, "train seg")["details"]["images_per_epoch"] == cfg["seg_images"]
     assert _row(smallest, "train direct")["details"]["images_per_epoch"] == cfg["direct_images"]
@@ -228,7 +229,7 @@ def test_train_case_sees_the_same_images_on_both_sides(smallest):
 def test_plain_loop_trains_on_the_loaders_tensors_in_channels_last():
     from fastai.losses import MSELossFlat
 
-    from cellulib import engine
+    from cellulib.models import engine
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1),
@@ -236,7 +237,7 @@ def test_plain_loop_trains_on_the_loaders_tensors_in_channels_last():
     batches = [(torch.randn(2, 3, 8, 8), torch.rand(2, 1)) for _ in range(3)]
     device = torch.device("cpu")
     dtype = engine.amp_dtype(device)
-    loop = bench._PlainLoop(model, batches, MSELossFlat(), 1e-2, device, dtype)
+    loop = suite._PlainLoop(model, batches, MSELossFlat(), 1e-2, device, dtype)
     assert loop.model[0].weight.is_contiguous(memory_format=torch.channels_last)
     for (xb, yb), (x0, y0) in zip(loop.batches, batches):  # the same tensors, same order
         assert xb.is_contiguous(memory_format=torch.channels_last)
@@ -249,7 +250,7 @@ def test_plain_loop_trains_on_the_loaders_tensors_in_channels_last():
 
 def test_memory_case_runs_both_counts_in_fresh_processes(smallest):
     row = _row(smallest, "memory")
-    large, small = bench.MODES["smallest"]["memory_counts"]
+    large, small = suite.MODES["smallest"]["memory_counts"]
     runs = row["details"]["runs"]
     assert set(runs) == {str(large), str(small)}
     for n, run in runs.items():
@@ -272,7 +273,7 @@ def test_machine_line_and_table(smallest):
     assert m["cpu_count"] == os.cpu_count()
     assert m["torch_threads"] == torch.get_num_threads()
     assert m["device"].startswith("cuda" if torch.cuda.is_available() else "cpu")
-    text = bench.format_table(smallest)
+    text = suite.format_table(smallest)
     lines = text.splitlines()
     assert lines[1].startswith("machine: ") and f"with {m['torch_threads']} thread" in lines[1]
     assert f"({m['precision']})" in lines[1]
@@ -280,7 +281,7 @@ def test_machine_line_and_table(smallest):
     assert header == ["case", "ours", "reference", "unit", "ratio", "goal", "met"]
     body = lines[5:5 + len(smallest["cases"])]
     assert [b.split("  ")[0].strip() for b in body] == [r["case"] for r in smallest["cases"]]
-    md = bench.format_table(smallest, markdown=True).splitlines()
+    md = suite.format_table(smallest, markdown=True).splitlines()
     assert md[3] == "| case | ours | reference | unit | ratio | goal | met |"
     assert sum(line.startswith("| ") for line in md) == 2 + len(smallest["cases"])
 
@@ -288,23 +289,23 @@ def test_machine_line_and_table(smallest):
 def test_table_warns_when_the_machine_was_busy(smallest):
     quiet = dict(smallest, machine=dict(smallest["machine"], load_average=0.1,
                                         cpus_available=2), load_average_end=0.2)
-    assert "warning" not in bench.format_table(quiet)
+    assert "warning" not in suite.format_table(quiet)
     busy = dict(quiet, load_average_end=3.9)
-    assert "load average up to 3.9 on 2 cores" in bench.format_table(busy)
+    assert "load average up to 3.9 on 2 cores" in suite.format_table(busy)
 
 
 def test_unavailable_book_is_reported_not_invented(tmp_path):
-    row = bench.bench_book(tmp_path / "missing", None)
+    row = suite.bench_book(tmp_path / "missing", None)
     assert row["ours"] is None and row["ratio"] is None and row["met"] is None
     assert row["note"].startswith("not available") and "missing" in row["note"]
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert bench.bench_book(empty, None)["ratio"] is None
+    assert suite.bench_book(empty, None)["ratio"] is None
 
 
 def test_incomplete_book_has_no_verdict(book_dirs):
     chapters, notebooks = book_dirs
-    row = bench.bench_book(chapters, notebooks)
+    row = suite.bench_book(chapters, notebooks)
     assert row["met"] is None and "03_gbt" in row["note"]
     assert row["ours"] == pytest.approx(43.0)
 
@@ -312,7 +313,7 @@ def test_incomplete_book_has_no_verdict(book_dirs):
 def test_cli_writes_json_and_rejects_unknown_cases(book_dirs, tmp_path, capsys):
     chapters, _ = book_dirs
     out = tmp_path / "bench.json"
-    code = bench.main(["--smallest", "--cases", "book", "--chapters", str(chapters),
+    code = suite.main(["--smallest", "--cases", "book", "--chapters", str(chapters),
                        "--notebooks", str(tmp_path / "none"), "--json", str(out), "--quiet"])
     assert code == 0
     printed = capsys.readouterr().out
@@ -322,11 +323,11 @@ def test_cli_writes_json_and_rejects_unknown_cases(book_dirs, tmp_path, capsys):
     assert [r["case"] for r in data["cases"]] == ["book"]
     assert KEYS <= set(data["cases"][0])
     with pytest.raises(SystemExit) as err:
-        bench.main(["--cases", "features,nope"])
+        suite.main(["--cases", "features,nope"])
     assert err.value.code == 2
     assert "nope" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown mode"):
-        bench.run_bench("huge", cases=["book"])
+        suite.run_bench("huge", cases=["book"])
 
 
 def test_status_page_lists_chapters_with_their_durations(book_dirs, tmp_path):
@@ -388,7 +389,7 @@ def test_module_runs_as_a_program(book_dirs):
     chapters, _ = book_dirs
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
                NO_ALBUMENTATIONS_UPDATE="1")
-    proc = subprocess.run([sys.executable, "-m", "cellulib.bookstatus", "--chapters",
+    proc = subprocess.run([sys.executable, "-m", "cellulib.bench.bookstatus", "--chapters",
                            str(chapters)], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("# Execution status")
@@ -416,13 +417,13 @@ def test_execute_chapters_runs_papermill_with_the_quick_profile(tmp_path):
 
 
 def test_quick_and_full_modes_time_the_profiles_sizes():
-    from cellulib.profiles import get_profile
+    from cellulib.data.profiles import get_profile
 
     for mode, name in (("quick", "quick"), ("full", "paper")):
-        profile, sizes = get_profile(name), bench.MODES[mode]
+        profile, sizes = get_profile(name), suite.MODES[mode]
         assert sizes["synth_size"] == sizes["predict_file_size"] == profile["size"]
         assert sizes["seg_crop"] == profile["crop"] and sizes["seg_bs"] == profile["seg_bs"]
         assert sizes["direct_bs"] == sizes["predict_bs"] == profile["direct_bs"]
-        # cellularity inputs: direct_size, or the segmentation scale (cellulib.train)
+        # cellularity inputs: direct_size, or the segmentation scale (cellulib.training.train)
         side = profile["direct_size"] or profile["size"] // profile["downscale"]
         assert sizes["direct_size"] == sizes["predict_input"] == side

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from cellulib import bookstatus
+from cellulib.bench import bookstatus
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -83,7 +83,7 @@ pytestmark = pytest.mark.slow
 
 
 def _toc_chapters() -> list[str]:
-    """The executed chapters in the table of contents (not the pages cellulib.bookstatus writes)."""
+    """The executed chapters in the table of contents (not the pages cellulib.bench.bookstatus writes)."""
     toc = yaml.safe_load((REPO / "_toc.yml").read_text())
     files = [c["file"] for part in toc["parts"] for c in part["chapters"]]
     return [Path(f).name for f in files
@@ -160,7 +160,7 @@ def paper_chapters(tmp_path_factory):
     import papermill
     from conftest import make_brca_full_copy
 
-    from cellulib import profiles
+    from cellulib.data import profiles
 
     out = tmp_path_factory.mktemp("paper")
     home = tmp_path_factory.mktemp("paper_home")
@@ -252,7 +252,7 @@ def test_teachers_page_shows_the_times_of_this_build(built_book):
 
 def test_every_executed_chapter_glues_the_numbers_of_its_prose(built_book):
     """The executed chapters (parameters folded, as the book shows them): every number in the
-    prose is glued or on the allow-list (`cellulib.bookstatus.unglued_numbers`)."""
+    prose is glued or on the allow-list (`cellulib.bench.bookstatus.unglued_numbers`)."""
     from test_prose import PENDING
 
     chapters = built_book.parents[1] / "book" / "chapters"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cellulib import bookstatus
+from cellulib.bench import bookstatus
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -103,7 +103,7 @@ def test_fold_names_a_broken_notebook(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="broken.ipynb: not a readable notebook"):
         bookstatus.fold_parameters(bad)
-    out = subprocess.run([sys.executable, "-m", "cellulib.bookstatus", "--fold", str(bad)],
+    out = subprocess.run([sys.executable, "-m", "cellulib.bench.bookstatus", "--fold", str(bad)],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "broken.ipynb" in out.stderr and "Traceback" not in out.stderr
 

@@ -15,8 +15,12 @@ import pytest
 import torch
 
 import cellulib
-from cellulib import cli, load_model, save_model, store, synth, train
-from cellulib.profiles import fingerprint, synthetic_params
+from cellulib import load_model, save_model
+from cellulib.cli import commands
+from cellulib.data import synth
+from cellulib.data.profiles import fingerprint, synthetic_params
+from cellulib.inference import store
+from cellulib.training import train
 
 PARAMS = {"seed": 0, "data": "0123456789ab", "seg_lr": 3e-3, "precision": "auto"}
 KINDS = ("seg", "sr", "gbt", "direct-resnet34-regression", "direct-xception-classification")
@@ -26,11 +30,13 @@ KINDS = ("seg", "sr", "gbt", "direct-resnet34-regression", "direct-xception-clas
 KEYS_SCRIPT = """
 import json, sys, torch
 import cellulib
-from cellulib import models, profiles, synth, train
+from cellulib.data import profiles, synth
+from cellulib.models import networks
+from cellulib.training import train
 params = json.loads(sys.argv[1])
 torch.manual_seed(0)
 keys = {kind: train._recipe(kind, params)[1]["key"] for kind in json.loads(sys.argv[2])}
-keys["derived"] = train._derived(models.direct_model("resnet34"))["key"]
+keys["derived"] = train._derived(networks.direct_model("resnet34"))["key"]
 keys["synth"] = profiles.fingerprint(profiles.synthetic_params("quick", 0)
                                      | {"v": synth.GENERATOR_VERSION})
 print(json.dumps({"file": cellulib.__file__, "keys": keys}))
@@ -39,10 +45,10 @@ print(json.dumps({"file": cellulib.__file__, "keys": keys}))
 
 def _keys_here() -> dict[str, str]:
     torch.manual_seed(0)
-    from cellulib import models
+    from cellulib.models import networks
 
     keys = {kind: train._recipe(kind, PARAMS)[1]["key"] for kind in KINDS}
-    keys["derived"] = train._derived(models.direct_model("resnet34"))["key"]
+    keys["derived"] = train._derived(networks.direct_model("resnet34"))["key"]
     keys["synth"] = fingerprint(synthetic_params("quick", 0) | {"v": synth.GENERATOR_VERSION})
     return keys
 
@@ -59,14 +65,17 @@ def test_docstring_comment_plot_and_report_edits_keep_every_key(tmp_path, monkey
     package = shutil.copytree(Path(cellulib.__file__).parent, tmp_path / "lib" / "cellulib",
                               ignore=shutil.ignore_patterns("__pycache__"))
     # a docstring in the engine (issue 21: commit 43fdab5 retrained every model)
-    _edit(package / "engine.py", '"""The hardware side of training', '"""The hardware side (edited) of training')
-    _edit(package / "train.py", "def fit(", "# a comment\ndef fit(")
-    for name in ("data.py", "transforms.py", "losses.py", "models.py", "features.py", "stain.py",
-                 "predict.py", "store.py", "annotations.py", "profiles.py", "synth.py"):
+    _edit(package / "models" / "engine.py", '"""The hardware side of training',
+          '"""The hardware side (edited) of training')
+    _edit(package / "training" / "train.py", "def fit(", "# a comment\ndef fit(")
+    for name in ("data/breastpathq.py", "data/transforms.py", "models/losses.py", "models/networks.py",
+                 "models/features.py", "data/stain.py", "inference/predict.py", "inference/store.py",
+                 "data/annotations.py", "data/profiles.py", "data/synth.py"):
         (package / name).write_text((package / name).read_text() + "\n# an edited comment\n")
     # a plot and a report function: their bodies change
-    _edit(package / "plots.py", "def ", "def _unused_plot():\n    return 'edited'\n\n\ndef ")
-    _edit(package / "report.py", "def ", "def _unused_report():\n    return 'edited'\n\n\ndef ")
+    _edit(package / "reporting" / "plots.py", "def ", "def _unused_plot():\n    return 'edited'\n\n\ndef ")
+    _edit(package / "reporting" / "report.py", "def ",
+          "def _unused_report():\n    return 'edited'\n\n\ndef ")
     env = {**os.environ, "PYTHONPATH": str(package.parent)}
     out = subprocess.run([sys.executable, "-c", KEYS_SCRIPT, json.dumps(PARAMS),
                           json.dumps(KINDS)], env=env,
@@ -85,7 +94,7 @@ def home(tmp_path, monkeypatch):
 
 
 def test_a_setting_the_precision_or_a_library_version_changes_the_key(home, monkeypatch):
-    from cellulib import engine
+    from cellulib.models import engine
 
     def key(**changes):
         return train._recipe("seg", {**PARAMS, **changes})[1]["key"]
@@ -145,7 +154,7 @@ def test_cache_list_and_prune(home, capsys, monkeypatch):
     renamed = models_dir / "seg-111111111111.pt"
     shutil.copy(current, renamed)
 
-    assert cli.main(["cache", "list", "--json"]) == 0
+    assert commands.main(["cache", "list", "--json"]) == 0
     rows = {Path(r["path"]).name: r for r in json.loads(capsys.readouterr().out)}
     assert set(rows) == {p.name for p in (current, old_version, before_keys, corrupt, renamed)}
     assert all({"path", "family", "key", "bytes", "current"} <= set(r) for r in rows.values())
@@ -160,28 +169,28 @@ def test_cache_list_and_prune(home, capsys, monkeypatch):
     assert rows[renamed.name]["current"] is False and "111111111111" in rows[renamed.name]["why"]
 
     # the table says the same in words
-    assert cli.main(["cache", "list"]) == 0
+    assert commands.main(["cache", "list"]) == 0
     text = capsys.readouterr().out
     assert "no: sr recipe version" in text and "4 not current" in text
 
     # another installed torch makes every file stale, and says so
     real = store.library_version
     monkeypatch.setattr(store, "library_version", lambda n: "9.9.9" if n == "torch" else real(n))
-    assert cli.main(["cache", "list", "--json"]) == 0
+    assert commands.main(["cache", "list", "--json"]) == 0
     row = {Path(r["path"]).name: r for r in json.loads(capsys.readouterr().out)}[current.name]
     assert not row["current"] and f"torch {real('torch')}, installed 9.9.9" in row["why"]
     monkeypatch.setattr(store, "library_version", real)
 
-    assert cli.main(["cache", "prune", "--dry-run"]) == 0
+    assert commands.main(["cache", "prune", "--dry-run"]) == 0
     assert "would remove 4 file(s)" in capsys.readouterr().out
     assert len(list(models_dir.glob("*.pt"))) == 5
-    assert cli.main(["cache", "prune"]) == 0
+    assert commands.main(["cache", "prune"]) == 0
     assert "removed 4 file(s)" in capsys.readouterr().out
     assert [p.name for p in models_dir.glob("*.pt")] == [current.name]
 
 
 def test_cache_list_of_an_empty_cache(home, capsys):
-    assert cli.main(["cache", "list", "--json"]) == 0
+    assert commands.main(["cache", "list", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == []
 
 
@@ -218,7 +227,7 @@ def test_a_corrupt_or_foreign_cached_file_is_retrained_with_a_message(tiny, home
 
 def test_a_new_inference_version_recomputes_predictions_without_retraining(tiny, home, monkeypatch,
                                                                           one_torch_thread):
-    from cellulib import predict
+    from cellulib.inference import predict
 
     first = train.train_direct(tiny, "resnet34", epochs=1, size=32, direct_bs=2, progress=False)
     assert first.meta["derived"]["inference"] == predict.INFERENCE_VERSION
@@ -244,7 +253,9 @@ def test_a_new_inference_version_recomputes_predictions_without_retraining(tiny,
 
 def test_new_stain_and_inference_versions_refresh_seg_and_gbt_files(tiny, home, monkeypatch,
                                                                     one_torch_thread):
-    from cellulib import features, predict, stain
+    from cellulib.data import stain
+    from cellulib.inference import predict
+    from cellulib.models import features
 
     seg = train.train_seg(tiny, "fpn", **SEG)
     gbt = train.train_gbt(tiny, seg, gbt_rounds=5, progress=False)

@@ -5,7 +5,7 @@ import sys
 
 import pandas as pd
 
-from cellulib import cli
+from cellulib.cli import commands
 
 
 def test_help_lists_the_commands():
@@ -16,7 +16,7 @@ def test_help_lists_the_commands():
 
 def test_synth_writes_the_breastpathq_layout(tmp_path, capsys):
     root = tmp_path / "synthetic"
-    code = cli.main(["synth", str(root), "--n-train", "3", "--n-val", "2", "--n-cells", "1",
+    code = commands.main(["synth", str(root), "--n-train", "3", "--n-val", "2", "--n-cells", "1",
                      "--size", "128", "--seed", "5"])
     assert code == 0
     assert capsys.readouterr().out.strip() == str(root)
@@ -27,6 +27,6 @@ def test_synth_writes_the_breastpathq_layout(tmp_path, capsys):
 
 
 def test_unknown_profile_exits_with_a_message(tmp_path, capsys):
-    code = cli.main(["synth", str(tmp_path / "x"), "--profile", "fast"])
+    code = commands.main(["synth", str(tmp_path / "x"), "--profile", "fast"])
     assert code == 2
     assert "unknown profile 'fast'" in capsys.readouterr().err

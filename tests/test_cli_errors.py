@@ -18,7 +18,10 @@ import tifffile
 import torch
 from PIL import Image
 
-from cellulib import cli, imageio, models, save_model
+from cellulib import save_model
+from cellulib.cli import commands
+from cellulib.files import imageio
+from cellulib.models import networks
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -38,8 +41,8 @@ def w(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli_errors")
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    save_model(models.direct_model("resnet34"), d / "direct.pt", preprocess=PRE, train_mean=0.4)
-    save_model(models.seg_model("fpn"), d / "seg.pt", params={"downscale": 2})
+    save_model(networks.direct_model("resnet34"), d / "direct.pt", preprocess=PRE, train_mean=0.4)
+    save_model(networks.seg_model("fpn"), d / "seg.pt", params={"downscale": 2})
     (d / "imgs").mkdir()
     Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(d / "imgs" / "good.png")
     (d / "empty").mkdir()
@@ -154,7 +157,7 @@ CASES = [
 
 
 def _run(argv, capsys):
-    code = cli.main(argv)
+    code = commands.main(argv)
     captured = capsys.readouterr()
     lines = [ln for ln in captured.err.splitlines() if ln.strip() and not PROGRESS.search(ln)]
     return code, lines, captured
@@ -251,7 +254,7 @@ def test_ctrl_c_during_predict_leaves_no_partial_file(w, tmp_path):
 def test_xml_with_unknown_classes_is_a_one_line_warning(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("CELLULIB_HOME", str(tmp_path / "home"))
     root = tmp_path / "bpq"
-    assert cli.main(["synth", str(root), "--n-train", "4", "--n-val", "2", "--n-cells", "2",
+    assert commands.main(["synth", str(root), "--n-train", "4", "--n-val", "2", "--n-cells", "2",
                      "--size", "64"]) == 0
     xml = sorted((root / "datasets" / "cells").glob("*_key.xml"))[0]
     text = xml.read_text()

@@ -1,4 +1,4 @@
-"""Tests for cellulib.data: readers, weak masks, augmentation, DataLoaders.
+"""Tests for cellulib.data.breastpathq: readers, weak masks, augmentation, DataLoaders.
 
 References are independent of the code under test: pixel values written by hand (or by tifffile /
 Pillow / OpenCV), Gauss-circle counts computed by hand, a per-pixel brute-force mask, OpenCV's
@@ -21,10 +21,10 @@ import tifffile
 import torch
 from PIL import Image
 
-from cellulib import data, transforms
-from cellulib.annotations import DESCRIPTION_TO_CLASS
 from cellulib.constants import CLASSES
-from cellulib.data import (
+from cellulib.data import breastpathq, transforms
+from cellulib.data.annotations import DESCRIPTION_TO_CLASS
+from cellulib.data.breastpathq import (
     cellularity_dataloaders,
     read_breastpathq,
     read_cell_points,
@@ -33,8 +33,7 @@ from cellulib.data import (
     seg_dataloaders,
     split_by_patient,
 )
-from cellulib.imageio import DataError, DataWarning, read_image
-from cellulib.transforms import (
+from cellulib.data.transforms import (
     cellularity_transforms,
     normalize_batch,
     normalize_image,
@@ -43,6 +42,7 @@ from cellulib.transforms import (
     weak_label_map,
     weak_mask,
 )
+from cellulib.files.imageio import DataError, DataWarning, read_image
 
 torch.set_num_threads(1)
 
@@ -544,7 +544,7 @@ def test_patient_split_of_brca_m2c_holds_out_whole_patients(brca_dir, tmp_path):
 
     from conftest import make_brca_full_copy
 
-    from cellulib.data import cells_split, patient_code, patient_split
+    from cellulib.data.breastpathq import cells_split, patient_code, patient_split
 
     cells = read_cells(brca_dir)
     codes = cells["name"].str[:12]
@@ -727,24 +727,24 @@ def test_seg_dataloaders_deterministic(cells_root):
 
 
 def test_loader_workers_cpu_gpu_and_override(monkeypatch):
-    monkeypatch.delenv(data.WORKERS_ENV, raising=False)
-    assert data.loader_workers("cpu") == 0  # the 2 cores stay with the arithmetic
+    monkeypatch.delenv(breastpathq.WORKERS_ENV, raising=False)
+    assert breastpathq.loader_workers("cpu") == 0  # the 2 cores stay with the arithmetic
     # a GPU: all CPUs but one, at most MAX_GPU_WORKERS, at least one
-    assert [data.loader_workers("cuda", cpus=n) for n in (1, 2, 5, 16, 64)] == [1, 1, 4, 8, 8]
-    monkeypatch.setenv(data.WORKERS_ENV, "3")
-    assert data.loader_workers("cpu") == 3 and data.loader_workers("cuda", cpus=16) == 3
+    assert [breastpathq.loader_workers("cuda", cpus=n) for n in (1, 2, 5, 16, 64)] == [1, 1, 4, 8, 8]
+    monkeypatch.setenv(breastpathq.WORKERS_ENV, "3")
+    assert breastpathq.loader_workers("cpu") == 3 and breastpathq.loader_workers("cuda", cpus=16) == 3
     for bad in ("-1", "two", "1.5"):
-        monkeypatch.setenv(data.WORKERS_ENV, bad)
+        monkeypatch.setenv(breastpathq.WORKERS_ENV, bad)
         with pytest.raises(ValueError, match="CELLULIB_WORKERS must be a non-negative integer"):
-            data.loader_workers("cpu")
+            breastpathq.loader_workers("cpu")
 
 
 def test_dataloaders_take_their_workers_from_loader_workers(cells_root, monkeypatch):
-    monkeypatch.delenv(data.WORKERS_ENV, raising=False)
+    monkeypatch.delenv(breastpathq.WORKERS_ENV, raising=False)
     dls = seg_dataloaders(cells_root, size=32, bs=2, valid_pct=0.34, seed=0, device="cpu")
     assert dls.train.fake_l.num_workers == 0 and not dls.train.pin_memory
     first = _batches(dls.train)
-    monkeypatch.setenv(data.WORKERS_ENV, "2")
+    monkeypatch.setenv(breastpathq.WORKERS_ENV, "2")
     dls = seg_dataloaders(cells_root, size=32, bs=2, valid_pct=0.34, seed=0, device="cpu")
     assert dls.train.fake_l.num_workers == 2 and dls.valid.fake_l.num_workers == 2
     assert not dls.train.pin_memory  # pinning only helps a copy to a GPU
@@ -858,9 +858,9 @@ def test_scale_points_aligns_pixel_centres():
 
 def test_pick_across_range_spans_the_scores():
     patches = pd.DataFrame({"cellularity": [0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0, 0.05]})
-    picked = data.pick_across_range(patches, 3, seed=0)
+    picked = breastpathq.pick_across_range(patches, 3, seed=0)
     assert picked.cellularity.tolist() == [0.0, 0.3, 1.0]
-    assert len(data.pick_across_range(patches, 50)) == len(patches)
+    assert len(breastpathq.pick_across_range(patches, 50)) == len(patches)
     with pytest.raises(ValueError):
-        data.pick_across_range(patches, 0)
+        breastpathq.pick_across_range(patches, 0)
 

@@ -11,10 +11,12 @@ import pandas as pd
 import pytest
 import torch
 
-import cellulib.store
-from cellulib import cli, load_model, models, save_model
-from cellulib.detect import COLUMNS, detect_nuclei, detect_to_csv
-from cellulib.store import ModelFileError
+import cellulib.inference.store
+from cellulib import load_model, save_model
+from cellulib.cli import commands
+from cellulib.inference.detect import COLUMNS, detect_nuclei, detect_to_csv
+from cellulib.inference.store import ModelFileError
+from cellulib.models import networks
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -51,7 +53,7 @@ def _fake(model):
 
 @pytest.fixture(scope="module")
 def seg_net():
-    return models.seg_model("fpn")
+    return networks.seg_model("fpn")
 
 
 @pytest.fixture
@@ -99,20 +101,20 @@ def test_detect_uses_actual_scale_factors(seg_net, tmp_path):
 def seg_file(tmp_path, seg_net, monkeypatch):
     """A real seg model file; loading it gives the stand-in network's known output."""
     path = tmp_path / "seg.pt"
-    save_model(models.seg_model("fpn"), path, params={"downscale": 2})
-    real = cellulib.store.load_model
+    save_model(networks.seg_model("fpn"), path, params={"downscale": 2})
+    real = cellulib.inference.store.load_model
 
     def load_with_known_output(p, *args, **kwargs):
         model, info = real(p, *args, **kwargs)
         return _fake(model), info
 
-    monkeypatch.setattr(cellulib.store, "load_model", load_with_known_output)
+    monkeypatch.setattr(cellulib.inference.store, "load_model", load_with_known_output)
     return path
 
 
 def test_cli_writes_csv_and_geojson(seg_file, images, tmp_path, capsys):
     out, gj = tmp_path / "out" / "nuclei.csv", tmp_path / "geojson"
-    code = cli.main(["detect", "--model", str(seg_file), "--images", str(images),
+    code = commands.main(["detect", "--model", str(seg_file), "--images", str(images),
                      "--out", str(out), "--geojson", str(gj), "--quiet", "--device", "cpu"])
     assert code == 0, capsys.readouterr().err
     with open(out, newline="") as fh:
@@ -138,7 +140,7 @@ def test_cli_writes_csv_and_geojson(seg_file, images, tmp_path, capsys):
 def test_cli_tta_and_class_rule_options(seg_file, images, tmp_path, capsys):
     # the stand-in network is pixelwise, so flips change nothing: the same nuclei either way
     out = tmp_path / "tta.csv"
-    code = cli.main(["detect", "--model", str(seg_file), "--images", str(images), "--out", str(out),
+    code = commands.main(["detect", "--model", str(seg_file), "--images", str(images), "--out", str(out),
                      "--quiet", "--device", "cpu", "--tta", "--class-rule", "peak"])
     assert code == 0, capsys.readouterr().err
     _assert_found(pd.read_csv(out, keep_default_na=False), tol=0.1)
@@ -148,7 +150,7 @@ def test_bad_image_gives_error_row_and_exit_1(seg_file, images, tmp_path, capsys
     bad = images / "broken.tif"
     bad.write_bytes(b"II*\x00 this is not a TIFF at all" * 3)
     out = tmp_path / "nuclei.csv"
-    code = cli.main(["detect", "--model", str(seg_file), "--images", str(images),
+    code = commands.main(["detect", "--model", str(seg_file), "--images", str(images),
                      "--out", str(out), "--geojson", str(tmp_path / "gj"), "--quiet",
                      "--device", "cpu"])
     assert code == 1
@@ -169,10 +171,10 @@ def test_bad_image_gives_error_row_and_exit_1(seg_file, images, tmp_path, capsys
 
 def test_cellularity_model_is_refused(tmp_path, images, capsys):
     path = tmp_path / "direct.pt"
-    save_model(models.direct_model("resnet34"), path,
+    save_model(networks.direct_model("resnet34"), path,
                preprocess={"input_size": 64, "normalize": "minus_one_one"})
     out = tmp_path / "nuclei.csv"
-    code = cli.main(["detect", "--model", str(path), "--images", str(images), "--out", str(out)])
+    code = commands.main(["detect", "--model", str(path), "--images", str(images), "--out", str(out)])
     assert code == 2
     err = capsys.readouterr().err
     assert str(path) in err and "seg" in err
@@ -184,7 +186,7 @@ def test_cellularity_model_is_refused(tmp_path, images, capsys):
 def test_bad_threshold_and_missing_model(tmp_path, images, capsys):
     with pytest.raises(ValueError, match="threshold"):
         detect_nuclei(tmp_path / "whatever.pt", images, threshold=0)
-    code = cli.main(["detect", "--model", str(tmp_path / "missing.pt"), "--images", str(images),
+    code = commands.main(["detect", "--model", str(tmp_path / "missing.pt"), "--images", str(images),
                      "--out", str(tmp_path / "n.csv")])
     assert code == 2 and "missing.pt" in capsys.readouterr().err
 
@@ -205,7 +207,7 @@ def _maps(discs, shape=(64, 96), diameter=11):
 
 
 def test_nucleus_centres_separates_touching_nuclei_and_picks_the_strongest_class():
-    from cellulib.detect import nucleus_centres
+    from cellulib.inference.detect import nucleus_centres
 
     # two discs 12 px apart (just touching at 11 px), a third seen by two maps
     probs = _maps([(20, 30, {"malignant": 0.95}), (32, 30, {"lymphocyte": 0.9}),
@@ -223,7 +225,7 @@ def test_nucleus_centres_separates_touching_nuclei_and_picks_the_strongest_class
 
 
 def test_disc_rule_classes_a_nucleus_by_its_whole_disc():
-    from cellulib.detect import disc_kernel, nucleus_centres
+    from cellulib.inference.detect import disc_kernel, nucleus_centres
 
     # one nucleus: the lymphocyte map covers the whole disc at 0.6, the malignant map only a
     # 3x3 spot at the centre at 0.9: the centre favours malignant, the disc lymphocyte
@@ -243,17 +245,17 @@ def test_disc_rule_classes_a_nucleus_by_its_whole_disc():
 
 
 def test_flip_tta_is_the_mean_of_the_maps_of_the_flipped_images(seg_net):
-    from cellulib.detect import _SegModel
+    from cellulib.inference.detect import _SegModel
 
     info = {"family": "seg", "meta": {"params": {"downscale": 1, "disc_diameter": 11}}}
     img = _image()[:64, :96]
     torch.manual_seed(0)
-    net = models.seg_model("fpn").eval()  # random weights: not flip-equivariant
+    net = networks.seg_model("fpn").eval()  # random weights: not flip-equivariant
     plain = _SegModel((net, info), 0.3, device="cpu", precision="float32")
     tta = _SegModel((net, info), 0.3, device="cpu", precision="float32", tta=True)
-    by_hand = [models.segment(net, img)]
+    by_hand = [networks.segment(net, img)]
     for axes in ((0,), (1,), (0, 1)):
-        maps = models.segment(net, np.ascontiguousarray(np.flip(img, axes)))
+        maps = networks.segment(net, np.ascontiguousarray(np.flip(img, axes)))
         by_hand.append(np.flip(maps, tuple(a + 1 for a in axes)))
     expected = np.mean(by_hand, axis=0)
     np.testing.assert_allclose(tta.maps(img)[0], expected, atol=1e-6)
@@ -261,7 +263,7 @@ def test_flip_tta_is_the_mean_of_the_maps_of_the_flipped_images(seg_net):
 
 
 def test_nucleus_centres_rejects_bad_input():
-    from cellulib.detect import nucleus_centres
+    from cellulib.inference.detect import nucleus_centres
 
     with pytest.raises(ValueError, match="shape"):
         nucleus_centres(np.zeros((3, 8, 8)), 11)
@@ -278,19 +280,19 @@ def test_nucleus_centres_rejects_bad_input():
 def test_score_annotated_equals_cli_output_scored_independently(seg_file, brca_full_copy, tmp_path):
     from mcspatnet_reference import reference_counts
 
-    from cellulib.annotations import read_brca_m2c_points
-    from cellulib.data import read_cells
-    from cellulib.detect import score_annotated
-    from cellulib.metrics import DETECTION_CLASSES
+    from cellulib.data.annotations import read_brca_m2c_points
+    from cellulib.data.breastpathq import read_cells
+    from cellulib.inference.detect import score_annotated
+    from cellulib.metrics.agreement import DETECTION_CLASSES
 
     cells = read_cells(brca_full_copy)
     test = cells[cells.split == "test"]
     assert len(test) == 2
-    model = cellulib.store.load_model(seg_file)  # the stand-in network: dark pixels are nuclei
+    model = cellulib.inference.store.load_model(seg_file)  # the stand-in network: dark pixels are nuclei
     scores = score_annotated(model, test, progress=False, device="cpu").scores()
 
     out = tmp_path / "nuclei.csv"
-    assert cli.main(["detect", "--model", str(seg_file), "--images",
+    assert commands.main(["detect", "--model", str(seg_file), "--images",
                      *[str(p) for p in test.image_path], "--out", str(out), "--quiet",
                      "--device", "cpu"]) == 0
     found = pd.read_csv(out, keep_default_na=False)
@@ -314,19 +316,19 @@ def test_score_annotated_equals_cli_output_scored_independently(seg_file, brca_f
 # --stain-norm: normalisation before segmentation, and bad targets
 # --------------------------------------------------------------------------------------------------
 def test_cli_stain_normalisation(seg_file, real_dir, tmp_path, capsys):
-    from cellulib.stain import StainNormalizer
+    from cellulib.data.stain import StainNormalizer
 
     target = real_dir / "breastpathq_99788_1.tif"
     source = real_dir / "amida13_example1.png"
     if not (target.is_file() and source.is_file()):
         pytest.skip("real H&E images not found")
     out = tmp_path / "nuclei.csv"
-    code = cli.main(["detect", "--model", str(seg_file), "--images", str(source), "--out", str(out),
+    code = commands.main(["detect", "--model", str(seg_file), "--images", str(source), "--out", str(out),
                      "--quiet", "--device", "cpu", "--stain-norm", "macenko",
                      "--stain-target", str(target)])
     assert code == 0, capsys.readouterr().err
     found = pd.read_csv(out, keep_default_na=False)
-    model = cellulib.store.load_model(seg_file)
+    model = cellulib.inference.store.load_model(seg_file)
     expected = detect_nuclei(model, source, progress=False, device="cpu",
                              stain_norm=StainNormalizer("macenko").fit(target))
     plain = detect_nuclei(model, source, progress=False, device="cpu")
@@ -339,13 +341,13 @@ def test_cli_bad_stain_target_writes_nothing(seg_file, images, tmp_path, capsys)
     blank = tmp_path / "blank.png"
     cv2.imwrite(str(blank), np.full((64, 64, 3), 250, np.uint8))
     out = tmp_path / "nuclei.csv"
-    code = cli.main(["detect", "--model", str(seg_file), "--images", str(images), "--out", str(out),
+    code = commands.main(["detect", "--model", str(seg_file), "--images", str(images), "--out", str(out),
                      "--stain-norm", "reinhard", "--stain-target", str(blank)])
     assert code == 2
     err = capsys.readouterr().err
     assert str(blank) in err and "blank" in err
     assert not out.exists()
     # no target and no reference stored in the model file
-    code = cli.main(["detect", "--model", str(seg_file), "--images", str(images), "--out", str(out),
+    code = commands.main(["detect", "--model", str(seg_file), "--images", str(images), "--out", str(out),
                      "--stain-norm", "macenko"])
     assert code == 2 and "--stain-target" in capsys.readouterr().err and not out.exists()

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from mcspatnet_reference import reference_counts
 
-from cellulib.metrics import (
+from cellulib.metrics.agreement import (
     DETECTION_RADIUS,
     class_confusion,
     detection_curve,
@@ -87,8 +87,8 @@ def test_scores_micro_average_and_pooled_row():
 
 
 def test_real_dots_against_themselves(brca_dir):
-    from cellulib.annotations import read_brca_m2c_points
-    from cellulib.data import read_cells
+    from cellulib.data.annotations import read_brca_m2c_points
+    from cellulib.data.breastpathq import read_cells
 
     cells = read_cells(brca_dir)
     cells = cells[cells.split == "val"]

@@ -44,7 +44,7 @@ def _numbers(text: str) -> list[str]:
 
 def _claims():
     """(module file, object name, chapter, names that satisfy the claim, docstring excerpt)."""
-    for path in sorted(PACKAGE.glob("*.py")):
+    for path in sorted(PACKAGE.rglob("*.py")):
         tree = ast.parse(path.read_text(encoding="utf-8"))
         objects = [(path.stem, tree)]
         for node in ast.walk(tree):

@@ -1,11 +1,11 @@
-"""The hardware side (cellulib.engine): which dtype each precision gives on each device, and that
+"""The hardware side (cellulib.models.engine): which dtype each precision gives on each device, and that
 "float32" on CUDA turns TF32 off and back on again. The flags are plain settings, so the CUDA
 cases run on a machine without a GPU too; `.ci/gpu-check` runs the suite on one."""
 
 import pytest
 import torch
 
-from cellulib import engine
+from cellulib.models import engine
 
 
 @pytest.fixture

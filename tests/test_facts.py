@@ -19,7 +19,9 @@ CLASS_NAMES = set(constants.CLASSES)
 
 
 def _trees(package: Path = PACKAGE) -> dict[str, ast.Module]:
-    return {p.stem: ast.parse(p.read_text(encoding="utf-8")) for p in sorted(package.glob("*.py"))}
+    """Every module by its dotted name under the package (``data.synth``), parsed."""
+    return {".".join(p.relative_to(package).with_suffix("").parts): ast.parse(p.read_text(encoding="utf-8"))
+            for p in sorted(package.rglob("*.py"))}
 
 
 def _module_constants(trees: dict[str, ast.Module]) -> list[tuple[str, str, ast.expr | None]]:
@@ -120,10 +122,11 @@ def test_stain_vectors_are_typed_once():
 
 
 def test_users_see_the_one_definition():
-    from cellulib import data, metrics, profiles, stain, synth, transforms
-    from cellulib.annotations import BRCA_M2C_CLASSES
+    from cellulib.data import breastpathq, profiles, stain, synth, transforms
+    from cellulib.data.annotations import BRCA_M2C_CLASSES
+    from cellulib.metrics import agreement
 
-    for func in (data.SegDataset, data.seg_dataloaders):
+    for func in (breastpathq.SegDataset, breastpathq.seg_dataloaders):
         params = inspect.signature(func).parameters
         assert params["downscale"].default == constants.SEG_DOWNSCALE
         assert params["diameter"].default == constants.DISC_DIAMETER
@@ -134,8 +137,8 @@ def test_users_see_the_one_definition():
     assert stain._REF_HE[:, 0].tolist() == list(synth._H_VECTOR) == [0.5626, 0.7201, 0.4062]
     assert stain._REF_HE[:, 1].tolist() == list(synth._E_VECTOR) == [0.2159, 0.8012, 0.5581]
     # detection tables list the classes in the order of BRCA-M2C's dot classes 1, 2, 3
-    assert metrics.DETECTION_CLASSES == ("lymphocyte", "malignant", "normal")
-    assert [BRCA_M2C_CLASSES[k][1] for k in (1, 2, 3)] == list(metrics.DETECTION_CLASSES)
+    assert agreement.DETECTION_CLASSES == ("lymphocyte", "malignant", "normal")
+    assert [BRCA_M2C_CLASSES[k][1] for k in (1, 2, 3)] == list(agreement.DETECTION_CLASSES)
 
 
 # the checks themselves, on a small package with each kind of twin
@@ -166,10 +169,11 @@ def test_the_checks_see_each_kind_of_twin(twins):
 
 
 def test_one_rule_tells_a_brca_m2c_folder(tmp_path):
-    """`cellulib.annotations.is_brca_m2c` is the rule: a split file marks the folder, and the
+    """`cellulib.data.annotations.is_brca_m2c` is the rule: a split file marks the folder, and the
     layout check, the cells reader and the training recipe follow it."""
-    from cellulib import annotations, data, train
-    from cellulib.imageio import DataError
+    from cellulib.data import annotations, breastpathq
+    from cellulib.files.imageio import DataError
+    from cellulib.training import train
 
     # the recipe's choice of BRCA_M2C_SEG asks the same rule
     assert "is_brca_m2c(root)" in inspect.getsource(train.train_seg)
@@ -180,15 +184,16 @@ def test_one_rule_tells_a_brca_m2c_folder(tmp_path):
     assert annotations.is_brca_m2c(root) and annotations.detect_layout(root) == "brca-m2c"
     # the reader then names what the copy lacks
     with pytest.raises(DataError, match=r"images \(folder missing\)"):
-        data.read_cells(root)
+        breastpathq.read_cells(root)
 
 
 def test_one_rule_tells_a_complete_synthetic_set(tmp_path, monkeypatch, capsys):
-    """`cellulib.profiles.synthetic_ready` decides for the chapters (`get_dataset`) and for
+    """`cellulib.data.profiles.synthetic_ready` decides for the chapters (`get_dataset`) and for
     ``cellulib train`` without ``--data`` alike."""
     import argparse
 
-    from cellulib import cli, profiles
+    from cellulib.cli import commands
+    from cellulib.data import profiles
 
     monkeypatch.setenv("CELLULIB_HOME", str(tmp_path))
     root = profiles.synthetic_root("paper", 0)
@@ -197,5 +202,5 @@ def test_one_rule_tells_a_complete_synthetic_set(tmp_path, monkeypatch, capsys):
     (root / "datasets" / "val_labels.csv").write_text("slide,rid,y\n")
     assert profiles.synthetic_ready(root)
     assert profiles.get_dataset(profile="paper", seed=0) == root  # reused, nothing rendered
-    cli._confirm_render(argparse.Namespace(profile="paper", seed=0, yes=False))  # no prompt
+    commands._confirm_render(argparse.Namespace(profile="paper", seed=0, yes=False))  # no prompt
     assert capsys.readouterr().err == ""

@@ -1,4 +1,4 @@
-"""Tests of cellulib.features: the 81 features (paper 3.3, SPEC 3.2) and the LightGBM model.
+"""Tests of cellulib.models.features: the 81 features (paper 3.3, SPEC 3.2) and the LightGBM model.
 
 References: hand-computed areas and activations, the analytic LoG response of a Gaussian blob,
 scikit-image's ``blob_log`` (the authors' blob detector), scipy's ``gaussian_laplace``,
@@ -11,9 +11,9 @@ import pytest
 import scipy.ndimage as ndi
 from skimage.feature import blob_log
 
-from cellulib import features as F
 from cellulib.constants import NUCLEUS_CLASSES
-from cellulib.features import (
+from cellulib.models import features as F
+from cellulib.models.features import (
     AREA_THRESHOLDS,
     BLOB_THRESHOLDS,
     FEATURE_NAMES,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cellulib import lab
+from cellulib.bench import lab
 
 REPO = Path(__file__).resolve().parents[1]
 CHAPTER = "notebooks/01_data_exploration.ipynb"
@@ -97,7 +97,7 @@ PAGE = """<!DOCTYPE html><html><head>
 
 @pytest.fixture
 def lab_server(project_kernel, tmp_path):
-    """JupyterLab as `make lab` starts it (cellulib.lab.lab_command), on a free loopback port with
+    """JupyterLab as `make lab` starts it (cellulib.bench.lab.lab_command), on a free loopback port with
     a token, rooted at a copy of the repository's chapters with a built chapter page beside them
     (its head as the book's source_link extension writes it); always stopped, kernels included."""
     root = tmp_path / "repo"
@@ -161,7 +161,7 @@ def test_lab_opens_a_chapter_and_runs_its_first_cells(lab_server):
              f"--virtual-time-budget={budget_ms}", "--dump-dom", url],
             capture_output=True, text=True, timeout=min(45.0, clock.left("running Chromium"))).stdout
 
-    # a chapter page of the book served by the same server (cellulib.lab's extension, with its
+    # a chapter page of the book served by the same server (cellulib.bench.lab's extension, with its
     # styles and scripts: no sandbox): its source button opens the notebook in JupyterLab
     page = dom(f"{base}/{lab.BOOK_PREFIX}/book/chapters/01_data_exploration.html?token={token}",
                3000)
@@ -218,7 +218,7 @@ def test_lab_refuses_a_busy_port_naming_it():
         sock.listen(1)
         port = sock.getsockname()[1]
         assert lab.port_in_use(port)
-        out = subprocess.run([sys.executable, "-m", "cellulib.lab", "--port", str(port), "--check"],
+        out = subprocess.run([sys.executable, "-m", "cellulib.bench.lab", "--port", str(port), "--check"],
                              capture_output=True, text=True, cwd=REPO, timeout=60)
     assert out.returncode == 2
     assert f"port {port} on 127.0.0.1 is in use" in out.stderr and "PORT=" in out.stderr
@@ -227,7 +227,7 @@ def test_lab_refuses_a_busy_port_naming_it():
 
 def test_lab_check_prints_the_url_of_a_free_port(project_kernel):
     port = _free_port()
-    out = subprocess.run([sys.executable, "-m", "cellulib.lab", "--port", str(port), "--check"],
+    out = subprocess.run([sys.executable, "-m", "cellulib.bench.lab", "--port", str(port), "--check"],
                          capture_output=True, text=True, cwd=REPO, timeout=60)
     assert out.returncode == 0, out.stderr
     assert f"http://127.0.0.1:{port}/lab/tree/notebooks?token=" in out.stdout

@@ -16,7 +16,9 @@ import pytest
 import tifffile
 import torch
 
-from cellulib import metrics, models, train
+from cellulib.metrics import agreement
+from cellulib.models import networks
+from cellulib.training import train
 
 SIDE = 64
 PINK = np.array([236, 170, 200], dtype=np.float64)
@@ -56,8 +58,8 @@ def home(tmp_path, monkeypatch):
 
 def _mean_predictor_mse(result) -> tuple[float, float]:
     pred = train.predictions(result)
-    mean_mse = metrics.mse(pred.y_true, np.full(len(pred), result.meta["train_mean"]))
-    return metrics.mse(pred.y_true, pred.y_pred), mean_mse
+    mean_mse = agreement.mse(pred.y_true, np.full(len(pred), result.meta["train_mean"]))
+    return agreement.mse(pred.y_true, pred.y_pred), mean_mse
 
 
 def test_training_labels_mean_is_recorded(easy_root, home):
@@ -79,7 +81,7 @@ def test_a_direct_model_beats_the_mean_predictor(easy_root, home, arch, task):
 def test_the_sr_cascade_beats_the_mean_predictor(easy_root, home):
     # a random (untrained) segmentation net still passes colour through its maps; the regressor
     # on top must learn from them
-    seg_net = models.seg_model("fpn")
+    seg_net = networks.seg_model("fpn")
     seg = train.TrainResult(seg_net, pd.DataFrame(), {}, Path("random-fpn.pt"), False)
     result = train.train_sr(easy_root, seg, progress=False, sr_epochs=8, sr_finetune_epochs=0,
                             direct_bs=8, sr_lr=3e-3)
@@ -89,11 +91,11 @@ def test_the_sr_cascade_beats_the_mean_predictor(easy_root, home):
 
 def test_outputs_start_at_the_uninformed_answer():
     y = np.array([0.1, 0.2, 0.2, 0.9])
-    reg = models.init_output(models.direct_model("resnet34"), y).eval()
+    reg = networks.init_output(networks.direct_model("resnet34"), y).eval()
     with torch.no_grad():
         out = reg(torch.randn(3, 3, 64, 64))
     assert torch.allclose(out, torch.full_like(out, y.mean()), atol=0.01)
-    clf = models.init_output(models.direct_model("resnet34", "classification"), y).eval()
+    clf = networks.init_output(networks.direct_model("resnet34", "classification"), y).eval()
     with torch.no_grad():
         probs = torch.softmax(clf(torch.randn(2, 3, 64, 64)), 1)[0]
     # the prior: (count + 0.5) / (n + 0.5 * 101), here bin 20 holds two of four labels
@@ -105,20 +107,21 @@ def test_cli_predict_and_evaluate_reproduce_the_stored_validation_scores(easy_ro
     """What the book reports for a model is what `cellulib predict` + `cellulib evaluate` give."""
     import json
 
-    from cellulib import cli, metrics
+    from cellulib.cli import commands
+    from cellulib.metrics import agreement
 
     result = train.train_direct(easy_root, "resnet34", epochs=1, size=32, direct_bs=16,
                                 progress=False)
     preds_csv = home / "preds.csv"
-    assert cli.main(["predict", "--model", str(result.path), "--images",
+    assert commands.main(["predict", "--model", str(result.path), "--images",
                      str(easy_root / "datasets" / "validation"), "--out", str(preds_csv)]) == 0
     capsys.readouterr()
-    assert cli.main(["evaluate", "--pred", str(preds_csv), "--labels",
+    assert commands.main(["evaluate", "--pred", str(preds_csv), "--labels",
                      str(easy_root / "datasets" / "val_labels.csv"), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     stored = train.predictions(result)
     assert report["metrics"]["MSE"]["value"] == pytest.approx(result.scores["valid_mse"], rel=1e-6)
     assert report["metrics"]["MSE"]["value"] == pytest.approx(
-        metrics.mse(stored.y_true, stored.y_pred), rel=1e-6)
+        agreement.mse(stored.y_true, stored.y_pred), rel=1e-6)
     # the model file carries its training mean, so evaluate scores the mean predictor too
     assert report["mean_predictor"]["train_mean"] == pytest.approx(result.meta["train_mean"])

@@ -1,4 +1,4 @@
-"""Tests of cellulib.losses: the paper's BCE-Jaccard loss (eq. 1-3) against hand-computed values,
+"""Tests of cellulib.models.losses: the paper's BCE-Jaccard loss (eq. 1-3) against hand-computed values,
 the hard Jaccard against scikit-learn, and the fastai metric objects."""
 import math
 from types import SimpleNamespace
@@ -9,12 +9,7 @@ import torch
 from sklearn.metrics import jaccard_score
 
 from cellulib.constants import CLASSES
-from cellulib.losses import (
-    BCEJaccardLoss,
-    JaccardMetric,
-    jaccard_metrics,
-    jaccard_per_class,
-)
+from cellulib.models.losses import BCEJaccardLoss, JaccardMetric, jaccard_metrics, jaccard_per_class
 
 
 def _reference_loss(logits, target, alpha=0.15, weights=(1, 1, 4, 1), eps=1e-7):
@@ -249,7 +244,7 @@ def test_loss_and_metrics_inside_a_fastai_learner():
 def test_soft_bin_cross_entropy_with_zero_width_is_plain_cross_entropy():
     import torch.nn.functional as F
 
-    from cellulib.losses import SoftBinCrossEntropy
+    from cellulib.models.losses import SoftBinCrossEntropy
 
     gen = torch.Generator().manual_seed(0)
     logits, bins = torch.randn(6, 101, generator=gen), torch.tensor([0, 1, 37, 50, 99, 100])
@@ -259,7 +254,7 @@ def test_soft_bin_cross_entropy_with_zero_width_is_plain_cross_entropy():
 def test_soft_bin_targets_are_a_normalised_gaussian_over_the_bins():
     import math
 
-    from cellulib.losses import SoftBinCrossEntropy
+    from cellulib.models.losses import SoftBinCrossEntropy
 
     q = SoftBinCrossEntropy(2.0).targets(torch.tensor([50, 0]))
     assert torch.allclose(q.sum(1), torch.ones(2))
@@ -270,7 +265,7 @@ def test_soft_bin_targets_are_a_normalised_gaussian_over_the_bins():
 
 
 def test_soft_bin_cross_entropy_is_smallest_at_the_target_distribution():
-    from cellulib.losses import SoftBinCrossEntropy
+    from cellulib.models.losses import SoftBinCrossEntropy
 
     loss = SoftBinCrossEntropy(3.0)
     bins = torch.tensor([20, 70])

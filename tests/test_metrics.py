@@ -1,4 +1,4 @@
-"""Tests for cellulib.metrics against published values, scikit-learn, pingouin, scipy and hand counts."""
+"""Tests for cellulib.metrics.agreement against published values, scikit-learn, pingouin, scipy and hand counts."""
 import ast
 import doctest
 import re
@@ -13,8 +13,8 @@ import pytest
 from scipy import stats
 from sklearn.metrics import cohen_kappa_score, mean_squared_error
 
-import cellulib.metrics as M
-from cellulib.metrics import (
+import cellulib.metrics.agreement as M
+from cellulib.metrics.agreement import (
     ICC_KINDS,
     MetricWarning,
     UndefinedMetricError,
@@ -28,7 +28,7 @@ from cellulib.metrics import (
     mse,
     prediction_probability,
 )
-from cellulib.report import PAPER
+from cellulib.reporting.report import PAPER
 
 # pingouin 0.7 calls a pandas API that pandas 3.1 deprecates; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:The inplace keyword in DataFrame.dropna")

@@ -1,4 +1,4 @@
-"""Tests of cellulib.models: architecture (paper 3.1, Fig. 2), weights loading, SR cascade, direct
+"""Tests of cellulib.models.networks: architecture (paper 3.1, Fig. 2), weights loading, SR cascade, direct
 models. Tiny CPU inputs, no network, random weights only."""
 import math
 
@@ -8,9 +8,15 @@ import torch
 import torchvision
 from torch import nn
 
-from cellulib import losses, models
-from cellulib.models import decode_bins, direct_model, load_imagenet_resnet, seg_model, sr_model
-from cellulib.transforms import bins_target
+from cellulib.data.transforms import bins_target
+from cellulib.models import losses, networks
+from cellulib.models.networks import (
+    decode_bins,
+    direct_model,
+    load_imagenet_resnet,
+    seg_model,
+    sr_model,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -72,7 +78,7 @@ def test_seg_model_rejects_bad_arguments():
 
 
 def test_encoder_has_resnet34_layout_with_elu_only():
-    enc = models.ResNetELUEncoder()
+    enc = networks.ResNetELUEncoder()
     assert not any(isinstance(m, nn.ReLU) for m in enc.modules())
     assert any(isinstance(m, nn.ELU) for m in enc.modules())
     # 3-4-6-3 basic blocks, 64/128/256/512 maps, as ResNet-34 (He et al. 2016, Table 1)

@@ -21,14 +21,15 @@ import tifffile
 import torch
 from PIL import Image
 
-from cellulib import load_model, models, save_model
-from cellulib.cli import build_parser
-from cellulib.evaluation import PredictWarning, evaluate_files, match_predictions
-from cellulib.imageio import DataError, collect_images
-from cellulib.metrics import bland_altman
-from cellulib.plots import agreement_figure
-from cellulib.predict import Predictor, predict_images, predict_to_csv
-from cellulib.store import ModelFileError
+from cellulib import load_model, save_model
+from cellulib.cli.commands import build_parser
+from cellulib.files.imageio import DataError, collect_images
+from cellulib.inference.predict import Predictor, predict_images, predict_to_csv
+from cellulib.inference.store import ModelFileError
+from cellulib.metrics.agreement import bland_altman
+from cellulib.models import networks
+from cellulib.reporting.evaluation import PredictWarning, evaluate_files, match_predictions
+from cellulib.reporting.plots import agreement_figure
 
 S = 64
 PRE = {"input_size": S, "normalize": "minus_one_one"}
@@ -71,26 +72,26 @@ def _sensitive(model, gain=3.0):
 def model_files(tmp_path_factory):
     import lightgbm  # noqa: F401  (fit_gbt needs it)
 
-    from cellulib.features import FEATURE_NAMES, fit_gbt
+    from cellulib.models.features import FEATURE_NAMES, fit_gbt
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("models")
     files = {}
-    files["regression"] = save_model(_sensitive(models.direct_model("resnet34")),
+    files["regression"] = save_model(_sensitive(networks.direct_model("resnet34")),
                                      folder / "reg.pt", preprocess=PRE)
     files["classification"] = save_model(
-        _sensitive(models.direct_model("resnet34", task="classification")), folder / "cls.pt",
+        _sensitive(networks.direct_model("resnet34", task="classification")), folder / "cls.pt",
         preprocess=PRE)
-    files["sr"] = save_model(models.sr_model(models.seg_model("fpn")), folder / "sr.pt",
+    files["sr"] = save_model(networks.sr_model(networks.seg_model("fpn")), folder / "sr.pt",
                              preprocess=PRE)
     rng = np.random.default_rng(0)
     table = pd.DataFrame(rng.random((300, len(FEATURE_NAMES))) * 50, columns=FEATURE_NAMES)
     booster = fit_gbt(table, rng.random(300), n_rounds=20, min_data_in_leaf=5)
-    files["gbt"] = save_model(models.GBTModel(models.seg_model("fpn"), booster), folder / "gbt.pt",
+    files["gbt"] = save_model(networks.GBTModel(networks.seg_model("fpn"), booster), folder / "gbt.pt",
                               preprocess=PRE)
-    files["seg"] = save_model(models.seg_model("fpn"), folder / "seg.pt", preprocess=PRE)
-    files["no_preprocess"] = save_model(models.direct_model("resnet34"), folder / "nopre.pt")
-    files["sr_bad_size"] = save_model(models.sr_model(models.seg_model("fpn")),
+    files["seg"] = save_model(networks.seg_model("fpn"), folder / "seg.pt", preprocess=PRE)
+    files["no_preprocess"] = save_model(networks.direct_model("resnet34"), folder / "nopre.pt")
+    files["sr_bad_size"] = save_model(networks.sr_model(networks.seg_model("fpn")),
                                       folder / "sr48.pt",
                                       preprocess={"input_size": 48, "normalize": "minus_one_one"})
     return files
@@ -391,13 +392,13 @@ def test_empty_folder_is_a_clear_error(model_files, tmp_path):
 
 
 def test_cli_main_reports_errors_with_exit_2(model_files, tmp_path, capsys):
-    from cellulib import cli
+    from cellulib.cli import commands
 
-    parser = cli.build_parser()
+    parser = commands.build_parser()
     choices = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     if "predict" not in choices:
-        pytest.skip("predict is not wired into cellulib.cli yet")
-    code = cli.main(["predict", "--model", str(model_files["seg"]), "--images", str(tmp_path),
+        pytest.skip("predict is not wired into cellulib.cli.commands yet")
+    code = commands.main(["predict", "--model", str(model_files["seg"]), "--images", str(tmp_path),
                      "--out", str(tmp_path / "p.csv")])
     assert code == 2
     assert "cellulib predict: error:" in capsys.readouterr().err
@@ -662,7 +663,7 @@ def test_stream_in_a_daemonic_process_loads_in_process(model_files):
 
 #: Largest difference between bf16 and float32 scores accepted on the same images: bf16 keeps 8
 #: significant bits, so a logit is off by about 0.4%; on trained models the scores moved by at
-#: most 0.007. The same tolerance as the benchmark (cellulib.bench.PREDICT_ATOL).
+#: most 0.007. The same tolerance as the benchmark (cellulib.bench.suite.PREDICT_ATOL).
 BF16_ATOL = 0.02
 
 
@@ -670,7 +671,7 @@ BF16_ATOL = 0.02
 def plain_model_file(tmp_path_factory):
     """A random-init direct model, not sensitised: bf16 rounding is not amplified here."""
     torch.manual_seed(1)
-    return save_model(models.direct_model("resnet34"), tmp_path_factory.mktemp("plain") / "p.pt",
+    return save_model(networks.direct_model("resnet34"), tmp_path_factory.mktemp("plain") / "p.pt",
                       preprocess=PRE)
 
 
@@ -697,7 +698,7 @@ def test_bf16_and_float32_give_close_scores_on_the_same_images(model_files, plai
 
 def test_bf16_really_runs_in_bf16_and_auto_follows_the_engine(plain_model_file, images,
                                                                 monkeypatch):
-    from cellulib import engine
+    from cellulib.models import engine
 
     folder, expected = images
     batch = np.stack([cv2.resize(expected[n], (S, S), interpolation=cv2.INTER_AREA)
@@ -719,9 +720,9 @@ def test_bf16_really_runs_in_bf16_and_auto_follows_the_engine(plain_model_file, 
 
 @pytest.mark.parametrize("normalize", ["minus_one_one", "imagenet"])
 def test_prediction_pixels_are_the_training_pixels(tmp_path, normalize):
-    from cellulib.transforms import normalize_image
+    from cellulib.data.transforms import normalize_image
 
-    path = save_model(models.direct_model("resnet34"), tmp_path / "m.pt",
+    path = save_model(networks.direct_model("resnet34"), tmp_path / "m.pt",
                       preprocess={"input_size": S, "normalize": normalize})
     batch = np.stack([_rgb(S, S, 40 + i) for i in range(3)])
     for channels_last in (True, False):
@@ -915,7 +916,7 @@ def test_evaluate_training_mean_from_labels_or_model_file_never_guessed(tmp_path
         assert payload["mean_predictor"]["available"] is False and payload["learned"] is None
         assert "--train-mean" in payload["mean_predictor"]["reason"]
         # the model file named by the sidecar records train_mean
-        model = save_model(models.direct_model("resnet34"), tmp_path / "m.pt", preprocess=PRE,
+        model = save_model(networks.direct_model("resnet34"), tmp_path / "m.pt", preprocess=PRE,
                            train_mean=0.42)
         (tmp_path / "preds10.csv.json").write_text(json.dumps({"model": str(model)}))
         assert _run(["evaluate", "--pred", str(pred), "--labels", str(labels), "--json",
@@ -924,7 +925,7 @@ def test_evaluate_training_mean_from_labels_or_model_file_never_guessed(tmp_path
         assert payload["mean_predictor"]["train_mean"] == pytest.approx(0.42)
         assert "m.pt" in payload["mean_predictor"]["source"]
         # a model file without it: no mean predictor, and the text output says why
-        bare = save_model(models.direct_model("resnet34"), tmp_path / "bare.pt", preprocess=PRE)
+        bare = save_model(networks.direct_model("resnet34"), tmp_path / "bare.pt", preprocess=PRE)
         (tmp_path / "preds10.csv.json").write_text(json.dumps({"model": str(bare)}))
         assert _run(["evaluate", "--pred", str(pred), "--labels", str(labels),
                      "--n-boot", "50"]) == 0

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from cellulib import profiles
+from cellulib.data import profiles
 
 
 def test_quick_and_paper_profiles():
@@ -46,7 +46,7 @@ def test_get_dataset_with_a_missing_folder(tmp_path):
 
 
 def test_check_parameters_names_the_parameter_of_the_wrong_type():
-    from cellulib.profiles import ParameterError, check_parameters
+    from cellulib.data.profiles import ParameterError, check_parameters
 
     ns = {"__annotations__": {"seed": int, "data_dir": "Optional[str]", "lr": float},
           "seed": 0, "data_dir": None, "lr": 1}  # an int is a fine float, None a fine Optional

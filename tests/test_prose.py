@@ -1,5 +1,5 @@
 """Every number in a chapter's prose is computed: glued from code that ran, or on the short
-allow-list of `cellulib.bookstatus.unglued_numbers` (parts, years, names, code, formulas); so is
+allow-list of `cellulib.bench.bookstatus.unglued_numbers` (parts, years, names, code, formulas); so is
 the text that code cells glue into it. The executed chapters of `tests/test_book.py` are checked
 too; papermill leaves markdown and code as they are, so the chapter sources give the same answer
 here in a second."""
@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from cellulib import bookstatus, report
+from cellulib.bench import bookstatus
+from cellulib.reporting import report
 
 REPO = Path(__file__).resolve().parents[1]
 CHAPTERS = sorted(p.stem for p in (REPO / "notebooks").glob("*.ipynb"))
@@ -81,7 +82,8 @@ def test_chapter_prose_glues_its_numbers(chapter):
 
 
 def test_book_numbers_come_from_their_definitions():
-    from cellulib import constants, features
+    from cellulib import constants
+    from cellulib.models import features
 
     n = report.book_numbers()
     assert n["disc_px"] == 15 and n["malignant_weight"] == 4  # paper 4.2, eq. 3

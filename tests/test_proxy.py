@@ -1,4 +1,4 @@
-"""The real-tissue yardstick (`cellulib.proxy`, SPEC 1.6): the count and area proxies against values
+"""The real-tissue yardstick (`cellulib.data.proxy`, SPEC 1.6): the count and area proxies against values
 worked out by hand on a drawn image, their bad input, `cellulib proxy` and `cellulib evaluate` on
 real BRCA-M2C images, the cluster bootstrap, and the scale warnings of `predict` and `slide`."""
 
@@ -11,10 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from cellulib import cli, models, save_model
-from cellulib.imageio import DataError
-from cellulib.metrics import bootstrap_ci, mse, prediction_probability, spearman
-from cellulib.proxy import (
+from cellulib import save_model
+from cellulib.cli import commands
+from cellulib.data.proxy import (
     cell_radius,
     cell_regions,
     folder_radius,
@@ -24,6 +23,9 @@ from cellulib.proxy import (
     tissue_mask,
     window_starts,
 )
+from cellulib.files.imageio import DataError
+from cellulib.metrics.agreement import bootstrap_ci, mse, prediction_probability, spearman
+from cellulib.models import networks
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -235,7 +237,7 @@ def test_cli_evaluate_with_proxy_labels_by_patient(tmp_path, capsys):
     y = [0.3, 0.2, 0.35, 0.5, 0.45, 0.9, 0.1]
     pd.DataFrame({"path": [f"x/i{k}.png" for k in range(7)], "cellularity": y,
                   "error": ""}).to_csv(pred, index=False)
-    assert cli.main(["evaluate", "--pred", str(pred), "--labels", str(labels), "--n-boot",
+    assert commands.main(["evaluate", "--pred", str(pred), "--labels", str(labels), "--n-boot",
                      "200"]) == 0
     out = capsys.readouterr()
     assert re.search(r"labels\.csv: 1 of 7 labelled image\(s\) have no label and are left out "
@@ -265,11 +267,11 @@ def three_real(brca_dir, tmp_path):
 
 def test_cli_proxy_predict_evaluate_on_real_images(three_real, tmp_path, capsys):
     torch.manual_seed(0)
-    model = save_model(models.direct_model("resnet34"), tmp_path / "m.pt",
+    model = save_model(networks.direct_model("resnet34"), tmp_path / "m.pt",
                        preprocess={"input_size": 32, "normalize": "minus_one_one"},
                        pixel_size={"mpp": 0.5, "patch_px": 256}, train_mean=0.4)
     labels = tmp_path / "labels.csv"
-    assert cli.main(["proxy", "--data", str(three_real), "--kind", "area", "--out",
+    assert commands.main(["proxy", "--data", str(three_real), "--kind", "area", "--out",
                      str(labels)]) == 0
     assert "3 area-proxy labels (images of 3 images" in capsys.readouterr().out
     table = pd.read_csv(labels, keep_default_na=False)
@@ -277,15 +279,15 @@ def test_cli_proxy_predict_evaluate_on_real_images(three_real, tmp_path, capsys)
     assert ((table["area"] > 0) & (table["area"] < 1)).all()
     # without --mpp the ~500 px images are twice the model's 256 px field of view: one warning
     pred = tmp_path / "pred.csv"
-    assert cli.main(["predict", "--model", str(model), "--images", str(three_real / "images"),
+    assert commands.main(["predict", "--model", str(model), "--images", str(three_real / "images"),
                      "--out", str(pred), "--quiet"]) == 0
     err = capsys.readouterr().err
     assert re.search(r"warning: 3 of 3 images are far from the model's training field of view "
                      r"\(256 px at 0\.5 um/px\), e\.g\. .*\.png is \d+x\d+ px: .* give --mpp", err)
-    assert cli.main(["predict", "--model", str(model), "--images", str(three_real / "images"),
+    assert commands.main(["predict", "--model", str(model), "--images", str(three_real / "images"),
                      "--out", str(pred), "--quiet", "--mpp", "0.5"]) == 0
     assert "far from" not in capsys.readouterr().err
-    assert cli.main(["evaluate", "--pred", str(pred), "--labels", str(labels), "--n-boot",
+    assert commands.main(["evaluate", "--pred", str(pred), "--labels", str(labels), "--n-boot",
                      "100", "--json"]) == 0
     import json
 
@@ -301,7 +303,7 @@ def test_cli_proxy_predict_evaluate_on_real_images(three_real, tmp_path, capsys)
 
 
 def test_cli_proxy_on_a_folder_that_is_not_brca_m2c(tmp_path, capsys):
-    assert cli.main(["proxy", "--data", str(tmp_path), "--out", str(tmp_path / "l.csv")]) == 2
+    assert commands.main(["proxy", "--data", str(tmp_path), "--out", str(tmp_path / "l.csv")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "BreastPathQ" in err[0] and "BRCA-M2C" in err[0]
 
@@ -311,11 +313,11 @@ def test_cli_proxy_on_a_folder_that_is_not_brca_m2c(tmp_path, capsys):
 
 
 def test_slide_warns_of_a_tile_far_from_the_field_of_view(tmp_path):
-    from cellulib.predict import ScaleWarning
-    from cellulib.slide import slide_map
+    from cellulib.inference.predict import ScaleWarning
+    from cellulib.inference.slide import slide_map
 
     torch.manual_seed(0)
-    model = save_model(models.direct_model("resnet34"), tmp_path / "m.pt",
+    model = save_model(networks.direct_model("resnet34"), tmp_path / "m.pt",
                        preprocess={"input_size": 32, "normalize": "minus_one_one"},
                        pixel_size={"mpp": 0.5, "patch_px": 64})
     rng = np.random.default_rng(0)

@@ -1,4 +1,4 @@
-"""Cellularity models on real tissue (`cellulib.realtissue`): rank agreement with CIs over patients on
+"""Cellularity models on real tissue (`cellulib.reporting.realtissue`): rank agreement with CIs over patients on
 hand-made cases, the route comparison, the detector baseline's counting, the BreastPathQ patch's
 truth, and the proxy's image filter."""
 
@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cellulib import realtissue
-from cellulib.metrics import prediction_probability
-from cellulib.report import Estimate
+from cellulib.metrics.agreement import prediction_probability
+from cellulib.reporting import realtissue
+from cellulib.reporting.report import Estimate
 
 ROUTES = {"segmentation": ("A",), "direct": ("B",)}
 
@@ -81,7 +81,7 @@ def test_route_difference_and_its_verdict():
 
 
 def test_detector_share_counts_detections_by_window(monkeypatch, tmp_path):
-    import cellulib.detect as detect
+    import cellulib.inference.detect as detect
 
     found = pd.DataFrame({"path": ["img.png"] * 4 + ["other.png"],
                           "x": [1.0, 2.0, 12.0, 30.0, 1.0], "y": [1.0, 3.0, 1.0, 1.0, 1.0],
@@ -96,7 +96,7 @@ def test_detector_share_counts_detections_by_window(monkeypatch, tmp_path):
 
 
 def test_breastpathq_truth(tmp_path):
-    from cellulib import profiles
+    from cellulib.data import profiles
 
     labels = tmp_path / "labels.csv"
     labels.write_text("slide,rid,y\n99788,1,0.97\n99788,2,0.8\n")
@@ -150,12 +150,12 @@ def test_windows_of_real_held_out_patients(brca_dir, tmp_path):
 
 def test_validation_images_are_the_held_out_patients(brca_dir):
     # the README's numbers: 18 of the 90 train/val images, of 15 patients no training image shares
-    from cellulib import data
+    from cellulib.data import breastpathq
 
     held_out = realtissue.validation_images(brca_dir)
-    cells = data.read_cells(brca_dir)
-    patients = held_out["name"].map(data.patient_code)
-    rest = cells[~cells["name"].isin(held_out["name"])]["name"].map(data.patient_code)
+    cells = breastpathq.read_cells(brca_dir)
+    patients = held_out["name"].map(breastpathq.patient_code)
+    rest = cells[~cells["name"].isin(held_out["name"])]["name"].map(breastpathq.patient_code)
     assert (len(cells), len(held_out), patients.nunique()) == (90, 18, 15)
     assert not set(patients) & set(rest)
     assert list(realtissue.report_images(brca_dir)[1]["name"]) == list(held_out["name"])

@@ -1,7 +1,7 @@
 """Golden tests of the training recipes and of the synthetic-data generator.
 
 A cached model is reused as long as its recipe key holds (SPEC 6), and the key holds the family's
-recipe version (``cellulib.train.RECIPE_VERSIONS``), not the bytes of the source. So a change of
+recipe version (``cellulib.training.train.RECIPE_VERSIONS``), not the bytes of the source. So a change of
 the training code that changes what a family learns must bump that version. These tests run each
 family's recipe, and each variant with its own code path (the decay and one-cycle schedules, HED stain
 augmentation, the BRCA-M2C settings, pretrained initialisation, 101-bin classification), on a tiny
@@ -9,7 +9,7 @@ synthetic set, on the CPU in float32 with one torch thread, and compare what cam
 golden file of ``tests/fixtures/golden/``: the loss trace (every loss of the history), statistics of
 the trained weights (sum, sum of squares and sum of absolute values, accumulated in float64) and
 the outputs on a fixed input. The generator is checked the same way against
-``cellulib.synth.GENERATOR_VERSION``.
+``cellulib.data.synth.GENERATOR_VERSION``.
 
 The comparison is a tolerance (relative 1e-3 plus absolute 1e-6), not a digest: on one CPU kind
 float32 results move by about 1e-6 relative between runs and BLAS builds, and a changed recipe (a
@@ -39,8 +39,10 @@ import numpy as np
 import pytest
 import torch
 
-from cellulib import profiles, store, synth, train
-from cellulib.imageio import read_image
+from cellulib.data import profiles, synth
+from cellulib.files.imageio import read_image
+from cellulib.inference import store
+from cellulib.training import train
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden"
 REFRESH = os.environ.get("CELLULIB_REFRESH_GOLDEN", "") not in ("", "0")
@@ -208,7 +210,7 @@ def check_golden(name: str, version_name: str, version: int, values: dict,
 
 
 def _check(name: str, family: str, values: dict) -> None:
-    check_golden(name, f"cellulib.train.RECIPE_VERSIONS[{family!r}]",
+    check_golden(name, f"cellulib.training.train.RECIPE_VERSIONS[{family!r}]",
                  train.RECIPE_VERSIONS[family], values, _libraries(family))
 
 
@@ -272,7 +274,7 @@ def test_a_changed_recipe_fails_its_golden_test(tiny):
     if REFRESH:
         pytest.skip("refreshing")
     result = train.train_seg(tiny, "fpn", seg_lr=profiles.get_profile("quick")["seg_lr"] * 1.1, **SEG)
-    with pytest.raises(pytest.fail.Exception, match="bump cellulib.train.RECIPE_VERSIONS"):
+    with pytest.raises(pytest.fail.Exception, match="bump cellulib.training.train.RECIPE_VERSIONS"):
         _check("seg", "seg", _record(result))
 
 
@@ -296,7 +298,7 @@ def test_generator(tiny):
               "labels": [float(line.split(",")[-1]) for line in labels],
               "truth": [patch.cellularity, float(sum(patch.counts.values()))]}
     libraries = {name: store.library_version(name) for name in ("numpy", "opencv", "scikit-image")}
-    check_golden("generator", "cellulib.synth.GENERATOR_VERSION", synth.GENERATOR_VERSION, values,
+    check_golden("generator", "cellulib.data.synth.GENERATOR_VERSION", synth.GENERATOR_VERSION, values,
                  libraries, per_cpu=False)
     # for the record: whether the patch is bit-identical to the one the golden file was made from
     print("patch sha256", hashlib.sha256(patch.img.tobytes()).hexdigest()[:12])

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-from cellulib.lab import KERNEL_DISPLAY_NAME, KERNEL_NAME
+from cellulib.bench.lab import KERNEL_DISPLAY_NAME, KERNEL_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
@@ -70,7 +70,7 @@ def test_notebook_sources_are_clean(path):
 def test_toc_lists_only_existing_pages():
     toc = yaml.safe_load((REPO / "_toc.yml").read_text())
     files = [toc["root"]] + [c["file"] for part in toc["parts"] for c in part["chapters"]]
-    # written by `python -m cellulib.bookstatus`
+    # written by `python -m cellulib.bench.bookstatus`
     generated = {"book/chapters/status", "book/chapters/teachers"}
     for file in files:
         if file in generated:

@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cellulib import metrics, report
+from cellulib.metrics import agreement
+from cellulib.reporting import report
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -51,7 +52,7 @@ def test_mean_predictor_is_the_training_mean_for_every_patch():
     assert frame.columns.tolist() == ["path", "y_true", "y_pred"]
     assert frame.y_pred.tolist() == [0.4, 0.4, 0.4]
     # its MSE by hand: (0.09 + 0.01 + 0.25) / 3
-    assert metrics.mse(frame.y_true, frame.y_pred) == pytest.approx(0.35 / 3)
+    assert agreement.mse(frame.y_true, frame.y_pred) == pytest.approx(0.35 / 3)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         report.mean_predictor_predictions([0.1], 40.0)
 
@@ -63,7 +64,7 @@ def test_training_mean_prefers_the_model_record_and_never_guesses(tmp_path):
 
 
 def test_training_mean_from_the_training_split(tmp_path):
-    from cellulib import synth
+    from cellulib.data import synth
 
     root = synth.make_breastpathq(tmp_path, n_train=6, n_val=2, n_cells=1, size=64, seed=0,
                                   progress=False)
@@ -96,9 +97,9 @@ def test_learned_is_strict_and_needs_enough_patches():
 def test_mse_ci_is_the_metrics_bootstrap(truth):
     y_pred = np.clip(truth + 0.1, 0, 1)
     est = report.mse_ci(truth, y_pred, n_boot=300, seed=3)
-    lo, hi = metrics.bootstrap_ci(metrics.mse, truth, y_pred, n_boot=300, seed=3)
+    lo, hi = agreement.bootstrap_ci(agreement.mse, truth, y_pred, n_boot=300, seed=3)
     assert (est.ci_low, est.ci_high) == (lo, hi)
-    assert est.value == pytest.approx(metrics.mse(truth, y_pred))
+    assert est.value == pytest.approx(agreement.mse(truth, y_pred))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,9 +117,9 @@ def test_paired_difference_equals_a_brute_force_loop(truth):
     b = _frame(truth, np.clip(truth + rng.normal(0, 0.08, truth.size), 0, 1))
     est = report.paired_mse_difference(a, b, n_boot=400, seed=7)
     idx = np.random.default_rng(7).integers(0, truth.size, (400, truth.size))
-    boot = [metrics.mse(truth[i], a.y_pred.to_numpy()[i]) - metrics.mse(truth[i], b.y_pred.to_numpy()[i])
+    boot = [agreement.mse(truth[i], a.y_pred.to_numpy()[i]) - agreement.mse(truth[i], b.y_pred.to_numpy()[i])
             for i in idx]
-    assert est.value == pytest.approx(metrics.mse(truth, a.y_pred) - metrics.mse(truth, b.y_pred))
+    assert est.value == pytest.approx(agreement.mse(truth, a.y_pred) - agreement.mse(truth, b.y_pred))
     assert est.ci_low == pytest.approx(np.quantile(boot, 0.025))
     assert est.ci_high == pytest.approx(np.quantile(boot, 0.975))
 
@@ -173,7 +174,7 @@ def test_verdict_when_the_interval_includes_zero():
 def test_results_table_has_the_mean_predictor_row_and_learned(preds):
     mean = float(preds["GBT"].y_true.mean())
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", metrics.MetricWarning)
+        warnings.simplefilter("ignore", agreement.MetricWarning)
         table = report.results_table(preds, n_boot=100, seed=0, train_mean=mean)
         plain = report.results_table(preds, n_boot=100, seed=0)
     assert "Mean predictor" in table.index and "learned" in table.columns
@@ -223,7 +224,7 @@ def test_bias_by_bin_by_hand():
 
 
 def test_mse_summary_figure(preds):
-    from cellulib import plots
+    from cellulib.reporting import plots
 
     summary = report.mse_summary(preds, float(preds["GBT"].y_true.mean()), n_boot=100)
     fig = plots.mse_summary(summary)
@@ -261,17 +262,18 @@ def test_segmentation_counts_reproduce_the_training_jaccard(tmp_path):
     """Pooled over images, the per-image counts give the Jaccard the fastai metric reports."""
     import torch
 
-    from cellulib import data, losses, models, synth
+    from cellulib.data import breastpathq, synth
+    from cellulib.models import losses, networks
 
     root = synth.make_breastpathq(tmp_path, n_train=2, n_val=1, n_cells=10, size=128, seed=0,
                                   progress=False)
     torch.manual_seed(0)
-    model = models.seg_model("fpn").eval()
+    model = networks.seg_model("fpn").eval()
     settings = {"crop": 64, "downscale": 2, "disc_diameter": 15.0}
     seg = SimpleNamespace(model=model, settings=settings, meta={"params": {"seed": 0}})
     counts = report.segmentation_counts(seg, root)
     assert counts["image"].nunique() == 2  # round(0.2 * 10) validation patches
-    dls = data.seg_dataloaders(root, size=64, downscale=2, bs=2, diameter=15.0, seed=0,
+    dls = breastpathq.seg_dataloaders(root, size=64, downscale=2, bs=2, diameter=15.0, seed=0,
                                device="cpu")
     metric = losses.JaccardMetric((0, 1, 2), "jaccard_nuclei")  # the nucleus channels
     with torch.inference_mode():
@@ -282,7 +284,7 @@ def test_segmentation_counts_reproduce_the_training_jaccard(tmp_path):
 
 
 def test_paired_detection_difference_by_hand():
-    from cellulib.report import paired_detection_difference
+    from cellulib.reporting.report import paired_detection_difference
 
     def counts(tps):
         return pd.DataFrame({"image": [f"i{k}" for k in range(len(tps))], "class": "detection",
@@ -525,7 +527,8 @@ def test_route_cost_sentence_by_hand():
 
 
 def test_choose_detector_keeps_the_best_mean_of_pooled_and_tumour_f(monkeypatch):
-    from cellulib import constants, detect
+    from cellulib import constants
+    from cellulib.inference import detect
 
     tables = {"a.pt": _f1(0.6, 0.7, 0.6, 0.9), "b.pt": _f1(0.6, 0.8, 0.6, 0.85)}  # means 0.8, 0.825
     calls = []

@@ -8,8 +8,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cellulib import detect, robustness, save_model, synth, train
-from cellulib.predict import predict_images
+from cellulib import save_model
+from cellulib.data import synth
+from cellulib.inference import detect
+from cellulib.inference.predict import predict_images
+from cellulib.reporting import robustness
+from cellulib.training import train
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +52,7 @@ def test_unshifted_scores_are_those_of_predict_and_shifts_are_shared(tiny):
     # files scored by cellulib predict); with the true pixel size, the whole magnified patch
     import tifffile
 
-    from cellulib.imageio import read_image
+    from cellulib.files.imageio import read_image
 
     zoomed = scores[(scores.model == "R34") & (scores.kind == "scale")].y_pred.to_numpy()
     true = robustness.score_under_shifts({"R34": model.path}, valid.path, valid.y_true,
@@ -105,7 +109,7 @@ def test_detections_on_a_resampled_image_come_back_to_the_dots(tmp_path, monkeyp
     """A stand-in network sees dark blobs; a x2 resample must still match every dot."""
     import cv2
 
-    from cellulib import models
+    from cellulib.models import networks
 
     yy, xx = np.mgrid[:96, :96]
     dots = [(20, 30), (60, 25), (45, 70), (80, 80)]  # (y, x)
@@ -113,7 +117,7 @@ def test_detections_on_a_resampled_image_come_back_to_the_dots(tmp_path, monkeyp
     img = np.repeat((255 * (1 - 0.8 * np.clip(dark, 0, 1)))[..., None], 3, axis=2).astype(np.uint8)
     Image.fromarray(img).save(tmp_path / "a.png")
     (tmp_path / "a.txt").write_text("".join(f"{y} {x} 2\n" for y, x in dots))
-    seg = save_model(models.seg_model("fpn"), tmp_path / "seg.pt",
+    seg = save_model(networks.seg_model("fpn"), tmp_path / "seg.pt",
                      params={"downscale": 1, "disc_diameter": 11.0})
 
     def maps(self, image):
@@ -167,7 +171,8 @@ def test_icc_table_and_the_robustness_figure():
     import matplotlib
 
     matplotlib.use("Agg")
-    from cellulib import metrics, plots
+    from cellulib.metrics import agreement
+    from cellulib.reporting import plots
 
     rng = np.random.default_rng(0)
     t = rng.random(30)
@@ -178,7 +183,7 @@ def test_icc_table_and_the_robustness_figure():
     scores = pd.concat(frames, ignore_index=True)
     table = robustness.icc_table(scores, strength=0.5)
     ratings = frames[1][["y_true", "y_pred"]].to_numpy()
-    expected = metrics.format_ci(metrics.icc(ratings), *metrics.icc_ci(ratings), digits=3)
+    expected = agreement.format_ci(agreement.icc(ratings), *agreement.icc_ci(ratings), digits=3)
     assert table.loc["A", "blur (focus)"] == expected
     assert table.loc["M", "no shift"] == "0 (constant)"
     fig = plots.robustness_curves(robustness.shift_summary(scores), {"seg": ["A"], "direct": []},
@@ -193,7 +198,7 @@ def test_scores_under_shift_are_stored_and_recomputed_only_when_an_input_changes
     import shutil
     from pathlib import Path
 
-    from cellulib import store
+    from cellulib.inference import store
 
     root, model = tiny
     valid = train.predictions(model).iloc[:3]
@@ -220,7 +225,7 @@ def test_scores_under_shift_are_stored_and_recomputed_only_when_an_input_changes
     assert len(calls) == 2 and len(list(derived.glob("shifts-*.npz"))) == 3
     monkeypatch.setattr(robustness, "SHIFT_VERSION", robustness.SHIFT_VERSION - 1)
     # other weights: a model file whose weights differ by one value
-    from cellulib.store import load_model
+    from cellulib.inference.store import load_model
 
     net, info = load_model(model.path)
     with __import__("torch").no_grad():
@@ -301,7 +306,7 @@ def test_lost_to_mean_finds_the_models_that_fall_to_the_mean_predictor():
 
 
 def _clean(mse: dict, learned: dict | None = None) -> pd.DataFrame:
-    from cellulib.report import MEAN_PREDICTOR
+    from cellulib.reporting.report import MEAN_PREDICTOR
 
     learned = learned or {m: True for m in mse}
     return pd.DataFrame({"mse": {**mse, MEAN_PREDICTOR: 0.05},
@@ -442,7 +447,7 @@ def test_remedy_table_tally_and_sentences_by_hand():
 def test_glue_skipped_glues_every_key_a_skipped_section_shows(monkeypatch):
     import myst_nb
 
-    from cellulib import plots
+    from cellulib.reporting import plots
 
     glued = {}
     monkeypatch.setattr(myst_nb, "glue", lambda name, value, display=True: glued.update({name: value}))

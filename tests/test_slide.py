@@ -18,10 +18,11 @@ import tifffile
 import torch
 from PIL import Image
 
-from cellulib import load_model, models, save_model
-from cellulib.cli import build_parser
-from cellulib.imageio import DataError, to_rgb8
-from cellulib.slide import (
+from cellulib import load_model, save_model
+from cellulib.cli.commands import build_parser
+from cellulib.data.synth import render_patch
+from cellulib.files.imageio import DataError, to_rgb8
+from cellulib.inference.slide import (
     SlideWarning,
     _thumbnail,
     open_slide,
@@ -29,7 +30,7 @@ from cellulib.slide import (
     tile_grid,
     tissue_mask,
 )
-from cellulib.synth import render_patch
+from cellulib.models import networks
 
 
 @pytest.fixture(autouse=True)
@@ -51,7 +52,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def model_file(tmp_path_factory):
     """A direct regression model whose head is standardised so scores vary across tiles."""
     torch.manual_seed(0)
-    model = models.direct_model("resnet34").eval()
+    model = networks.direct_model("resnet34").eval()
     x = torch.from_numpy(np.stack([render_patch(S, seed=500 + i, with_masks=False).img
                                    for i in range(12)])).permute(0, 3, 1, 2)
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Stain shifts and normalisation (SPEC 8): shifts (cellulib.robustness) are deterministic for a seed
+"""Stain shifts and normalisation (SPEC 8): shifts (cellulib.reporting.robustness) are deterministic for a seed
 and of the stated strength (measured on a real H&E patch), and normalisation moves a real image's stain statistics to
 the target's, checked with skimage's colour spaces and a second implementation of Macenko's vectors."""
 from __future__ import annotations
@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 from skimage.color import rgb2hed, rgb2lab
 
-from cellulib import stain
-from cellulib.robustness import SHIFTS, shift_image
-from cellulib.stain import StainError, StainNormalizer, hed_perturb
+from cellulib.data import stain
+from cellulib.data.stain import StainError, StainNormalizer, hed_perturb
+from cellulib.reporting.robustness import SHIFTS, shift_image
 
 
 @pytest.fixture(scope="module")
 def patch(real_dir):
-    from cellulib.imageio import read_image
+    from cellulib.files.imageio import read_image
 
     path = real_dir / "breastpathq_99788_1.tif"
     if not path.is_file():
@@ -155,7 +155,7 @@ def test_blank_and_non_he_targets_are_refused(tmp_path, patch):
 
 
 def test_real_images_pass_the_he_check(real_dir):
-    from cellulib.imageio import read_image
+    from cellulib.files.imageio import read_image
 
     for name in ("breastpathq_99788_1.tif", "openslide_OS-1-detail.ome.tif", "amida13_example1.png"):
         path = real_dir / name
@@ -170,11 +170,12 @@ def test_real_images_pass_the_he_check(real_dir):
 def direct_file(tmp_path_factory):
     import torch
 
-    from cellulib import models, save_model
+    from cellulib import save_model
+    from cellulib.models import networks
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("model") / "direct.pt"
-    save_model(models.direct_model("resnet34"), path,
+    save_model(networks.direct_model("resnet34"), path,
                preprocess={"input_size": 64, "normalize": "minus_one_one"})
     return path
 
@@ -184,15 +185,15 @@ def test_predict_with_stain_normalisation_on_real_images(direct_file, real_dir, 
 
     import pandas as pd
 
-    from cellulib import cli
-    from cellulib.predict import predict_images
+    from cellulib.cli import commands
+    from cellulib.inference.predict import predict_images
 
     target = real_dir / "breastpathq_99788_1.tif"
     images = sorted(p for p in real_dir.iterdir() if p.suffix.lower() in (".tif", ".png"))
     if not target.is_file() or len(images) < 3:
         pytest.skip("real H&E images not found")
     out = tmp_path / "preds.csv"
-    code = cli.main(["predict", "--model", str(direct_file), "--images", str(real_dir),
+    code = commands.main(["predict", "--model", str(direct_file), "--images", str(real_dir),
                      "--out", str(out), "--quiet", "--device", "cpu", "--stain-norm", "macenko",
                      "--stain-target", str(target)])
     assert code == 0, capsys.readouterr().err
@@ -208,13 +209,13 @@ def test_predict_with_stain_normalisation_on_real_images(direct_file, real_dir, 
 
 
 def test_predict_bad_stain_target_leaves_earlier_output(direct_file, real_dir, tmp_path, capsys):
-    from cellulib import cli
+    from cellulib.cli import commands
 
     out = tmp_path / "preds.csv"
     out.write_text("path,cellularity,error\nearlier,0.5,\n")
     target = tmp_path / "unreadable.tif"
     target.write_bytes(b"II*\x00 not a tiff")
-    code = cli.main(["predict", "--model", str(direct_file), "--images", str(real_dir),
+    code = commands.main(["predict", "--model", str(direct_file), "--images", str(real_dir),
                      "--out", str(out), "--stain-norm", "reinhard", "--stain-target", str(target)])
     assert code == 2 and str(target) in capsys.readouterr().err
     assert out.read_text() == "path,cellularity,error\nearlier,0.5,\n"
@@ -226,12 +227,12 @@ def test_predict_bad_stain_target_leaves_earlier_output(direct_file, real_dir, t
 def test_score_annotated_under_a_shift(brca_full_copy):
     import torch
 
-    from cellulib import models
-    from cellulib.data import read_cells
-    from cellulib.detect import score_annotated
+    from cellulib.data.breastpathq import read_cells
+    from cellulib.inference.detect import score_annotated
+    from cellulib.models import networks
 
     torch.manual_seed(0)
-    pair = (models.seg_model("fpn"), {"family": "seg", "meta": {"params": {"downscale": 2}}})
+    pair = (networks.seg_model("fpn"), {"family": "seg", "meta": {"params": {"downscale": 2}}})
     cells = read_cells(brca_full_copy)
     test = cells[cells.split == "test"]
     seen = []
@@ -255,7 +256,7 @@ def test_hed_jitter_draws_its_stated_law_and_applies_hed_perturb(patch):
 
     import albumentations as A
 
-    from cellulib.transforms import HEDJitter
+    from cellulib.data.transforms import HEDJitter
 
     img = np.ascontiguousarray(patch[:96, :96])
     jitter = HEDJitter(scale=0.3, shift=0.03, p=1.0)
@@ -272,7 +273,7 @@ def test_hed_jitter_draws_its_stated_law_and_applies_hed_perturb(patch):
 
 
 def test_stain_augment_setting_adds_the_jitter_to_training_only():
-    from cellulib.transforms import HEDJitter, cellularity_transforms, seg_transforms
+    from cellulib.data.transforms import HEDJitter, cellularity_transforms, seg_transforms
 
     def has_jitter(tfm):
         return any(isinstance(t, HEDJitter) for t in tfm.transforms)
@@ -288,7 +289,7 @@ def test_stain_augment_setting_adds_the_jitter_to_training_only():
 def test_training_reference_fits_a_mosaic_of_the_images(real_dir, tmp_path):
     from PIL import Image
 
-    from cellulib.imageio import read_image
+    from cellulib.files.imageio import read_image
 
     path = real_dir / "breastpathq_99788_1.tif"
     if not path.is_file():

@@ -12,14 +12,16 @@ import pytest
 import tifffile
 import torch
 
-from cellulib import load_model, models, save_model, store
-from cellulib.imageio import atomic_write_bytes
-from cellulib.store import ModelFileError, cache_path, data_fingerprint
+from cellulib import load_model, save_model
+from cellulib.files.imageio import atomic_write_bytes
+from cellulib.inference import store
+from cellulib.inference.store import ModelFileError, cache_path, data_fingerprint
+from cellulib.models import networks
 
 
 def test_seg_model_round_trip_gives_identical_outputs(tmp_path):
     torch.manual_seed(0)
-    model = models.seg_model("unet", dropout=0.3).eval()
+    model = networks.seg_model("unet", dropout=0.3).eval()
     x = torch.randn(1, 3, 64, 64)
     path = save_model(model, tmp_path / "seg.pt", history={"epoch": [1]}, note="hello")
     loaded, info = load_model(path)
@@ -32,7 +34,7 @@ def test_seg_model_round_trip_gives_identical_outputs(tmp_path):
 @pytest.mark.parametrize("task", ["regression", "classification"])
 def test_direct_model_round_trip(tmp_path, task):
     torch.manual_seed(1)
-    model = models.direct_model("resnet34", task=task).eval()
+    model = networks.direct_model("resnet34", task=task).eval()
     x = torch.randn(2, 3, 64, 64)
     loaded, info = load_model(save_model(model, tmp_path / "d.pt"))
     assert info["config"]["task"] == task
@@ -42,7 +44,7 @@ def test_direct_model_round_trip(tmp_path, task):
 
 def test_sr_model_round_trip(tmp_path):
     torch.manual_seed(2)
-    model = models.sr_model(models.seg_model("fpn")).eval()
+    model = networks.sr_model(networks.seg_model("fpn")).eval()
     x = torch.randn(1, 3, 64, 64)
     loaded, _ = load_model(save_model(model, tmp_path / "sr.pt"))
     with torch.no_grad():
@@ -52,14 +54,14 @@ def test_sr_model_round_trip(tmp_path):
 def test_gbt_round_trip(tmp_path):
     import lightgbm
 
-    from cellulib.features import FEATURE_NAMES
+    from cellulib.models.features import FEATURE_NAMES
 
     rng = np.random.default_rng(0)
     X, y = rng.random((200, len(FEATURE_NAMES))), rng.random(200)
     booster = lightgbm.train({"verbose": -1, "seed": 0},
                              lightgbm.Dataset(X, y, feature_name=list(FEATURE_NAMES)),
                              num_boost_round=5)
-    model = models.GBTModel(models.seg_model("fpn"), booster)
+    model = networks.GBTModel(networks.seg_model("fpn"), booster)
     loaded, info = load_model(save_model(model, tmp_path / "g.pt"))
     assert info["family"] == "gbt" and info["config"]["seg"]["decoder"] == "fpn"
     np.testing.assert_array_equal(booster.predict(X), loaded.booster.predict(X))
@@ -80,7 +82,7 @@ def test_bad_model_files_name_the_file(tmp_path):
     torch.save({"weights": torch.zeros(2)}, foreign)
     with pytest.raises(ModelFileError, match="not a cellulib model file"):
         load_model(foreign)
-    model = models.seg_model("fpn")
+    model = networks.seg_model("fpn")
     path = save_model(model, tmp_path / "future.pt")
     payload = torch.load(path, weights_only=False)
     payload["format_version"] = 99
@@ -234,8 +236,8 @@ def test_recipe_mismatch_names_each_reason(monkeypatch):
 
 def test_weights_digest_follows_every_weight():
     torch.manual_seed(0)
-    a = models.seg_model("unet", dropout=0.3)
-    b = models.seg_model("unet", dropout=0.3)
+    a = networks.seg_model("unet", dropout=0.3)
+    b = networks.seg_model("unet", dropout=0.3)
     b.load_state_dict(a.state_dict())
     assert store.weights_digest(a) == store.weights_digest(b)
     with torch.no_grad():
@@ -257,7 +259,7 @@ def test_families_get_different_keys_for_the_same_params(tmp_path, monkeypatch):
 # model files are data (issue 20): weights_only loading, plain payloads, re-saving old files
 # --------------------------------------------------------------------------------------------------
 def test_save_model_writes_plain_data_only(tmp_path):
-    model = models.direct_model("resnet34")
+    model = networks.direct_model("resnet34")
     path = save_model(model, tmp_path / "d.pt", scores={"mse": np.float64(0.25)},
                       sides=np.array([3, 4]), where=tmp_path / "x", pair=(1, 2))
     meta = load_model(path)[1]["meta"]
@@ -273,7 +275,7 @@ def test_save_model_writes_plain_data_only(tmp_path):
 
 def test_an_old_file_with_numpy_values_is_refused_then_resaved(tmp_path):
     torch.manual_seed(3)
-    model = models.seg_model("fpn").eval()
+    model = networks.seg_model("fpn").eval()
     payload = {"format": "cellulib-model", "format_version": 1, "cellulib_version": "0.1.0",
                "family": "seg", "config": dict(model.config),
                "meta": {"train_mean": np.float64(0.4), "sides": np.arange(3)},

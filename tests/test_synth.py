@@ -13,7 +13,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from cellulib import synth
+from cellulib.data import synth
 
 MALIGNANT = {"IDC", "ILC", "Muc C", "DCIS 1", "DCIS 2", "DCIS 3", "MC- E", "MC - C", "MC - M"}
 NORMAL = {"normal", "UDH", "ADH"}
@@ -139,7 +139,7 @@ def test_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
     def boom(src, dst):
         raise OSError("disk full")
 
-    from cellulib import imageio  # synth writes every file through imageio's atomic writes
+    from cellulib.files import imageio  # synth writes every file through imageio's atomic writes
 
     monkeypatch.setattr(imageio.os, "replace", boom)
     with pytest.raises(OSError, match="disk full"):

@@ -3,7 +3,10 @@
 import pytest
 import torch
 
-from cellulib import cli, load_model, synth, train
+from cellulib import load_model
+from cellulib.cli import commands
+from cellulib.data import synth
+from cellulib.training import train
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +44,7 @@ def test_train_seg_is_cached_by_its_inputs(tiny_root, home):
 
 def test_cli_train_seg_writes_a_model_file(tiny_root, home, capsys):
     out = home / "out" / "seg.pt"
-    code = cli.main(["train", "seg", "--data", str(tiny_root), "--out", str(out), "--epochs", "1",
+    code = commands.main(["train", "seg", "--data", str(tiny_root), "--out", str(out), "--epochs", "1",
                      "--size", "64", "--decoder", "unet"])
     assert code == 0 and out.exists()
     model, info = load_model(out)
@@ -50,7 +53,7 @@ def test_cli_train_seg_writes_a_model_file(tiny_root, home, capsys):
 
 
 def test_cli_train_reports_a_missing_weights_file(tiny_root, home, capsys):
-    code = cli.main(["train", "seg", "--data", str(tiny_root), "--out", str(home / "x.pt"),
+    code = commands.main(["train", "seg", "--data", str(tiny_root), "--out", str(home / "x.pt"),
                      "--epochs", "1", "--size", "64", "--pretrained", str(home / "nope.pth")])
     assert code == 2
     assert "nope.pth" in capsys.readouterr().err
@@ -68,7 +71,7 @@ def tiny_seg(tiny_root, tmp_path_factory):
 def test_train_direct_records_validation_mse_per_epoch(tiny_root, home, arch, task):
     import numpy as np
 
-    from cellulib.metrics import mse
+    from cellulib.metrics.agreement import mse
 
     result = train.train_direct(tiny_root, arch, task, epochs=2, size=64, progress=False)
     assert list(result.history.epoch) == [1, 2] and result.history.valid_mse.notna().all()
@@ -88,7 +91,7 @@ def test_train_sr_fine_tunes_after_a_frozen_stage(tiny_root, tiny_seg):
     # SR reads the segmentation maps at the network's scale, as GBT and the paper: the 128-pixel
     # patches at the x2 downscale; the direct models take direct_size, or that scale without one
     assert result.meta["preprocess"]["input_size"] == 64
-    from cellulib.profiles import get_profile
+    from cellulib.data.profiles import get_profile
 
     assert train.cellularity_input_size(tiny_root, {**get_profile("quick"), "direct_size": None}) == 64
     # stage 2 changed the segmentation weights (the cascade holds a copy: the original is untouched)
@@ -98,7 +101,7 @@ def test_train_sr_fine_tunes_after_a_frozen_stage(tiny_root, tiny_seg):
 
 
 def test_train_gbt_predicts_in_range_and_ranks_features(tiny_root, tiny_seg):
-    from cellulib.features import FEATURE_NAMES
+    from cellulib.models.features import FEATURE_NAMES
 
     result = train.train_gbt(tiny_root, tiny_seg, progress=False, gbt_rounds=10)
     pred = train.predictions(result)
@@ -112,23 +115,25 @@ def test_model_files_record_their_training_stain_and_pixel_size(tiny_root, tiny_
                                                                 tmp_path, capsys):
     import numpy as np
 
-    from cellulib import constants, data, stain, store
+    from cellulib import constants
+    from cellulib.data import breastpathq, stain
+    from cellulib.inference import store
 
     # the segmentation net: the stain of its training cells patches, the datasets' pixel size
     meta = tiny_seg.meta
     assert meta["pixel_size"] == {"mpp": constants.MPP, "patch_px": 128}
-    cells = data.read_cells(tiny_root)
-    train_idx = data.cells_split(cells, seed=0, root=tiny_root)[0]
+    cells = breastpathq.read_cells(tiny_root)
+    train_idx = breastpathq.cells_split(cells, seed=0, root=tiny_root)[0]
     expected = stain.training_reference(cells["image_path"].iloc[train_idx].tolist())
     assert meta["stain"]["macenko"]["HERef"] == expected["macenko"]["HERef"]
     # --stain-norm macenko needs no target with such a file, and its reference is the stored one
     norm = store.normalizer_from_options("macenko", None, tiny_seg.path)
     np.testing.assert_array_equal(norm._impl.HERef, np.asarray(expected["macenko"]["HERef"]))
     out = tmp_path / "nuclei.csv"
-    assert cli.main(["detect", "--model", str(tiny_seg.path), "--images",
+    assert commands.main(["detect", "--model", str(tiny_seg.path), "--images",
                      str(cells["image_path"].iloc[0]), "--out", str(out), "--quiet",
                      "--stain-norm", "reinhard", "--mpp", "0.25"]) == 0
-    from cellulib.detect import detect_to_csv
+    from cellulib.inference.detect import detect_to_csv
 
     # images at 0.25 um/px are halved to the training 0.5 um/px, then downscaled x2 as trained
     summary = detect_to_csv(tiny_seg.path, cells["image_path"].iloc[0], out, progress=False,
@@ -153,7 +158,7 @@ def test_stain_augment_is_part_of_the_cache_key(tiny_root, home):
 
 def test_cli_train_with_stain_augmentation(tiny_root, home):
     out = home / "jittered.pt"
-    assert cli.main(["train", "direct", "--data", str(tiny_root), "--out", str(out), "--epochs",
+    assert commands.main(["train", "direct", "--data", str(tiny_root), "--out", str(out), "--epochs",
                      "1", "--size", "64", "--stain-augment", "hed"]) == 0
     _, info = load_model(out)
     assert info["meta"]["params"]["stain_augment"] == "hed"
@@ -190,13 +195,13 @@ def brca_subset(real_dir, tmp_path):
 
 
 def test_train_seg_reads_a_brca_m2c_folder_with_its_official_splits(brca_subset, home, capsys):
-    from cellulib import data
+    from cellulib.data import breastpathq
 
-    cells = data.read_cells(brca_subset)
-    train_idx, valid_idx = data.cells_split(cells, validation="official")
+    cells = breastpathq.read_cells(brca_subset)
+    train_idx, valid_idx = breastpathq.cells_split(cells, validation="official")
     assert len(train_idx) == 6 and len(valid_idx) == 2  # the split files, not a random 20%
     # the default holds out whole patients of train + val, at least 20% of the 8 images
-    train_idx, valid_idx = data.cells_split(cells)
+    train_idx, valid_idx = breastpathq.cells_split(cells)
     patients = cells["name"].str[:12]
     assert len(valid_idx) >= 2 and len(train_idx) + len(valid_idx) == 8
     assert not set(patients.iloc[train_idx]) & set(patients.iloc[valid_idx])
@@ -204,6 +209,6 @@ def test_train_seg_reads_a_brca_m2c_folder_with_its_official_splits(brca_subset,
                              patches_per_epoch=1, seg_bs=2)
     assert 0.0 <= result.scores["jaccard_nuclei"] <= 1.0
     out = home / "brca-seg.pt"
-    assert cli.main(["train", "seg", "--data", str(brca_subset), "--out", str(out),
+    assert commands.main(["train", "seg", "--data", str(brca_subset), "--out", str(out),
                      "--epochs", "1", "--size", "64"]) == 0
     assert load_model(out)[1]["family"] == "seg"

@@ -7,7 +7,7 @@ is configured (``repository.url`` and ``repository.branch`` in ``_config.yml``, 
 ``CELLULIB_REPOSITORY_URL`` and ``CELLULIB_REPOSITORY_REF`` variables that the deploy workflow
 sets from the repository it runs in), the file beside the built book otherwise (``_build/html``
 sits two folders below the repository root). ``source-link.js`` adds the button, and when the page
-is served by ``make lab`` (at ``/cellulib-book/``, cellulib.lab) points it at JupyterLab's editor
+is served by ``make lab`` (at ``/cellulib-book/``, cellulib.bench.lab) points it at JupyterLab's editor
 of the notebook instead. No URL is ever made up: without one the link stays inside the checkout.
 """
 from __future__ import annotations

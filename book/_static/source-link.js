@@ -1,6 +1,6 @@
 // The "source notebook" button of a chapter page (see book/_ext/source_link.py): JupyterLab's
 // editor of the notebook when the book is served by `make lab` (at /cellulib-book/, see
-// cellulib/lab.py), the repository file otherwise.
+// cellulib/bench/lab.py), the repository file otherwise.
 function cellulibSourceLink() {
   const source = document.querySelector('meta[name="cellulib-source"]');
   const fallback = document.querySelector('meta[name="cellulib-source-href"]');

@@ -1,0 +1,4 @@
+"""Scores: cellularity agreement (paper section 3.5: MSE, kappa, ICC, PK, bootstrap intervals) and
+nucleus detection (the MCSpatNet protocol). No torch import."""
+
+__all__ = ["agreement"]

@@ -1,0 +1,1048 @@
+"""Agreement metrics for cellularity (MSE, 4-bin Cohen's kappa, ICC, PK, bootstrap CIs), and
+nucleus detection scores (the MCSpatNet protocol).
+
+Implements paper section 3.5 and SPEC section 5 with numpy, scipy and pandas only (no torch), so
+the book can evaluate predictions read from a CSV without loading a model. The paper's published
+numbers are :data:`cellulib.reporting.report.PAPER`.
+
+Degenerate inputs follow one rule everywhere: a statistic that is mathematically undefined for the
+given data (kappa when both raters use one and the same bin, PK when every truth value is tied, an
+ICC whose denominator is zero) raises :class:`UndefinedMetricError`, a ``ValueError`` subclass with a
+message that says why. :func:`bootstrap_ci` skips resamples that raise it.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from cellulib.data.annotations import BRCA_M2C_CLASSES
+
+__all__ = [
+    "DETECTION_CLASSES",
+    "DETECTION_RADIUS",
+    "ICC_KINDS",
+    "MetricWarning",
+    "UndefinedMetricError",
+    "bootstrap_ci",
+    "cellularity_bins",
+    "detection_counts",
+    "detection_curve",
+    "detection_scores",
+    "evaluate",
+    "format_ci",
+    "icc",
+    "icc_ci",
+    "kappa4",
+    "match_points",
+    "class_confusion",
+    "mse",
+    "precision_recall_f1",
+    "prediction_probability",
+    "scores_from_counts",
+    "spearman",
+]
+
+#: The six Shrout & Fleiss (1979) forms accepted by :func:`icc` (aliases in ``_ICC_ALIASES``).
+ICC_KINDS = ("ICC1", "ICC2", "ICC3", "ICC1k", "ICC2k", "ICC3k")
+
+# Shrout & Fleiss names, their (model, k) notation and the McGraw & Wong labels pingouin prints.
+_ICC_ALIASES = {
+    **{k.lower(): k for k in ICC_KINDS},
+    "icc(1,1)": "ICC1", "icc(2,1)": "ICC2", "icc(3,1)": "ICC3",
+    "icc(1,k)": "ICC1k", "icc(2,k)": "ICC2k", "icc(3,k)": "ICC3k",
+    "icc(a,1)": "ICC2", "icc(c,1)": "ICC3", "icc(a,k)": "ICC2k", "icc(c,k)": "ICC3k",
+}
+
+_N_BINS = 4
+# Decimals kept before comparing with the bin edges: 0.25 read from a CSV is 0.25000000000000001
+# or 0.24999999999999998 depending on the arithmetic that produced it; both must fall in bin 0.
+_BIN_DECIMALS = 9
+_BIN_TOL = 10.0 ** -_BIN_DECIMALS
+
+
+class UndefinedMetricError(ValueError):
+    """The metric is mathematically undefined for these data (e.g. kappa with one shared class)."""
+
+
+class MetricWarning(UserWarning):
+    """A metric was undefined on part of the data: resamples skipped, or a NaN reported."""
+
+
+# --------------------------------------------------------------------------------------------
+# input validation
+
+
+def _as_1d(x, name: str, func: str) -> np.ndarray:
+    """Return ``x`` as a finite 1-D float array or raise a ValueError naming ``func`` and ``name``."""
+    if isinstance(x, (pd.Series, pd.Index)):
+        x = x.to_numpy()
+    try:
+        arr = np.asarray(x, dtype=float)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{func}: {name} must be numeric, got {type(x).__name__} ({err})") from None
+    if arr.ndim == 2 and 1 in arr.shape:
+        arr = arr.ravel()
+    if arr.ndim != 1:
+        raise ValueError(f"{func}: {name} must be 1-D (one value per patch), got shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError(f"{func}: {name} is empty")
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        idx = np.flatnonzero(bad)
+        what = "NaN" if np.isnan(arr[idx[0]]) else "infinite"
+        raise ValueError(
+            f"{func}: {name} has {idx.size} non-finite value(s) (first: {what} at index {idx[0]}); "
+            "drop or impute those patches first"
+        )
+    return arr
+
+
+def _pair(y_true, y_pred, func: str) -> tuple[np.ndarray, np.ndarray]:
+    """Validate a (truth, prediction) pair: both finite 1-D and of the same length."""
+    t = _as_1d(y_true, "y_true", func)
+    p = _as_1d(y_pred, "y_pred", func)
+    if t.size != p.size:
+        raise ValueError(
+            f"{func}: y_true has {t.size} values but y_pred has {p.size}; "
+            "they must hold one value per patch, in the same order"
+        )
+    return t, p
+
+
+def _bins(arr: np.ndarray, name: str, func: str) -> np.ndarray:
+    """Bin an already validated 1-D array; raises for values outside [0, 1]."""
+    out = (arr < -_BIN_TOL) | (arr > 1 + _BIN_TOL)
+    if out.any():
+        idx = np.flatnonzero(out)
+        raise ValueError(
+            f"{func}: {name} has {idx.size} value(s) outside [0, 1] (first: {arr[idx[0]]!r} at "
+            f"index {idx[0]}); cellularity is a fraction, not a percentage"
+        )
+    r = np.round(np.clip(arr, 0.0, 1.0), _BIN_DECIMALS)
+    return (r > 0.25).astype(np.int64) + (r > 0.5) + (r > 0.75)
+
+
+# --------------------------------------------------------------------------------------------
+# point metrics
+
+
+def mse(y_true, y_pred) -> float:
+    """Mean squared error between true and predicted cellularity.
+
+    The main metric of paper section 3.5 (Table 2). Used in chapters 3-5 (Table 2) and in every
+    training chapter for the validation curve.
+
+    Parameters
+    ----------
+    y_true, y_pred : array-like of float, shape (n,)
+        Pathologist and predicted cellularity, one value per patch (lists, arrays or Series).
+
+    Returns
+    -------
+    float
+        ``mean((y_true - y_pred) ** 2)``.
+
+    Examples
+    --------
+    >>> round(mse([0.1, 0.5, 0.9], [0.2, 0.5, 0.7]), 6)
+    0.016667
+    """
+    t, p = _pair(y_true, y_pred, "mse")
+    return float(np.mean((t - p) ** 2))
+
+
+def cellularity_bins(y) -> np.ndarray:
+    """Map cellularity in [0, 1] to the four clinical bins 0..3.
+
+    Paper section 3.5 (after Peikari et al.): 0-25 %, 26-50 %, 51-75 %, 76-100 %, here as
+    [0, 0.25] -> 0, (0.25, 0.5] -> 1, (0.5, 0.75] -> 2, (0.75, 1] -> 3 (SPEC 5). Values are rounded
+    to 1e-9 first so that a 0.25 produced by float arithmetic stays in bin 0, and values within 1e-9
+    outside [0, 1] are clipped. Used in chapter 4 through :func:`cellulib.reporting.plots.residuals_by_bin`
+    (kappa in Table 3).
+
+    Parameters
+    ----------
+    y : array-like of float, shape (n,)
+        Cellularity fractions (not percentages).
+
+    Returns
+    -------
+    numpy.ndarray of int64, shape (n,)
+        Bin index per value.
+
+    Raises
+    ------
+    ValueError
+        If a value is NaN, infinite or outside [0, 1] by more than 1e-9.
+
+    Examples
+    --------
+    >>> cellularity_bins([0, 0.25, 0.26, 0.5, 0.51, 0.75, 0.76, 1.0]).tolist()
+    [0, 0, 1, 1, 2, 2, 3, 3]
+    """
+    return _bins(_as_1d(y, "y", "cellularity_bins"), "y", "cellularity_bins")
+
+
+def _weight_matrix(weights) -> np.ndarray:
+    """Disagreement weights for the 4 ordinal bins; the scale cancels in the kappa ratio."""
+    d = np.abs(np.subtract.outer(np.arange(_N_BINS), np.arange(_N_BINS))).astype(float)
+    if weights is None:
+        return (d > 0).astype(float)
+    if weights == "linear":
+        return d
+    if weights == "quadratic":
+        return d**2
+    raise ValueError(f"kappa4: weights must be None, 'linear' or 'quadratic', got {weights!r}")
+
+
+def _kappa_from_counts(counts: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Kappa for a stack of 4x4 confusion counts, shape (..., 4, 4); NaN where undefined."""
+    n = counts.sum(axis=(-2, -1), keepdims=True)
+    observed = counts / n
+    expected = observed.sum(axis=-1, keepdims=True) * observed.sum(axis=-2, keepdims=True)
+    num = (w * observed).sum(axis=(-2, -1))
+    den = (w * expected).sum(axis=(-2, -1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        # Expected disagreement 0 means both raters put every patch in one and the same bin.
+        return np.where(den > 0, 1.0 - num / np.where(den > 0, den, 1.0), np.nan)
+
+
+def kappa4(y_true, y_pred, weights=None) -> float:
+    """Cohen's kappa between true and predicted cellularity after binning into 4 classes.
+
+    Paper section 3.5 and Table 3 ("Kappa (4 class binning)"); bins from :func:`cellularity_bins`.
+    All four bins are always used as categories, so the linear and quadratic weights are the
+    distances between bin indices even when a bin is empty (scikit-learn's ``cohen_kappa_score``
+    agrees only when given ``labels=[0, 1, 2, 3]``). Used in chapters 3, 4 and 5 through
+    :func:`cellulib.reporting.report.results_table` (Table 3).
+
+    Parameters
+    ----------
+    y_true, y_pred : array-like of float, shape (n,)
+        Cellularity fractions in [0, 1].
+    weights : {None, "linear", "quadratic"}
+        None (default, as in the paper) counts every disagreement equally.
+
+    Returns
+    -------
+    float
+        ``1 - sum(w * observed) / sum(w * expected)``, i.e. ``(p_o - p_e) / (1 - p_e)`` unweighted.
+
+    Raises
+    ------
+    UndefinedMetricError
+        If both truth and prediction fall into one and the same bin (expected disagreement 0).
+
+    Examples
+    --------
+    Bins (0, 1, 2, 3) vs. (0, 1, 3, 3): p_o = 3/4, p_e = 1/4, kappa = 2/3.
+
+    >>> round(kappa4([0.1, 0.3, 0.6, 0.9], [0.2, 0.3, 0.9, 0.9]), 4)
+    0.6667
+    """
+    w = _weight_matrix(weights)
+    t, p = _pair(y_true, y_pred, "kappa4")
+    bt, bp = _bins(t, "y_true", "kappa4"), _bins(p, "y_pred", "kappa4")
+    counts = np.bincount(bt * _N_BINS + bp, minlength=_N_BINS**2).reshape(_N_BINS, _N_BINS)
+    kappa = float(_kappa_from_counts(counts, w))
+    if math.isnan(kappa):
+        raise UndefinedMetricError(
+            f"kappa4: undefined because truth and prediction all fall into bin {bt[0]} "
+            "(expected disagreement is 0)"
+        )
+    return kappa
+
+
+def _canonical_kind(kind: str, func: str) -> str:
+    key = str(kind).replace(" ", "").lower()
+    if key not in _ICC_ALIASES:
+        raise ValueError(
+            f"{func}: unknown ICC kind {kind!r}; use one of {', '.join(ICC_KINDS)} "
+            "(or ICC(2,1), ICC(A,1), ICC(C,k), ...)"
+        )
+    return _ICC_ALIASES[key]
+
+
+def _ratings(ratings, func: str) -> np.ndarray:
+    if isinstance(ratings, pd.DataFrame):
+        ratings = ratings.to_numpy()
+    try:
+        x = np.asarray(ratings, dtype=float)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{func}: ratings must be a numeric (n_targets, n_raters) array ({err})"
+                         ) from None
+    if x.ndim != 2:
+        raise ValueError(f"{func}: ratings must be 2-D (n_targets, n_raters), got shape {x.shape}")
+    n, k = x.shape
+    if n < 2 or k < 2:
+        raise ValueError(
+            f"{func}: ratings need at least 2 targets and 2 raters, got shape {x.shape} "
+            "(rows are patches, columns are raters)"
+        )
+    bad = ~np.isfinite(x)
+    if bad.any():
+        r, c = np.argwhere(bad)[0]
+        raise ValueError(
+            f"{func}: ratings has {int(bad.sum())} non-finite value(s) (first at row {r}, "
+            f"column {c}); ICC needs complete, balanced ratings"
+        )
+    return x
+
+
+def _mean_squares(x: np.ndarray) -> dict:
+    """Two-way ANOVA mean squares of Shrout & Fleiss (1979), Table 1 (one rating per cell)."""
+    n, k = x.shape
+    grand = x.mean()
+    ss_rows = k * ((x.mean(axis=1) - grand) ** 2).sum()
+    ss_cols = n * ((x.mean(axis=0) - grand) ** 2).sum()
+    ss_err = ((x - grand) ** 2).sum() - ss_rows - ss_cols
+    # Rounding can leave a perfectly additive table with a -1e-30 residual; it is exactly 0.
+    ss_err = max(ss_err, 0.0)
+    return {
+        "n": n,
+        "k": k,
+        "bms": ss_rows / (n - 1),  # between targets
+        "jms": ss_cols / (k - 1),  # between judges (raters)
+        "ems": ss_err / ((n - 1) * (k - 1)),  # residual
+        "wms": (ss_cols + ss_err) / (n * (k - 1)),  # within targets (one-way model)
+    }
+
+
+def _icc_from_ms(ms: dict, kind: str) -> float:
+    n, k = ms["n"], ms["k"]
+    bms, jms, ems, wms = ms["bms"], ms["jms"], ms["ems"], ms["wms"]
+    num, den = {
+        "ICC1": (bms - wms, bms + (k - 1) * wms),
+        "ICC2": (bms - ems, bms + (k - 1) * ems + k * (jms - ems) / n),
+        "ICC3": (bms - ems, bms + (k - 1) * ems),
+        "ICC1k": (bms - wms, bms),
+        "ICC2k": (bms - ems, bms + (jms - ems) / n),
+        "ICC3k": (bms - ems, bms),
+    }[kind]
+    if den == 0:
+        raise UndefinedMetricError(
+            f"icc: {kind} is undefined because its denominator is 0 (the ratings do not vary "
+            "between targets nor show any error)"
+        )
+    return float(num / den)
+
+
+def icc(ratings, kind: str = "ICC2") -> float:
+    """Intraclass correlation of an (n_targets, n_raters) rating matrix, Shrout & Fleiss (1979).
+
+    Paper section 3.5 and Table 3; SPEC 5 asks for all six forms from the two-way ANOVA mean
+    squares. ICC1: one-way random; ICC2: two-way random, absolute agreement (McGraw & Wong's
+    ICC(A,1)); ICC3: two-way mixed, consistency (ICC(C,1)); the ``k`` forms are the reliability of
+    the mean of the k raters. The book reports ICC2 = ICC(2,1) for model vs. pathologist, where the
+    two columns are the truth and the prediction. Used in chapters 3, 4 and 5 through
+    :func:`cellulib.reporting.report.results_table` (Table 3).
+
+    Parameters
+    ----------
+    ratings : array-like, shape (n_targets, n_raters)
+        One row per patch, one column per rater; complete (no NaN).
+    kind : str
+        One of ``ICC1 ICC2 ICC3 ICC1k ICC2k ICC3k``; ``ICC(2,1)``, ``ICC(A,1)``, ``ICC(C,k)``, ...
+        are accepted as aliases.
+
+    Returns
+    -------
+    float
+
+    References
+    ----------
+    Shrout, P. E., & Fleiss, J. L. (1979). Intraclass correlations: uses in assessing rater
+    reliability. Psychological Bulletin, 86(2), 420-428.
+
+    Examples
+    --------
+    Shrout & Fleiss (1979), Table 2 data (6 targets, 4 judges); Table 4 gives .29 for ICC(2,1):
+
+    >>> x = [[9, 2, 5, 8], [6, 1, 3, 2], [8, 4, 6, 8], [7, 1, 2, 6], [10, 5, 6, 9], [6, 2, 4, 7]]
+    >>> round(icc(x, "ICC2"), 2), round(icc(x, "ICC3k"), 2)
+    (0.29, 0.91)
+    """
+    kind = _canonical_kind(kind, "icc")
+    return _icc_from_ms(_mean_squares(_ratings(ratings, "icc")), kind)
+
+
+def icc_ci(ratings, kind: str = "ICC2", alpha: float = 0.05) -> tuple[float, float]:
+    """Analytic F-based confidence interval of an ICC (Shrout & Fleiss 1979; McGraw & Wong 1996).
+
+    The same formulas as pingouin's ``intraclass_corr`` and R's ``psych::ICC``: exact F intervals
+    for ICC1/ICC3 and their k forms, and the Satterthwaite approximation (degrees of freedom ``v``)
+    for ICC2, whose k form is the Spearman-Brown transform of the ICC2 limits. Paper Table 3
+    brackets. Used in chapters 3, 4 and 5 through :func:`cellulib.reporting.report.results_table` (Table 3).
+
+    Parameters
+    ----------
+    ratings : array-like, shape (n_targets, n_raters)
+    kind : str
+        As in :func:`icc`.
+    alpha : float
+        1 - confidence level (0.05 gives the 95 % interval).
+
+    Returns
+    -------
+    (float, float)
+        Lower and upper limits.
+
+    References
+    ----------
+    McGraw, K. O., & Wong, S. P. (1996). Forming inferences about some intraclass correlation
+    coefficients. Psychological Methods, 1(1), 30-46.
+
+    Examples
+    --------
+    >>> x = [[9, 2, 5, 8], [6, 1, 3, 2], [8, 4, 6, 8], [7, 1, 2, 6], [10, 5, 6, 9], [6, 2, 4, 7]]
+    >>> [round(v, 2) for v in icc_ci(x, "ICC3")]
+    [0.34, 0.95]
+    """
+    kind = _canonical_kind(kind, "icc_ci")
+    if not 0 < alpha < 1:
+        raise ValueError(f"icc_ci: alpha must be in (0, 1), got {alpha!r}")
+    ms = _mean_squares(_ratings(ratings, "icc_ci"))
+    n, k = ms["n"], ms["k"]
+    bms, jms, ems, wms = ms["bms"], ms["jms"], ms["ems"], ms["wms"]
+    q = 1 - alpha / 2
+    df_b = n - 1
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if kind in ("ICC1", "ICC1k", "ICC3", "ICC3k"):
+            # F = BMS / WMS (one-way) or BMS / EMS (two-way) with its exact F distribution.
+            within, df_w = (wms, n * (k - 1)) if kind.startswith("ICC1") else (ems, df_b * (k - 1))
+            f_obs = bms / within
+            f_lo = f_obs / stats.f.ppf(q, df_b, df_w)
+            f_hi = f_obs * stats.f.ppf(q, df_w, df_b)
+            if kind.endswith("k"):
+                return float(1 - 1 / f_lo), float(1 - 1 / f_hi)
+            return float((f_lo - 1) / (f_lo + k - 1)), float((f_hi - 1) / (f_hi + k - 1))
+        rho = _icc_from_ms(ms, "ICC2")
+        fj = jms / ems
+        df_e = df_b * (k - 1)
+        vn = df_e * (k * rho * fj + n * (1 + (k - 1) * rho) - k * rho) ** 2
+        vd = df_b * k**2 * rho**2 * fj**2 + (n * (1 + (k - 1) * rho) - k * rho) ** 2
+        v = vn / vd
+        f_u = stats.f.ppf(q, df_b, v)
+        f_l = stats.f.ppf(q, v, df_b)
+        lo = n * (bms - f_u * ems) / (f_u * (k * jms + (k * n - k - n) * ems) + n * bms)
+        hi = n * (f_l * bms - ems) / (k * jms + (k * n - k - n) * ems + n * f_l * bms)
+    if kind == "ICC2k":
+        lo, hi = lo * k / (1 + lo * (k - 1)), hi * k / (1 + hi * (k - 1))
+    return float(lo), float(hi)
+
+
+def _pairs_tied(codes: np.ndarray) -> int:
+    """Number of unordered pairs sharing a value, sum over groups of C(size, 2)."""
+    counts = np.unique(codes, return_counts=True)[1].astype(np.int64)
+    return int((counts * (counts - 1) // 2).sum())
+
+
+def _strict_inversions(seq: np.ndarray) -> int:
+    """Count pairs i < j with seq[i] > seq[j] for non-negative ints, in O(n log n log max).
+
+    Works bit by bit from the most significant: a pair is inverted at the first bit where the two
+    values differ, i.e. they share the higher bits (same ``seq >> (b + 1)``) and have bit b set in
+    the earlier element only. A stable sort by the shared prefix keeps positions in order, so each
+    level is a grouped running count, all vectorised.
+    """
+    if seq.size < 2 or seq.max() == 0:
+        return 0
+    total = 0
+    for b in range(int(seq.max()).bit_length()):
+        prefix = seq >> (b + 1)
+        order = np.argsort(prefix, kind="stable")
+        pre, bit = prefix[order], (seq[order] >> b) & 1
+        ones = np.cumsum(bit)
+        starts = np.r_[True, pre[1:] != pre[:-1]]
+        # Ones seen before this position within its prefix group.
+        group_offset = np.maximum.accumulate(np.where(starts, ones - bit, 0))
+        before = ones - bit - group_offset
+        total += int(before[bit == 0].sum())
+    return total
+
+
+def prediction_probability(y_true, y_pred) -> float:
+    """Prediction probability PK of Smith et al. (1996), the BreastPathQ challenge metric.
+
+    SPEC 5: PK = (P + T/2) / (P + Q + T) over all pairs of patches whose truth differs, with P
+    concordant pairs, Q discordant pairs and T pairs tied in the prediction only; pairs tied in the
+    truth are left out. Equivalently PK = (1 + Somers' D(pred | truth)) / 2. Computed in
+    O(n log^2 n) without forming the pairs. The paper does not report PK; the challenge's best test
+    PK (.941) and the pathologists' (.927) are in :data:`cellulib.reporting.report.PAPER`. Used in chapters 3,
+    4 and 5 through :func:`cellulib.reporting.report.results_table`.
+
+    Parameters
+    ----------
+    y_true, y_pred : array-like of float, shape (n,)
+        Truth and prediction; only their order matters.
+
+    Returns
+    -------
+    float
+        In [0, 1]; 0.5 for a constant prediction, 1 for a perfect ranking.
+
+    Raises
+    ------
+    UndefinedMetricError
+        If every pair is tied in the truth (all truth values equal, or a single patch): there is
+        no ordering to predict. We raise rather than return NaN so that a silent NaN cannot reach a
+        table; :func:`bootstrap_ci` skips such resamples.
+
+    References
+    ----------
+    Smith, W. D., Dutton, R. C., & Smith, N. T. (1996). Measuring the performance of anesthetic
+    depth indicators. Anesthesiology, 84(1), 38-51.
+
+    Examples
+    --------
+    >>> prediction_probability([0.1, 0.2, 0.3, 0.3], [0.2, 0.1, 0.5, 0.5])  # P=4, Q=1, T=0
+    0.8
+    """
+    t, p = _pair(y_true, y_pred, "prediction_probability")
+    n = t.size
+    rt = np.unique(t, return_inverse=True)[1].astype(np.int64)
+    rp = np.unique(p, return_inverse=True)[1].astype(np.int64)
+    n_untied = n * (n - 1) // 2 - _pairs_tied(rt)
+    if n_untied == 0:
+        raise UndefinedMetricError(
+            f"prediction_probability: undefined because all {n} truth value(s) are tied; "
+            "PK needs at least two patches with different truth"
+        )
+    t_only = _pairs_tied(rp) - _pairs_tied(rt * (rp.max() + 1) + rp)
+    # Sorting by truth, then prediction, makes pairs tied in truth non-inverted, so the strict
+    # inversions of the prediction ranks are exactly the discordant pairs.
+    order = np.lexsort((rp, rt))
+    q = _strict_inversions(rp[order])
+    concordant = n_untied - t_only - q
+    return float((concordant + 0.5 * t_only) / n_untied)
+
+
+# --------------------------------------------------------------------------------------------
+# bootstrap
+
+
+def _mse_rows(t: np.ndarray, p: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    return ((t - p) ** 2)[idx].mean(axis=1)
+
+
+def _kappa4_rows(t: np.ndarray, p: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    codes = (_bins(t, "y_true", "kappa4") * _N_BINS + _bins(p, "y_pred", "kappa4"))[idx]
+    rows = np.arange(idx.shape[0])[:, None] * _N_BINS**2
+    counts = np.bincount((rows + codes).ravel(), minlength=idx.shape[0] * _N_BINS**2)
+    return _kappa_from_counts(counts.reshape(-1, _N_BINS, _N_BINS), _weight_matrix(None))
+
+
+# Exact vectorised equivalents of the generic per-resample loop (tests check they agree).
+_VECTORISED = {mse: _mse_rows, kappa4: _kappa4_rows}
+
+
+def spearman(y_true, y_pred) -> float:
+    """Spearman's rank correlation of prediction and truth (ties get their mean rank).
+
+    Beside PK, the rank comparison against a proxy of cellularity (SPEC 1.6, `cellulib.data.proxy`).
+
+    Raises
+    ------
+    UndefinedMetricError
+        If either side is constant (no ranking to correlate).
+
+    Examples
+    --------
+    >>> round(spearman([0.1, 0.2, 0.3, 0.4], [0.2, 0.1, 0.5, 0.9]), 6)  # 1 - 6 * 2 / (4 * 15)
+    0.8
+    """
+    t, p = _pair(y_true, y_pred, "spearman")
+    if np.ptp(t) == 0 or np.ptp(p) == 0:
+        raise UndefinedMetricError("spearman: undefined because the truth or the prediction is "
+                                   "constant")
+    return float(stats.spearmanr(t, p).statistic)
+
+
+def _group_rows(groups, n: int) -> list[np.ndarray]:
+    """The row indices of each group (in order of first appearance)."""
+    g = np.asarray(groups)
+    if g.shape != (n,):
+        raise ValueError(f"bootstrap_ci: groups must have one entry per patch ({n}), got shape "
+                         f"{g.shape}")
+    _, first, inverse = np.unique(g, return_index=True, return_inverse=True)
+    order = np.argsort(first)
+    return [np.flatnonzero(inverse == k) for k in order]
+
+
+def bootstrap_ci(
+    metric: Callable, y_true, y_pred, n_boot: int = 2000, alpha: float = 0.05, seed=0,
+    groups=None,
+) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of ``metric(y_true, y_pred)`` over patches.
+
+    Paper Table 2 and Table 3 brackets (SPEC 5: 95 % percentile bootstrap, seeded). Each resample
+    draws n patches with replacement (``numpy.random.default_rng(seed).integers(0, n, (n_boot,
+    n))``, the same draw as ``scipy.stats.bootstrap``); the limits are the ``alpha/2`` and
+    ``1 - alpha/2`` quantiles (linear interpolation) of the resampled metric. :func:`mse` and
+    unweighted :func:`kappa4` are computed for all resamples at once; other metrics are called
+    once per resample. Resamples on which the metric is undefined (it raises
+    :class:`UndefinedMetricError` or returns NaN, e.g. kappa when every drawn patch falls in one
+    bin) are skipped and a :class:`MetricWarning` says how many. Used in chapters 3, 4 and 5 through
+    :func:`cellulib.reporting.report.results_table`.
+
+    Parameters
+    ----------
+    metric : callable
+        ``metric(y_true, y_pred) -> float``, e.g. :func:`mse`, :func:`kappa4`,
+        :func:`prediction_probability`.
+    y_true, y_pred : array-like of float, shape (n,)
+    n_boot : int
+        Number of resamples.
+    alpha : float
+        1 - confidence level.
+    seed : int or numpy.random.Generator
+        Seed of the resampling; the interval is deterministic for a given seed.
+    groups : array-like, shape (n,), optional
+        A cluster label per patch (a patient, an image cut into windows): each resample then
+        draws as many whole clusters as there are, with replacement, and pools their patches (the
+        cluster bootstrap), since patches of one patient are not independent. Metrics are called
+        once per resample.
+
+    Returns
+    -------
+    (float, float)
+        Lower and upper limits.
+
+    Raises
+    ------
+    UndefinedMetricError
+        If the metric is undefined on every resample.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(1)
+    >>> y_true = rng.uniform(size=200)
+    >>> y_pred = np.clip(y_true + rng.normal(0, 0.1, 200), 0, 1)
+    >>> lo, hi = bootstrap_ci(mse, y_true, y_pred, n_boot=500)
+    >>> bool(lo < mse(y_true, y_pred) < hi)
+    True
+    """
+    if not callable(metric):
+        raise ValueError(f"bootstrap_ci: metric must be callable, got {type(metric).__name__}")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
+        raise ValueError(f"bootstrap_ci: n_boot must be a positive integer, got {n_boot!r}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"bootstrap_ci: alpha must be in (0, 1), got {alpha!r}")
+    name = getattr(metric, "__name__", "metric")
+    t, p = _pair(y_true, y_pred, f"bootstrap_ci({name})")
+    rng = np.random.default_rng(seed)
+    if groups is not None:
+        members = _group_rows(groups, t.size)
+        picks = rng.integers(0, len(members), (int(n_boot), len(members)))
+        idx = [np.concatenate([members[k] for k in row]) for row in picks]
+        fast = None
+    else:
+        idx = rng.integers(0, t.size, (int(n_boot), t.size))
+        fast = _VECTORISED.get(metric)
+    if fast is not None:
+        values = fast(t, p, idx)
+    else:
+        values = np.empty(len(idx))
+        for i, row in enumerate(idx):
+            try:
+                values[i] = metric(t[row], p[row])
+            except UndefinedMetricError:
+                values[i] = np.nan
+    ok = ~np.isnan(values)
+    if not ok.any():
+        raise UndefinedMetricError(
+            f"bootstrap_ci: {name} is undefined on all {n_boot} resamples of {t.size} patches"
+        )
+    if not ok.all():
+        warnings.warn(
+            f"bootstrap_ci: {name} was undefined on {int((~ok).sum())} of {n_boot} resamples "
+            f"of {t.size} patches; they were skipped, so the interval is conditional on a "
+            "defined metric",
+            MetricWarning,
+            stacklevel=2,
+        )
+    lo, hi = np.quantile(values[ok], [alpha / 2, 1 - alpha / 2])
+    return float(lo), float(hi)
+
+
+# --------------------------------------------------------------------------------------------
+# reporting
+
+
+def evaluate(y_true, y_pred, n_boot: int = 2000, seed=0, alpha: float = 0.05,
+             groups=None) -> pd.DataFrame:
+    """All of the paper's agreement metrics with confidence intervals, one row per metric.
+
+    Paper section 3.5, Tables 2 and 3, plus the challenge's PK (SPEC 5). MSE, kappa (unweighted,
+    4 bins) and PK get a percentile bootstrap interval (:func:`bootstrap_ci`, same seed for each);
+    ICC(2,1) gets the analytic interval (:func:`icc_ci`) with the truth and the prediction as the
+    two raters of an (n, 2) matrix. A metric that is undefined on these data is NaN, with a
+    warning. Used in chapters 3, 4 and 5 through :func:`cellulib.reporting.report.results_table` to print
+    Tables 2 and 3 beside :data:`cellulib.reporting.report.PAPER`.
+
+    Parameters
+    ----------
+    y_true, y_pred : array-like of float, shape (n,)
+        Cellularity fractions in [0, 1].
+    n_boot : int
+        Bootstrap resamples.
+    seed : int
+        Seed of the bootstrap.
+    alpha : float
+        1 - confidence level.
+    groups : array-like, optional
+        A cluster per patch (patient): the bootstrap resamples whole clusters (see
+        :func:`bootstrap_ci`).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Index ``metric`` = ``MSE``, ``kappa``, ``ICC(2,1)``, ``PK``; columns ``value``,
+        ``ci_low``, ``ci_high``, ``ci_method`` (``bootstrap`` or ``analytic``) and ``n``.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> y_true = rng.uniform(size=100)
+    >>> y_pred = np.clip(y_true + rng.normal(0, 0.1, 100), 0, 1)
+    >>> evaluate(y_true, y_pred, n_boot=200).index.tolist()
+    ['MSE', 'kappa', 'ICC(2,1)', 'PK']
+    """
+    t, p = _pair(y_true, y_pred, "evaluate")
+    # Check the [0, 1] range once, before any metric, so that MSE is not reported for bad input.
+    _bins(t, "y_true", "evaluate")
+    _bins(p, "y_pred", "evaluate")
+    rows = []
+    for label, metric in (("MSE", mse), ("kappa", kappa4), ("PK", prediction_probability)):
+        try:
+            value = metric(t, p)
+            lo, hi = bootstrap_ci(metric, t, p, n_boot=n_boot, alpha=alpha, seed=seed,
+                                  groups=groups)
+        except UndefinedMetricError as err:
+            warnings.warn(f"evaluate: {label} is NaN: {err}", MetricWarning, stacklevel=2)
+            value = lo = hi = np.nan
+        rows.append((label, value, lo, hi, "bootstrap"))
+    ratings = np.column_stack([t, p])
+    try:
+        value = icc(ratings, "ICC2")
+        lo, hi = icc_ci(ratings, "ICC2", alpha=alpha)
+    except UndefinedMetricError as err:
+        warnings.warn(f"evaluate: ICC(2,1) is NaN: {err}", MetricWarning, stacklevel=2)
+        value = lo = hi = np.nan
+    rows.insert(2, ("ICC(2,1)", value, lo, hi, "analytic"))
+    out = pd.DataFrame(rows, columns=["metric", "value", "ci_low", "ci_high", "ci_method"])
+    out["n"] = t.size
+    return out.set_index("metric")
+
+
+def format_ci(value: float, lo: float, hi: float, digits: int = 3) -> str:
+    """Format a value with its interval as the paper prints it: ``0.023 [0.019-0.026]``.
+
+    Used in chapters 3, 4 and 5 through :func:`cellulib.reporting.report.results_table` so that our tables
+    read like paper Tables 2 and 3.
+
+    Examples
+    --------
+    >>> format_ci(0.0231, 0.0189, 0.0262)
+    '0.023 [0.019-0.026]'
+    """
+    if value is None or math.isnan(value):
+        return "n/a"
+    if lo is None or hi is None or math.isnan(lo) or math.isnan(hi):
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f} [{lo:.{digits}f}-{hi:.{digits}f}]"
+
+
+def bland_altman(y_true, y_pred) -> dict[str, float]:
+    """Bias and 95% limits of agreement of prediction minus label (Bland & Altman 1986).
+
+    ``bias`` = mean(d), ``sd`` = sample standard deviation of d (ddof 1), limits
+    ``bias -/+ 1.96 sd``, with ``d = y_pred - y_true``. Complements the agreement metrics of paper
+    section 3.5; used in chapter 4 and by ``cellulib evaluate --figure``.
+
+    Examples
+    --------
+    >>> round(bland_altman([0.1, 0.5, 0.9], [0.2, 0.5, 0.7])["bias"], 4)
+    -0.0333
+    """
+    t = np.asarray(y_true, dtype=np.float64).ravel()
+    p = np.asarray(y_pred, dtype=np.float64).ravel()
+    if t.shape != p.shape or t.size < 2:
+        raise ValueError(f"bland_altman needs two equally long arrays of at least 2 values, got "
+                         f"{t.size} and {p.size}")
+    d = p - t
+    bias, sd = float(d.mean()), float(d.std(ddof=1))
+    return {"bias": bias, "sd": sd, "loa_low": bias - 1.96 * sd, "loa_high": bias + 1.96 * sd,
+            "n": int(t.size)}
+
+
+# --------------------------------------------------------------------------------------------
+# nucleus detection (SPEC 1.4, the MCSpatNet protocol)
+
+#: MCSpatNet's matching radius at 20x, in pixels (Abousamra et al. 2021: 6 px = 3 um).
+DETECTION_RADIUS = 6.0
+#: The nucleus classes scored per class, in the order of the BRCA-M2C dot classes 1, 2, 3.
+DETECTION_CLASSES: tuple[str, ...] = tuple(cls for _, cls in BRCA_M2C_CLASSES.values())
+
+
+def _dot_map(xy: np.ndarray, first: bool = False):
+    """Points as the protocol scores them: rounded to whole pixels, one per pixel, in raster
+    order (by row ``y``, then column ``x``), as ``numpy.where`` lists the dots of a dot map.
+    With ``first``, also the index of the first input point on each pixel."""
+    xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+    if not np.isfinite(xy).all():
+        raise ValueError("point coordinates must be finite numbers")
+    # pixel k (centre at k) spans [k - 0.5, k + 0.5): round half up, not to even
+    pix, idx = np.unique(np.floor(xy + 0.5).astype(np.int64)[:, ::-1], axis=0,
+                         return_index=True)  # (y, x), row-major
+    return (pix[:, ::-1], idx) if first else pix[:, ::-1]
+
+
+def _greedy_pairs(t: np.ndarray, p: np.ndarray, radius: float) -> list[tuple[int, int]]:
+    """``(truth, prediction)`` index pairs of the protocol's greedy matching of two dot maps."""
+    from scipy.spatial import cKDTree
+
+    if not len(t) or not len(p):
+        return []
+    tree = cKDTree(p)
+    taken = np.zeros(len(p), dtype=bool)
+    pairs = []
+    for i, (cand, point) in enumerate(zip(tree.query_ball_point(t, r=radius), t)):
+        cand = np.asarray(cand, dtype=np.int64)
+        cand = cand[~taken[cand]]
+        if not len(cand):
+            continue
+        d2 = ((p[cand] - point) ** 2).sum(axis=1)
+        keep = d2 < radius * radius
+        if not keep.any():
+            continue
+        cand, d2 = cand[keep], d2[keep]
+        # nearest first; p is in raster order, so the smaller index wins a tie
+        best = int(cand[np.lexsort((cand, d2))[0]])
+        taken[best] = True
+        pairs.append((i, best))
+    return pairs
+
+
+def match_points(truth, pred, radius: float = DETECTION_RADIUS) -> tuple[int, int, int]:
+    """True positives, false positives and false negatives of one image's detections.
+
+    The MCSpatNet protocol (Abousamra et al. 2021, their evaluation code; SPEC 1.4): truth and
+    predictions are dot maps, so coordinates are rounded to whole pixels and points falling on one
+    pixel count once. Each truth dot, in raster order, takes the nearest still unmatched prediction
+    strictly closer than ``radius``; ties in distance go to the prediction first in raster order.
+    Matched dots are true positives, unmatched dots false negatives, and unmatched predictions
+    false positives. Used by :func:`detection_scores` (the real-H&E chapter).
+
+    Parameters
+    ----------
+    truth, pred : array-like, shape (N, 2)
+        ``(x, y)`` pixel coordinates of annotated and detected nuclei.
+    radius : float
+        Matching distance in pixels, > 0 (6 px at 20x in MCSpatNet).
+
+    Examples
+    --------
+    >>> match_points([[10, 10], [30, 30]], [[12, 10], [50, 50]])
+    (1, 1, 1)
+    >>> match_points([[10, 10]], [[16, 10]])  # 6 px is not strictly closer than 6 px
+    (0, 1, 1)
+    """
+    if not radius > 0:
+        raise ValueError(f"radius must be positive, got {radius}")
+    t, p = _dot_map(truth), _dot_map(pred)
+    tp = len(_greedy_pairs(t, p, radius))
+    return tp, len(p) - tp, len(t) - tp
+
+
+def precision_recall_f1(tp, fp, fn) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Precision, recall and F from TP, FP and FN counts (numbers or arrays, elementwise).
+
+    MCSpatNet's conventions: an empty denominator gives 1, and P + R = 0 gives F = 0. Used by
+    :func:`scores_from_counts` and by the bootstrap of `cellulib.reporting.report` (the real-H&E chapter).
+
+    Examples
+    --------
+    >>> [float(v) for v in precision_recall_f1(3, 1, 1)]
+    [0.75, 0.75, 0.75]
+    >>> [float(v) for v in precision_recall_f1(0, 0, 2)]
+    [1.0, 0.0, 0.0]
+    """
+    tp, fp, fn = (np.asarray(v, dtype=np.float64) for v in (tp, fp, fn))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.where(tp + fp > 0, tp / (tp + fp), 1.0)
+        recall = np.where(tp + fn > 0, tp / (tp + fn), 1.0)
+        f1 = np.where(precision + recall > 0,
+                      2 * precision * recall / (precision + recall), 0.0)
+    return precision, recall, f1
+
+
+def _points_frame(df, name: str) -> pd.DataFrame:
+    if not isinstance(df, pd.DataFrame):
+        raise TypeError(f"{name} must be a DataFrame with columns image, x, y, cls; "
+                        f"got {type(df).__name__}")
+    missing = [c for c in ("image", "x", "y", "cls") if c not in df.columns]
+    if missing:
+        raise ValueError(f"{name} lacks the column(s) {missing}; it needs image, x, y, cls")
+    return df
+
+
+def detection_scores(truth: pd.DataFrame, pred: pd.DataFrame, radius: float = DETECTION_RADIUS,
+                     classes=DETECTION_CLASSES, images=None) -> pd.DataFrame:
+    """Per-class and pooled detection precision, recall and F (micro-averaged over images).
+
+    SPEC 1.4, the MCSpatNet protocol: for each class, the predictions of that class are matched to
+    that class's dots image by image with :func:`match_points`; TP, FP and FN are summed over the
+    images and P, R and F computed once. The ``detection`` row pools the classes: every dot against
+    every prediction, whatever their class. Used in the real-H&E chapter through
+    :func:`cellulib.metrics.agreement.detection_curve`.
+
+    Parameters
+    ----------
+    truth, pred : pandas.DataFrame
+        One row per nucleus with columns ``image`` (any key naming the image), ``x``, ``y``
+        (pixels) and ``cls``.
+    radius : float
+        Matching distance in pixels (strictly closer counts).
+    classes : sequence of str
+        The classes scored one by one (rows in this order).
+    images : sequence, optional
+        The images scored; by default every image of ``truth`` or ``pred``. An image without dots
+        or without predictions still counts its predictions as FP or its dots as FN.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Index ``classes`` + ``detection``; columns ``tp``, ``fp``, ``fn`` (ints), ``precision``,
+        ``recall``, ``f1``.
+    """
+    counts = detection_counts(truth, pred, radius, classes, images)
+    return scores_from_counts(counts.groupby("class", sort=False)[["tp", "fp", "fn"]].sum())
+
+
+def detection_counts(truth: pd.DataFrame, pred: pd.DataFrame, radius: float = DETECTION_RADIUS,
+                     classes=DETECTION_CLASSES, images=None) -> pd.DataFrame:
+    """TP, FP and FN per image and class (``classes`` then ``detection``), as
+    :func:`detection_scores` counts them before summing: a long table with columns ``image``,
+    ``class``, ``tp``, ``fp``, ``fn``. Image-level counts let a bootstrap resample images. Used
+    in the real-H&E chapter."""
+    truth, pred = _points_frame(truth, "truth"), _points_frame(pred, "pred")
+    keys = (pd.unique(pd.concat([truth["image"], pred["image"]], ignore_index=True))
+            if images is None else list(images))
+    t_groups = dict(tuple(truth.groupby("image", sort=False)))
+    p_groups = dict(tuple(pred.groupby("image", sort=False)))
+    empty = truth.iloc[:0]
+    rows = []
+    for key in keys:
+        t_img, p_img = t_groups.get(key, empty), p_groups.get(key, empty)
+        for c in classes:
+            rows.append((key, c, *match_points(
+                t_img.loc[t_img["cls"] == c, ["x", "y"]].to_numpy(),
+                p_img.loc[p_img["cls"] == c, ["x", "y"]].to_numpy(), radius)))
+        rows.append((key, "detection", *match_points(t_img[["x", "y"]].to_numpy(),
+                                                     p_img[["x", "y"]].to_numpy(), radius)))
+    out = pd.DataFrame(rows, columns=["image", "class", "tp", "fp", "fn"])
+    return out.astype({"tp": "int64", "fp": "int64", "fn": "int64"})
+
+
+def scores_from_counts(counts: pd.DataFrame) -> pd.DataFrame:
+    """Precision, recall and F from summed ``tp``, ``fp``, ``fn`` (one row per class), with
+    MCSpatNet's conventions: an empty denominator gives 1, and P + R = 0 gives F = 0."""
+    rows = {}
+    for c, (tp, fp, fn) in counts[["tp", "fp", "fn"]].iterrows():
+        precision, recall, f1 = (float(v) for v in precision_recall_f1(tp, fp, fn))
+        rows[c] = {"tp": int(tp), "fp": int(fp), "fn": int(fn), "precision": precision,
+                   "recall": recall, "f1": f1}
+    out = pd.DataFrame.from_dict(rows, orient="index")
+    out.index.name = "class"
+    return out
+
+
+def detection_curve(truth: pd.DataFrame, pred: pd.DataFrame, radii=range(1, 7),
+                    classes=DETECTION_CLASSES, images=None) -> pd.DataFrame:
+    """:func:`detection_scores` at each matching radius (MCSpatNet reports 1-6 px): a long table
+    with a ``radius`` column. Used in the real-H&E chapter."""
+    parts = [detection_scores(truth, pred, r, classes, images).assign(radius=float(r))
+             for r in radii]
+    return pd.concat(parts).reset_index()
+
+
+#: Row label of :func:`class_confusion` for detections that match no dot, and column label for
+#: dots that no detection matches.
+UNMATCHED = "unmatched"
+
+
+def class_confusion(truth: pd.DataFrame, pred: pd.DataFrame, radius: float = DETECTION_RADIUS,
+                    classes=DETECTION_CLASSES, images=None) -> pd.DataFrame:
+    """Confusion matrix of matched nuclei: annotated class (rows) against detected class (columns).
+
+    Detections are matched to dots image by image as the pooled ``detection`` row of
+    :func:`detection_scores` matches them (:func:`match_points`, every dot against every detection
+    whatever their class, the MCSpatNet protocol's rounding to dot maps, where a pixel keeps the
+    class of its first point); each matched pair counts once in the cell (its dot's class, its
+    detection's class). The column ``unmatched`` counts the dots of each class that no detection
+    matches (false negatives), the row ``unmatched`` the detections of each class that match no dot
+    (false positives); so the matched cells sum to the pooled TP. Used in the real-H&E chapter.
+
+    Parameters
+    ----------
+    truth, pred : pandas.DataFrame
+        One row per nucleus: ``image``, ``x``, ``y``, ``cls``.
+    radius : float
+        Matching distance in pixels (strictly closer counts).
+    classes : sequence of str
+        Row and column order; points of another class raise ValueError.
+    images : sequence, optional
+        The images counted; by default every image of ``truth`` or ``pred``.
+
+    Returns
+    -------
+    pandas.DataFrame
+        int64 counts, index ``classes + ("unmatched",)`` (annotated), columns
+        ``classes + ("unmatched",)`` (detected); the ``("unmatched", "unmatched")`` cell is 0.
+
+    Examples
+    --------
+    >>> truth = pd.DataFrame({"image": 0, "x": [10, 40], "y": [10, 10], "cls": ["malignant", "normal"]})
+    >>> pred = pd.DataFrame({"image": 0, "x": [11, 80], "y": [10, 10], "cls": ["normal", "normal"]})
+    >>> class_confusion(truth, pred, classes=("malignant", "normal")).to_numpy().tolist()
+    [[0, 1, 0], [0, 0, 1], [0, 1, 0]]
+    """
+    truth, pred = _points_frame(truth, "truth"), _points_frame(pred, "pred")
+    classes = list(classes)
+    for name, df in (("truth", truth), ("pred", pred)):
+        other = sorted(set(df["cls"]) - set(classes))
+        if other:
+            raise ValueError(f"{name} has classes {other} outside {classes}")
+    labels = [*classes, UNMATCHED]
+    code = {c: i for i, c in enumerate(labels)}
+    counts = np.zeros((len(labels), len(labels)), dtype=np.int64)
+    keys = (pd.unique(pd.concat([truth["image"], pred["image"]], ignore_index=True))
+            if images is None else list(images))
+    t_groups = dict(tuple(truth.groupby("image", sort=False)))
+    p_groups = dict(tuple(pred.groupby("image", sort=False)))
+    empty = truth.iloc[:0]
+    u = code[UNMATCHED]
+    for key in keys:
+        t_img, p_img = t_groups.get(key, empty), p_groups.get(key, empty)
+        t, t_first = _dot_map(t_img[["x", "y"]].to_numpy(), first=True)
+        p, p_first = _dot_map(p_img[["x", "y"]].to_numpy(), first=True)
+        t_cls = np.array([code[c] for c in t_img["cls"].to_numpy()[t_first]], dtype=np.int64)
+        p_cls = np.array([code[c] for c in p_img["cls"].to_numpy()[p_first]], dtype=np.int64)
+        pairs = np.array(_greedy_pairs(t, p, radius), dtype=np.int64).reshape(-1, 2)
+        np.add.at(counts, (t_cls[pairs[:, 0]], p_cls[pairs[:, 1]]), 1)
+        t_free = np.ones(len(t), dtype=bool)
+        t_free[pairs[:, 0]] = False
+        p_free = np.ones(len(p), dtype=bool)
+        p_free[pairs[:, 1]] = False
+        np.add.at(counts, (t_cls[t_free], u), 1)
+        np.add.at(counts, (u, p_cls[p_free]), 1)
+    out = pd.DataFrame(counts, index=pd.Index(labels, name="annotated"),
+                       columns=pd.Index(labels, name="detected"))
+    return out
+

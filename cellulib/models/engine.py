@@ -1,0 +1,211 @@
+"""The hardware side of training and inference: device, mixed precision, memory layout.
+
+One place decides how a batch runs on this machine, for training (fastai callbacks) and for
+inference (:func:`autocast`), so the book, ``cellulib train`` and ``cellulib predict``
+compute the same way:
+
+- **CUDA**: automatic mixed precision (bf16 where the GPU supports it, else fp16 with a gradient
+  scaler; fastai's ``MixedPrecision``), channels-last layout.
+- **CPU with native bf16** (AVX-512 BF16 or AMX): bf16 autocast and channels-last, measured 2.4x
+  faster than float32 NCHW for ResNet-34 training on this project's 2-core machines. fastai's own
+  ``MixedPrecision`` autocasts on CUDA only, hence :class:`CPUAutocast`.
+- **Anything else**: float32, and on CUDA without TF32 (:func:`full_float32`), so that
+  ``precision="float32"`` computes what the CPU computes.
+
+``precision`` is ``"auto"`` (the above), ``"bf16"``, ``"fp16"`` (CUDA only) or ``"float32"``;
+``$CELLULIB_PRECISION`` overrides ``"auto"``. Used by :mod:`cellulib.training.train` (chapters 2-4),
+:mod:`cellulib.inference.predict` and :mod:`cellulib.bench.suite`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from typing import Any
+
+import torch
+from fastai.callback.core import Callback
+
+PRECISIONS = ("auto", "bf16", "fp16", "float32")
+
+
+def resolve_device(device: Any = None) -> torch.device:
+    """``device`` as a torch device; None picks CUDA when available, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX), where bf16 autocast pays."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        flags = ""
+    if "avx512_bf16" in flags or "amx_bf16" in flags:
+        return True
+    try:  # other platforms: ask oneDNN
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and not flags
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def amp_dtype(device: Any = None, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype for ``device`` under ``precision``, or None for float32.
+
+    Examples
+    --------
+    >>> amp_dtype("cpu", "float32") is None
+    True
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        precision = os.environ.get("CELLULIB_PRECISION", "auto") or "auto"
+        if precision not in PRECISIONS:
+            raise ValueError(f"$CELLULIB_PRECISION must be one of {', '.join(PRECISIONS)}, "
+                             f"got {precision!r}")
+    dev = resolve_device(device)
+    if precision == "float32":
+        return None
+    if precision == "fp16":
+        if dev.type != "cuda":
+            raise ValueError("fp16 mixed precision needs a CUDA GPU; use bf16 or float32 on a CPU")
+        return torch.float16
+    if precision == "bf16":
+        return torch.bfloat16
+    # auto
+    if dev.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if dev.type == "cpu" and cpu_has_bf16():
+        return torch.bfloat16
+    return None
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """The `PRECISIONS` name of an autocast dtype from :func:`amp_dtype`: ``float32`` (None),
+    ``bf16`` or ``fp16``; what ``predict`` and ``detect`` report in their sidecars.
+
+    >>> precision_name(torch.bfloat16), precision_name(None)
+    ('bf16', 'float32')
+    """
+    return {None: "float32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def precision_label(dtype, channels_last: bool | None = None) -> str:
+    """How a pass computes, e.g. ``bf16 autocast + channels-last`` or ``float32``.
+
+    ``channels_last`` defaults to what this module does: channels-last exactly when it autocasts.
+    Printed by :mod:`cellulib.bench.suite` and the book's status page.
+    """
+    name = "float32" if dtype is None else f"{precision_name(dtype)} autocast"
+    if channels_last is None:
+        channels_last = dtype is not None
+    return name + (" + channels-last" if channels_last else "")
+
+
+def autocast(device: Any = None, dtype: torch.dtype | None = None):
+    """``torch.autocast`` to ``dtype`` on ``device``; for ``None``, float32 (:func:`full_float32`).
+
+    Used by :class:`cellulib.inference.predict.Predictor` with the dtype :func:`amp_dtype` resolved once.
+    """
+    if dtype is None:
+        return full_float32(device)
+    return torch.autocast(device_type=resolve_device(device).type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def full_float32(device: Any = None):
+    """float32 that is float32 on CUDA too: convolutions and matrix products without TF32.
+
+    PyTorch lets cuDNN convolutions use TF32 (a 10-bit mantissa) by default on Ampere and later
+    GPUs, so a "float32" pass there is not the CPU's: on an H200 the float32 scores of the test
+    suite's (deliberately sensitive) models moved by up to 0.0095 against the CPU's. Inside this
+    context both flags are off, and restored afterwards; on other devices it changes nothing.
+    """
+    if resolve_device(device).type != "cuda":
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in channels-last layout when it is a 4-d image batch (else unchanged)."""
+    return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
+
+
+def training_callbacks(device: Any = None, precision: str = "auto") -> list:
+    """fastai callbacks that train with mixed precision and channels-last on ``device``.
+
+    Used by every Learner of :mod:`cellulib.training.train` (chapters 2-4) and by ``cellulib.bench.suite``.
+    """
+    from fastai.callback.channelslast import ChannelsLast
+    from fastai.callback.fp16 import MixedPrecision
+
+    dev = resolve_device(device)
+    dtype = amp_dtype(dev, precision)
+    if dtype is None:
+        return [Float32()] if dev.type == "cuda" else []
+    if dev.type == "cuda":
+        return [ChannelsLast(), MixedPrecision("bf16" if dtype == torch.bfloat16 else "fp16")]
+    return [ChannelsLast(), CPUAutocast(dtype)]
+
+
+class Float32(Callback):
+    """fastai callback: a fit in :func:`full_float32` (no TF32 on CUDA), flags restored after it."""
+
+    def __init__(self) -> None:
+        self._ctx = None
+
+    def before_fit(self) -> None:
+        self._ctx = full_float32("cuda")
+        self._ctx.__enter__()
+
+    def after_fit(self) -> None:
+        if self._ctx is not None:
+            self._ctx.__exit__(None, None, None)
+            self._ctx = None
+
+    after_cancel_fit = after_fit
+
+
+class CPUAutocast(Callback):
+    """fastai callback: bf16 autocast on the CPU, inputs in channels-last layout.
+
+    bf16 has float32's range, so no gradient scaler is needed. The prediction is cast back to
+    float32 before the loss, as fastai's ``MixedPrecision`` does on CUDA.
+    """
+
+    order = 10
+
+    def __init__(self, dtype: torch.dtype = torch.bfloat16) -> None:
+        self.dtype = dtype
+        self._ctx = None
+
+    def before_batch(self) -> None:
+        self.learn.xb = tuple(channels_last(x) for x in self.learn.xb)
+        self._ctx = autocast("cpu", self.dtype)
+        self._ctx.__enter__()
+
+    def after_pred(self) -> None:
+        pred = self.learn.pred
+        if isinstance(pred, torch.Tensor) and pred.is_floating_point():
+            self.learn.pred = pred.float()
+
+    def after_loss(self) -> None:
+        self._exit()
+
+    def after_batch(self) -> None:  # also reached when a batch is cancelled before its loss
+        self._exit()
+
+    def _exit(self) -> None:
+        if self._ctx is not None:
+            self._ctx.__exit__(None, None, None)
+            self._ctx = None
