@@ -9,6 +9,6 @@ __version__ = "0.1.0"
 # that warns "IProgress not found" on every chapter page. cellulib's own bars use plain tqdm/fastai.
 warnings.filterwarnings("ignore", message="IProgress not found", module="tqdm")
 
-from cellulib.inference.store import load_model, save_model  # noqa: E402  (torch is imported only when called)
+from cellulib.inference.modelfile import load_model, save_model  # noqa: E402  (torch is imported only when called)
 
 __all__ = ["__version__", "load_model", "save_model"]

@@ -19,8 +19,8 @@ from cellulib import load_model, save_model
 from cellulib.cli import commands
 from cellulib.data import synth
 from cellulib.data.profiles import fingerprint, synthetic_params
-from cellulib.inference import store
-from cellulib.training import train
+from cellulib.inference import modelfile
+from cellulib.training import cache, train
 
 PARAMS = {"seed": 0, "data": "0123456789ab", "seg_lr": 3e-3, "precision": "auto"}
 KINDS = ("seg", "sr", "gbt", "direct-resnet34-regression", "direct-xception-classification")
@@ -69,7 +69,7 @@ def test_docstring_comment_plot_and_report_edits_keep_every_key(tmp_path, monkey
           '"""The hardware side (edited) of training')
     _edit(package / "training" / "train.py", "def fit(", "# a comment\ndef fit(")
     for name in ("data/breastpathq.py", "data/transforms.py", "models/losses.py", "models/networks.py",
-                 "models/features.py", "data/stain.py", "inference/predict.py", "inference/store.py",
+                 "models/features.py", "data/stain.py", "inference/predict.py", "inference/modelfile.py", "training/cache.py",
                  "data/annotations.py", "data/profiles.py", "data/synth.py"):
         (package / name).write_text((package / name).read_text() + "\n# an edited comment\n")
     # a plot and a report function: their bodies change
@@ -125,12 +125,12 @@ def test_a_setting_the_precision_or_a_library_version_changes_the_key(home, monk
     monkeypatch.setenv("CELLULIB_HOME", str(home))
     # a library version, as the metadata of the installed distribution reports it
     before = key()
-    real = store.library_version
+    real = cache.library_version
     for name in ("torch", "fastai", "albumentations", "numpy", "opencv"):
-        monkeypatch.setattr(store, "library_version",
+        monkeypatch.setattr(cache, "library_version",
                             lambda n, name=name: "0.0.0" if n == name else real(n))
         assert key() != before, name
-    monkeypatch.setattr(store, "library_version", real)
+    monkeypatch.setattr(cache, "library_version", real)
     # the recipe version of the family
     monkeypatch.setitem(train.RECIPE_VERSIONS, "seg", train.RECIPE_VERSIONS["seg"] + 1)
     assert key() != before
@@ -144,9 +144,9 @@ def _write(path: Path, **meta) -> Path:
 
 def test_cache_list_and_prune(home, capsys, monkeypatch):
     models_dir = home / "models"
-    rec = store.recipe("seg", PARAMS, train.RECIPE_VERSIONS["seg"])
+    rec = cache.recipe("seg", PARAMS, train.RECIPE_VERSIONS["seg"])
     current = _write(models_dir / f"seg-{rec['key']}.pt", recipe=rec)
-    old_rec = store.recipe("sr", PARAMS, train.RECIPE_VERSIONS["sr"] - 1)
+    old_rec = cache.recipe("sr", PARAMS, train.RECIPE_VERSIONS["sr"] - 1)
     old_version = _write(models_dir / f"sr-{old_rec['key']}.pt", recipe=old_rec)
     before_keys = _write(models_dir / "seg-abcdefabcdef.pt")  # the source-bytes era: no recipe
     corrupt = models_dir / "gbt-0123456789ab.pt"
@@ -174,12 +174,12 @@ def test_cache_list_and_prune(home, capsys, monkeypatch):
     assert "no: sr recipe version" in text and "4 not current" in text
 
     # another installed torch makes every file stale, and says so
-    real = store.library_version
-    monkeypatch.setattr(store, "library_version", lambda n: "9.9.9" if n == "torch" else real(n))
+    real = cache.library_version
+    monkeypatch.setattr(cache, "library_version", lambda n: "9.9.9" if n == "torch" else real(n))
     assert commands.main(["cache", "list", "--json"]) == 0
     row = {Path(r["path"]).name: r for r in json.loads(capsys.readouterr().out)}[current.name]
     assert not row["current"] and f"torch {real('torch')}, installed 9.9.9" in row["why"]
-    monkeypatch.setattr(store, "library_version", real)
+    monkeypatch.setattr(cache, "library_version", real)
 
     assert commands.main(["cache", "prune", "--dry-run"]) == 0
     assert "would remove 4 file(s)" in capsys.readouterr().out
@@ -231,7 +231,7 @@ def test_a_new_inference_version_recomputes_predictions_without_retraining(tiny,
 
     first = train.train_direct(tiny, "resnet34", epochs=1, size=32, direct_bs=2, progress=False)
     assert first.meta["derived"]["inference"] == predict.INFERENCE_VERSION
-    assert first.meta["derived"]["weights"] == store.weights_digest(first.model)
+    assert first.meta["derived"]["weights"] == modelfile.weights_digest(first.model)
     # spoil the stored predictions, then bump the inference version: they are scored again
     model, info = load_model(first.path)
     spoiled = {**info["meta"]["predictions"], "y_pred": [0.5] * len(first.meta["predictions"]["y_pred"])}

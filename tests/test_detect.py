@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 import torch
 
-import cellulib.inference.store
+import cellulib.inference.modelfile
 from cellulib import load_model, save_model
 from cellulib.cli import commands
 from cellulib.inference.detect import COLUMNS, detect_nuclei, detect_to_csv
-from cellulib.inference.store import ModelFileError
+from cellulib.inference.modelfile import ModelFileError
 from cellulib.models import networks
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -102,13 +102,13 @@ def seg_file(tmp_path, seg_net, monkeypatch):
     """A real seg model file; loading it gives the stand-in network's known output."""
     path = tmp_path / "seg.pt"
     save_model(networks.seg_model("fpn"), path, params={"downscale": 2})
-    real = cellulib.inference.store.load_model
+    real = cellulib.inference.modelfile.load_model
 
     def load_with_known_output(p, *args, **kwargs):
         model, info = real(p, *args, **kwargs)
         return _fake(model), info
 
-    monkeypatch.setattr(cellulib.inference.store, "load_model", load_with_known_output)
+    monkeypatch.setattr(cellulib.inference.modelfile, "load_model", load_with_known_output)
     return path
 
 
@@ -288,7 +288,7 @@ def test_score_annotated_equals_cli_output_scored_independently(seg_file, brca_f
     cells = read_cells(brca_full_copy)
     test = cells[cells.split == "test"]
     assert len(test) == 2
-    model = cellulib.inference.store.load_model(seg_file)  # the stand-in network: dark pixels are nuclei
+    model = cellulib.inference.modelfile.load_model(seg_file)  # the stand-in network: dark pixels are nuclei
     scores = score_annotated(model, test, progress=False, device="cpu").scores()
 
     out = tmp_path / "nuclei.csv"
@@ -328,7 +328,7 @@ def test_cli_stain_normalisation(seg_file, real_dir, tmp_path, capsys):
                      "--stain-target", str(target)])
     assert code == 0, capsys.readouterr().err
     found = pd.read_csv(out, keep_default_na=False)
-    model = cellulib.inference.store.load_model(seg_file)
+    model = cellulib.inference.modelfile.load_model(seg_file)
     expected = detect_nuclei(model, source, progress=False, device="cpu",
                              stain_norm=StainNormalizer("macenko").fit(target))
     plain = detect_nuclei(model, source, progress=False, device="cpu")

@@ -24,8 +24,8 @@ from PIL import Image
 from cellulib import load_model, save_model
 from cellulib.cli.commands import build_parser
 from cellulib.files.imageio import DataError, collect_images
+from cellulib.inference.modelfile import ModelFileError
 from cellulib.inference.predict import Predictor, predict_images, predict_to_csv
-from cellulib.inference.store import ModelFileError
 from cellulib.metrics.agreement import bland_altman
 from cellulib.models import networks
 from cellulib.reporting.evaluation import PredictWarning, evaluate_files, match_predictions

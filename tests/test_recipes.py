@@ -41,8 +41,7 @@ import torch
 
 from cellulib.data import profiles, synth
 from cellulib.files.imageio import read_image
-from cellulib.inference import store
-from cellulib.training import train
+from cellulib.training import cache, train
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden"
 REFRESH = os.environ.get("CELLULIB_REFRESH_GOLDEN", "") not in ("", "0")
@@ -140,7 +139,7 @@ def _record(result: train.TrainResult, probe_side: int = 32) -> dict[str, list[f
 
 
 def _libraries(family: str) -> dict[str, str | None]:
-    return {name: store.library_version(name) for name in store.RECIPE_LIBRARIES[family]}
+    return {name: cache.library_version(name) for name in cache.RECIPE_LIBRARIES[family]}
 
 
 def _mismatches(want: dict, got: dict) -> list[str]:
@@ -297,7 +296,7 @@ def test_generator(tiny):
               "channels": [float(v) for v in img.mean(axis=(0, 1))] + [float(img.std())],
               "labels": [float(line.split(",")[-1]) for line in labels],
               "truth": [patch.cellularity, float(sum(patch.counts.values()))]}
-    libraries = {name: store.library_version(name) for name in ("numpy", "opencv", "scikit-image")}
+    libraries = {name: cache.library_version(name) for name in ("numpy", "opencv", "scikit-image")}
     check_golden("generator", "cellulib.data.synth.GENERATOR_VERSION", synth.GENERATOR_VERSION, values,
                  libraries, per_cpu=False)
     # for the record: whether the patch is bit-identical to the one the golden file was made from

@@ -198,7 +198,7 @@ def test_scores_under_shift_are_stored_and_recomputed_only_when_an_input_changes
     import shutil
     from pathlib import Path
 
-    from cellulib.inference import store
+    from cellulib.training import cache
 
     root, model = tiny
     valid = train.predictions(model).iloc[:3]
@@ -225,7 +225,7 @@ def test_scores_under_shift_are_stored_and_recomputed_only_when_an_input_changes
     assert len(calls) == 2 and len(list(derived.glob("shifts-*.npz"))) == 3
     monkeypatch.setattr(robustness, "SHIFT_VERSION", robustness.SHIFT_VERSION - 1)
     # other weights: a model file whose weights differ by one value
-    from cellulib.inference.store import load_model
+    from cellulib.inference.modelfile import load_model
 
     net, info = load_model(model.path)
     with __import__("torch").no_grad():
@@ -244,13 +244,13 @@ def test_scores_under_shift_are_stored_and_recomputed_only_when_an_input_changes
     # cache list: derived tables of current models are current; the one of the changed weights
     # (no model file holds them) and those of another shift version are not
     versions = {"inference": 1, "shift": robustness.SHIFT_VERSION, "stain": 1}
-    entries = [e for e in store.cache_entries(train.RECIPE_VERSIONS, derived_versions=versions)
+    entries = [e for e in cache.cache_entries(train.RECIPE_VERSIONS, derived_versions=versions)
                if e["family"] == "derived"]
     assert len(entries) == 4
     assert sorted(e["current"] for e in entries) == [False, False, True, True]
     assert any("shift version 2, now 1" in e["why"] for e in entries)
     assert any("weights no current model file holds" in e["why"] for e in entries)
-    gone = store.prune_cache(train.RECIPE_VERSIONS, derived_versions=versions)
+    gone = cache.prune_cache(train.RECIPE_VERSIONS, derived_versions=versions)
     assert len(gone) == 2 and len(list(derived.glob("*.npz"))) == 2
 
 

@@ -13,10 +13,14 @@ import tifffile
 import torch
 
 from cellulib import load_model, save_model
+from cellulib.data import fingerprint
+from cellulib.data.fingerprint import data_fingerprint
 from cellulib.files.imageio import atomic_write_bytes
-from cellulib.inference import store
-from cellulib.inference.store import ModelFileError, cache_path, data_fingerprint
+from cellulib.inference import modelfile
+from cellulib.inference.modelfile import ModelFileError
 from cellulib.models import networks
+from cellulib.training import cache
+from cellulib.training.cache import cache_path
 
 
 def test_seg_model_round_trip_gives_identical_outputs(tmp_path):
@@ -139,7 +143,7 @@ def test_data_fingerprint_sees_one_pixel(tmp_path, monkeypatch):
     assert image.stat().st_size == size
     after = data_fingerprint(root)
     assert after != before
-    monkeypatch.setattr(store, "_FILE_DIGESTS", {})
+    monkeypatch.setattr(fingerprint, "_FILE_DIGESTS", {})
     assert data_fingerprint(root) == after  # a fresh process agrees
     img[3, 4, 0] ^= 1
     tifffile.imwrite(image, img)
@@ -176,10 +180,10 @@ def test_data_fingerprint_covers_brca_m2c_dot_files(tmp_path):
 
 def test_data_fingerprint_reads_an_unchanged_file_once(tmp_path, monkeypatch):
     root = _tiny_breastpathq(tmp_path / "bpq")
-    monkeypatch.setattr(store, "_FILE_DIGESTS", {})
-    monkeypatch.setattr(store, "_SETTLED_NS", -1)  # remember files however recently written
-    reads, read = [], store._read_digest
-    monkeypatch.setattr(store, "_read_digest", lambda path: reads.append(Path(path).name) or read(path))
+    monkeypatch.setattr(fingerprint, "_FILE_DIGESTS", {})
+    monkeypatch.setattr(fingerprint, "_SETTLED_NS", -1)  # remember files however recently written
+    reads, read = [], fingerprint._read_digest
+    monkeypatch.setattr(fingerprint, "_read_digest", lambda path: reads.append(Path(path).name) or read(path))
     first = data_fingerprint(root)
     assert sorted(reads) == ["1_1.tif", "1_1.xml", "1_2.tif", "train_labels.csv"]
     reads.clear()
@@ -194,44 +198,44 @@ def test_recipe_key_is_the_hash_of_its_parts(monkeypatch):
     versions = {"torch": "2.0.0", "torchvision": "0.1", "fastai": "2.7", "albumentations": "1.4",
                 "numpy": "1.26", "opencv": "4.9", "scikit-image": "0.22", "lightgbm": "4.3",
                 "scipy": "1.12"}
-    monkeypatch.setattr(store, "library_version", versions.get)
+    monkeypatch.setattr(cache, "library_version", versions.get)
     params = {"seed": 0, "data": "0123456789ab", "precision": "float32", "device": "cpu"}
-    got = store.recipe("gbt", params, 3)
+    got = cache.recipe("gbt", params, 3)
     parts = {"scheme": 1, "kind": "gbt", "family": "gbt", "version": 3, "params": params,
              "libraries": versions, "python": f"{sys.version_info[0]}.{sys.version_info[1]}"}
     blob = json.dumps(parts, sort_keys=True).encode()
     assert got == {"key": hashlib.sha256(blob).hexdigest()[:12], **parts}
     # the segmentation net is not fitted by LightGBM: its recipe does not name it
-    assert "lightgbm" not in store.recipe("seg", params, 3)["libraries"]
-    assert "timm" in store.recipe("direct-xception-regression", params, 3)["libraries"]
+    assert "lightgbm" not in cache.recipe("seg", params, 3)["libraries"]
+    assert "timm" in cache.recipe("direct-xception-regression", params, 3)["libraries"]
 
 
 def test_a_library_version_or_the_python_version_changes_the_key(monkeypatch):
     params = {"seed": 0}
-    before = store.recipe("seg", params, 1)["key"]
-    real = store.library_version
-    monkeypatch.setattr(store, "library_version",
+    before = cache.recipe("seg", params, 1)["key"]
+    real = cache.library_version
+    monkeypatch.setattr(cache, "library_version",
                         lambda name: "9.9.9" if name == "torch" else real(name))
-    assert store.recipe("seg", params, 1)["key"] != before
-    monkeypatch.setattr(store, "library_version", real)
-    assert store.recipe("seg", params, 1)["key"] == before
+    assert cache.recipe("seg", params, 1)["key"] != before
+    monkeypatch.setattr(cache, "library_version", real)
+    assert cache.recipe("seg", params, 1)["key"] == before
     monkeypatch.setattr(sys, "version_info", (3, 99, 0, "final", 0))
-    assert store.recipe("seg", params, 1)["key"] != before
+    assert cache.recipe("seg", params, 1)["key"] != before
 
 
 def test_recipe_mismatch_names_each_reason(monkeypatch):
-    rec = store.recipe("sr", {"seed": 0}, 2)
-    assert store.recipe_mismatch(rec, {"sr": 2}) == []
-    assert store.recipe_mismatch(rec, {"sr": 3}) == ["sr recipe version 2, the code's is 3"]
-    real = store.library_version
-    monkeypatch.setattr(store, "library_version",
+    rec = cache.recipe("sr", {"seed": 0}, 2)
+    assert cache.recipe_mismatch(rec, {"sr": 2}) == []
+    assert cache.recipe_mismatch(rec, {"sr": 3}) == ["sr recipe version 2, the code's is 3"]
+    real = cache.library_version
+    monkeypatch.setattr(cache, "library_version",
                         lambda name: "0.0.1" if name == "fastai" else real(name))
-    why = store.recipe_mismatch(rec, {"sr": 2})
+    why = cache.recipe_mismatch(rec, {"sr": 2})
     assert why == [f"fastai {real('fastai')}, installed 0.0.1"]
-    monkeypatch.setattr(store, "library_version", real)
+    monkeypatch.setattr(cache, "library_version", real)
     edited = {**rec, "params": {"seed": 1}}  # the key no longer matches what it records
-    assert "edited" in store.recipe_mismatch(edited, {"sr": 2})[0]
-    assert "no recipe recorded" in store.recipe_mismatch(None, {"sr": 2})[0]
+    assert "edited" in cache.recipe_mismatch(edited, {"sr": 2})[0]
+    assert "no recipe recorded" in cache.recipe_mismatch(None, {"sr": 2})[0]
 
 
 def test_weights_digest_follows_every_weight():
@@ -239,10 +243,10 @@ def test_weights_digest_follows_every_weight():
     a = networks.seg_model("unet", dropout=0.3)
     b = networks.seg_model("unet", dropout=0.3)
     b.load_state_dict(a.state_dict())
-    assert store.weights_digest(a) == store.weights_digest(b)
+    assert modelfile.weights_digest(a) == modelfile.weights_digest(b)
     with torch.no_grad():
         next(b.parameters()).view(-1)[0] += 1e-6
-    assert store.weights_digest(a) != store.weights_digest(b)
+    assert modelfile.weights_digest(a) != modelfile.weights_digest(b)
 
 
 def test_families_get_different_keys_for_the_same_params(tmp_path, monkeypatch):
@@ -284,7 +288,7 @@ def test_an_old_file_with_numpy_values_is_refused_then_resaved(tmp_path):
     torch.save(payload, old)  # as a cellulib that saved NumPy values would have
     with pytest.raises(ModelFileError, match=r"old\.pt: refused: .*cellulib resave --trust"):
         load_model(old)
-    new = store.resave_trusted(old, tmp_path / "new.pt")
+    new = modelfile.resave_trusted(old, tmp_path / "new.pt")
     loaded, info = load_model(new)
     assert info["meta"] == {"train_mean": 0.4, "sides": [0, 1, 2]}
     x = torch.randn(1, 3, 64, 64)

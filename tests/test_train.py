@@ -117,7 +117,7 @@ def test_model_files_record_their_training_stain_and_pixel_size(tiny_root, tiny_
 
     from cellulib import constants
     from cellulib.data import breastpathq, stain
-    from cellulib.inference import store
+    from cellulib.inference import normalizer
 
     # the segmentation net: the stain of its training cells patches, the datasets' pixel size
     meta = tiny_seg.meta
@@ -127,7 +127,7 @@ def test_model_files_record_their_training_stain_and_pixel_size(tiny_root, tiny_
     expected = stain.training_reference(cells["image_path"].iloc[train_idx].tolist())
     assert meta["stain"]["macenko"]["HERef"] == expected["macenko"]["HERef"]
     # --stain-norm macenko needs no target with such a file, and its reference is the stored one
-    norm = store.normalizer_from_options("macenko", None, tiny_seg.path)
+    norm = normalizer.normalizer_from_options("macenko", None, tiny_seg.path)
     np.testing.assert_array_equal(norm._impl.HERef, np.asarray(expected["macenko"]["HERef"]))
     out = tmp_path / "nuclei.csv"
     assert commands.main(["detect", "--model", str(tiny_seg.path), "--images",

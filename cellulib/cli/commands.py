@@ -133,7 +133,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_resave(args: argparse.Namespace) -> int:
-    from cellulib.inference.store import resave_trusted
+    from cellulib.inference.modelfile import resave_trusted
 
     if not args.trust:
         raise ValueError("resave unpickles the old file with full Python, which can run code: "
@@ -152,8 +152,8 @@ def _print_failures(failed: list[dict[str, str]], command: str, what: str) -> No
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from cellulib.inference.normalizer import normalizer_from_options
     from cellulib.inference.predict import predict_to_csv
-    from cellulib.inference.store import normalizer_from_options
 
     summary = predict_to_csv(args.model, args.images, args.out, batch_size=args.batch_size,
                              tta=args.tta, progress=not args.quiet, device=args.device,
@@ -293,9 +293,9 @@ def _add_proxy_command(sub) -> None:
 
 
 def _cmd_slide(args: argparse.Namespace) -> int:
+    from cellulib.inference.normalizer import normalizer_from_options
     from cellulib.inference.predict import Predictor
     from cellulib.inference.slide import slide_map
-    from cellulib.inference.store import normalizer_from_options
 
     predictor = Predictor(args.model, batch_size=args.batch_size, tta=args.tta,
                           device=args.device, workers=args.workers, precision=args.precision,
@@ -410,7 +410,7 @@ def _add_inference_commands(sub) -> None:
 
 def _cmd_detect(args: argparse.Namespace) -> int:
     from cellulib.inference.detect import detect_to_csv
-    from cellulib.inference.store import normalizer_from_options
+    from cellulib.inference.normalizer import normalizer_from_options
 
     norm = normalizer_from_options(args.stain_norm, args.stain_target, args.model)
     summary = detect_to_csv(args.model, args.images, args.out, geojson_dir=args.geojson,
@@ -482,19 +482,18 @@ def _add_stain_options(parser) -> None:
 def _cmd_cache(args: argparse.Namespace) -> int:
     import json
 
-    from cellulib.inference import store
     from cellulib.inference.detect import DETECTION_VERSION
     from cellulib.reporting.realtissue import REAL_TISSUE_VERSION
     from cellulib.reporting.robustness import SHIFT_VERSION
-    from cellulib.training import train
+    from cellulib.training import cache, train
 
     # derived results (store.derived_frame) are current for these code versions
     derived = {**train.derived_versions(), "shift": SHIFT_VERSION, "detection": DETECTION_VERSION,
                "real_tissue": REAL_TISSUE_VERSION}
     if args.action == "list":
-        entries = store.cache_entries(train.RECIPE_VERSIONS, derived_versions=derived)
+        entries = cache.cache_entries(train.RECIPE_VERSIONS, derived_versions=derived)
     else:
-        entries = store.prune_cache(train.RECIPE_VERSIONS, dry_run=args.dry_run,
+        entries = cache.prune_cache(train.RECIPE_VERSIONS, dry_run=args.dry_run,
                                     derived_versions=derived)
     if args.json:
         print(json.dumps(entries, indent=1))

@@ -2,4 +2,7 @@
 masks and augmentations, stain, the synthetic H&E generator, the quick and paper settings, and
 the real-tissue proxies."""
 
-__all__ = ["annotations", "breastpathq", "profiles", "proxy", "stain", "synth", "transforms"]
+__all__ = [
+    "annotations", "breastpathq", "fingerprint", "profiles", "proxy", "stain", "synth",
+    "transforms",
+]

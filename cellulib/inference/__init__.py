@@ -1,4 +1,4 @@
 """Running trained models: model files, the prediction engine behind ``cellulib predict``, nucleus
 detection (``cellulib detect``) and whole slides."""
 
-__all__ = ["detect", "predict", "slide", "store"]
+__all__ = ["detect", "modelfile", "normalizer", "pixelsize", "predict", "slide"]

@@ -39,7 +39,8 @@ from cellulib.constants import (
 from cellulib.data.breastpathq import annotation_points
 from cellulib.data.transforms import downscale, weak_label_map
 from cellulib.files.imageio import atomic_open, atomic_write_text, collect_images, read_image
-from cellulib.inference.store import ModelFileError, check_mpp, model_and_info, pixel_size
+from cellulib.inference.modelfile import ModelFileError, model_and_info
+from cellulib.inference.pixelsize import check_mpp, pixel_size
 from cellulib.metrics.agreement import DETECTION_RADIUS, detection_curve, detection_scores
 from cellulib.models.engine import amp_dtype, autocast, precision_name, resolve_device
 from cellulib.models.networks import segment
@@ -315,7 +316,7 @@ def detect_nuclei(model: Any, paths: PathLike | Sequence[PathLike],
 
     Raises
     ------
-    cellulib.inference.store.ModelFileError
+    cellulib.inference.modelfile.ModelFileError
         A missing or corrupt model file, or a model of another family; the message names the file.
     ValueError
         A threshold outside (0, 1), or no images.

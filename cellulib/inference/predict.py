@@ -55,7 +55,7 @@ from cellulib.files.imageio import (
     jsonable,
     read_image,
 )
-from cellulib.inference.store import check_mpp
+from cellulib.inference.pixelsize import check_mpp
 
 __all__ = [
     "FAMILIES",
@@ -95,7 +95,7 @@ PathLike = str | os.PathLike
 
 
 def _model_error(source: Any, message: str) -> Exception:
-    from cellulib.inference.store import ModelFileError
+    from cellulib.inference.modelfile import ModelFileError
 
     return ModelFileError(f"{source}: {message}")
 
@@ -152,7 +152,7 @@ class Predictor:
 
     Raises
     ------
-    cellulib.inference.store.ModelFileError
+    cellulib.inference.modelfile.ModelFileError
         A missing, corrupt or foreign model file, a segmentation model (it cannot score
         cellularity), or a file without usable preprocessing; the message names the file.
     ValueError
@@ -166,7 +166,7 @@ class Predictor:
         import torch
 
         from cellulib import __version__
-        from cellulib.inference.store import model_and_info
+        from cellulib.inference.modelfile import model_and_info
         from cellulib.models.engine import amp_dtype, precision_name, resolve_device
 
         self.source, model, info = model_and_info(model)
@@ -224,7 +224,7 @@ class Predictor:
         # a cellulib.data.stain.StainNormalizer applied to each image before it is cut and resized
         self.stain_norm = stain_norm
         # the images' pixel size (--mpp): they are cut into windows of the training field of view
-        from cellulib.inference.store import pixel_size
+        from cellulib.inference.pixelsize import pixel_size
 
         self.mpp = None if mpp is None else float(mpp)
         self.model_mpp, self.model_patch_px, self.pixel_size_recorded = pixel_size(info)

@@ -600,8 +600,8 @@ def slide_map(model: Any, image_path: str | os.PathLike, out_dir: str | os.PathL
     """
     import matplotlib.pyplot as plt
 
+    from cellulib.inference.pixelsize import check_mpp
     from cellulib.inference.predict import Predictor
-    from cellulib.inference.store import check_mpp
 
     start = time.perf_counter()
     image_path = Path(image_path)

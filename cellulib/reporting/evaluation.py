@@ -273,7 +273,7 @@ def train_mean_source(pred_csv: PathLike, train_mean: float | None = None,
     path = Path(model)
     if not path.is_file() and (sidecar.parent / path).is_file():
         path = sidecar.parent / path
-    from cellulib.inference.store import ModelFileError, load_model
+    from cellulib.inference.modelfile import ModelFileError, load_model
 
     try:
         _, info = load_model(path)

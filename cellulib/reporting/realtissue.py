@@ -47,7 +47,7 @@ __all__ = ["BASELINE", "BREASTPATHQ_PATCH", "FLOORS", "REAL_TISSUE_VERSION", "br
 PathLike = str | os.PathLike
 
 #: Bumped when what :func:`score_windows` or :func:`detector_share` compute changes (their stored
-#: tables, :func:`cellulib.inference.store.derived_frame`, are keyed on it).
+#: tables, :func:`cellulib.training.cache.derived_frame`, are keyed on it).
 REAL_TISSUE_VERSION = 1
 
 #: Issue 23's floors: the best segmentation-route model's PK against the count proxy on windows of
@@ -135,7 +135,7 @@ def windows(root: PathLike, crops_dir: PathLike, window: int, images: Sequence[s
 def _derived(kind: str, parts: dict, weights: list[str], compute,
              extra: dict[str, int] | None = None) -> pd.DataFrame:
     from cellulib.inference.predict import INFERENCE_VERSION
-    from cellulib.inference.store import derived_frame
+    from cellulib.training.cache import derived_frame
 
     return derived_frame(kind, parts, weights,
                          {"inference": INFERENCE_VERSION, "real_tissue": REAL_TISSUE_VERSION,
@@ -150,7 +150,7 @@ def score_windows(models: Mapping[str, Any], table: pd.DataFrame, mpp: float = c
 
     Each window is scored by :func:`cellulib.inference.predict.predict_images` with its pixel size ``mpp``,
     so a model whose field of view differs from the window's still sees tissue at the scale it
-    learned. The table is stored (:func:`cellulib.inference.store.derived_frame`) under a key of the models'
+    learned. The table is stored (:func:`cellulib.training.cache.derived_frame`) under a key of the models'
     weights and the windows' bytes, so a re-executed chapter reads it back.
 
     Returns
@@ -164,9 +164,10 @@ def score_windows(models: Mapping[str, Any], table: pd.DataFrame, mpp: float = c
     cellulib.DataError
         A window could not be scored by some model (the message names the file and the model).
     """
+    from cellulib.data.fingerprint import files_digest
     from cellulib.files.imageio import DataError
+    from cellulib.inference.modelfile import load_model, weights_digest
     from cellulib.inference.predict import predict_images
-    from cellulib.inference.store import files_digest, load_model, weights_digest
 
     paths = table["path"].astype(str).tolist()
     loaded = {name: load_model(m) if isinstance(m, (str, os.PathLike)) else m
@@ -203,8 +204,9 @@ def detector_share(model: Any, table: pd.DataFrame, threshold: float = constants
     pandas.DataFrame
         Columns ``path``, ``n_detected``, ``share`` (tumour detections / all detections).
     """
+    from cellulib.data.fingerprint import files_digest
     from cellulib.inference.detect import DETECTION_VERSION, detect_nuclei
-    from cellulib.inference.store import files_digest, load_model, weights_digest
+    from cellulib.inference.modelfile import load_model, weights_digest
 
     pair = load_model(model) if isinstance(model, (str, os.PathLike)) else model
     images = list(dict.fromkeys(table["image_path"].astype(str)))

@@ -80,7 +80,7 @@ GRID: dict[str, tuple[float, ...]] = {
     "scale": (-1.0, -0.5, 0.5, 1.0),
 }
 #: Bumped whenever what :func:`shift_image` makes of an image changes, or how
-#: :func:`score_under_shifts` scores it: the stored scores (:func:`cellulib.inference.store.derived_frame`)
+#: :func:`score_under_shifts` scores it: the stored scores (:func:`cellulib.training.cache.derived_frame`)
 #: are then computed again.
 SHIFT_VERSION = 1
 #: The "moderate" strength of the degradation table (``scale``: +0.5, a 1.41x magnification).
@@ -205,7 +205,7 @@ def score_under_shifts(models: Mapping[str, Any], paths: Sequence, y_true: Seque
     """Every model's cellularity on every shifted copy of the images: one row per (model, shift,
     strength, image).
 
-    The table is stored (:func:`cellulib.inference.store.derived_frame`) under a key of the models' weights,
+    The table is stored (:func:`cellulib.training.cache.derived_frame`) under a key of the models' weights,
     the images' bytes, the arguments, :data:`SHIFT_VERSION`,
     :data:`cellulib.inference.predict.INFERENCE_VERSION`, :data:`cellulib.data.stain.REFERENCE_VERSION` and the
     library versions, so re-executing the chapter after an edit elsewhere reads it back in a
@@ -239,8 +239,9 @@ def score_under_shifts(models: Mapping[str, Any], paths: Sequence, y_true: Seque
     pandas.DataFrame
         ``model, kind, strength, path, y_true, y_pred``.
     """
+    from cellulib.inference.modelfile import model_and_info
+    from cellulib.inference.normalizer import normalizer_from_options
     from cellulib.inference.predict import Predictor
-    from cellulib.inference.store import model_and_info, normalizer_from_options
 
     y_true = np.asarray(y_true, dtype=np.float64)
     paths = [str(p) for p in paths]
@@ -258,9 +259,11 @@ def score_under_shifts(models: Mapping[str, Any], paths: Sequence, y_true: Seque
 
     if not cache:
         return compute()
+    from cellulib.data.fingerprint import files_digest
     from cellulib.data.stain import REFERENCE_VERSION
+    from cellulib.inference.modelfile import weights_digest
     from cellulib.inference.predict import INFERENCE_VERSION
-    from cellulib.inference.store import derived_frame, files_digest, weights_digest
+    from cellulib.training.cache import derived_frame
 
     weights = {name: weights_digest(pair[0]) for name, pair in loaded.items()}
     described = {name: {k: v for k, v in pred.describe().items()
@@ -433,22 +436,19 @@ def detection_under_shifts(model: Any, cells: pd.DataFrame,
     images as ``("none", 0.0)``. A ``scale`` shift resamples the whole image, and the detections
     are mapped back to the dots' pixels. ``stain_norm`` normalises each shifted image to the
     stain of the model's training set first. With ``cache`` the counts are stored
-    (:func:`cellulib.inference.store.derived_frame`) under a key of the model's weights, the images' and
+    (:func:`cellulib.training.cache.derived_frame`) under a key of the model's weights, the images' and
     annotations' bytes, the arguments, :data:`SHIFT_VERSION` and
     :data:`cellulib.inference.detect.DETECTION_VERSION`, and read back when none of them changed."""
     from tqdm.auto import tqdm
 
     from cellulib.constants import DETECTION_THRESHOLD
+    from cellulib.data.fingerprint import files_digest
     from cellulib.data.stain import REFERENCE_VERSION
     from cellulib.inference.detect import DETECTION_VERSION, score_annotated
-    from cellulib.inference.store import (
-        derived_frame,
-        files_digest,
-        model_and_info,
-        normalizer_from_options,
-        weights_digest,
-    )
+    from cellulib.inference.modelfile import model_and_info, weights_digest
+    from cellulib.inference.normalizer import normalizer_from_options
     from cellulib.metrics.agreement import detection_counts
+    from cellulib.training.cache import derived_frame
 
     threshold = DETECTION_THRESHOLD if threshold is None else float(threshold)
     _, net, info = model_and_info(model)
@@ -725,7 +725,7 @@ def normalised(images: Mapping[str, np.ndarray], model: Any) -> dict[str, list[n
     method of :data:`cellulib.data.stain.METHODS`: ``{"as is": [...], "Macenko": [...], ...}``. Used in
     the stain-shift chapter."""
     from cellulib.data.stain import METHODS
-    from cellulib.inference.store import normalizer_from_options
+    from cellulib.inference.normalizer import normalizer_from_options
 
     out = {"as is": list(images.values())}
     for method in METHODS:

@@ -1,3 +1,3 @@
 """Training: fastai learners, the runs of each chapter and the recipe-keyed model cache."""
 
-__all__ = ["train"]
+__all__ = ["cache", "train"]

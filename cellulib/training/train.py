@@ -2,7 +2,7 @@
 
 Each ``train_*`` function trains one model for a profile (SPEC 6), saves it as one model file with
 its history and validation scores (:func:`cellulib.save_model`), and caches it by its training recipe
-(:func:`cellulib.inference.store.recipe`: the data, the resolved settings, the seed, the family's
+(:func:`cellulib.training.cache.recipe`: the data, the resolved settings, the seed, the family's
 :data:`RECIPE_VERSIONS` entry and the library versions), so a later chapter reuses an earlier
 chapter's model and re-running a chapter gives the same table. What is computed from the weights
 afterwards (the stored validation predictions and the stain reference) is keyed on the weights and
@@ -31,19 +31,12 @@ from fastai.torch_core import set_seed
 from cellulib.constants import MPP, N_BINS
 from cellulib.data import breastpathq
 from cellulib.data.annotations import is_brca_m2c
+from cellulib.data.fingerprint import data_fingerprint
 from cellulib.data.profiles import brca_m2c_profile, fingerprint, get_profile, seg_scale_size
 from cellulib.files.imageio import DataError, read_image
-from cellulib.inference.store import (
-    ModelFileError,
-    cache_path,
-    data_fingerprint,
-    load_model,
-    recipe,
-    recipe_mismatch,
-    save_model,
-    weights_digest,
-)
+from cellulib.inference.modelfile import ModelFileError, load_model, save_model, weights_digest
 from cellulib.models import losses, networks
+from cellulib.training.cache import cache_path, recipe, recipe_mismatch
 
 #: The recipe version of each model family: bumped whenever a change of the training code (the
 #: data pipeline, augmentation, model construction, loss, optimiser, schedule or features of that
@@ -199,7 +192,7 @@ def _trained(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _recipe(kind: str, params: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
-    """The cache path and :func:`cellulib.inference.store.recipe` of a training run: ``params`` with the
+    """The cache path and :func:`cellulib.training.cache.recipe` of a training run: ``params`` with the
     precision resolved to what training uses on this machine (``"auto"`` and
     ``$CELLULIB_PRECISION`` resolved by :func:`cellulib.models.engine.amp_dtype`), the device type and,
     under ``accelerate launch``, the number of processes."""
@@ -229,7 +222,7 @@ def derived_versions() -> dict[str, int]:
 
 def _derived(model: torch.nn.Module) -> dict[str, Any]:
     """What a model file's derived outputs (validation predictions, stain reference) were computed
-    from: the :func:`cellulib.inference.store.weights_digest` of the weights and the inference and stain
+    from: the :func:`cellulib.inference.modelfile.weights_digest` of the weights and the inference and stain
     reference versions, with their ``key``; stored as ``meta["derived"]``."""
     parts = {"weights": weights_digest(model), **derived_versions()}
     return {"key": fingerprint(parts), **parts}
