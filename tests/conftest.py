@@ -11,23 +11,23 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def real_dir() -> Path:
-    """The folder of public real H&E images (`cellulib.data.profiles.real_dir`: ``$CELLULIB_REAL_DATA``
+    """The folder of public real H&E images (`cellulib.data.paths.real_dir`: ``$CELLULIB_REAL_DATA``
     or ``../shared/data/real``); skips when absent."""
-    from cellulib.data import profiles
+    from cellulib.data import paths
 
-    path = profiles.real_dir()
+    path = paths.real_dir()
     if path is None:
-        pytest.skip(profiles.real_data_missing("real H&E images", parameter=None, part="test"))
+        pytest.skip(paths.real_data_missing("real H&E images", parameter=None, part="test"))
     return path
 
 
 @pytest.fixture(scope="session")
 def brca_dir(real_dir) -> Path:
-    """The BRCA-M2C copy (`cellulib.data.profiles.brca_m2c_dir`: ``brca-m2c`` in the real data folder,
+    """The BRCA-M2C copy (`cellulib.data.paths.brca_m2c_dir`: ``brca-m2c`` in the real data folder,
     SPEC 1.4); skips when absent."""
-    from cellulib.data import profiles
+    from cellulib.data import paths
 
-    path = profiles.brca_m2c_dir()
+    path = paths.brca_m2c_dir()
     if path is None:
         pytest.skip(f"BRCA-M2C copy not found in {real_dir}")
     return path

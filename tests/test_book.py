@@ -160,11 +160,11 @@ def paper_chapters(tmp_path_factory):
     import papermill
     from conftest import make_brca_full_copy
 
-    from cellulib.data import profiles
+    from cellulib.data import paths
 
     out = tmp_path_factory.mktemp("paper")
     home = tmp_path_factory.mktemp("paper_home")
-    brca = profiles.brca_m2c_dir()
+    brca = paths.brca_m2c_dir()
     real = ({"real_data": str(make_brca_full_copy(brca, tmp_path_factory.mktemp("brca") / "copy"))}
             if brca is not None else {})
     env_before = os.environ.get("CELLULIB_HOME")

@@ -18,7 +18,8 @@ import cellulib
 from cellulib import load_model, save_model
 from cellulib.cli import commands
 from cellulib.data import synth
-from cellulib.data.profiles import fingerprint, synthetic_params
+from cellulib.data.datasets import synthetic_params
+from cellulib.data.fingerprint import fingerprint
 from cellulib.inference import modelfile
 from cellulib.training import cache, train
 
@@ -30,15 +31,15 @@ KINDS = ("seg", "sr", "gbt", "direct-resnet34-regression", "direct-xception-clas
 KEYS_SCRIPT = """
 import json, sys, torch
 import cellulib
-from cellulib.data import profiles, synth
+from cellulib.data import datasets, fingerprint, synth
 from cellulib.models import networks
 from cellulib.training import train
 params = json.loads(sys.argv[1])
 torch.manual_seed(0)
 keys = {kind: train._recipe(kind, params)[1]["key"] for kind in json.loads(sys.argv[2])}
 keys["derived"] = train._derived(networks.direct_model("resnet34"))["key"]
-keys["synth"] = profiles.fingerprint(profiles.synthetic_params("quick", 0)
-                                     | {"v": synth.GENERATOR_VERSION})
+keys["synth"] = fingerprint.fingerprint(datasets.synthetic_params("quick", 0)
+                                        | {"v": synth.GENERATOR_VERSION})
 print(json.dumps({"file": cellulib.__file__, "keys": keys}))
 """
 

@@ -188,19 +188,19 @@ def test_one_rule_tells_a_brca_m2c_folder(tmp_path):
 
 
 def test_one_rule_tells_a_complete_synthetic_set(tmp_path, monkeypatch, capsys):
-    """`cellulib.data.profiles.synthetic_ready` decides for the chapters (`get_dataset`) and for
+    """`cellulib.data.datasets.synthetic_ready` decides for the chapters (`get_dataset`) and for
     ``cellulib train`` without ``--data`` alike."""
     import argparse
 
     from cellulib.cli import commands
-    from cellulib.data import profiles
+    from cellulib.data import datasets
 
     monkeypatch.setenv("CELLULIB_HOME", str(tmp_path))
-    root = profiles.synthetic_root("paper", 0)
-    assert not profiles.synthetic_ready(root)
+    root = datasets.synthetic_root("paper", 0)
+    assert not datasets.synthetic_ready(root)
     (root / "datasets").mkdir(parents=True)
     (root / "datasets" / "val_labels.csv").write_text("slide,rid,y\n")
-    assert profiles.synthetic_ready(root)
-    assert profiles.get_dataset(profile="paper", seed=0) == root  # reused, nothing rendered
+    assert datasets.synthetic_ready(root)
+    assert datasets.get_dataset(profile="paper", seed=0) == root  # reused, nothing rendered
     commands._confirm_render(argparse.Namespace(profile="paper", seed=0, yes=False))  # no prompt
     assert capsys.readouterr().err == ""

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from cellulib.data import profiles
+from cellulib.data import datasets, paths, profiles
 
 
 def test_quick_and_paper_profiles():
@@ -27,26 +27,26 @@ def test_unknown_profile_or_setting_is_a_clear_error():
 
 def test_get_dataset_generates_once_and_reuses(tmp_path, monkeypatch):
     monkeypatch.setenv("CELLULIB_HOME", str(tmp_path))
-    root = profiles.get_dataset(None, "quick", seed=3, n_train=4, n_val=2, n_cells=2, size=128,
+    root = datasets.get_dataset(None, "quick", seed=3, n_train=4, n_val=2, n_cells=2, size=128,
                                 progress=False)
     assert (root / "datasets" / "train_labels.csv").exists()
     assert not list(root.parent.glob("*.tmp"))
     stamp = (root / "datasets" / "train_labels.csv").stat().st_mtime_ns
-    again = profiles.get_dataset(None, "quick", seed=3, n_train=4, n_val=2, n_cells=2, size=128)
+    again = datasets.get_dataset(None, "quick", seed=3, n_train=4, n_val=2, n_cells=2, size=128)
     assert again == root and (root / "datasets" / "train_labels.csv").stat().st_mtime_ns == stamp
-    other = profiles.get_dataset(None, "quick", seed=4, n_train=4, n_val=2, n_cells=2, size=128,
+    other = datasets.get_dataset(None, "quick", seed=4, n_train=4, n_val=2, n_cells=2, size=128,
                                  progress=False)
     assert other != root
 
 
 def test_get_dataset_with_a_missing_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        profiles.get_dataset(tmp_path / "nope")
-    assert profiles.get_dataset(tmp_path) == tmp_path
+        datasets.get_dataset(tmp_path / "nope")
+    assert datasets.get_dataset(tmp_path) == tmp_path
 
 
 def test_check_parameters_names_the_parameter_of_the_wrong_type():
-    from cellulib.data.profiles import ParameterError, check_parameters
+    from cellulib.reporting.parameters import ParameterError, check_parameters
 
     ns = {"__annotations__": {"seed": int, "data_dir": "Optional[str]", "lr": float},
           "seed": 0, "data_dir": None, "lr": 1}  # an int is a fine float, None a fine Optional
@@ -81,28 +81,28 @@ def test_real_data_from_the_environment_or_the_checkout(tmp_path, monkeypatch):
     given = tmp_path / "real"
     (given / "brca-m2c").mkdir(parents=True)
     monkeypatch.setenv("CELLULIB_REAL_DATA", str(given))
-    assert profiles.real_dir() == given
+    assert paths.real_dir() == given
     empty = tmp_path / "empty"
     empty.mkdir()
     monkeypatch.setenv("CELLULIB_REAL_DATA", str(empty))
-    assert profiles.real_dir() is None and profiles.brca_m2c_dir() is None
-    text = profiles.real_data_missing("BRCA-M2C")
+    assert paths.real_dir() is None and paths.brca_m2c_dir() is None
+    text = paths.real_data_missing("BRCA-M2C")
     assert f"$CELLULIB_REAL_DATA is {empty}" in text and "section was skipped" in text
 
     monkeypatch.delenv("CELLULIB_REAL_DATA")
     installed = tmp_path / "site-packages" / "shared" / "data" / "real"  # never created
     monkeypatch.setattr(profiles, "_CHECKOUT_REAL", installed)
-    assert profiles.real_dir() is None
-    text = profiles.real_data_missing("The real H&E images", parameter=None)
+    assert paths.real_dir() is None
+    text = paths.real_data_missing("The real H&E images", parameter=None)
     assert text.startswith("The real H&E images not found (CELLULIB_REAL_DATA is not set")
     assert str(installed) in text and "parameter" not in text
-    assert "looked in /data/x" in profiles.real_data_missing("BRCA-M2C", given="/data/x")
+    assert "looked in /data/x" in paths.real_data_missing("BRCA-M2C", given="/data/x")
 
 
 def test_a_checkout_finds_the_shared_real_data(monkeypatch):
     monkeypatch.delenv("CELLULIB_REAL_DATA", raising=False)
-    shared = profiles._CHECKOUT_REAL
+    shared = paths._CHECKOUT_REAL
     if not shared.is_dir():
         pytest.skip(f"no real data beside this checkout ({shared})")
-    assert profiles.real_dir() == shared
+    assert paths.real_dir() == shared
     assert shared == Path(profiles.__file__).resolve().parents[2] / "shared" / "data" / "real"

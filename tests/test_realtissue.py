@@ -96,7 +96,7 @@ def test_detector_share_counts_detections_by_window(monkeypatch, tmp_path):
 
 
 def test_breastpathq_truth(tmp_path):
-    from cellulib.data import profiles
+    from cellulib.data import paths
 
     labels = tmp_path / "labels.csv"
     labels.write_text("slide,rid,y\n99788,1,0.97\n99788,2,0.8\n")
@@ -105,7 +105,7 @@ def test_breastpathq_truth(tmp_path):
     with pytest.raises(KeyError, match="slide 1, region 1"):
         realtissue.breastpathq_truth(labels, slide=1)
     # the project's copy of the real labels: its README gives 0.97 for 99788_1 (SOURCES.md)
-    real_dir = profiles.real_dir()
+    real_dir = paths.real_dir()
     if real_dir is not None and (real_dir / "breastpathq_train_labels.csv").is_file():
         real = real_dir / "breastpathq_train_labels.csv"
         assert realtissue.breastpathq_truth(real) == 0.97

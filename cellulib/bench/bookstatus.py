@@ -627,7 +627,7 @@ _HISTORY_NAME = "book-history.json"
 
 def default_history_path() -> Path:
     """``$CELLULIB_HOME/book-history.json``: the history lives beside the model cache it describes."""
-    from cellulib.data.profiles import home
+    from cellulib.data.paths import home
 
     return home() / _HISTORY_NAME
 
@@ -689,7 +689,7 @@ def record_history(chapters_dir: str | os.PathLike, history: str | os.PathLike |
     ValueError
         The history file exists but is not one (named), or a notebook cannot be parsed.
     """
-    from cellulib.data.profiles import home
+    from cellulib.data.paths import home
     from cellulib.files.imageio import atomic_write_text
 
     path = Path(history) if history is not None else default_history_path()
@@ -780,7 +780,7 @@ def teachers_markdown(chapters_dir: str | os.PathLike, notebooks_dir: str | os.P
         The page, starting with ``# For teachers``.
     """
     from cellulib.bench.lab import KERNEL_DISPLAY_NAME
-    from cellulib.data.profiles import home
+    from cellulib.data.paths import home
 
     chapters = Path(chapters_dir)
     hist = Path(history) if history is not None else default_history_path()

@@ -13,7 +13,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from cellulib.data import profiles, synth
+    from cellulib.data import datasets, synth
 
     overrides = {
         "n_train": args.n_train,
@@ -22,9 +22,9 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         "size": args.size,
     }
     if args.root is None:
-        root = profiles.get_dataset(None, args.profile, args.seed, **overrides)
+        root = datasets.get_dataset(None, args.profile, args.seed, **overrides)
     else:
-        params = profiles.synthetic_params(args.profile, args.seed, **overrides)
+        params = datasets.synthetic_params(args.profile, args.seed, **overrides)
         root = synth.make_breastpathq(Path(args.root), **params)
     print(root)
     return 0
@@ -67,12 +67,12 @@ def _confirm_render(args: argparse.Namespace) -> None:
     profile's set (thousands of 512 px patches) needs ``--yes`` or a yes at the prompt."""
     import time
 
-    from cellulib.data import profiles, synth
+    from cellulib.data import datasets, synth
 
-    root = profiles.synthetic_root(args.profile, args.seed)
-    if profiles.synthetic_ready(root):
+    root = datasets.synthetic_root(args.profile, args.seed)
+    if datasets.synthetic_ready(root):
         return
-    params = profiles.synthetic_params(args.profile, args.seed)
+    params = datasets.synthetic_params(args.profile, args.seed)
     n = params["n_train"] + params["n_val"] + params["n_cells"]
     start = time.perf_counter()
     synth.render_patch(params["size"], seed=args.seed)
@@ -92,14 +92,14 @@ def _confirm_render(args: argparse.Namespace) -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     import shutil
 
-    from cellulib.data import profiles
+    from cellulib.data import datasets
     from cellulib.files.imageio import atomic_write_bytes
     from cellulib.training import train
 
     opts = _train_options(args)
     if args.data is None:
         _confirm_render(args)
-    root = profiles.get_dataset(args.data, args.profile, args.seed)
+    root = datasets.get_dataset(args.data, args.profile, args.seed)
     seg_args = dict(profile=args.profile, seed=args.seed, stain_augment=args.stain_augment)
     decoder = opts.get("decoder", "fpn")
     if args.family == "seg":

@@ -468,7 +468,7 @@ def detect_layout(root: str | Path) -> str:
     ``train_labels.csv`` and/or ``val_labels.csv`` and/or ``cells/``. BRCA-M2C: at least one
     ``brca_ds_{train,val,test}.txt`` (`is_brca_m2c`; its reader names a missing ``images/`` or
     ``labels/``). Looks at names only.
-    Used in the real-H&E chapter through :func:`cellulib.data.profiles.brca_m2c_dir` and wherever a
+    Used in the real-H&E chapter through :func:`cellulib.data.paths.brca_m2c_dir` and wherever a
     reader is chosen from a folder.
 
     Parameters

@@ -32,11 +32,24 @@ import torch
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 
-from cellulib.data import transforms
-from cellulib.data.annotations import DESCRIPTION_TO_CLASS, is_brca_m2c, parse_pathcore_xml, read_brca_m2c
 from cellulib.constants import DISC_DIAMETER, IMAGE_SUFFIXES, NUCLEUS_CLASSES, SEG_DOWNSCALE
+from cellulib.data import transforms
+from cellulib.data.annotations import (
+    DESCRIPTION_TO_CLASS,
+    is_brca_m2c,
+    parse_pathcore_xml,
+    read_brca_m2c,
+)
+from cellulib.data.transforms import (
+    bins_target,
+    cellularity_transforms,
+    check_normalize,
+    one_hot,
+    seg_transforms,
+    to_tensor_image,
+    weak_label_map,
+)
 from cellulib.files.imageio import DataError, DataWarning, listing, read_csv_strings, read_image
-from cellulib.data.transforms import bins_target, cellularity_transforms, check_normalize, one_hot, seg_transforms, to_tensor_image, weak_label_map
 
 __all__ = [
     "DESCRIPTION_TO_CLASS",

@@ -1,14 +1,16 @@
-"""Fingerprints of data: the digest of a folder's data files (images, tables, annotations) that
+"""Fingerprints: of an object (a short stable hash of its JSON) and of data: the digest of a folder's data files (images, tables, annotations) that
 keys every cached model, read once per file and cached by size and modification time.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from cellulib.constants import IMAGE_SUFFIXES
 
@@ -80,3 +82,9 @@ def data_fingerprint(root: str | os.PathLike) -> str:
         if not any(part.startswith(".") for part in rel.parts)
     )
     return _tree_digest(root, relpaths)
+
+
+def fingerprint(obj: Any, length: int = 12) -> str:
+    """A short stable hash of a JSON-serialisable object (dict keys sorted)."""
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]

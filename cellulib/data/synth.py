@@ -1680,7 +1680,7 @@ def cell_xml(identifier: str, points: pd.DataFrame, first_region: int = 1) -> st
 
     The format of the BreastPathQ ``cells`` annotations (paper section 4.1: X, Y coordinates of
     lymphocytes, malignant and normal epithelial nuclei in 153 patches).  Used in chapter 2 through
-    :func:`cellulib.data.profiles.get_dataset`, which writes the dataset with :func:`make_breastpathq`.
+    :func:`cellulib.data.datasets.get_dataset`, which writes the dataset with :func:`make_breastpathq`.
 
     Parameters
     ----------
@@ -1739,7 +1739,7 @@ def make_breastpathq(root, n_train: int, n_val: int, n_cells: int, size: int = 5
     real challenge data the split is not documented at slide level; held-out slides make the
     validation score an honest estimate for new slides).  Every file is written atomically; the
     same arguments give byte-identical files.  Prints nothing but the tqdm bar.  Used in chapter 1
-    through :func:`cellulib.data.profiles.get_dataset`, and by ``cellulib synth ROOT``.
+    through :func:`cellulib.data.datasets.get_dataset`, and by ``cellulib synth ROOT``.
 
     Parameters
     ----------

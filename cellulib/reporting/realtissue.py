@@ -613,7 +613,7 @@ def measure(models: Mapping[str, Any], routes: Mapping[str, Sequence[str]],
     synthetic floor. Stored scores are read back (:func:`score_windows`). Used in the real-tissue
     chapter and chapter 5.
     """
-    from cellulib.data.profiles import home
+    from cellulib.data.paths import home
     from cellulib.files.imageio import read_image
 
     split, images = report_images(brca_root)

@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cellulib.data.profiles import fingerprint, home
+from cellulib.data.fingerprint import fingerprint
+from cellulib.data.paths import home
 from cellulib.files.imageio import atomic_write_bytes
 from cellulib.inference.modelfile import ModelFileError, read_info
 

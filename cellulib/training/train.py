@@ -31,8 +31,8 @@ from fastai.torch_core import set_seed
 from cellulib.constants import MPP, N_BINS
 from cellulib.data import breastpathq
 from cellulib.data.annotations import is_brca_m2c
-from cellulib.data.fingerprint import data_fingerprint
-from cellulib.data.profiles import brca_m2c_profile, fingerprint, get_profile, seg_scale_size
+from cellulib.data.fingerprint import data_fingerprint, fingerprint
+from cellulib.data.profiles import brca_m2c_profile, get_profile, seg_scale_size
 from cellulib.files.imageio import DataError, read_image
 from cellulib.inference.modelfile import ModelFileError, load_model, save_model, weights_digest
 from cellulib.models import losses, networks

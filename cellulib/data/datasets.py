@@ -1,0 +1,75 @@
+"""The dataset a chapter reads: the real BreastPathQ folder when given, else the synthetic set of a
+profile and seed, generated once under ``$CELLULIB_HOME/synth`` and reused. Used in every chapter.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from cellulib.data.fingerprint import fingerprint
+from cellulib.data.paths import home
+from cellulib.data.profiles import PROFILES, get_profile
+
+
+def synthetic_params(profile: str = "quick", seed: int = 0, **overrides: Any) -> dict[str, Any]:
+    """The arguments of :func:`cellulib.data.synth.make_breastpathq` for a profile."""
+    get_profile(profile)  # a clear error for an unknown profile
+    settings = get_profile(profile, **{k: v for k, v in overrides.items() if k in PROFILES[profile]})
+    return {k: settings[k] for k in ("n_train", "n_val", "n_cells", "size")} | {"seed": int(seed)}
+
+
+def synthetic_root(profile: str = "quick", seed: int = 0, **overrides: Any) -> Path:
+    """Where :func:`get_dataset` keeps the synthetic set of ``profile`` and ``seed``
+    (``home()/synth/<profile>-<hash>``); :func:`synthetic_ready` says whether it is complete."""
+    from cellulib.data import synth
+
+    params = synthetic_params(profile, seed, **overrides)
+    return home() / "synth" / f"{profile}-{fingerprint(params | {'v': synth.GENERATOR_VERSION})}"
+
+
+def synthetic_ready(root: str | os.PathLike) -> bool:
+    """Whether the synthetic set in ``root`` (:func:`synthetic_root`) is complete: it holds
+    ``datasets/val_labels.csv`` (:func:`get_dataset` renders into a temporary folder and renames it
+    when done, so a half-written set is never at ``root``). Used by `get_dataset` and by
+    ``cellulib train`` without ``--data``."""
+    return (Path(root) / "datasets" / "val_labels.csv").exists()
+
+
+def get_dataset(
+    data_dir: str | os.PathLike | None = None,
+    profile: str = "quick",
+    seed: int = 0,
+    progress: bool = True,
+    **overrides: Any,
+) -> Path:
+    """The BreastPathQ folder a chapter reads: ``data_dir`` when given, else the synthetic set.
+
+    The synthetic set for a profile and seed is generated once into ``home()/synth/<hash>`` (into a
+    temporary folder first, renamed when complete, so an interrupted run leaves nothing half-written)
+    and reused by every chapter afterwards. Used in every chapter.
+    """
+    if data_dir is not None:
+        root = Path(data_dir).expanduser()
+        if not root.is_dir():
+            raise FileNotFoundError(
+                f"data_dir {root} does not exist; give the folder that holds BreastPathQ's "
+                "'datasets/' (train/, validation/, train_labels.csv, val_labels.csv, cells/)"
+            )
+        return root
+    from cellulib.data import (
+        synth,  # imported here: reading a real dataset does not need the generator
+    )
+
+    params = synthetic_params(profile, seed, **overrides)
+    root = synthetic_root(profile, seed, **overrides)
+    if synthetic_ready(root):
+        return root
+    tmp = root.with_name(root.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    synth.make_breastpathq(tmp, progress=progress, **params)
+    shutil.rmtree(root, ignore_errors=True)
+    os.replace(tmp, root)
+    return root
