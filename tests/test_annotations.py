@@ -25,7 +25,7 @@ from cellulib.data.annotations import (
     read_brca_m2c,
     read_brca_m2c_points,
 )
-from cellulib.data.synth import cell_xml
+from cellulib.data.synthset import cell_xml
 from cellulib.files.imageio import DataError, DataWarning
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

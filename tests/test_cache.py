@@ -17,7 +17,7 @@ import torch
 import cellulib
 from cellulib import load_model, save_model
 from cellulib.cli import commands
-from cellulib.data import synth
+from cellulib.data import synth, synthset
 from cellulib.data.datasets import synthetic_params
 from cellulib.data.fingerprint import fingerprint
 from cellulib.inference import modelfile
@@ -199,7 +199,7 @@ def test_cache_list_of_an_empty_cache(home, capsys):
 # bad cached files, and derived outputs recomputed without retraining
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return synth.make_breastpathq(tmp_path_factory.mktemp("tiny"), n_train=4, n_val=2, n_cells=5,
+    return synthset.make_breastpathq(tmp_path_factory.mktemp("tiny"), n_train=4, n_val=2, n_cells=5,
                                   size=64, seed=0, progress=False)
 
 

@@ -39,7 +39,7 @@ import numpy as np
 import pytest
 import torch
 
-from cellulib.data import profiles, synth
+from cellulib.data import profiles, synth, synthset
 from cellulib.files.imageio import read_image
 from cellulib.training import cache, train
 
@@ -73,7 +73,7 @@ def float32_cpu_one_thread(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return synth.make_breastpathq(tmp_path_factory.mktemp("tiny"), n_train=4, n_val=2, n_cells=5,
+    return synthset.make_breastpathq(tmp_path_factory.mktemp("tiny"), n_train=4, n_val=2, n_cells=5,
                                   size=64, seed=0, progress=False)
 
 
@@ -103,7 +103,7 @@ def tiny_brca(tiny, tmp_path_factory):
 @pytest.fixture(scope="module")
 def gbt_root(tmp_path_factory):
     """Enough training patches (40) for LightGBM to split: its default needs 20 per leaf."""
-    return synth.make_breastpathq(tmp_path_factory.mktemp("gbt"), n_train=40, n_val=4, n_cells=2,
+    return synthset.make_breastpathq(tmp_path_factory.mktemp("gbt"), n_train=40, n_val=4, n_cells=2,
                                   size=64, seed=0, progress=False)
 
 

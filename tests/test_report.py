@@ -64,9 +64,9 @@ def test_training_mean_prefers_the_model_record_and_never_guesses(tmp_path):
 
 
 def test_training_mean_from_the_training_split(tmp_path):
-    from cellulib.data import synth
+    from cellulib.data import synthset
 
-    root = synth.make_breastpathq(tmp_path, n_train=6, n_val=2, n_cells=1, size=64, seed=0,
+    root = synthset.make_breastpathq(tmp_path, n_train=6, n_val=2, n_cells=1, size=64, seed=0,
                                   progress=False)
     labels = pd.read_csv(root / "datasets" / "train_labels.csv")
     assert len(labels) == 6
@@ -262,10 +262,10 @@ def test_segmentation_counts_reproduce_the_training_jaccard(tmp_path):
     """Pooled over images, the per-image counts give the Jaccard the fastai metric reports."""
     import torch
 
-    from cellulib.data import breastpathq, synth
+    from cellulib.data import breastpathq, synthset
     from cellulib.models import losses, networks
 
-    root = synth.make_breastpathq(tmp_path, n_train=2, n_val=1, n_cells=10, size=128, seed=0,
+    root = synthset.make_breastpathq(tmp_path, n_train=2, n_val=1, n_cells=10, size=128, seed=0,
                                   progress=False)
     torch.manual_seed(0)
     model = networks.seg_model("fpn").eval()

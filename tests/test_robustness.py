@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from cellulib import save_model
-from cellulib.data import synth
+from cellulib.data import synthset
 from cellulib.inference import detect
 from cellulib.inference.predict import predict_images
 from cellulib.reporting import robustness
@@ -23,7 +23,7 @@ def tiny(tmp_path_factory):
     import torch
 
     torch.set_num_threads(2)
-    root = synth.make_breastpathq(tmp_path_factory.mktemp("tiny"), n_train=6, n_val=5, n_cells=3,
+    root = synthset.make_breastpathq(tmp_path_factory.mktemp("tiny"), n_train=6, n_val=5, n_cells=3,
                                   size=128, seed=0, progress=False)
     os.environ["CELLULIB_HOME"] = str(tmp_path_factory.mktemp("home"))
     model = train.train_direct(root, epochs=1, size=64, progress=False)

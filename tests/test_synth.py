@@ -13,7 +13,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from cellulib.data import synth
+from cellulib.data import measure, synth, synthset
 
 MALIGNANT = {"IDC", "ILC", "Muc C", "DCIS 1", "DCIS 2", "DCIS 3", "MC- E", "MC - C", "MC - M"}
 NORMAL = {"normal", "UDH", "ADH"}
@@ -29,7 +29,7 @@ def _tree(root):
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("bpq")
-    out = synth.make_breastpathq(root, n_train=8, n_val=4, n_cells=3, size=SIZE, seed=3,
+    out = synthset.make_breastpathq(root, n_train=8, n_val=4, n_cells=3, size=SIZE, seed=3,
                                  progress=False)
     assert out == root
     return root
@@ -111,7 +111,7 @@ def test_layout_cells_xml(dataset):
 
 
 def test_label_noise_is_applied(tmp_path):
-    synth.make_breastpathq(tmp_path, 6, 0, 0, size=64, seed=1, label_noise=0.2, progress=False)
+    synthset.make_breastpathq(tmp_path, 6, 0, 0, size=64, seed=1, label_noise=0.2, progress=False)
     truth = pd.read_csv(tmp_path / "truth.csv")
     assert (truth.y - truth.cellularity).abs().max() > 0.02
     assert truth.y.between(0, 1).all()
@@ -119,13 +119,13 @@ def test_label_noise_is_applied(tmp_path):
 
 # ------------------------------------------------------------------------------------- determinism
 def test_determinism_same_seed_same_bytes(tmp_path, dataset):
-    again = synth.make_breastpathq(tmp_path / "a", 8, 4, 3, size=SIZE, seed=3, progress=False)
+    again = synthset.make_breastpathq(tmp_path / "a", 8, 4, 3, size=SIZE, seed=3, progress=False)
     assert _tree(again) == _tree(dataset)
 
 
 def test_different_seed_differs(tmp_path):
-    a = _tree(synth.make_breastpathq(tmp_path / "a", 2, 1, 0, size=64, seed=0, progress=False))
-    b = _tree(synth.make_breastpathq(tmp_path / "b", 2, 1, 0, size=64, seed=1, progress=False))
+    a = _tree(synthset.make_breastpathq(tmp_path / "a", 2, 1, 0, size=64, seed=0, progress=False))
+    b = _tree(synthset.make_breastpathq(tmp_path / "b", 2, 1, 0, size=64, seed=1, progress=False))
     assert a != b
     img_a = [v for k, v in a.items() if k.endswith(".tif")]
     img_b = [v for k, v in b.items() if k.endswith(".tif")]
@@ -143,7 +143,7 @@ def test_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(imageio.os, "replace", boom)
     with pytest.raises(OSError, match="disk full"):
-        synth.make_breastpathq(tmp_path, 1, 0, 0, size=64, seed=0, progress=False)
+        synthset.make_breastpathq(tmp_path, 1, 0, 0, size=64, seed=0, progress=False)
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
 
 
@@ -206,13 +206,13 @@ def test_label_distribution_close_to_the_real_labels(real_dir):
     real = pd.read_csv(path)["y"].to_numpy()
     assert len(real) == 2394
     y = np.round(synth.sample_cellularity(20000, seed=3), 2)
-    d = synth.label_distance(real, y)
+    d = measure.label_distance(real, y)
     # the real labels are mostly multiples of 0.05, so even a perfect smooth law keeps a gap of a
     # few hundredths; the law the generator had before SPEC 1.5 (20 % zeros) was at 0.11
     assert d["ks"] < 0.07, d
     assert abs(d["zeros_synthetic"] - d["zeros_real"]) < 0.02
     # and the KS statistic is scipy's, by hand on a small case: CDFs differ most at 0 (1/2 vs 1/4)
-    assert synth.label_distance([0, 0, 0.5, 1], [0, 0.5, 0.5, 1])["ks"] == 0.25
+    assert measure.label_distance([0, 0, 0.5, 1], [0, 0.5, 0.5, 1])["ks"] == 0.25
 
 
 # ---------------------------------------------------------------------------------- measurements
@@ -224,11 +224,11 @@ def test_hed_stats_against_skimage_stain_matrix():
     hed = np.zeros((40, 40, 3))
     hed[:, :20, 0], hed[:, 20:, 0] = a, b
     img = np.rint(hed2rgb(hed) * 255).astype(np.uint8)
-    st = synth.hed_stats(img)
+    st = measure.hed_stats(img)
     assert st["H_mean"] == pytest.approx((a + b) / 2, abs=2e-3)
     assert st["H_std"] == pytest.approx((b - a) / 2, abs=2e-3)
     assert abs(st["E_mean"]) < 2e-3 and abs(st["D_mean"]) < 2e-3
-    left = synth.hed_stats(img, mask=np.arange(40)[None, :].repeat(40, 0) < 20)
+    left = measure.hed_stats(img, mask=np.arange(40)[None, :].repeat(40, 0) < 20)
     assert left["H_mean"] == pytest.approx(a, abs=2e-3) and left["H_std"] < 1e-3
 
 
@@ -238,34 +238,34 @@ def test_nucleus_sizes_on_discs_of_known_diameter():
     img = np.full((160, 160, 3), (235, 190, 215), np.uint8)  # pink background
     for (x, y), d in zip([(30, 30), (100, 35), (40, 110), (115, 115)], [8, 14, 20, 26]):
         cv2.circle(img, (x, y), d // 2, (90, 60, 140), -1)
-    sizes = np.sort(synth.nucleus_sizes(img))
+    sizes = np.sort(measure.nucleus_sizes(img))
     assert len(sizes) == 4
     np.testing.assert_allclose(sizes, [9, 15, 21, 27], atol=1.5)
     # Two touching nuclei are split into two.
     img2 = np.full((80, 80, 3), (235, 190, 215), np.uint8)
     cv2.circle(img2, (30, 40), 9, (90, 60, 140), -1)
     cv2.circle(img2, (48, 40), 9, (90, 60, 140), -1)
-    assert len(synth.nucleus_sizes(img2)) == 2
+    assert len(measure.nucleus_sizes(img2)) == 2
 
 
 def test_scale_shrinks_nuclei():
-    full = np.median(synth.nucleus_sizes(synth.render_patch(256, 0.9, seed=2).img))
-    half = np.median(synth.nucleus_sizes(synth.render_patch(128, 0.9, seed=2, scale=0.5).img))
+    full = np.median(measure.nucleus_sizes(synth.render_patch(256, 0.9, seed=2).img))
+    half = np.median(measure.nucleus_sizes(synth.render_patch(128, 0.9, seed=2, scale=0.5).img))
     assert 0.4 < half / full < 0.7
 
 
 # --------------------------------------------------------------------------------------- realism
 def test_realism_against_real_breastpathq_patch(real_dir):
     real = np.asarray(Image.open(real_dir / "breastpathq_99788_1.tif").convert("RGB"))
-    ref = synth.hed_stats(real)
-    ref_size = np.median(synth.nucleus_sizes(real))
+    ref = measure.hed_stats(real)
+    ref_size = np.median(measure.nucleus_sizes(real))
     # The real patch has cellularity 0.97; compare with high-cellularity synthetic patches from
     # three slides (stain intensity differs between slides, as between real labs).
     stats, sizes = [], []
     for seed in range(3):
         p = synth.render_patch(512, 0.95, seed=seed)
-        stats.append(synth.hed_stats(p.img))
-        sizes.append(np.median(synth.nucleus_sizes(p.img)))
+        stats.append(measure.hed_stats(p.img))
+        sizes.append(np.median(measure.nucleus_sizes(p.img)))
     mean = {k: np.mean([s[k] for s in stats]) for k in ref}
     for k in ("H_mean", "E_mean", "D_mean", "H_std"):
         assert mean[k] == pytest.approx(ref[k], rel=0.4), k
@@ -282,9 +282,9 @@ def test_cellularity_is_in_the_cells_not_the_colour():
     for k, t in enumerate(targets):
         p = synth.render_patch(128, float(t), seed=500 + k)
         m = p.masks
-        sizes = synth.nucleus_sizes(p.img)
+        sizes = measure.nucleus_sizes(p.img)
         big_area = (np.pi / 4 * sizes[sizes > 11] ** 2).sum() / p.img.shape[0] ** 2
-        rows.append((p.cellularity, synth.hed_stats(p.img)["H_mean"],
+        rows.append((p.cellularity, measure.hed_stats(p.img)["H_mean"],
                      m["malignant_nuclei"].sum() / m["tissue"].sum(), big_area,
                      *p.img.reshape(-1, 3).mean(0)))
     a = np.array(rows)
@@ -308,13 +308,13 @@ def test_bad_input_errors(tmp_path):
     with pytest.raises(ValueError, match="size"):
         synth.render_patch(8)
     with pytest.raises(ValueError, match="n_train"):
-        synth.make_breastpathq(tmp_path, -1, 0, 0)
+        synthset.make_breastpathq(tmp_path, -1, 0, 0)
     with pytest.raises(ValueError, match="label_noise"):
-        synth.make_breastpathq(tmp_path, 1, 0, 0, label_noise=-0.1)
+        synthset.make_breastpathq(tmp_path, 1, 0, 0, label_noise=-0.1)
     with pytest.raises(ValueError, match="shape"):
-        synth.hed_stats(np.zeros((4, 4, 5), np.uint8))
+        measure.hed_stats(np.zeros((4, 4, 5), np.uint8))
     with pytest.raises(ValueError, match="no pixel"):
-        synth.hed_stats(np.zeros((4, 4, 3), np.uint8), mask=np.zeros((4, 4), bool))
+        measure.hed_stats(np.zeros((4, 4, 3), np.uint8), mask=np.zeros((4, 4), bool))
     with pytest.raises(ValueError, match="n"):
         synth.sample_cellularity(-3)
 
@@ -328,20 +328,20 @@ def test_load_real_examples_reads_every_image_and_warns_on_a_bad_one(real_dir, t
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     (folder / "SOURCES.md").write_text("not an image")
     with pytest.warns(UserWarning, match="broken.png"):
-        images = synth.load_real_examples(folder)
+        images = measure.load_real_examples(folder)
     assert list(images) == ["breastpathq_99788_1.tif"]
     assert images["breastpathq_99788_1.tif"].shape == (512, 512, 3)
-    everything = synth.load_real_examples(real_dir)
+    everything = measure.load_real_examples(real_dir)
     assert everything["amida13_example1.png"].shape == (1024, 1024, 3)
 
 
 def test_comparison_tables(real_dir):
-    real = synth.load_real_examples(real_dir)
+    real = measure.load_real_examples(real_dir)
     synthetic = [synth.render_patch(256, 0.5, seed=s).img for s in range(2)]
-    stains = synth.compare_stains(synthetic, real)
+    stains = measure.compare_stains(synthetic, real)
     assert (stains.source == "synthetic").sum() == 2 and (stains.source == "real").sum() == len(real)
     assert (stains[["H", "E"]] > 0).all().all()
-    sizes = synth.compare_nucleus_sizes(synthetic, real)
+    sizes = measure.compare_nucleus_sizes(synthetic, real)
     # only the full-size BreastPathQ patch shares the synthetic pixel scale
     assert set(sizes.source) == {"synthetic", "real (breastpathq_99788_1.tif)"}
     assert (sizes.diameter_px > 0).all()

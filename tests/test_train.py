@@ -5,14 +5,14 @@ import torch
 
 from cellulib import load_model
 from cellulib.cli import commands
-from cellulib.data import synth
+from cellulib.data import synthset
 from cellulib.training import train
 
 
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    return synth.make_breastpathq(root, n_train=4, n_val=2, n_cells=5, size=128, seed=0,
+    return synthset.make_breastpathq(root, n_train=4, n_val=2, n_cells=5, size=128, seed=0,
                                   progress=False)
 
 

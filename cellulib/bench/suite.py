@@ -724,7 +724,7 @@ def bench_train(seg_crop: int = 96, seg_bs: int = 8, seg_images: int = 24,
 
     from cellulib.data import breastpathq
     from cellulib.data.profiles import get_profile
-    from cellulib.data.synth import make_breastpathq
+    from cellulib.data.synthset import make_breastpathq
     from cellulib.models import networks
     from cellulib.training.train import CellularityMSE, fit, learner, seg_learner
 

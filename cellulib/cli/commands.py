@@ -13,7 +13,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from cellulib.data import datasets, synth
+    from cellulib.data import datasets, synthset
 
     overrides = {
         "n_train": args.n_train,
@@ -25,7 +25,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         root = datasets.get_dataset(None, args.profile, args.seed, **overrides)
     else:
         params = datasets.synthetic_params(args.profile, args.seed, **overrides)
-        root = synth.make_breastpathq(Path(args.root), **params)
+        root = synthset.make_breastpathq(Path(args.root), **params)
     print(root)
     return 0
 

@@ -3,6 +3,6 @@ masks and augmentations, stain, the synthetic H&E generator, the quick and paper
 the real-tissue proxies."""
 
 __all__ = [
-    "annotations", "breastpathq", "datasets", "fingerprint", "paths", "profiles", "proxy",
-    "stain", "synth", "transforms",
+    "annotations", "breastpathq", "datasets", "fingerprint", "measure", "paths", "profiles",
+    "proxy", "stain", "synth", "synthset", "transforms",
 ]

@@ -15,7 +15,7 @@ from cellulib.data.profiles import PROFILES, get_profile
 
 
 def synthetic_params(profile: str = "quick", seed: int = 0, **overrides: Any) -> dict[str, Any]:
-    """The arguments of :func:`cellulib.data.synth.make_breastpathq` for a profile."""
+    """The arguments of :func:`cellulib.data.synthset.make_breastpathq` for a profile."""
     get_profile(profile)  # a clear error for an unknown profile
     settings = get_profile(profile, **{k: v for k, v in overrides.items() if k in PROFILES[profile]})
     return {k: settings[k] for k in ("n_train", "n_val", "n_cells", "size")} | {"seed": int(seed)}
@@ -59,9 +59,7 @@ def get_dataset(
                 "'datasets/' (train/, validation/, train_labels.csv, val_labels.csv, cells/)"
             )
         return root
-    from cellulib.data import (
-        synth,  # imported here: reading a real dataset does not need the generator
-    )
+    from cellulib.data import synthset
 
     params = synthetic_params(profile, seed, **overrides)
     root = synthetic_root(profile, seed, **overrides)
@@ -69,7 +67,7 @@ def get_dataset(
         return root
     tmp = root.with_name(root.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    synth.make_breastpathq(tmp, progress=progress, **params)
+    synthset.make_breastpathq(tmp, progress=progress, **params)
     shutil.rmtree(root, ignore_errors=True)
     os.replace(tmp, root)
     return root

@@ -1513,8 +1513,8 @@ SCORE_STEP = 0.05
 def labels_sentence(real, synthetic, gap: Mapping[str, Any], law: Mapping[str, Any],
                     score_step: float = SCORE_STEP) -> str:
     """The real BreastPathQ labels beside the synthetic ones, in words: zeros, medians and the
-    two-sample KS statistic (``gap``, :func:`cellulib.data.synth.label_distance`), and how close the
-    generator's law itself comes (``law``, :func:`cellulib.data.synth.law_distance`). Used in chapter
+    two-sample KS statistic (``gap``, :func:`cellulib.data.measure.label_distance`), and how close the
+    generator's law itself comes (``law``, :func:`cellulib.data.measure.law_distance`). Used in chapter
     1."""
     return (f"{100 * gap['zeros_real']:.0f}% of the real labels are 0 and "
             f"{100 * gap['zeros_synthetic']:.0f}% of the synthetic ones; the medians are "
@@ -1526,7 +1526,7 @@ def labels_sentence(real, synthetic, gap: Mapping[str, Any], law: Mapping[str, A
 
 
 def stain_sources_sentence(stats: pd.DataFrame) -> str:
-    """Mean H and E optical density per source of :func:`cellulib.data.synth.compare_stains`, in words,
+    """Mean H and E optical density per source of :func:`cellulib.data.measure.compare_stains`, in words,
     and how much darker in haematoxylin the BRCA-M2C patches are than the synthetic ones when
     they are there. Used in chapter 1."""
     od = stats.groupby("source")[["H", "E"]].mean()

@@ -737,9 +737,9 @@ def normalised(images: Mapping[str, np.ndarray], model: Any) -> dict[str, list[n
 def stain_table(versions: Mapping[str, Sequence[np.ndarray]], names: Sequence[str],
                 tissue_level: int = TISSUE_LEVEL) -> pd.DataFrame:
     """Mean haematoxylin (H) and eosin (E) optical density of each image's tissue (pixels darker
-    than ``tissue_level`` in every channel; :func:`cellulib.data.synth.hed_stats`), per image (rows,
+    than ``tissue_level`` in every channel; :func:`cellulib.data.measure.hed_stats`), per image (rows,
     ``names``) and version (columns, :func:`normalised`). Used in the stain-shift chapter."""
-    from cellulib.data.synth import hed_stats
+    from cellulib.data.measure import hed_stats
 
     stats = []
     for version, row in versions.items():
