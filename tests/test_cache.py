@@ -71,11 +71,12 @@ def test_docstring_comment_plot_and_report_edits_keep_every_key(tmp_path, monkey
     _edit(package / "training" / "train.py", "def fit(", "# a comment\ndef fit(")
     for name in ("data/breastpathq.py", "data/transforms.py", "models/losses.py", "models/networks.py",
                  "models/features.py", "data/stain.py", "inference/predict.py", "inference/modelfile.py", "training/cache.py",
-                 "data/annotations.py", "data/profiles.py", "data/synth.py"):
+                 "data/annotations.py", "data/profiles.py", "data/synth.py", "data/synthset.py",
+                 "data/fingerprint.py", "data/datasets.py", "data/paths.py", "inference/pixelsize.py"):
         (package / name).write_text((package / name).read_text() + "\n# an edited comment\n")
     # a plot and a report function: their bodies change
     _edit(package / "reporting" / "plots.py", "def ", "def _unused_plot():\n    return 'edited'\n\n\ndef ")
-    _edit(package / "reporting" / "report.py", "def ",
+    _edit(package / "reporting" / "sentences.py", "def ",
           "def _unused_report():\n    return 'edited'\n\n\ndef ")
     env = {**os.environ, "PYTHONPATH": str(package.parent)}
     out = subprocess.run([sys.executable, "-c", KEYS_SCRIPT, json.dumps(PARAMS),

@@ -28,7 +28,7 @@ from cellulib.metrics.agreement import (
     mse,
     prediction_probability,
 )
-from cellulib.reporting.report import PAPER
+from cellulib.reporting.paper import PAPER
 
 # pingouin 0.7 calls a pandas API that pandas 3.1 deprecates; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:The inplace keyword in DataFrame.dropna")

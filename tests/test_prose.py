@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from cellulib.bench import bookstatus
-from cellulib.reporting import report
+from cellulib.reporting import paper
 
 REPO = Path(__file__).resolve().parents[1]
 CHAPTERS = sorted(p.stem for p in (REPO / "notebooks").glob("*.ipynb"))
@@ -85,7 +85,7 @@ def test_book_numbers_come_from_their_definitions():
     from cellulib import constants
     from cellulib.models import features
 
-    n = report.book_numbers()
+    n = paper.book_numbers()
     assert n["disc_px"] == 15 and n["malignant_weight"] == 4  # paper 4.2, eq. 3
     assert (n["train_pct"], n["valid_pct"]) == (80, 20)
     assert n["n_features"] == len(features.FEATURE_NAMES) == 3 * (1 + 7 * 2 + 6 * 2)
@@ -105,4 +105,4 @@ def test_book_numbers_come_from_their_definitions():
 
 def test_paper_text_refuses_what_the_paper_does_not_print():
     with pytest.raises(KeyError, match="no single MSE of 'U-Net decoder'"):
-        report.paper_text("Table 2", "U-Net decoder", "MSE")
+        paper.paper_text("Table 2", "U-Net decoder", "MSE")

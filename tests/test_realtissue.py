@@ -8,7 +8,7 @@ import pytest
 
 from cellulib.metrics.agreement import prediction_probability
 from cellulib.reporting import realtissue
-from cellulib.reporting.report import Estimate
+from cellulib.reporting.statistics import Estimate
 
 ROUTES = {"segmentation": ("A",), "direct": ("B",)}
 

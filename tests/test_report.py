@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from cellulib.metrics import agreement
-from cellulib.reporting import report
+from cellulib.reporting import paper, scoring, sentences, statistics, tables, verdicts
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -48,19 +48,19 @@ def preds(truth):
 
 
 def test_mean_predictor_is_the_training_mean_for_every_patch():
-    frame = report.mean_predictor_predictions(_frame([0.1, 0.5, 0.9], [0, 0, 0]), 0.4)
+    frame = statistics.mean_predictor_predictions(_frame([0.1, 0.5, 0.9], [0, 0, 0]), 0.4)
     assert frame.columns.tolist() == ["path", "y_true", "y_pred"]
     assert frame.y_pred.tolist() == [0.4, 0.4, 0.4]
     # its MSE by hand: (0.09 + 0.01 + 0.25) / 3
     assert agreement.mse(frame.y_true, frame.y_pred) == pytest.approx(0.35 / 3)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        report.mean_predictor_predictions([0.1], 40.0)
+        statistics.mean_predictor_predictions([0.1], 40.0)
 
 
 def test_training_mean_prefers_the_model_record_and_never_guesses(tmp_path):
-    assert report.training_mean(result=SimpleNamespace(meta={"train_mean": 0.3})) == 0.3
+    assert statistics.training_mean(result=SimpleNamespace(meta={"train_mean": 0.3})) == 0.3
     with pytest.raises(ValueError, match="no train_mean"):
-        report.training_mean(result=SimpleNamespace(meta={}))
+        statistics.training_mean(result=SimpleNamespace(meta={}))
 
 
 def test_training_mean_from_the_training_split(tmp_path):
@@ -70,13 +70,13 @@ def test_training_mean_from_the_training_split(tmp_path):
                                   progress=False)
     labels = pd.read_csv(root / "datasets" / "train_labels.csv")
     assert len(labels) == 6
-    assert report.training_mean(root) == pytest.approx(labels["y"].mean())
+    assert statistics.training_mean(root) == pytest.approx(labels["y"].mean())
 
 
 def test_a_perfect_model_learned_and_a_constant_at_the_mean_did_not(truth):
     mean = float(truth.mean())
     preds = {"perfect": _frame(truth, truth), "constant": _frame(truth, np.full(truth.size, mean))}
-    summary = report.mse_summary(preds, train_mean=mean, n_boot=500)
+    summary = statistics.mse_summary(preds, train_mean=mean, n_boot=500)
     assert summary.loc["perfect", "mse"] == 0 and summary.loc["perfect", "ci_high"] == 0
     assert summary.loc["perfect", "learned"] is True
     # the constant IS the mean predictor: its CI straddles its own MSE, so it cannot be below it
@@ -87,16 +87,16 @@ def test_a_perfect_model_learned_and_a_constant_at_the_mean_did_not(truth):
 
 
 def test_learned_is_strict_and_needs_enough_patches():
-    assert report.learned(0.0399, 0.04)
-    assert not report.learned(0.04, 0.04)
-    assert not report.learned(float("nan"), 0.04)
-    assert not report.learned(0.0, 0.04, n=report.MIN_PATCHES - 1)
-    assert report.learned(0.0, 0.04, n=report.MIN_PATCHES)
+    assert statistics.learned(0.0399, 0.04)
+    assert not statistics.learned(0.04, 0.04)
+    assert not statistics.learned(float("nan"), 0.04)
+    assert not statistics.learned(0.0, 0.04, n=statistics.MIN_PATCHES - 1)
+    assert statistics.learned(0.0, 0.04, n=statistics.MIN_PATCHES)
 
 
 def test_mse_ci_is_the_metrics_bootstrap(truth):
     y_pred = np.clip(truth + 0.1, 0, 1)
-    est = report.mse_ci(truth, y_pred, n_boot=300, seed=3)
+    est = statistics.mse_ci(truth, y_pred, n_boot=300, seed=3)
     lo, hi = agreement.bootstrap_ci(agreement.mse, truth, y_pred, n_boot=300, seed=3)
     assert (est.ci_low, est.ci_high) == (lo, hi)
     assert est.value == pytest.approx(agreement.mse(truth, y_pred))
@@ -108,14 +108,14 @@ def test_mse_ci_is_the_metrics_bootstrap(truth):
 
 def test_paired_difference_of_identical_predictions_is_exactly_zero(truth):
     a = _frame(truth, np.clip(truth + 0.05, 0, 1))
-    assert report.paired_mse_difference(a, a.copy(), n_boot=200) == (0.0, 0.0, 0.0)
+    assert statistics.paired_mse_difference(a, a.copy(), n_boot=200) == (0.0, 0.0, 0.0)
 
 
 def test_paired_difference_equals_a_brute_force_loop(truth):
     rng = np.random.default_rng(5)
     a = _frame(truth, np.clip(truth + rng.normal(0, 0.05, truth.size), 0, 1))
     b = _frame(truth, np.clip(truth + rng.normal(0, 0.08, truth.size), 0, 1))
-    est = report.paired_mse_difference(a, b, n_boot=400, seed=7)
+    est = statistics.paired_mse_difference(a, b, n_boot=400, seed=7)
     idx = np.random.default_rng(7).integers(0, truth.size, (400, truth.size))
     boot = [agreement.mse(truth[i], a.y_pred.to_numpy()[i]) - agreement.mse(truth[i], b.y_pred.to_numpy()[i])
             for i in idx]
@@ -127,20 +127,20 @@ def test_paired_difference_equals_a_brute_force_loop(truth):
 def test_paired_difference_matches_by_path_not_row_order(truth):
     a = _frame(truth, np.clip(truth + 0.05, 0, 1))
     b = a.iloc[::-1].reset_index(drop=True)
-    assert report.paired_mse_difference(a, b, n_boot=50) == (0.0, 0.0, 0.0)
+    assert statistics.paired_mse_difference(a, b, n_boot=50) == (0.0, 0.0, 0.0)
     with pytest.raises(ValueError, match="same patches"):
-        report.paired_mse_difference(a, a.iloc[:10], n_boot=50)
+        statistics.paired_mse_difference(a, a.iloc[:10], n_boot=50)
 
 
 def test_a_clear_difference_holds(preds):
     mean = float(preds["GBT"].y_true.mean())
-    cmp = report.compare(preds, "ResNet34 (SR)", "GBT", mean, n_boot=500)
+    cmp = verdicts.compare(preds, "ResNet34 (SR)", "GBT", mean, n_boot=500)
     assert cmp["difference"].ci_high < 0
     assert cmp["learned_better"] and cmp["learned_worse"]
     assert cmp["verdict"] == "holds" and cmp["phrase"] == "beats"
     assert cmp["sentence"].startswith("ResNet34 (SR) beats GBT (MSE ")
     # the claim the other way round is refuted, not merely undecided
-    back = report.compare(preds, "GBT", "ResNet34 (SR)", mean, n_boot=500)
+    back = verdicts.compare(preds, "GBT", "ResNet34 (SR)", mean, n_boot=500)
     assert back["verdict"] == "does not hold" and back["phrase"] == "does worse than"
 
 
@@ -151,19 +151,19 @@ def test_undecided_when_one_model_did_not_learn_even_if_its_mse_is_lower():
     a = _frame(truth, 0.95 * np.full(truth.size, mean) + 0.05 * truth)
     b = _frame(truth, np.full(truth.size, mean))  # the mean itself: worse than A on every patch
     preds = {"A": a, "B": b}
-    summary = report.mse_summary(preds, train_mean=mean, n_boot=500)
+    summary = statistics.mse_summary(preds, train_mean=mean, n_boot=500)
     assert summary.loc["A", "mse"] < summary.loc["B", "mse"]
     assert not summary.loc["A", "learned"] and not summary.loc["B", "learned"]
-    cmp = report.compare(preds, "A", "B", mean, n_boot=500, summary=summary)
+    cmp = verdicts.compare(preds, "A", "B", mean, n_boot=500, summary=summary)
     assert cmp["difference"].ci_high < 0  # A is better on the same patches, with confidence...
     assert cmp["verdict"] == "undecided"  # ...but neither has learned
     assert cmp["phrase"] == "cannot be ranked against" and "not learned" in cmp["detail"]
 
 
 def test_verdict_when_the_interval_includes_zero():
-    assert report.verdict(report.Estimate(-0.001, -0.003, 0.001), True, True) == "undecided"
-    assert report.verdict(report.Estimate(0.004, 0.002, 0.006), True, True) == "does not hold"
-    assert report.verdict(report.Estimate(0.004, 0.002, 0.006), True, True,
+    assert verdicts.verdict(statistics.Estimate(-0.001, -0.003, 0.001), True, True) == "undecided"
+    assert verdicts.verdict(statistics.Estimate(0.004, 0.002, 0.006), True, True) == "does not hold"
+    assert verdicts.verdict(statistics.Estimate(0.004, 0.002, 0.006), True, True,
                           lower_is_better=False) == "holds"
 
 
@@ -175,8 +175,8 @@ def test_results_table_has_the_mean_predictor_row_and_learned(preds):
     mean = float(preds["GBT"].y_true.mean())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", agreement.MetricWarning)
-        table = report.results_table(preds, n_boot=100, seed=0, train_mean=mean)
-        plain = report.results_table(preds, n_boot=100, seed=0)
+        table = tables.results_table(preds, n_boot=100, seed=0, train_mean=mean)
+        plain = tables.results_table(preds, n_boot=100, seed=0)
     assert "Mean predictor" in table.index and "learned" in table.columns
     assert table.loc["ResNet34 (SR)", "learned"] == "yes"
     assert table.loc["ResNet50 (R)", "learned"] == "no"
@@ -190,8 +190,8 @@ def test_results_table_has_the_mean_predictor_row_and_learned(preds):
 def test_findings_verdicts_follow_the_intervals(preds):
     mean = float(preds["GBT"].y_true.mean())
     importance = pd.Series({"malignant_activation_0.50": 9.0, "normal_area_0.02": 1.0})
-    table = report.findings(preds, mean, importance=importance, n_boot=500)
-    assert set(table["verdict"]) <= set(report.VERDICTS)
+    table = verdicts.findings(preds, mean, importance=importance, n_boot=500)
+    assert set(table["verdict"]) <= set(verdicts.VERDICTS)
     assert table.loc["SR beats GBT (Table 2)", "verdict"] == "holds"
     # best direct (Xception C, sd 0.02) vs best segmentation route (SR, sd 0.03): close
     assert table.loc["Xception (C) beats Xception (R) (random init)", "verdict"] == "holds"
@@ -204,20 +204,20 @@ def test_findings_verdicts_follow_the_intervals(preds):
 def test_every_finding_is_undecided_when_nothing_learned(truth):
     mean = float(truth.mean())
     rng = np.random.default_rng(2)
-    names = list(report.PAPER_ROWS)
+    names = list(paper.PAPER_ROWS)
     preds = {n: _frame(truth, np.clip(mean + rng.normal(0, 0.01, truth.size), 0, 1)) for n in names}
     importance = pd.Series({"malignant_activation_0.50": 9.0, "normal_area_0.02": 1.0})
-    table = report.findings(preds, mean, importance=importance, n_boot=300)
+    table = verdicts.findings(preds, mean, importance=importance, n_boot=300)
     assert len(table) == 4 and (table["verdict"] == "undecided").all()
-    summary = report.mse_summary(preds, mean, n_boot=300)
-    sentence = report.regression_to_mean_sentence(preds, summary)
+    summary = statistics.mse_summary(preds, mean, n_boot=300)
+    sentence = sentences.regression_to_mean_sentence(preds, summary)
     assert sentence.startswith("None of the models has learned")
-    assert "has not learned" in report.learned_sentence(summary, ["GBT"])
+    assert "has not learned" in sentences.learned_sentence(summary, ["GBT"])
 
 
 def test_bias_by_bin_by_hand():
     p = _frame([0.1, 0.2, 0.9, 0.8], [0.3, 0.3, 0.7, 0.8])
-    bias = report.bias_by_bin({"m": p})
+    bias = statistics.bias_by_bin({"m": p})
     assert bias.loc["m"].iloc[0] == pytest.approx((0.2 + 0.1) / 2)
     assert np.isnan(bias.loc["m"].iloc[1]) and np.isnan(bias.loc["m"].iloc[2])
     assert bias.loc["m"].iloc[3] == pytest.approx((-0.2 + 0.0) / 2)
@@ -226,7 +226,7 @@ def test_bias_by_bin_by_hand():
 def test_mse_summary_figure(preds):
     from cellulib.reporting import plots
 
-    summary = report.mse_summary(preds, float(preds["GBT"].y_true.mean()), n_boot=100)
+    summary = statistics.mse_summary(preds, float(preds["GBT"].y_true.mean()), n_boot=100)
     fig = plots.mse_summary(summary)
     ax = fig.axes[0]
     assert "MSE" in ax.get_xlabel() and ax.get_ylabel() == "model"
@@ -248,14 +248,14 @@ def test_jaccard_summary_and_difference_by_hand():
     # two images, one class: pooled IoU (2 + 1) / (4 + 2) = 0.5; baseline (4 + 2) / (10 + 10)
     a = counts([("i1", "malignant", 2, 4, 4, 10), ("i2", "malignant", 1, 2, 2, 10)])
     b = counts([("i1", "malignant", 1, 4, 4, 10), ("i2", "malignant", 1, 2, 2, 10)])
-    js = report.jaccard_summary({"a": a, "b": b}, n_boot=200)
+    js = statistics.jaccard_summary({"a": a, "b": b}, n_boot=200)
     assert js.loc["a", "jaccard"] == pytest.approx(0.5)
     assert js.loc["b", "jaccard"] == pytest.approx(2 / 6)
     assert js.loc["a", "baseline"] == pytest.approx(0.3)
     assert not js.loc["a", "learned"]  # two images are too few to show anything
-    diff = report.paired_jaccard_difference(a, b, n_boot=200)
+    diff = statistics.paired_jaccard_difference(a, b, n_boot=200)
     assert diff.value == pytest.approx(0.5 - 2 / 6)
-    assert report.paired_jaccard_difference(a, a, n_boot=50) == (0.0, 0.0, 0.0)
+    assert statistics.paired_jaccard_difference(a, a, n_boot=50) == (0.0, 0.0, 0.0)
 
 
 def test_segmentation_counts_reproduce_the_training_jaccard(tmp_path):
@@ -271,7 +271,7 @@ def test_segmentation_counts_reproduce_the_training_jaccard(tmp_path):
     model = networks.seg_model("fpn").eval()
     settings = {"crop": 64, "downscale": 2, "disc_diameter": 15.0}
     seg = SimpleNamespace(model=model, settings=settings, meta={"params": {"seed": 0}})
-    counts = report.segmentation_counts(seg, root)
+    counts = scoring.segmentation_counts(seg, root)
     assert counts["image"].nunique() == 2  # round(0.2 * 10) validation patches
     dls = breastpathq.seg_dataloaders(root, size=64, downscale=2, bs=2, diameter=15.0, seed=0,
                                device="cpu")
@@ -279,12 +279,12 @@ def test_segmentation_counts_reproduce_the_training_jaccard(tmp_path):
     with torch.inference_mode():
         for xb, yb in dls.valid:
             metric.update(model(xb), yb)
-    js = report.jaccard_summary({"fpn": counts}, n_boot=20)
+    js = statistics.jaccard_summary({"fpn": counts}, n_boot=20)
     assert js.loc["fpn", "jaccard"] == pytest.approx(metric.value)
 
 
 def test_paired_detection_difference_by_hand():
-    from cellulib.reporting.report import paired_detection_difference
+    from cellulib.reporting.statistics import paired_detection_difference
 
     def counts(tps):
         return pd.DataFrame({"image": [f"i{k}" for k in range(len(tps))], "class": "detection",
@@ -305,32 +305,32 @@ def test_detection_table_puts_the_published_f_beside_ours():
     table = pd.DataFrame({"precision": [0.5, 0.8, 0.4, 0.7], "recall": [0.6, 0.7, 0.5, 0.9],
                           "f1": [0.545, 0.747, 0.444, 0.788]},
                          index=["lymphocyte", "malignant", "normal", "detection"])
-    out = report.detection_table({"FPN": table}, references=report.PUBLISHED_F)
+    out = tables.detection_table({"FPN": table}, references=paper.PUBLISHED_F)
     # the values issue 22 quotes from the two papers, stromal dots under "normal"
     assert out["MCSpatNet F (test)"].tolist() == [0.649, 0.792, 0.548, 0.851]
     assert out["DeNuC F (test)"].tolist() == [0.697, 0.851, 0.611, 0.875]
     assert out["FPN F"].tolist() == [0.545, 0.747, 0.444, 0.788]
-    assert report.floors_missed(table) == {"lymphocyte": 0.545, "malignant": 0.747,
+    assert verdicts.floors_missed(table) == {"lymphocyte": 0.545, "malignant": 0.747,
                                            "normal": 0.444, "detection": 0.788}
-    assert report.floors_missed(table.assign(f1=[0.55, 0.75, 0.55, 0.82])) == {}
+    assert verdicts.floors_missed(table.assign(f1=[0.55, 0.75, 0.55, 0.82])) == {}
 
 
 def test_all_learned_leaves_the_mean_predictor_out():
-    table = pd.DataFrame({"learned": [True, True, False]}, index=["A", "B", report.MEAN_PREDICTOR])
-    assert report.all_learned(table) is True
+    table = pd.DataFrame({"learned": [True, True, False]}, index=["A", "B", statistics.MEAN_PREDICTOR])
+    assert statistics.all_learned(table) is True
     table.loc["B", "learned"] = False
-    assert report.all_learned(table) is False
-    assert report.all_learned(table.drop(index=report.MEAN_PREDICTOR).drop(index="B")) is True
+    assert statistics.all_learned(table) is False
+    assert statistics.all_learned(table.drop(index=statistics.MEAN_PREDICTOR).drop(index="B")) is True
 
 
 # --------------------------------------------------------------------------------------------------
 # the real-H&E chapter's sentences and tables, on hand-made inputs
 def test_claim_words():
-    assert [report.claim_words(v) for v in report.VERDICTS] == ["holds", "does not hold", "is undecided"]
-    assert [report.claim_words(v, "helps", "hurts", "undecided") for v in report.VERDICTS] == [
+    assert [verdicts.claim_words(v) for v in verdicts.VERDICTS] == ["holds", "does not hold", "is undecided"]
+    assert [verdicts.claim_words(v, "helps", "hurts", "undecided") for v in verdicts.VERDICTS] == [
         "helps", "hurts", "undecided"]
     with pytest.raises(ValueError, match="a verdict is one of"):
-        report.claim_words("maybe")
+        verdicts.claim_words("maybe")
 
 
 def _brca_cells() -> pd.DataFrame:
@@ -344,27 +344,27 @@ def _brca_cells() -> pd.DataFrame:
 
 def test_brca_m2c_table_and_sentence_by_hand():
     cells = _brca_cells()
-    table = report.brca_m2c_table(cells, [0, 1, 2], [3])
+    table = tables.brca_m2c_table(cells, [0, 1, 2], [3])
     assert table.index.name == "used for"
     assert table.reset_index().to_dict("list") == {
         "used for": ["training", "validation (held-out patients)", "official test"],
         "images": [3, 1, 1], "patients": [2, 1, 1], "lymphocyte": [6, 4, 5],
         "tumour/epithelial": [60, 40, 50], "stromal": [1, 1, 0]}
-    text = report.brca_m2c_sentence(cells, [0, 1, 2], [3], "test")
+    text = sentences.brca_m2c_sentence(cells, [0, 1, 2], [3], "test")
     assert text.startswith("This copy holds 5 images.")
     assert ("**patients it has not seen**: 1 of the 4 training and validation images, 1 whole "
             "patients") in text
     assert "would share 1 patients (TCGA-AA-0001) with the official training split" in text
     assert text.endswith("The official test split (patients in neither) is present: the results below "
                          "are on it; validation only chooses between the two decoders.")
-    assert report.brca_m2c_sentence(cells, [0, 1, 2], [3], "patient-disjoint validation").endswith(
+    assert sentences.brca_m2c_sentence(cells, [0, 1, 2], [3], "patient-disjoint validation").endswith(
         "The README says how to get the full dataset.")
 
 
 def test_pixel_scale_and_training_sentences_by_hand():
     # median spacing 14, its 5th percentile 10 + 0.05 * 4 * 2 = 10.4; 4 of 5 neighbours beyond 11
     # px; a median nucleus of 10 px spans 10 / 4 = 2.5 cells of the FPN's stride-4 grid
-    text = report.pixel_scale_sentence([10, 12, 14, 16, 18], [8, 10, 12], 11, 1)
+    text = sentences.pixel_scale_sentence([10, 12, 14, 16, 18], [8, 10, 12], 11, 1)
     assert text == (
         "Neighbouring nuclei sit a median 14.0 px apart (5% of them closer than 10.4 px), and nuclei "
         "segmented from the haematoxylin channel measure a median 10.0 px across. The discs here are "
@@ -373,10 +373,10 @@ def test_pixel_scale_and_training_sentences_by_hand():
         "predicts on a grid 4 times coarser than its input, where a 10 px nucleus spans 2.5 cells at "
         "full size and half that after a x2 downscale, and the detection protocol below asks for "
         "centres within 6 px of the dot.")
-    assert "**downscaled x2**" in report.pixel_scale_sentence([10, 12], [8, 10], 15, 2)
+    assert "**downscaled x2**" in sentences.pixel_scale_sentence([10, 12], [8, 10], 15, 2)
     settings = {"seg_epochs": 30, "patches_per_epoch": 4, "crop": 256, "seg_schedule": "one_cycle",
                 "seg_lr": 0.001}
-    assert report.training_sentence(settings, "quick", 150) == (
+    assert sentences.training_sentence(settings, "quick", 150) == (
         "The quick profile trains each network for 30 epochs of 4 random 256-pixel crops per image "
         "(one-cycle schedule, peak rate 0.001); the two took 2.5 minutes together.")
 
@@ -389,7 +389,7 @@ def _f1(lymphocyte, malignant, normal, detection) -> pd.DataFrame:
 def test_decoder_sentence_and_finding_by_hand():
     # FPN meets every floor (0.55, 0.75, 0.55, 0.82); U-Net misses three; FPN - U-Net +0.05 [0.02, 0.08]
     val = {"FPN": _f1(0.62, 0.8, 0.58, 0.85), "U-Net": _f1(0.5, 0.7, 0.6, 0.8)}
-    text = report.decoder_sentence(val, "FPN", 0.3, "test", 30, report.Estimate(0.05, 0.02, 0.08))
+    text = sentences.decoder_sentence(val, "FPN", 0.3, "test", 30, statistics.Estimate(0.05, 0.02, 0.08))
     assert text.startswith("The held-out patients pick the **FPN** decoder by the mean of pooled and "
                            "tumour F,")
     assert "(pooled / tumour F: FPN 0.850 / 0.800, U-Net 0.800 / 0.700; threshold 0.3)" in text
@@ -400,9 +400,9 @@ def test_decoder_sentence_and_finding_by_hand():
             "0.82 on the held-out patients, are **met** by FPN and **not met** by U-Net (lymphocyte "
             "0.500, tumour/epithelial 0.700, detection (all classes) 0.800).") in text
     assert "with a 12 px radius" in text
-    undecided = report.decoder_sentence(val, "FPN", 0.3, "test", 30, report.Estimate(0.01, -0.02, 0.04))
+    undecided = sentences.decoder_sentence(val, "FPN", 0.3, "test", 30, statistics.Estimate(0.01, -0.02, 0.04))
     assert "(FPN ahead) is undecided here" in undecided
-    assert report.real_he_finding("FPN", val["FPN"], 12.4, 72, "test") == (
+    assert sentences.real_he_finding("FPN", val["FPN"], 12.4, 72, "test") == (
         "Trained for 12 minutes on 72 real BRCA-M2C patches, the FPN network detects nuclei with F "
         "0.85 and tumour nuclei with F 0.80 on the test split (MCSpatNet on the test split: 0.85 and "
         "0.79); its weakest classes are stromal (F 0.58) and lymphocyte (F 0.62).")
@@ -413,24 +413,24 @@ def test_confusion_jaccard_fraction_and_dots_sentences_by_hand():
     confusion = pd.DataFrame([[8, 1, 1, 3], [2, 16, 2, 4], [0, 4, 6, 1], [5, 6, 7, 0]],
                              index=classes + ["unmatched"], columns=classes + ["unmatched"])
     # 30 of the 40 matched nuclei on the diagonal; the largest off-diagonal cell: 4 stromal as tumour
-    assert report.confusion_sentence(confusion) == (
+    assert sentences.confusion_sentence(confusion) == (
         "Of the matched nuclei, 75% get their annotated class (lymphocyte 80%, tumour/epithelial 80%, "
         "stromal 60%). The largest confusion is stromal nuclei called tumour/epithelial: 4 of 10.")
     jaccard = pd.DataFrame({"FPN": [0.4123], "U-Net": [0.3456]}, index=["mean (nuclei)"])
-    assert report.jaccard_sentence(jaccard).startswith(
+    assert sentences.jaccard_sentence(jaccard).startswith(
         "The mean over the three classes is 0.412 for FPN and 0.346 for U-Net (the paper, BreastPathQ "
         "with random initialisation: 0.47 and 0.35).")
     # ICC(2,1) by hand: MSR 12.5 / 3, MSC 0.5, MSE 0.5 / 3 -> (MSR - MSE) / (MSR + MSE + 2 (MSC -
     # MSE) / 4) = 4 / 4.5 = 0.89; the absolute differences 0, 1, 0, 1
     fr = pd.DataFrame({"annotated": [1.0, 2, 3, 4], "detected": [1.0, 3, 3, 5]})
-    text = report.fraction_sentence(fr)
+    text = sentences.fraction_sentence(fr)
     assert text.startswith("Over 4 images the agreement is ICC(2,1) 0.89 (95% CI ")
     assert text.endswith("); the mean absolute difference is 0.500.")
     cells = pd.DataFrame({"name": ["a", "b", "c"], "n_malignant": [9, 1, 2],
                           "n_lymphocyte": [0, 7, 1], "n_normal": [5, 0, 1]})
-    assert report.dot_examples(cells) == ["a", "b"]
+    assert sentences.dot_examples(cells) == ["a", "b"]
     fractions = pd.DataFrame({"image": ["a", "b", "c"], "n_annotated": [10, 5, 1], "n_detected": [9, 7, 0]})
-    assert report.dots_sentence(fractions, ["b", "a"]) == (
+    assert sentences.dots_sentence(fractions, ["b", "a"]) == (
         "Dots and detections per image: (a) 5 vs 7; (b) 10 vs 9. A nucleus the annotators did not mark "
         "counts as a false positive when it is found.")
 
@@ -447,19 +447,19 @@ def test_transfer_table_sentence_and_summary_by_hand():
                 ("synthetic", "BRCA-M2C"): scored(0.42, 0.6),
                 ("BRCA-M2C", "synthetic"): scored(0.55, 0.7),
                 ("BRCA-M2C", "BRCA-M2C"): scored(0.8, 0.75)}
-    table = report.transfer_table(transfer)
+    table = tables.transfer_table(transfer)
     assert table.to_dict("list") == {
         "trained on": ["synthetic", "synthetic", "BRCA-M2C", "BRCA-M2C"],
         "scored on": ["synthetic", "BRCA-M2C", "synthetic", "BRCA-M2C"],
         "detection F": [0.31, 0.42, 0.55, 0.8], "tumour F": [0.52, 0.6, 0.7, 0.75]}
-    text = report.transfer_sentence(transfer, {"disc_diameter": 15.0, "downscale": 2})
+    text = sentences.transfer_sentence(transfer, {"disc_diameter": 15.0, "downscale": 2})
     assert text.startswith(
         "Trained on synthetic patches, the network finds real nuclei with pooled F 0.42 against 0.80 "
         "for the real-trained one; trained on real patches, it finds synthetic nuclei with F 0.55 "
         "against 0.31 for the synthetic-trained one.")
     assert ("the paper's 15 px discs after a x2 downscale, where neighbouring synthetic nuclei sit a "
             "median 5.0 px apart at that scale") in text and "(it finds 1 centres for 3 dots)" in text
-    summary = report.real_he_summary([10, 12, 14], [8, 10], {"disc_diameter": 11, "downscale": 1},
+    summary = sentences.real_he_summary([10, 12, 14], [8, 10], {"disc_diameter": 11, "downscale": 1},
                                      "FPN", 12.4, _f1(0.62, 0.8, 0.58, 0.85), "test", transfer)
     assert summary.split("\n") == [
         "- Real nuclei need their own pixel scale: at 20x, with nuclei a median 9 px across and "
@@ -476,7 +476,7 @@ def test_transfer_table_sentence_and_summary_by_hand():
 # --------------------------------------------------------------------------------------------------
 # chapter 1: labels and stains beside real ones
 def test_kappa_bin_counts_by_hand():
-    table = report.kappa_bin_counts([0.0, 0.25, 0.26, 0.5, 0.9, 1.0])
+    table = statistics.kappa_bin_counts([0.0, 0.25, 0.26, 0.5, 0.9, 1.0])
     assert list(table.index) == ["[0, 0.25]", "(0.25, 0.5]", "(0.5, 0.75]", "(0.75, 1]"]
     assert table.iloc[:, 0].tolist() == [2, 2, 0, 2]
     assert table.columns.tolist() == ["patches (the 4 bins of Cohen's kappa)"]
@@ -485,7 +485,7 @@ def test_kappa_bin_counts_by_hand():
 def test_labels_sentence_by_hand():
     gap = {"zeros_real": 0.28, "zeros_synthetic": 0.1, "ks": 0.1234, "p": 0.00123, "n_synthetic": 200}
     law = {"n_synthetic": 200000, "ks": 0.0456}
-    assert report.labels_sentence([0.0, 0.2, 0.5], [0.1, 0.3], gap, law) == (
+    assert sentences.labels_sentence([0.0, 0.2, 0.5], [0.1, 0.3], gap, law) == (
         "28% of the real labels are 0 and 10% of the synthetic ones; the medians are 0.20 and 0.20. "
         "The two-sample KS statistic is 0.123 (p = 0.0012, 200 synthetic labels): part of the gap is "
         "the size of the synthetic set, part is that pathologists score in steps of 0.05, which a "
@@ -495,34 +495,34 @@ def test_labels_sentence_by_hand():
 def test_stain_sources_sentence_by_hand():
     stats = pd.DataFrame({"source": ["synthetic", "synthetic", "BRCA-M2C", "BRCA-M2C"],
                           "H": [0.1, 0.3, 0.5, 0.7], "E": [0.1, 0.1, 0.2, 0.2]})
-    assert report.stain_sources_sentence(stats) == (
+    assert sentences.stain_sources_sentence(stats) == (
         "Mean optical densities per source: BRCA-M2C H 0.600, E 0.200; synthetic H 0.200, E 0.100. "
         "The BRCA-M2C patches are stained 3.0 times as dark in haematoxylin as the synthetic ones: "
         "staining differs between labs and scanners, and the generator sits at the pale end of what "
         "these real images span.")
-    assert report.stain_sources_sentence(stats[stats.source == "synthetic"]) == (
+    assert sentences.stain_sources_sentence(stats[stats.source == "synthetic"]) == (
         "Mean optical densities per source: synthetic H 0.200, E 0.100. ")
 
 
 def test_learned_count_importance_caveat_and_schedule_text():
-    summary = pd.DataFrame({"learned": [True, False, False]}, index=["GBT", "SR", report.MEAN_PREDICTOR])
-    assert report.learned_count(summary, ["GBT", "SR"], "routes") == "1 of the 2 routes learned (GBT)"
-    assert report.learned_count(summary, ["SR"], "routes") == "0 of the 1 routes learned"
-    assert report.importance_caveat(summary) == (
+    summary = pd.DataFrame({"learned": [True, False, False]}, index=["GBT", "SR", statistics.MEAN_PREDICTOR])
+    assert sentences.learned_count(summary, ["GBT", "SR"], "routes") == "1 of the 2 routes learned (GBT)"
+    assert sentences.learned_count(summary, ["SR"], "routes") == "0 of the 1 routes learned"
+    assert sentences.importance_caveat(summary) == (
         "GBT has learned, so this ranking says what its predictions rest on.")
-    assert report.importance_caveat(summary, "SR").startswith("SR has not learned at this budget")
-    assert report.schedule_text({"direct_lr": 0.001, "direct_schedule": "one_cycle"}) == (
+    assert sentences.importance_caveat(summary, "SR").startswith("SR has not learned at this budget")
+    assert sentences.schedule_text({"direct_lr": 0.001, "direct_schedule": "one_cycle"}) == (
         "a one-cycle schedule (peak learning rate 0.001)")
-    assert report.schedule_text({"direct_lr": 1e-4, "direct_schedule": "decay"}) == (
+    assert sentences.schedule_text({"direct_lr": 1e-4, "direct_schedule": "decay"}) == (
         "a learning rate decaying from 0.0001 to 1e-05")
 
 
 def test_route_cost_sentence_by_hand():
-    cost = {"difference": report.Estimate(0.0041, 0.0012, 0.00705), "verdict": "does not hold"}
-    assert report.route_cost_sentence(cost) == (
+    cost = {"difference": statistics.Estimate(0.0041, 0.0012, 0.00705), "verdict": "does not hold"}
+    assert sentences.route_cost_sentence(cost) == (
         "Here the interpretable route costs 0.0041 in MSE (95% CI 0.0012 to 0.0070).")
-    assert report.route_cost_sentence({**cost, "verdict": "holds"}).endswith("it is the more accurate one.")
-    assert report.route_cost_sentence({**cost, "verdict": "undecided"}).startswith(
+    assert sentences.route_cost_sentence({**cost, "verdict": "holds"}).endswith("it is the more accurate one.")
+    assert sentences.route_cost_sentence({**cost, "verdict": "undecided"}).startswith(
         "Whether the interpretable route costs accuracy cannot be told")
 
 
@@ -538,7 +538,7 @@ def test_choose_detector_keeps_the_best_mean_of_pooled_and_tumour_f(monkeypatch)
         return SimpleNamespace(scores=lambda: tables[model])
 
     monkeypatch.setattr(detect, "score_annotated", score_annotated)
-    best, scores = report.choose_detector({"FPN": "a.pt", "U-Net": "b.pt"}, pd.DataFrame())
+    best, scores = scoring.choose_detector({"FPN": "a.pt", "U-Net": "b.pt"}, pd.DataFrame())
     assert best == "U-Net" and list(scores) == ["FPN", "U-Net"] and scores["FPN"] is tables["a.pt"]
     assert calls == [("a.pt", constants.DETECTION_THRESHOLD, False), ("b.pt", constants.DETECTION_THRESHOLD, False)]
-    assert report.choose_detector({"FPN": "a.pt"}, pd.DataFrame(), 0.5)[0] == "FPN" and calls[-1][1] == 0.5
+    assert scoring.choose_detector({"FPN": "a.pt"}, pd.DataFrame(), 0.5)[0] == "FPN" and calls[-1][1] == 0.5

@@ -306,7 +306,7 @@ def test_lost_to_mean_finds_the_models_that_fall_to_the_mean_predictor():
 
 
 def _clean(mse: dict, learned: dict | None = None) -> pd.DataFrame:
-    from cellulib.reporting.report import MEAN_PREDICTOR
+    from cellulib.reporting.statistics import MEAN_PREDICTOR
 
     learned = learned or {m: True for m in mse}
     return pd.DataFrame({"mse": {**mse, MEAN_PREDICTOR: 0.05},

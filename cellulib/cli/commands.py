@@ -177,7 +177,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from cellulib.metrics.agreement import format_ci
     from cellulib.reporting.evaluation import evaluate_pairs, match_predictions, train_mean_source
     from cellulib.reporting.plots import agreement_figure, save_figure
-    from cellulib.reporting.report import MEAN_PREDICTOR, learned
+    from cellulib.reporting.statistics import MEAN_PREDICTOR, learned
 
     pairs = match_predictions(args.pred, args.labels)
     proxy = "proxy" in pairs.columns

@@ -3,7 +3,7 @@ nucleus detection scores (the MCSpatNet protocol).
 
 Implements paper section 3.5 and SPEC section 5 with numpy, scipy and pandas only (no torch), so
 the book can evaluate predictions read from a CSV without loading a model. The paper's published
-numbers are :data:`cellulib.reporting.report.PAPER`.
+numbers are :data:`cellulib.reporting.paper.PAPER`.
 
 Degenerate inputs follow one rule everywhere: a statistic that is mathematically undefined for the
 given data (kappa when both raters use one and the same bin, PK when every truth value is tied, an
@@ -219,7 +219,7 @@ def kappa4(y_true, y_pred, weights=None) -> float:
     All four bins are always used as categories, so the linear and quadratic weights are the
     distances between bin indices even when a bin is empty (scikit-learn's ``cohen_kappa_score``
     agrees only when given ``labels=[0, 1, 2, 3]``). Used in chapters 3, 4 and 5 through
-    :func:`cellulib.reporting.report.results_table` (Table 3).
+    :func:`cellulib.reporting.tables.results_table` (Table 3).
 
     Parameters
     ----------
@@ -340,7 +340,7 @@ def icc(ratings, kind: str = "ICC2") -> float:
     ICC(A,1)); ICC3: two-way mixed, consistency (ICC(C,1)); the ``k`` forms are the reliability of
     the mean of the k raters. The book reports ICC2 = ICC(2,1) for model vs. pathologist, where the
     two columns are the truth and the prediction. Used in chapters 3, 4 and 5 through
-    :func:`cellulib.reporting.report.results_table` (Table 3).
+    :func:`cellulib.reporting.tables.results_table` (Table 3).
 
     Parameters
     ----------
@@ -377,7 +377,7 @@ def icc_ci(ratings, kind: str = "ICC2", alpha: float = 0.05) -> tuple[float, flo
     The same formulas as pingouin's ``intraclass_corr`` and R's ``psych::ICC``: exact F intervals
     for ICC1/ICC3 and their k forms, and the Satterthwaite approximation (degrees of freedom ``v``)
     for ICC2, whose k form is the Spearman-Brown transform of the ICC2 limits. Paper Table 3
-    brackets. Used in chapters 3, 4 and 5 through :func:`cellulib.reporting.report.results_table` (Table 3).
+    brackets. Used in chapters 3, 4 and 5 through :func:`cellulib.reporting.tables.results_table` (Table 3).
 
     Parameters
     ----------
@@ -473,8 +473,8 @@ def prediction_probability(y_true, y_pred) -> float:
     concordant pairs, Q discordant pairs and T pairs tied in the prediction only; pairs tied in the
     truth are left out. Equivalently PK = (1 + Somers' D(pred | truth)) / 2. Computed in
     O(n log^2 n) without forming the pairs. The paper does not report PK; the challenge's best test
-    PK (.941) and the pathologists' (.927) are in :data:`cellulib.reporting.report.PAPER`. Used in chapters 3,
-    4 and 5 through :func:`cellulib.reporting.report.results_table`.
+    PK (.941) and the pathologists' (.927) are in :data:`cellulib.reporting.paper.PAPER`. Used in chapters 3,
+    4 and 5 through :func:`cellulib.reporting.tables.results_table`.
 
     Parameters
     ----------
@@ -588,7 +588,7 @@ def bootstrap_ci(
     once per resample. Resamples on which the metric is undefined (it raises
     :class:`UndefinedMetricError` or returns NaN, e.g. kappa when every drawn patch falls in one
     bin) are skipped and a :class:`MetricWarning` says how many. Used in chapters 3, 4 and 5 through
-    :func:`cellulib.reporting.report.results_table`.
+    :func:`cellulib.reporting.tables.results_table`.
 
     Parameters
     ----------
@@ -682,8 +682,8 @@ def evaluate(y_true, y_pred, n_boot: int = 2000, seed=0, alpha: float = 0.05,
     4 bins) and PK get a percentile bootstrap interval (:func:`bootstrap_ci`, same seed for each);
     ICC(2,1) gets the analytic interval (:func:`icc_ci`) with the truth and the prediction as the
     two raters of an (n, 2) matrix. A metric that is undefined on these data is NaN, with a
-    warning. Used in chapters 3, 4 and 5 through :func:`cellulib.reporting.report.results_table` to print
-    Tables 2 and 3 beside :data:`cellulib.reporting.report.PAPER`.
+    warning. Used in chapters 3, 4 and 5 through :func:`cellulib.reporting.tables.results_table` to print
+    Tables 2 and 3 beside :data:`cellulib.reporting.paper.PAPER`.
 
     Parameters
     ----------
@@ -743,7 +743,7 @@ def evaluate(y_true, y_pred, n_boot: int = 2000, seed=0, alpha: float = 0.05,
 def format_ci(value: float, lo: float, hi: float, digits: int = 3) -> str:
     """Format a value with its interval as the paper prints it: ``0.023 [0.019-0.026]``.
 
-    Used in chapters 3, 4 and 5 through :func:`cellulib.reporting.report.results_table` so that our tables
+    Used in chapters 3, 4 and 5 through :func:`cellulib.reporting.tables.results_table` so that our tables
     read like paper Tables 2 and 3.
 
     Examples
@@ -864,7 +864,7 @@ def precision_recall_f1(tp, fp, fn) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     """Precision, recall and F from TP, FP and FN counts (numbers or arrays, elementwise).
 
     MCSpatNet's conventions: an empty denominator gives 1, and P + R = 0 gives F = 0. Used by
-    :func:`scores_from_counts` and by the bootstrap of `cellulib.reporting.report` (the real-H&E chapter).
+    :func:`scores_from_counts` and by the bootstrap of `cellulib.reporting.paper` (the real-H&E chapter).
 
     Examples
     --------

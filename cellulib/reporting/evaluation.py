@@ -179,7 +179,7 @@ def evaluate_files(pred_csv: PathLike, labels_csv: PathLike, n_boot: int = 2000,
     ``train_mean`` (the mean of the model's training labels) the mean predictor is scored on the
     same patches and its MSE added as a row ``MSE (mean predictor)``, same seed, so same
     resamples; the model has learned when ``MSE``'s ``ci_high`` is below that row's ``value``
-    (:func:`cellulib.reporting.report.learned`, SPEC 5.1). Used by ``cellulib evaluate`` and in chapter 5
+    (:func:`cellulib.reporting.statistics.learned`, SPEC 5.1). Used by ``cellulib evaluate`` and in chapter 5
     (discussion).
 
     Returns
@@ -220,7 +220,7 @@ def evaluate_pairs(pairs: pd.DataFrame, n_boot: int, seed: int,
         evaluate,
         spearman,
     )
-    from cellulib.reporting.report import MEAN_PREDICTOR, mean_predictor_predictions, mse_ci
+    from cellulib.reporting.statistics import MEAN_PREDICTOR, mean_predictor_predictions, mse_ci
 
     y_true, y_pred = pairs["y_true"].to_numpy(), pairs["y_pred"].to_numpy()
     groups, what = bootstrap_clusters(pairs)
@@ -253,7 +253,7 @@ def train_mean_source(pred_csv: PathLike, train_mean: float | None = None,
     ``path,cellularity`` file); the ``train_mean`` recorded in the model file named by the
     predictions' sidecar ``pred_csv + ".json"``. Never a guess: ``(None, reason)`` otherwise.
     """
-    from cellulib.reporting.report import _check_train_mean
+    from cellulib.reporting.statistics import _check_train_mean
 
     if train_mean is not None:
         return _check_train_mean(train_mean), "--train-mean"

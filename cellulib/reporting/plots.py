@@ -434,13 +434,13 @@ def save_figure(fig: plt.Figure, path: str | os.PathLike, dpi: int = 120) -> Pat
 def mse_summary(summary: pd.DataFrame, title: str = "") -> plt.Figure:
     """Every model's validation MSE with its 95% CI, the mean predictor and the paper's MSE.
 
-    ``summary`` is :func:`cellulib.reporting.report.mse_summary`: one row per model (``mse``, ``ci_low``,
+    ``summary`` is :func:`cellulib.reporting.statistics.mse_summary`: one row per model (``mse``, ``ci_low``,
     ``ci_high``, ``learned``, ``paper_random``, ``paper_imagenet``) and a ``Mean predictor`` row,
     drawn as a vertical line with its CI as a band. Models that learned (their CI ends left of the
     line, SPEC 5.1) are filled dots, the others open. The paper's random-init and ImageNet values
     (Table 2, on the real data) are marked beside ours. Used in chapter 5.
     """
-    from cellulib.reporting.report import MEAN_PREDICTOR
+    from cellulib.reporting.statistics import MEAN_PREDICTOR
 
     models = summary.drop(index=MEAN_PREDICTOR, errors="ignore")
     fig, ax = plt.subplots(figsize=(7.5, 0.55 * len(models) + 1.9))

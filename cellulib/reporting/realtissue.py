@@ -33,7 +33,8 @@ from cellulib.metrics.agreement import (
     prediction_probability,
     spearman,
 )
-from cellulib.reporting.report import Estimate, claim_words, verdict
+from cellulib.reporting.statistics import Estimate
+from cellulib.reporting.verdicts import claim_words, verdict
 
 __all__ = ["BASELINE", "BREASTPATHQ_PATCH", "FLOORS", "REAL_TISSUE_VERSION", "breastpathq_truth",
            "detector_share", "finding_sentence", "floors_table", "lever_sentence", "lever_table",

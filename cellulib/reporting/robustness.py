@@ -8,7 +8,7 @@ same tissue in twice the pixels) gives four windows of half the field, each with
 size the model learned. The remedies are scored the same way: stain normalisation to the training
 set's stain (the reference stored in the model file) and the true pixel size (``--mpp``).
 
-The comparison follows SPEC 5.1 (:func:`cellulib.reporting.report.verdict`): a difference counts only when its
+The comparison follows SPEC 5.1 (:func:`cellulib.reporting.verdicts.verdict`): a difference counts only when its
 95% paired-bootstrap CI excludes 0 and the models compared learned on the unshifted images. Used in
 the stain-shift chapter.
 """
@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
-from cellulib.reporting.report import Estimate, paired_mean
+from cellulib.reporting.statistics import Estimate, paired_mean
 
 __all__ = [
     "GRID",
@@ -301,7 +301,7 @@ def _score_settings(predictors: Mapping[str, Any], paths: list[str], y_true: np.
                                       "path": paths, "y_true": y_true,
                                       "y_pred": _score(pred, images)}))
         if train_mean is not None:
-            from cellulib.reporting.report import MEAN_PREDICTOR
+            from cellulib.reporting.statistics import MEAN_PREDICTOR
 
             rows.append(pd.DataFrame({"model": MEAN_PREDICTOR, "kind": kind, "strength": strength,
                                       "path": paths, "y_true": y_true,
@@ -405,7 +405,7 @@ def icc_table(scores: pd.DataFrame, models: Sequence[str] | None = None,
 
 def route_summary(verdicts: Mapping[str, str]) -> str:
     """One sentence on the paper's argument from the verdicts of the route comparison (setting ->
-    :func:`cellulib.reporting.report.verdict` of "the segmentation routes lose less")."""
+    :func:`cellulib.reporting.verdicts.verdict` of "the segmentation routes lose less")."""
     holds = [k for k, v in verdicts.items() if v == "holds"]
     against = [k for k, v in verdicts.items() if v == "does not hold"]
     n = len(verdicts)
@@ -567,8 +567,8 @@ def lost_to_mean(scores: pd.DataFrame, models: Sequence[str], settings: Mapping[
                  mean_mse: float, n_boot: int = 2000, seed: int = 0) -> list[tuple[str, float, str]]:
     """The floor under shift: ``(kind, strength, model)`` for every model and setting at which the
     model no longer beats the mean predictor (the upper end of its MSE's 95% CI is not below
-    ``mean_mse``, :func:`cellulib.reporting.report.learned`). Used in the stain-shift chapter."""
-    from cellulib.reporting.report import learned, mse_ci
+    ``mean_mse``, :func:`cellulib.reporting.statistics.learned`). Used in the stain-shift chapter."""
+    from cellulib.reporting.statistics import learned, mse_ci
 
     lost = []
     for kind, strengths in settings.items():
@@ -587,9 +587,9 @@ def degradation_sentence(clean: pd.DataFrame, summary: pd.DataFrame,
                          strong: Mapping[str, Sequence[float]]) -> str:
     """How much the worst shift costs each route, and which model-shift pairs fall to the mean
     predictor (:func:`lost_to_mean` at the ``strong`` settings), in words. ``clean`` is the
-    unshifted :func:`cellulib.reporting.report.mse_summary`, ``summary`` the :func:`shift_summary`. Used in
+    unshifted :func:`cellulib.reporting.statistics.mse_summary`, ``summary`` the :func:`shift_summary`. Used in
     the stain-shift chapter."""
-    from cellulib.reporting.report import MEAN_PREDICTOR, all_learned
+    from cellulib.reporting.statistics import MEAN_PREDICTOR, all_learned
 
     models = [m for ms in routes.values() for m in ms]
     worst = summary[summary.kind != "none"].sort_values("mse").groupby("model").tail(1).set_index("model")
@@ -621,10 +621,10 @@ def route_table(scores: pd.DataFrame, settings: Mapping[str, Sequence[float]],
                 n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
     """The paper's claim per shift setting: the mean rise in MSE of the segmentation routes minus
     that of the direct models (:func:`degradation_difference`), and the same for one ``pair`` of
-    models (segmentation, direct), each with its :func:`cellulib.reporting.report.verdict` (undecided unless
+    models (segmentation, direct), each with its :func:`cellulib.reporting.verdicts.verdict` (undecided unless
     ``all_learned``). Used in the stain-shift chapter."""
     from cellulib.metrics.agreement import format_ci
-    from cellulib.reporting.report import verdict
+    from cellulib.reporting.verdicts import verdict
 
     rows = []
     for kind, strengths in settings.items():
@@ -662,10 +662,10 @@ def detection_shift_table(counts: Mapping[tuple[str, float], pd.DataFrame], n_bo
                           seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Pooled and tumour F of a detector under each shift (:func:`detection_under_shifts`), and
     the change against the unshifted images with a 95% paired-bootstrap CI over the images
-    (:func:`cellulib.reporting.report.paired_detection_difference`): the table, and the changes as rows of
+    (:func:`cellulib.reporting.statistics.paired_detection_difference`): the table, and the changes as rows of
     :func:`cellulib.reporting.plots.estimate_whiskers`. Used in the stain-shift chapter."""
     from cellulib.metrics.agreement import format_ci, scores_from_counts
-    from cellulib.reporting.report import paired_detection_difference
+    from cellulib.reporting.statistics import paired_detection_difference
 
     base = counts[("none", 0.0)]
     rows, whisk = [], []
@@ -767,15 +767,15 @@ def remedy_table(remedies: Mapping[str, pd.DataFrame], scores: pd.DataFrame, mod
     """What each remedy changes: for every remedy (name -> its :func:`score_under_shifts` table,
     :func:`remedy_scores`), model and setting it addresses, the MSE without (``scores``) and with
     it, the change with a 95% paired-bootstrap CI (:func:`mse_change`) and its verdict
-    ("helps", "hurts" or "undecided", :func:`cellulib.reporting.report.claim_words`). The true pixel size addresses the ``scale`` shifts only (it changes
+    ("helps", "hurts" or "undecided", :func:`cellulib.reporting.verdicts.claim_words`). The true pixel size addresses the ``scale`` shifts only (it changes
     nothing on unshifted patches); stain normalisation and jitter address the stain shifts and the
     unshifted patches, which they must not spoil. A verdict is undecided unless the model learned
     without the remedy (``all_learned``) and with it: the retrained models of ``"{AUGMENT}
-    jitter"`` by their unshifted :func:`cellulib.reporting.report.mse_summary`, ``augmented``. Returns the
+    jitter"`` by their unshifted :func:`cellulib.reporting.statistics.mse_summary`, ``augmented``. Returns the
     table and the changes as rows of :func:`cellulib.reporting.plots.estimate_whiskers`. Used in the
     stain-shift chapter."""
     from cellulib.metrics.agreement import format_ci
-    from cellulib.reporting.report import claim_words, verdict
+    from cellulib.reporting.verdicts import claim_words, verdict
 
     order = list(GRID)
     rows, whisk = [], []
@@ -816,9 +816,9 @@ def remedy_tally(table: pd.DataFrame) -> dict[str, str]:
 def remedy_sentence(table: pd.DataFrame, clean: pd.DataFrame, augmented: pd.DataFrame | None,
                     augment: str) -> str:
     """A :func:`remedy_table` in words, with the unshifted MSE of the models retrained with stain
-    augmentation (``augmented``, their :func:`cellulib.reporting.report.mse_summary`; None when ``augment``
+    augmentation (``augmented``, their :func:`cellulib.reporting.statistics.mse_summary`; None when ``augment``
     is ``"none"``) beside those without (``clean``). Used in the stain-shift chapter."""
-    from cellulib.reporting.report import learned_sentence
+    from cellulib.reporting.sentences import learned_sentence
 
     text = ("Per remedy, over the cheapest model of each route and the shifts it addresses (a "
             "change counts when its CI excludes 0): "
