@@ -273,7 +273,7 @@ def test_exercises_run_with_their_parameters_and_reach_the_teachers_page(tmp_pat
     monkeypatch.setenv("CELLULIB_HOME", str(home))
     _demo_source(notebooks).rename(notebooks / "02_weak_segmentation.ipynb")
     out = subprocess.run(
-        [sys.executable, "-c", "import sys; from cellulib import bookstatus as b; "
+        [sys.executable, "-c", "import sys; from cellulib.bench import bookstatus as b; "
          "b.EXERCISE_PARAMETERS['02_weak_segmentation'] = {'a': 5}; sys.exit(b.main(sys.argv[1:]))",
          "--execute-exercises", str(tmp_path / "ex"), "--notebooks", str(notebooks),
          "--chapters", str(tmp_path / "none"), "--teachers", str(tmp_path / "teachers.md")],

@@ -91,7 +91,7 @@ def test_real_data_from_the_environment_or_the_checkout(tmp_path, monkeypatch):
 
     monkeypatch.delenv("CELLULIB_REAL_DATA")
     installed = tmp_path / "site-packages" / "shared" / "data" / "real"  # never created
-    monkeypatch.setattr(profiles, "_CHECKOUT_REAL", installed)
+    monkeypatch.setattr(paths, "_CHECKOUT_REAL", installed)
     assert paths.real_dir() is None
     text = paths.real_data_missing("The real H&E images", parameter=None)
     assert text.startswith("The real H&E images not found (CELLULIB_REAL_DATA is not set")
@@ -105,4 +105,4 @@ def test_a_checkout_finds_the_shared_real_data(monkeypatch):
     if not shared.is_dir():
         pytest.skip(f"no real data beside this checkout ({shared})")
     assert paths.real_dir() == shared
-    assert shared == Path(profiles.__file__).resolve().parents[2] / "shared" / "data" / "real"
+    assert shared == Path(paths.__file__).resolve().parents[3] / "shared" / "data" / "real"

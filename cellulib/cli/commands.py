@@ -487,7 +487,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     from cellulib.reporting.robustness import SHIFT_VERSION
     from cellulib.training import cache, train
 
-    # derived results (store.derived_frame) are current for these code versions
+    # derived results (cache.derived_frame) are current for these code versions
     derived = {**train.derived_versions(), "shift": SHIFT_VERSION, "detection": DETECTION_VERSION,
                "real_tissue": REAL_TISSUE_VERSION}
     if args.action == "list":

@@ -1,7 +1,7 @@
 """Datasets: the BreastPathQ reader (labels, folders, patients, cell-centroid XML), the training
 Datasets and splits, and their DataLoaders.
 
-One loader reads the real BreastPathQ dataset and what `cellulib.data.synth` writes (SPEC 1.1):
+One loader reads the real BreastPathQ dataset and what `cellulib.data.synthset` writes (SPEC 1.1):
 
 ```
 ROOT/datasets/{train,validation}/{slide}_{rid}.tif

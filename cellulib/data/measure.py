@@ -169,7 +169,8 @@ def label_distance(real, synthetic) -> dict[str, float]:
 
 
 def law_distance(real, n: int = 200_000, seed=0) -> dict[str, float]:
-    """How far the label law itself (:func:`sample_cellularity`) is from real labels: `label_distance`
+    """How far the label law itself (:func:`cellulib.data.synth.sample_cellularity`) is from real
+    labels: `label_distance`
     to ``n`` draws rounded to 0.01, as pathologists' scores are. With many draws the KS statistic
     measures the law, not the size of a synthetic set; on the real training labels it is 0.05 (the
     real labels are mostly multiples of 0.05, which a smooth law cannot copy). Used in chapter 1.

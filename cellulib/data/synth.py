@@ -110,9 +110,10 @@ def sample_cellularity(n: int, seed=0) -> np.ndarray:
     tumour); their positive part has a broad mass at low values and a second mode near 1. The
     mixture is `ZERO_SHARE` exact zeros and, for the rest, `LOW_SHARE` Beta(1.5, 4.0) and the
     remainder Beta(1.5, 0.6): a two-Beta maximum-likelihood fit to the 1724 positive real labels,
-    rounded to one decimal. :func:`law_distance` measures it against the real labels.
+    rounded to one decimal. :func:`cellulib.data.measure.law_distance` measures it against the real
+    labels.
     Chapter 1 (data exploration) names it and compares the labels it gave the synthetic dataset
-    (through :func:`make_breastpathq`) with the real ones.
+    (through :func:`cellulib.data.synthset.make_breastpathq`) with the real ones.
 
     Parameters
     ----------
@@ -147,7 +148,8 @@ class SlideStyle:
 
     Real patches of one slide share their stain intensity, stain hue and tumour morphology; the
     generator draws one style per slide so that patches of a slide look alike and patient-level
-    splits matter.  No notebook uses it directly: :func:`make_breastpathq` draws one per slide.
+    splits matter.  No notebook uses it directly: :func:`cellulib.data.synthset.make_breastpathq`
+    draws one per slide.
     """
 
     h_vector: np.ndarray
@@ -170,7 +172,8 @@ def sample_slide_style(seed=0) -> SlideStyle:
     of cellularity, so colour alone cannot give the label (SPEC 1.2).  The tumour grade (cell
     spacing, nucleus size, pleomorphism) and the malignant description written to the cell XML
     (IDC, ILC, DCIS 2, DCIS 3) are per slide too.  No notebook calls it directly: it is used through
-    :func:`make_breastpathq` (and :func:`render_patch` when no style is given).
+    :func:`cellulib.data.synthset.make_breastpathq` (and :func:`render_patch` when no style is
+    given).
 
     Parameters
     ----------
@@ -1455,8 +1458,9 @@ def render_patch(size: int = 512, cellularity: float | None = None, seed=0, *,
     The layout aims at ``cellularity`` (drawn from :func:`sample_cellularity` when None) by growing
     tumour nests over the right share of the tissue; the returned ``cellularity`` is the realised
     truth, recomputed from the masks, and usually within 0.02 of the target.  No notebook calls it
-    directly: :func:`make_breastpathq` renders every synthetic patch with it, and that dataset
-    (``profiles.get_dataset``) is what every chapter reads on synthetic data; ``cellulib.bench.suite``
+    directly: :func:`cellulib.data.synthset.make_breastpathq` renders every synthetic patch with it,
+    and that dataset (``datasets.get_dataset``) is what every chapter reads on synthetic data;
+    ``cellulib.bench.suite``
     times it.
 
     The patch is built by a fixed sequence of stages (layout, cells, truth, stain densities,

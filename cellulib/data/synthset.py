@@ -100,7 +100,8 @@ def make_breastpathq(root, n_train: int, n_val: int, n_cells: int, size: int = 5
     PathCore XML, ``ROOT/patient_ids.csv`` and ``ROOT/truth.csv`` (split, slide, rid, exact
     cellularity, target, label written, nuclei per class, tissue fraction).
 
-    Slides get 5-digit ids, patches of a slide share its :class:`SlideStyle`, and each patient owns
+    Slides get 5-digit ids, patches of a slide share its :class:`cellulib.data.synth.SlideStyle`,
+    and each patient owns
     one to three slides.  Validation patches come from held-out slides of held-out patients (in the
     real challenge data the split is not documented at slide level; held-out slides make the
     validation score an honest estimate for new slides).  Every file is written atomically; the
@@ -122,7 +123,7 @@ def make_breastpathq(root, n_train: int, n_val: int, n_cells: int, size: int = 5
     progress : bool
         Show a tqdm progress bar.
     scale : float
-        Pixels per BreastPathQ pixel (see :func:`render_patch`).
+        Pixels per BreastPathQ pixel (see :func:`cellulib.data.synth.render_patch`).
 
     Returns
     -------

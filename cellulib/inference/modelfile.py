@@ -217,7 +217,7 @@ def read_info(path: str | os.PathLike) -> dict[str, Any]:
     """A model file's ``family``, ``config``, ``meta`` and ``cellulib_version`` without loading
     its weights (the archive is memory-mapped, so this is fast for any size). Raises
     :class:`ModelFileError` naming the file when it is not a readable cellulib model file. Used by
-    :func:`cache_entries`."""
+    :func:`cellulib.training.cache.cache_entries`."""
     payload = _read_payload(Path(path), mmap=True)
     return {k: payload.get(k) for k in ("family", "config", "meta", "cellulib_version")}
 

@@ -17,7 +17,8 @@ def normalizer_from_options(method: str | None, target: str | Path | None = None
 
     The target image is fitted when given. Without one, the stored reference of ``model`` (a model
     file or the ``(model, info)`` pair of :func:`cellulib.load_model`; ``meta["stain"][method]``,
-    the stain of its training set, :func:`cellulib.data.stain.training_reference`) is used; otherwise :class:`StainError` says that
+    the stain of its training set, :func:`cellulib.data.stain.training_reference`) is used;
+    otherwise :class:`cellulib.data.stain.StainError` says that
     a target is needed. Called before anything is written, so a bad target loses nothing. Used by
     ``cellulib predict``, ``detect`` and ``slide``.
     """

@@ -864,7 +864,7 @@ def precision_recall_f1(tp, fp, fn) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     """Precision, recall and F from TP, FP and FN counts (numbers or arrays, elementwise).
 
     MCSpatNet's conventions: an empty denominator gives 1, and P + R = 0 gives F = 0. Used by
-    :func:`scores_from_counts` and by the bootstrap of `cellulib.reporting.paper` (the real-H&E chapter).
+    :func:`scores_from_counts` and by the bootstrap of `cellulib.reporting.statistics` (the real-H&E chapter).
 
     Examples
     --------

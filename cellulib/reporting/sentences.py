@@ -45,7 +45,8 @@ def learned_sentence(summary: pd.DataFrame, names: Sequence[str] | None = None) 
     """One clause per model saying whether it learned, with the numbers that decide it.
 
     E.g. "GBT has learned (95% CI of its MSE 0.0081-0.0120, below the mean predictor's 0.0402)".
-    ``summary`` is :func:`mse_summary` with a mean predictor. SPEC 5.1; used in chapters 3 and 4.
+    ``summary`` is :func:`cellulib.reporting.statistics.mse_summary` with a mean predictor. SPEC
+    5.1; used in chapters 3 and 4.
     """
     if MEAN_PREDICTOR not in summary.index:
         return "no mean predictor was given, so whether the models learned is not known"
@@ -66,7 +67,8 @@ def learned_sentence(summary: pd.DataFrame, names: Sequence[str] | None = None) 
 
 
 def learned_count(summary: pd.DataFrame, names: Sequence[str], what: str) -> str:
-    """How many of the models ``names`` learned (:func:`mse_summary`), and which:
+    """How many of the models ``names`` learned
+    (:func:`cellulib.reporting.statistics.mse_summary`), and which:
     ``"2 of the 2 segmentation routes learned (GBT, ResNet34 (SR))"``, ``what`` naming the
     models. Used in chapter 3."""
     ok = [name for name in names if summary.loc[name, "learned"]]
@@ -76,7 +78,8 @@ def learned_count(summary: pd.DataFrame, names: Sequence[str], what: str) -> str
 
 def importance_caveat(summary: pd.DataFrame, model: str = "GBT") -> str:
     """What a feature ranking of ``model`` says, given whether the model learned
-    (:func:`mse_summary`): what its predictions rest on, or mostly noise. Used in chapter 3."""
+    (:func:`cellulib.reporting.statistics.mse_summary`): what its predictions rest on, or mostly
+    noise. Used in chapter 3."""
     if summary.loc[model, "learned"]:
         return f"{model} has learned, so this ranking says what its predictions rest on."
     return (f"{model} has not learned at this budget (the 95% CI of its MSE reaches the mean "
@@ -94,7 +97,8 @@ def schedule_text(settings: Mapping[str, Any], prefix: str = "direct") -> str:
 
 
 def route_cost_sentence(comparison: Mapping[str, Any]) -> str:
-    """What the interpretable route costs in accuracy, from :func:`compare` of the best
+    """What the interpretable route costs in accuracy, from
+    :func:`cellulib.reporting.verdicts.compare` of the best
     segmentation-route model (``better``) against the best direct one: nothing (it is the more
     accurate), its paired MSE difference with the CI, or that the numbers cannot tell. Used in
     chapter 5."""
@@ -199,10 +203,13 @@ def decoder_sentence(val_scores: Mapping[str, pd.DataFrame], best: str, threshol
                      report_split: str, n_images: int, difference: Estimate) -> str:
     """The real-H&E chapter's choice of decoder and its test of the paper's ranking, in words:
     pooled and tumour F of FPN and U-Net on the held-out patients (``val_scores``,
-    :func:`cellulib.metrics.agreement.detection_scores` tables), the decoder :func:`best_detector` keeps,
+    :func:`cellulib.metrics.agreement.detection_scores` tables), the decoder
+    :func:`cellulib.reporting.scoring.best_detector` keeps,
     FPN minus U-Net in pooled F on the reported split (``difference``,
-    :func:`paired_detection_difference`) with its :func:`verdict`, and the floors
-    (:data:`REAL_FLOORS`, :func:`floors_missed`). Used in the real-H&E chapter."""
+    :func:`cellulib.reporting.statistics.paired_detection_difference`) with its
+    :func:`cellulib.reporting.verdicts.verdict`, and the floors
+    (:data:`cellulib.reporting.verdicts.REAL_FLOORS`,
+    :func:`cellulib.reporting.verdicts.floors_missed`). Used in the real-H&E chapter."""
     names = BRCA_M2C_NAMES
     f = {name: (t.loc["detection", "f1"], t.loc["malignant", "f1"]) for name, t in val_scores.items()}
     missed = {name: floors_missed(t) for name, t in val_scores.items()}
@@ -263,7 +270,8 @@ def confusion_sentence(confusion: pd.DataFrame) -> str:
 
 def jaccard_sentence(jaccard: pd.DataFrame) -> str:
     """The mean Jaccard of the FPN and U-Net columns of ``jaccard`` (rows named as in
-    :data:`BRCA_M2C_NAMES`) beside the paper's Table 1, in words. Used in the real-H&E chapter."""
+    :data:`cellulib.reporting.tables.BRCA_M2C_NAMES`) beside the paper's Table 1, in words. Used in
+    the real-H&E chapter."""
     numbers = book_numbers()
     return (f"The mean over the three classes is {jaccard.loc['mean (nuclei)', 'FPN']:.3f} for FPN "
             f"and {jaccard.loc['mean (nuclei)', 'U-Net']:.3f} for U-Net (the paper, BreastPathQ "
@@ -308,7 +316,8 @@ def _transfer_f(scored: Mapping[tuple[str, str], Any]) -> dict[tuple[str, str], 
 
 
 def transfer_sentence(scored: Mapping[tuple[str, str], Any], settings: Mapping[str, Any]) -> str:
-    """A :func:`transfer_table` of the synthetic- and the BRCA-M2C-trained network in words, with
+    """A :func:`cellulib.reporting.tables.transfer_table` of the synthetic- and the
+    BRCA-M2C-trained network in words, with
     why the synthetic one does not count nuclei (its disc and downscale, ``settings``, against the
     spacing of the synthetic nuclei). Used in the real-H&E chapter."""
     from cellulib.data.annotations import nearest_dot_distances
@@ -336,7 +345,8 @@ def real_he_summary(nn_distance, diameters, settings: Mapping[str, Any], best: s
                     scored: Mapping[tuple[str, str], Any]) -> str:
     """The real-H&E chapter's summary, one bullet each: the pixel scale (``settings`` of the
     BRCA-M2C networks), the kept network against MCSpatNet (``scores`` on the reported split) and
-    the transfer between datasets (``scored``, as :func:`transfer_table`). Used in the real-H&E
+    the transfer between datasets (``scored``, as
+    :func:`cellulib.reporting.tables.transfer_table`). Used in the real-H&E
     chapter."""
     from cellulib.constants import DISC_DIAMETER, SEG_DOWNSCALE
 

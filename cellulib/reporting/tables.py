@@ -59,7 +59,8 @@ def results_table(preds: dict[str, pd.DataFrame], n_boot: int = 2000, seed: int 
     models are trained from random initialisation, so our MSE sits beside the paper's random-init
     column and the paper's ImageNet column is shown for reference; the paper's kappa and ICC are
     ImageNet-only. With ``all_paper_rows`` every row of the paper appears, "not run" where we have
-    no model. With ``train_mean`` (the training labels' mean) a :data:`MEAN_PREDICTOR` row is
+    no model. With ``train_mean`` (the training labels' mean) a
+    :data:`cellulib.reporting.statistics.MEAN_PREDICTOR` row is
     scored like a model and a ``learned`` column says "yes" when the upper end of a model's MSE CI
     is below the mean predictor's MSE (SPEC 5.1). Paper section 3.5; SPEC 5. Used in chapters 3,
     4 and 5.

@@ -51,7 +51,7 @@ REAL_FLOORS = {"lymphocyte": 0.55, "malignant": 0.75, "normal": 0.55, "detection
 def floors_missed(table: pd.DataFrame, floors: Mapping[str, float] | None = None) -> dict[str, float]:
     """The rows of a :func:`cellulib.metrics.agreement.detection_scores` table whose F is under its floor
     (`REAL_FLOORS` by default), with that F; empty when every floor is met. Used in the real-H&E
-    chapter through :func:`decoder_sentence`.
+    chapter through :func:`cellulib.reporting.sentences.decoder_sentence`.
 
     Examples
     --------
@@ -69,7 +69,8 @@ def verdict(difference: Estimate, learned_a: bool, learned_b: bool,
             lower_is_better: bool = True) -> str:
     """The verdict on the paper's claim "A is better than B" (SPEC 5.1).
 
-    ``difference`` is A minus B with its CI (:func:`paired_mse_difference`: lower is better).
+    ``difference`` is A minus B with its CI
+    (:func:`cellulib.reporting.statistics.paired_mse_difference`: lower is better).
     "holds" when both learned and the CI lies entirely on A's side of 0, "does not hold" when both
     learned and it lies entirely on B's side, else "undecided". Used in chapter 5, and in chapters 3
     and 4 through :func:`cellulib.reporting.verdicts.compare`.
@@ -97,7 +98,8 @@ def compare(preds: Mapping[str, pd.DataFrame], better: str, worse: str, train_me
             ) -> dict[str, Any]:
     """Test the paper's claim that model ``better`` has a lower MSE than model ``worse``.
 
-    Combines :func:`mse_summary` (who learned), :func:`paired_mse_difference` and :func:`verdict`
+    Combines :func:`cellulib.reporting.statistics.mse_summary` (who learned),
+    :func:`cellulib.reporting.statistics.paired_mse_difference` and :func:`verdict`
     into the pieces of a sentence a chapter glues: ``phrase`` is "beats", "does worse than",
     "cannot be told apart from" or "cannot be ranked against" (when one of them has not learned);
     ``detail`` gives the MSEs and the CI of the difference; ``sentence`` is
@@ -106,7 +108,8 @@ def compare(preds: Mapping[str, pd.DataFrame], better: str, worse: str, train_me
     Returns
     -------
     dict
-        ``better``, ``worse``, ``mse_better``, ``mse_worse``, ``difference`` (:class:`Estimate`,
+        ``better``, ``worse``, ``mse_better``, ``mse_worse``, ``difference``
+        (:class:`cellulib.reporting.statistics.Estimate`,
         better minus worse), ``learned_better``, ``learned_worse``, ``verdict``, ``phrase``,
         ``detail``, ``sentence``.
     """
@@ -158,9 +161,12 @@ def decoder_finding(seg, root=None, n_boot: int = 2000, seed: int = 0) -> dict[s
     """The paper's Table 1 finding "the FPN decoder beats the U-Net decoder", decided by a CI.
 
     ``seg`` maps ``"fpn"`` and ``"unet"`` to their training results (random init). With ``root``
-    the per-image Jaccard (:func:`segmentation_counts`) gives a paired bootstrap CI of the
-    difference (:func:`paired_jaccard_difference`) and each network's "learned" verdict
-    (:func:`jaccard_summary`); without it the finding stays undecided. Returns one row of
+    the per-image Jaccard (:func:`cellulib.reporting.scoring.segmentation_counts`) gives a paired
+    bootstrap CI of the
+    difference (:func:`cellulib.reporting.statistics.paired_jaccard_difference`) and each network's
+    "learned" verdict
+    (:func:`cellulib.reporting.statistics.jaccard_summary`); without it the finding stays
+    undecided. Returns one row of
     :func:`findings` (``paper's finding``, ``verdict``, ``ours``, ``paper``, ``why``). SPEC 5.1;
     used in chapter 2, and in chapter 5 through :func:`cellulib.reporting.verdicts.findings`.
     """
@@ -205,7 +211,8 @@ def findings(preds: Mapping[str, pd.DataFrame], train_mean: float,
 
     - FPN decoder beats U-Net decoder (Table 1): paired bootstrap over validation images of the
       mean nuclear Jaccard (``seg`` maps ``"fpn"``/``"unet"`` to segmentation results, ``root``
-      is their data; :func:`segmentation_counts`, :func:`jaccard_summary`);
+      is their data; :func:`cellulib.reporting.scoring.segmentation_counts`,
+      :func:`cellulib.reporting.statistics.jaccard_summary`);
     - SR beats GBT (Table 2), the best direct model beats both segmentation routes, and
       Xception (C) beats Xception (R): :func:`compare` on the MSE;
     - the top GBT feature is from the malignant channel (Fig. 9; ``importance`` is the gain per
@@ -273,7 +280,7 @@ def claim_words(verdict_: str, holds: str = "holds", does_not_hold: str = "does 
     ("holds", "does not hold", "is undecided"), or the words a table or sentence uses for each
     verdict (a comparison's "beats", "does worse than", "cannot be told apart from"; a remedy's
     "helps", "hurts", "undecided"). The one place where a verdict becomes words. Used in chapter 2,
-    and in the real-H&E chapter through :func:`decoder_sentence`.
+    and in the real-H&E chapter through :func:`cellulib.reporting.sentences.decoder_sentence`.
 
     Examples
     --------

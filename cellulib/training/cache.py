@@ -79,7 +79,7 @@ def recipe(kind: str, params: dict[str, Any], version: int) -> dict[str, Any]:
     ``kind`` is a cache kind of :mod:`cellulib.training.train`: ``seg``, ``sr``, ``gbt`` or
     ``direct-{arch}-{task}``; the part before the first ``-`` names the family. ``params`` are the
     resolved settings (precision and device type as actually used), the seed and the
-    :func:`data_fingerprint`; ``version`` is the family's recipe version
+    :func:`cellulib.data.fingerprint.data_fingerprint`; ``version`` is the family's recipe version
     (``cellulib.training.train.RECIPE_VERSIONS``). The versions of the family's :data:`RECIPE_LIBRARIES` and
     the Python minor version are added here. The result holds plain JSON values only (stored as a
     model file's ``meta["recipe"]``). Used in chapters 2-5 through :mod:`cellulib.training.train`.
@@ -231,7 +231,8 @@ def derived_frame(kind: str, parts: dict[str, Any], weights: list[str], versions
     changed.
 
     Its key is made of ``parts`` (what was computed, on which data, with which settings), the
-    :func:`weights_digest` of each model it ran (``weights``), the code ``versions`` whose output it
+    :func:`cellulib.inference.modelfile.weights_digest` of each model it ran (``weights``), the
+    code ``versions`` whose output it
     is (e.g. ``cellulib.inference.predict.INFERENCE_VERSION``), the versions of ``libraries`` and the Python
     minor version, so an edit to a docstring, a plot or a report leaves it valid and a retrained
     model, a new inference version or another library version does not. ``compute()`` returns the
