@@ -161,12 +161,18 @@ def test_the_check_sees_a_cycle_hidden_in_a_function(tmp_path, monkeypatch):
     assert _imports() == {"a": {"b"}, "b": {"a"}}
 
 
-def test_the_check_sees_an_import_up_between_folders(tmp_path):
-    # a module of data/ that imports from training/, in each spelling the library uses
+def _package(tmp_path: Path, *folders: str) -> Path:
+    """A ``cellulib`` package under ``tmp_path`` with an empty sub-package per folder."""
     pkg = tmp_path / "cellulib"
-    for folder in ("data", "training"):
+    for folder in folders:
         (pkg / folder).mkdir(parents=True)
         (pkg / folder / "__init__.py").write_text("")
+    return pkg
+
+
+def test_the_check_sees_an_import_up_between_folders(tmp_path):
+    # a module of data/ that imports from training/, in each spelling the library uses
+    pkg = _package(tmp_path, "data", "training")
     (pkg / "training" / "train.py").write_text("def fit():\n    pass\n")
     (pkg / "data" / "a.py").write_text("from cellulib.training.train import fit\n")
     (pkg / "data" / "b.py").write_text("def g():\n    from cellulib.training import train\n")
@@ -269,10 +275,7 @@ def test_the_home_check_sees_a_re_export(tmp_path):
 
 
 def test_the_home_check_sees_a_re_export_between_folders(tmp_path):
-    pkg = tmp_path / "cellulib"
-    for folder in ("x", "y"):
-        (pkg / folder).mkdir(parents=True)
-        (pkg / folder / "__init__.py").write_text("")
+    pkg = _package(tmp_path, "x", "y")
     (pkg / "x" / "a.py").write_text("X = 1\n")
     (pkg / "y" / "b.py").write_text("from cellulib.x.a import X\n\nY = X\n")
     user = tmp_path / "user.py"
