@@ -283,7 +283,7 @@ def test_score_annotated_equals_cli_output_scored_independently(seg_file, brca_f
     from cellulib.data.annotations import read_brca_m2c_points
     from cellulib.data.breastpathq import read_cells
     from cellulib.inference.detect import score_annotated
-    from cellulib.metrics.agreement import DETECTION_CLASSES
+    from cellulib.metrics.detection import DETECTION_CLASSES
 
     cells = read_cells(brca_full_copy)
     test = cells[cells.split == "test"]

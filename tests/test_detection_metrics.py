@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from mcspatnet_reference import reference_counts
 
-from cellulib.metrics.agreement import (
+from cellulib.metrics.detection import (
     DETECTION_RADIUS,
     class_confusion,
     detection_curve,

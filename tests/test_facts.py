@@ -124,7 +124,7 @@ def test_stain_vectors_are_typed_once():
 def test_users_see_the_one_definition():
     from cellulib.data import breastpathq, profiles, stain, synth, transforms
     from cellulib.data.annotations import BRCA_M2C_CLASSES
-    from cellulib.metrics import agreement
+    from cellulib.metrics import detection
 
     for func in (breastpathq.SegDataset, breastpathq.seg_dataloaders):
         params = inspect.signature(func).parameters
@@ -137,8 +137,8 @@ def test_users_see_the_one_definition():
     assert stain._REF_HE[:, 0].tolist() == list(synth._H_VECTOR) == [0.5626, 0.7201, 0.4062]
     assert stain._REF_HE[:, 1].tolist() == list(synth._E_VECTOR) == [0.2159, 0.8012, 0.5581]
     # detection tables list the classes in the order of BRCA-M2C's dot classes 1, 2, 3
-    assert agreement.DETECTION_CLASSES == ("lymphocyte", "malignant", "normal")
-    assert [BRCA_M2C_CLASSES[k][1] for k in (1, 2, 3)] == list(agreement.DETECTION_CLASSES)
+    assert detection.DETECTION_CLASSES == ("lymphocyte", "malignant", "normal")
+    assert [BRCA_M2C_CLASSES[k][1] for k in (1, 2, 3)] == list(detection.DETECTION_CLASSES)
 
 
 # the checks themselves, on a small package with each kind of twin

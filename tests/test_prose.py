@@ -106,3 +106,32 @@ def test_book_numbers_come_from_their_definitions():
 def test_paper_text_refuses_what_the_paper_does_not_print():
     with pytest.raises(KeyError, match="no single MSE of 'U-Net decoder'"):
         paper.paper_text("Table 2", "U-Net decoder", "MSE")
+
+
+#: The reporting modules that write the chapters' computed sentences. Left out, with the reason:
+#: ``paper`` (the paper's published values, typed once there on purpose), ``plots`` (axis labels
+#: with units), ``statistics`` (the names of kappa's four bins), ``parameters`` (error messages).
+SENTENCE_MODULES = ("sentences", "verdicts", "realtissue", "robustness", "scoring", "tables",
+                    "evaluation")
+
+
+def test_library_sentences_are_found_with_module_and_line(tmp_path):
+    src = tmp_path / "mod.py"
+    src.write_text('"""Docstring: 7 of 9 is fine here."""\n'
+                   'def f(n, k):\n'
+                   '    """Returns 3 sentences."""\n'
+                   '    a = f"{n} of {k} models beat the floor of 0.75"\n'
+                   '    b = "a 95% CI, chapter 3, ResNet-34"\n'
+                   '    c = "%.3f"\n'
+                   '    return a + b + c + "; 200 draws"\n')
+    assert bookstatus.unglued_library_numbers(src) == [
+        ("mod", 4, "of models beat the floor of 0.75"),
+        ("mod", 7, "; 200 draws"),
+    ]
+
+
+@pytest.mark.parametrize("module", SENTENCE_MODULES)
+def test_library_sentences_glue_their_numbers(module):
+    path = REPO / "cellulib" / "reporting" / f"{module}.py"
+    typed = [f"line {line}: ...{text}..." for _, line, text in bookstatus.unglued_library_numbers(path)]
+    assert not typed, f"reporting/{module}.py: numbers typed in sentences, compute them:\n" + "\n".join(typed)

@@ -13,7 +13,7 @@ from packaging.requirements import Requirement
 from cellulib.bench.lab import KERNEL_DISPLAY_NAME, KERNEL_NAME
 
 REPO = Path(__file__).resolve().parents[1]
-NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]*_*.ipynb"))  # 02b_... too
 
 
 def _normalise(spec: str) -> tuple[str, str]:
@@ -65,6 +65,29 @@ def test_notebook_sources_are_clean(path):
     # the project's kernel (`make install` registers it), so papermill and JupyterLab agree
     assert nb["metadata"]["kernelspec"] == {"display_name": KERNEL_DISPLAY_NAME, "language": "python",
                                             "name": KERNEL_NAME}
+
+
+#: Issue 24: a chapter is a chapter, not a script. Code lines are the non-blank lines that are not
+#: comments; the parameters cell (one line per parameter, with its help) is not counted.
+CHAPTER_CODE_LINES, CELL_CODE_LINES = 100, 15
+
+
+def _code_lines(source: str) -> int:
+    return sum(1 for line in source.splitlines() if line.strip() and not line.lstrip().startswith("#"))
+
+
+def test_code_lines_are_counted_by_hand():
+    assert _code_lines("import a\n\n# a comment\n    x = 1  # kept\n   \n") == 2
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_chapters_are_thin(path):
+    cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"
+             and "parameters" not in c.get("metadata", {}).get("tags", [])]
+    sizes = [_code_lines("".join(c["source"])) for c in cells]
+    assert sum(sizes) <= CHAPTER_CODE_LINES, f"{path.name}: {sum(sizes)} code lines; move logic into cellulib"
+    fat = [(i, n) for i, n in enumerate(sizes) if n > CELL_CODE_LINES]
+    assert not fat, f"{path.name}: code cells (index among code cells, lines) over {CELL_CODE_LINES}: {fat}"
 
 
 def test_toc_lists_only_existing_pages():

@@ -36,6 +36,7 @@ __all__ = [
     "hide_solutions",
     "record_history",
     "teachers_markdown",
+    "unglued_library_numbers",
     "unglued_numbers",
     "write_teachers",
     "machine_info",
@@ -597,6 +598,44 @@ def unglued_numbers(path: str | os.PathLike) -> list[tuple[str, int, str]]:
             for m in _typed(text):
                 start, end = max(0, m.start() - 40), min(len(original), m.end() + 40)
                 found.append((path.stem, index, " ".join(original[start:end].split())))
+    return found
+
+
+def unglued_library_numbers(path: str | os.PathLike) -> list[tuple[str, int, str]]:
+    """The numbers that a library module's sentences type instead of computing:
+    ``(module, line, excerpt)``.
+
+    The book's computed sentences are built by library functions (``cellulib.reporting``) and
+    glued into the chapters, so the chapter scan of :func:`unglued_numbers` never sees their
+    literal text. This reads the module's source and checks every string literal and the literal
+    parts of every f-string (their fields are computed) against the same allow-list; docstrings
+    are not prose of the book and are left out. Used by the test suite on the modules that write
+    the chapters' sentences."""
+    import ast
+
+    path = Path(path)
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    skip = set()
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                and body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)):
+            skip.add(id(body[0].value))  # a docstring
+        if isinstance(node, ast.JoinedStr):
+            skip.update(id(v) for v in node.values)  # read with their f-string below
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.JoinedStr):
+            text = "".join(v.value if isinstance(v, ast.Constant) else " " for v in node.values)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in skip:
+            text = node.value
+        else:
+            continue
+        if " " not in text.strip():
+            continue  # a key, a column name or a format, not a sentence
+        for m in _typed(text):
+            start, end = max(0, m.start() - 40), min(len(text), m.end() + 40)
+            found.append((path.stem, node.lineno, " ".join(text[start:end].split())))
     return found
 
 

@@ -41,7 +41,7 @@ from cellulib.data.transforms import downscale, weak_label_map
 from cellulib.files.imageio import atomic_open, atomic_write_text, collect_images, read_image
 from cellulib.inference.modelfile import ModelFileError, model_and_info
 from cellulib.inference.pixelsize import check_mpp, pixel_size
-from cellulib.metrics.agreement import DETECTION_RADIUS, detection_curve, detection_scores
+from cellulib.metrics.detection import DETECTION_RADIUS, detection_curve, detection_scores
 from cellulib.models.engine import amp_dtype, autocast, precision_name, resolve_device
 from cellulib.models.networks import segment
 
@@ -356,7 +356,7 @@ class AnnotatedScores:
     fractions: pd.DataFrame
 
     def scores(self, radius: float | None = None) -> pd.DataFrame:
-        """Detection P, R and F per class and pooled (:func:`cellulib.metrics.agreement.detection_scores`)."""
+        """Detection P, R and F per class and pooled (:func:`cellulib.metrics.detection.detection_scores`)."""
         radius = DETECTION_RADIUS if radius is None else radius
         return detection_scores(self.truth, self.pred, radius, images=self.fractions["image"])
 

@@ -172,7 +172,7 @@ def book_numbers() -> dict[str, Any]:
 
     from cellulib import constants
     from cellulib.data import breastpathq, profiles, transforms
-    from cellulib.metrics import agreement
+    from cellulib.metrics import detection
     from cellulib.models import features, losses, networks
 
     def default(func, name):
@@ -206,7 +206,7 @@ def book_numbers() -> dict[str, Any]:
         "gbt_rounds": gbt["num_iterations"], "gbt_lr": gbt["learning_rate"],
         "gbt_depth": gbt["max_depth"], "gbt_leaves": gbt["num_leaves"],
         "n_bins": constants.N_BINS, "bin_step": 1 / (constants.N_BINS - 1),
-        "detection_radius": agreement.DETECTION_RADIUS,
+        "detection_radius": detection.DETECTION_RADIUS,
         "mpp": constants.MPP,
         "fpn_stride": networks.ResNetELUEncoder.strides[0],
         "hed_pct": round(100 * default(transforms.HEDJitter, "p")),

@@ -512,7 +512,7 @@ def pixel_scale(nn_distance: Sequence[float], diameter: Sequence[float], disc_di
 def detection_curve(curve: pd.DataFrame, reference: dict[str, float] | None = None,
                     labels: dict[str, str] | None = None) -> plt.Figure:
     """Detection F against the matching radius, one line per class and one for pooled detection
-    (the long table of :func:`cellulib.metrics.agreement.detection_curve`); ``reference`` marks published F
+    (the long table of :func:`cellulib.metrics.detection.detection_curve`); ``reference`` marks published F
     values at the protocol's radius (6 px) with crosses. Used in the real-H&E chapter."""
     colours = {**CLASS_COLOURS, "detection": "#000000"}
     fig, ax = plt.subplots(figsize=(7.6, 3.6))

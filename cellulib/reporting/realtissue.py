@@ -27,6 +27,7 @@ import pandas as pd
 
 from cellulib import constants
 from cellulib.metrics.agreement import (
+    PK_CHANCE,
     UndefinedMetricError,
     bootstrap_ci,
     format_ci,
@@ -293,11 +294,13 @@ def rank_table(scores: pd.DataFrame, table: pd.DataFrame, routes: Mapping[str, S
                      "synthetic ICC": (synthetic_icc or {}).get(name, np.nan),
                      "pk": pk[0], "pk_low": pk[1], "pk_high": pk[2], "pk_area": pka[0],
                      "pk_area_low": pka[1], "pk_area_high": pka[2],
-                     "above_chance": bool(pk[1] > 0.5), "n": int(ok.sum())})
-    rows.append({"model": mean_name, "route": "baseline", "PK (count)": format_ci(0.5, 0.5, 0.5),
-                 "PK (area)": format_ci(0.5, 0.5, 0.5), "Spearman (count)": "n/a",
-                 "synthetic ICC": np.nan, "pk": 0.5, "pk_low": 0.5, "pk_high": 0.5,
-                 "pk_area": 0.5, "pk_area_low": 0.5, "pk_area_high": 0.5, "above_chance": False,
+                     "above_chance": bool(pk[1] > PK_CHANCE), "n": int(ok.sum())})
+    chance = (PK_CHANCE,) * 3
+    rows.append({"model": mean_name, "route": "baseline", "PK (count)": format_ci(*chance),
+                 "PK (area)": format_ci(*chance), "Spearman (count)": "n/a",
+                 "synthetic ICC": np.nan, "pk": PK_CHANCE, "pk_low": PK_CHANCE, "pk_high": PK_CHANCE,
+                 "pk_area": PK_CHANCE, "pk_area_low": PK_CHANCE, "pk_area_high": PK_CHANCE,
+                 "above_chance": False,
                  "n": len(table)})
     return pd.DataFrame(rows).set_index("model")
 
@@ -331,7 +334,7 @@ def route_difference(scores: pd.DataFrame, table: pd.DataFrame, better: Sequence
     boot = np.asarray(boot)
     diff = boot[:, 0] - boot[:, 1]
     est = Estimate(a0 - b0, float(np.percentile(diff, 2.5)), float(np.percentile(diff, 97.5)))
-    above = [bool(np.percentile(boot[:, k], 2.5) > 0.5) for k in (0, 1)]
+    above = [bool(np.percentile(boot[:, k], 2.5) > PK_CHANCE) for k in (0, 1)]
     return est, verdict(est, above[0], above[1], lower_is_better=False)
 
 
@@ -423,7 +426,7 @@ def rank_sentence(ranks: pd.DataFrame, routes: Mapping[str, Sequence[str]]) -> s
     models = [m for r in routes.values() for m in r if m in ranks.index]
     above = [m for m in models if ranks.loc[m, "above_chance"]]
     parts = [(f"{len(above)} of the {len(models)} cellularity models rank the real windows better "
-              f"than chance against the count proxy (the lower end of their PK's 95% CI above 0.5"
+              f"than chance against the count proxy (the lower end of their PK's 95% CI above {PK_CHANCE}"
               + (f": {_names(above)})" if above else ")"))]
     for route, label in (("segmentation", "segmentation route"), ("direct", "direct route")):
         names = [m for m in routes[route] if m in ranks.index]

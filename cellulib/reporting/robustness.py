@@ -432,7 +432,7 @@ def detection_under_shifts(model: Any, cells: pd.DataFrame,
                            progress: bool = True,
                            cache: bool = True) -> dict[tuple[str, float], pd.DataFrame]:
     """Per-image detection counts of a segmentation model on annotated images under each shift:
-    ``{(kind, strength): counts}`` (:func:`cellulib.metrics.agreement.detection_counts`), the unshifted
+    ``{(kind, strength): counts}`` (:func:`cellulib.metrics.detection.detection_counts`), the unshifted
     images as ``("none", 0.0)``. A ``scale`` shift resamples the whole image, and the detections
     are mapped back to the dots' pixels. ``stain_norm`` normalises each shifted image to the
     stain of the model's training set first. With ``cache`` the counts are stored
@@ -447,7 +447,7 @@ def detection_under_shifts(model: Any, cells: pd.DataFrame,
     from cellulib.inference.detect import DETECTION_VERSION, score_annotated
     from cellulib.inference.modelfile import model_and_info, weights_digest
     from cellulib.inference.normalizer import normalizer_from_options
-    from cellulib.metrics.agreement import detection_counts
+    from cellulib.metrics.detection import detection_counts
     from cellulib.training.cache import derived_frame
 
     threshold = DETECTION_THRESHOLD if threshold is None else float(threshold)
@@ -664,7 +664,8 @@ def detection_shift_table(counts: Mapping[tuple[str, float], pd.DataFrame], n_bo
     the change against the unshifted images with a 95% paired-bootstrap CI over the images
     (:func:`cellulib.reporting.statistics.paired_detection_difference`): the table, and the changes as rows of
     :func:`cellulib.reporting.plots.estimate_whiskers`. Used in the stain-shift chapter."""
-    from cellulib.metrics.agreement import format_ci, scores_from_counts
+    from cellulib.metrics.agreement import format_ci
+    from cellulib.metrics.detection import scores_from_counts
     from cellulib.reporting.statistics import paired_detection_difference
 
     base = counts[("none", 0.0)]

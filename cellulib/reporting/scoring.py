@@ -73,7 +73,7 @@ def segmentation_counts(seg, root, threshold: float = 0.5) -> pd.DataFrame:
 def best_detector(scores: Mapping[str, pd.DataFrame]) -> str:
     """The detector to keep: the highest mean of pooled and tumour (``malignant``) F on the
     validation split. Cellularity rests on the tumour nuclei, and the other classes only need to be
-    found. ``scores`` maps a name to its :func:`cellulib.metrics.agreement.detection_scores` table. Used in the
+    found. ``scores`` maps a name to its :func:`cellulib.metrics.detection.detection_scores` table. Used in the
     real-H&E and stain-shift chapters through :func:`choose_detector`."""
     if not scores:
         raise ValueError("best_detector needs at least one detector's scores")
@@ -87,7 +87,7 @@ def choose_detector(models: Mapping[str, Any], cells: pd.DataFrame,
     file) detects the nuclei of the annotated images ``cells`` (the held-out patients,
     :func:`cellulib.inference.detect.score_annotated`, ``threshold`` None: ``cellulib detect``'s default),
     and :func:`best_detector` keeps one. Returns its name and every model's
-    :func:`cellulib.metrics.agreement.detection_scores` table. Used in the real-H&E and stain-shift
+    :func:`cellulib.metrics.detection.detection_scores` table. Used in the real-H&E and stain-shift
     chapters."""
     from cellulib.constants import DETECTION_THRESHOLD
     from cellulib.inference.detect import score_annotated

@@ -172,7 +172,7 @@ def pixel_scale_sentence(nn_distance, diameters, disc: float, factor: float,
     nearest annotated neighbour (``nn_distance``, px), the nuclei's diameters (px), the disc and
     the downscale chosen, the FPN's stride and the detection radius. Used in the real-H&E
     chapter."""
-    from cellulib.metrics.agreement import DETECTION_RADIUS
+    from cellulib.metrics.detection import DETECTION_RADIUS
 
     nn_distance, diameters = np.asarray(nn_distance, float), np.asarray(diameters, float)
     stride, size = book_numbers()["fpn_stride"], np.median(diameters)
@@ -203,7 +203,7 @@ def decoder_sentence(val_scores: Mapping[str, pd.DataFrame], best: str, threshol
                      report_split: str, n_images: int, difference: Estimate) -> str:
     """The real-H&E chapter's choice of decoder and its test of the paper's ranking, in words:
     pooled and tumour F of FPN and U-Net on the held-out patients (``val_scores``,
-    :func:`cellulib.metrics.agreement.detection_scores` tables), the decoder
+    :func:`cellulib.metrics.detection.detection_scores` tables), the decoder
     :func:`cellulib.reporting.scoring.best_detector` keeps,
     FPN minus U-Net in pooled F on the reported split (``difference``,
     :func:`cellulib.reporting.statistics.paired_detection_difference`) with its
@@ -252,9 +252,9 @@ def real_he_finding(best: str, scores: pd.DataFrame, minutes: float, n_train: in
 
 
 def confusion_sentence(confusion: pd.DataFrame) -> str:
-    """A :func:`cellulib.metrics.agreement.class_confusion` table in words: the share of matched nuclei given
+    """A :func:`cellulib.metrics.detection.class_confusion` table in words: the share of matched nuclei given
     their annotated class, per class, and the largest confusion. Used in the real-H&E chapter."""
-    from cellulib.metrics.agreement import DETECTION_CLASSES
+    from cellulib.metrics.detection import DETECTION_CLASSES
 
     names, classes = BRCA_M2C_NAMES, list(DETECTION_CLASSES)
     matched = confusion.loc[classes, classes]

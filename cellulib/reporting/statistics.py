@@ -389,7 +389,7 @@ def paired_jaccard_difference(counts_a: pd.DataFrame, counts_b: pd.DataFrame, n_
 
 def _f_boot(counts: pd.DataFrame, cls: str, images: list, idx: np.ndarray) -> np.ndarray:
     part = counts[counts["class"] == cls].set_index("image").loc[images, ["tp", "fp", "fn"]]
-    from cellulib.metrics.agreement import precision_recall_f1
+    from cellulib.metrics.detection import precision_recall_f1
 
     tp, fp, fn = (part[c].to_numpy()[idx].sum(axis=-1) for c in ("tp", "fp", "fn"))
     return precision_recall_f1(tp, fp, fn)[2]
@@ -400,7 +400,7 @@ def paired_detection_difference(counts_a: pd.DataFrame, counts_b: pd.DataFrame,
                                 alpha: float = 0.05) -> Estimate:
     """Micro F of detector A minus B for one class on the same images, paired bootstrap 95% CI.
 
-    ``counts_a``/``counts_b``: per-image counts from :func:`cellulib.metrics.agreement.detection_counts`.
+    ``counts_a``/``counts_b``: per-image counts from :func:`cellulib.metrics.detection.detection_counts`.
     Each replicate resamples the images once and recomputes both F from the summed counts (SPEC
     5.1). A positive difference favours A. Used in the real-H&E chapter.
     """

@@ -121,7 +121,7 @@ def detection_table(scores: Mapping[str, pd.DataFrame], reference: Mapping[str, 
     """Precision, recall and F per class (and pooled) of several detectors side by side, with
     published F beside them: ``reference`` in the column ``reference_name``, and each of
     ``references`` (column name -> F by class, e.g. `PUBLISHED_F`). ``scores`` maps a detector's
-    name to its :func:`cellulib.metrics.agreement.detection_scores` table. Used in the real-H&E chapter."""
+    name to its :func:`cellulib.metrics.detection.detection_scores` table. Used in the real-H&E chapter."""
     names = dict(BRCA_M2C_NAMES if names is None else names)
     first = next(iter(scores.values()))
     out = pd.DataFrame(index=[names.get(c, c) for c in first.index])

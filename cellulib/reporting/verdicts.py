@@ -49,7 +49,7 @@ REAL_FLOORS = {"lymphocyte": 0.55, "malignant": 0.75, "normal": 0.55, "detection
 
 
 def floors_missed(table: pd.DataFrame, floors: Mapping[str, float] | None = None) -> dict[str, float]:
-    """The rows of a :func:`cellulib.metrics.agreement.detection_scores` table whose F is under its floor
+    """The rows of a :func:`cellulib.metrics.detection.detection_scores` table whose F is under its floor
     (`REAL_FLOORS` by default), with that F; empty when every floor is met. Used in the real-H&E
     chapter through :func:`cellulib.reporting.sentences.decoder_sentence`.
 
