@@ -15,10 +15,20 @@ from cellulib.data.profiles import PROFILES, get_profile
 
 
 def synthetic_params(profile: str = "quick", seed: int = 0, **overrides: Any) -> dict[str, Any]:
-    """The arguments of :func:`cellulib.data.synthset.make_breastpathq` for a profile."""
+    """The arguments of :func:`cellulib.data.synthset.make_breastpathq` for a profile.
+
+    ``generator`` among the overrides picks the generator's parameters
+    (:data:`cellulib.data.synth.GENERATORS`); the default one is left out of the arguments, so the
+    sets rendered before it existed keep their folder."""
+    from cellulib.data.synth import GENERATORS
+
     get_profile(profile)  # a clear error for an unknown profile
     settings = get_profile(profile, **{k: v for k, v in overrides.items() if k in PROFILES[profile]})
-    return {k: settings[k] for k in ("n_train", "n_val", "n_cells", "size")} | {"seed": int(seed)}
+    params = {k: settings[k] for k in ("n_train", "n_val", "n_cells", "size")} | {"seed": int(seed)}
+    generator = overrides.get("generator") or "default"
+    if generator not in GENERATORS:
+        raise ValueError(f"generator must be one of {sorted(GENERATORS)}, got {generator!r}")
+    return params if generator == "default" else params | {"generator": generator}
 
 
 def synthetic_root(profile: str = "quick", seed: int = 0, **overrides: Any) -> Path:

@@ -5,6 +5,8 @@ chapter 1.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
@@ -16,6 +18,12 @@ from cellulib.data.synth import sample_cellularity
 from cellulib.files.imageio import DataError, read_image
 
 __all__ = [
+    "TISSUE_STATISTICS",
+    "calibration_table",
+    "cells_statistics",
+    "generator_calibration",
+    "generator_statistics",
+    "tissue_statistics",
     "load_real_examples",
     "compare_stains",
     "compare_nucleus_sizes",
@@ -244,3 +252,207 @@ def compare_nucleus_sizes(synthetic: list, real: dict[str, np.ndarray],
     frames += [pd.DataFrame({"source": "BRCA-M2C", "diameter_px": nucleus_sizes(img)})
                for img in (brca or {}).values()]
     return pd.concat(frames, ignore_index=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tissue statistics: the generator beside real tissue (issue 23)
+# --------------------------------------------------------------------------------------------------
+#: The statistics :func:`tissue_statistics` measures, in the order of the table: name ->
+#: (unit, what one value is). "per image" statistics have one value per patch, "per nucleus" ones
+#: one value per annotated nucleus (or per segmented nucleus, for the diameter).
+TISSUE_STATISTICS: dict[str, tuple[str, str]] = {
+    "tumour and lymphocyte nuclei per mm2 of tissue": ("1/mm2", "per image"),
+    "tumour nuclei per mm2 of tissue": ("1/mm2", "per image"),
+    "lymphocytes per mm2 of tissue": ("1/mm2", "per image"),
+    "tumour share of tumour and lymphocyte nuclei": ("fraction", "per image"),
+    "same-class nearest neighbour": ("fraction", "per image"),
+    "nearest-nucleus distance": ("um", "per nucleus"),
+    "tumour nearest-tumour distance": ("um", "per nucleus"),
+    "nucleus diameter (segmented)": ("um", "per nucleus"),
+    "haematoxylin OD at nuclei": ("OD", "per nucleus"),
+    "haematoxylin OD of tissue": ("OD", "per image"),
+    "haematoxylin OD spread in tissue (SD)": ("OD", "per image"),
+    "eosin OD of tissue": ("OD", "per image"),
+    "texture: local grey-level SD in tissue": ("grey levels", "per image"),
+    "tissue share of the field": ("fraction", "per image"),
+}
+#: The two classes whose annotations mean the same thing in both sources, as
+#: :func:`cellulib.data.breastpathq.annotation_points` names them: tumour (``malignant``:
+#: BRCA-M2C's tumour/epithelial dots, the generator's malignant nuclei) and lymphocytes. The third
+#: class differs (``normal``: BRCA-M2C's stromal dots, the generator's normal epithelium, which
+#: like BreastPathQ leaves stromal nuclei unannotated), so the nucleus statistics leave it out.
+_TUMOUR, _LYMPHOCYTE = "malignant", "lymphocyte"
+#: Half the side of the square whose mean haematoxylin OD is a nucleus's darkness, in pixels.
+_DOT_HALF = 1
+#: The window of the local grey-level SD (texture), in pixels.
+_TEXTURE_WINDOW = 5
+
+
+def tissue_statistics(img, points: pd.DataFrame, mpp: float | None = None) -> pd.DataFrame:
+    """What one annotated H&E patch looks like, in numbers that can be compared between the
+    generator and real tissue (issue 23).
+
+    ``img`` is an RGB patch; ``points`` its annotated nuclei (``x``, ``y`` in pixels, ``cls`` as
+    :func:`cellulib.data.breastpathq.annotation_points` gives them: ``malignant``,
+    ``lymphocyte``, ``normal``); ``mpp`` the pixel size in micrometres (default
+    :data:`cellulib.constants.MPP`, the scale of BreastPathQ, BRCA-M2C and the generator). Tissue
+    is every pixel that is not glass (:func:`cellulib.data.proxy.tissue_mask`). The statistics are
+    those of :data:`TISSUE_STATISTICS`, on the tumour and lymphocyte nuclei (the classes both
+    sources annotate alike; ``normal`` points are left out): nuclei per square millimetre of
+    tissue (both classes, each), the tumour share of them, the share whose nearest neighbour has
+    their class (how much nuclei of a kind cluster: sheets and nests, against scattered cells),
+    nearest-neighbour distances, the diameter of the nuclei segmented from the haematoxylin channel
+    (:func:`nucleus_sizes`), the haematoxylin optical density at each annotated nucleus (the mean
+    over a 3x3 square), the H and E optical densities of the tissue and the spread of H, a texture
+    (the mean grey-level SD over 5x5 windows in tissue), and the tissue share of the field.
+
+    Returns
+    -------
+    pd.DataFrame
+        Long table: ``statistic``, ``value``; one row per image statistic and one per nucleus for
+        the per-nucleus ones. A statistic that is undefined for this patch (no tumour nuclei for the
+        tumour distances, no tissue) has no rows.
+    """
+    from scipy.spatial import cKDTree
+    from skimage.color import rgb2hed
+
+    from cellulib.constants import MPP
+    from cellulib.data.proxy import tissue_mask
+
+    mpp = MPP if mpp is None else float(mpp)
+    if not mpp > 0:
+        raise ValueError(f"mpp must be a positive pixel size in micrometres, got {mpp}")
+    rgb = _as_rgb(img)
+    missing = {"x", "y", "cls"} - set(points.columns)
+    if missing:
+        raise ValueError(f"points: missing column(s) {sorted(missing)}")
+    tissue = tissue_mask(rgb)
+    rows: list[tuple[str, float]] = [("tissue share of the field", float(tissue.mean()))]
+    if not tissue.any():
+        return pd.DataFrame(rows, columns=["statistic", "value"])
+    kept = points["cls"].astype(str).isin([_TUMOUR, _LYMPHOCYTE]).to_numpy()
+    xy = points[["x", "y"]].to_numpy(dtype=np.float64)[kept]
+    cls = points["cls"].astype(str).to_numpy()[kept]
+    mm2 = tissue.sum() * (mpp * 1e-3) ** 2
+    n_tumour, n_lymph = int((cls == _TUMOUR).sum()), int((cls == _LYMPHOCYTE).sum())
+    rows += [("tumour and lymphocyte nuclei per mm2 of tissue", len(xy) / mm2),
+             ("tumour nuclei per mm2 of tissue", n_tumour / mm2),
+             ("lymphocytes per mm2 of tissue", n_lymph / mm2)]
+    if len(xy):
+        rows.append(("tumour share of tumour and lymphocyte nuclei", n_tumour / len(xy)))
+    if len(xy) > 1:
+        dist, idx = cKDTree(xy).query(xy, k=2)
+        rows.append(("same-class nearest neighbour", float((cls[idx[:, 1]] == cls).mean())))
+        rows += [("nearest-nucleus distance", d * mpp) for d in dist[:, 1]]
+    tumour = xy[cls == _TUMOUR]
+    if len(tumour) > 1:
+        rows += [("tumour nearest-tumour distance", d * mpp)
+                 for d in cKDTree(tumour).query(tumour, k=2)[0][:, 1]]
+    rows += [("nucleus diameter (segmented)", d * mpp) for d in nucleus_sizes(rgb)]
+    hed = rgb2hed(rgb)
+    h = hed[..., 0]
+    if len(xy):
+        k = 2 * _DOT_HALF + 1
+        local = cv2.blur(h.astype(np.float32), (k, k))
+        col = np.clip(np.rint(xy[:, 0]).astype(int), 0, rgb.shape[1] - 1)
+        row = np.clip(np.rint(xy[:, 1]).astype(int), 0, rgb.shape[0] - 1)
+        rows += [("haematoxylin OD at nuclei", float(v)) for v in local[row, col]]
+    rows += [("haematoxylin OD of tissue", float(h[tissue].mean())),
+             ("haematoxylin OD spread in tissue (SD)", float(h[tissue].std())),
+             ("eosin OD of tissue", float(hed[..., 1][tissue].mean()))]
+    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).astype(np.float32)
+    w = (_TEXTURE_WINDOW, _TEXTURE_WINDOW)
+    mean = cv2.blur(grey, w)
+    sd = np.sqrt(np.maximum(cv2.blur(grey * grey, w) - mean * mean, 0))
+    rows.append(("texture: local grey-level SD in tissue", float(sd[tissue].mean())))
+    return pd.DataFrame(rows, columns=["statistic", "value"])
+
+
+def cells_statistics(cells: pd.DataFrame, source: str, mpp: float | None = None,
+                     progress: bool = False) -> pd.DataFrame:
+    """:func:`tissue_statistics` of every patch of an annotated-cells table
+    (:func:`cellulib.data.breastpathq.read_cells`: synthetic ``cells`` patches or BRCA-M2C images),
+    with ``source`` and ``image`` columns added. Used in chapter 1 through
+    :func:`generator_calibration`."""
+    from cellulib.data.breastpathq import annotation_points
+
+    frames = []
+    rows = cells.itertuples()
+    if progress:
+        from tqdm.auto import tqdm
+
+        rows = tqdm(rows, total=len(cells), desc=source, leave=False)
+    for row in rows:
+        stats = tissue_statistics(read_image(row.image_path), annotation_points(Path(row.xml_path)), mpp)
+        frames.append(stats.assign(source=source, image=row.name))
+    return pd.concat(frames, ignore_index=True)
+
+
+def generator_statistics(generator: str = "default", n: int = 48, size: int = 256, seed: int = 0,
+                         per_slide: int = 6) -> pd.DataFrame:
+    """:func:`tissue_statistics` of ``n`` patches of side ``size`` rendered by one of the
+    generators of :data:`cellulib.data.synth.GENERATORS`, ``per_slide`` patches per slide style,
+    with the target cellularity drawn from the label law; ``source`` is ``"<generator>
+    generator"``. The same ``seed`` gives every generator the same slides and draws, so two
+    generators differ by their parameters only. Used in chapter 1 through
+    :func:`generator_calibration`."""
+    from cellulib.data.synth import GENERATORS, render_patch, sample_slide_style
+
+    if generator not in GENERATORS:
+        raise ValueError(f"generator must be one of {sorted(GENERATORS)}, got {generator!r}")
+    frames = []
+    for k in range(n):
+        style = sample_slide_style(np.random.default_rng([seed, 1, k // per_slide]))
+        patch = render_patch(size, None, np.random.default_rng([seed, 2, k]), style=style,
+                             with_masks=False, params=GENERATORS[generator])
+        frames.append(tissue_statistics(patch.img, patch.points).assign(
+            source=f"{generator} generator", image=f"{generator} {k}"))
+    return pd.concat(frames, ignore_index=True)
+
+
+def calibration_table(stats: pd.DataFrame, synthetic: Sequence[str] = ("synthetic",),
+                      real: str = "BRCA-M2C") -> pd.DataFrame:
+    """Synthetic patches beside real tissue, one row per statistic of :data:`TISSUE_STATISTICS`.
+
+    ``stats`` holds :func:`tissue_statistics` rows of every source (column ``source``). Columns:
+    ``unit``, ``per`` (image or nucleus), the median of ``real`` and of each ``synthetic`` source,
+    and for each synthetic source its ``ratio`` to the real median and the two-sample
+    Kolmogorov-Smirnov statistic ``KS`` (the largest gap between the two empirical distributions:
+    0 when they agree, 1 when they do not overlap). A statistic missing from a source is left
+    out. Used in chapter 1 (issue 23: each statistic, synthetic against real, with a distance).
+    """
+    from scipy import stats as sps
+
+    synthetic = [synthetic] if isinstance(synthetic, str) else list(synthetic)
+    rows = []
+    for name, (unit, per) in TISSUE_STATISTICS.items():
+        values = {src: stats.loc[(stats["source"] == src) & (stats["statistic"] == name),
+                                 "value"].to_numpy(dtype=np.float64) for src in [real, *synthetic]}
+        if any(len(v) == 0 for v in values.values()):
+            continue
+        ref = float(np.median(values[real]))
+        row = {"statistic": name, "unit": unit, "per": per, real: ref}
+        for src in synthetic:
+            med = float(np.median(values[src]))
+            row |= {src: med, f"ratio ({src})": med / ref if ref else np.nan,
+                    f"KS ({src})": float(sps.ks_2samp(values[src], values[real]).statistic)}
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("statistic")
+
+
+def generator_calibration(brca_root: str | os.PathLike, seed: int = 0, n: int = 48,
+                          size: int = 256) -> pd.DataFrame:
+    """Every generator of :data:`cellulib.data.synth.GENERATORS` beside BRCA-M2C's training
+    patients (:func:`cellulib.data.breastpathq.patient_split`: the patients the real-tissue
+    chapter scores on are left out), as :func:`calibration_table`: ``n`` rendered patches of side
+    ``size`` per generator (:func:`generator_statistics`) against the annotated BRCA-M2C images
+    (:func:`cells_statistics`). Used in chapter 1."""
+    from cellulib.data.breastpathq import patient_split, read_cells
+    from cellulib.data.synth import GENERATORS
+
+    cells = read_cells(brca_root)
+    train_rows, _ = patient_split(cells, root=brca_root)
+    frames = [cells_statistics(cells.iloc[train_rows], "BRCA-M2C")]
+    frames += [generator_statistics(g, n=n, size=size, seed=seed) for g in GENERATORS]
+    return calibration_table(pd.concat(frames, ignore_index=True),
+                             [f"{g} generator" for g in GENERATORS])

@@ -15,7 +15,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cellulib.data.synth import _check_int, render_patch, sample_cellularity, sample_slide_style
+from cellulib.data.synth import (
+    GENERATORS,
+    _check_int,
+    render_patch,
+    sample_cellularity,
+    sample_slide_style,
+)
 from cellulib.files.imageio import atomic_write_bytes
 
 __all__ = [
@@ -90,7 +96,7 @@ def _slide_plan(rng, n_patches: int, ids: np.ndarray):
 
 def make_breastpathq(root, n_train: int, n_val: int, n_cells: int, size: int = 512, seed: int = 0,
                      label_noise: float = 0.0, progress: bool = True, *,
-                     scale: float = 1.0) -> Path:
+                     scale: float = 1.0, generator: str = "default") -> Path:
     """Write a synthetic BreastPathQ dataset (SPEC 1.1 layout) with exact truth beside it.
 
     SPEC 1.2: the embedded default dataset of the book, standing in for the BreastPathQ data of
@@ -124,6 +130,9 @@ def make_breastpathq(root, n_train: int, n_val: int, n_cells: int, size: int = 5
         Show a tqdm progress bar.
     scale : float
         Pixels per BreastPathQ pixel (see :func:`cellulib.data.synth.render_patch`).
+    generator : str
+        A key of :data:`cellulib.data.synth.GENERATORS`: ``"default"`` or ``"calibrated"`` (the
+        parameters calibrated to real tissue, issue 23).
 
     Returns
     -------
@@ -141,6 +150,9 @@ def make_breastpathq(root, n_train: int, n_val: int, n_cells: int, size: int = 5
         raise ValueError(f"label_noise must be a standard deviation in [0, 1], got {label_noise!r}")
     if not (isinstance(scale, numbers.Real) and 0.2 <= scale <= 4.0):
         raise ValueError(f"scale must be a number in [0.2, 4], got {scale!r}")
+    if generator not in GENERATORS:
+        raise ValueError(f"generator must be one of {sorted(GENERATORS)}, got {generator!r}")
+    params = GENERATORS[generator]
 
     root = Path(root)
     data = root / "datasets"
@@ -190,7 +202,7 @@ def make_breastpathq(root, n_train: int, n_val: int, n_cells: int, size: int = 5
         style = styles.get(slide) or sample_slide_style(
             np.random.default_rng(np.random.SeedSequence([seed, 5, slide])))
         patch = render_patch(size, float(targets[k]), rng, style=style, scale=scale,
-                             with_masks=False)
+                             with_masks=False, params=params)
         y = patch.cellularity
         if label_noise > 0:
             y = float(np.clip(y + noise_rng.normal(0.0, label_noise), 0.0, 1.0))

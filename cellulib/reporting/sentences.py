@@ -38,6 +38,7 @@ __all__ = [
     "SCORE_STEP",
     "learned_sentence",
     "regression_to_mean_sentence",
+    "calibration_sentence",
 ]
 
 
@@ -405,3 +406,19 @@ def stain_sources_sentence(stats: pd.DataFrame) -> str:
                "times as dark in haematoxylin as the synthetic ones: staining differs between labs "
                "and scanners, and the generator sits at the pale end of what these real images span."
                if "BRCA-M2C" in od.index else ""))
+
+
+def calibration_sentence(table: pd.DataFrame, default: str = "default generator",
+                         calibrated: str = "calibrated generator", n_worst: int = 3) -> str:
+    """A :func:`cellulib.data.measure.generator_calibration` table in words: the default
+    generator's largest gaps to real tissue (by KS, with the ratio of medians), how far the
+    calibrated generator moved each of them, and on how many statistics it is closer. Used in
+    chapter 1."""
+    ks_d, ks_c = table[f"KS ({default})"], table[f"KS ({calibrated})"]
+    worst = ks_d.sort_values(ascending=False).index[:n_worst]
+    gaps = "; ".join(f"{name} ({table.loc[name, f'ratio ({default})']:.2f} times the real median, "
+                     f"KS {ks_d[name]:.2f} -> {ks_c[name]:.2f})" for name in worst)
+    closer = int((ks_c < ks_d).sum())
+    return (f"The default generator's largest gaps to real tissue are: {gaps}. The calibrated "
+            f"generator is closer on {closer} of the {len(table)} statistics (median KS "
+            f"{ks_d.median():.2f} -> {ks_c.median():.2f}).")
