@@ -297,8 +297,8 @@ def read_cell_points(xml_path: str | Path) -> pd.DataFrame:
     SPEC 1.1 and 7 (paper section 4.1): each ``<graphic>`` carries a ``description`` (the class)
     and a ``<point-list>`` of ``x,y`` pixel coordinates of the crop. Descriptions map to classes by
     `DESCRIPTION_TO_CLASS` after stripping outer whitespace; points of other descriptions are skipped
-    and counted in one `DataWarning`. Used in chapter 1 (data exploration) and chapter 2 (weak
-    segmentation).
+    and counted in one `DataWarning`. Used in chapter 1 through
+    :func:`cellulib.reporting.plots.weak_mask_examples`, and in chapter 2 (weak segmentation).
 
     Parameters
     ----------

@@ -419,7 +419,8 @@ def calibration_table(stats: pd.DataFrame, synthetic: Sequence[str] = ("syntheti
     and for each synthetic source its ``ratio`` to the real median and the two-sample
     Kolmogorov-Smirnov statistic ``KS`` (the largest gap between the two empirical distributions:
     0 when they agree, 1 when they do not overlap). A statistic missing from a source is left
-    out. Used in chapter 1 (issue 23: each statistic, synthetic against real, with a distance).
+    out. Issue 23: each statistic, synthetic against real, with a distance. Used in chapter 1
+    through :func:`generator_calibration`.
     """
     from scipy import stats as sps
 

@@ -151,8 +151,8 @@ def weak_mask(points: Any, shape: Sequence[int], diameter: float = DISC_DIAMETER
     SPEC 2 / paper sections 3.1 and 4.1: channels 0 normal, 1 lymphocyte, 2 malignant,
     3 background; a disc of ``diameter`` pixels at each centroid (coordinates times ``scale``,
     pixel centres aligned), overlaps to the nearest centroid, background where no disc is. Exactly
-    one channel is 1 at every pixel. See `weak_label_map` for the geometry. Used in chapter 1 (data
-    exploration) and chapter 2 (weak segmentation).
+    one channel is 1 at every pixel. See `weak_label_map` for the geometry. Used in chapter 1 through
+    :func:`cellulib.reporting.plots.weak_mask_examples`, and in chapter 2 (weak segmentation).
 
     Parameters
     ----------
@@ -411,7 +411,8 @@ def downscale(img: np.ndarray, factor: float = 2) -> np.ndarray:
 
 def scale_points(points: pd.DataFrame, scale: float) -> pd.DataFrame:
     """Centroids in the pixel frame of an image resized by ``scale`` (pixel centres aligned, as in
-    `weak_label_map`). Used in chapter 1 to mark nuclei on downscaled patches."""
+    `weak_label_map`). Marks nuclei on downscaled patches; used in chapter 1 through
+    :func:`cellulib.reporting.plots.weak_mask_examples`."""
     return points.assign(x=(points.x + 0.5) * scale - 0.5, y=(points.y + 0.5) * scale - 0.5)
 
 

@@ -102,7 +102,7 @@ def weak_mask_panels(
 ) -> plt.Figure:
     """Patches (top row) and the weak masks drawn from their nucleus centroids (bottom row); paper
     Fig. 3. ``points`` (x, y, cls in the mask's pixel frame) are marked on the top row when given.
-    Used in chapter 1."""
+    Used in chapter 1 through :func:`weak_mask_examples`."""
     n = len(images)
     fig, axes = plt.subplots(2, n, figsize=(size * n, 2 * size + 0.4), squeeze=False)
     for i in range(n):
@@ -123,6 +123,25 @@ def weak_mask_panels(
     fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     return fig
+
+
+def weak_mask_examples(cells: pd.DataFrame, downscale: float, diameter: float,
+                       n: int = 4) -> plt.Figure:
+    """:func:`weak_mask_panels` of the first ``n`` annotated patches of ``cells``
+    (:func:`cellulib.data.breastpathq.read_cells`), downscaled by ``downscale`` with the weak masks
+    of ``diameter``-pixel discs that the segmentation networks learn from (paper Fig. 3). Used in
+    chapter 1."""
+    from cellulib.data import breastpathq, transforms
+    from cellulib.files.imageio import read_image
+
+    imgs, masks, pts = [], [], []
+    for row in cells.head(min(n, len(cells))).itertuples():
+        img = transforms.downscale(read_image(row.image_path), downscale)
+        points = breastpathq.read_cell_points(row.xml_path)
+        imgs.append(img)
+        masks.append(transforms.weak_mask(points, img.shape[:2], diameter=diameter, scale=1 / downscale))
+        pts.append(transforms.scale_points(points, 1 / downscale))
+    return weak_mask_panels(imgs, masks, pts)
 
 
 def class_counts_bar(counts: pd.DataFrame, ax: plt.Axes | None = None) -> plt.Figure:

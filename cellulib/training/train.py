@@ -723,7 +723,7 @@ def real_tissue_levers(root: str | os.PathLike, real_seg: TrainResult, profile: 
                        crop: int | None = None, patches_per_epoch: int | None = None,
                        sr_epochs: int | None = None, sr_finetune_epochs: int | None = None,
                        gbt_rounds: int | None = None, epochs: int | None = None,
-                       input_size: int | None = None,
+                       input_size: int | None = None, calibrated: str | os.PathLike | None = None,
                        progress: bool = False) -> dict[str, tuple[str, TrainResult]]:
     """The levers the real-tissue chapter measures, each as ``{name: (model it changes, result)}``:
 
@@ -733,7 +733,11 @@ def real_tissue_levers(root: str | os.PathLike, real_seg: TrainResult, profile: 
       downscale) in every training step, and it had not finished after 33 minutes beside a book
       build on a 2-core machine;
     - with ``augment`` (``"hed"``; ``"none"`` leaves them out) the stain-shift chapter's models
-      trained with stain jitter: GBT on a jittered FPN, and ResNet34 (R).
+      trained with stain jitter: GBT on a jittered FPN, and ResNet34 (R);
+    - with ``calibrated`` (a synthetic set rendered by the generator calibrated to real tissue,
+      ``get_dataset(..., generator="calibrated")``) GBT, on an FPN trained on that set, and
+      ResNet34 (R), both trained on it as chapters 2-4 train on the default set; and the two
+      levers together: GBT learning on that set from the maps of ``real_seg``.
 
     All come from the cache when the chapters that train them have run. Used in the real-tissue
     chapter."""
@@ -755,4 +759,14 @@ def real_tissue_levers(root: str | os.PathLike, real_seg: TrainResult, profile: 
         levers[f"ResNet34 (R), {label} jitter"] = ("ResNet34 (R)", train_direct(
             root, "resnet34", "regression", profile=profile, seed=seed, epochs=epochs,
             size=input_size, stain_augment=augment, progress=progress))
+    if calibrated is not None:
+        seg_cal = train_seg(calibrated, decoder="fpn", profile=profile, seed=seed, epochs=seg_epochs,
+                            crop=crop, patches_per_epoch=patches_per_epoch, progress=progress)
+        levers["GBT, calibrated generator"] = ("GBT", train_gbt(
+            calibrated, seg_cal, profile=profile, seed=seed, progress=progress, **gbt_args))
+        levers["ResNet34 (R), calibrated generator"] = ("ResNet34 (R)", train_direct(
+            calibrated, "resnet34", "regression", profile=profile, seed=seed, epochs=epochs,
+            size=input_size, progress=progress))
+        levers["GBT on the real FPN, calibrated generator"] = ("GBT", train_gbt(
+            calibrated, real_seg, profile=profile, seed=seed, progress=progress, **gbt_args))
     return levers
