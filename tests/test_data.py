@@ -864,3 +864,23 @@ def test_pick_across_range_spans_the_scores():
     with pytest.raises(ValueError):
         breastpathq.pick_across_range(patches, 0)
 
+
+
+def test_tifffile_log_is_quiet_only_while_reading(caplog):
+    """tifffile's warnings about a broken file are dropped while imageio reads it (the DataError
+    says it), and only then: other code that uses tifffile still sees them."""
+    import logging
+
+    from cellulib.files import imageio
+
+    log = logging.getLogger("tifffile")
+    with caplog.at_level(logging.WARNING, logger="tifffile"):
+        with imageio._tifffile_quiet():
+            log.warning("inside")
+            with imageio._tifffile_quiet():  # nested reads stay quiet
+                log.warning("nested")
+            log.warning("inside again")
+            log.error("an error passes")
+        log.warning("outside")
+    assert [r.getMessage() for r in caplog.records] == ["an error passes", "outside"]
+    assert log.level == logging.NOTSET  # the level of the logger is never touched

@@ -459,7 +459,7 @@ class Predictor:
         rows = None
         start = time.perf_counter()
         try:
-            rows = iter(self._job_loader(jobs, 0))
+            rows = iter(_JobStream(jobs))  # in this process: no DataLoader between
             spent, done, handed_over = 0.0, 0, False
             while True:
                 t0 = time.perf_counter()
