@@ -78,7 +78,9 @@ def test_docstring_comment_plot_and_report_edits_keep_every_key(tmp_path, monkey
     _edit(package / "reporting" / "plots.py", "def ", "def _unused_plot():\n    return 'edited'\n\n\ndef ")
     _edit(package / "reporting" / "sentences.py", "def ",
           "def _unused_report():\n    return 'edited'\n\n\ndef ")
-    env = {**os.environ, "PYTHONPATH": str(package.parent)}
+    # the edited copy first, then whatever the running interpreter was given (a GPU image's wheels)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(package.parent)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
     out = subprocess.run([sys.executable, "-c", KEYS_SCRIPT, json.dumps(PARAMS),
                           json.dumps(KINDS)], env=env,
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -106,8 +108,13 @@ def test_a_setting_the_precision_or_a_library_version_changes_the_key(home, monk
     # "auto" is stored as the precision it resolves to on this machine, never literally
     monkeypatch.setattr(engine, "cpu_has_bf16", lambda: False)
     auto_f32 = train._recipe("seg", PARAMS)[1]
-    assert auto_f32["params"]["precision"] == "float32" and auto_f32["params"]["device"] in ("cpu", "cuda")
-    if auto_f32["params"]["device"] == "cpu":
+    device = auto_f32["params"]["device"]
+    assert device in ("cpu", "cuda")
+    # a CPU without native bf16 trains in float32; CUDA under automatic mixed precision (bf16 there)
+    assert auto_f32["params"]["precision"] == ("float32" if device == "cpu" else
+                                               engine.precision_name(engine.amp_dtype("cuda")))
+    assert auto_f32["params"]["precision"] != "auto"
+    if device == "cpu":
         assert key(precision="float32") == auto_f32["key"]
         monkeypatch.setattr(engine, "cpu_has_bf16", lambda: True)
         assert key() == key(precision="bf16") != auto_f32["key"]
@@ -120,9 +127,10 @@ def test_a_setting_the_precision_or_a_library_version_changes_the_key(home, monk
     import fastai.torch_core
 
     monkeypatch.setenv("CELLULIB_PRECISION", "float32")
-    cpu = key()
-    monkeypatch.setattr(fastai.torch_core, "default_device", lambda: torch.device("cuda"))
-    assert key() != cpu
+    here = key()
+    other = "cpu" if fastai.torch_core.default_device().type == "cuda" else "cuda"
+    monkeypatch.setattr(fastai.torch_core, "default_device", lambda: torch.device(other))
+    assert key() != here
     monkeypatch.undo()
     monkeypatch.setenv("CELLULIB_HOME", str(home))
     # a library version, as the metadata of the installed distribution reports it

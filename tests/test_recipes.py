@@ -22,7 +22,8 @@ on an AVX2-only AMD EPYC and 0.681 on an Intel Xeon with AMX (the kernels that o
 dispatch differ by instruction set), so their golden files are kept per CPU kind
 (``tests/fixtures/golden/{kind}/``, :func:`cpu_kind`). On a kind without golden files the recipe
 tests skip and say how to record them; the generator's output is the same on both kinds, so its
-golden file is shared.
+golden file is shared. They hold for the libraries ``constraints.txt`` pins: in an environment with
+others (a GPU image's own torch), a run that differs skips and names them.
 
 When a run no longer matches and its version did not change, the test fails with what to do: bump
 the version, then refresh the golden files with ``CELLULIB_REFRESH_GOLDEN=1 python -m pytest
@@ -167,6 +168,17 @@ def cpu_kind() -> str:
     return "other"
 
 
+def _pinned(name: str) -> str | None:
+    """The version ``constraints.txt`` pins for library ``name`` (as :func:`cache.library_version`
+    names it), or None."""
+    dist = "opencv-python-headless" if name == "opencv" else name
+    for line in (Path(__file__).parents[1] / "constraints.txt").read_text().splitlines():
+        pkg, _, version = line.partition("==")
+        if pkg.strip().lower().replace("_", "-") == dist.lower():
+            return version.strip()
+    return None
+
+
 def check_golden(name: str, version_name: str, version: int, values: dict,
                  libraries: dict, per_cpu: bool = True) -> None:
     """Compare ``values`` with ``tests/fixtures/golden/{kind}/{name}.json`` (``per_cpu``, the
@@ -195,6 +207,15 @@ def check_golden(name: str, version_name: str, version: int, values: dict,
     wrong = _mismatches(golden["values"], values)
     if not wrong:
         return
+    foreign = {k: (v, _pinned(k)) for k, v in libraries.items()
+               if golden["libraries"].get(k) != v and v != _pinned(k)}
+    if foreign:
+        # another environment (a GPU image's own torch, say): the golden runs were recorded under
+        # the project's pinned libraries and say nothing about others, whose keys differ anyway
+        pytest.skip("this environment's libraries are not the project's pins (constraints.txt) that "
+                    f"{path.name} was recorded with: " + ", ".join(
+                        f"{k} {v} (pinned {pin}, recorded {golden['libraries'].get(k)})"
+                        for k, (v, pin) in sorted(foreign.items())))
     libs = {k: (golden["libraries"].get(k), v) for k, v in libraries.items()
             if golden["libraries"].get(k) != v}
     if libs:
@@ -301,3 +322,20 @@ def test_generator(tiny):
                  libraries, per_cpu=False)
     # for the record: whether the patch is bit-identical to the one the golden file was made from
     print("patch sha256", hashlib.sha256(patch.img.tobytes()).hexdigest()[:12])
+
+
+def test_golden_runs_skip_outside_the_pinned_libraries(tmp_path, monkeypatch):
+    """A GPU image's own torch (2.11 there, 2.13 pinned) skips the comparison and says why; the pinned
+    libraries against a golden file recorded under others fail and say to refresh it."""
+    if REFRESH:
+        pytest.skip("refreshing")
+    monkeypatch.setitem(globals(), "GOLDEN", tmp_path)
+    pinned = _pinned("torch")
+    assert pinned and pinned.count(".") == 2
+    (tmp_path / "x.json").write_text(json.dumps({"version": 1, "libraries": {"torch": "0.0.1"},
+                                                 "values": {"a": [1.0]}}))
+    with pytest.raises(pytest.skip.Exception, match=r"torch 9\.9 \(pinned " + pinned.replace(".", r"\.")):
+        check_golden("x", "V", 1, {"a": [2.0]}, {"torch": "9.9"}, per_cpu=False)
+    with pytest.raises(pytest.fail.Exception, match=r"torch 0\.0\.1 -> " + pinned.replace(".", r"\.")):
+        check_golden("x", "V", 1, {"a": [2.0]}, {"torch": pinned}, per_cpu=False)
+    check_golden("x", "V", 1, {"a": [1.0 + 1e-9]}, {"torch": "9.9"}, per_cpu=False)
