@@ -1,4 +1,5 @@
-"""Shared pytest fixtures: tiny data, the real H&E images beside the repository."""
+"""Shared pytest fixtures: tiny data, the real H&E images beside the repository; the project's pins."""
+import functools
 import os
 from pathlib import Path
 
@@ -7,6 +8,17 @@ import pytest
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@functools.cache
+def constraint_pins() -> dict[str, str]:
+    """The exact versions ``constraints.txt`` pins, by normalised distribution name."""
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[name.strip().lower().replace("_", "-")] = version.strip()
+    return pins
 
 
 @pytest.fixture(scope="session")

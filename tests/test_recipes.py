@@ -170,13 +170,12 @@ def cpu_kind() -> str:
 
 def _pinned(name: str) -> str | None:
     """The version ``constraints.txt`` pins for library ``name`` (as :func:`cache.library_version`
-    names it), or None."""
-    dist = "opencv-python-headless" if name == "opencv" else name
-    for line in (Path(__file__).parents[1] / "constraints.txt").read_text().splitlines():
-        pkg, _, version = line.partition("==")
-        if pkg.strip().lower().replace("_", "-") == dist.lower():
-            return version.strip()
-    return None
+    names it: ``opencv`` is whichever OpenCV wheel is pinned), or None."""
+    from conftest import constraint_pins
+
+    pins = constraint_pins()
+    return next((pins[d] for d in (cache._OPENCV_DISTRIBUTIONS if name == "opencv" else (name,))
+                 if d in pins), None)
 
 
 def check_golden(name: str, version_name: str, version: int, values: dict,
@@ -207,8 +206,9 @@ def check_golden(name: str, version_name: str, version: int, values: dict,
     wrong = _mismatches(golden["values"], values)
     if not wrong:
         return
-    foreign = {k: (v, _pinned(k)) for k, v in libraries.items()
-               if golden["libraries"].get(k) != v and v != _pinned(k)}
+    pinned = {k: _pinned(k) for k in libraries}
+    foreign = {k: (v, pinned[k]) for k, v in libraries.items()
+               if golden["libraries"].get(k) != v and v != pinned[k]}
     if foreign:
         # another environment (a GPU image's own torch, say): the golden runs were recorded under
         # the project's pinned libraries and say nothing about others, whose keys differ anyway

@@ -36,11 +36,9 @@ def test_environment_yml_agrees_with_pyproject():
 def test_constraints_pin_every_dependency_exactly():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     specs = project["dependencies"] + [s for e in project["optional-dependencies"].values() for s in e]
-    pins = {}
-    for line in (REPO / "constraints.txt").read_text().splitlines():
-        if line and not line.startswith("#"):
-            name, _, version = line.partition("==")
-            pins[name.lower().replace("_", "-")] = version
+    from conftest import constraint_pins
+
+    pins = constraint_pins()
     for spec in specs:
         req = Requirement(spec)
         name = req.name.lower().replace("_", "-")
