@@ -226,6 +226,22 @@ def test_train_case_sees_the_same_images_on_both_sides(smallest):
         assert all(ms > 0 for ms in d["optimizer_step_ms"].values())
 
 
+def test_epoch_batches_sets_the_timed_epochs_length(capsys):
+    cfg = suite.MODES["smallest"]
+    result = suite.run_bench("smallest", cases=["train"], verbose=False, epoch_batches=3)
+    seg, direct = (_row(result, c)["details"] for c in ("train seg", "train direct"))
+    # 3 full batches each (drop_last), whatever the mode's own image counts (4 and 4, batch 4)
+    assert (seg["batches_per_epoch"], seg["images_per_epoch"]) == (3, 3 * cfg["seg_bs"])
+    assert (direct["batches_per_epoch"], direct["images_per_epoch"]) == (3, 3 * cfg["direct_bs"])
+    assert result["command"] == "python -m cellulib.bench --smallest --epoch-batches 3"
+    assert suite.MODES["smallest"]["seg_images"] == 4  # the mode itself is left as it was
+    with pytest.raises(ValueError, match="epoch_batches must be at least 1"):
+        suite.run_bench("smallest", cases=["train"], epoch_batches=0)
+    with pytest.raises(SystemExit):
+        suite.main(["--smallest", "--cases", "train", "--epoch-batches", "0"])
+    assert "--epoch-batches must be at least 1" in capsys.readouterr().err
+
+
 def test_plain_loop_trains_on_the_loaders_tensors_in_channels_last():
     from fastai.losses import MSELossFlat
 

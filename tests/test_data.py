@@ -884,3 +884,37 @@ def test_tifffile_log_is_quiet_only_while_reading(caplog):
         log.warning("outside")
     assert [r.getMessage() for r in caplog.records] == ["an error passes", "outside"]
     assert log.level == logging.NOTSET  # the level of the logger is never touched
+
+
+def test_loader_workers_persist_across_epochs_with_the_same_batches(cells_root):
+    """fastai starts new worker processes every epoch; ours start once and keep serving (issue 21:
+    a GPU starved between small epochs), and stop with `close_workers`."""
+    import multiprocessing
+
+    def workers():
+        return sorted(p.pid for p in multiprocessing.active_children())
+
+    before = workers()
+    plain = seg_dataloaders(cells_root, size=32, bs=2, valid_pct=0.34, seed=3, device="cpu",
+                            num_workers=0)
+    dls = seg_dataloaders(cells_root, size=32, bs=2, valid_pct=0.34, seed=3, device="cpu",
+                          num_workers=2)
+    epochs = []
+    for _ in range(3):
+        epochs.append(_batches(dls.train))
+        started = [p for p in workers() if p not in before]
+        assert len(started) == 2
+        if len(epochs) == 1:
+            first = started
+        assert started == first  # the same two processes served every epoch
+    expected = [_batches(plain.train) for _ in range(3)]
+    assert all(torch.equal(x, y) for e, f in zip(epochs, expected) for a, b in zip(e, f)
+               for x, y in zip(a, b))
+    assert not torch.equal(epochs[0][0][0], epochs[1][0][0])  # a new epoch, new crops
+    _batches(dls.valid)
+    assert len([p for p in workers() if p not in before]) == 4  # and the validation loader's 2
+    breastpathq.close_workers(dls)  # joins them: none is left, without waiting for the collector
+    assert [p for p in workers() if p not in before] == []
+    assert len(_batches(dls.train)) == len(epochs[0])  # a closed loader starts again
+    breastpathq._close_all_workers()  # what runs at exit
+    assert [p for p in workers() if p not in before] == []

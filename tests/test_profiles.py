@@ -1,7 +1,9 @@
 """Profiles, overrides and the dataset a chapter reads."""
 
+import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from cellulib.data import datasets, paths, profiles
@@ -37,6 +39,39 @@ def test_get_dataset_generates_once_and_reuses(tmp_path, monkeypatch):
     other = datasets.get_dataset(None, "quick", seed=4, n_train=4, n_val=2, n_cells=2, size=128,
                                  progress=False)
     assert other != root
+
+
+def _get_tiny_dataset(_):
+    return str(datasets.get_dataset(None, "quick", seed=5, n_train=4, n_val=2, n_cells=2,
+                                    size=128, progress=False))
+
+
+def test_get_dataset_side_by_side_generates_once(tmp_path, monkeypatch):
+    """Chapters executed side by side (the GPU check's JOBS) asked for one set at once, and each
+    deleted the other's half-written folder ("image file not found"); now one generates it and the
+    others wait for it."""
+    import multiprocessing
+
+    from cellulib.data import synthset
+
+    monkeypatch.setenv("CELLULIB_HOME", str(tmp_path))
+    calls = tmp_path / "calls.txt"
+    real = synthset.make_breastpathq
+
+    def slow_make(*args, **kwargs):
+        with open(calls, "a") as f:
+            f.write("call\n")
+        time.sleep(1.0)  # a window in which the other processes ask for the set too
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(synthset, "make_breastpathq", slow_make)
+    with multiprocessing.get_context("fork").Pool(3) as pool:  # the children inherit the patch
+        roots = pool.map(_get_tiny_dataset, range(3))
+    assert len(set(roots)) == 1 and datasets.synthetic_ready(roots[0])
+    assert calls.read_text().count("call") == 1
+    labels = pd.read_csv(Path(roots[0]) / "datasets" / "train_labels.csv")
+    assert all((Path(roots[0]) / "datasets" / "train" / f"{r.slide}_{r.rid}.tif").exists()
+               for r in labels.itertuples())
 
 
 def test_get_dataset_with_a_missing_folder(tmp_path):

@@ -958,7 +958,8 @@ def bench_memory(counts: tuple[int, int] = (1000, 100), input_size: int = 64,
 def run_bench(mode: str = "quick", cases: Sequence[str] = CASES, repeats: int | None = None,
               chapters_dir: str | os.PathLike = "book/chapters",
               notebooks_dir: str | os.PathLike | None = "notebooks", execute_book: bool = False,
-              seed: int = 0, verbose: bool = True) -> dict[str, Any]:
+              seed: int = 0, verbose: bool = True, epoch_batches: int | None = None
+              ) -> dict[str, Any]:
     """Run the benchmark cases of a mode and return the machine, the rows and the wall time.
 
     See the module description for the cases and :data:`MODES` for the sizes. Used by
@@ -977,6 +978,10 @@ def run_bench(mode: str = "quick", cases: Sequence[str] = CASES, repeats: int | 
         Seed of the synthetic data and the model initialisations.
     verbose : bool
         Log progress on stderr.
+    epoch_batches : int, optional
+        Batches in a timed training epoch (default: the mode's, 2-3): the ``train`` case then
+        trains on ``epoch_batches * bs`` crops and patches, so that a fast GPU runs epochs long
+        enough to show whether the DataLoader keeps it fed.
 
     Returns
     -------
@@ -992,7 +997,12 @@ def run_bench(mode: str = "quick", cases: Sequence[str] = CASES, repeats: int | 
         raise ValueError(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
     if repeats is not None and repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
-    cfg = MODES[mode]
+    cfg = dict(MODES[mode])
+    if epoch_batches is not None:
+        if epoch_batches < 1:
+            raise ValueError(f"epoch_batches must be at least 1, got {epoch_batches}")
+        cfg["seg_images"] = epoch_batches * cfg["seg_bs"]
+        cfg["direct_images"] = epoch_batches * cfg["direct_bs"]
     reps = int(repeats or cfg["repeats"])
     train_reps = int(repeats or cfg["train_repeats"])
     started = datetime.now().astimezone().isoformat(timespec="seconds")
@@ -1024,7 +1034,8 @@ def run_bench(mode: str = "quick", cases: Sequence[str] = CASES, repeats: int | 
             "cases": rows,
             "load_average_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
             "seconds": time.perf_counter() - start, "started": started,
-            "command": "python -m cellulib.bench" + ("" if mode == "full" else f" --{mode}")}
+            "command": "python -m cellulib.bench" + ("" if mode == "full" else f" --{mode}")
+            + ("" if epoch_batches is None else f" --epoch-batches {epoch_batches}")}
 
 
 def _fmt(value: float | None) -> str:
@@ -1121,6 +1132,9 @@ def _bench_parser() -> argparse.ArgumentParser:
                    help="execute the chapters now instead of reading their recorded times")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N) first")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epoch-batches", type=int, default=None, metavar="N",
+                   help="batches in a timed training epoch (default: the mode's 2-3); more show "
+                   "whether the DataLoader keeps a GPU fed")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return p
 
@@ -1137,13 +1151,16 @@ def main(argv: list[str] | None = None) -> int:
                      f"{', '.join(CASES)}")
     if args.repeats is not None and args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    if args.epoch_batches is not None and args.epoch_batches < 1:
+        parser.error("--epoch-batches must be at least 1")
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     result = run_bench(args.mode, cases, args.repeats, args.chapters, args.notebooks,
-                       args.execute_book, args.seed, verbose=not args.quiet)
+                       args.execute_book, args.seed, verbose=not args.quiet,
+                       epoch_batches=args.epoch_batches)
     print(format_table(result, markdown=args.markdown))
     if args.json:
         from cellulib.files.imageio import atomic_write_text

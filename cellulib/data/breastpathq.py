@@ -16,10 +16,12 @@ augmentation are in :mod:`cellulib.data.transforms`.
 """
 from __future__ import annotations
 
+import atexit
 import math
 import random
 import re
 import warnings
+import weakref
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +33,7 @@ import pandas as pd
 import torch
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
+from fastai.torch_core import to_device
 
 from cellulib.constants import DISC_DIAMETER, IMAGE_SUFFIXES, NUCLEUS_CLASSES, SEG_DOWNSCALE
 from cellulib.data import transforms
@@ -566,6 +569,112 @@ class _SeededDataLoader(DataLoader):
     def get_idxs(self) -> list[tuple[int, int]]:
         idxs = super().get_idxs()
         return [(int(i), self.rng.randrange(2**32)) for i in idxs]
+
+    def __iter__(self):
+        # fastai starts its worker processes anew for every epoch (a new torch iterator per
+        # `__iter__`), which costs more than a whole epoch of small batches on a GPU. With workers,
+        # the batches go through one torch DataLoader whose workers persist across epochs (and
+        # across `fit` calls on these DataLoaders); the epoch's keys are drawn here, in the main
+        # process, exactly as fastai draws them, so the batches are the same for any worker count.
+        if self.fake_l.num_workers == 0:
+            yield from super().__iter__()
+            return
+        self.randomize()
+        self.before_iter()
+        keys = self.get_idxs()
+        batches = [keys[i:i + self.bs] for i in range(0, len(keys), self.bs)]
+        if batches and self.drop_last and len(batches[-1]) < self.bs:
+            batches.pop()
+        loader = self._persistent_loader()
+        loader.sampler.batches = batches
+        for b in loader:
+            if self.pin_memory and type(b) == list:  # noqa: E721 (fastai's own test)
+                b = tuple(b)
+            if self.device is not None:
+                b = to_device(b, self.device)
+            yield self.after_batch(b)
+        self.after_iter()
+
+    def _persistent_loader(self) -> torch.utils.data.DataLoader:
+        loader = getattr(self, "_workers_loader", None)
+        if loader is None:
+            loader = torch.utils.data.DataLoader(
+                _Batches(self), sampler=_EpochBatches(), batch_size=None, collate_fn=_first,
+                num_workers=self.fake_l.num_workers, persistent_workers=True,
+                pin_memory=self.pin_memory, worker_init_fn=_one_thread,
+                timeout=self.timeout or 0)
+            self._workers_loader = loader
+            _WITH_WORKERS.add(self)
+        return loader
+
+    def close_workers(self) -> None:
+        """Stop the worker processes that `__iter__` keeps between epochs (also done when the
+        loader is garbage collected and at exit); the next epoch starts new ones."""
+        loader = self.__dict__.pop("_workers_loader", None)
+        _WITH_WORKERS.discard(self)
+        running = getattr(loader, "_iterator", None)
+        if running is not None:
+            running._shutdown_workers()  # joins the pin-memory thread, then the workers
+            loader._iterator = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a copy sent to a worker process never carries the pool of workers
+        return {k: v for k, v in self.__dict__.items() if k != "_workers_loader"}
+
+
+#: Loaders whose worker processes are running, stopped at exit (`close_workers`): left to the
+#: interpreter's shutdown, a loader in a reference cycle with pinned memory can hang the exit.
+_WITH_WORKERS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all_workers() -> None:
+    for dl in list(_WITH_WORKERS):
+        dl.close_workers()
+
+
+def close_workers(dls: Any) -> None:
+    """Stop the DataLoader worker processes of ``dls`` (fastai DataLoaders or one loader), kept
+    between epochs on a GPU (`_SeededDataLoader`); used after training, so that the workers and
+    their copies of the images do not outlive the model's training. Nothing happens without
+    workers; iterating again starts new ones."""
+    for dl in getattr(dls, "loaders", [dls]):
+        if isinstance(dl, _SeededDataLoader):
+            dl.close_workers()
+
+
+class _EpochBatches:
+    """Sampler of the persistent workers: the current epoch's batches of (index, seed) keys, one
+    list per batch (a `_Batches` item), set by `_SeededDataLoader.__iter__` in the main process before each epoch."""
+
+    def __init__(self):
+        self.batches: list[list[tuple[int, int]]] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class _Batches(torch.utils.data.Dataset):
+    """A batch of keys -> the batch fastai would make of them (`do_item`, then `do_batch`), made in a
+    worker process."""
+
+    def __init__(self, dl: _SeededDataLoader):
+        self.dl = dl
+
+    def __getitem__(self, keys: list[tuple[int, int]]) -> Any:
+        items = [o for o in map(self.dl.do_item, keys) if o is not None]
+        return self.dl.do_batch(items)
+
+
+def _first(batch: Any) -> Any:
+    return batch  # `_Batches` already collated (module level: picklable for the workers)
+
+
+def _one_thread(_worker_id: int) -> None:
+    torch.set_num_threads(1)  # as fastai's workers: the cores are shared among the workers
 
 
 #: Environment variable that sets the DataLoader worker count of training (`loader_workers`).

@@ -59,7 +59,8 @@ def get_dataset(
 
     The synthetic set for a profile and seed is generated once into ``home()/synth/<hash>`` (into a
     temporary folder first, renamed when complete, so an interrupted run leaves nothing half-written)
-    and reused by every chapter afterwards. Used in every chapter.
+    and reused by every chapter afterwards; processes that ask for it at the same time wait for the
+    one that generates it (a file lock beside the folder). Used in every chapter.
     """
     if data_dir is not None:
         root = Path(data_dir).expanduser()
@@ -71,13 +72,21 @@ def get_dataset(
         return root
     from cellulib.data import synthset
 
+    from filelock import FileLock
+
     params = synthetic_params(profile, seed, **overrides)
     root = synthetic_root(profile, seed, **overrides)
     if synthetic_ready(root):
         return root
-    tmp = root.with_name(root.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    synthset.make_breastpathq(tmp, progress=progress, **params)
-    shutil.rmtree(root, ignore_errors=True)
-    os.replace(tmp, root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    # Chapters executed side by side ask for the same set: one process generates it, the others
+    # wait for it (without the lock each would delete the other's half-written folder).
+    with FileLock(str(root) + ".lock"):
+        if synthetic_ready(root):
+            return root
+        tmp = root.with_name(root.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        synthset.make_breastpathq(tmp, progress=progress, **params)
+        shutil.rmtree(root, ignore_errors=True)
+        os.replace(tmp, root)
     return root

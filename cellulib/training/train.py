@@ -343,6 +343,7 @@ def train_seg(root: str | os.PathLike, decoder: str = "fpn", pretrained=None, pr
     fit(learn, settings["seg_epochs"], settings["seg_lr"], settings["seg_schedule"],
         settings["seg_lr_end"], progress)
     seconds = time.perf_counter() - start
+    breastpathq.close_workers(dls)  # the DataLoader workers of a GPU end with the training
     history = _history(learn)
     scores = {k: float(v) for k, v in history.iloc[-1].items() if k.startswith(("jaccard", "valid"))}
     model = _trained(learn.model)
@@ -553,6 +554,7 @@ def train_direct(root: str | os.PathLike, arch: str = "resnet34", task: str = "r
     fit(learn, settings["direct_epochs"], settings["direct_lr"], settings["direct_schedule"],
         settings["direct_lr"] / 10, progress)
     seconds = time.perf_counter() - start
+    breastpathq.close_workers(dls)
     return _finish(learn.model, path, rec, _history(learn), root, seconds, settings, input_size)
 
 
@@ -624,6 +626,7 @@ def train_sr(root: str | os.PathLike, seg: TrainResult, pretrained=None, profile
         stage2["epoch"] += len(stage1)
         stage1 = pd.concat([stage1, stage2], ignore_index=True)
     seconds = time.perf_counter() - start
+    breastpathq.close_workers(dls)
     model.freeze_seg()
     return _finish(model, path, rec, stage1, root, seconds, settings, input_size)
 
