@@ -93,6 +93,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     import shutil
 
     from cellulib.data import datasets
+    from cellulib.data.annotations import is_brca_m2c
+    from cellulib.data.profiles import BRCA_M2C_COMMAND_LINE
     from cellulib.files.imageio import atomic_write_bytes
     from cellulib.training import train
 
@@ -103,8 +105,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     seg_args = dict(profile=args.profile, seed=args.seed, stain_augment=args.stain_augment)
     decoder = opts.get("decoder", "fpn")
     if args.family == "seg":
+        longer = {}
+        if is_brca_m2c(root):  # the command line's longer recipe (issue 22); --epochs still wins
+            longer = dict(BRCA_M2C_COMMAND_LINE.get(args.profile, {}))
+            if opts.get("epochs") is not None:
+                longer.pop("seg_epochs", None)
+            if longer:
+                print(f"BRCA-M2C: the command line's recipe {longer} (profiles.BRCA_M2C_COMMAND_LINE)",
+                      file=sys.stderr)
+        epochs = opts.get("epochs") or longer.pop("seg_epochs", None)
         result = train.train_seg(root, decoder=decoder, pretrained=opts.get("pretrained"),
-                                 epochs=opts.get("epochs"), crop=opts.get("crop"), **seg_args)
+                                 epochs=epochs, crop=opts.get("crop"), **seg_args, **longer)
     elif args.family == "direct":
         result = train.train_direct(root, arch=opts.get("arch", "resnet34"),
                                     task=opts.get("task", "regression"),
