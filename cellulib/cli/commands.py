@@ -105,15 +105,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     seg_args = dict(profile=args.profile, seed=args.seed, stain_augment=args.stain_augment)
     decoder = opts.get("decoder", "fpn")
     if args.family == "seg":
-        longer = {}
-        if is_brca_m2c(root):  # the command line's longer recipe (issue 22); --epochs still wins
-            longer = dict(BRCA_M2C_COMMAND_LINE.get(args.profile, {}))
-            if opts.get("epochs") is not None:
-                longer.pop("seg_epochs", None)
-            if longer:
-                print(f"BRCA-M2C: the command line's recipe {longer} (profiles.BRCA_M2C_COMMAND_LINE)",
-                      file=sys.stderr)
-        epochs = opts.get("epochs") or longer.pop("seg_epochs", None)
+        # the command line's longer BRCA-M2C recipe (issue 22); --epochs still wins
+        longer = dict(BRCA_M2C_COMMAND_LINE.get(args.profile, {})) if is_brca_m2c(root) else {}
+        if opts.get("epochs") is not None:
+            longer["seg_epochs"] = opts["epochs"]
+        epochs = longer.pop("seg_epochs", None)
+        if longer:
+            print(f"BRCA-M2C: the command line's recipe, {epochs} epochs and {longer} "
+                  "(profiles.BRCA_M2C_COMMAND_LINE)", file=sys.stderr)
         result = train.train_seg(root, decoder=decoder, pretrained=opts.get("pretrained"),
                                  epochs=epochs, crop=opts.get("crop"), **seg_args, **longer)
     elif args.family == "direct":

@@ -70,9 +70,9 @@ def get_dataset(
                 "'datasets/' (train/, validation/, train_labels.csv, val_labels.csv, cells/)"
             )
         return root
-    from cellulib.data import synthset
-
     from filelock import FileLock
+
+    from cellulib.data import synthset
 
     params = synthetic_params(profile, seed, **overrides)
     root = synthetic_root(profile, seed, **overrides)
