@@ -20,8 +20,10 @@ are left out, since one pixel near the threshold flips them.
 The training runs are not the same across CPU kinds: the same code gave a seg training loss of 0.583
 on an AVX2-only AMD EPYC and 0.681 on an Intel Xeon with AMX (the kernels that oneDNN and OpenCV
 dispatch differ by instruction set), so their golden files are kept per CPU kind
-(``tests/fixtures/golden/{kind}/``, :func:`cpu_kind`). On a kind without golden files the recipe
-tests skip and say how to record them; the generator's output is the same on both kinds, so its
+(``tests/fixtures/golden/{kind}/``, :func:`cpu_kind`): ``amx`` recorded on an Intel Xeon with AMX,
+``avx2`` on an AMD EPYC with AVX2 only, ``avx512`` on an AMD EPYC with AVX-512 BF16 (every run but
+GBT's, whose 1-epoch segmentation net gives constant features there). On a kind without golden
+files the recipe tests skip and say how to record them; the generator's output is the same on both kinds, so its
 golden file is shared. They hold for the libraries ``constraints.txt`` pins: in an environment with
 others (a GPU image's own torch), a run that differs skips and names them.
 
@@ -285,10 +287,14 @@ def test_gbt_recipe(gbt_root, seg):
     values = _record(result)
     values["features_train"] = _stats(np.nan_to_num(
         np.array(list(result.meta["features_train"].values()), dtype=np.float64)))
+    if cpu_kind() == "avx512" and len(set(values["predictions"])) == 1:
+        # On the AVX-512 EPYC the 1-epoch segmentation net's features are constant and the booster
+        # predicts the mean, so a golden run there could not see a changed GBT recipe; the other
+        # recipes have golden runs on that kind, and GBT's are recorded on the AMX and AVX2 kinds.
+        pytest.skip("the 1-epoch segmentation net gives constant features on this CPU kind "
+                    "(avx512): no GBT golden run is recorded on it")
     _check("gbt", "gbt", values)  # skips on a CPU kind without golden runs
-    # A golden run must be able to see a change: its booster has to split. (On the AVX-512 EPYC,
-    # which has no golden runs, the 1-epoch segmentation net's features are constant and the
-    # booster predicts the mean; the assertion guards the kinds whose runs are recorded.)
+    # A golden run must be able to see a change: its booster has to split.
     assert len(set(values["predictions"])) > 1, "the booster should split on 40 patches"
 
 
