@@ -27,8 +27,11 @@ TINY = {
     "02_weak_segmentation": {**DATA, **SEG, "epochs": 1},
     # BRCA-M2C from ../shared when present (its section is skipped otherwise); the synthetic network
     # is chapter 2's, from the cache
+    # cli_recipe: the command line's recipe (class weights) trained for one epoch, so that its
+    # section runs; the paper profile has no recipe of its own for the command line
     "02b_real_he": {**DATA, "epochs": 1, "crop": 64, "patches_per_epoch": 1, "seg_epochs": 1,
-                    "seg_crop": 64, "seg_patches_per_epoch": 1, "n_boot": 100},
+                    "seg_crop": 64, "seg_patches_per_epoch": 1, "n_boot": 100,
+                    "cli_recipe": True, "cli_epochs": 1},
     "03_feature_importance": {**DATA, **SEG, "seg_epochs": 1, "sr_epochs": 1,
                               "sr_finetune_epochs": 1, "gbt_rounds": 20, "n_boot": 100},
     "04_direct_regression_vs_classification": {**DATA, "epochs": 1, "input_size": 64,
@@ -48,7 +51,8 @@ TINY = {
 
 # The paper profile with the same tiny sizes, so that every line reading the paper's settings runs
 # (decaying schedules, the direct models' input at the segmentation scale: no input_size given).
-PAPER_TINY = {name: {k: v for k, v in params.items() if k != "input_size"}
+PAPER_TINY = {name: {k: v for k, v in params.items()
+                     if k not in ("input_size", "cli_recipe", "cli_epochs")}
               for name, params in TINY.items()}
 
 # The paper profile trimmed to fit a 15-minute GPU lease (.ci/gpu-check, PAPER=lease): the paper's
@@ -351,3 +355,6 @@ def test_real_chapter_reports_the_test_split_of_a_full_copy(brca_full_copy, tmp_
     # validation holds out whole patients, and the confusion matrix and published F are reported
     assert "patients it has not seen" in text and "DeNuC F (test)" in text
     assert "Of the matched nuclei" in text and "Traceback" not in text
+    # the command line's recipe (trained here for one epoch) beside the chapter's FPN, on both splits
+    assert "trains a longer recipe than this chapter's 1 epoch: 1 epoch with the class weights 4, 4, 4, 1" in text
+    assert "FPN, command line, test F" in text and "floor (held-out patients)" in text

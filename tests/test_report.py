@@ -408,6 +408,28 @@ def test_decoder_sentence_and_finding_by_hand():
         "0.79); its weakest classes are stromal (F 0.58) and lymphocyte (F 0.62).")
 
 
+def test_command_line_sentence_by_hand():
+    book = _f1(0.62, 0.68, 0.28, 0.80)
+    recipe = {"epochs": 96, "seg_weights": (4.0, 4.0, 4.0, 1.0)}
+    head = ("`cellulib train seg --data <BRCA-M2C folder>` trains a longer recipe than this chapter's "
+            "32 epochs: 96 epochs with the class weights 4, 4, 4, 1 (stromal, lymphocyte, tumour, "
+            "background) (`profiles.BRCA_M2C_COMMAND_LINE`), which takes longer than the book can spend.")
+    missing = sentences.command_line_sentence(recipe, "quick", 32, book)
+    assert missing.startswith(head) and "is not in this build's cache" in missing
+    assert "`-p cli_recipe True`" in missing
+    # stromal and tumour under their floors (0.55, 0.75); 1420 s is 24 minutes
+    text = sentences.command_line_sentence(recipe, "quick", 32, book, _f1(0.8, 0.733, 0.52, 0.819), 1420)
+    assert text == head + (
+        " Its FPN, trained in 24 minutes, reaches on the held-out patients F lymphocyte 0.800, "
+        "tumour/epithelial 0.733, stromal 0.520, detection (all classes) 0.819 against 0.620, 0.680, "
+        "0.280, 0.800 for this chapter's FPN: floors **not met**: tumour/epithelial 0.733 (floor "
+        "0.75), stromal 0.520 (floor 0.55), detection (all classes) 0.819 (floor 0.82).")
+    met = sentences.command_line_sentence({"epochs": 1}, "quick", 1, book, _f1(0.6, 0.8, 0.6, 0.9))
+    assert "than this chapter's 1 epoch: 1 epoch (" in met and met.endswith("every floor is **met**.")
+    assert sentences.command_line_sentence({"epochs": None}, "paper", 150, book) == (
+        "In the paper profile `cellulib train seg` trains the recipe of this chapter.")
+
+
 def test_confusion_jaccard_fraction_and_dots_sentences_by_hand():
     classes = ["lymphocyte", "malignant", "normal"]
     confusion = pd.DataFrame([[8, 1, 1, 3], [2, 16, 2, 4], [0, 4, 6, 1], [5, 6, 7, 0]],

@@ -24,9 +24,16 @@ def home(tmp_path, monkeypatch):
 
 def test_train_seg_is_cached_by_its_inputs(tiny_root, home):
     torch.set_num_threads(2)
+    # train_missing=False trains nothing: None before the model is cached, the model after
+    assert train.train_seg(tiny_root, "fpn", epochs=1, progress=False, crop=64, patches_per_epoch=1,
+                           seg_bs=2, train_missing=False) is None
+    assert not list(home.rglob("*.pt"))
     first = train.train_seg(tiny_root, "fpn", epochs=1, progress=False, crop=64,
                             patches_per_epoch=1, seg_bs=2)
     assert not first.cached and first.path.exists()
+    looked_up = train.train_seg(tiny_root, "fpn", epochs=1, progress=False, crop=64,
+                                patches_per_epoch=1, seg_bs=2, train_missing=False)
+    assert looked_up.cached and looked_up.path == first.path
     assert list(first.history.columns[:3]) == ["epoch", "train_loss", "valid_loss"]
     assert {"jaccard_normal", "jaccard_lymphocyte", "jaccard_malignant",
             "jaccard_nuclei"} <= set(first.scores)
@@ -241,3 +248,23 @@ def test_command_line_trains_the_longer_brca_m2c_recipe(brca_subset, tmp_path, m
     with pytest.raises(_Stop):
         commands.main(["train", "seg", "--data", str(synth), "--out", str(tmp_path / "s.pt")])
     assert seen[2]["epochs"] is None and "seg_weights" not in seen[2]
+
+
+def test_real_he_chapter_shows_the_command_line_model_only_when_cached(brca_subset, home):
+    """Without ``train_missing`` the section trains nothing: the command line's model is missing
+    from an empty cache, so the sentence says how to add it and there is no table."""
+    import pandas as pd
+
+    from cellulib.data import breastpathq
+    from cellulib.reporting import realtissue
+
+    cells = breastpathq.read_cells(brca_subset)
+    book = pd.DataFrame({"f1": [0.6, 0.7, 0.3, 0.8]},
+                        index=["lymphocyte", "malignant", "normal", "detection"])
+    text, table = realtissue.command_line_section(brca_subset, "quick", 0, 32, book,
+                                                  cells.iloc[breastpathq.cells_split(cells)[1]])
+    assert table is None and "is not in this build's cache" in text and "96 epochs" in text
+    assert not list(home.rglob("*.pt"))
+    text, table = realtissue.command_line_section(brca_subset, "paper", 0, 150, book, cells)
+    assert table is None and text == ("In the paper profile `cellulib train seg` trains the recipe "
+                                      "of this chapter.")

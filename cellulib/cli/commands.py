@@ -94,7 +94,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     from cellulib.data import datasets
     from cellulib.data.annotations import is_brca_m2c
-    from cellulib.data.profiles import BRCA_M2C_COMMAND_LINE
+    from cellulib.data.profiles import command_line_seg
     from cellulib.files.imageio import atomic_write_bytes
     from cellulib.training import train
 
@@ -106,15 +106,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     decoder = opts.get("decoder", "fpn")
     if args.family == "seg":
         # the command line's longer BRCA-M2C recipe (issue 22); --epochs still wins
-        longer = dict(BRCA_M2C_COMMAND_LINE.get(args.profile, {})) if is_brca_m2c(root) else {}
-        if opts.get("epochs") is not None:
-            longer["seg_epochs"] = opts["epochs"]
-        epochs = longer.pop("seg_epochs", None)
-        if longer:
-            print(f"BRCA-M2C: the command line's recipe, {epochs} epochs and {longer} "
+        recipe = command_line_seg(args.profile, is_brca_m2c(root), opts.get("epochs"))
+        if len(recipe) > 1:
+            extra = {k: v for k, v in recipe.items() if k != "epochs"}
+            print(f"BRCA-M2C: the command line's recipe, {recipe['epochs']} epochs and {extra} "
                   "(profiles.BRCA_M2C_COMMAND_LINE)", file=sys.stderr)
         result = train.train_seg(root, decoder=decoder, pretrained=opts.get("pretrained"),
-                                 epochs=epochs, crop=opts.get("crop"), **seg_args, **longer)
+                                 crop=opts.get("crop"), **seg_args, **recipe)
     elif args.family == "direct":
         result = train.train_direct(root, arch=opts.get("arch", "resnet34"),
                                     task=opts.get("task", "regression"),

@@ -136,6 +136,28 @@ BRCA_M2C_COMMAND_LINE: dict[str, dict[str, Any]] = {
 }
 
 
+def command_line_seg(profile: str = "quick", brca: bool = True,
+                     epochs: int | None = None) -> dict[str, Any]:
+    """The keyword arguments that ``cellulib train seg`` adds to
+    :func:`cellulib.training.train.train_seg`: on a BRCA-M2C folder (``brca``) the profile's
+    `BRCA_M2C_COMMAND_LINE` recipe, with its epochs as ``epochs``; a given ``epochs``
+    (``--epochs``) wins. Used by the command line and the real-H&E chapter, which shows the
+    command line's model beside the book's when the cache holds it.
+
+    Examples
+    --------
+    >>> command_line_seg("quick")
+    {'epochs': 96, 'seg_weights': (4.0, 4.0, 4.0, 1.0)}
+    >>> command_line_seg("quick", epochs=5)
+    {'epochs': 5, 'seg_weights': (4.0, 4.0, 4.0, 1.0)}
+    >>> command_line_seg("quick", brca=False), command_line_seg("paper")
+    ({'epochs': None}, {'epochs': None})
+    """
+    recipe = dict(BRCA_M2C_COMMAND_LINE.get(profile, {})) if brca else {}
+    longer = recipe.pop("seg_epochs", None)
+    return {"epochs": longer if epochs is None else epochs, **recipe}
+
+
 class ProfileError(ValueError):
     """An unknown profile or setting."""
 

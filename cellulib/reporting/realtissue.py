@@ -665,3 +665,42 @@ def discussion_sentence(result: RealTissue, routes: Mapping[str, Sequence[str]])
             + f" On the {result.split} split of BRCA-M2C ({len(result.windows)} windows of "
             f"{result.windows['patient'].nunique()} patients), {met} of {len(result.floors)} of the "
             f"real-tissue chapter's floors are met.")
+
+
+def command_line_section(root: Any, profile: str, seed: int, book_epochs: int,
+                         book_val: pd.DataFrame, val_cells: pd.DataFrame,
+                         threshold: float | None = None, train_missing: bool = False,
+                         epochs: int | None = None, test_cells: pd.DataFrame | None = None
+                         ) -> tuple[str, pd.DataFrame | None]:
+    """The real-H&E chapter's section on the recipe that ``cellulib train seg --data <root>``
+    trains (:func:`cellulib.data.profiles.command_line_seg`, ``epochs`` replacing its epochs):
+    its FPN from the cache, trained here only with ``train_missing``, scored on the held-out
+    patients ``val_cells`` (and on ``test_cells``, the official test split, when given) beside the
+    chapter's FPN (``book_val``, trained for ``book_epochs``). Returns the
+    :func:`cellulib.reporting.sentences.command_line_sentence` and a
+    :func:`cellulib.reporting.tables.detection_table` with the floors and the published F, or None
+    when there is no such model. Used in the real-H&E chapter."""
+    from cellulib.constants import DETECTION_THRESHOLD
+    from cellulib.data.profiles import command_line_seg
+    from cellulib.inference.detect import score_annotated
+    from cellulib.reporting import paper, sentences, tables, verdicts
+    from cellulib.training import train
+
+    threshold = DETECTION_THRESHOLD if threshold is None else threshold
+    recipe = command_line_seg(profile, epochs=epochs)
+    own = len(recipe) > 1 or recipe["epochs"] is not None  # the profile has a recipe of its own
+    result = (train.train_seg(root, profile=profile, seed=seed, train_missing=train_missing, **recipe)
+              if own else None)
+    if result is None:
+        return sentences.command_line_sentence(recipe, profile, book_epochs, book_val), None
+    scores = {"FPN, this chapter": book_val,
+              "FPN, command line": score_annotated(result.path, val_cells, threshold,
+                                                   progress=False).scores()}
+    if test_cells is not None:
+        scores["FPN, command line, test"] = score_annotated(result.path, test_cells, threshold,
+                                                            progress=False).scores()
+    text = sentences.command_line_sentence(recipe, profile, book_epochs, book_val,
+                                           scores["FPN, command line"], result.seconds)
+    return text, tables.detection_table(scores, reference=verdicts.REAL_FLOORS,
+                                        reference_name="floor (held-out patients)",
+                                        references=paper.PUBLISHED_F)

@@ -234,6 +234,53 @@ def decoder_sentence(val_scores: Mapping[str, pd.DataFrame], best: str, threshol
         "but not identical to it.")
 
 
+def command_line_sentence(recipe: Mapping[str, Any], profile: str, book_epochs: int,
+                          book_val: pd.DataFrame, cli_val: pd.DataFrame | None = None,
+                          seconds: float | None = None) -> str:
+    """What ``cellulib train seg --data <BRCA-M2C folder>`` trains, beside the book's FPN: its
+    ``recipe`` (:func:`cellulib.data.profiles.command_line_seg`), and, when its model was found
+    in the cache or trained (``cli_val``: its :func:`cellulib.metrics.detection.detection_scores`
+    on the held-out patients, trained in ``seconds``), its F against the book's FPN (``book_val``,
+    ``book_epochs`` epochs) and the floors; when not, how to add it. Used in the real-H&E chapter
+    through :func:`cellulib.reporting.realtissue.command_line_section`.
+
+    Examples
+    --------
+    >>> command_line_sentence({"epochs": None}, "paper", 150, None)
+    'In the paper profile `cellulib train seg` trains the recipe of this chapter.'
+    """
+    extra = {k: v for k, v in recipe.items() if k != "epochs"}
+    if recipe.get("epochs") is None and not extra:
+        return f"In the {profile} profile `cellulib train seg` trains the recipe of this chapter."
+    names = BRCA_M2C_NAMES
+    def epochs(n: int) -> str:
+        return f"{n} epoch{'' if n == 1 else 's'}"
+
+    what = epochs(recipe["epochs"])
+    if "seg_weights" in extra:
+        w = [float(v) for v in extra.pop("seg_weights")]
+        what += (f" with the class weights {', '.join(f'{v:g}' for v in w)} (stromal, lymphocyte, "
+                 "tumour, background)")
+    what += "".join(f", {k} {v}" for k, v in extra.items())
+    head = (f"`cellulib train seg --data <BRCA-M2C folder>` trains a longer recipe than this "
+            f"chapter's {epochs(book_epochs)}: {what} (`profiles.BRCA_M2C_COMMAND_LINE`), which "
+            "takes longer than the book can spend.")
+    if cli_val is None:
+        return (head + " Its model is not in this build's cache, so its numbers are not shown: "
+                "train it with that command and this build's `CELLULIB_HOME` (or re-execute this chapter with "
+                "`-p cli_recipe True`) and this section compares it with the FPN above.")
+    classes = list(REAL_FLOORS)
+    missed = floors_missed(cli_val)
+    time = "" if seconds is None else f", trained in {seconds / 60:.0f} minutes,"
+    return (head + f" Its FPN{time} reaches on the held-out patients F "
+            + ", ".join(f"{names[c]} {cli_val.loc[c, 'f1']:.3f}" for c in classes)
+            + " against " + ", ".join(f"{book_val.loc[c, 'f1']:.3f}" for c in classes)
+            + " for this chapter's FPN: "
+            + ("every floor is **met**." if not missed else "floors **not met**: "
+               + ", ".join(f"{names[c]} {v:.3f} (floor {REAL_FLOORS[c]:g})"
+                           for c, v in missed.items()) + "."))
+
+
 def _weakest(scores: pd.DataFrame) -> pd.Series:
     return scores.drop(index="detection")["f1"].nsmallest(2)
 

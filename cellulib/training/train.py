@@ -279,7 +279,7 @@ def _pretrained_key(pretrained) -> str | None:
 def train_seg(root: str | os.PathLike, decoder: str = "fpn", pretrained=None, profile: str = "quick",
               seed: int = 0, epochs: int | None = None, progress: bool = True, cache: bool = True,
               validation: str = "patients", mix: str | os.PathLike | None = None,
-              **overrides: Any) -> TrainResult:
+              train_missing: bool = True, **overrides: Any) -> TrainResult | None:
     """Train (or load from the cache) the weak segmentation network on the annotated patches.
 
     Paper section 4.2 and Table 1; SPEC 2. Settings come from ``profile`` (``seg_epochs``,
@@ -294,8 +294,10 @@ def train_seg(root: str | os.PathLike, decoder: str = "fpn", pretrained=None, pr
     ``mix``: a second annotated folder whose training patches join the training set at the same
     scale (:func:`cellulib.data.breastpathq.seg_dataloaders`), e.g. the synthetic patches beside BRCA-M2C, so
     that one network learns real and synthetic nuclei; part of the key. ``scores`` holds the
-    per-class Jaccard at 0.5 and their mean (``jaccard_nuclei``, Table 1). Used in chapter 2, the real-H&E chapter and, through the cache,
-    chapter 3.
+    per-class Jaccard at 0.5 and their mean (``jaccard_nuclei``, Table 1). ``train_missing=False``
+    trains nothing: the cached model, or None when the cache does not hold it (the real-H&E
+    chapter shows the command line's longer recipe only when it was trained). Used in chapter 2,
+    the real-H&E chapter and, through the cache, chapter 3.
     """
     overrides = {**overrides, "seg_epochs": epochs}
     brca = is_brca_m2c(root)
@@ -328,6 +330,8 @@ def train_seg(root: str | os.PathLike, decoder: str = "fpn", pretrained=None, pr
     if cache and (hit := _cached(path, rec, settings,
                                  lambda model, meta: _provenance(train_images()))) is not None:
         return hit
+    if not train_missing:
+        return None
     set_seed(seed, reproducible=True)
     # the same patch-level split seg_dataloaders makes (its default valid_pct)
     n_train = len(train_images())
