@@ -358,3 +358,6 @@ def test_real_chapter_reports_the_test_split_of_a_full_copy(brca_full_copy, tmp_
     # the command line's recipe (trained here for one epoch) beside the chapter's FPN, on both splits
     assert "trains a longer recipe than this chapter's 1 epoch: 1 epoch with the class weights 4, 4, 4, 1" in text
     assert "FPN, command line, test F" in text and "floor (held-out patients)" in text
+    # issue 23's synthetic-only detector, at real tissue's scale, on both splits
+    assert "Trained only on synthetic patches of the generator calibrated to real tissue" in text
+    assert "synthetic only, test F" in text

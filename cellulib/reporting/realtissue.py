@@ -56,6 +56,10 @@ REAL_TISSUE_VERSION = 1
 #: held-out patients, and the best model's score on the real BreastPathQ patch (truth 0.97).
 FLOORS: dict[str, float] = {"segmentation route PK": 0.70, "BreastPathQ patch": 0.85}
 
+#: Issue 23's floor for a nucleus detector trained on synthetic patches only: its pooled F
+#: (MCSpatNet's protocol) on BRCA-M2C's held-out patients.
+SYNTHETIC_DETECTOR_FLOOR = 0.60
+
 #: Issue 10's floor on the synthetic validation patches, which every model keeps: ICC(2,1) at least
 #: this, and MSE at most ``SYNTHETIC_MSE_FLOOR`` times the mean predictor's.
 SYNTHETIC_ICC_FLOOR = 0.90
@@ -704,3 +708,114 @@ def command_line_section(root: Any, profile: str, seed: int, book_epochs: int,
     return text, tables.detection_table(scores, reference=verdicts.REAL_FLOORS,
                                         reference_name="floor (held-out patients)",
                                         references=paper.PUBLISHED_F)
+
+
+def synthetic_detector_sentence(scores: pd.DataFrame, settings: Mapping[str, Any], seconds: float,
+                                generator: str, paper_scale_f: float | None = None,
+                                paper_scale_split: str = "") -> str:
+    """The synthetic-only detector (:func:`cellulib.training.train.synthetic_detector`) in words:
+    its pooled P, R and F on the held-out patients (``scores``, a
+    :func:`cellulib.metrics.detection.detection_scores` table) against
+    `SYNTHETIC_DETECTOR_FLOOR`, the settings it was trained with, and chapter 2's network at the
+    paper's scale (pooled F ``paper_scale_f`` on ``paper_scale_split``). Used in the real-H&E
+    chapter through :func:`synthetic_detector_section`.
+
+    Examples
+    --------
+    >>> t = pd.DataFrame({"precision": [0.2, 0.5, 0.1, 0.5], "recall": [0.01, 0.4, 0.5, 0.76],
+    ...                   "f1": [0.02, 0.45, 0.18, 0.6035]},
+    ...                  index=["lymphocyte", "malignant", "normal", "detection"])
+    >>> s = {"disc_diameter": 11.0, "downscale": 1, "seg_epochs": 32}
+    >>> synthetic_detector_sentence(t, s, 350, "calibrated", 0.08, "test").split("; ")[-1]
+    'the floor for such a detector (0.60) is **met**. Its weakest class is lymphocyte (F 0.020).'
+    """
+    from cellulib.reporting.tables import BRCA_M2C_NAMES
+
+    d = scores.loc["detection"]
+    where = "the generator calibrated to real tissue (chapter 1)" if generator == "calibrated" \
+        else f"the {generator} generator"
+    scale = ("at full size" if settings["downscale"] == 1
+             else f"after a x{settings['downscale']:g} downscale")
+    floor = SYNTHETIC_DETECTOR_FLOOR
+    weakest = scores.drop(index="detection")["f1"].idxmin()
+    text = (f"Trained only on synthetic patches of {where}, {scale} with "
+            f"{settings['disc_diameter']:g} px discs for {settings['seg_epochs']} epochs "
+            f"({seconds / 60:.0f} minute{'' if round(seconds / 60) == 1 else 's'}), the FPN finds the nuclei of the held-out patients with "
+            f"pooled precision {d['precision']:.3f}, recall {d['recall']:.3f} and F "
+            f"{d['f1']:.3f}")
+    if paper_scale_f is not None:
+        text += (f", where chapter 2's network, trained at the paper's scale, reaches F "
+                 f"{paper_scale_f:.3f} on the {paper_scale_split} split")
+    text += (f"; the floor for such a detector ({floor:.2f}) is "
+             f"{'**met**' if d['f1'] >= floor else '**not met**'}. Its weakest class is "
+             f"{BRCA_M2C_NAMES.get(weakest, weakest)} (F {scores.loc[weakest, 'f1']:.3f}).")
+    return text
+
+
+def synthetic_detector_section(profile: str, seed: int, val_cells: pd.DataFrame,
+                               threshold: float | None = None, *, epochs: int | None = None,
+                               crop: int | None = None, patches_per_epoch: int | None = None,
+                               test_cells: pd.DataFrame | None = None,
+                               generator: str = "calibrated", paper_scale_f: float | None = None,
+                               paper_scale_split: str = "", **data_args: Any
+                               ) -> tuple[str, pd.DataFrame]:
+    """Issue 23's synthetic-only detector in the real-H&E chapter: the synthetic set of
+    ``generator`` (``data_args``: its sizes, as :func:`cellulib.data.datasets.get_dataset` takes
+    them), :func:`cellulib.training.train.synthetic_detector` trained on it (``epochs``,
+    ``crop``, ``patches_per_epoch`` replace the BRCA-M2C settings'), scored on the held-out
+    patients ``val_cells`` (and on ``test_cells`` when given). Returns
+    :func:`synthetic_detector_sentence` and a :func:`cellulib.reporting.tables.detection_table`
+    with the floor and the published F. Used in the real-H&E chapter."""
+    from cellulib.constants import DETECTION_THRESHOLD
+    from cellulib.data import datasets
+    from cellulib.inference.detect import score_annotated
+    from cellulib.reporting import paper, tables
+    from cellulib.training import train
+
+    threshold = DETECTION_THRESHOLD if threshold is None else threshold
+    root = datasets.get_dataset(None, profile, seed, generator=generator, progress=False,
+                                **data_args)
+    result = train.synthetic_detector(root, profile, seed, epochs=epochs, crop=crop,
+                                      patches_per_epoch=patches_per_epoch, progress=False)
+    scores = {"synthetic only": score_annotated(result.path, val_cells, threshold,
+                                                progress=False).scores()}
+    if test_cells is not None:
+        scores["synthetic only, test"] = score_annotated(result.path, test_cells, threshold,
+                                                         progress=False).scores()
+    text = synthetic_detector_sentence(scores["synthetic only"], result.settings, result.seconds,
+                                       generator, paper_scale_f, paper_scale_split)
+    return text, tables.detection_table(scores, reference={"detection": SYNTHETIC_DETECTOR_FLOOR},
+                                        reference_name="floor (held-out patients)",
+                                        references=paper.PUBLISHED_F)
+
+
+def transfer_scores(profile: str, seed: int, real_model: Any, real_scored: Any,
+                    report_cells: pd.DataFrame, threshold: float | None = None, *,
+                    seg_epochs: int | None = None, seg_crop: int | None = None,
+                    seg_patches_per_epoch: int | None = None, **data_args: Any
+                    ) -> tuple[dict[tuple[str, str], Any], dict[str, Any]]:
+    """Chapter 2's synthetic-trained FPN (from the cache; ``seg_*`` and ``data_args`` as chapter 2
+    takes them) and a BRCA-M2C-trained one (``real_model``, already scored on ``report_cells``:
+    ``real_scored``), each scored on the other's data: ``{(trained on, scored on):``
+    :class:`cellulib.inference.detect.AnnotatedScores` ``}``, as
+    :func:`cellulib.reporting.tables.transfer_table` reads it, and the synthetic network's settings.
+    Used in the real-H&E chapter."""
+    from cellulib.constants import DETECTION_THRESHOLD
+    from cellulib.data import breastpathq, datasets
+    from cellulib.inference.detect import score_annotated
+    from cellulib.training import train
+
+    threshold = DETECTION_THRESHOLD if threshold is None else threshold
+    root = datasets.get_dataset(None, profile, seed, **data_args)
+    seg = train.train_seg(root, decoder="fpn", profile=profile, seed=seed, epochs=seg_epochs,
+                          crop=seg_crop, patches_per_epoch=seg_patches_per_epoch, progress=False)
+    cells = breastpathq.read_cells(root)
+    val = cells.iloc[breastpathq.cells_split(cells, 0.2, seed, root=root)[1]]
+    transfer = {
+        ("synthetic", "synthetic"): score_annotated(seg.path, val, threshold, progress=False),
+        ("synthetic", "BRCA-M2C"): score_annotated(seg.path, report_cells, threshold,
+                                                   progress=False),
+        ("BRCA-M2C", "synthetic"): score_annotated(real_model, val, threshold, progress=False),
+        ("BRCA-M2C", "BRCA-M2C"): real_scored,
+    }
+    return transfer, seg.settings

@@ -724,6 +724,22 @@ def book_models(root: str | os.PathLike, profile: str = "quick", seed: int = 0, 
     return seg, results
 
 
+def synthetic_detector(root: str | os.PathLike, profile: str = "quick", seed: int = 0,
+                       epochs: int | None = None, crop: int | None = None,
+                       patches_per_epoch: int | None = None, progress: bool = True) -> TrainResult:
+    """A nucleus detector that learns from synthetic patches only (``root``), at real tissue's
+    pixel scale: the FPN with the profile's BRCA-M2C settings
+    (:func:`cellulib.data.profiles.brca_m2c_profile`: no downscale and 11 px discs in the quick
+    profile, its epochs, crop, schedule and rate), where chapter 2's network keeps the paper's x2
+    downscale, whose discs merge neighbouring nuclei. Issue 23 measures it on real BRCA-M2C nuclei
+    (the real-H&E chapter, through
+    :func:`cellulib.reporting.realtissue.synthetic_detector_section`)."""
+    s = brca_m2c_profile(profile, seg_epochs=epochs, crop=crop, patches_per_epoch=patches_per_epoch)
+    return train_seg(root, decoder="fpn", profile=profile, seed=seed, epochs=s["seg_epochs"],
+                     progress=progress, **{k: s[k] for k in ("crop", "patches_per_epoch", "downscale",
+                                                             "disc_diameter", "seg_lr", "seg_schedule")})
+
+
 def real_tissue_levers(root: str | os.PathLike, real_seg: TrainResult, profile: str = "quick",
                        seed: int = 0, augment: str = "hed", sr: bool = False, *,
                        seg_epochs: int | None = None,
