@@ -357,7 +357,11 @@ def test_real_chapter_reports_the_test_split_of_a_full_copy(brca_full_copy, tmp_
     assert "Of the matched nuclei" in text and "Traceback" not in text
     # the command line's recipe (trained here for one epoch) beside the chapter's FPN, on both splits
     assert "trains a longer recipe than this chapter's 1 epoch: 1 epoch with the class weights 4, 4, 4, 1" in text
-    assert "FPN, command line, test F" in text and "floor (held-out patients)" in text
+    # scored at the threshold its file records (issue 22), which cellulib detect uses
+    assert re.search(r"FPN, command line(, threshold 0\.\d)?, test F", text)
+    assert "floor (held-out patients)" in text
+    assert re.search(r"detecting at the threshold its file records \(0\.\d, chosen on its \d+ "
+                     r"training images\)", text)
     # issue 23's synthetic-only detector, at real tissue's scale, on both splits
     assert "Trained only on synthetic patches of the generator calibrated to real tissue" in text
     assert "synthetic only, test F" in text

@@ -299,3 +299,35 @@ def test_the_bytes_of_a_pretrained_weights_file_are_part_of_the_key(tmp_path):
     assert train._pretrained_key(a) != train._pretrained_key(b)  # same name, other weights
     assert train._pretrained_key(a).startswith("file:w.pth:")
     assert train._pretrained_key("imagenet") == "imagenet" and train._pretrained_key(None) is None
+
+
+def test_a_seg_file_without_a_chosen_threshold_gets_one_without_retraining(tiny, home, monkeypatch,
+                                                                           one_torch_thread):
+    """Issue 22: train_seg records the detection threshold chosen on its training images; a
+    cached file from before (or from another detection version) gets one from its own weights."""
+    from cellulib.data import breastpathq
+    from cellulib.inference import detect
+
+    seg = train.train_seg(tiny, "fpn", **SEG)
+    chosen = seg.meta["detection"]
+    cells = breastpathq.read_cells(tiny)
+    rows = breastpathq.cells_split(cells, seed=0, root=tiny)[0]
+    assert chosen["images"] == len(rows) and chosen["version"] == detect.DETECTION_VERSION
+    assert chosen["threshold"] == chosen["grid"][chosen["mean_f"].index(max(chosen["mean_f"]))]
+    # the recorded mean F at the chosen threshold is what scoring the training images gives
+    scores = detect.score_annotated(seg.path, cells.iloc[rows], chosen["threshold"],
+                                    progress=False).scores()
+    assert max(chosen["mean_f"]) == pytest.approx(scores["f1"].mean(), abs=1e-4)
+    model, info = load_model(seg.path)
+    save_model(model, seg.path, **{k: v for k, v in info["meta"].items() if k != "detection"})
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a missing threshold must not retrain")
+
+    monkeypatch.setattr(train, "fit", no_training)
+    again = train.train_seg(tiny, "fpn", **SEG)
+    assert again.cached and again.meta["detection"] == chosen
+    assert load_model(seg.path)[1]["meta"]["detection"] == chosen
+    monkeypatch.setattr(detect, "DETECTION_VERSION", detect.DETECTION_VERSION + 1)
+    assert train.train_seg(tiny, "fpn", **SEG).meta["detection"]["version"] == \
+        detect.DETECTION_VERSION

@@ -351,3 +351,62 @@ def test_cli_bad_stain_target_writes_nothing(seg_file, images, tmp_path, capsys)
     code = commands.main(["detect", "--model", str(seg_file), "--images", str(images), "--out", str(out),
                      "--stain-norm", "macenko"])
     assert code == 2 and "--stain-target" in capsys.readouterr().err and not out.exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# choose_threshold: the model's own detection threshold, chosen on annotated images
+# --------------------------------------------------------------------------------------------------
+# (x, y, class, pixel value, annotated): the stand-in network's nucleus probability at a disc is
+# 1 - value / 255, so 0 is a sure nucleus, 89 one of probability 0.651 and 140 an unannotated
+# faint blob of probability 0.451
+GRADED = [(30, 30, "malignant", 0, True), (80, 30, "malignant", 0, True),
+          (130, 30, "lymphocyte", 0, True), (30, 75, "normal", 89, True),
+          (100, 75, "malignant", 140, False)]
+
+
+def _graded(tmp_path):
+    img = np.full((110, 170, 3), 255, np.uint8)
+    yy, xx = np.mgrid[:110, :170]
+    dots = []
+    for x, y, name, value, annotated in GRADED:
+        img[..., CHANNEL[name]][(xx - x) ** 2 + (yy - y) ** 2 <= 5.5 ** 2] = value
+        if annotated:  # BRCA-M2C dots: "y x class", 1 lymphocyte, 2 tumour, 3 stromal
+            dots.append(f"{y} {x} {dict(lymphocyte=1, malignant=2, normal=3)[name]}")
+    cv2.imwrite(str(tmp_path / "g.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    (tmp_path / "g_gt_class_coords.txt").write_text("\n".join(dots) + "\n")
+    return pd.DataFrame({"name": ["g"], "image_path": [str(tmp_path / "g.png")],
+                         "xml_path": [str(tmp_path / "g_gt_class_coords.txt")]})
+
+
+def test_choose_threshold_keeps_the_best_mean_f_worked_out_by_hand(seg_net, tmp_path):
+    from cellulib.inference.detect import THRESHOLD_GRID, choose_threshold
+
+    cells = _graded(tmp_path)
+    info = {"family": "seg", "meta": {"params": {"downscale": 1, "disc_diameter": 11.0}}}
+    chosen = choose_threshold((_fake(seg_net), info), cells, device="cpu", precision="float32")
+    # by hand, mean F of tumour, lymphocyte, stromal and detection:
+    # t <= 0.4: the faint blob is a false tumour nucleus: tumour P 2/3, R 1, F 0.8; detection
+    #           P 4/5, R 1, F 8/9; lymphocyte and stromal F 1: mean (0.8 + 1 + 1 + 8/9) / 4
+    # 0.5, 0.6: every nucleus and nothing else: mean 1
+    # t >= 0.7: the stromal nucleus (0.651) is missed: stromal F 0, detection R 3/4, F 6/7
+    low, high = (0.8 + 2 + 8 / 9) / 4, (2 + 6 / 7) / 4
+    assert chosen["grid"] == list(THRESHOLD_GRID) == [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+    assert chosen["mean_f"] == pytest.approx([low, low, low, 1, 1, high, high], abs=1e-4)
+    assert chosen["threshold"] == 0.5 and chosen["images"] == 1  # the lower of two equal ones
+
+
+def test_detect_uses_the_threshold_the_model_file_records(seg_net, tmp_path):
+    _graded(tmp_path)
+    recorded = {"family": "seg", "meta": {"params": {"downscale": 1, "disc_diameter": 11.0},
+                                          "detection": {"threshold": 0.5}}}
+    plain = {"family": "seg", "meta": {"params": {"downscale": 1, "disc_diameter": 11.0}}}
+    net = _fake(seg_net)
+    found = {name: detect_nuclei((net, info), tmp_path / "g.png", progress=False, device="cpu",
+                                 **kw)
+             for name, info, kw in (("recorded", recorded, {}), ("default", plain, {}),
+                                    ("given", recorded, {"threshold": 0.3}))}
+    assert len(found["recorded"]) == 4  # 0.5: the faint unannotated blob is left out
+    assert len(found["default"]) == len(found["given"]) == 5  # 0.3 finds it
+    broken = {"family": "seg", "meta": {"detection": {"threshold": 1.5}}}
+    with pytest.raises(ModelFileError, match=r"meta\['detection'\]\['threshold'\].*1\.5"):
+        detect_nuclei((net, broken), tmp_path / "g.png", progress=False, device="cpu")

@@ -84,3 +84,23 @@ def test_used_in_chapter_claims_are_true(module, name, chapter, names, claim):
     found = [n for n in names if re.search(rf"(?<![\w]){re.escape(n)}(?![\w])", code[chapter])]
     assert found, (f"{module}: the docstring of {name} says {claim!r}, but chapter {chapter}'s "
                    f"code never names {' or '.join(sorted(names))}")
+
+
+def _modules() -> list[str]:
+    return sorted(".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+                  for p in PACKAGE.rglob("*.py") if p.name != "__main__.py")
+
+
+@pytest.mark.parametrize("module", _modules())
+def test_docstring_examples_run(module):
+    """The examples in the library's docstrings are what the code returns (no module ran them
+    before: ``disc_kernel(3)``'s example showed a cross where the code gives a full square)."""
+    import doctest
+    import importlib
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = doctest.testmod(importlib.import_module(module), report=True,
+                                 optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
+    assert result.failed == 0, f"{module}: {result.failed} of {result.attempted} examples failed"

@@ -137,6 +137,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"{args.family} model {state}; written to {out}")
     for name, value in result.scores.items():
         print(f"  {name}: {value:.4f}")
+    if chosen := (result.meta or {}).get("detection"):
+        print(f"  detection threshold: {chosen['threshold']:g} (highest mean F on "
+              f"{chosen['images']} training images; cellulib detect uses it by default)")
     return 0
 
 
@@ -429,7 +432,8 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     _print_failures(summary["failed"], "detect", "images")
     counts = ", ".join(f"{n} {c}" for c, n in summary["per_class"].items())
     print(f"{summary['n_nuclei']} nuclei ({counts}) in {summary['n_ok']} of "
-          f"{summary['n_images']} images; written to {args.out}"
+          f"{summary['n_images']} images at threshold {summary['threshold']:g}; written to "
+          f"{args.out}"
           + (f" and {len(summary['geojson'])} GeoJSON files in {args.geojson}"
              if args.geojson else ""))
     return 1 if summary["n_failed"] else 0
@@ -456,9 +460,10 @@ def _add_detect_command(sub) -> None:
     p.add_argument("--out", required=True, help="CSV to write (atomically)")
     p.add_argument("--geojson", default=None, metavar="DIR",
                    help="also write DIR/<image stem>.geojson per image (QuPath detections)")
-    p.add_argument("--threshold", type=float, default=DETECTION_THRESHOLD,
-                   help="smallest nucleus probability at a centre, in (0, 1) "
-                   f"({DETECTION_THRESHOLD})")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="smallest nucleus probability at a centre, in (0, 1) (default: the "
+                   "threshold the model file records, chosen on its training images by cellulib "
+                   f"train seg; {DETECTION_THRESHOLD} for a file that records none)")
     p.add_argument("--recursive", action="store_true", help="also search subfolders")
     p.add_argument("--mpp", type=float, default=None, metavar="UM",
                    help="micrometres per pixel of the images: resized to the model's training "

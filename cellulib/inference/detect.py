@@ -45,8 +45,9 @@ from cellulib.metrics.detection import DETECTION_RADIUS, detection_curve, detect
 from cellulib.models.engine import amp_dtype, autocast, precision_name, resolve_device
 from cellulib.models.networks import segment
 
-__all__ = ["COLUMNS", "DETECTION_VERSION", "AnnotatedScores", "detect_nuclei",
-           "detect_to_csv", "nucleus_centres", "score_annotated", "to_geojson"]
+__all__ = ["COLUMNS", "DETECTION_VERSION", "THRESHOLD_GRID", "AnnotatedScores", "choose_threshold",
+           "detect_nuclei", "detect_to_csv", "nucleus_centres", "recorded_threshold",
+           "score_annotated", "to_geojson"]
 
 #: Columns of :func:`detect_nuclei` and of the CSV of ``cellulib detect``.
 COLUMNS: tuple[str, ...] = ("path", "x", "y", "class", "probability", "error")
@@ -67,7 +68,7 @@ def disc_kernel(diameter: float) -> np.ndarray:
 
     Examples
     --------
-    >>> disc_kernel(3).astype(int).tolist()
+    >>> disc_kernel(2).astype(int).tolist()
     [[0, 1, 0], [1, 1, 1], [0, 1, 0]]
     """
     r = float(diameter) / 2.0
@@ -156,20 +157,52 @@ def nucleus_centres(probs: np.ndarray, diameter: float, threshold: float = 0.3,
             for (y, x), r, c, k in zip(centres, rows, cols, best)]
 
 
+def recorded_threshold(info: dict[str, Any], source: str = "<loaded model>") -> float:
+    """The detection threshold a segmentation model file records (``meta["detection"]
+    ["threshold"]``, chosen on its training images by :func:`choose_threshold` when
+    :func:`cellulib.training.train.train_seg` trained it), or
+    :data:`cellulib.constants.DETECTION_THRESHOLD` for a file that records none. What ``cellulib
+    detect`` uses without ``--threshold`` (issue 22).
+
+    Raises
+    ------
+    cellulib.inference.modelfile.ModelFileError
+        The file records a threshold that is not a number in (0, 1); the message names the file.
+
+    Examples
+    --------
+    >>> recorded_threshold({"meta": {"detection": {"threshold": 0.5}}})
+    0.5
+    >>> recorded_threshold({"meta": {}}) == DETECTION_THRESHOLD
+    True
+    """
+    chosen = ((info.get("meta") or {}).get("detection") or {}).get("threshold")
+    if chosen is None:
+        return DETECTION_THRESHOLD
+    if isinstance(chosen, bool) or not isinstance(chosen, (int, float, np.number)) \
+            or not 0 < float(chosen) < 1:
+        raise ModelFileError(f"{source}: meta['detection']['threshold'] must be a number in "
+                             f"(0, 1), the file records {chosen!r}")
+    return float(chosen)
+
+
 class _SegModel:
     """A loaded segmentation model with the downscale it was trained at."""
 
-    def __init__(self, model: Any, threshold: float, device: Any = None,
+    def __init__(self, model: Any, threshold: float | None, device: Any = None,
                  stain_norm: Any = None, mpp: float | None = None,
                  precision: str = "auto", class_rule: str = "disc", tta: bool = False) -> None:
-        threshold = float(threshold)
-        if not 0 < threshold < 1:
-            raise ValueError(f"threshold must lie in (0, 1), got {threshold}")
+        if threshold is not None:
+            threshold = float(threshold)
+            if not 0 < threshold < 1:
+                raise ValueError(f"threshold must lie in (0, 1), got {threshold}")
         self.source, model, info = model_and_info(model)
         family = info.get("family")
         if family != "seg":
             raise ModelFileError(f"{self.source}: a {family!r} model cannot detect nuclei; "
                                  "give a segmentation model (family 'seg', cellulib train seg)")
+        if threshold is None:  # the model's own, chosen on its training images
+            threshold = recorded_threshold(info, self.source)
         params = (info.get("meta") or {}).get("params") or {}
         factor = params.get("downscale", SEG_DOWNSCALE)
         diameter = params.get("disc_diameter", DISC_DIAMETER)
@@ -256,7 +289,7 @@ DETECTION_VERSION = 2  # 2: classes from the maps summed over each nucleus's dis
 
 
 def detect_nuclei(model: Any, paths: PathLike | Sequence[PathLike],
-                  threshold: float = DETECTION_THRESHOLD,
+                  threshold: float | None = None,
                   progress: bool = True, *, device: Any = None,
                   recursive: bool = False, stain_norm: Any = None,
                   mpp: float | None = None, precision: str = "auto",
@@ -284,8 +317,10 @@ def detect_nuclei(model: Any, paths: PathLike | Sequence[PathLike],
         (a given module is moved to ``device`` in place).
     paths : path or sequence of paths
         Image files and/or folders (see :func:`cellulib.inference.predict.collect_images`).
-    threshold : float
-        Smallest nucleus probability ``1 - p(background)`` at a centre, in (0, 1).
+    threshold : float, optional
+        Smallest nucleus probability ``1 - p(background)`` at a centre, in (0, 1). None: the
+        threshold the model file records (:func:`recorded_threshold`: chosen on its training
+        images), else :data:`cellulib.constants.DETECTION_THRESHOLD`.
     progress : bool
         Show a tqdm bar on stderr.
     device : str or torch.device, optional
@@ -365,7 +400,7 @@ class AnnotatedScores:
         return detection_curve(self.truth, self.pred, radii, images=self.fractions["image"])
 
 
-def score_annotated(model: Any, cells: pd.DataFrame, threshold: float = DETECTION_THRESHOLD,
+def score_annotated(model: Any, cells: pd.DataFrame, threshold: float | None = None,
                     progress: bool = True, *, device: Any = None,
                     transform: Any = None, precision: str = "auto", class_rule: str = "disc",
                     tta: bool = False) -> AnnotatedScores:
@@ -447,6 +482,66 @@ def score_annotated(model: Any, cells: pd.DataFrame, threshold: float = DETECTIO
                            jac, pd.DataFrame(fractions))
 
 
+#: The detection thresholds :func:`choose_threshold` tries (issue 22). The F of a nucleus map is
+#: flat near its best (BRCA-M2C, 128 epochs: the mean F of the training images moves by under
+#: 0.01 between 0.3 and 0.7), so a coarse grid, which holds the global default.
+THRESHOLD_GRID: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+
+
+def choose_threshold(model: Any, cells: pd.DataFrame, grid: Sequence[float] = THRESHOLD_GRID,
+                     progress: bool = False, *, device: Any = None, precision: str = "auto",
+                     class_rule: str = "disc") -> dict[str, Any]:
+    """The detection threshold that serves a segmentation model best on annotated images.
+
+    Each image of ``cells`` (as :func:`score_annotated` takes them; the model's own training
+    images, so that no held-out image chooses anything) is segmented once; at each threshold of
+    ``grid`` its nuclei are found as ``cellulib detect`` finds them and scored with
+    :func:`cellulib.metrics.detection.detection_scores` (the MCSpatNet radius). The threshold with
+    the highest mean F, over the nucleus classes and the pooled detection, is kept (the lowest of
+    equal ones). :func:`cellulib.training.train.train_seg` records the result as
+    ``meta["detection"]``, and ``cellulib detect`` uses its ``threshold`` when given none (issue
+    22).
+
+    Returns
+    -------
+    dict
+        ``threshold``, ``rule`` (the sentence above, short), ``grid``, ``mean_f`` (per threshold,
+        4 decimals), ``images`` (how many scored it) and ``version`` (:data:`DETECTION_VERSION`).
+
+    Raises
+    ------
+    ValueError
+        No images, or a threshold of ``grid`` outside (0, 1).
+    """
+    grid = [float(t) for t in grid]
+    if not len(cells) or not grid:
+        raise ValueError("choose_threshold needs at least one annotated image and one threshold")
+    for t in grid:
+        if not 0 < t < 1:
+            raise ValueError(f"every threshold must lie in (0, 1), got {t}")
+    seg = _SegModel(model, grid[0], device=device, precision=precision, class_rule=class_rule)
+    truth, maps = [], []
+    for row in tqdm(list(cells.itertuples()), desc="threshold", unit="img", disable=not progress,
+                    file=sys.stderr, leave=False, dynamic_ncols=True):
+        truth.append(annotation_points(Path(row.xml_path))[["x", "y", "cls"]].assign(image=row.name))
+        maps.append((row.name, *seg.maps(read_image(row.image_path))))
+    truth_all = pd.concat(truth, ignore_index=True)
+    mean_f = []
+    for t in grid:
+        seg.threshold = t
+        pred = pd.concat([pd.DataFrame(seg.centres(probs, sx, sy),
+                                       columns=["x", "y", "cls", "probability"]).assign(image=name)
+                          for name, probs, sx, sy in maps], ignore_index=True)
+        scores = detection_scores(truth_all, pred, DETECTION_RADIUS, images=cells["name"])
+        f = scores["f1"].to_numpy(dtype=float)
+        mean_f.append(float(np.nanmean(f)) if np.isfinite(f).any() else 0.0)
+    best = int(np.argmax(mean_f))
+    return {"threshold": grid[best],
+            "rule": "highest mean F (nucleus classes and detection) on the training images",
+            "grid": grid, "mean_f": [round(f, 4) for f in mean_f], "images": int(len(cells)),
+            "version": DETECTION_VERSION}
+
+
 def to_geojson(nuclei: Sequence[tuple[float, float, str, float]]) -> dict[str, Any]:
     """A QuPath-readable GeoJSON FeatureCollection of nucleus points.
 
@@ -477,7 +572,7 @@ def _geojson_names(files: list[Path]) -> list[str]:
 
 
 def detect_to_csv(model: Any, paths: PathLike | Sequence[PathLike], out: PathLike,
-                  geojson_dir: PathLike | None = None, threshold: float = DETECTION_THRESHOLD,
+                  geojson_dir: PathLike | None = None, threshold: float | None = None,
                   progress: bool = True, *, device: Any = None,
                   recursive: bool = False, stain_norm: Any = None,
                   mpp: float | None = None, precision: str = "auto",

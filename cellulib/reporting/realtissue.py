@@ -697,14 +697,23 @@ def command_line_section(root: Any, profile: str, seed: int, book_epochs: int,
               if own else None)
     if result is None:
         return sentences.command_line_sentence(recipe, profile, book_epochs, book_val), None
+    # the chapter's threshold, as the FPN above; and the one its file records (chosen on its
+    # training images), which `cellulib detect` uses without --threshold
+    chosen = result.meta.get("detection") or {}
+    own = float(chosen.get("threshold", threshold))
     scores = {"FPN, this chapter": book_val,
               "FPN, command line": score_annotated(result.path, val_cells, threshold,
                                                    progress=False).scores()}
+    cli = "FPN, command line"
+    if own != threshold:
+        cli = f"FPN, command line, threshold {own:g}"
+        scores[cli] = score_annotated(result.path, val_cells, own, progress=False).scores()
     if test_cells is not None:
-        scores["FPN, command line, test"] = score_annotated(result.path, test_cells, threshold,
-                                                            progress=False).scores()
-    text = sentences.command_line_sentence(recipe, profile, book_epochs, book_val,
-                                           scores["FPN, command line"], result.seconds)
+        scores[f"{cli}, test"] = score_annotated(result.path, test_cells, own,
+                                                 progress=False).scores()
+    text = sentences.command_line_sentence(recipe, profile, book_epochs, book_val, scores[cli],
+                                           result.seconds, threshold=own,
+                                           threshold_images=chosen.get("images"))
     return text, tables.detection_table(scores, reference=verdicts.REAL_FLOORS,
                                         reference_name="floor (held-out patients)",
                                         references=paper.PUBLISHED_F)

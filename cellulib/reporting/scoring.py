@@ -85,7 +85,9 @@ def choose_detector(models: Mapping[str, Any], cells: pd.DataFrame,
                     threshold: float | None = None) -> tuple[str, dict[str, pd.DataFrame]]:
     """The real-H&E chapter's choice between segmentation networks: each model (name -> model
     file) detects the nuclei of the annotated images ``cells`` (the held-out patients,
-    :func:`cellulib.inference.detect.score_annotated`, ``threshold`` None: ``cellulib detect``'s default),
+    :func:`cellulib.inference.detect.score_annotated`, ``threshold`` None: the global
+    :data:`cellulib.constants.DETECTION_THRESHOLD` for every model, so that they compare at one
+    threshold, where ``cellulib detect`` uses each model file's own),
     and :func:`best_detector` keeps one. Returns its name and every model's
     :func:`cellulib.metrics.detection.detection_scores` table. Used in the real-H&E and stain-shift
     chapters."""

@@ -236,18 +236,25 @@ def decoder_sentence(val_scores: Mapping[str, pd.DataFrame], best: str, threshol
 
 def command_line_sentence(recipe: Mapping[str, Any], profile: str, book_epochs: int,
                           book_val: pd.DataFrame, cli_val: pd.DataFrame | None = None,
-                          seconds: float | None = None) -> str:
+                          seconds: float | None = None, threshold: float | None = None,
+                          threshold_images: int | None = None) -> str:
     """What ``cellulib train seg --data <BRCA-M2C folder>`` trains, beside the book's FPN: its
     ``recipe`` (:func:`cellulib.data.profiles.command_line_seg`), and, when its model was found
     in the cache or trained (``cli_val``: its :func:`cellulib.metrics.detection.detection_scores`
-    on the held-out patients, trained in ``seconds``), its F against the book's FPN (``book_val``,
-    ``book_epochs`` epochs) and the floors; when not, how to add it. Used in the real-H&E chapter
-    through :func:`cellulib.reporting.realtissue.command_line_section`.
+    on the held-out patients, trained in ``seconds``, detecting at ``threshold``, the one its file
+    records, chosen on ``threshold_images`` training images), its F against the book's FPN
+    (``book_val``, ``book_epochs`` epochs) and the floors; when not, how to add it. Used in the
+    real-H&E chapter through :func:`cellulib.reporting.realtissue.command_line_section`.
 
     Examples
     --------
     >>> command_line_sentence({"epochs": None}, "paper", 150, None)
     'In the paper profile `cellulib train seg` trains the recipe of this chapter.'
+    >>> t = pd.DataFrame({"f1": [0.81, 0.76, 0.56, 0.84]},
+    ...                  index=["lymphocyte", "malignant", "normal", "detection"])
+    >>> s = command_line_sentence({"epochs": 128}, "quick", 32, t, t, 2400, 0.6, 72)
+    >>> s[s.index(" Its FPN"):s.index(" reaches")]
+    ' Its FPN, trained in 40 minutes and detecting at the threshold its file records (0.6, chosen on its 72 training images),'
     """
     extra = {k: v for k, v in recipe.items() if k != "epochs"}
     if recipe.get("epochs") is None and not extra:
@@ -271,7 +278,12 @@ def command_line_sentence(recipe: Mapping[str, Any], profile: str, book_epochs: 
                 "`-p cli_recipe True`) and this section compares it with the FPN above.")
     classes = list(REAL_FLOORS)
     missed = floors_missed(cli_val)
-    time = "" if seconds is None else f", trained in {seconds / 60:.0f} minutes,"
+    parts = [] if seconds is None else [f"trained in {seconds / 60:.0f} minutes"]
+    if threshold is not None:
+        parts.append(f"detecting at the threshold its file records ({threshold:g}"
+                     + ("" if threshold_images is None
+                        else f", chosen on its {threshold_images} training images") + ")")
+    time = f", {' and '.join(parts)}," if parts else ""
     return (head + f" Its FPN{time} reaches on the held-out patients F "
             + ", ".join(f"{names[c]} {cli_val.loc[c, 'f1']:.3f}" for c in classes)
             + " against " + ", ".join(f"{book_val.loc[c, 'f1']:.3f}" for c in classes)

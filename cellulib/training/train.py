@@ -229,14 +229,16 @@ def _derived(model: torch.nn.Module) -> dict[str, Any]:
 
 
 def _cached(path: Path, rec: dict[str, Any], settings: dict[str, Any],
-            derive: Any) -> TrainResult | None:
+            derive: Any, stale: Any = None) -> TrainResult | None:
     """The cached model at ``path`` when it holds the recipe ``rec``, else None (train it).
 
     A corrupt file or one recording another recipe is not reused: a :class:`CacheWarning` says why,
     and the caller trains again (and overwrites it). When the derived outputs were computed by
-    another inference or stain reference version, ``derive(model, meta)`` recomputes them (a dict of
-    ``meta`` entries) from the stored weights and the file is rewritten; the weights are the
-    file's own, so their digest in ``meta["derived"]`` stays valid until the file is rewritten.
+    another inference or stain reference version, or ``stale(meta)`` is true (a family's own
+    derived entry, such as a segmentation model's chosen detection threshold, is missing or of
+    another version), ``derive(model, meta)`` recomputes them (a dict of ``meta`` entries) from
+    the stored weights and the file is rewritten; the weights are the file's own, so their digest
+    in ``meta["derived"]`` stays valid until the file is rewritten.
     """
     if not path.exists():
         return None
@@ -253,9 +255,11 @@ def _cached(path: Path, rec: dict[str, Any], settings: dict[str, Any],
         warnings.warn(f"{path}: not reused ({why}): training it again", CacheWarning, stacklevel=3)
         return None
     stored = meta.get("derived") or {}
-    if {k: stored.get(k) for k in ("inference", "stain")} != derived_versions():
-        meta = {**meta, **derive(model, meta), "derived": _derived(model)}
+    if {k: stored.get(k) for k in ("inference", "stain")} != derived_versions() \
+            or (stale is not None and stale(meta)):
+        meta = {**meta, **derive(model, meta)}
         model = _trained(model)
+        meta["derived"] = _derived(model)
         save_model(model, path, **meta)
     return TrainResult(model, pd.DataFrame(meta["history"]), meta["scores"], path, True,
                        settings, meta.get("seconds", 0.0), meta)
@@ -327,8 +331,11 @@ def train_seg(root: str | os.PathLike, decoder: str = "fpn", pretrained=None, pr
                 cells, seed=seed, root=folder, validation=validation)[0]].tolist()
         return paths
 
-    if cache and (hit := _cached(path, rec, settings,
-                                 lambda model, meta: _provenance(train_images()))) is not None:
+    def derive(model, meta: dict) -> dict[str, Any]:
+        return {**_provenance(train_images()),
+                "detection": _choose_threshold(model, meta, root, seed, validation)}
+
+    if cache and (hit := _cached(path, rec, settings, derive, _threshold_stale)) is not None:
         return hit
     if not train_missing:
         return None
@@ -352,10 +359,42 @@ def train_seg(root: str | os.PathLike, decoder: str = "fpn", pretrained=None, pr
     scores = {k: float(v) for k, v in history.iloc[-1].items() if k.startswith(("jaccard", "valid"))}
     model = _trained(learn.model)
     meta = {"history": history.to_dict("list"), "scores": scores, "seconds": seconds,
-            "params": params, "recipe": rec, **_provenance(train_images()),
-            "derived": _derived(model)}
+            "params": params, "recipe": rec}
+    meta = {**meta, **derive(model, meta)}
+    model = _trained(model)  # choosing the threshold may have moved it (device, layout)
+    meta["derived"] = _derived(model)
     save_model(model, path, **meta)
     return TrainResult(model, history, scores, path, False, settings, seconds, meta)
+
+
+def _choose_threshold(model: torch.nn.Module, meta: dict[str, Any], root, seed: int,
+                      validation: str) -> dict[str, Any]:
+    """A segmentation model's detection threshold, chosen on the training images of ``root``
+    (not on a ``mix`` folder's, nor on any held-out image) by
+    :func:`cellulib.inference.detect.choose_threshold`; stored as ``meta["detection"]``, which
+    ``cellulib detect`` reads (issue 22). At most `THRESHOLD_IMAGES` images, evenly spaced."""
+    from cellulib.inference.detect import choose_threshold
+
+    cells = breastpathq.read_cells(root)
+    rows = breastpathq.cells_split(cells, seed=seed, root=root, validation=validation)[0]
+    if len(rows) > THRESHOLD_IMAGES:
+        rows = rows[np.linspace(0, len(rows) - 1, THRESHOLD_IMAGES).round().astype(int)]
+    precision = (meta.get("params") or {}).get("precision", "auto")
+    pair = (model, {"family": "seg", "meta": meta})
+    return choose_threshold(pair, cells.iloc[rows], precision=precision)
+
+
+def _threshold_stale(meta: dict[str, Any]) -> bool:
+    """Whether a cached segmentation model's chosen threshold is missing or was chosen by
+    another :data:`cellulib.inference.detect.DETECTION_VERSION`."""
+    from cellulib.inference.detect import DETECTION_VERSION
+
+    return (meta.get("detection") or {}).get("version") != DETECTION_VERSION
+
+
+#: At most this many training images choose a segmentation model's detection threshold
+#: (BRCA-M2C's patient-disjoint training split has 72; a synthetic set may have hundreds).
+THRESHOLD_IMAGES = 96
 
 
 def imagenet_status(arch: str = "resnet34", path=None) -> tuple[bool, str]:
