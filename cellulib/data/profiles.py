@@ -131,7 +131,8 @@ BRCA_M2C_SEG: dict[str, dict[str, Any]] = {
 #: 0 and 1 (2634 s, 1829 s): 0.831 / 0.754 / 0.808 / 0.541 and 0.834 / 0.750 / 0.796 / 0.546, and
 #: at the threshold each file records (`cellulib.inference.detect.choose_threshold`: 0.6 and 0.5),
 #: which ``cellulib detect`` uses, 0.840 / 0.755 / 0.813 / 0.560 and 0.844 / 0.755 / 0.800 /
-#: 0.557, every floor met; 96 epochs, seeds 0 and 1 (1420 s): 0.819 / 0.733 /
+#: 0.557, every floor met (a third run, seed 0 with 2 threads alone on the machine, 1186 s: 0.838 /
+#: 0.742 / 0.792 / 0.538, tumour and stromal missed); 96 epochs, seeds 0 and 1 (1420 s): 0.819 / 0.733 /
 #: 0.799 / 0.520 and 0.826 / 0.736 / 0.791 / 0.523; 64 epochs without the class weights, seed 0:
 #: 0.818 / 0.738 / 0.728 / 0.446; the book's 32 epochs, seed 0: 0.799 / 0.682 / 0.625 / 0.283.
 #: The class weights (every nucleus class weighted as tumour) add most of the stromal gain.
