@@ -116,7 +116,9 @@ def test_cli_writes_csv_and_geojson(seg_file, images, tmp_path, capsys):
     out, gj = tmp_path / "out" / "nuclei.csv", tmp_path / "geojson"
     code = commands.main(["detect", "--model", str(seg_file), "--images", str(images),
                      "--out", str(out), "--geojson", str(gj), "--quiet", "--device", "cpu"])
-    assert code == 0, capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert "in 1 of 1 images at threshold 0.3;" in printed.out  # the file records none
     with open(out, newline="") as fh:
         rows = list(csv.reader(fh))
     assert rows[0] == ["path", "x", "y", "class", "probability", "error"]

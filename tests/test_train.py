@@ -56,7 +56,11 @@ def test_cli_train_seg_writes_a_model_file(tiny_root, home, capsys):
     assert code == 0 and out.exists()
     model, info = load_model(out)
     assert info["family"] == "seg" and info["config"]["decoder"] == "unet"
-    assert "jaccard_nuclei" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert "jaccard_nuclei" in out_text
+    # the threshold chosen on the training images, which cellulib detect then uses
+    chosen = info["meta"]["detection"]["threshold"]
+    assert f"detection threshold: {chosen:g} (highest mean F on 4 training images" in out_text
 
 
 def test_cli_train_reports_a_missing_weights_file(tiny_root, home, capsys):
