@@ -400,6 +400,30 @@ class AnnotatedScores:
         return detection_curve(self.truth, self.pred, radii, images=self.fractions["image"])
 
 
+def _segmented(seg: _SegModel, cells: pd.DataFrame, desc: str, progress: bool,
+               transform: Any = None) -> Iterator[tuple[Any, pd.DataFrame, np.ndarray, float, float]]:
+    """Each annotated image of ``cells`` segmented once, in order, with a tqdm bar: ``(row, its
+    annotation_points, maps, sx, sy)``, where ``sx, sy`` map the network's grid to the annotated
+    image's pixels. ``transform(img, i)`` may resample the whole image first (another pixel
+    size): the factors still lead back to the annotated pixels."""
+    for i, row in enumerate(tqdm(list(cells.itertuples()), desc=desc, unit="img",
+                                 disable=not progress, file=sys.stderr, leave=False,
+                                 dynamic_ncols=True)):
+        img = read_image(row.image_path)
+        h0, w0 = img.shape[:2]
+        if transform is not None:
+            img = transform(img, i)
+        sx0, sy0 = img.shape[1] / w0, img.shape[0] / h0
+        probs, sx, sy = seg.maps(img)
+        yield row, annotation_points(Path(row.xml_path)), probs, sx / sx0, sy / sy0
+
+
+def _found_frame(found: list, image: Any) -> pd.DataFrame:
+    """Nuclei from :meth:`_SegModel.centres` as the rows that
+    :func:`cellulib.metrics.detection.detection_scores` reads."""
+    return pd.DataFrame(found, columns=["x", "y", "cls", "probability"]).assign(image=image)
+
+
 def score_annotated(model: Any, cells: pd.DataFrame, threshold: float | None = None,
                     progress: bool = True, *, device: Any = None,
                     transform: Any = None, precision: str = "auto", class_rule: str = "disc",
@@ -442,23 +466,10 @@ def score_annotated(model: Any, cells: pd.DataFrame, threshold: float | None = N
     nuclei = [CLASSES.index(c) for c in seg.classes]
     inter = np.zeros(len(nuclei), dtype=np.int64)
     union = np.zeros(len(nuclei), dtype=np.int64)
-    for i, row in enumerate(tqdm(list(cells.itertuples()), desc="score", unit="img",
-                                 disable=not progress, file=sys.stderr, leave=False,
-                                 dynamic_ncols=True)):
-        img = read_image(row.image_path)
-        h0, w0 = img.shape[:2]
-        if transform is not None:
-            img = transform(img, i)
-        # a transform may resample the whole image (another pixel size): the factors from the
-        # network's grid go back to the annotated image's pixels
-        sx0, sy0 = img.shape[1] / w0, img.shape[0] / h0
-        points = annotation_points(Path(row.xml_path))
-        probs, sx, sy = seg.maps(img)
-        sx, sy = sx / sx0, sy / sy0
+    for row, points, probs, sx, sy in _segmented(seg, cells, "score", progress, transform):
         found = seg.centres(probs, sx, sy)
         truth.append(points[["x", "y", "cls"]].assign(image=row.name))
-        pred.append(pd.DataFrame(found, columns=["x", "y", "cls", "probability"]
-                                 ).assign(image=row.name))
+        pred.append(_found_frame(found, row.name))
         label = weak_label_map(points, probs.shape[1:], seg.diameter, scale=(1 / sx, 1 / sy))
         hard = probs[nuclei] > 0.5
         for k, ch in enumerate(nuclei):
@@ -521,16 +532,14 @@ def choose_threshold(model: Any, cells: pd.DataFrame, grid: Sequence[float] = TH
             raise ValueError(f"every threshold must lie in (0, 1), got {t}")
     seg = _SegModel(model, grid[0], device=device, precision=precision, class_rule=class_rule)
     truth, maps = [], []
-    for row in tqdm(list(cells.itertuples()), desc="threshold", unit="img", disable=not progress,
-                    file=sys.stderr, leave=False, dynamic_ncols=True):
-        truth.append(annotation_points(Path(row.xml_path))[["x", "y", "cls"]].assign(image=row.name))
-        maps.append((row.name, *seg.maps(read_image(row.image_path))))
+    for row, points, probs, sx, sy in _segmented(seg, cells, "threshold", progress):
+        truth.append(points[["x", "y", "cls"]].assign(image=row.name))
+        maps.append((row.name, probs, sx, sy))
     truth_all = pd.concat(truth, ignore_index=True)
     mean_f = []
     for t in grid:
         seg.threshold = t
-        pred = pd.concat([pd.DataFrame(seg.centres(probs, sx, sy),
-                                       columns=["x", "y", "cls", "probability"]).assign(image=name)
+        pred = pd.concat([_found_frame(seg.centres(probs, sx, sy), name)
                           for name, probs, sx, sy in maps], ignore_index=True)
         scores = detection_scores(truth_all, pred, DETECTION_RADIUS, images=cells["name"])
         f = scores["f1"].to_numpy(dtype=float)
