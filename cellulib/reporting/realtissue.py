@@ -686,7 +686,7 @@ def command_line_section(root: Any, profile: str, seed: int, book_epochs: int,
     when there is no such model. Used in the real-H&E chapter."""
     from cellulib.constants import DETECTION_THRESHOLD
     from cellulib.data.profiles import command_line_seg
-    from cellulib.inference.detect import score_annotated
+    from cellulib.inference.detect import recorded_threshold, score_annotated
     from cellulib.reporting import paper, sentences, tables, verdicts
     from cellulib.training import train
 
@@ -699,21 +699,20 @@ def command_line_section(root: Any, profile: str, seed: int, book_epochs: int,
         return sentences.command_line_sentence(recipe, profile, book_epochs, book_val), None
     # the chapter's threshold, as the FPN above; and the one its file records (chosen on its
     # training images), which `cellulib detect` uses without --threshold
-    chosen = result.meta.get("detection") or {}
-    own = float(chosen.get("threshold", threshold))
+    recorded = recorded_threshold({"meta": result.meta}, str(result.path))
     scores = {"FPN, this chapter": book_val,
               "FPN, command line": score_annotated(result.path, val_cells, threshold,
                                                    progress=False).scores()}
     cli = "FPN, command line"
-    if own != threshold:
-        cli = f"FPN, command line, threshold {own:g}"
-        scores[cli] = score_annotated(result.path, val_cells, own, progress=False).scores()
+    if recorded != threshold:
+        cli = f"FPN, command line, threshold {recorded:g}"
+        scores[cli] = score_annotated(result.path, val_cells, recorded, progress=False).scores()
     if test_cells is not None:
-        scores[f"{cli}, test"] = score_annotated(result.path, test_cells, own,
+        scores[f"{cli}, test"] = score_annotated(result.path, test_cells, recorded,
                                                  progress=False).scores()
-    text = sentences.command_line_sentence(recipe, profile, book_epochs, book_val, scores[cli],
-                                           result.seconds, threshold=own,
-                                           threshold_images=chosen.get("images"))
+    text = sentences.command_line_sentence(
+        recipe, profile, book_epochs, book_val, scores[cli], result.seconds, threshold=recorded,
+        threshold_images=(result.meta.get("detection") or {}).get("images"))
     return text, tables.detection_table(scores, reference=verdicts.REAL_FLOORS,
                                         reference_name="floor (held-out patients)",
                                         references=paper.PUBLISHED_F)

@@ -367,6 +367,11 @@ def train_seg(root: str | os.PathLike, decoder: str = "fpn", pretrained=None, pr
     return TrainResult(model, history, scores, path, False, settings, seconds, meta)
 
 
+#: At most this many training images choose a segmentation model's detection threshold
+#: (BRCA-M2C's patient-disjoint training split has 72; a synthetic set may have hundreds).
+THRESHOLD_IMAGES = 96
+
+
 def _choose_threshold(model: torch.nn.Module, meta: dict[str, Any], root, seed: int,
                       validation: str) -> dict[str, Any]:
     """A segmentation model's detection threshold, chosen on the training images of ``root``
@@ -390,11 +395,6 @@ def _threshold_stale(meta: dict[str, Any]) -> bool:
     from cellulib.inference.detect import DETECTION_VERSION
 
     return (meta.get("detection") or {}).get("version") != DETECTION_VERSION
-
-
-#: At most this many training images choose a segmentation model's detection threshold
-#: (BRCA-M2C's patient-disjoint training split has 72; a synthetic set may have hundreds).
-THRESHOLD_IMAGES = 96
 
 
 def imagenet_status(arch: str = "resnet34", path=None) -> tuple[bool, str]:
