@@ -272,3 +272,32 @@ def test_real_he_chapter_shows_the_command_line_model_only_when_cached(brca_subs
     text, table = realtissue.command_line_section(brca_subset, "paper", 0, 150, book, cells)
     assert table is None and text == ("In the paper profile `cellulib train seg` trains the recipe "
                                       "of this chapter.")
+
+
+def test_the_mixed_fpn_lever_learns_real_and_synthetic_nuclei_with_the_real_fpns_recipe(monkeypatch):
+    """Issue 23: ``real_tissue_levers(..., mixed=<BRCA-M2C>)`` trains an FPN on that folder with the
+    synthetic patches mixed in, for as many epochs, crops and patches as the real FPN it is
+    compared with, and GBT on its maps of the synthetic patches; without it, neither is trained."""
+    segs, gbts = [], []
+
+    def fake_seg(root, **kwargs):
+        segs.append((root, kwargs))
+        return f"seg of {root}"
+
+    def fake_gbt(root, seg, **kwargs):
+        gbts.append((root, seg))
+        return f"gbt on {seg}"
+
+    monkeypatch.setattr(train, "train_seg", fake_seg)
+    monkeypatch.setattr(train, "train_gbt", fake_gbt)
+    real = train.TrainResult(None, None, {}, None, True,
+                             {"seg_epochs": 7, "crop": 96, "patches_per_epoch": 2}, 0.0, {})
+    levers = train.real_tissue_levers("synthetic", real, augment="none", mixed="brca")
+    assert levers["GBT on the mixed FPN"] == ("GBT", "gbt on seg of brca")
+    assert len(segs) == 1 and segs[0][0] == "brca"
+    assert {k: segs[0][1][k] for k in ("mix", "epochs", "crop", "patches_per_epoch", "decoder")} \
+        == {"mix": "synthetic", "epochs": 7, "crop": 96, "patches_per_epoch": 2, "decoder": "fpn"}
+    assert gbts[-1] == ("synthetic", "seg of brca")
+    segs.clear()
+    assert "GBT on the mixed FPN" not in train.real_tissue_levers("synthetic", real, augment="none")
+    assert not segs

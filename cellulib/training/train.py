@@ -786,6 +786,7 @@ def real_tissue_levers(root: str | os.PathLike, real_seg: TrainResult, profile: 
                        sr_epochs: int | None = None, sr_finetune_epochs: int | None = None,
                        gbt_rounds: int | None = None, epochs: int | None = None,
                        input_size: int | None = None, calibrated: str | os.PathLike | None = None,
+                       mixed: str | os.PathLike | None = None,
                        progress: bool = False) -> dict[str, tuple[str, TrainResult]]:
     """The levers the real-tissue chapter measures, each as ``{name: (model it changes, result)}``:
 
@@ -799,7 +800,11 @@ def real_tissue_levers(root: str | os.PathLike, real_seg: TrainResult, profile: 
     - with ``calibrated`` (a synthetic set rendered by the generator calibrated to real tissue,
       ``get_dataset(..., generator="calibrated")``) GBT, on an FPN trained on that set, and
       ResNet34 (R), both trained on it as chapters 2-4 train on the default set; and the two
-      levers together: GBT learning on that set from the maps of ``real_seg``.
+      levers together: GBT learning on that set from the maps of ``real_seg``;
+    - with ``mixed`` (the BRCA-M2C folder ``real_seg`` learned) GBT on an FPN that learned that
+      folder's nuclei and the synthetic patches of ``root`` together (:func:`train_seg` with
+      ``mix=root``, ``real_seg``'s epochs, crop and patches per epoch). Off by default: it trains
+      a second real-nuclei network, about 1.5 times as long as ``real_seg``.
 
     All come from the cache when the chapters that train them have run. Used in the real-tissue
     chapter."""
@@ -831,4 +836,10 @@ def real_tissue_levers(root: str | os.PathLike, real_seg: TrainResult, profile: 
             size=input_size, progress=progress))
         levers["GBT on the real FPN, calibrated generator"] = ("GBT", train_gbt(
             calibrated, real_seg, profile=profile, seed=seed, progress=progress, **gbt_args))
+    if mixed is not None:
+        recipe = {k: real_seg.settings[k] for k in ("crop", "patches_per_epoch")}
+        seg_mixed = train_seg(mixed, decoder="fpn", profile=profile, seed=seed, mix=root,
+                              epochs=real_seg.settings["seg_epochs"], progress=progress, **recipe)
+        levers["GBT on the mixed FPN"] = ("GBT", train_gbt(root, seg_mixed, profile=profile,
+                                                           seed=seed, progress=progress, **gbt_args))
     return levers
