@@ -793,8 +793,8 @@ def real_tissue_levers(root: str | os.PathLike, real_seg: TrainResult, profile: 
     - GBT (and with ``sr``, SR) trained on the synthetic patches from the maps of ``real_seg``, a
       segmentation network that learned real nuclei (BRCA-M2C), instead of the synthetic-trained
       FPN. SR is off by default: its cascade runs that network at full resolution (no x2
-      downscale) in every training step, and it had not finished after 33 minutes beside a book
-      build on a 2-core machine;
+      downscale) in every training step: 895 s on one loaded thread of a 2-core machine (more
+      than 33 minutes beside a book build), for no PK gain over SR at seed 0 (README);
     - with ``augment`` (``"hed"``; ``"none"`` leaves them out) the stain-shift chapter's models
       trained with stain jitter: GBT on a jittered FPN, and ResNet34 (R);
     - with ``calibrated`` (a synthetic set rendered by the generator calibrated to real tissue,
@@ -804,7 +804,8 @@ def real_tissue_levers(root: str | os.PathLike, real_seg: TrainResult, profile: 
     - with ``mixed`` (the BRCA-M2C folder ``real_seg`` learned) GBT on an FPN that learned that
       folder's nuclei and the synthetic patches of ``root`` together (:func:`train_seg` with
       ``mix=root``, ``real_seg``'s epochs, crop and patches per epoch). Off by default: it trains
-      a second real-nuclei network, about 1.5 times as long as ``real_seg``.
+      a second real-nuclei network, about 1.5 times as long as ``real_seg``, and its PK gain over
+      GBT on ``real_seg`` was undecided at seeds 0 and 1 (README).
 
     All come from the cache when the chapters that train them have run. Used in the real-tissue
     chapter."""
