@@ -119,15 +119,38 @@ def test_floors_and_sentences():
     synth = pd.DataFrame({"icc": [0.95, 0.95, 0.85], "mse": [0.01, 0.04, 0.01], "mean_mse": 0.13},
                          index=["A", "B", "C"])
     f = realtissue.floors_table(t, ["A"], pd.Series({"A": 0.9, "B": 0.6}), synth)
-    assert f["met"].tolist() == [True, True, False]
-    assert f["by"].tolist() == ["A", "A", "B, C"]  # B: 0.04 > 0.25 x 0.13; C: ICC 0.85
+    assert f["met"].tolist() == [True, True, True, False]
+    assert f["by"].tolist() == ["A", "A", "A", "B, C"]  # B: 0.04 > 0.25 x 0.13; C: ICC 0.85
     f2 = realtissue.floors_table(t, ["B"], pd.Series({"A": 0.6, "B": 0.7}))
-    assert f2["met"].tolist() == [False, False] and f2["measured"].iloc[1] == "0.700"
+    assert f2["met"].tolist() == [False, True, False] and f2["measured"].iloc[2] == "0.700"
     text = realtissue.rank_sentence(t, ROUTES)
     assert text.startswith("1 of the 2 cellularity models") and "A at PK 1.000" in text
     assert "meets the floor" in realtissue.patch_sentence(pd.Series({"A": 0.9}), 0.97)
     assert realtissue.summary_sentence(f, {"as trained": "holds"}, None).startswith(
-        "2 of 3 floors are met; not met: every model on the synthetic")
+        "3 of 4 floors are met; not met: every model on the synthetic")
+
+
+def test_the_best_model_floor_asks_for_the_pk_and_the_lower_end_of_its_ci():
+    """Issue 23: the best cellularity model's PK >= 0.75 and its CI's lower end >= 0.60, the
+    baselines (the detector's share, the mean predictor) left out; hand-made rank rows."""
+    def ranks(rows):
+        t = pd.DataFrame(rows, columns=["model", "route", "pk", "pk_low"]).set_index("model")
+        t["PK (count)"] = [f"{p:.3f} [{lo:.3f}-1.000]" for p, lo in zip(t["pk"], t["pk_low"])]
+        return t
+
+    def row(t):
+        f = realtissue.floors_table(t, ["S"], None)
+        return f.loc[f.index.str.startswith("best cellularity model")].iloc[0]
+
+    base = [("tumour share of detections", "baseline", 0.95, 0.90), ("Mean predictor", "baseline", 0.5, 0.5)]
+    # the highest PK has too wide a CI (0.59 < 0.60); the next one meets both ends
+    r = row(ranks([("S", "segmentation", 0.80, 0.59), ("D", "direct", 0.76, 0.61), *base]))
+    assert bool(r["met"]) and r["by"] == "D" and r["measured"].startswith("0.760")
+    # PK 0.749 misses by 0.001 even with a tight CI; the baseline's 0.95 does not count
+    r = row(ranks([("S", "segmentation", 0.749, 0.70), ("D", "direct", 0.70, 0.65), *base]))
+    assert not bool(r["met"]) and r["by"] == "S"
+    # exactly on both floors meets them
+    assert bool(row(ranks([("S", "segmentation", 0.75, 0.60), *base]))["met"])
     assert realtissue.with_levers({"s": ("A",), "d": ("B",)}, {"A2": "A"}) == {"s": ("A", "A2"), "d": ("B",)}
 
 
