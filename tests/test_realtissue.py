@@ -128,6 +128,7 @@ def test_floors_and_sentences():
     assert "meets the floor" in realtissue.patch_sentence(pd.Series({"A": 0.9}), 0.97)
     assert realtissue.summary_sentence(f, {"as trained": "holds"}, None).startswith(
         "3 of 4 floors are met; not met: every model on the synthetic")
+    assert realtissue.with_levers({"s": ("A",), "d": ("B",)}, {"A2": "A"}) == {"s": ("A", "A2"), "d": ("B",)}
 
 
 def test_the_best_model_floor_asks_for_the_pk_and_the_lower_end_of_its_ci():
@@ -151,7 +152,6 @@ def test_the_best_model_floor_asks_for_the_pk_and_the_lower_end_of_its_ci():
     assert not bool(r["met"]) and r["by"] == "S"
     # exactly on both floors meets them
     assert bool(row(ranks([("S", "segmentation", 0.75, 0.60), *base]))["met"])
-    assert realtissue.with_levers({"s": ("A",), "d": ("B",)}, {"A2": "A"}) == {"s": ("A", "A2"), "d": ("B",)}
 
 
 def test_synthetic_floors_by_hand():

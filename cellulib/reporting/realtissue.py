@@ -396,11 +396,11 @@ def floors_table(ranks: pd.DataFrame, segmentation: Sequence[str], patch_scores:
     models = ranks[ranks["route"] != "baseline"]
     meets = models[(models["pk"] >= FLOORS["best model PK"])
                    & (models["pk_low"] >= FLOORS["best model PK CI low"])]
-    top = (meets if len(meets) else models)["pk"].idxmax()
+    leader = (meets if len(meets) else models)["pk"].idxmax()
     rows.append({"floor": "best cellularity model: PK against the count proxy, and its CI's lower end",
                  "required": (f">= {FLOORS['best model PK']:.2f}, lower end "
                               f">= {FLOORS['best model PK CI low']:.2f}"),
-                 "measured": ranks.loc[top, "PK (count)"], "by": top, "met": bool(len(meets))})
+                 "measured": ranks.loc[leader, "PK (count)"], "by": leader, "met": bool(len(meets))})
     if patch_scores is not None and len(patch_scores):
         top = patch_scores.idxmax()
         rows.append({"floor": "best model's score of the BreastPathQ patch",
