@@ -26,7 +26,9 @@ from cellulib.metrics.agreement import (
     icc_ci,
     kappa4,
     mse,
+    pk_resamples,
     prediction_probability,
+    spearman,
 )
 from cellulib.reporting.paper import PAPER
 
@@ -482,3 +484,60 @@ def test_module_does_not_import_torch():
 def test_docstring_examples():
     result = doctest.testmod(M, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 5 and result.failed == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the resamples computed at once (PK from pair counts between clusters, Spearman on padded rows)
+
+
+def _tied_clusters(seed: int):
+    """Windows of uneven patients, with ties in the truth and in the prediction."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, 9, 12)
+    groups = np.repeat(np.arange(12), sizes)
+    t = rng.integers(0, 6, groups.size) / 5  # few distinct values: many ties in the truth
+    p = np.round(t + rng.normal(0, 0.3, groups.size), 1)  # rounded: ties in the prediction
+    return t, p, groups
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pk_resamples_equal_prediction_probability_of_each_pooled_resample(seed):
+    t, p, groups = _tied_clusters(seed)
+    members = [np.flatnonzero(groups == g) for g in range(12)]
+    picks = np.random.default_rng(seed + 10).integers(0, 12, (300, 12))
+    fast = pk_resamples(t, p, members, picks)
+    for row, value in zip(picks, fast):
+        rows = np.concatenate([members[g] for g in row])
+        try:
+            expected = prediction_probability(t[rows], p[rows])
+        except UndefinedMetricError:
+            assert np.isnan(value)
+            continue
+        assert value == expected  # the same whole-number counts: equal to the last bit
+
+
+def test_pk_resamples_by_hand():
+    # two patients: A = (truth 0.1, pred 0.2), (0.3, 0.1); B = (0.5, 0.9)
+    t, p = np.array([0.1, 0.3, 0.5]), np.array([0.2, 0.1, 0.9])
+    members = [np.array([0, 1]), np.array([2])]
+    # A alone: one pair, discordant -> 0; A twice: pairs within and across copies, 4 untied, all
+    # discordant -> 0; A and B: 3 pairs, 2 concordant -> 2/3; B twice: every pair tied -> NaN
+    got = pk_resamples(t, p, members, np.array([[0, 0], [0, 1], [1, 1]]))
+    assert got[0] == 0.0 and got[1] == pytest.approx(2 / 3) and np.isnan(got[2])
+
+
+def test_bootstrap_pk_and_spearman_fast_paths_equal_the_generic_loop():
+    t, p, groups = _tied_clusters(3)
+    for metric in (prediction_probability, spearman):
+        for g in (groups, None):
+            fast = bootstrap_ci(metric, t, p, n_boot=400, seed=5, groups=g)
+            slow = bootstrap_ci(lambda a, b, m=metric: m(a, b), t, p, n_boot=400, seed=5, groups=g)
+            assert fast == pytest.approx(slow, abs=1e-12), (metric.__name__, g is None)
+    # resamples where a side is constant are skipped by both, with the warning
+    one = np.array([0.2, 0.2, 0.2, 0.2, 0.9])
+    g = np.array([0, 0, 1, 1, 2])
+    with pytest.warns(MetricWarning):
+        fast = bootstrap_ci(spearman, one, one[::-1].copy(), n_boot=200, seed=1, groups=g)
+    with pytest.warns(MetricWarning):
+        slow = bootstrap_ci(lambda a, b: spearman(a, b), one, one[::-1].copy(), n_boot=200, seed=1, groups=g)
+    assert fast == pytest.approx(slow, abs=1e-12)

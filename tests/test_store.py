@@ -97,6 +97,29 @@ def test_bad_model_files_name_the_file(tmp_path):
         save_model(torch.nn.Linear(2, 2), tmp_path / "plain.pt")
 
 
+def test_loading_skips_the_random_init_but_never_returns_an_unloaded_weight(tmp_path):
+    # the rebuild draws no random weights (the load overwrites them all), so a file missing one
+    # weight must be refused, not returned with that weight left as it was built
+    model = networks.seg_model("fpn")
+    path = save_model(model, tmp_path / "seg.pt")
+    torch.manual_seed(5)
+    before = torch.rand(3)
+    torch.manual_seed(5)
+    load_model(path)
+    assert torch.equal(torch.rand(3), before)  # nothing drawn from the global generator
+    payload = torch.load(path, weights_only=False)
+    dropped = sorted(payload["state_dict"])[0]
+    del payload["state_dict"][dropped]
+    torch.save(payload, path)
+    with pytest.raises(ModelFileError, match=f"(?s)seg.pt: weights do not fit.*{dropped}"):
+        load_model(path)
+    # the initialisers are torch's own again after a load, a failed one included
+    assert torch.nn.init.kaiming_uniform_.__module__ == "torch.nn.init"
+    w = torch.zeros(4, 4)
+    torch.nn.init.normal_(w)
+    assert w.abs().sum() > 0
+
+
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     target = tmp_path / "out.bin"
     target.write_bytes(b"old")

@@ -33,6 +33,7 @@ __all__ = [
     "icc_ci",
     "kappa4",
     "mse",
+    "pk_resamples",
     "prediction_probability",
     "spearman",
 ]
@@ -534,6 +535,71 @@ def _kappa4_rows(t: np.ndarray, p: np.ndarray, idx: np.ndarray) -> np.ndarray:
 # Exact vectorised equivalents of the generic per-resample loop (tests check they agree).
 _VECTORISED = {mse: _mse_rows, kappa4: _kappa4_rows}
 
+#: Clusters above this many make :func:`pk_resamples`' cluster-by-cluster count matrices too
+#: large; :func:`bootstrap_ci` then calls :func:`prediction_probability` once per resample.
+_PK_MAX_CLUSTERS = 500
+
+
+def _membership(members: list[np.ndarray], n: int) -> np.ndarray:
+    """The (n, clusters) 0/1 matrix of which cluster each patch belongs to."""
+    a = np.zeros((n, len(members)))
+    for g, rows in enumerate(members):
+        a[rows, g] = 1.0
+    return a
+
+
+def pk_resamples(y_true, y_pred, members: list[np.ndarray], picks: np.ndarray) -> np.ndarray:
+    """:func:`prediction_probability` of many cluster resamples at once: one value per row of
+    ``picks`` (the clusters drawn, with replacement; ``members[g]`` the patch indices of cluster
+    ``g``), NaN where every pair of the resample is tied in the truth.
+
+    A resample's pairs are the pairs of its drawn clusters' patches, so each of PK's three counts
+    (pairs untied in the truth, concordant pairs, pairs tied in the prediction only) is
+    ``sum over g, h of m_g m_h C[g, h]``, with ``m`` how often each cluster was drawn and ``C`` the
+    count over the ordered pairs between clusters ``g`` and ``h`` (a patch paired with its own copy
+    is tied in the truth and counts nowhere). The counts are whole numbers, exact in float64, so
+    each value equals :func:`prediction_probability` of the pooled resample exactly
+    (``tests/test_metrics.py`` checks it against the one-resample-at-a-time loop). The plain
+    bootstrap is the case of one patch per cluster. Used by :func:`bootstrap_ci` and by
+    :func:`cellulib.reporting.realtissue.route_difference`.
+    """
+    t, p = _pair(y_true, y_pred, "pk_resamples")
+    picks = np.asarray(picks, dtype=np.int64)
+    dt = np.sign(t[:, None] - t[None, :])  # 0 exactly where two finite values are equal
+    dp = np.sign(p[:, None] - p[None, :])
+    untied = dt != 0
+    pairs = np.stack([untied, dt * dp > 0, untied & (dp == 0)]).astype(np.float64)
+    a = _membership(members, t.size)
+    drawn = np.zeros((picks.shape[0], len(members)))
+    np.add.at(drawn, (np.arange(picks.shape[0])[:, None], picks), 1.0)
+    # (whole numbers below 2**53: every order of summation gives the same, exact counts)
+    untied_n, concordant, t_only = (((drawn @ (a.T @ k @ a)) * drawn).sum(1) / 2 for k in pairs)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(untied_n > 0, (concordant + 0.5 * t_only) / untied_n, np.nan)
+
+
+def _spearman_resamples(t: np.ndarray, p: np.ndarray, idx: list[np.ndarray]) -> np.ndarray:
+    """:func:`spearman` of each resample (rows of ``t`` and ``p`` at ``idx[r]``, of any lengths),
+    NaN where either side is constant: the resamples padded to one width with NaN, ranked by
+    ``scipy.stats.rankdata`` along the rows (ties get their mean rank, the padding none), and
+    Pearson's r of the ranks over each row's own entries. Equal to :func:`spearman` to rounding
+    (``tests/test_metrics.py``)."""
+    width = max(len(rows) for rows in idx)
+    pos = np.zeros((len(idx), width), dtype=np.int64)
+    valid = np.zeros((len(idx), width), dtype=bool)
+    for r, rows in enumerate(idx):
+        pos[r, :len(rows)], valid[r, :len(rows)] = rows, True
+    centred, constant = [], np.zeros(len(idx), dtype=bool)
+    for values in (t, p):
+        x = np.where(valid, values[pos], np.nan)
+        constant |= ~(np.nanmax(x, axis=1) > np.nanmin(x, axis=1))
+        rk = stats.rankdata(x, axis=1, nan_policy="omit")
+        centred.append(np.where(valid, rk - np.nanmean(rk, axis=1, keepdims=True), 0.0))
+    a, b = centred
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = (a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1))
+    return np.where(constant, np.nan, np.clip(r, -1.0, 1.0))
+
 
 def spearman(y_true, y_pred) -> float:
     """Spearman's rank correlation of prediction and truth (ties get their mean rank).
@@ -578,8 +644,9 @@ def bootstrap_ci(
     draws n patches with replacement (``numpy.random.default_rng(seed).integers(0, n, (n_boot,
     n))``, the same draw as ``scipy.stats.bootstrap``); the limits are the ``alpha/2`` and
     ``1 - alpha/2`` quantiles (linear interpolation) of the resampled metric. :func:`mse` and
-    unweighted :func:`kappa4` are computed for all resamples at once; other metrics are called
-    once per resample. Resamples on which the metric is undefined (it raises
+    unweighted :func:`kappa4` are computed for all resamples at once, :func:`prediction_probability`
+    too (:func:`pk_resamples`, up to 500 patches or clusters) and, with ``groups``,
+    :func:`spearman`; other metrics are called once per resample. Resamples on which the metric is undefined (it raises
     :class:`UndefinedMetricError` or returns NaN, e.g. kappa when every drawn patch falls in one
     bin) are skipped and a :class:`MetricWarning` says how many. Used in chapters 3, 4 and 5 through
     :func:`cellulib.reporting.tables.results_table`.
@@ -637,8 +704,13 @@ def bootstrap_ci(
         fast = None
     else:
         idx = rng.integers(0, t.size, (int(n_boot), t.size))
+        members, picks = [np.array([i]) for i in range(t.size)], idx
         fast = _VECTORISED.get(metric)
-    if fast is not None:
+    if metric is prediction_probability and len(members) <= _PK_MAX_CLUSTERS:
+        values = pk_resamples(t, p, members, picks)
+    elif metric is spearman and groups is not None:
+        values = _spearman_resamples(t, p, idx)
+    elif fast is not None:
         values = fast(t, p, idx)
     else:
         values = np.empty(len(idx))

@@ -31,6 +31,7 @@ from cellulib.metrics.agreement import (
     UndefinedMetricError,
     bootstrap_ci,
     format_ci,
+    pk_resamples,
     prediction_probability,
     spearman,
 )
@@ -323,21 +324,12 @@ def route_difference(scores: pd.DataFrame, table: pd.DataFrame, better: Sequence
     """
     members, idx = _clusters(table, n_boot, seed)
     truth = table[proxy].to_numpy(np.float64)
-
-    def means(rows: np.ndarray) -> tuple[float, float]:
-        a = np.mean([prediction_probability(truth[rows], scores[m].to_numpy()[rows]) for m in better])
-        b = np.mean([prediction_probability(truth[rows], scores[m].to_numpy()[rows]) for m in worse])
-        return float(a), float(b)
-
-    a0, b0 = means(np.arange(len(table)))
-    boot = []
-    for draw in idx:
-        rows = np.concatenate([members[g] for g in draw])
-        try:
-            boot.append(means(rows))
-        except UndefinedMetricError:
-            continue
-    boot = np.asarray(boot)
+    a0, b0 = (float(np.mean([prediction_probability(truth, scores[m].to_numpy()) for m in group]))
+              for group in (better, worse))
+    # every model's PK on every resample at once; a resample whose truth is all tied is skipped
+    boot = np.column_stack([np.mean([pk_resamples(truth, scores[m].to_numpy(), members, idx)
+                                     for m in group], axis=0) for group in (better, worse)])
+    boot = boot[~np.isnan(boot).any(axis=1)]
     diff = boot[:, 0] - boot[:, 1]
     est = Estimate(a0 - b0, float(np.percentile(diff, 2.5)), float(np.percentile(diff, 97.5)))
     above = [bool(np.percentile(boot[:, k], 2.5) > PK_CHANCE) for k in (0, 1)]
@@ -635,8 +627,12 @@ def measure(models: Mapping[str, Any], routes: Mapping[str, Sequence[str]],
     """
     from cellulib.data.paths import home
     from cellulib.files.imageio import read_image
+    from cellulib.inference.modelfile import load_model
 
     split, images = report_images(brca_root)
+    # each model file is read once, for the windows and the patch
+    models = {name: load_model(m) if isinstance(m, (str, os.PathLike)) else m
+              for name, m in models.items()}
     first = next(iter(models.values()))
     window = model_window(first)
     crops = Path(crops_dir) if crops_dir is not None else home() / "derived" / f"real-windows-{window}"
