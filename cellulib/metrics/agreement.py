@@ -704,10 +704,10 @@ def bootstrap_ci(
         fast = None
     else:
         idx = rng.integers(0, t.size, (int(n_boot), t.size))
-        members, picks = [np.array([i]) for i in range(t.size)], idx
-        fast = _VECTORISED.get(metric)
-    if metric is prediction_probability and len(members) <= _PK_MAX_CLUSTERS:
-        values = pk_resamples(t, p, members, picks)
+        picks, fast = idx, _VECTORISED.get(metric)
+    if metric is prediction_probability and picks.shape[1] <= _PK_MAX_CLUSTERS:
+        clusters = members if groups is not None else [np.array([i]) for i in range(t.size)]
+        values = pk_resamples(t, p, clusters, picks)
     elif metric is spearman and groups is not None:
         values = _spearman_resamples(t, p, idx)
     elif fast is not None:
