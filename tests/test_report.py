@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cellulib.metrics import agreement
+from cellulib.metrics import agreement, detection
 from cellulib.reporting import paper, scoring, sentences, statistics, tables, verdicts
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -406,6 +406,29 @@ def test_decoder_sentence_and_finding_by_hand():
         "Trained for 12 minutes on 72 real BRCA-M2C patches, the FPN network detects nuclei with F "
         "0.85 and tumour nuclei with F 0.80 on the test split (MCSpatNet on the test split: 0.85 and "
         "0.79); its weakest classes are stromal (F 0.58) and lymphocyte (F 0.62).")
+
+
+def test_decoder_sentence_says_which_classes_a_network_never_predicts():
+    # U-Net found nuclei but classed none as lymphocyte or stromal (no detection of them: tp = fp = 0)
+    counts = {"FPN": {"lymphocyte": (60, 40, 40), "malignant": (70, 30, 30), "normal": (30, 20, 50),
+                      "detection": (160, 40, 40)},
+              "U-Net": {"lymphocyte": (0, 0, 100), "malignant": (80, 120, 20), "normal": (0, 0, 80),
+                        "detection": (150, 50, 50)}}
+    val = {name: detection.scores_from_counts(pd.DataFrame(c, index=["tp", "fp", "fn"]).T)
+           for name, c in counts.items()}
+    assert val["U-Net"].loc["lymphocyte", "precision"] == 1.0  # MCSpatNet's empty-denominator rule
+    text = sentences.decoder_sentence(val, "FPN", 0.3, "validation", 18, statistics.Estimate(0.05, 0.02, 0.08))
+    assert (" U-Net classes no nucleus as lymphocyte or stromal: it did not learn those classes in "
+            "this run, so its F for them is no result about the decoder.") in text
+    assert "FPN classes no nucleus" not in text
+    one = {**val, "U-Net": val["U-Net"].assign(fp=[0, 120, 3, 50], tp=[0, 80, 1, 150])}
+    assert ("U-Net classes no nucleus as lymphocyte: it did not learn that class in this run, so "
+            "its F there is no result") in sentences.decoder_sentence(
+                one, "FPN", 0.3, "validation", 18, statistics.Estimate(0.05, 0.02, 0.08))
+    # the tables of F alone (no counts) say nothing of it
+    assert "classes no nucleus" not in sentences.decoder_sentence(
+        {"FPN": _f1(0.62, 0.8, 0.58, 0.85), "U-Net": _f1(0.0, 0.7, 0.0, 0.8)}, "FPN", 0.3, "test", 30,
+        statistics.Estimate(0.05, 0.02, 0.08))
 
 
 def test_command_line_sentence_by_hand():

@@ -215,6 +215,15 @@ def decoder_sentence(val_scores: Mapping[str, pd.DataFrame], best: str, threshol
     f = {name: (t.loc["detection", "f1"], t.loc["malignant", "f1"]) for name, t in val_scores.items()}
     missed = {name: floors_missed(t) for name, t in val_scores.items()}
     ranking = claim_words(verdict(difference, True, True, lower_is_better=False))
+    # a class a network never predicts (no detection of it at all) was not learned: say so
+    silent = {name: [c for c in names if c in t.index and {"tp", "fp"} <= set(t.columns)
+                     and c != "detection" and t.loc[c, "tp"] + t.loc[c, "fp"] == 0]
+              for name, t in val_scores.items()}
+    unlearned = "".join(
+        f" {name} classes no nucleus as {' or '.join(names[c] for c in cls)}: it did not learn "
+        f"{'that class' if len(cls) == 1 else 'those classes'} in this run, so its F "
+        f"{'there is' if len(cls) == 1 else 'for them is'} no result about the decoder."
+        for name, cls in silent.items() if cls)
     return (
         f"The held-out patients pick the **{best}** decoder by the mean of pooled and tumour F, "
         "because cellularity rests on the tumour nuclei while the other classes only need to be "
@@ -223,7 +232,7 @@ def decoder_sentence(val_scores: Mapping[str, pd.DataFrame], best: str, threshol
         f"{report_split} split ({n_images} images), FPN minus U-Net in pooled F is "
         f"{difference.value:+.3f} (95% CI {difference.ci_low:+.3f} to {difference.ci_high:+.3f}, "
         f"paired bootstrap over images): the paper's ranking of the decoders (FPN ahead) {ranking} "
-        "here for detection. This book's floors for real H&E, F at least "
+        f"here for detection.{unlearned} This book's floors for real H&E, F at least "
         + ", ".join(f"{names[c]} {v:g}" for c, v in REAL_FLOORS.items())
         + " on the held-out patients, are "
         + " and ".join(f"**met** by {name}" if not m else f"**not met** by {name} ("
