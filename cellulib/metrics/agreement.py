@@ -643,10 +643,11 @@ def bootstrap_ci(
     Paper Table 2 and Table 3 brackets (SPEC 5: 95 % percentile bootstrap, seeded). Each resample
     draws n patches with replacement (``numpy.random.default_rng(seed).integers(0, n, (n_boot,
     n))``, the same draw as ``scipy.stats.bootstrap``); the limits are the ``alpha/2`` and
-    ``1 - alpha/2`` quantiles (linear interpolation) of the resampled metric. :func:`mse` and
-    unweighted :func:`kappa4` are computed for all resamples at once, :func:`prediction_probability`
-    too (:func:`pk_resamples`, up to 500 patches or clusters) and, with ``groups``,
-    :func:`spearman`; other metrics are called once per resample. Resamples on which the metric is undefined (it raises
+    ``1 - alpha/2`` quantiles (linear interpolation) of the resampled metric. :func:`mse`,
+    unweighted :func:`kappa4` and :func:`prediction_probability` (:func:`pk_resamples`, up to 500
+    patches or clusters) are computed for all resamples at once, and so is :func:`spearman` with
+    ``groups``; other metrics are called once per resample. Resamples on which the metric is
+    undefined (it raises
     :class:`UndefinedMetricError` or returns NaN, e.g. kappa when every drawn patch falls in one
     bin) are skipped and a :class:`MetricWarning` says how many. Used in chapters 3, 4 and 5 through
     :func:`cellulib.reporting.tables.results_table`.
