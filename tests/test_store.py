@@ -5,6 +5,7 @@ import hashlib
 import json
 import shutil
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -113,7 +114,12 @@ def test_loading_skips_the_random_init_but_never_returns_an_unloaded_weight(tmp_
     torch.save(payload, path)
     with pytest.raises(ModelFileError, match=f"(?s)seg.pt: weights do not fit.*{dropped}"):
         load_model(path)
-    # the initialisers are torch's own again after a load, a failed one included
+    # the initialisers are torch's own again after a load, a failed one included, and after
+    # loads in several threads at once
+    assert torch.nn.init.kaiming_uniform_.__module__ == "torch.nn.init"
+    good = save_model(model, tmp_path / "good.pt")
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda _: load_model(good), range(8)))
     assert torch.nn.init.kaiming_uniform_.__module__ == "torch.nn.init"
     w = torch.zeros(4, 4)
     torch.nn.init.normal_(w)

@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import os
 import pickle
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,11 @@ class ModelFileError(ValueError):
     """A model file that cannot be used: unreadable, of another format, or of an unknown family."""
 
 
+#: Held while :func:`_no_random_init` has replaced ``torch.nn.init``'s functions: two threads
+#: loading at once would otherwise save each other's no-ops and could leave them in place.
+_INIT_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def _no_random_init():
     """``torch.nn.init``'s initialisers (``kaiming_uniform_``, ``normal_``, ...) as no-ops while a
@@ -31,19 +37,21 @@ def _no_random_init():
     overwrites every parameter and persistent buffer, so drawing them first is wasted (about half
     of the time to load a ResNet-34 file on a 2-core CPU, and most of a book chapter's model loads).
     Modules look the initialisers up in ``torch.nn.init`` when they are called, so replacing them
-    there for the duration of the build is enough; they are restored afterwards, also on error."""
+    there for the duration of the build is enough; they are restored afterwards, also on error,
+    and one thread at a time replaces them (:data:`_INIT_LOCK`)."""
     import torch.nn.init as init
 
-    names = [n for n in vars(init) if n.endswith("_") and not n.startswith("_")
-             and callable(getattr(init, n))]
-    saved = {n: getattr(init, n) for n in names}
-    try:
-        for n in names:
-            setattr(init, n, lambda tensor, *args, **kwargs: tensor)
-        yield
-    finally:
-        for n, f in saved.items():
-            setattr(init, n, f)
+    with _INIT_LOCK:
+        names = [n for n in vars(init) if n.endswith("_") and not n.startswith("_")
+                 and callable(getattr(init, n))]
+        saved = {n: getattr(init, n) for n in names}
+        try:
+            for n in names:
+                setattr(init, n, lambda tensor, *args, **kwargs: tensor)
+            yield
+        finally:
+            for n, f in saved.items():
+                setattr(init, n, f)
 
 
 def _build(family: str, config: dict[str, Any], booster: str | None = None):
