@@ -153,6 +153,15 @@ def _derived(kind: str, parts: dict, weights: list[str], compute,
                                              "scikit-image", "scipy"))
 
 
+def _loaded(models: Mapping[str, Any]) -> dict[str, Any]:
+    """``models`` with every model file read (:func:`cellulib.load_model`); ``(model, info)`` pairs
+    pass through."""
+    from cellulib.inference.modelfile import load_model
+
+    return {name: load_model(m) if isinstance(m, (str, os.PathLike)) else m
+            for name, m in models.items()}
+
+
 def score_windows(models: Mapping[str, Any], table: pd.DataFrame, mpp: float = constants.MPP,
                   progress: bool = False, cache: bool = True) -> pd.DataFrame:
     """Every model's cellularity score of every window of :func:`windows`.
@@ -175,12 +184,11 @@ def score_windows(models: Mapping[str, Any], table: pd.DataFrame, mpp: float = c
     """
     from cellulib.data.fingerprint import files_digest
     from cellulib.files.imageio import DataError
-    from cellulib.inference.modelfile import load_model, weights_digest
+    from cellulib.inference.modelfile import weights_digest
     from cellulib.inference.predict import predict_images
 
     paths = table["path"].astype(str).tolist()
-    loaded = {name: load_model(m) if isinstance(m, (str, os.PathLike)) else m
-              for name, m in models.items()}
+    loaded = _loaded(models)
 
     def compute() -> pd.DataFrame:
         out = pd.DataFrame({"path": paths})
@@ -627,12 +635,9 @@ def measure(models: Mapping[str, Any], routes: Mapping[str, Sequence[str]],
     """
     from cellulib.data.paths import home
     from cellulib.files.imageio import read_image
-    from cellulib.inference.modelfile import load_model
 
     split, images = report_images(brca_root)
-    # each model file is read once, for the windows and the patch
-    models = {name: load_model(m) if isinstance(m, (str, os.PathLike)) else m
-              for name, m in models.items()}
+    models = _loaded(models)  # each model file is read once, for the windows and the patch
     first = next(iter(models.values()))
     window = model_window(first)
     crops = Path(crops_dir) if crops_dir is not None else home() / "derived" / f"real-windows-{window}"
