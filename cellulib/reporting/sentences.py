@@ -216,9 +216,9 @@ def decoder_sentence(val_scores: Mapping[str, pd.DataFrame], best: str, threshol
     missed = {name: floors_missed(t) for name, t in val_scores.items()}
     ranking = claim_words(verdict(difference, True, True, lower_is_better=False))
     # a class a network never predicts (no detection of it at all) was not learned: say so
-    silent = {name: [c for c in names if c in t.index and {"tp", "fp"} <= set(t.columns)
-                     and c != "detection" and t.loc[c, "tp"] + t.loc[c, "fp"] == 0]
-              for name, t in val_scores.items()}
+    silent = {name: [c for c in names if c != "detection" and c in t.index
+                     and t.loc[c, "tp"] + t.loc[c, "fp"] == 0]
+              for name, t in val_scores.items() if {"tp", "fp"} <= set(t.columns)}
     unlearned = "".join(
         f" {name} classes no nucleus as {' or '.join(names[c] for c in cls)}: it did not learn "
         f"{'that class' if len(cls) == 1 else 'those classes'} in this run, so its F "
