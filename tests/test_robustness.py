@@ -342,8 +342,8 @@ def test_route_table_and_its_tally_by_hand():
     routes = {"segmentation": ["A"], "direct": ["B"]}
     table = robustness.route_table(scores, {"hed": (1.0,)}, routes, ("A", "B"), True, n_boot=50)
     row = table.loc[("HED stain", "H, E OD x(1 ± 0.5), ± 0.05")]
-    assert row.to_dict() == {"segmentation - direct": "-0.0300 [-0.0300--0.0300]",
-                             "verdict (routes)": "holds", "A - B": "-0.0300 [-0.0300--0.0300]",
+    assert row.to_dict() == {"segmentation - direct": "-0.0300 [-0.0300 to -0.0300]",
+                             "verdict (routes)": "holds", "A - B": "-0.0300 [-0.0300 to -0.0300]",
                              "verdict (pair)": "holds"}
     assert robustness.route_tally(table, True) == (
         "Over the 1 shift settings the claim holds in 1, does not hold in 0 and is undecided in 0: "
@@ -372,8 +372,8 @@ def test_detection_shift_table_and_sentence_by_hand():
         ("none", "none"): {"pooled F": 0.8, "tumour F": 0.8, "change in pooled F": "",
                            "change in tumour F": ""},
         ("blur (focus)", "Gaussian sigma 2 px"): {
-            "pooled F": 0.6, "tumour F": 0.4, "change in pooled F": "-0.200 [-0.200--0.200]",
-            "change in tumour F": "-0.400 [-0.400--0.400]"}}
+            "pooled F": 0.6, "tumour F": 0.4, "change in pooled F": "-0.200 [-0.200 to -0.200]",
+            "change in tumour F": "-0.400 [-0.400 to -0.400]"}}
     assert list(whisk["group"]) == ["pooled F", "tumour F"]
     assert robustness.detection_sentence("FPN", 2, "test", table, whisk) == (
         "The FPN network on the 2 images of BRCA-M2C's test split finds nuclei with pooled F 0.800 "
@@ -418,7 +418,7 @@ def test_remedy_table_tally_and_sentences_by_hand():
     assert list(table["verdict"]) == ["undecided", "helps", "hurts", "undecided", "undecided"]
     assert list(table["MSE without"]) == [0.01, 0.09, 0.09, 0.01, 0.09]
     assert list(table["MSE with"]) == [0.01, 0.04, 0.16, 0.01, 0.01]
-    assert table["change [95% CI]"].iloc[1] == "-0.0500 [-0.0500--0.0500]"
+    assert table["change [95% CI]"].iloc[1] == "-0.0500 [-0.0500 to -0.0500]"
     assert len(whisk) == 5 and whisk["value"].round(4).tolist() == [0.0, -0.05, 0.07, 0.0, -0.08]
     assert robustness.remedy_tally(table) == {
         "Macenko": "helps in 1, hurts in 0, undecided in 1 of 2",

@@ -810,19 +810,25 @@ def evaluate(y_true, y_pred, n_boot: int = 2000, seed=0, alpha: float = 0.05,
 def format_ci(value: float, lo: float, hi: float, digits: int = 3) -> str:
     """Format a value with its interval as the paper prints it: ``0.023 [0.019-0.026]``.
 
-    Used in chapters 3, 4 and 5 through :func:`cellulib.reporting.tables.results_table` so that our tables
-    read like paper Tables 2 and 3.
+    An interval with a negative end reads ``[lo to hi]``, since a hyphen beside a minus sign
+    (``[-0.175--0.022]``) reads as neither. Used in chapters 3, 4 and 5 through
+    :func:`cellulib.reporting.tables.results_table` so that our tables read like paper Tables 2
+    and 3, and for every difference a chapter reports.
 
     Examples
     --------
     >>> format_ci(0.0231, 0.0189, 0.0262)
     '0.023 [0.019-0.026]'
+    >>> format_ci(-0.107, -0.175, -0.022)
+    '-0.107 [-0.175 to -0.022]'
     """
     if value is None or math.isnan(value):
         return "n/a"
     if lo is None or hi is None or math.isnan(lo) or math.isnan(hi):
         return f"{value:.{digits}f}"
-    return f"{value:.{digits}f} [{lo:.{digits}f}-{hi:.{digits}f}]"
+    low, high = f"{lo:.{digits}f}", f"{hi:.{digits}f}"
+    between = " to " if low.startswith("-") or high.startswith("-") else "-"
+    return f"{value:.{digits}f} [{low}{between}{high}]"
 
 
 def bland_altman(y_true, y_pred) -> dict[str, float]:
