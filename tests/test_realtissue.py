@@ -200,3 +200,83 @@ def test_synthetic_detector_sentence_by_hand():
     assert "of the default generator, after a x2 downscale with 11 px discs" in text
     assert "for 32 epochs (1 minute), the FPN" in text
     assert "F 0.599; the floor for such a detector (0.60) is **not met**." in text
+
+
+def test_normalisation_table_and_sentence_by_hand():
+    # four windows of two patients, truth 0.1 < 0.2 < 0.3 < 0.4. Without normalisation A ranks
+    # them perfectly (PK 1) and B scores 1, 3, 2, 2 (PK 3.5 / 6, as above); normalised, A keeps its
+    # order and B gets 4, 3, 2, 1 (PK 0). Mean PK: (1 + 3.5/6) / 2 before, (1 + 0) / 2 after.
+    w = pd.DataFrame({"path": list("abcd"), "patient": ["P1", "P1", "P2", "P2"],
+                      "count": [0.1, 0.2, 0.3, 0.4], "area": [0.1, 0.2, 0.3, 0.4]})
+    plain = pd.DataFrame({"path": w.path, "A": [1, 2, 3, 4.0], "B": [1, 3, 2, 2.0]})
+    normed = pd.DataFrame({"path": w.path, "A": [0.1, 0.5, 0.6, 0.9], "B": [4, 3, 2, 1.0]})
+    patch = {"none": pd.Series({"A": 0.8, "B": 0.6}), "macenko": pd.Series({"A": 0.7, "B": 0.9})}
+    per, summary = realtissue.normalisation_table(plain, {"macenko": normed}, w, ["A", "B"], patch,
+                                                  n_boot=200)
+    assert per.loc["A", "PK, none"] == 1.0 and per.loc["B", "PK, none"] == pytest.approx(3.5 / 6)
+    assert per.loc["A", "PK, macenko"] == 1.0 and per.loc["B", "PK, macenko"] == 0.0
+    assert per.loc["mean of the 2", "PK, none"] == pytest.approx((1 + 3.5 / 6) / 2)
+    assert per.loc["mean of the 2", "PK, macenko"] == pytest.approx(0.5)
+    assert per.loc["B", "patch, macenko"] == 0.9 and per.loc["A", "patch, none"] == 0.8
+    assert per.loc["mean of the 2", "patch, macenko"] == pytest.approx(0.8)
+    row = summary.loc["macenko"]
+    assert row["diff"] == pytest.approx(0.5 - (1 + 3.5 / 6) / 2)
+    assert (row["raised"], row["lowered"]) == (0, 1)
+    assert row["pk_low"] <= row["pk"] <= row["pk_high"]
+    text = realtissue.normalisation_sentence(per, summary)
+    assert text.startswith("Macenko moves the mean PK of the 2 models from 0.792")
+    assert "it raises 0 of them and lowers 1 (most lowered: B, 0.58 to 0.00)" in text
+    assert "the best score of the BreastPathQ patch goes from 0.80 to 0.90" in text
+    # a normalisation that leaves every model at chance cannot decide the comparison
+    flat = normed.assign(A=0.5, B=0.5)
+    per2, summary2 = realtissue.normalisation_table(plain, {"reinhard": flat}, w, ["A", "B"], n_boot=200)
+    assert summary2.loc["reinhard", "verdict"] == "undecided"
+    assert not summary2.loc["reinhard", "above_chance"]
+    assert "no longer rank above chance" in realtissue.normalisation_sentence(per2, summary2)
+    both = pd.concat([summary, summary2])
+    floors = pd.DataFrame({"met": [True], "measured": ["0.8"], "required": ["0.7"]}, index=["f"])
+    assert realtissue.summary_sentence(floors, {}, None, both).endswith(
+        "Normalising the stain at inference changes the models' mean PK by Macenko "
+        "-0.292 [-0.500 to -0.250] and Reinhard -0.292 [-0.500 to -0.250]: none raised it with a "
+        "CI above 0.")
+    assert "patch" not in realtissue.normalisation_sentence(per2, summary2)
+
+
+def test_windows_normalised_to_the_models_training_stain(real_dir, tmp_path):
+    """score_windows(stain_norm=...) scores each window after normalising it to the stain the
+    model file stores, the same as normalising the window by hand and scoring it plainly."""
+    import cv2
+    import torch
+
+    from cellulib import save_model
+    from cellulib.data.stain import StainNormalizer
+    from cellulib.files.imageio import read_image
+    from cellulib.models import networks
+
+    source = real_dir / "breastpathq_99788_1.tif"
+    if not source.is_file():
+        pytest.skip(f"{source} not found")
+    img = read_image(source)
+    tiles = [img[y:y + 256, x:x + 256] for y in (0, 256) for x in (0, 256)]
+    paths = []
+    for i, t in enumerate(tiles):
+        paths.append(tmp_path / f"w{i}.png")
+        cv2.imwrite(str(paths[-1]), cv2.cvtColor(t, cv2.COLOR_RGB2BGR))
+    # the training stain: the patch with its haematoxylin and eosin swapped in strength
+    reference = StainNormalizer("macenko").fit(img[::-1, :, ::-1].copy()).reference()
+    torch.manual_seed(0)
+    model = tmp_path / "direct.pt"
+    save_model(networks.direct_model("resnet34"), model, stain={"macenko": reference},
+               preprocess={"input_size": 64, "normalize": "minus_one_one"})
+    table = pd.DataFrame({"path": [str(p) for p in paths]})
+    normed = realtissue.score_windows({"A": model}, table, cache=False, stain_norm="macenko")
+    by_hand = []
+    norm = StainNormalizer.from_reference(reference)
+    for i, t in enumerate(tiles):
+        by_hand.append(tmp_path / f"n{i}.png")
+        cv2.imwrite(str(by_hand[-1]), cv2.cvtColor(norm.normalize(t), cv2.COLOR_RGB2BGR))
+    expected = realtissue.score_windows({"A": model}, pd.DataFrame({"path": [str(p) for p in by_hand]}),
+                                        cache=False)
+    np.testing.assert_allclose(normed["A"], expected["A"], atol=1e-6)
+    plain = realtissue.score_windows({"A": model}, table, cache=False)
+    assert not np.allclose(plain["A"], normed["A"], atol=1e-4)

@@ -45,7 +45,8 @@ __all__ = ["BASELINE", "BREASTPATHQ_PATCH", "FLOORS", "REAL_TISSUE_VERSION", "br
            "route_sentence", "score_breastpathq_patch", "score_windows", "summary_sentence",
            "validation_images",
            "synthetic_floors", "synthetic_icc", "windows", "windows_sentence", "with_levers",
-           "RealTissue", "ROUTE_TESTS", "measure", "route_sentences", "discussion_sentence"]
+           "RealTissue", "ROUTE_TESTS", "STAIN_NORMS", "measure", "normalisation_sentence",
+           "normalisation_table", "route_sentences", "discussion_sentence"]
 
 PathLike = str | os.PathLike
 
@@ -163,13 +164,17 @@ def _loaded(models: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def score_windows(models: Mapping[str, Any], table: pd.DataFrame, mpp: float = constants.MPP,
-                  progress: bool = False, cache: bool = True) -> pd.DataFrame:
+                  progress: bool = False, cache: bool = True,
+                  stain_norm: str | None = None) -> pd.DataFrame:
     """Every model's cellularity score of every window of :func:`windows`.
 
     Each window is scored by :func:`cellulib.inference.predict.predict_images` with its pixel size ``mpp``,
     so a model whose field of view differs from the window's still sees tissue at the scale it
-    learned. The table is stored (:func:`cellulib.training.cache.derived_frame`) under a key of the models'
-    weights and the windows' bytes, so a re-executed chapter reads it back.
+    learned. With ``stain_norm`` (``"macenko"`` or ``"reinhard"``, as ``cellulib predict
+    --stain-norm``) each window's stain is first normalised to that of the model's own training set
+    (the reference its model file stores). The table is stored
+    (:func:`cellulib.training.cache.derived_frame`) under a key of the models' weights, the windows'
+    bytes and the normalisation, so a re-executed chapter reads it back.
 
     Returns
     -------
@@ -185,6 +190,7 @@ def score_windows(models: Mapping[str, Any], table: pd.DataFrame, mpp: float = c
     from cellulib.data.fingerprint import files_digest
     from cellulib.files.imageio import DataError
     from cellulib.inference.modelfile import weights_digest
+    from cellulib.inference.normalizer import normalizer_from_options
     from cellulib.inference.predict import predict_images
 
     paths = table["path"].astype(str).tolist()
@@ -193,7 +199,8 @@ def score_windows(models: Mapping[str, Any], table: pd.DataFrame, mpp: float = c
     def compute() -> pd.DataFrame:
         out = pd.DataFrame({"path": paths})
         for name, pair in loaded.items():
-            pred = predict_images(pair, paths, mpp=mpp, progress=progress)
+            norm = normalizer_from_options(stain_norm, None, pair) if stain_norm else None
+            pred = predict_images(pair, paths, mpp=mpp, progress=progress, stain_norm=norm)
             bad = pred[pred["error"] != ""]
             if len(bad):
                 raise DataError(f"{name}: {bad['error'].iloc[0]}")
@@ -204,6 +211,8 @@ def score_windows(models: Mapping[str, Any], table: pd.DataFrame, mpp: float = c
         return compute()
     weights = {name: weights_digest(pair[0]) for name, pair in loaded.items()}
     parts = {"models": weights, "images": paths, "bytes": files_digest(paths), "mpp": float(mpp)}
+    if stain_norm:  # without it the key is the one the tables stored before normalisation existed
+        parts["stain_norm"] = str(stain_norm)
     return _derived("real-windows", parts, list(weights.values()), compute)
 
 
@@ -330,18 +339,26 @@ def route_difference(scores: pd.DataFrame, table: pd.DataFrame, better: Sequence
     The verdict needs both routes to rank above chance first (the lower end of their mean PK's
     CI above 0.5, the analogue of "learned"); otherwise it is "undecided".
     """
-    members, idx = _clusters(table, n_boot, seed)
     truth = table[proxy].to_numpy(np.float64)
     a0, b0 = (float(np.mean([prediction_probability(truth, scores[m].to_numpy()) for m in group]))
               for group in (better, worse))
-    # every model's PK on every resample at once; a resample whose truth is all tied is skipped
-    boot = np.column_stack([np.mean([pk_resamples(truth, scores[m].to_numpy(), members, idx)
-                                     for m in group], axis=0) for group in (better, worse)])
-    boot = boot[~np.isnan(boot).any(axis=1)]
+    boot = _mean_pk_resamples(scores, table, (better, worse), proxy, n_boot, seed)
     diff = boot[:, 0] - boot[:, 1]
     est = Estimate(a0 - b0, float(np.percentile(diff, 2.5)), float(np.percentile(diff, 97.5)))
     above = [bool(np.percentile(boot[:, k], 2.5) > PK_CHANCE) for k in (0, 1)]
     return est, verdict(est, above[0], above[1], lower_is_better=False)
+
+
+def _mean_pk_resamples(scores: pd.DataFrame, table: pd.DataFrame, groups: Sequence[Sequence[str]],
+                       proxy: str, n_boot: int, seed: int) -> np.ndarray:
+    """The mean PK of each group of models on the same cluster resamples of patients (one column
+    per group); a resample whose proxy is all tied is left out."""
+    members, idx = _clusters(table, n_boot, seed)
+    truth = table[proxy].to_numpy(np.float64)
+    # every model's PK on every resample at once
+    boot = np.column_stack([np.mean([pk_resamples(truth, scores[m].to_numpy(), members, idx)
+                                     for m in group], axis=0) for group in groups])
+    return boot[~np.isnan(boot).any(axis=1)]
 
 
 def breastpathq_truth(labels_csv: PathLike, slide: int = 99788, rid: int = 1) -> float:
@@ -355,16 +372,19 @@ def breastpathq_truth(labels_csv: PathLike, slide: int = 99788, rid: int = 1) ->
 
 
 def score_breastpathq_patch(models: Mapping[str, Any], patch: PathLike,
-                            mpp: float = constants.MPP) -> pd.Series:
+                            mpp: float = constants.MPP, stain_norm: str | None = None) -> pd.Series:
     """Every model's score of one real patch given its pixel size (``--mpp``): the image is cut
     into windows of each model's field of view and the window scores averaged
-    (:class:`cellulib.inference.predict.Predictor`)."""
+    (:class:`cellulib.inference.predict.Predictor`); with ``stain_norm``, normalised to each
+    model's training stain first, as in :func:`score_windows`."""
     from cellulib.files.imageio import DataError
+    from cellulib.inference.normalizer import normalizer_from_options
     from cellulib.inference.predict import predict_images
 
     out = {}
     for name, m in models.items():
-        pred = predict_images(m, [patch], mpp=mpp, progress=False)
+        norm = normalizer_from_options(stain_norm, None, m) if stain_norm else None
+        pred = predict_images(m, [patch], mpp=mpp, progress=False, stain_norm=norm)
         if pred["error"].iloc[0]:
             raise DataError(pred["error"].iloc[0])
         out[name] = float(pred["cellularity"].iloc[0])
@@ -528,9 +548,11 @@ def finding_sentence(ranks: pd.DataFrame, routes: Mapping[str, Sequence[str]],
 
 
 def summary_sentence(floors: pd.DataFrame, verdicts: Mapping[str, str],
-                     levers: pd.DataFrame | None) -> str:
+                     levers: pd.DataFrame | None,
+                     normalisation: pd.DataFrame | None = None) -> str:
     """The chapter's closing paragraph: the floors (:func:`floors_table`), the route verdicts
-    (``{comparison: verdict}``) and the levers (:func:`lever_table`)."""
+    (``{comparison: verdict}``), the levers (:func:`lever_table`) and stain normalisation at
+    inference (the per-method table of :func:`normalisation_table`)."""
     missed = floors.index[~floors["met"].astype(bool)].tolist()
     text = (f"All {len(floors)} floors are met." if not missed else
             f"{len(floors) - len(missed)} of {len(floors)} floors are met; not met: "
@@ -544,6 +566,13 @@ def summary_sentence(floors: pd.DataFrame, verdicts: Mapping[str, str],
                  + (f"{_names(gains)} raised PK with a CI above 0" if gains else
                     "none raised PK with a CI above 0")
                  + (f", and {_names(losses)} lowered it" if losses else "") + ".")
+    if normalisation is not None and len(normalisation):
+        moves = [f"{method.capitalize()} {r['difference']}" for method, r in normalisation.iterrows()]
+        helped = normalisation.index[normalisation["verdict"] == "holds"].tolist()
+        text += (f" Normalising the stain at inference changes the models' mean PK by "
+                 f"{_names(moves)}: "
+                 + (f"{_names([m.capitalize() for m in helped])} raised it with a CI above 0."
+                    if helped else "none raised it with a CI above 0."))
     return text
 
 
@@ -575,6 +604,92 @@ def lever_table(scores: pd.DataFrame, table: pd.DataFrame, levers: Mapping[str, 
                      "pk_before": before, "diff": diff.value, "diff_low": diff.ci_low,
                      "diff_high": diff.ci_high})
     return pd.DataFrame(rows).set_index("lever")
+
+
+#: The stain normalisations :func:`measure` tries at inference (issue 23's normalisation lever), as
+#: ``cellulib predict --stain-norm`` does them: each window normalised to the stain of the model's
+#: own training set.
+STAIN_NORMS = ("macenko", "reinhard")
+
+
+def normalisation_table(scores: pd.DataFrame, normalised: Mapping[str, pd.DataFrame],
+                        table: pd.DataFrame, models: Sequence[str],
+                        patch: Mapping[str, pd.Series] | None = None, n_boot: int = 2000,
+                        seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """What normalising the real windows' stain at inference buys each model.
+
+    ``scores``: :func:`score_windows` as the models were scored; ``normalised``: ``{method: the
+    same with stain_norm=method}``; ``models``: the columns compared (the book's six); ``patch``:
+    ``{"none" or method: scores of the BreastPathQ patch}`` (:func:`score_breastpathq_patch`).
+
+    Returns
+    -------
+    (pandas.DataFrame, pandas.DataFrame)
+        Per model (and a last row, ``mean of the N``): its PK against the count proxy without
+        normalisation (``PK, none``) and with each method (``PK, <method>``), then its patch score
+        each way (``patch, none``, ``patch, <method>``). Per method: ``mean PK`` and ``mean PK before`` (formatted with
+        95% CIs over patients), ``difference`` (the paired difference of the mean PK, formatted)
+        and its ``verdict`` (:func:`route_difference`, "holds": normalising raises it), ``raised``
+        and ``lowered`` (how many models' PK moved which way), and the numbers: ``pk``,
+        ``pk_low``, ``pk_high``, ``pk_before``, ``pk_before_low``, ``pk_before_high``, ``diff``,
+        ``diff_low``, ``diff_high``, ``above_chance`` (the normalised mean PK's CI lies above 0.5).
+    """
+    models = list(models)
+    truth = table["count"].to_numpy(np.float64)
+    per = {"none": {m: prediction_probability(truth, scores[m].to_numpy()) for m in models}}
+    summary = []
+    for method, normed in normalised.items():
+        per[method] = {m: prediction_probability(truth, normed[m].to_numpy()) for m in models}
+        tagged = [f"{m} [{method}]" for m in models]
+        both = pd.concat([scores[models], normed[models].set_axis(tagged, axis=1)], axis=1)
+        diff, say = route_difference(both, table, tagged, models, n_boot=n_boot, seed=seed)
+        boot = _mean_pk_resamples(both, table, (tagged, models), "count", n_boot, seed)
+        lo, hi = np.percentile(boot, [2.5, 97.5], axis=0)
+        pk, before = float(np.mean(list(per[method].values()))), float(np.mean(list(per["none"].values())))
+        moved = np.array([per[method][m] - per["none"][m] for m in models])
+        summary.append({"method": method, "mean PK": format_ci(pk, lo[0], hi[0]),
+                        "mean PK before": format_ci(before, lo[1], hi[1]),
+                        "difference": format_ci(*diff), "verdict": say,
+                        "raised": int((moved > 0).sum()), "lowered": int((moved < 0).sum()),
+                        "pk": pk, "pk_low": float(lo[0]), "pk_high": float(hi[0]),
+                        "pk_before": before, "pk_before_low": float(lo[1]),
+                        "pk_before_high": float(hi[1]), "diff": diff.value,
+                        "diff_low": diff.ci_low, "diff_high": diff.ci_high,
+                        "above_chance": bool(lo[0] > PK_CHANCE)})
+    out = pd.DataFrame(per).reindex(models).add_prefix("PK, ")
+    for method, patch_scores in (patch or {}).items():
+        out[f"patch, {method}"] = pd.Series(patch_scores).reindex(models)
+    out.loc[f"mean of the {len(models)}"] = out.mean()
+    out.index.name = "model"
+    return out, pd.DataFrame(summary).set_index("method")
+
+
+def normalisation_sentence(per_model: pd.DataFrame, summary: pd.DataFrame) -> str:
+    """:func:`normalisation_table` in words: for each method, the mean PK before and after with the
+    paired CI and what it decides, the models it raised and lowered the most, and the best patch
+    score with and without it."""
+    rows, bits = per_model.iloc[:-1], []
+    for method, r in summary.iterrows():
+        before, after = rows["PK, none"], rows[f"PK, {method}"]
+        moved = (after - before).sort_values()
+        judged = ("a gain the CI supports" if r["verdict"] == "holds" else
+                  "a loss the CI supports" if r["verdict"] == "does not hold" else
+                  "not decided by the CI" if r["above_chance"] else
+                  "with it the models no longer rank above chance as a group, so the CI cannot "
+                  "decide it")
+        extremes = [f"most raised: {m}, {before[m]:.2f} to {after[m]:.2f}"
+                    for m in moved.index[-1:] if moved[m] > 0]
+        extremes += [f"most lowered: {m}, {before[m]:.2f} to {after[m]:.2f}"
+                     for m in moved.index[:1] if moved[m] < 0]
+        text = (f"{method.capitalize()} moves the mean PK of the {len(rows)} models from "
+                f"{r['mean PK before']} to {r['mean PK']} ({r['difference']}; {judged}); it raises "
+                f"{r['raised']} of them and lowers {r['lowered']}"
+                + (f" ({'; '.join(extremes)})" if extremes else ""))
+        if f"patch, {method}" in rows and "patch, none" in rows:
+            text += (f"; the best score of the BreastPathQ patch goes from "
+                     f"{rows['patch, none'].max():.2f} to {rows[f'patch, {method}'].max():.2f}")
+        bits.append(text)
+    return ". ".join(bits) + "." if bits else ""
 
 
 def with_levers(routes: Mapping[str, Sequence[str]], changes: Mapping[str, str]) -> dict[str, tuple[str, ...]]:
@@ -612,6 +727,9 @@ class RealTissue:
     patch_truth: float | None
     patch_side: int | None
     floors: pd.DataFrame  # :func:`floors_table`
+    # :func:`normalisation_table` of the six (per model, per method); None without ``stain_norms``
+    normalisation: pd.DataFrame | None = None
+    normalisation_summary: pd.DataFrame | None = None
 
 
 #: The two route comparisons of :func:`measure`, by the segmentation models they use.
@@ -622,7 +740,7 @@ def measure(models: Mapping[str, Any], routes: Mapping[str, Sequence[str]],
             changes: Mapping[str, str], real_seg: Any, brca_root: PathLike,
             synthetic_preds: Mapping[str, pd.DataFrame], train_mean: float,
             real_dir: PathLike | None = None, crops_dir: PathLike | None = None,
-            n_boot: int = 2000, seed: int = 0) -> RealTissue:
+            n_boot: int = 2000, seed: int = 0, stain_norms: Sequence[str] = ()) -> RealTissue:
     """Score every model on windows of held-out BRCA-M2C patients and on the real BreastPathQ
     patch, and gather what the real-tissue chapter and the discussion report.
 
@@ -630,8 +748,9 @@ def measure(models: Mapping[str, Any], routes: Mapping[str, Sequence[str]],
     ``{lever: model it changes}``); the levers named ``... on the real FPN`` form the segmentation
     route that reads the real-nuclei network ``real_seg`` (also the detector baseline).
     ``synthetic_preds``: each model's synthetic validation predictions, for the ICC column and the
-    synthetic floor. Stored scores are read back (:func:`score_windows`). Used in the real-tissue
-    chapter and chapter 5.
+    synthetic floor. ``stain_norms`` (e.g. `STAIN_NORMS`): the book's six are scored again with each
+    stain normalisation at inference, for :func:`normalisation_table`. Stored scores are read back
+    (:func:`score_windows`). Used in the real-tissue chapter and chapter 5.
     """
     from cellulib.data.paths import home
     from cellulib.files.imageio import read_image
@@ -663,8 +782,21 @@ def measure(models: Mapping[str, Any], routes: Mapping[str, Sequence[str]],
         side = int(min(read_image(patch).shape[:2]))
     floors = floors_table(ranks, [*routes["segmentation"], *real_route], patch_scores,
                           synthetic_floors(synthetic_preds, train_mean))
+    normalisation = summary = None
+    if stain_norms:
+        six = [m for names in routes.values() for m in names]
+        chosen = {m: models[m] for m in six}
+        normed = {method: score_windows(chosen, table, stain_norm=method) for method in stain_norms}
+        patch_normed = None
+        if patch_scores is not None:
+            patch_normed = {"none": patch_scores.reindex(six),
+                            **{method: score_breastpathq_patch(chosen, patch, stain_norm=method)
+                               for method in stain_norms}}
+        normalisation, summary = normalisation_table(scores, normed, table, six, patch_normed,
+                                                     n_boot=n_boot, seed=seed)
     return RealTissue(split, window, table, scores, baseline, ranks, levers, real_route,
-                      differences, verdicts, patch_scores, truth, side, floors)
+                      differences, verdicts, patch_scores, truth, side, floors, normalisation,
+                      summary)
 
 
 def route_sentences(result: RealTissue) -> str:
