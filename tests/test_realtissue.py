@@ -280,3 +280,25 @@ def test_windows_normalised_to_the_models_training_stain(real_dir, tmp_path):
     np.testing.assert_allclose(normed["A"], expected["A"], atol=1e-6)
     plain = realtissue.score_windows({"A": model}, table, cache=False)
     assert not np.allclose(plain["A"], normed["A"], atol=1e-4)
+
+
+def test_discussion_sentence_reads_the_floors_and_the_normalisation():
+    w = _windows()
+    scores = pd.DataFrame({"path": w.path, "A": w["count"], "B": 1 - w["count"]})
+    ranks = realtissue.rank_table(scores, w, ROUTES, n_boot=100)
+    floors = realtissue.floors_table(ranks, ["A"], pd.Series({"A": 0.9, "B": 0.6}))
+    normed = scores.assign(B=w["count"])  # normalised, B ranks as A does: mean PK 0.5 -> 1
+    per, summary = realtissue.normalisation_table(scores, {"macenko": normed}, w, ["A", "B"], n_boot=100)
+    result = realtissue.RealTissue("val", 256, w, scores, None, ranks, None, [], {}, {"as trained": "holds"},
+                                   None, None, None, floors)
+    text = realtissue.discussion_sentence(result, ROUTES)
+    assert text.endswith("On the val split of BRCA-M2C (24 windows of 6 patients), 3 of 3 of the "
+                         "real-tissue chapter's floors are met.")
+    result.normalisation_summary = summary
+    # B is reversed without normalisation, so the six (here two) are at chance as a group before:
+    # a gain of 0.5 that SPEC 5.1 does not let the CI decide
+    assert summary.loc["macenko", "diff"] == pytest.approx(0.5)
+    assert realtissue.discussion_sentence(result, ROUTES).endswith(
+        "Normalising real tissue to the stain the models trained on moves their mean PK by "
+        f"{summary.loc['macenko', 'difference']} with Macenko (without it the models do not rank "
+        "above chance as a group, so the CI cannot decide it).")

@@ -664,6 +664,21 @@ def normalisation_table(scores: pd.DataFrame, normalised: Mapping[str, pd.DataFr
     return out, pd.DataFrame(summary).set_index("method")
 
 
+def _normalisation_words(row: pd.Series) -> str:
+    """What a row of :func:`normalisation_table`'s summary decides, in words (SPEC 5.1: a
+    comparison needs both sides above chance)."""
+    if row["verdict"] == "holds":
+        return "a gain the CI supports"
+    if row["verdict"] == "does not hold":
+        return "a loss the CI supports"
+    if not row["above_chance"]:
+        return ("with it the models no longer rank above chance as a group, so the CI cannot "
+                "decide it")
+    if row["pk_before_low"] <= PK_CHANCE:
+        return "without it the models do not rank above chance as a group, so the CI cannot decide it"
+    return "not decided by the CI"
+
+
 def normalisation_sentence(per_model: pd.DataFrame, summary: pd.DataFrame) -> str:
     """:func:`normalisation_table` in words: for each method, the mean PK before and after with the
     paired CI and what it decides, the models it raised and lowered the most, and the best patch
@@ -672,11 +687,7 @@ def normalisation_sentence(per_model: pd.DataFrame, summary: pd.DataFrame) -> st
     for method, r in summary.iterrows():
         before, after = rows["PK, none"], rows[f"PK, {method}"]
         moved = (after - before).sort_values()
-        judged = ("a gain the CI supports" if r["verdict"] == "holds" else
-                  "a loss the CI supports" if r["verdict"] == "does not hold" else
-                  "not decided by the CI" if r["above_chance"] else
-                  "with it the models no longer rank above chance as a group, so the CI cannot "
-                  "decide it")
+        judged = _normalisation_words(r)
         extremes = [f"most raised: {m}, {before[m]:.2f} to {after[m]:.2f}"
                     for m in moved.index[-1:] if moved[m] > 0]
         extremes += [f"most lowered: {m}, {before[m]:.2f} to {after[m]:.2f}"
@@ -807,13 +818,21 @@ def route_sentences(result: RealTissue) -> str:
 
 
 def discussion_sentence(result: RealTissue, routes: Mapping[str, Sequence[str]]) -> str:
-    """What the discussion says about real tissue: the finding and the floors, computed."""
+    """What the discussion says about real tissue: the finding and the floors, computed; with
+    :func:`measure`'s ``stain_norms``, what normalising the stain at inference did."""
     verdict_ = result.verdicts.get(ROUTE_TESTS[1], result.verdicts.get(ROUTE_TESTS[0], "undecided"))
     met = int(result.floors["met"].sum())
-    return (finding_sentence(result.ranks, routes, result.real_route, verdict_)
+    text = (finding_sentence(result.ranks, routes, result.real_route, verdict_)
             + f" On the {result.split} split of BRCA-M2C ({len(result.windows)} windows of "
             f"{result.windows['patient'].nunique()} patients), {met} of {len(result.floors)} of the "
             f"real-tissue chapter's floors are met.")
+    norm = result.normalisation_summary
+    if norm is not None and len(norm):
+        moves = [f"{r['difference']} with {method.capitalize()} ({_normalisation_words(r)})"
+                 for method, r in norm.iterrows()]
+        text += (f" Normalising real tissue to the stain the models trained on moves their mean PK "
+                 f"by {_names(moves)}.")
+    return text
 
 
 def command_line_section(root: Any, profile: str, seed: int, book_epochs: int,
