@@ -222,6 +222,10 @@ def test_normalisation_table_and_sentence_by_hand():
     row = summary.loc["macenko"]
     assert row["diff"] == pytest.approx(0.5 - (1 + 3.5 / 6) / 2)
     assert (row["raised"], row["lowered"]) == (0, 1)
+    # the paired CI and verdict are route_difference's on the same windows
+    both = pd.concat([plain[["A", "B"]], normed[["A", "B"]].add_suffix(" [macenko]")], axis=1)
+    est, say = realtissue.route_difference(both, w, ["A [macenko]", "B [macenko]"], ["A", "B"], n_boot=200)
+    assert (row["diff_low"], row["diff_high"], row["verdict"]) == (est.ci_low, est.ci_high, say)
     assert row["pk_low"] <= row["pk"] <= row["pk_high"]
     text = realtissue.normalisation_sentence(per, summary)
     assert text.startswith("Macenko moves the mean PK of the 2 models from 0.792")

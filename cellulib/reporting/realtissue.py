@@ -342,7 +342,13 @@ def route_difference(scores: pd.DataFrame, table: pd.DataFrame, better: Sequence
     truth = table[proxy].to_numpy(np.float64)
     a0, b0 = (float(np.mean([prediction_probability(truth, scores[m].to_numpy()) for m in group]))
               for group in (better, worse))
-    boot = _mean_pk_resamples(scores, table, (better, worse), proxy, n_boot, seed)
+    return _paired_difference(a0, b0, _mean_pk_resamples(scores, table, (better, worse), proxy,
+                                                         n_boot, seed))
+
+
+def _paired_difference(a0: float, b0: float, boot: np.ndarray) -> tuple[Estimate, str]:
+    """``a0 - b0`` with the 95% CI of the paired resamples ``boot`` (two columns, the mean PKs of
+    :func:`_mean_pk_resamples`), and its verdict: both sides must rank above chance first."""
     diff = boot[:, 0] - boot[:, 1]
     est = Estimate(a0 - b0, float(np.percentile(diff, 2.5)), float(np.percentile(diff, 97.5)))
     above = [bool(np.percentile(boot[:, k], 2.5) > PK_CHANCE) for k in (0, 1)]
@@ -626,13 +632,14 @@ def normalisation_table(scores: pd.DataFrame, normalised: Mapping[str, pd.DataFr
     -------
     (pandas.DataFrame, pandas.DataFrame)
         Per model (and a last row, ``mean of the N``): its PK against the count proxy without
-        normalisation (``PK, none``) and with each method (``PK, <method>``), then its patch score
-        each way (``patch, none``, ``patch, <method>``). Per method: ``mean PK`` and ``mean PK before`` (formatted with
-        95% CIs over patients), ``difference`` (the paired difference of the mean PK, formatted)
-        and its ``verdict`` (:func:`route_difference`, "holds": normalising raises it), ``raised``
-        and ``lowered`` (how many models' PK moved which way), and the numbers: ``pk``,
-        ``pk_low``, ``pk_high``, ``pk_before``, ``pk_before_low``, ``pk_before_high``, ``diff``,
-        ``diff_low``, ``diff_high``, ``above_chance`` (the normalised mean PK's CI lies above 0.5).
+        normalisation (``PK, none``) and with each method (``PK, <method>``), then its patch
+        score each way (``patch, none``, ``patch, <method>``). Per method: ``mean PK`` and ``mean
+        PK before`` (formatted with 95% CIs over patients), ``difference`` (the paired difference
+        of the mean PK, formatted) and its ``verdict`` (as :func:`route_difference` decides it,
+        "holds": normalising raises it), ``raised`` and ``lowered`` (how many models' PK moved
+        which way), and the numbers: ``pk``, ``pk_low``, ``pk_high``, ``pk_before``,
+        ``pk_before_low``, ``pk_before_high``, ``diff``, ``diff_low``, ``diff_high``,
+        ``above_chance`` (the normalised mean PK's CI lies above 0.5).
     """
     models = list(models)
     truth = table["count"].to_numpy(np.float64)
@@ -642,10 +649,12 @@ def normalisation_table(scores: pd.DataFrame, normalised: Mapping[str, pd.DataFr
         per[method] = {m: prediction_probability(truth, normed[m].to_numpy()) for m in models}
         tagged = [f"{m} [{method}]" for m in models]
         both = pd.concat([scores[models], normed[models].set_axis(tagged, axis=1)], axis=1)
-        diff, say = route_difference(both, table, tagged, models, n_boot=n_boot, seed=seed)
+        # the same patients' resamples for both sides, as route_difference draws them
         boot = _mean_pk_resamples(both, table, (tagged, models), "count", n_boot, seed)
+        pk = float(np.mean(list(per[method].values())))
+        before = float(np.mean(list(per["none"].values())))
+        diff, say = _paired_difference(pk, before, boot)
         lo, hi = np.percentile(boot, [2.5, 97.5], axis=0)
-        pk, before = float(np.mean(list(per[method].values()))), float(np.mean(list(per["none"].values())))
         moved = np.array([per[method][m] - per["none"][m] for m in models])
         summary.append({"method": method, "mean PK": format_ci(pk, lo[0], hi[0]),
                         "mean PK before": format_ci(before, lo[1], hi[1]),
