@@ -313,6 +313,9 @@ def test_detection_table_puts_the_published_f_beside_ours():
     assert verdicts.floors_missed(table) == {"lymphocyte": 0.545, "malignant": 0.747,
                                            "normal": 0.444, "detection": 0.788}
     assert verdicts.floors_missed(table.assign(f1=[0.55, 0.75, 0.55, 0.82])) == {}
+    # a reference with a value for one row only (a floor on pooled F) leaves the others blank
+    floor = tables.detection_table({"FPN": table}, reference={"detection": 0.6}, reference_name="floor")
+    assert floor["floor"].tolist() == ["", "", "", 0.6]
 
 
 def test_all_learned_leaves_the_mean_predictor_out():

@@ -8,7 +8,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from cellulib.reporting.paper import PAPER, PAPER_ROWS
@@ -120,8 +119,9 @@ def detection_table(scores: Mapping[str, pd.DataFrame], reference: Mapping[str, 
                     references: Mapping[str, Mapping[str, float]] | None = None) -> pd.DataFrame:
     """Precision, recall and F per class (and pooled) of several detectors side by side, with
     published F beside them: ``reference`` in the column ``reference_name``, and each of
-    ``references`` (column name -> F by class, e.g. `PUBLISHED_F`). ``scores`` maps a detector's
-    name to its :func:`cellulib.metrics.detection.detection_scores` table. Used in the real-H&E chapter."""
+    ``references`` (column name -> F by class, e.g. `PUBLISHED_F`); a class a reference has no
+    value for is left blank. ``scores`` maps a detector's name to its
+    :func:`cellulib.metrics.detection.detection_scores` table. Used in the real-H&E chapter."""
     names = dict(BRCA_M2C_NAMES if names is None else names)
     first = next(iter(scores.values()))
     out = pd.DataFrame(index=[names.get(c, c) for c in first.index])
@@ -132,7 +132,7 @@ def detection_table(scores: Mapping[str, pd.DataFrame], reference: Mapping[str, 
     if reference is not None:
         published = {reference_name: reference, **published}
     for column, values in published.items():
-        out[column] = [values.get(c, np.nan) for c in first.index]
+        out[column] = [values.get(c, "") for c in first.index]
     out.index.name = "class"
     return out
 
