@@ -469,6 +469,10 @@ def test_format_ci():
     assert format_ci(0.0226, 0.0189, 0.0262) == "0.023 [0.019-0.026]"
     assert format_ci(0.5, np.nan, np.nan, digits=2) == "0.50"
     assert format_ci(np.nan, 0.1, 0.2) == "n/a"
+    # the mean predictor's kappa: resamples at +-1e-17 print as zero, without a sign
+    assert format_ci(-0.0, -2e-17, 3e-17) == "0.000 [0.000-0.000]"
+    assert format_ci(-0.0004, -0.0006, 0.2) == "0.000 [-0.001 to 0.200]"
+    assert format_ci(-0.1, -0.2, -0.0004) == "-0.100 [-0.200 to 0.000]"
 
 
 # ---------------------------------------------------------------------------------- module

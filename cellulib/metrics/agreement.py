@@ -26,6 +26,7 @@ __all__ = [
     "MetricWarning",
     "UndefinedMetricError",
     "bootstrap_ci",
+    "group_rows",
     "cellularity_bins",
     "evaluate",
     "format_ci",
@@ -623,8 +624,13 @@ def spearman(y_true, y_pred) -> float:
     return float(stats.spearmanr(t, p).statistic)
 
 
-def _group_rows(groups, n: int) -> list[np.ndarray]:
-    """The row indices of each group (in order of first appearance)."""
+def group_rows(groups, n: int) -> list[np.ndarray]:
+    """The row indices of each group (in order of first appearance): the clusters that
+    :func:`bootstrap_ci` and :func:`pk_resamples` resample whole.
+
+    >>> [m.tolist() for m in group_rows(["b", "a", "b", "c"], 4)]
+    [[0, 2], [1], [3]]
+    """
     g = np.asarray(groups)
     if g.shape != (n,):
         raise ValueError(f"bootstrap_ci: groups must have one entry per patch ({n}), got shape "
@@ -699,7 +705,7 @@ def bootstrap_ci(
     t, p = _pair(y_true, y_pred, f"bootstrap_ci({name})")
     rng = np.random.default_rng(seed)
     if groups is not None:
-        members = _group_rows(groups, t.size)
+        members = group_rows(groups, t.size)
         picks = rng.integers(0, len(members), (int(n_boot), len(members)))
         idx = [np.concatenate([members[k] for k in row]) for row in picks]
         fast = None
@@ -821,14 +827,24 @@ def format_ci(value: float, lo: float, hi: float, digits: int = 3) -> str:
     '0.023 [0.019-0.026]'
     >>> format_ci(-0.107, -0.175, -0.022)
     '-0.107 [-0.175 to -0.022]'
+
+    A number that rounds to zero has no sign (a kappa of ``-1e-17`` is ``0.000``, not ``-0.000``):
+
+    >>> format_ci(0.0, -1e-17, 1e-17)
+    '0.000 [0.000-0.000]'
     """
     if value is None or math.isnan(value):
         return "n/a"
+
+    def fmt(x: float) -> str:
+        text = f"{x:.{digits}f}"
+        return text[1:] if text.startswith("-") and float(text) == 0 else text
+
     if lo is None or hi is None or math.isnan(lo) or math.isnan(hi):
-        return f"{value:.{digits}f}"
-    low, high = f"{lo:.{digits}f}", f"{hi:.{digits}f}"
+        return fmt(value)
+    low, high = fmt(lo), fmt(hi)
     between = " to " if low.startswith("-") or high.startswith("-") else "-"
-    return f"{value:.{digits}f} [{low}{between}{high}]"
+    return f"{fmt(value)} [{low}{between}{high}]"
 
 
 def bland_altman(y_true, y_pred) -> dict[str, float]:
