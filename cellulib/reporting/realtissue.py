@@ -31,6 +31,7 @@ from cellulib.metrics.agreement import (
     UndefinedMetricError,
     bootstrap_ci,
     format_ci,
+    group_rows,
     pk_resamples,
     prediction_probability,
     spearman,
@@ -274,9 +275,8 @@ def _with_ci(metric, y_true: np.ndarray, y_pred: np.ndarray, patients: np.ndarra
 
 
 def _clusters(table: pd.DataFrame, n_boot: int, seed: int) -> tuple[list[np.ndarray], np.ndarray]:
-    codes, groups = pd.factorize(table["patient"].astype(str))
-    members = [np.flatnonzero(codes == g) for g in range(len(groups))]
-    idx = np.random.default_rng(seed).integers(0, len(groups), (int(n_boot), len(groups)))
+    members = group_rows(table["patient"].astype(str).to_numpy(), len(table))
+    idx = np.random.default_rng(seed).integers(0, len(members), (int(n_boot), len(members)))
     return members, idx
 
 
@@ -688,6 +688,20 @@ def _normalisation_words(row: pd.Series) -> str:
     return "not decided by the CI"
 
 
+def _moved_words(raised: int, lowered: int, n: int) -> str:
+    """How many of ``n`` models a change raised and lowered, in words.
+
+    >>> _moved_words(0, 6, 6), _moved_words(6, 0, 6), _moved_words(0, 1, 2), _moved_words(3, 3, 6)
+    ('it lowers all 6', 'it raises all 6', 'it lowers 1 of them and raises none', 'it raises 3 of them and lowers 3')
+    """
+    if lowered == n or raised == n:
+        return f"it {'lowers' if lowered == n else 'raises'} all {n}"
+    if raised == 0 or lowered == 0:
+        return (f"it {'lowers' if raised == 0 else 'raises'} {lowered or raised} of them and "
+                f"{'raises' if raised == 0 else 'lowers'} none")
+    return f"it raises {raised} of them and lowers {lowered}"
+
+
 def normalisation_sentence(per_model: pd.DataFrame, summary: pd.DataFrame) -> str:
     """:func:`normalisation_table` in words: for each method, the mean PK before and after with the
     paired CI and what it decides, the models it raised and lowered the most, and the best patch
@@ -702,8 +716,8 @@ def normalisation_sentence(per_model: pd.DataFrame, summary: pd.DataFrame) -> st
         extremes += [f"most lowered: {m}, {before[m]:.2f} to {after[m]:.2f}"
                      for m in moved.index[:1] if moved[m] < 0]
         text = (f"{method.capitalize()} moves the mean PK of the {len(rows)} models from "
-                f"{r['mean PK before']} to {r['mean PK']} ({r['difference']}; {judged}); it raises "
-                f"{r['raised']} of them and lowers {r['lowered']}"
+                f"{r['mean PK before']} to {r['mean PK']} ({r['difference']}; {judged}); "
+                f"{_moved_words(int(r['raised']), int(r['lowered']), len(rows))}"
                 + (f" ({'; '.join(extremes)})" if extremes else ""))
         if f"patch, {method}" in rows and "patch, none" in rows:
             text += (f"; the best score of the BreastPathQ patch goes from "
