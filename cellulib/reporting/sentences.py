@@ -17,6 +17,7 @@ from cellulib.reporting.tables import BRCA_M2C_NAMES
 from cellulib.reporting.verdicts import REAL_FLOORS, claim_words, floors_missed, verdict
 
 __all__ = [
+    "cache_sentence",
     "importance_caveat",
     "learned_count",
     "route_cost_sentence",
@@ -40,6 +41,31 @@ __all__ = [
     "regression_to_mean_sentence",
     "calibration_sentence",
 ]
+
+
+def cache_sentence(n_models: int, n_cached: int, where: str = "earlier chapters") -> str:
+    """How many of a chapter's models came from the cache and how many it trained itself.
+
+    Used in chapter 5, whose models come from the cache of chapters 2-4 unless those have not run.
+
+    >>> cache_sentence(8, 8)
+    'All 8 models below came from the cache of earlier chapters.'
+    >>> cache_sentence(8, 5)
+    'Of the 8 models below, 5 came from the cache of earlier chapters and 3 were trained here.'
+    >>> cache_sentence(8, 0)
+    'All 8 models below were trained here (none was in the cache of earlier chapters).'
+    >>> cache_sentence(2, 1)
+    'Of the 2 models below, 1 came from the cache of earlier chapters and 1 was trained here.'
+    """
+    if not 0 <= n_cached <= n_models:
+        raise ValueError(f"{n_cached} cached models out of {n_models}")
+    if n_cached == n_models:
+        return f"All {n_models} models below came from the cache of {where}."
+    if n_cached == 0:
+        return f"All {n_models} models below were trained here (none was in the cache of {where})."
+    trained = n_models - n_cached
+    return (f"Of the {n_models} models below, {n_cached} came from the cache of {where} and "
+            f"{trained} {'was' if trained == 1 else 'were'} trained here.")
 
 
 def learned_sentence(summary: pd.DataFrame, names: Sequence[str] | None = None) -> str:
