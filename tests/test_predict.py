@@ -263,9 +263,15 @@ def test_mpp_scores_windows_of_the_training_field_of_view(model_files, tmp_path)
 def test_cli_predict_mpp(model_files, images, tmp_path):
     out = tmp_path / "p.csv"
     assert _run(["predict", "--model", str(model_files["regression"]), "--images",
-                 str(images[0]), "--out", str(out), "--mpp", "0.25", "--quiet"]) == 0
+                 str(images[0]), "--out", str(out), "--mpp", "4", "--quiet"]) == 0
     side = json.loads(out.with_name(out.name + ".json").read_text())
-    assert side["mpp"] == 0.25 and side["model_pixel_size"]["mpp"] == 0.5
+    assert side["mpp"] == 4 and side["model_pixel_size"]["mpp"] == 0.5
+    # at 0.25 um/px the model's 256 um field is 1024 px, over twice the 80 px image: refused
+    assert _run(["predict", "--model", str(model_files["regression"]), "--images",
+                 str(images[0]), "--out", str(out), "--mpp", "0.25", "--quiet"]) == 1
+    error = pd.read_csv(out, keep_default_na=False)["error"].iloc[0]
+    assert re.search(r"a_rgb8\.png: image 80x80 .* \(1024 px a side\): it would be mostly mirrored "
+                     r"padding", error), error
 
 
 def test_real_images_are_scored(model_files, real_dir):

@@ -163,6 +163,21 @@ def test_real_images_pass_the_he_check(real_dir):
             StainNormalizer("macenko").fit(read_image(path), name=name)  # no error
 
 
+def test_greyscale_and_tiny_targets_are_refused(real_dir, patch):
+    from cellulib.files.imageio import read_image
+
+    # the real BreastPathQ patch turned grey: its tissue has one colour, so no H and no E
+    img = read_image(real_dir / "breastpathq_99788_1.tif")
+    grey = np.repeat(img.mean(axis=2, keepdims=True).round().astype(np.uint8), 3, axis=2)
+    with pytest.raises(StainError, match="grey.png: does not look like H&E .*one colour"):
+        StainNormalizer("macenko").fit(grey, name="grey.png")
+    # one black pixel is all "tissue" but far too little of it: said so, not called blank
+    with pytest.raises(StainError, match=r"dot.png: too small .*\(1 tissue pixels of 1x1; .* 500\)"):
+        StainNormalizer("reinhard").fit(np.zeros((1, 1, 3), np.uint8), name="dot.png")
+    # the synthetic H&E patch has two stains
+    StainNormalizer("macenko").fit(patch, name="synthetic")
+
+
 # -------------------------------------------------------------------------------------------------
 # cellulib predict --stain-norm on the real images
 # -------------------------------------------------------------------------------------------------

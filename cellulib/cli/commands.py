@@ -11,6 +11,77 @@ from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
+from cellulib.constants import STRIDE  # noqa: E402 - after the environment variable
+
+
+# -- option types: a value out of range is an argparse error naming the option (exit code 2) ------
+def _int_at_least(low: int, also: str = ""):
+    """An argparse ``type``: an integer ``>= low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}{also}, got {value}")
+        return value
+    return parse
+
+
+def _float_in(low: float, high: float, *, closed: bool = False, unit: str = ""):
+    """An argparse ``type``: a float in ``(low, high)``, or ``[low, high]`` with ``closed``."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        inside = low <= value <= high if closed else low < value < high
+        if not inside:  # NaN is outside too
+            span = f"[{low:g}, {high:g}]" if closed else f"({low:g}, {high:g})"
+            raise argparse.ArgumentTypeError(f"must lie in {span}{unit}, got {text}")
+        return value
+    return parse
+
+
+_EPOCHS = _int_at_least(1)
+#: the networks' inputs: at least one stride of the encoders (cellulib.constants.STRIDE)
+_SIDE = _int_at_least(32, " px (one stride of the networks)")
+#: micrometres per pixel, as cellulib.inference.pixelsize.check_mpp accepts
+_MPP = _float_in(0, 100, unit=" um/px")
+_FRACTION = _float_in(0, 1, closed=True)
+
+
+def _device(text: str) -> str:
+    """An argparse ``type`` for ``--device``: a torch device this machine has."""
+    from cellulib.models.engine import resolve_device
+
+    try:
+        resolve_device(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _check_out(path: str, option: str = "--out", *, folder: bool = False) -> None:
+    """Refuse an output path that cannot be written before any work starts: a folder where a file
+    is to go, a file where a folder is (the path's own or a parent's), a read-only folder. Missing
+    folders are fine: the atomic writers create them."""
+    out = Path(path)
+    if folder:
+        if out.exists() and not out.is_dir():
+            raise NotADirectoryError(f"{option} {path}: exists and is not a folder")
+        parent = out if out.is_dir() else out.parent
+    else:
+        if out.is_dir():
+            raise IsADirectoryError(f"{option} {path}: is a folder; give a file name")
+        parent = out.parent
+    while not parent.exists():  # folders the writers create: their nearest existing ancestor
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"{option} {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{option} {path}: cannot write in {parent}")
+
 
 def _cmd_synth(args: argparse.Namespace) -> int:
     from cellulib.data import datasets, synthset
@@ -59,6 +130,12 @@ def _train_options(args: argparse.Namespace) -> dict:
         reads = ", ".join(_OPTION_NAMES[d] for d in TRAIN_OPTIONS[family])
         raise ValueError(f"{', '.join(wrong)} does not apply to 'train {family}', which reads "
                          f"{reads} (and --data, --profile, --stain-augment, --seed)")
+    # the segmentation network's crops, and the SR and GBT inputs it maps, are whole strides
+    for dest in ("crop",) + (("input_size",) if family in ("sr", "gbt") else ()):
+        if dest in given and given[dest] % STRIDE:
+            option = "--size" if args.size is not None else _OPTION_NAMES[dest]
+            raise ValueError(f"{option} {given[dest]}: 'train {family}' needs a multiple of "
+                             f"{STRIDE} px, the segmentation network's stride")
     return given
 
 
@@ -99,6 +176,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from cellulib.training import train
 
     opts = _train_options(args)
+    _check_out(args.out)
     if args.data is None:
         _confirm_render(args)
     root = datasets.get_dataset(args.data, args.profile, args.seed)
@@ -166,6 +244,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from cellulib.inference.normalizer import normalizer_from_options
     from cellulib.inference.predict import predict_to_csv
 
+    _check_out(args.out)
     summary = predict_to_csv(args.model, args.images, args.out, batch_size=args.batch_size,
                              tta=args.tta, progress=not args.quiet, device=args.device,
                              workers=args.workers, recursive=args.recursive,
@@ -190,6 +269,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from cellulib.reporting.plots import agreement_figure, save_figure
     from cellulib.reporting.statistics import MEAN_PREDICTOR, learned
 
+    if args.figure:
+        _check_out(args.figure, "--figure")
+        from matplotlib.figure import Figure
+
+        kinds = Figure().canvas.get_supported_filetypes()
+        suffix = Path(args.figure).suffix.lstrip(".").lower()
+        if suffix and suffix not in kinds:
+            raise ValueError(f"--figure {args.figure}: matplotlib cannot write .{suffix} files; "
+                             f"name a .png, .pdf or .svg file (or one of {', '.join(sorted(kinds))})")
     pairs = match_predictions(args.pred, args.labels)
     proxy = "proxy" in pairs.columns
     if proxy:  # a proxy's scale is not cellularity's: a ranking is the fair comparison
@@ -242,6 +330,9 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
     from cellulib.data.proxy import LABEL_COLUMNS, proxy_labels
     from cellulib.files.imageio import atomic_open
 
+    _check_out(args.out)
+    if args.crops:
+        _check_out(args.crops, "--crops", folder=True)
     table = proxy_labels(args.data, kind=args.kind, splits=args.split, window=args.window,
                          radius=args.radius, min_tissue=args.min_tissue, crops_dir=args.crops)
     left_out = table[table["error"] != ""]
@@ -289,16 +380,16 @@ def _add_proxy_command(sub) -> None:
                    "tissue area")
     p.add_argument("--split", nargs="+", choices=list(BRCA_M2C_SPLITS), default=None,
                    help="the official splits to label (default: every split the folder has)")
-    p.add_argument("--window", type=int, default=None, metavar="PX",
+    p.add_argument("--window", type=_SIDE, default=None, metavar="PX",
                    help="label square windows of this side instead of whole images (e.g. the "
                    "model's field of view: 256 for a 256-px model at the same pixel size); needs "
                    "--crops")
     p.add_argument("--crops", default=None, metavar="DIR",
                    help="with --window: folder the windows are written to, for cellulib predict")
-    p.add_argument("--radius", type=float, default=None, metavar="PX",
+    p.add_argument("--radius", type=_float_in(0, float("inf"), unit=" px"), default=None, metavar="PX",
                    help="area: cell radius in pixels (default: half the median distance between "
                    "neighbouring tumour dots of the images labelled)")
-    p.add_argument("--min-tissue", type=float, default=0.5,
+    p.add_argument("--min-tissue", type=_FRACTION, default=0.5,
                    help="smallest tissue share of an image or window with a proxy (0.5)")
     p.set_defaults(func=_cmd_proxy)
 
@@ -308,6 +399,7 @@ def _cmd_slide(args: argparse.Namespace) -> int:
     from cellulib.inference.predict import Predictor
     from cellulib.inference.slide import slide_map
 
+    _check_out(args.out, folder=True)
     predictor = Predictor(args.model, batch_size=args.batch_size, tta=args.tta,
                           device=args.device, workers=args.workers, precision=args.precision,
                           stain_norm=normalizer_from_options(args.stain_norm, args.stain_target,
@@ -327,10 +419,11 @@ def _cmd_slide(args: argparse.Namespace) -> int:
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model file (cellulib train / save_model)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (16)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=16, help="images per forward pass (16)")
     p.add_argument("--tta", action="store_true", help="average the 8 flips and rotations")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--workers", type=int, default=2, help="worker processes decoding images ahead (2)")
+    p.add_argument("--device", type=_device, default=None,
+                   help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--workers", type=_int_at_least(1), default=2, help="worker processes decoding images ahead (2)")
     p.add_argument("--precision", choices=("auto", "bf16", "float32"), default="auto",
                    help="forward-pass arithmetic: auto (bf16 autocast on a CPU with native bf16 "
                    "and on CUDA, else float32), bf16, or float32 to force full precision")
@@ -352,7 +445,7 @@ def _add_inference_commands(sub) -> None:
                    help="image files and/or folders of images")
     p.add_argument("--out", required=True, help="CSV to write (atomically)")
     p.add_argument("--recursive", action="store_true", help="also search subfolders")
-    p.add_argument("--mpp", type=float, default=None, metavar="UM",
+    p.add_argument("--mpp", type=_MPP, default=None, metavar="UM",
                    help="micrometres per pixel of the images: they are cut into windows of the "
                    "model's training field of view (its pixel size times its patch side), so a "
                    "40x scan (0.25) is seen at the 20x (0.5) scale the models learned")
@@ -378,14 +471,14 @@ def _add_inference_commands(sub) -> None:
                    "e.g. from cellulib proxy)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--figure", default=None, help="write a calibration + Bland-Altman figure")
-    p.add_argument("--train-mean", type=float, default=None, metavar="FLOAT",
+    p.add_argument("--train-mean", type=_FRACTION, default=None, metavar="FLOAT",
                    help="mean of the training labels: scores the mean predictor and says whether "
                    "the model learned (default: from --train-labels, or the train_mean recorded "
                    "in the model file named by PRED.json)")
     p.add_argument("--train-labels", default=None, metavar="CSV",
                    help="training labels (slide,rid,y or path,cellularity) whose mean is the mean "
                    "predictor")
-    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (2000)")
+    p.add_argument("--n-boot", type=_int_at_least(1), default=2000, help="bootstrap resamples (2000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (0)")
     p.set_defaults(func=_cmd_evaluate)
 
@@ -400,17 +493,18 @@ def _add_inference_commands(sub) -> None:
     )
     p.add_argument("image", help="the slide or large image")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--tile", type=int, default=None,
+    p.add_argument("--tile", type=_int_at_least(1), default=None,
                    help="tile side in level-0 pixels, resized to the model input (default: the "
                    "model's training field of view at the image's pixel size, else 512)")
-    p.add_argument("--tile-um", type=float, default=None,
+    p.add_argument("--tile-um", type=_float_in(0, float("inf"), unit=" um"), default=None,
                    help="tile side in micrometres (needs the pixel size in the file); "
                    "overrides --tile")
-    p.add_argument("--mpp", type=float, default=None, metavar="UM",
+    p.add_argument("--mpp", type=_MPP, default=None, metavar="UM",
                    help="micrometres per level-0 pixel, when the file does not record it (or "
                    "records it wrongly)")
-    p.add_argument("--stride", type=int, default=None, help="tile step in level-0 pixels (= tile)")
-    p.add_argument("--min-tissue", type=float, default=0.5,
+    p.add_argument("--stride", type=_int_at_least(1), default=None,
+                   help="tile step in level-0 pixels (default: the tile side, tiles edge to edge)")
+    p.add_argument("--min-tissue", type=_FRACTION, default=0.5,
                    help="smallest tissue fraction of a scored tile (0.5)")
     p.add_argument("--level", default="auto",
                    help="pyramid level to read tiles from (default auto: the coarsest level that "
@@ -423,6 +517,9 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     from cellulib.inference.detect import detect_to_csv
     from cellulib.inference.normalizer import normalizer_from_options
 
+    _check_out(args.out)
+    if args.geojson:
+        _check_out(args.geojson, "--geojson", folder=True)
     norm = normalizer_from_options(args.stain_norm, args.stain_target, args.model)
     summary = detect_to_csv(args.model, args.images, args.out, geojson_dir=args.geojson,
                             threshold=args.threshold, progress=not args.quiet,
@@ -460,15 +557,16 @@ def _add_detect_command(sub) -> None:
     p.add_argument("--out", required=True, help="CSV to write (atomically)")
     p.add_argument("--geojson", default=None, metavar="DIR",
                    help="also write DIR/<image stem>.geojson per image (QuPath detections)")
-    p.add_argument("--threshold", type=float, default=None,
+    p.add_argument("--threshold", type=_float_in(0, 1), default=None,
                    help="smallest nucleus probability at a centre, in (0, 1) (default: the "
                    "threshold the model file records, chosen on its training images by cellulib "
                    f"train seg; {DETECTION_THRESHOLD} for a file that records none)")
     p.add_argument("--recursive", action="store_true", help="also search subfolders")
-    p.add_argument("--mpp", type=float, default=None, metavar="UM",
+    p.add_argument("--mpp", type=_MPP, default=None, metavar="UM",
                    help="micrometres per pixel of the images: resized to the model's training "
                    "pixel size first (e.g. 0.25 for a 40x scan seen by a 20x model)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--device", type=_device, default=None,
+                   help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--precision", choices=("auto", "bf16", "float32"), default="auto",
                    help="network arithmetic: auto (bf16 autocast on a CPU with native bf16 and on "
                    "CUDA, else float32), bf16, or float32")
@@ -550,11 +648,20 @@ def _add_cache_command(sub) -> None:
     p.set_defaults(func=_cmd_cache)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose errors are one line as every other failure is (see :func:`main`):
+    ``cellulib COMMAND: error: argument --epochs: ...``, exit code 2, without the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} "
+                     "--help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every command (kept separate so the README and tests can inspect it)."""
     from cellulib import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="cellulib",
         description="Breast tumour cellularity from H&E patches (Rakhlin et al., 2019).",
     )
@@ -570,10 +677,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("root", nargs="?", default=None, help="output folder (default: the cache)")
     p.add_argument("--profile", default="quick", help="quick (default) or paper")
-    p.add_argument("--n-train", type=int, default=None, help="training patches")
-    p.add_argument("--n-val", type=int, default=None, help="validation patches")
-    p.add_argument("--n-cells", type=int, default=None, help="patches with annotated nuclei")
-    p.add_argument("--size", type=int, default=None, help="patch side in pixels")
+    p.add_argument("--n-train", type=_int_at_least(1), default=None, help="training patches")
+    p.add_argument("--n-val", type=_int_at_least(1), default=None, help="validation patches")
+    p.add_argument("--n-cells", type=_int_at_least(1), default=None, help="patches with annotated nuclei")
+    p.add_argument("--size", type=_SIDE, default=None, help="patch side in pixels")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.set_defaults(func=_cmd_synth)
 
@@ -592,20 +699,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="BreastPathQ folder (default: synthetic data)")
     p.add_argument("--out", required=True, help="model file to write")
     p.add_argument("--profile", default="quick", help="quick (default) or paper")
-    p.add_argument("--epochs", type=int, default=None,
+    p.add_argument("--epochs", type=_EPOCHS, default=None,
                    help="seg, direct: training epochs; sr: stage 1 epochs, segmentation frozen "
                    "(default: the profile's)")
-    p.add_argument("--finetune-epochs", type=int, default=None,
+    p.add_argument("--finetune-epochs", type=_int_at_least(0), default=None,
                    help="sr: stage 2 epochs, end to end (default: the profile's)")
-    p.add_argument("--rounds", type=int, default=None,
+    p.add_argument("--rounds", type=_int_at_least(1), default=None,
                    help="gbt: LightGBM boosting rounds (default: the profile's)")
-    p.add_argument("--crop", type=int, default=None,
+    p.add_argument("--crop", type=_SIDE, default=None,
                    help="seg: side of the random training crops, after the x2 downscale "
                    "(default: the profile's)")
-    p.add_argument("--input-size", type=int, default=None,
+    p.add_argument("--input-size", type=_SIDE, default=None,
                    help="direct, sr, gbt: side the whole patch is resized to (default: the "
                    "profile's)")
-    p.add_argument("--size", type=int, default=None,
+    p.add_argument("--size", type=_SIDE, default=None,
                    help="--crop for seg, --input-size for direct, sr and gbt")
     p.add_argument("--decoder", choices=["fpn", "unet"], default=None,
                    help="seg: the segmentation decoder (fpn); sr, gbt: the decoder of the "
@@ -675,7 +782,10 @@ def main(argv: list[str] | None = None) -> int:
     ``CELLULIB_DEBUG=1`` re-raises instead, with the traceback.
     """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version (0) or a bad option (2, one line printed)
+        return exc.code if isinstance(exc.code, int) else 2
 
     shown: set[str] = set()
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from cellulib.constants import DISC_DIAMETER, SEG_DOWNSCALE, STRIDE
 
 #: Settings per profile. Comments give the paper's value where the quick profile departs from it.
@@ -167,6 +169,15 @@ class ProfileError(ValueError):
     """An unknown profile or setting."""
 
 
+#: The smallest value of each integer training setting: an epoch count of 0 would write an
+#: untrained model, and a crop or input below one stride of the encoders (32 px) fails inside the
+#: network. ``sr_finetune_epochs=0`` skips the second SR stage.
+SMALLEST: dict[str, int] = {
+    "seg_epochs": 1, "direct_epochs": 1, "sr_epochs": 1, "sr_finetune_epochs": 0, "gbt_rounds": 1,
+    "seg_bs": 1, "direct_bs": 1, "patches_per_epoch": 1, "crop": 32, "direct_size": 32,
+}
+
+
 def get_profile(profile: str = "quick", **overrides: Any) -> dict[str, Any]:
     """Return the settings of ``profile`` with ``overrides`` applied (``None`` values are ignored).
 
@@ -174,6 +185,10 @@ def get_profile(profile: str = "quick", **overrides: Any) -> dict[str, Any]:
     --------
     >>> get_profile("quick", seg_epochs=1)["seg_epochs"]
     1
+    >>> get_profile("quick", seg_epochs=0)
+    Traceback (most recent call last):
+    ...
+    cellulib.data.profiles.ProfileError: seg_epochs must be an integer >= 1, got 0
     """
     if profile not in PROFILES:
         raise ProfileError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
@@ -183,7 +198,15 @@ def get_profile(profile: str = "quick", **overrides: Any) -> dict[str, Any]:
         raise ProfileError(
             f"unknown setting(s) {unknown} for profile {profile!r}; known: {sorted(settings)}"
         )
-    settings.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    for key, value in given.items():
+        if key in SMALLEST and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+                                or value < SMALLEST[key]):
+            raise ProfileError(f"{key} must be an integer >= {SMALLEST[key]}, got {value!r}")
+        if key == "crop" and value % STRIDE:
+            raise ProfileError(f"crop must be a multiple of {STRIDE} (the segmentation network's "
+                               f"stride), got {value}")
+    settings.update(given)
     settings["profile"] = profile
     return settings
 

@@ -186,6 +186,12 @@ def recorded_threshold(info: dict[str, Any], source: str = "<loaded model>") -> 
     return float(chosen)
 
 
+#: How far ``mpp`` may rescale images to the model's pixel size: enlarged at most 4x (as
+#: ``cellulib predict``'s ``max_upscale``) and shrunk at most 16x; beyond, nuclei are blurs or
+#: specks and the detections meaningless (a wrong ``--mpp`` found 4478 "nuclei" in a 256 px patch).
+MAX_RESCALE = (4.0, 16.0)
+
+
 class _SegModel:
     """A loaded segmentation model with the downscale it was trained at."""
 
@@ -220,6 +226,14 @@ class _SegModel:
         # --mpp: the images are first brought to the training images' pixel size
         self.mpp = None if mpp is None else float(mpp)
         model_mpp = pixel_size(info)[0]
+        if mpp is not None:
+            ratio = model_mpp / mpp  # > 1: images shrunk to the model's pixel size
+            if not 1 / MAX_RESCALE[0] <= ratio <= MAX_RESCALE[1]:
+                how = (f"enlarged {1 / ratio:.3g}x (at most {MAX_RESCALE[0]:g}x)" if ratio < 1
+                       else f"shrunk {ratio:.3g}x (at most {MAX_RESCALE[1]:g}x)")
+                raise ValueError(f"mpp {mpp:g} um/px: the images would be {how} to the "
+                                 f"{model_mpp:g} um/px the model {self.source} was trained at; "
+                                 "check the images' pixel size")
         self.downscale = float(factor) * (1.0 if mpp is None else model_mpp / float(mpp))
         self.diameter = float(diameter)
         self.device = resolve_device(device)

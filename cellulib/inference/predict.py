@@ -87,6 +87,10 @@ class ScaleWarning(UserWarning):
 FAMILIES: tuple[str, ...] = ("direct", "sr", "gbt")
 
 _MIN_INPUT = 32  # smallest input any of the networks accepts
+#: With ``mpp``: an image smaller than its window is padded by reflection up to the window, but
+#: not beyond twice its side (a mistyped pixel size would otherwise score a tiny image mirrored
+#: many times over, or ask numpy for an array of terabytes).
+MAX_PAD = 2.0
 PathLike = str | os.PathLike
 
 
@@ -302,7 +306,8 @@ class Predictor:
 
         The image is covered by evenly spaced square windows of :meth:`window_side` pixels (one
         when it is at most 2% larger; an image smaller than a window is first padded by
-        reflection to the window's size), so the model sees nuclei at the size it learned them
+        reflection to the window's size, when the window is at most :data:`MAX_PAD` times its
+        longer side), so the model sees nuclei at the size it learned them
         whatever the scan's magnification. The score is the mean over the windows.
         """
         import cv2
@@ -315,6 +320,11 @@ class Predictor:
                             f"{self.max_upscale:g})")
         win = max(1, int(round(side)))
         h, w = img.shape[:2]
+        if win > MAX_PAD * max(h, w):
+            raise DataError(f"{name}: image {w}x{h} is less than 1/{MAX_PAD:g} of the field of "
+                            f"view a {self.model_mpp:g} um/px model sees at {self.mpp:g} um/px "
+                            f"({win} px a side): it would be mostly mirrored padding; check the "
+                            "pixel size (mpp)")
         pad_y, pad_x = max(0, win - h), max(0, win - w)
         if pad_y or pad_x:  # numpy's reflect (cv2's REFLECT_101) repeats for pads over the side
             img = np.pad(img, ((pad_y // 2, pad_y - pad_y // 2), (pad_x // 2, pad_x - pad_x // 2),

@@ -31,10 +31,40 @@ PRECISIONS = ("auto", "bf16", "fp16", "float32")
 
 
 def resolve_device(device: Any = None) -> torch.device:
-    """``device`` as a torch device; None picks CUDA when available, else the CPU."""
+    """``device`` as a torch device; None picks CUDA when available, else the CPU.
+
+    Raises
+    ------
+    ValueError
+        A string that names no torch device (``"gpu"``), or a CUDA device this machine does not
+        have: the message says which devices there are, instead of torch's error at the first
+        tensor moved there.
+
+    Examples
+    --------
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    >>> resolve_device("gpu")
+    Traceback (most recent call last):
+    ...
+    ValueError: device 'gpu' is not a torch device: give cpu, cuda or cuda:N
+    """
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {str(device)!r} is not a torch device: give cpu, cuda or "
+                         "cuda:N") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {str(device)!r}: this machine has no CUDA device that torch "
+                             "can use; give cpu, or leave the device out")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device {str(device)!r}: this machine has {count} CUDA device(s), "
+                             f"cuda:0 to cuda:{count - 1}")
+    return dev
 
 
 @functools.cache
