@@ -171,6 +171,22 @@ def test_bad_image_gives_error_row_and_exit_1(seg_file, images, tmp_path, capsys
     assert summary["per_class"] == {"normal": 1, "lymphocyte": 1, "malignant": 2}
 
 
+def test_an_image_without_nuclei_is_listed_in_the_sidecar(seg_file, images, tmp_path, capsys):
+    # a white image: the stand-in network sees no dark disc, so no nucleus and no CSV row
+    cv2.imwrite(str(images / "white.png"), np.full((H, W, 3), 255, np.uint8))
+    out = tmp_path / "nuclei.csv"
+    code = commands.main(["detect", "--model", str(seg_file), "--images", str(images), "--out",
+                          str(out), "--quiet", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 0 and "1 image(s) without a nucleus at threshold 0.3" in err and "white.png" in err
+    assert set(pd.read_csv(out, keep_default_na=False).path) == {str(images / "a.png")}
+    side = json.loads(out.with_name("nuclei.csv.json").read_text())
+    assert side["no_nuclei"] == [str(images / "white.png")]
+    assert side["nuclei_per_image"] == {str(images / "a.png"): len(NUCLEI),
+                                        str(images / "white.png"): 0}
+    assert side["n_images"] == 2 and side["threshold"] == 0.3
+
+
 def test_cellularity_model_is_refused(tmp_path, images, capsys):
     path = tmp_path / "direct.pt"
     save_model(networks.direct_model("resnet34"), path,

@@ -527,10 +527,15 @@ def _cmd_detect(args: argparse.Namespace) -> int:
                             mpp=args.mpp, precision=args.precision, class_rule=args.class_rule,
                             tta=args.tta)
     _print_failures(summary["failed"], "detect", "images")
+    if empty := summary["no_nuclei"]:
+        print(f"cellulib detect: {len(empty)} image(s) without a nucleus at threshold "
+              f"{summary['threshold']:g} (no rows in the CSV; listed in {args.out}.json): "
+              + ", ".join(Path(p).name for p in empty[:5]) + (", ..." if len(empty) > 5 else ""),
+              file=sys.stderr)
     counts = ", ".join(f"{n} {c}" for c, n in summary["per_class"].items())
     print(f"{summary['n_nuclei']} nuclei ({counts}) in {summary['n_ok']} of "
           f"{summary['n_images']} images at threshold {summary['threshold']:g}; written to "
-          f"{args.out}"
+          f"{args.out} (+ {args.out}.json)"
           + (f" and {len(summary['geojson'])} GeoJSON files in {args.geojson}"
              if args.geojson else ""))
     return 1 if summary["n_failed"] else 0

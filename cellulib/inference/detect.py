@@ -606,7 +606,9 @@ def detect_to_csv(model: Any, paths: PathLike | Sequence[PathLike], out: PathLik
     ``probability`` with 6) are streamed to a temporary file beside ``out``, renamed into place at
     the end, so ``out`` is never half-written. With ``geojson_dir`` every readable image also gets
     ``geojson_dir/<image stem>.geojson`` (:func:`to_geojson`; a repeated stem gets ``-2``, ...),
-    each written atomically. Used by ``cellulib detect`` and the real-H&E chapter.
+    each written atomically. ``out + ".json"`` records the returned summary, with the nuclei of
+    every image read (an image without a nucleus has no row in the CSV: it is listed there under
+    ``no_nuclei``). Used by ``cellulib detect`` and the real-H&E chapter.
 
     Parameters
     ----------
@@ -621,7 +623,9 @@ def detect_to_csv(model: Any, paths: PathLike | Sequence[PathLike], out: PathLik
     -------
     dict
         ``n_images``, ``n_ok``, ``n_failed``, ``n_nuclei``, ``per_class`` (nuclei per class),
-        ``failed`` (list of ``{"path", "error"}``), ``output`` and ``geojson`` (files written).
+        ``failed`` (list of ``{"path", "error"}``), ``nuclei_per_image`` (path -> count, images
+        read), ``no_nuclei`` (the paths among them without a nucleus), ``output`` and
+        ``geojson`` (files written); the model, threshold and options.
     """
     seg = _SegModel(model, threshold, device=device, stain_norm=stain_norm, mpp=mpp,
                     precision=precision, class_rule=class_rule, tta=tta)
@@ -633,7 +637,7 @@ def detect_to_csv(model: Any, paths: PathLike | Sequence[PathLike], out: PathLik
         geojson_dir = Path(geojson_dir)
         geojson_dir.mkdir(parents=True, exist_ok=True)
     per_class = dict.fromkeys(seg.classes, 0)
-    failed, written = [], []
+    failed, written, counts = [], [], {}
     with atomic_open(out, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(COLUMNS)
@@ -645,16 +649,20 @@ def detect_to_csv(model: Any, paths: PathLike | Sequence[PathLike], out: PathLik
             for x, y, cls, p in nuclei:
                 writer.writerow([str(path), f"{x:.2f}", f"{y:.2f}", cls, f"{p:.6f}", ""])
                 per_class[cls] += 1
+            counts[str(path)] = len(nuclei)
             if geojson_dir is not None:
                 target = geojson_dir / name
                 atomic_write_text(target, json.dumps(to_geojson(nuclei)) + "\n")
                 written.append(str(target))
-    return {"model": seg.source, "downscale": seg.downscale, "threshold": seg.threshold,
-            "stain_norm": None if seg.stain_norm is None else seg.stain_norm.method,
-            "mpp": seg.mpp,
-            "precision": precision_name(seg.amp_dtype),
-            "n_images": len(files), "n_ok": len(files) - len(failed), "n_failed": len(failed),
-            "n_nuclei": sum(per_class.values()), "per_class": per_class, "failed": failed,
-            "output": str(out), "geojson": written}
+    summary = {"model": seg.source, "downscale": seg.downscale, "threshold": seg.threshold,
+               "stain_norm": None if seg.stain_norm is None else seg.stain_norm.method,
+               "mpp": seg.mpp,
+               "precision": precision_name(seg.amp_dtype),
+               "n_images": len(files), "n_ok": len(files) - len(failed), "n_failed": len(failed),
+               "n_nuclei": sum(per_class.values()), "per_class": per_class, "failed": failed,
+               "no_nuclei": [p for p, n in counts.items() if n == 0],
+               "nuclei_per_image": counts, "output": str(out), "geojson": written}
+    atomic_write_text(Path(f"{out}.json"), json.dumps(summary, indent=2) + "\n")
+    return summary
 
 
