@@ -258,6 +258,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 1 if summary["n_failed"] else 0
 
 
+#: Fewest matched images ``cellulib evaluate`` scores: ICC(2,1) needs two, a bootstrap of two
+#: patches is mostly ties.
+MIN_EVALUATED = 3
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
@@ -278,7 +283,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         if suffix and suffix not in kinds:
             raise ValueError(f"--figure {args.figure}: matplotlib cannot write .{suffix} files; "
                              f"name a .png, .pdf or .svg file (or one of {', '.join(sorted(kinds))})")
+    if args.train_mean is not None and args.train_labels is not None:
+        raise ValueError("--train-mean and --train-labels both give the mean predictor; give one")
     pairs = match_predictions(args.pred, args.labels)
+    if len(pairs) < MIN_EVALUATED:
+        raise ValueError(f"{args.pred} vs {args.labels}: {len(pairs)} matched image(s); the "
+                         f"metrics and their confidence intervals need at least {MIN_EVALUATED}")
     proxy = "proxy" in pairs.columns
     if proxy:  # a proxy's scale is not cellularity's: a ranking is the fair comparison
         kinds = ", ".join(sorted(set(pairs["proxy"])))
