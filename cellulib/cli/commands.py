@@ -53,10 +53,10 @@ _FRACTION = _float_in(0, 1, closed=True)
 
 def _device(text: str) -> str:
     """An argparse ``type`` for ``--device``: a torch device this machine has."""
-    from cellulib.models.engine import resolve_device
+    from cellulib.models.engine import usable_device
 
     try:
-        resolve_device(text)
+        usable_device(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text

@@ -345,7 +345,11 @@ def atomic_open(path: PathLike, mode: str = "wb", **kwargs: Any) -> Iterator[IO]
     path = Path(path)
     _check_writable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:  # name the file asked for, not the temporary one
+        raise OSError(exc.errno, f"cannot be written ({exc.strerror} in {path.parent})",
+                      str(path)) from exc
     try:
         with os.fdopen(fd, mode, **kwargs) as fh:
             yield fh

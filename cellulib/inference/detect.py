@@ -42,7 +42,7 @@ from cellulib.files.imageio import atomic_open, atomic_write_text, collect_image
 from cellulib.inference.modelfile import ModelFileError, model_and_info
 from cellulib.inference.pixelsize import check_mpp, pixel_size
 from cellulib.metrics.detection import DETECTION_RADIUS, detection_curve, detection_scores
-from cellulib.models.engine import amp_dtype, autocast, precision_name, resolve_device
+from cellulib.models.engine import amp_dtype, autocast, precision_name, usable_device
 from cellulib.models.networks import segment
 
 __all__ = ["COLUMNS", "DETECTION_VERSION", "THRESHOLD_GRID", "AnnotatedScores", "choose_threshold",
@@ -236,7 +236,7 @@ class _SegModel:
                                  "check the images' pixel size")
         self.downscale = float(factor) * (1.0 if mpp is None else model_mpp / float(mpp))
         self.diameter = float(diameter)
-        self.device = resolve_device(device)
+        self.device = usable_device(device)
         # resolved once, as cellulib predict does: bf16 autocast and channels-last on a CPU with
         # native bf16 (3.5x faster on a 500 px BRCA-M2C patch), float32 with precision="float32"
         self.amp_dtype = amp_dtype(self.device, precision)

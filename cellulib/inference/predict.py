@@ -171,7 +171,7 @@ class Predictor:
 
         from cellulib import __version__
         from cellulib.inference.modelfile import model_and_info
-        from cellulib.models.engine import amp_dtype, precision_name, resolve_device
+        from cellulib.models.engine import amp_dtype, precision_name, usable_device
 
         self.source, model, info = model_and_info(model)
         family = info.get("family")
@@ -215,7 +215,7 @@ class Predictor:
         self.workers = int(workers)
         self.max_upscale = float(max_upscale)
         self.max_aspect = float(max_aspect)
-        self.device = resolve_device(device)
+        self.device = usable_device(device)
         self.channels_last = bool(channels_last)
         # resolved once, so "auto" (and $CELLULIB_PRECISION) cannot change between batches
         self.amp_dtype = amp_dtype(self.device, precision)

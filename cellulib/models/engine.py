@@ -36,9 +36,7 @@ def resolve_device(device: Any = None) -> torch.device:
     Raises
     ------
     ValueError
-        A string that names no torch device (``"gpu"``), or a CUDA device this machine does not
-        have: the message says which devices there are, instead of torch's error at the first
-        tensor moved there.
+        A string that names no torch device (``"gpu"``).
 
     Examples
     --------
@@ -52,10 +50,17 @@ def resolve_device(device: Any = None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        dev = torch.device(device)
+        return torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(f"device {str(device)!r} is not a torch device: give cpu, cuda or "
                          "cuda:N") from None
+
+
+def usable_device(device: Any = None) -> torch.device:
+    """:func:`resolve_device`, refusing a CUDA device this machine does not have with a
+    ValueError that says which there are (instead of torch's error at the first tensor moved
+    there). What ``cellulib predict``, ``detect`` and ``slide`` run on (``--device``)."""
+    dev = resolve_device(device)
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
