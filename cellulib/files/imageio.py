@@ -275,6 +275,9 @@ def collect_images(paths: PathLike | Sequence[PathLike], recursive: bool = False
     ------
     ValueError
         A folder without images, or nothing to score; the message names the folder.
+    FileNotFoundError
+        A path that does not exist and has no image suffix (a mistyped folder); a missing file
+        with an image suffix is kept, to become an error row beside the others.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -289,6 +292,9 @@ def collect_images(paths: PathLike | Sequence[PathLike], recursive: bool = False
                 raise ValueError(f"{p}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this "
                                  f"folder{' or its subfolders' if recursive else ''}")
             out.extend(found)
+        elif not p.exists() and p.suffix.lower() not in IMAGE_SUFFIXES:
+            # a mistyped folder (or a file no reader would take): nothing to give an error row to
+            raise FileNotFoundError(errno.ENOENT, "no such image file or folder", str(p))
         else:
             out.append(p)
     if not out:
