@@ -39,6 +39,7 @@ __all__ = [
     "fit_gbt",
     "predict_gbt",
     "gbt_importance",
+    "gain_shares",
 ]
 
 AREA_THRESHOLDS: tuple[float, ...] = (0.02, 0.04, 0.08, 0.16, 0.24, 0.32, 0.5)
@@ -635,3 +636,20 @@ def gbt_importance(model) -> pd.Series:
     gain = model.feature_importance(importance_type="gain")
     series = pd.Series(gain, index=model.feature_name(), name="gain", dtype=np.float64)
     return series.sort_values(ascending=False, kind="stable")
+
+
+def gain_shares(importance: pd.Series) -> pd.Series:
+    """Each feature's share of the total gain of :func:`gbt_importance`; all 0 when the model
+    made no split (every gain 0, as a GBT on constant features does), instead of 0/0.
+
+    Used in chapter 3 (the malignant channel's share, paper Fig. 9).
+
+    Examples
+    --------
+    >>> gain_shares(pd.Series({"malignant_area_0.50": 3.0, "normal_area_0.50": 1.0})).tolist()
+    [0.75, 0.25]
+    >>> gain_shares(pd.Series({"malignant_area_0.50": 0.0, "normal_area_0.50": 0.0})).tolist()
+    [0.0, 0.0]
+    """
+    total = float(importance.sum())
+    return importance / total if total > 0 else importance * 0.0

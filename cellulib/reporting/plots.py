@@ -296,11 +296,17 @@ def blob_panels(img: np.ndarray, blobs_by_threshold: dict[float, np.ndarray]) ->
 
 
 def importance_bar(importance: pd.Series, top: int = 15) -> plt.Figure:
-    """Paper Fig. 9: the top features by total gain, coloured by channel. Used in chapter 3."""
-    top_imp = importance.sort_values(ascending=False).head(top)[::-1]
+    """Paper Fig. 9: the top features by total gain, coloured by channel (a model that made no
+    split has no gain to share, and its title says so). Used in chapter 3."""
+    from cellulib.models.features import gain_shares
+
+    shares = gain_shares(importance)
+    top_imp = shares.sort_values(ascending=False).head(top)[::-1]
     colours = [CLASS_COLOURS[name.split("_")[0]] for name in top_imp.index]
     fig, ax = plt.subplots(figsize=(7, 0.32 * len(top_imp) + 1))
-    ax.barh(top_imp.index, top_imp.values / importance.sum(), color=colours)
+    ax.barh(top_imp.index, top_imp.values, color=colours)
+    if not importance.sum() > 0:
+        ax.set_title("no split: every feature's gain is 0", fontsize=9)
     ax.set_xlabel("share of the total gain")
     ax.set_ylabel("feature")
     fig.tight_layout()
