@@ -45,7 +45,7 @@ def _float_in(low: float, high: float, *, closed: bool = False, unit: str = ""):
 
 _EPOCHS = _int_at_least(1)
 #: the networks' inputs: at least one stride of the encoders (cellulib.constants.STRIDE)
-_SIDE = _int_at_least(32, " px (one stride of the networks)")
+_SIDE = _int_at_least(STRIDE, " px (one stride of the networks)")
 #: micrometres per pixel, as cellulib.inference.pixelsize.check_mpp accepts
 _MPP = _float_in(0, 100, unit=" um/px")
 _FRACTION = _float_in(0, 1, closed=True)
@@ -63,24 +63,14 @@ def _device(text: str) -> str:
 
 
 def _check_out(path: str, option: str = "--out", *, folder: bool = False) -> None:
-    """Refuse an output path that cannot be written before any work starts: a folder where a file
-    is to go, a file where a folder is (the path's own or a parent's), a read-only folder. Missing
-    folders are fine: the atomic writers create them."""
-    out = Path(path)
-    if folder:
-        if out.exists() and not out.is_dir():
-            raise NotADirectoryError(f"{option} {path}: exists and is not a folder")
-        parent = out if out.is_dir() else out.parent
-    else:
-        if out.is_dir():
-            raise IsADirectoryError(f"{option} {path}: is a folder; give a file name")
-        parent = out.parent
-    while not parent.exists():  # folders the writers create: their nearest existing ancestor
-        parent = parent.parent
-    if not parent.is_dir():
-        raise NotADirectoryError(f"{option} {path}: {parent} is not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"{option} {path}: cannot write in {parent}")
+    """:func:`cellulib.files.imageio.check_writable` before any work starts, the message naming
+    the option: ``--out PATH: is a folder; give a file name``."""
+    from cellulib.files.imageio import check_writable
+
+    try:
+        check_writable(path, folder=folder)
+    except OSError as exc:
+        raise type(exc)(exc.errno, exc.strerror, f"{option} {path}") from None
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -131,11 +121,12 @@ def _train_options(args: argparse.Namespace) -> dict:
         raise ValueError(f"{', '.join(wrong)} does not apply to 'train {family}', which reads "
                          f"{reads} (and --data, --profile, --stain-augment, --seed)")
     # the segmentation network's crops, and the SR and GBT inputs it maps, are whole strides
+    # (checked here, before the segmentation network they build on is trained)
+    from cellulib.data.profiles import check_side
+
     for dest in ("crop",) + (("input_size",) if family in ("sr", "gbt") else ()):
-        if dest in given and given[dest] % STRIDE:
-            option = "--size" if args.size is not None else _OPTION_NAMES[dest]
-            raise ValueError(f"{option} {given[dest]}: 'train {family}' needs a multiple of "
-                             f"{STRIDE} px, the segmentation network's stride")
+        if dest in given:
+            check_side("--size" if args.size is not None else _OPTION_NAMES[dest], given[dest])
     return given
 
 

@@ -8,6 +8,7 @@ Used in every chapter.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import numpy as np
@@ -169,12 +170,30 @@ class ProfileError(ValueError):
     """An unknown profile or setting."""
 
 
+def check_int(name: str, value, minimum: int, error: type[ValueError] = ValueError) -> int:
+    """An integer argument >= minimum, or ``error`` (a ValueError) that names the argument. Used
+    by :func:`get_profile` and the synthetic generator."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) \
+            or value < minimum:
+        raise error(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_side(name: str, value, error: type[ValueError] = ValueError) -> int:
+    """A side the segmentation network reads whole (a training crop, an SR or GBT input): an
+    integer multiple of `cellulib.constants.STRIDE`, or ``error`` naming the argument."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) \
+            or value < STRIDE or value % STRIDE:
+        raise error(f"{name} must be a multiple of {STRIDE} px (at least {STRIDE}), got {value!r}")
+    return int(value)
+
+
 #: The smallest value of each integer training setting: an epoch count of 0 would write an
-#: untrained model, and a crop or input below one stride of the encoders (32 px) fails inside the
-#: network. ``sr_finetune_epochs=0`` skips the second SR stage.
+#: untrained model, and an input below one stride of the encoders fails inside the network
+#: (``crop`` is checked by :func:`check_side`). ``sr_finetune_epochs=0`` skips the second SR stage.
 SMALLEST: dict[str, int] = {
     "seg_epochs": 1, "direct_epochs": 1, "sr_epochs": 1, "sr_finetune_epochs": 0, "gbt_rounds": 1,
-    "seg_bs": 1, "direct_bs": 1, "patches_per_epoch": 1, "crop": 32, "direct_size": 32,
+    "seg_bs": 1, "direct_bs": 1, "patches_per_epoch": 1, "direct_size": STRIDE,
 }
 
 
@@ -200,12 +219,10 @@ def get_profile(profile: str = "quick", **overrides: Any) -> dict[str, Any]:
         )
     given = {k: v for k, v in overrides.items() if v is not None}
     for key, value in given.items():
-        if key in SMALLEST and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
-                                or value < SMALLEST[key]):
-            raise ProfileError(f"{key} must be an integer >= {SMALLEST[key]}, got {value!r}")
-        if key == "crop" and value % STRIDE:
-            raise ProfileError(f"crop must be a multiple of {STRIDE} (the segmentation network's "
-                               f"stride), got {value}")
+        if key in SMALLEST:
+            check_int(key, value, SMALLEST[key], ProfileError)
+        elif key == "crop":
+            check_side(key, value, ProfileError)
     settings.update(given)
     settings["profile"] = profile
     return settings

@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 
 from cellulib.constants import E_STAIN_VECTOR, H_STAIN_VECTOR
+from cellulib.data.profiles import check_int
 
 __all__ = [
     "GENERATOR_VERSION",
@@ -77,15 +78,6 @@ _WHITE, _STROMA, _TUMOUR, _DUCT, _FAT = 0, 1, 2, 3, 4
 # --------------------------------------------------------------------------------------------------
 # Random state, label sampler and slide appearance
 # --------------------------------------------------------------------------------------------------
-def _check_int(name: str, value, minimum: int) -> int:
-    """An integer argument >= minimum, or a ValueError that names the argument."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def _as_rng(seed) -> np.random.Generator:
     if isinstance(seed, np.random.Generator):
         return seed
@@ -135,7 +127,7 @@ def sample_cellularity(n: int, seed=0) -> np.ndarray:
     >>> bool(y.min() == 0.0 and y.max() <= 1.0 and 0.24 < np.mean(y == 0) < 0.32)
     True
     """
-    n = _check_int("n", n, 0)
+    n = check_int("n", n, 0)
     rng = _as_rng(seed)
     kind = rng.choice(3, size=n, p=[ZERO_SHARE, (1 - ZERO_SHARE) * LOW_SHARE,
                                     (1 - ZERO_SHARE) * (1 - LOW_SHARE)])
@@ -1527,7 +1519,7 @@ def render_patch(size: int = 512, cellularity: float | None = None, seed=0, *,
     >>> bool(abs(p.cellularity - p.masks["malignant"].sum() / p.masks["tissue"].sum()) < 1e-12)
     True
     """
-    size = _check_int("size", size, 32)
+    size = check_int("size", size, 32)
     if not (isinstance(scale, numbers.Real) and 0.2 <= scale <= 4.0):
         raise ValueError(f"scale must be a number in [0.2, 4], got {scale!r}")
     rng = _as_rng(seed)

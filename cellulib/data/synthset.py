@@ -17,11 +17,11 @@ import pandas as pd
 
 from cellulib.data.synth import (
     GENERATORS,
-    _check_int,
     render_patch,
     sample_cellularity,
     sample_slide_style,
 )
+from cellulib.data.profiles import check_int
 from cellulib.files.imageio import atomic_write_bytes
 
 __all__ = [
@@ -141,11 +141,11 @@ def make_breastpathq(root, n_train: int, n_val: int, n_cells: int, size: int = 5
     """
     from tqdm import tqdm
 
-    n_train = _check_int("n_train", n_train, 0)
-    n_val = _check_int("n_val", n_val, 0)
-    n_cells = _check_int("n_cells", n_cells, 0)
-    size = _check_int("size", size, 32)
-    seed = _check_int("seed", seed, 0)
+    n_train = check_int("n_train", n_train, 0)
+    n_val = check_int("n_val", n_val, 0)
+    n_cells = check_int("n_cells", n_cells, 0)
+    size = check_int("size", size, 32)
+    seed = check_int("seed", seed, 0)
     if not (isinstance(label_noise, numbers.Real) and 0.0 <= label_noise <= 1.0):
         raise ValueError(f"label_noise must be a standard deviation in [0, 1], got {label_noise!r}")
     if not (isinstance(scale, numbers.Real) and 0.2 <= scale <= 4.0):

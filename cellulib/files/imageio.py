@@ -26,7 +26,7 @@ from PIL import Image
 from cellulib.constants import IMAGE_SUFFIXES, TIFF_MAGIC
 
 __all__ = ["DataError", "DataWarning", "read_image", "to_rgb8", "collect_images", "read_csv_strings",
-           "atomic_open",
+           "atomic_open", "check_writable",
            "atomic_write_bytes", "atomic_write_text", "jsonable",
            "figure_png"]
 
@@ -332,14 +332,26 @@ def read_csv_strings(path: PathLike, what: str = "", *, keep_default_na: bool = 
 _FULL = frozenset(getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EFBIG") if hasattr(errno, name))
 
 
-def _check_writable(path: Path) -> None:
-    """Refuse, naming ``path``, an output that is a folder or lies below a file."""
-    if path.is_dir():
+def check_writable(path: PathLike, *, folder: bool = False) -> None:
+    """Refuse, naming ``path``, an output that cannot be written: a folder where a file is to go
+    (with ``folder``, a file where a folder is to go), a path below a file, or a folder without
+    write permission. Missing folders are fine: the writers create them. Called by
+    :func:`atomic_open`, and by the command line before any work starts."""
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "exists and is not a folder", str(path))
+    if not folder and path.is_dir():
         raise IsADirectoryError(errno.EISDIR, "is a folder; give a file name", str(path))
-    above = next((p for p in path.parents if p.exists()), None)
-    if above is not None and not above.is_dir():
+    above = next(p for p in (path, *path.parents) if p.exists()) if folder else \
+        next((p for p in path.parents if p.exists()), None)
+    if above is None:
+        return
+    if not above.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, f"cannot be written: {above} is a file, not a folder",
                                  str(path))
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, f"cannot be written: no permission to write in {above}",
+                              str(path))
 
 
 @contextlib.contextmanager
@@ -349,7 +361,7 @@ def atomic_open(path: PathLike, mode: str = "wb", **kwargs: Any) -> Iterator[IO]
     leaves any previous ``path`` untouched. Rows can be streamed into it (``cellulib predict`` and
     ``detect``); ``kwargs`` go to :func:`open` (``newline=""``, ``encoding=``)."""
     path = Path(path)
-    _check_writable(path)
+    check_writable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -226,15 +226,14 @@ class _SegModel:
         # --mpp: the images are first brought to the training images' pixel size
         self.mpp = None if mpp is None else float(mpp)
         model_mpp = pixel_size(info)[0]
-        if mpp is not None:
-            ratio = model_mpp / mpp  # > 1: images shrunk to the model's pixel size
-            if not 1 / MAX_RESCALE[0] <= ratio <= MAX_RESCALE[1]:
-                how = (f"enlarged {1 / ratio:.3g}x (at most {MAX_RESCALE[0]:g}x)" if ratio < 1
-                       else f"shrunk {ratio:.3g}x (at most {MAX_RESCALE[1]:g}x)")
-                raise ValueError(f"mpp {mpp:g} um/px: the images would be {how} to the "
-                                 f"{model_mpp:g} um/px the model {self.source} was trained at; "
-                                 "check the images' pixel size")
-        self.downscale = float(factor) * (1.0 if mpp is None else model_mpp / float(mpp))
+        ratio = 1.0 if mpp is None else model_mpp / mpp  # > 1: images shrunk to the model's
+        if not 1 / MAX_RESCALE[0] <= ratio <= MAX_RESCALE[1]:
+            how = (f"enlarged {1 / ratio:.3g}x (at most {MAX_RESCALE[0]:g}x)" if ratio < 1
+                   else f"shrunk {ratio:.3g}x (at most {MAX_RESCALE[1]:g}x)")
+            raise ValueError(f"mpp {mpp:g} um/px: the images would be {how} to the "
+                             f"{model_mpp:g} um/px the model {self.source} was trained at; "
+                             "check the images' pixel size")
+        self.downscale = float(factor) * ratio
         self.diameter = float(diameter)
         self.device = usable_device(device)
         # resolved once, as cellulib predict does: bf16 autocast and channels-last on a CPU with

@@ -28,11 +28,11 @@ from fastai.callback.schedule import ParamScheduler, SchedExp
 from fastai.learner import Learner, Metric
 from fastai.torch_core import set_seed
 
-from cellulib.constants import MPP, N_BINS, STRIDE
+from cellulib.constants import MPP, N_BINS
 from cellulib.data import breastpathq
 from cellulib.data.annotations import is_brca_m2c
 from cellulib.data.fingerprint import data_fingerprint, fingerprint
-from cellulib.data.profiles import brca_m2c_profile, get_profile, seg_scale_size
+from cellulib.data.profiles import brca_m2c_profile, check_side, get_profile, seg_scale_size
 from cellulib.files.imageio import DataError, read_image
 from cellulib.inference.modelfile import ModelFileError, load_model, save_model, weights_digest
 from cellulib.models import losses, networks
@@ -609,14 +609,6 @@ def _seg_input_size(root, settings: dict, seg: TrainResult | None = None) -> int
     return seg_scale_size(read_image(first).shape[0], recorded or settings["downscale"])
 
 
-def _check_input_size(size: Any) -> None:
-    """An SR or GBT input side must be an integer multiple of the stride (the maps' 32 px cells)."""
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < STRIDE \
-            or size % STRIDE:
-        raise ValueError(f"input_size must be a multiple of {STRIDE} px (at least {STRIDE}), "
-                         f"got {size!r}")
-
-
 def cellularity_input_size(root, settings: dict) -> int:
     """The side the direct models resize a patch to: ``direct_size``, or by default the
     segmentation scale (the patch side / ``downscale``, a multiple of 32), which SR and GBT use.
@@ -649,7 +641,7 @@ def train_sr(root: str | os.PathLike, seg: TrainResult, pretrained=None, profile
 
     settings = get_profile(profile, **overrides)
     input_size = _seg_input_size(root, settings, seg) if input_size is None else input_size
-    _check_input_size(input_size)
+    check_side("input_size", input_size)
     params = {"kind": "sr", "seg": seg.path.name, "pretrained": _pretrained_key(pretrained),
               "seed": int(seed), "data": data_fingerprint(root), "input_size": input_size,
               **{k: settings[k] for k in ("sr_epochs", "sr_finetune_epochs", "sr_lr", "sr_schedule",
@@ -710,7 +702,7 @@ def train_gbt(root: str | os.PathLike, seg: TrainResult, profile: str = "quick",
 
     settings = get_profile(profile, **overrides)
     input_size = _seg_input_size(root, settings, seg) if input_size is None else input_size
-    _check_input_size(input_size)
+    check_side("input_size", input_size)
     params = {"kind": "gbt", "seg": seg.path.name, "seed": int(seed), "data": data_fingerprint(root),
               "input_size": input_size, "rounds": settings["gbt_rounds"]}
     path, rec = _recipe("gbt", params)
