@@ -280,6 +280,24 @@ def test_flip_tta_is_the_mean_of_the_maps_of_the_flipped_images(seg_net):
     assert np.abs(plain.maps(img)[0] - expected).max() > 1e-4
 
 
+def test_bf16_maps_are_plain_autocast_bit_for_bit_and_the_given_net_stays_float32():
+    """Detection casts the weights once (engine.precast_weights) instead of at every image: the
+    maps are those of the float32 network under plain autocast, and the caller's net is not
+    changed."""
+    from cellulib.inference.detect import _SegModel
+
+    info = {"family": "seg", "meta": {"params": {"downscale": 1, "disc_diameter": 11}}}
+    img = _image()[:64, :96]
+    torch.manual_seed(0)
+    net = networks.seg_model("fpn").eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        by_hand = networks.segment(net, img)
+    seg = _SegModel((net, info), 0.3, device="cpu", precision="bf16")
+    assert seg.model is not net and any(p.dtype == torch.bfloat16 for p in seg.model.parameters())
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+    np.testing.assert_array_equal(seg.maps(img)[0], by_hand)
+
+
 def test_nucleus_centres_rejects_bad_input():
     from cellulib.inference.detect import nucleus_centres
 

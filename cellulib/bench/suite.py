@@ -352,8 +352,9 @@ def _save_direct_model(path: Path, input_size: int, seed: int = 0) -> Path:
 def _bare_scores(model, x, batch_size: int, device, dtype):
     """The plain inference loop: forward passes over pre-loaded inputs, batch by batch.
 
-    ``torch.inference_mode`` and one autocast context around all batches (so the weights are cast
-    to ``dtype`` once, not per batch); the outputs decoded to cellularity in float32
+    ``torch.inference_mode`` and one autocast context around all batches (so float32 weights are
+    cast to ``dtype`` once, not per batch; the predict case gives a model whose weights
+    :func:`cellulib.models.engine.precast_weights` already stored in ``dtype``); the outputs decoded to cellularity in float32
     (``to_cellularity``), as :meth:`cellulib.inference.predict.Predictor.score_batch` does.
     """
     import torch
@@ -473,6 +474,9 @@ def bench_predict(n_images: int = 48, file_size: int = 512, input_size: int = 12
         x = torch.from_numpy(normalize_image(prepared)).permute(0, 3, 1, 2)
         x = x.contiguous().to(device)
         x_cl = engine.channels_last(x)
+        # its weights stored in the autocast dtype once, as predict stores them: both forward
+        # passes are the same arithmetic, bit for bit, and neither casts per batch
+        fastest = engine.precast_weights(fastest, x_cl[:1], device, amp)
         out_csv = tmp / "preds.csv"
 
         def ours() -> None:

@@ -120,7 +120,9 @@ class Predictor:
     ----------
     model : str, PathLike or (nn.Module, dict)
         A model file, or the ``(model, info)`` pair returned by :func:`cellulib.load_model`. A
-        given module is moved to ``device`` and to channels-last layout in place.
+        given module is moved to ``device`` and to channels-last layout in place; with mixed
+        precision the predictor scores with a copy whose weights are stored in bf16 or fp16, and
+        the given module keeps its float32 weights.
     device : str or torch.device, optional
         Default: CUDA when available, else the CPU.
     batch_size : int
@@ -152,7 +154,10 @@ class Predictor:
         forces full precision. Every family is autocast alike: the GBT model keeps its
         segmentation in float32 itself, since its features were computed in float32. Outputs
         are decoded to cellularity in float32 and returned as float64; bf16 moves the scores of
-        cellulib's models by about 1e-3 (at most 0.007 measured on quick-profile models).
+        cellulib's models by about 1e-3 (at most 0.007 measured on quick-profile models). The
+        weights that autocast would cast at every batch are cast once, here
+        (:func:`cellulib.models.engine.precast_weights`): the same scores, bit for bit, about 10%
+        faster at 96 px on a 2-core CPU.
 
     Raises
     ------
@@ -171,7 +176,8 @@ class Predictor:
 
         from cellulib import __version__
         from cellulib.inference.modelfile import model_and_info
-        from cellulib.models.engine import amp_dtype, precision_name, usable_device
+        from cellulib.models.engine import amp_dtype, precast_weights, precision_name, usable_device
+        from cellulib.models.engine import channels_last as engine_channels_last
 
         self.source, model, info = model_and_info(model)
         family = info.get("family")
@@ -223,7 +229,12 @@ class Predictor:
         model.eval().to(self.device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
-        self.model = model
+        # the weights autocast would cast at every batch, cast once (the same scores, bit for
+        # bit); a model given in memory is copied first, so the caller's stays float32
+        example = torch.zeros(1, 3, self.input_size, self.input_size, device=self.device)
+        self.model = precast_weights(
+            model, engine_channels_last(example) if self.channels_last else example, self.device,
+            self.amp_dtype, copy=self.source == "<loaded model>")
         self.cellulib_version = __version__
         # a cellulib.data.stain.StainNormalizer applied to each image before it is cut and resized
         self.stain_norm = stain_norm
