@@ -724,25 +724,33 @@ def test_bf16_really_runs_in_bf16_and_auto_follows_the_engine(plain_model_file, 
         Predictor(plain_model_file, device="cpu", precision="fp16")
 
 
+@pytest.mark.parametrize("family", ["plain", "sr", "gbt"])
 def test_bf16_scores_are_plain_autocast_bit_for_bit_and_a_given_model_stays_float32(
-        plain_model_file, images):
+        model_files, plain_model_file, images, family):
     """The predictor stores the weights autocast casts at every batch in bf16 once
     (engine.precast_weights): the scores are those of a plain autocast forward of the float32
-    model, and a model handed over in memory is not changed."""
+    model, and a model handed over in memory is not changed. The GBT route runs its
+    segmentation in float32: nothing of it is cast."""
     folder, expected = images
+    path = plain_model_file if family == "plain" else model_files[family]
     batch = np.stack([cv2.resize(expected[n], (S, S), interpolation=cv2.INTER_AREA)
                       for n in sorted(expected)])
-    model, info = load_model(plain_model_file)
+    model, info = load_model(path)
     model.eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    x = Predictor(plain_model_file, precision="float32")._to_input(batch)  # the same pixels
+    x = Predictor(path, precision="float32")._to_input(batch)  # the same pixels
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         plain = model.to_cellularity(model(x).float()).double().numpy()
-    for given in (plain_model_file, (model, info)):
+    for given in (path, (model, info)):
         pred = Predictor(given, precision="bf16", batch_size=len(batch))
-        assert any(p.dtype == torch.bfloat16 for p in pred.model.parameters())
-        assert pred.model.head.weight.dtype == torch.float32  # the float32 head is left alone
+        cast = [n for n, p in pred.model.named_parameters() if p.dtype == torch.bfloat16]
+        if family == "gbt":  # nothing to cast: nothing copied either
+            assert cast == [] and (given == path or pred.model is model)
+        else:
+            assert cast and "head.weight" not in cast  # a float32 head is left alone
         np.testing.assert_array_equal(pred.score_batch(batch), plain)
+    if family == "gbt":
+        return
     assert pred.model is not model
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
