@@ -464,6 +464,21 @@ def test_confusion_jaccard_fraction_and_dots_sentences_by_hand():
     assert sentences.confusion_sentence(confusion) == (
         "Of the matched nuclei, 75% get their annotated class (lymphocyte 80%, tumour/epithelial 80%, "
         "stromal 60%). The largest confusion is stromal nuclei called tumour/epithelial: 4 of 10.")
+    # a tiny model that matched no stromal nucleus (a 0/0 share), then one that matched nothing
+    none = pd.DataFrame([[3, 1, 0, 3], [0, 5, 0, 4], [0, 0, 0, 9], [5, 6, 7, 0]],
+                        index=classes + ["unmatched"], columns=classes + ["unmatched"])
+    assert sentences.confusion_sentence(none) == (
+        "Of the matched nuclei, 89% get their annotated class (lymphocyte 75%, tumour/epithelial "
+        "100%, stromal none matched). The largest confusion is lymphocyte nuclei called "
+        "tumour/epithelial: 1 of 4.")
+    diagonal = none.copy()
+    diagonal.loc["lymphocyte", "malignant"] = 0
+    assert sentences.confusion_sentence(diagonal).endswith(
+        "(lymphocyte 100%, tumour/epithelial 100%, stromal none matched). No matched nucleus is "
+        "called another class.")
+    nothing = none * 0
+    assert sentences.confusion_sentence(nothing) == (
+        "No detected nucleus was matched to an annotated one, so no class can be compared.")
     jaccard = pd.DataFrame({"FPN": [0.4123], "U-Net": [0.3456]}, index=["mean (nuclei)"])
     assert sentences.jaccard_sentence(jaccard).startswith(
         "The mean over the three classes is 0.412 for FPN and 0.346 for U-Net (the paper, BreastPathQ "

@@ -348,19 +348,27 @@ def real_he_finding(best: str, scores: pd.DataFrame, minutes: float, n_train: in
 
 def confusion_sentence(confusion: pd.DataFrame) -> str:
     """A :func:`cellulib.metrics.detection.class_confusion` table in words: the share of matched nuclei given
-    their annotated class, per class, and the largest confusion. Used in the real-H&E chapter."""
+    their annotated class, per class, and the largest confusion. A class none of whose annotated
+    nuclei was matched has no share ("none matched"), and a table without matched nuclei says so.
+    Used in the real-H&E chapter."""
     from cellulib.metrics.detection import DETECTION_CLASSES
 
     names, classes = BRCA_M2C_NAMES, list(DETECTION_CLASSES)
     matched = confusion.loc[classes, classes]
-    right = {c: matched.loc[c, c] / matched.loc[c].sum() for c in classes}
+    total = int(matched.to_numpy().sum())
+    if total == 0:
+        return "No detected nucleus was matched to an annotated one, so no class can be compared."
+    rows = matched.sum(axis=1)
+    shares = ", ".join(f"{names[c]} {100 * matched.loc[c, c] / rows[c]:.0f}%" if rows[c]
+                       else f"{names[c]} none matched" for c in classes)
+    text = (f"Of the matched nuclei, {100 * np.trace(matched.to_numpy()) / total:.0f}% get their "
+            f"annotated class ({shares}).")
     off = matched.where(~np.eye(len(classes), dtype=bool)).stack()
     (worst_true, worst_called), n_worst = off.idxmax(), int(off.max())
-    return (f"Of the matched nuclei, "
-            f"{100 * np.trace(matched.to_numpy()) / matched.to_numpy().sum():.0f}% get their "
-            "annotated class (" + ", ".join(f"{names[c]} {100 * v:.0f}%" for c, v in right.items())
-            + f"). The largest confusion is {names[worst_true]} nuclei called "
-            f"{names[worst_called]}: {n_worst} of {int(matched.loc[worst_true].sum())}.")
+    if n_worst == 0:
+        return text + " No matched nucleus is called another class."
+    return (text + f" The largest confusion is {names[worst_true]} nuclei called "
+            f"{names[worst_called]}: {n_worst} of {int(rows[worst_true])}.")
 
 
 def jaccard_sentence(jaccard: pd.DataFrame) -> str:
