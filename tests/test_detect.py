@@ -298,6 +298,29 @@ def test_bf16_maps_are_plain_autocast_bit_for_bit_and_the_given_net_stays_float3
     np.testing.assert_array_equal(seg.maps(img)[0], by_hand)
 
 
+def test_centres_at_a_grid_of_thresholds_are_those_found_one_threshold_at_a_time():
+    """choose_threshold finds the nuclei at every threshold of its grid from one LoG of the maps
+    (nucleus_centres_grid): each list must be what nucleus_centres gives at that threshold alone,
+    here on blurred random blobs whose peaks lie at many heights."""
+    from scipy import ndimage
+
+    from cellulib.inference.detect import nucleus_centres, nucleus_centres_grid
+
+    rng = np.random.default_rng(3)
+    blobs = ndimage.gaussian_filter(rng.random((3, 80, 120)), (0, 3, 3))
+    blobs = (blobs - blobs.min()) / (blobs.max() - blobs.min())
+    probs = np.concatenate([blobs, 1 - blobs.max(0, keepdims=True)]).astype(np.float32)
+    grid = [0.2, 0.35, 0.5, 0.65, 0.8]
+    for rule in ("disc", "peak"):
+        together = nucleus_centres_grid(probs, 11, grid, rule)
+        alone = [nucleus_centres(probs, 11, t, rule) for t in grid]
+        assert together == alone
+        counts = [len(found) for found in together]
+        assert counts == sorted(counts, reverse=True) and counts[0] > counts[-1] > 0
+    with pytest.raises(ValueError, match="threshold"):
+        nucleus_centres_grid(probs, 11, [0.3, 1.0])
+
+
 def test_nucleus_centres_rejects_bad_input():
     from cellulib.inference.detect import nucleus_centres
 

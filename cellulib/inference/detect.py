@@ -54,7 +54,8 @@ from cellulib.models.engine import (
 from cellulib.models.networks import segment
 
 __all__ = ["COLUMNS", "DETECTION_VERSION", "THRESHOLD_GRID", "AnnotatedScores", "choose_threshold",
-           "detect_nuclei", "detect_to_csv", "nucleus_centres", "recorded_threshold",
+           "detect_nuclei", "detect_to_csv", "nucleus_centres", "nucleus_centres_grid",
+           "recorded_threshold",
            "score_annotated", "to_geojson"]
 
 #: Columns of :func:`detect_nuclei` and of the CSV of ``cellulib detect``.
@@ -128,11 +129,20 @@ def nucleus_centres(probs: np.ndarray, diameter: float, threshold: float = 0.3,
     [(20.0, 12.0, 'lymphocyte', 0.9)]
     """
 
+    return nucleus_centres_grid(probs, diameter, [threshold], class_rule)[0]
+
+
+def nucleus_centres_grid(probs: np.ndarray, diameter: float, thresholds: Sequence[float],
+                         class_rule: str = "disc") -> list[list[tuple[float, float, str, float]]]:
+    """:func:`nucleus_centres` at each of ``thresholds``, the Laplacian of Gaussian and its
+    maxima computed once: the same lists as one call per threshold, for a fraction of the time
+    (:func:`choose_threshold` tries a grid of thresholds on every training image)."""
     probs = np.asarray(probs, dtype=np.float32)
     if probs.ndim != 3 or probs.shape[0] != len(CLASSES):
         raise ValueError(f"probs must have shape ({len(CLASSES)}, H, W), got {probs.shape}")
-    if not 0 < threshold < 1:
-        raise ValueError(f"threshold must lie in (0, 1), got {threshold}")
+    for threshold in thresholds:
+        if not 0 < threshold < 1:
+            raise ValueError(f"threshold must lie in (0, 1), got {threshold}")
     if not diameter > 0:
         raise ValueError(f"diameter must be positive, got {diameter}")
     if class_rule not in CLASS_RULES:
@@ -140,8 +150,16 @@ def nucleus_centres(probs: np.ndarray, diameter: float, threshold: float = 0.3,
     nucleus = 1.0 - probs[CLASSES.index("background")].astype(np.float64)
     sigma = float(diameter) / (2.0 * np.sqrt(2.0))
     response = -sigma ** 2 * ndi.gaussian_laplace(nucleus, sigma, mode="reflect")
-    peaks = (response == ndi.maximum_filter(response, size=3, mode="constant", cval=-np.inf)) \
-        & (nucleus >= threshold) & (response > 0)
+    maxima = (response == ndi.maximum_filter(response, size=3, mode="constant", cval=-np.inf)) \
+        & (response > 0)
+    return [_classified(probs, maxima & (nucleus >= threshold), diameter, class_rule)
+            for threshold in thresholds]
+
+
+def _classified(probs: np.ndarray, peaks: np.ndarray, diameter: float, class_rule: str
+                ) -> list[tuple[float, float, str, float]]:
+    """The centres of ``peaks`` (a plateau of equal maxima as one, at its centroid) with their
+    classes, as :func:`nucleus_centres` returns them."""
     # a plateau of equal maxima (a disc centred between pixels) is one nucleus, at its centroid
     labels, n = ndi.label(peaks, structure=np.ones((3, 3), dtype=bool))
     if not n:
@@ -278,11 +296,17 @@ class _SegModel:
     def centres(self, probs: np.ndarray, sx: float, sy: float
                 ) -> list[tuple[float, float, str, float]]:
         """``(x, y, class, probability)`` of the nuclei in ``probs``, in input pixels."""
+        return self.centres_grid(probs, sx, sy, [self.threshold])[0]
+
+    def centres_grid(self, probs: np.ndarray, sx: float, sy: float, thresholds: Sequence[float]
+                     ) -> list[list[tuple[float, float, str, float]]]:
+        """:meth:`centres` at each of ``thresholds`` (:func:`nucleus_centres_grid`)."""
         # pixel centres aligned, as in cellulib.data.breastpathq.scale_points; to 0.01 px, as the CSV holds
         # them, so that scoring the CSV gives exactly what scoring these gives
-        return [(round((xi + 0.5) * sx - 0.5, 2), round((yi + 0.5) * sy - 0.5, 2), name, p)
-                for yi, xi, name, p in nucleus_centres(probs, self.diameter, self.threshold,
-                                                       self.class_rule)]
+        return [[(round((xi + 0.5) * sx - 0.5, 2), round((yi + 0.5) * sy - 0.5, 2), name, p)
+                 for yi, xi, name, p in found]
+                for found in nucleus_centres_grid(probs, self.diameter, thresholds,
+                                                  self.class_rule)]
 
     def detect(self, img: np.ndarray) -> list[tuple[float, float, str, float]]:
         """``(x, y, class, probability)`` of the nuclei of one uint8 RGB image, input pixels."""
@@ -557,16 +581,15 @@ def choose_threshold(model: Any, cells: pd.DataFrame, grid: Sequence[float] = TH
         if not 0 < t < 1:
             raise ValueError(f"every threshold must lie in (0, 1), got {t}")
     seg = _SegModel(model, grid[0], device=device, precision=precision, class_rule=class_rule)
-    truth, maps = [], []
+    truth, found = [], [[] for _ in grid]  # per threshold, each image's nuclei
     for row, points, probs, sx, sy in _segmented(seg, cells, "threshold", progress):
         truth.append(points[["x", "y", "cls"]].assign(image=row.name))
-        maps.append((row.name, probs, sx, sy))
+        for k, nuclei in enumerate(seg.centres_grid(probs, sx, sy, grid)):
+            found[k].append(_found_frame(nuclei, row.name))
     truth_all = pd.concat(truth, ignore_index=True)
     mean_f = []
-    for t in grid:
-        seg.threshold = t
-        pred = pd.concat([_found_frame(seg.centres(probs, sx, sy), name)
-                          for name, probs, sx, sy in maps], ignore_index=True)
+    for frames in found:
+        pred = pd.concat(frames, ignore_index=True)
         scores = detection_scores(truth_all, pred, DETECTION_RADIUS, images=cells["name"])
         f = scores["f1"].to_numpy(dtype=float)
         mean_f.append(float(np.nanmean(f)) if np.isfinite(f).any() else 0.0)
