@@ -354,8 +354,8 @@ def _bare_scores(model, x, batch_size: int, device, dtype):
 
     ``torch.inference_mode`` and one autocast context around all batches (so float32 weights are
     cast to ``dtype`` once, not per batch; the predict case gives a model whose weights
-    :func:`cellulib.models.engine.precast_weights` already stored in ``dtype``); the outputs decoded to cellularity in float32
-    (``to_cellularity``), as :meth:`cellulib.inference.predict.Predictor.score_batch` does.
+    :func:`cellulib.models.engine.precast_weights` already stored in ``dtype``); the outputs
+    decoded to cellularity in float32 (``to_cellularity``), as :meth:`cellulib.inference.predict.Predictor.score_batch` does.
     """
     import torch
 

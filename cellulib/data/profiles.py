@@ -170,11 +170,15 @@ class ProfileError(ValueError):
     """An unknown profile or setting."""
 
 
+def _is_int(value) -> bool:
+    """An integer, numpy's included, but not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
 def check_int(name: str, value, minimum: int, error: type[ValueError] = ValueError) -> int:
     """An integer argument >= minimum, or ``error`` (a ValueError) that names the argument. Used
     by :func:`get_profile` and the synthetic generator."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) \
-            or value < minimum:
+    if not _is_int(value) or value < minimum:
         raise error(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
 
@@ -182,8 +186,7 @@ def check_int(name: str, value, minimum: int, error: type[ValueError] = ValueErr
 def check_side(name: str, value, error: type[ValueError] = ValueError) -> int:
     """A side the segmentation network reads whole (a training crop, an SR or GBT input): an
     integer multiple of `cellulib.constants.STRIDE`, or ``error`` naming the argument."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) \
-            or value < STRIDE or value % STRIDE:
+    if not _is_int(value) or value < STRIDE or value % STRIDE:
         raise error(f"{name} must be a multiple of {STRIDE} px (at least {STRIDE}), got {value!r}")
     return int(value)
 

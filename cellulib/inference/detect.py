@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from scipy import ndimage as ndi
 from tqdm import tqdm
 
@@ -46,8 +45,7 @@ from cellulib.metrics.detection import DETECTION_RADIUS, detection_curve, detect
 from cellulib.models.engine import (
     amp_dtype,
     autocast,
-    channels_last,
-    precast_weights,
+    inference_model,
     precision_name,
     usable_device,
 )
@@ -55,8 +53,7 @@ from cellulib.models.networks import segment
 
 __all__ = ["COLUMNS", "DETECTION_VERSION", "THRESHOLD_GRID", "AnnotatedScores", "choose_threshold",
            "detect_nuclei", "detect_to_csv", "nucleus_centres", "nucleus_centres_grid",
-           "recorded_threshold",
-           "score_annotated", "to_geojson"]
+           "recorded_threshold", "score_annotated", "to_geojson"]
 
 #: Columns of :func:`detect_nuclei` and of the CSV of ``cellulib detect``.
 COLUMNS: tuple[str, ...] = ("path", "x", "y", "class", "probability", "error")
@@ -128,7 +125,6 @@ def nucleus_centres(probs: np.ndarray, diameter: float, threshold: float = 0.3,
     >>> nucleus_centres(probs, diameter=11)
     [(20.0, 12.0, 'lymphocyte', 0.9)]
     """
-
     return nucleus_centres_grid(probs, diameter, [threshold], class_rule)[0]
 
 
@@ -265,13 +261,11 @@ class _SegModel:
         # resolved once, as cellulib predict does: bf16 autocast and channels-last on a CPU with
         # native bf16 (3.5x faster on a 500 px BRCA-M2C patch), float32 with precision="float32"
         self.amp_dtype = amp_dtype(self.device, precision)
-        model = model.eval().to(self.device)
-        if self.amp_dtype is not None:
-            model.to(memory_format=torch.channels_last)
-        # the weights autocast would cast for every image, cast once (the same maps, bit for
-        # bit); a model given in memory is copied first, so the caller's stays float32
-        example = torch.zeros(1, 3, 2 * STRIDE, 2 * STRIDE, device=self.device)
-        self.model = precast_weights(model, channels_last(example), self.device, self.amp_dtype,
+        # channels-last with mixed precision; the weights autocast would cast for every image,
+        # cast once (the same maps, bit for bit); a model given in memory is copied first, so the
+        # caller's stays float32
+        self.model = inference_model(model, self.device, self.amp_dtype, 2 * STRIDE,
+                                     layout_channels_last=self.amp_dtype is not None,
                                      copy=self.source == "<loaded model>")
         self.stain_norm = stain_norm  # a cellulib.data.stain.StainNormalizer, or None
         self.classes = NUCLEUS_CLASSES  # every class of the segmentation output but background

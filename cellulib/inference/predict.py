@@ -172,12 +172,10 @@ class Predictor:
                  workers: int = 2, max_upscale: float = 4.0, max_aspect: float = 1.5,
                  channels_last: bool = True, precision: str = "auto",
                  stain_norm: Any = None, mpp: float | None = None) -> None:
-        import torch
 
         from cellulib import __version__
         from cellulib.inference.modelfile import model_and_info
-        from cellulib.models.engine import amp_dtype, precast_weights, precision_name, usable_device
-        from cellulib.models.engine import channels_last as engine_channels_last
+        from cellulib.models.engine import amp_dtype, inference_model, precision_name, usable_device
 
         self.source, model, info = model_and_info(model)
         family = info.get("family")
@@ -226,15 +224,11 @@ class Predictor:
         # resolved once, so "auto" (and $CELLULIB_PRECISION) cannot change between batches
         self.amp_dtype = amp_dtype(self.device, precision)
         self.precision = precision_name(self.amp_dtype)
-        model.eval().to(self.device)
-        if self.channels_last:
-            model.to(memory_format=torch.channels_last)
         # the weights autocast would cast at every batch, cast once (the same scores, bit for
         # bit); a model given in memory is copied first, so the caller's stays float32
-        example = torch.zeros(1, 3, self.input_size, self.input_size, device=self.device)
-        self.model = precast_weights(
-            model, engine_channels_last(example) if self.channels_last else example, self.device,
-            self.amp_dtype, copy=self.source == "<loaded model>")
+        self.model = inference_model(model, self.device, self.amp_dtype, self.input_size,
+                                     layout_channels_last=self.channels_last,
+                                     copy=self.source == "<loaded model>")
         self.cellulib_version = __version__
         # a cellulib.data.stain.StainNormalizer applied to each image before it is cut and resized
         self.stain_norm = stain_norm

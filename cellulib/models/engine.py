@@ -191,13 +191,13 @@ def precast_weights(model: torch.nn.Module, example: torch.Tensor, device: Any =
     ``dtype`` at each call; the cast is cached only until the autocast context closes, so an
     inference loop that enters the context per batch (or per image, as detection does) pays it
     every time: 3-6 ms a batch of 16 for a ResNet-34 at 96 px on a 2-core Intel Xeon with AMX,
-    10-18% of the forward pass. A dry forward pass of ``example`` under :func:`autocast` finds the layers of
-    :data:`PRECAST_TYPES` that run with autocast on (a head that switches autocast off, as the
-    direct models' float32 head and the GBT route's segmentation do, is left alone), and their
-    parameters are stored in ``dtype``. Autocast's cast of an already-``dtype`` tensor is the
+    10-18% of the forward pass. A dry forward pass of ``example`` under :func:`autocast` finds
+    the layers of :data:`PRECAST_TYPES` that run with autocast on (a head that switches autocast
+    off, as the direct models' float32 head and the GBT route's segmentation do, is left alone),
+    and their parameters are stored in ``dtype``. Autocast's cast of an already-``dtype`` tensor is the
     tensor itself, so the outputs are bit for bit those of the float32 weights under autocast.
     A parameter shared with a layer that runs without autocast, or with any other module, stays
-    float32. Used by :class:`cellulib.inference.predict.Predictor` and ``cellulib detect``.
+    float32. Used by :func:`inference_model`.
 
     Afterwards the model must only run under autocast to ``dtype``. With ``dtype`` None (float32)
     nothing happens.
@@ -247,6 +247,21 @@ def precast_weights(model: torch.nn.Module, example: torch.Tensor, device: Any =
         param = model.get_parameter(name)
         param.data = param.data.to(dtype)
     return model
+
+
+def inference_model(model: torch.nn.Module, device: Any, dtype: torch.dtype | None, side: int, *,
+                    layout_channels_last: bool = True, copy: bool = False) -> torch.nn.Module:
+    """``model`` ready to score under :func:`autocast` to ``dtype``: in eval mode on ``device``,
+    in channels-last layout when asked, and its weights cast once (:func:`precast_weights`,
+    the dry pass on a zero ``side`` x ``side`` image; ``copy`` as there). The set-up of
+    :class:`cellulib.inference.predict.Predictor` and of ``cellulib detect``'s model."""
+    model = model.eval().to(device)
+    if layout_channels_last:
+        model.to(memory_format=torch.channels_last)
+    example = torch.zeros(1, 3, side, side, device=device)
+    if layout_channels_last:
+        example = channels_last(example)
+    return precast_weights(model, example, device, dtype, copy=copy)
 
 
 def training_callbacks(device: Any = None, precision: str = "auto") -> list:

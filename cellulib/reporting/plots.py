@@ -305,7 +305,7 @@ def importance_bar(importance: pd.Series, top: int = 15) -> plt.Figure:
     colours = [CLASS_COLOURS[name.split("_")[0]] for name in top_imp.index]
     fig, ax = plt.subplots(figsize=(7, 0.32 * len(top_imp) + 1))
     ax.barh(top_imp.index, top_imp.values, color=colours)
-    if not importance.sum() > 0:
+    if not shares.any():  # gain_shares gives all 0 exactly when no feature has a gain
         ax.set_title("no split: every feature's gain is 0", fontsize=9)
     ax.set_xlabel("share of the total gain")
     ax.set_ylabel("feature")
