@@ -758,6 +758,20 @@ def test_bf16_scores_are_plain_autocast_bit_for_bit_and_a_given_model_stays_floa
     assert Predictor((model, info), precision="float32").model is model
 
 
+def test_a_network_that_fails_on_its_own_input_size_is_named_when_loaded(plain_model_file):
+    """The one-time cast runs the network once on a zero image of its input size: a network
+    that cannot run there is refused with the model named, not with torch's message alone."""
+    model, info = load_model(plain_model_file)
+
+    def broken(x):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    model.forward = broken
+    with pytest.raises(RuntimeError, match=rf"<loaded model>: the network fails on a {S}x{S} "
+                                           "image: mat1 and mat2"):
+        Predictor((model, info), precision="bf16")
+
+
 @pytest.mark.parametrize("normalize", ["minus_one_one", "imagenet"])
 def test_prediction_pixels_are_the_training_pixels(tmp_path, normalize):
     from cellulib.data.transforms import normalize_image

@@ -266,7 +266,7 @@ class _SegModel:
         # caller's stays float32
         self.model = inference_model(model, self.device, self.amp_dtype, 2 * STRIDE,
                                      layout_channels_last=self.amp_dtype is not None,
-                                     copy=self.source == "<loaded model>")
+                                     copy=self.source == "<loaded model>", name=self.source)
         self.stain_norm = stain_norm  # a cellulib.data.stain.StainNormalizer, or None
         self.classes = NUCLEUS_CLASSES  # every class of the segmentation output but background
 

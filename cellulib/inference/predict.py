@@ -228,7 +228,7 @@ class Predictor:
         # bit); a model given in memory is copied first, so the caller's stays float32
         self.model = inference_model(model, self.device, self.amp_dtype, self.input_size,
                                      layout_channels_last=self.channels_last,
-                                     copy=self.source == "<loaded model>")
+                                     copy=self.source == "<loaded model>", name=self.source)
         self.cellulib_version = __version__
         # a cellulib.data.stain.StainNormalizer applied to each image before it is cut and resized
         self.stain_norm = stain_norm

@@ -250,10 +250,12 @@ def precast_weights(model: torch.nn.Module, example: torch.Tensor, device: Any =
 
 
 def inference_model(model: torch.nn.Module, device: Any, dtype: torch.dtype | None, side: int, *,
-                    layout_channels_last: bool = True, copy: bool = False) -> torch.nn.Module:
+                    layout_channels_last: bool = True, copy: bool = False,
+                    name: str = "the model") -> torch.nn.Module:
     """``model`` ready to score under :func:`autocast` to ``dtype``: in eval mode on ``device``,
     in channels-last layout when asked, and its weights cast once (:func:`precast_weights`,
-    the dry pass on a zero ``side`` x ``side`` image; ``copy`` as there). The set-up of
+    the dry pass on a zero ``side`` x ``side`` image; ``copy`` as there). A network that fails
+    on that image raises a RuntimeError naming ``name`` (its file). The set-up of
     :class:`cellulib.inference.predict.Predictor` and of ``cellulib detect``'s model."""
     model = model.eval().to(device)
     if layout_channels_last:
@@ -261,7 +263,11 @@ def inference_model(model: torch.nn.Module, device: Any, dtype: torch.dtype | No
     example = torch.zeros(1, 3, side, side, device=device)
     if layout_channels_last:
         example = channels_last(example)
-    return precast_weights(model, example, device, dtype, copy=copy)
+    try:
+        return precast_weights(model, example, device, dtype, copy=copy)
+    except RuntimeError as exc:
+        raise RuntimeError(f"{name}: the network fails on a {side}x{side} image: "
+                           f"{' '.join(str(exc).split())}") from exc
 
 
 def training_callbacks(device: Any = None, precision: str = "auto") -> list:
