@@ -1,6 +1,7 @@
 """The book end to end: every chapter executed with tiny parameters through papermill, the book built
 with warnings as errors, the HTML checked, and the intro and chapter 1 rendered in headless Chromium."""
 
+import contextlib
 import os
 import re
 import shutil
@@ -20,6 +21,9 @@ BIN = Path(sys.executable).parent
 
 # Tiny parameters per chapter: enough to run every cell, small enough for the test budget. Every
 # chapter reads the same tiny dataset, and later chapters reuse the models cached by earlier ones.
+# The real data is read from a copy whose BRCA-M2C holds 15 of its 90 images (_small_real_data):
+# the real sections' cost goes with the images, not with these parameters (the quick build took
+# about 400 s with all 90 and 200 s with 15, every glued value present in both).
 DATA = {"n_train": 24, "n_val": 8, "n_cells": 6, "size": 128}
 SEG = {"crop": 64, "patches_per_epoch": 1}
 TINY = {
@@ -86,6 +90,37 @@ FIGURES = {
 pytestmark = pytest.mark.slow
 
 
+@contextlib.contextmanager
+def _environment(**variables: str):
+    """Set environment variables (which papermill's kernels inherit) for the block, then restore
+    them."""
+    before = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _small_real_data(tmp_path_factory) -> dict[str, str]:
+    """``CELLULIB_REAL_DATA`` naming a copy of the real data with 15 of BRCA-M2C's 90 images
+    (`conftest.make_small_real_data`), when the real data is there; else nothing (the chapters
+    skip their real-data sections, as a fresh laptop's would)."""
+    from conftest import make_small_real_data
+
+    from cellulib.data import paths
+
+    real = paths.real_dir()
+    if real is None:
+        return {}
+    copy = make_small_real_data(real, tmp_path_factory.mktemp("real") / "real")
+    return {paths.REAL_DATA_ENV: str(copy)}
+
+
 def _toc_chapters() -> list[str]:
     """The executed chapters in the table of contents (not the pages cellulib.bench.bookstatus writes)."""
     toc = yaml.safe_load((REPO / "_toc.yml").read_text())
@@ -108,9 +143,8 @@ def built_book(tmp_path_factory, project_kernel):
     chapters = root / "book" / "chapters"
     chapters.mkdir()
     home = tmp_path_factory.mktemp("cellulib_home")
-    env_before = os.environ.get("CELLULIB_HOME")
-    os.environ["CELLULIB_HOME"] = str(home)  # the kernel inherits it: a fresh, tiny dataset
-    try:
+    # the kernel inherits both: a fresh, tiny dataset, and the real data with a small BRCA-M2C copy
+    with _environment(CELLULIB_HOME=str(home), **_small_real_data(tmp_path_factory)):
         for name in _toc_chapters():
             assert name in TINY, f"add tiny test parameters for chapter {name}"
             papermill.execute_notebook(
@@ -122,11 +156,6 @@ def built_book(tmp_path_factory, project_kernel):
                 progress_bar=False,
             )
             bookstatus.fold_parameters(chapters / f"{name}.ipynb")
-    finally:
-        if env_before is None:
-            os.environ.pop("CELLULIB_HOME", None)
-        else:
-            os.environ["CELLULIB_HOME"] = env_before
     bookstatus.write_status(chapters, chapters / "status.md", notebooks_dir=REPO / "notebooks")
     history = home / "book-history.json"
     bookstatus.record_history(chapters, history, cache_dir=home)
@@ -160,7 +189,8 @@ def paper_chapters(tmp_path_factory):
     """Every chapter executed in the paper profile with tiny sizes; returns the executed folder.
     A cell that fails raises papermill's error naming the chapter and the cell. The real-H&E and
     stain-shift chapters read a five-image BRCA-M2C copy with a test split when the real copy is
-    there (a float32 forward of one 500 px image takes seconds on these CPUs)."""
+    there (a float32 forward of one 500 px image takes seconds on these CPUs), and the other
+    chapters the small real-data copy of the quick build."""
     import papermill
     from conftest import make_brca_full_copy
 
@@ -171,9 +201,7 @@ def paper_chapters(tmp_path_factory):
     brca = paths.brca_m2c_dir()
     real = ({"real_data": str(make_brca_full_copy(brca, tmp_path_factory.mktemp("brca") / "copy"))}
             if brca is not None else {})
-    env_before = os.environ.get("CELLULIB_HOME")
-    os.environ["CELLULIB_HOME"] = str(home)
-    try:
+    with _environment(CELLULIB_HOME=str(home), **_small_real_data(tmp_path_factory)):
         for name in _toc_chapters():
             papermill.execute_notebook(
                 str(REPO / "notebooks" / f"{name}.ipynb"), str(out / f"{name}.ipynb"),
@@ -182,11 +210,6 @@ def paper_chapters(tmp_path_factory):
                                                 "05_discussion") else {})},
                 cwd=str(out),
                 kernel_name="python3", progress_bar=False)
-    finally:
-        if env_before is None:
-            os.environ.pop("CELLULIB_HOME", None)
-        else:
-            os.environ["CELLULIB_HOME"] = env_before
     return out
 
 
