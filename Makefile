@@ -10,6 +10,10 @@ PROFILE ?= quick
 SEED ?= 0
 PORT ?= 8888
 SOLUTIONS ?= show
+# Test processes (pytest-xdist): each test file runs whole in one of them, and tests/conftest.py
+# shares the cores among them (one torch thread each on these 2-core machines). TEST_JOBS=0 runs
+# the suite in this process.
+TEST_JOBS ?= 2
 # The kernel the chapters name in their metadata (cellulib.bench.lab.KERNEL_NAME), registered in $(VENV).
 KERNEL := cellulib
 KERNELSPEC := $(VENV)/share/jupyter/kernels/$(KERNEL)/kernel.json
@@ -88,7 +92,7 @@ book: chapters
 	echo "== book built in $$(( $$(date +%s) - start )) s: open _build/html/index.html"
 
 test: $(STAMP) $(KERNELSPEC)
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_JOBS) --dist loadfile
 
 # JupyterLab on 127.0.0.1:$(PORT), rooted here, opening notebooks/ (the port is checked first).
 lab: $(STAMP) $(KERNELSPEC)

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import tifffile
 import torch
+from conftest import TEST_THREADS
 
 from cellulib.metrics import agreement
 from cellulib.models import networks
@@ -52,7 +53,7 @@ def easy_root(tmp_path_factory) -> Path:
 @pytest.fixture()
 def home(tmp_path, monkeypatch):
     monkeypatch.setenv("CELLULIB_HOME", str(tmp_path))
-    torch.set_num_threads(2)
+    torch.set_num_threads(TEST_THREADS)
     return tmp_path
 
 

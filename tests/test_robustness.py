@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import TEST_THREADS
 from PIL import Image
 
 from cellulib import save_model
@@ -22,7 +23,7 @@ def tiny(tmp_path_factory):
 
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(TEST_THREADS)
     root = synthset.make_breastpathq(tmp_path_factory.mktemp("tiny"), n_train=6, n_val=5, n_cells=3,
                                   size=128, seed=0, progress=False)
     os.environ["CELLULIB_HOME"] = str(tmp_path_factory.mktemp("home"))

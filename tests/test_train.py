@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import TEST_THREADS
 
 from cellulib import load_model
 from cellulib.cli import commands
@@ -23,7 +24,7 @@ def home(tmp_path, monkeypatch):
 
 
 def test_train_seg_is_cached_by_its_inputs(tiny_root, home):
-    torch.set_num_threads(2)
+    torch.set_num_threads(TEST_THREADS)
     # train_missing=False trains nothing: None before the model is cached, the model after
     assert train.train_seg(tiny_root, "fpn", epochs=1, progress=False, crop=64, patches_per_epoch=1,
                            seg_bs=2, train_missing=False) is None
