@@ -57,6 +57,14 @@ def brca_dir(real_dir) -> Path:
     return path
 
 
+def _link_brca_image(brca_dir: Path, root: Path, name: str) -> None:
+    """Link BRCA-M2C image ``name`` and its dots file from ``brca_dir`` into the copy ``root``."""
+    stem = name.rsplit(".", 1)[0]
+    (root / "images" / name).symlink_to(brca_dir / "images" / name)
+    label = f"{stem}_gt_class_coords.txt"
+    (root / "labels" / label).symlink_to(brca_dir / "labels" / label)
+
+
 def make_brca_full_copy(brca_dir: Path, root: Path) -> Path:
     """A small BRCA-M2C copy with the three splits a full clone has (the real copy lacks the
     official test split): two training images, one validation image, and two more validation
@@ -71,10 +79,7 @@ def make_brca_full_copy(brca_dir: Path, root: Path) -> Path:
     train, val_names = listed("train")[:2], listed("val")
     val, test = val_names[:1], val_names[1:3]
     for name in train + val + test:
-        stem = name.rsplit(".", 1)[0]
-        (root / "images" / name).symlink_to(brca_dir / "images" / name)
-        label = f"{stem}_gt_class_coords.txt"
-        (root / "labels" / label).symlink_to(brca_dir / "labels" / label)
+        _link_brca_image(brca_dir, root, name)
     for split, listed_names in (("train", train), ("val", val), ("test", test)):
         (root / f"brca_ds_{split}.txt").write_text("\n".join(listed_names) + "\n")
     return root
@@ -109,10 +114,7 @@ def make_small_real_data(real_dir: Path, root: Path, n_train: int = 12, n_val: i
         names = [ln.strip() for ln in text.splitlines() if ln.strip()]
         kept = names[::max(1, len(names) // n)][:n]
         for name in kept:
-            stem = name.rsplit(".", 1)[0]
-            (copy / "images" / name).symlink_to(brca / "images" / name)
-            label = f"{stem}_gt_class_coords.txt"
-            (copy / "labels" / label).symlink_to(brca / "labels" / label)
+            _link_brca_image(brca, copy, name)
         (copy / f"brca_ds_{split}.txt").write_text("\n".join(kept) + "\n")
     return root
 
