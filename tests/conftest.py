@@ -15,8 +15,9 @@ WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 
 #: Torch threads for a test process: the cores shared among the workers. Two processes of two
 #: OpenMP threads each on 2 cores wait for each other (a 13 s training test took 181 s that way).
-TEST_THREADS = max(1, len(os.sched_getaffinity(0)) // WORKERS if hasattr(os, "sched_getaffinity")
-                   else (os.cpu_count() or 1) // WORKERS)
+_CORES = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+          else os.cpu_count() or 1)
+TEST_THREADS = max(1, _CORES // WORKERS)
 if WORKERS > 1:
     # before torch is imported: this process, and every kernel, CLI run and worker it starts
     os.environ["OMP_NUM_THREADS"] = str(TEST_THREADS)

@@ -2,7 +2,6 @@
 with warnings as errors, the HTML checked, and the intro and chapter 1 rendered in headless Chromium."""
 
 import contextlib
-import os
 import re
 import shutil
 import subprocess
@@ -21,7 +20,7 @@ BIN = Path(sys.executable).parent
 
 # Tiny parameters per chapter: enough to run every cell, small enough for the test budget. Every
 # chapter reads the same tiny dataset, and later chapters reuse the models cached by earlier ones.
-# The real data is read from a copy whose BRCA-M2C holds 15 of its 90 images (_small_real_data):
+# The real data is read from a copy whose BRCA-M2C holds 15 of its 90 images (_chapter_environment):
 # the real sections' cost goes with the images, not with these parameters (the quick build took
 # about 400 s with all 90 and 200 s with 15, every glued value present in both).
 DATA = {"n_train": 24, "n_val": 8, "n_cells": 6, "size": 128}
@@ -91,34 +90,22 @@ pytestmark = pytest.mark.slow
 
 
 @contextlib.contextmanager
-def _environment(**variables: str):
-    """Set environment variables (which papermill's kernels inherit) for the block, then restore
-    them."""
-    before = {name: os.environ.get(name) for name in variables}
-    os.environ.update(variables)
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-def _small_real_data(tmp_path_factory) -> dict[str, str]:
-    """``CELLULIB_REAL_DATA`` naming a copy of the real data with 15 of BRCA-M2C's 90 images
-    (`conftest.make_small_real_data`), when the real data is there; else nothing (the chapters
-    skip their real-data sections, as a fresh laptop's would)."""
+def _chapter_environment(tmp_path_factory, home: Path):
+    """For the block, ``CELLULIB_HOME`` is ``home`` and, when the real data is there,
+    ``CELLULIB_REAL_DATA`` names a copy of it with 15 of BRCA-M2C's 90 images
+    (`conftest.make_small_real_data`); without real data the chapters skip their real-data
+    sections, as a fresh laptop's would. papermill's kernels inherit both."""
     from conftest import make_small_real_data
 
     from cellulib.data import paths
 
-    real = paths.real_dir()
-    if real is None:
-        return {}
-    copy = make_small_real_data(real, tmp_path_factory.mktemp("real") / "real")
-    return {paths.REAL_DATA_ENV: str(copy)}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CELLULIB_HOME", str(home))
+        real = paths.real_dir()
+        if real is not None:
+            copy = make_small_real_data(real, tmp_path_factory.mktemp("real") / "real")
+            mp.setenv(paths.REAL_DATA_ENV, str(copy))
+        yield
 
 
 def _toc_chapters() -> list[str]:
@@ -144,7 +131,7 @@ def built_book(tmp_path_factory, project_kernel):
     chapters.mkdir()
     home = tmp_path_factory.mktemp("cellulib_home")
     # the kernel inherits both: a fresh, tiny dataset, and the real data with a small BRCA-M2C copy
-    with _environment(CELLULIB_HOME=str(home), **_small_real_data(tmp_path_factory)):
+    with _chapter_environment(tmp_path_factory, home):
         for name in _toc_chapters():
             assert name in TINY, f"add tiny test parameters for chapter {name}"
             papermill.execute_notebook(

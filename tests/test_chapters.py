@@ -11,9 +11,8 @@ from test_book import (
     PAPER_TINY,
     REPO,
     TINY,
-    _environment,
+    _chapter_environment,
     _glued,
-    _small_real_data,
     _toc_chapters,
 )
 
@@ -37,7 +36,7 @@ def paper_chapters(tmp_path_factory):
     brca = paths.brca_m2c_dir()
     real = ({"real_data": str(make_brca_full_copy(brca, tmp_path_factory.mktemp("brca") / "copy"))}
             if brca is not None else {})
-    with _environment(CELLULIB_HOME=str(home), **_small_real_data(tmp_path_factory)):
+    with _chapter_environment(tmp_path_factory, home):
         for name in _toc_chapters():
             papermill.execute_notebook(
                 str(REPO / "notebooks" / f"{name}.ipynb"), str(out / f"{name}.ipynb"),

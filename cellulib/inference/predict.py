@@ -172,7 +172,6 @@ class Predictor:
                  workers: int = 2, max_upscale: float = 4.0, max_aspect: float = 1.5,
                  channels_last: bool = True, precision: str = "auto",
                  stain_norm: Any = None, mpp: float | None = None) -> None:
-
         from cellulib import __version__
         from cellulib.inference.modelfile import model_and_info
         from cellulib.models.engine import amp_dtype, inference_model, precision_name, usable_device
