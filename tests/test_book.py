@@ -157,15 +157,16 @@ def built_book(tmp_path_factory, project_kernel):
     return root / "_build" / "html"
 
 
-def _glued(notebook: Path) -> dict[str, str]:
-    """The values a chapter glued (myst-nb's records), as text."""
+def _glued(notebook: Path, mime: str = "text/plain") -> dict[str, str]:
+    """The values a chapter glued (myst-nb's records), as text (``mime="text/markdown"``: the
+    glued Markdown's own text, where text/plain holds only its repr)."""
     import nbformat
 
     values = {}
     for cell in nbformat.read(notebook, as_version=4).cells:
         for output in cell.get("outputs", []):
             record = output.get("metadata", {}).get("scrapbook", {})
-            text = output.get("data", {}).get(record.get("mime_prefix", "") + "text/plain")
+            text = output.get("data", {}).get(record.get("mime_prefix", "") + mime)
             if record.get("name") and text is not None:
                 values[record["name"]] = text
     return values
@@ -235,6 +236,20 @@ def test_every_executed_chapter_glues_the_numbers_of_its_prose(built_book):
     typed = [f"{name} cell {i}: ...{text}..." for name in _toc_chapters() if name not in PENDING
              for _, i, text in bookstatus.unglued_numbers(chapters / f"{name}.ipynb")]
     assert not typed, "numbers typed in the prose, glue them:\n" + "\n".join(typed)
+
+
+def test_quick_real_he_chapter_trains_the_fpn_alone(built_book):
+    """Issue 21: the quick profile trains one decoder on BRCA-M2C and says how to compare both
+    (the paper build of `test_chapters.py` trains and compares them)."""
+    from cellulib.data import paths
+
+    if paths.brca_m2c_dir() is None:
+        pytest.skip("BRCA-M2C not found: the real-H&E chapter skipped its sections")
+    glued = _glued(built_book.parents[1] / "book" / "chapters" / "02b_real_he.ipynb", "text/markdown")
+    assert "trains the FPN for 1 epochs" in glued["training_md"]
+    assert "`-p compare_decoders True`" in glued["training_md"]
+    assert "This build trains one decoder on real nuclei, the **FPN**" in glued["detection_md"]
+    assert "U-Net" not in glued["detection_md"]
 
 
 def test_status_page_lists_every_chapter(built_book):

@@ -60,6 +60,11 @@ def test_every_chapter_runs_in_the_paper_profile(paper_chapters):
     assert direct["schedule_text"] == "'a learning rate decaying from 0.0001 to 1e-05'"
     seg = _glued(paper_chapters / "02_weak_segmentation.ipynb")
     assert seg["seg_epochs"] == "1" and seg["crop"] == "64"
+    real = _glued(paper_chapters / "02b_real_he.ipynb", "text/markdown")
+    if "detection_md" in real and "skipped" not in real["detection_md"]:
+        # the paper profile trains both decoders on BRCA-M2C and tests the paper's ranking
+        assert "FPN minus U-Net in pooled F is" in real["detection_md"]
+        assert "the two took" in real["training_md"]
 
 
 def test_lease_parameters_name_only_chapter_parameters():

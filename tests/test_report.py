@@ -359,7 +359,8 @@ def test_brca_m2c_table_and_sentence_by_hand():
             "patients") in text
     assert "would share 1 patients (TCGA-AA-0001) with the official training split" in text
     assert text.endswith("The official test split (patients in neither) is present: the results below "
-                         "are on it; validation only chooses between the two decoders.")
+                         "are on it; validation only chooses between the decoders, when both are "
+                         "trained.")
     assert sentences.brca_m2c_sentence(cells, [0, 1, 2], [3], "patient-disjoint validation").endswith(
         "The README says how to get the full dataset.")
 
@@ -382,6 +383,12 @@ def test_pixel_scale_and_training_sentences_by_hand():
     assert sentences.training_sentence(settings, "quick", 150) == (
         "The quick profile trains each network for 30 epochs of 4 random 256-pixel crops per image "
         "(one-cycle schedule, peak rate 0.001); the two took 2.5 minutes together.")
+    # the FPN alone (the quick profile's default): one network's time, and how to add the U-Net
+    assert sentences.training_sentence(settings, "quick", 90, ["FPN"]) == (
+        "The quick profile trains the FPN for 30 epochs of 4 random 256-pixel crops per image "
+        "(one-cycle schedule, peak rate 0.001), in 1.5 minutes. It leaves the U-Net decoder out to "
+        "save its training time; `-p compare_decoders True` (the paper profile's default) trains it "
+        "beside the FPN and tests the paper's ranking of the decoders on real nuclei.")
 
 
 def _f1(lymphocyte, malignant, normal, detection) -> pd.DataFrame:
@@ -405,6 +412,14 @@ def test_decoder_sentence_and_finding_by_hand():
     assert "with a 12 px radius" in text
     undecided = sentences.decoder_sentence(val, "FPN", 0.3, "test", 30, statistics.Estimate(0.01, -0.02, 0.04))
     assert "(FPN ahead) is undecided here" in undecided
+    # the FPN alone (the quick profile's default): its F and floors, no ranking of the decoders
+    alone = sentences.decoder_sentence({"FPN": val["FPN"]}, "FPN", 0.3, "test", 30, None)
+    assert alone.startswith(
+        "This build trains one decoder on real nuclei, the **FPN** (pooled / tumour F on the "
+        "held-out patients 0.850 / 0.800; threshold 0.3), so it does not test the paper's ranking "
+        "of the decoders here; chapter 2 does on synthetic patches. This book's floors for real "
+        "H&E, F at least lymphocyte 0.55,")
+    assert "are **met** by FPN." in alone and "U-Net" not in alone and "CI" not in alone
     assert sentences.real_he_finding("FPN", val["FPN"], 12.4, 72, "test") == (
         "Trained for 12 minutes on 72 real BRCA-M2C patches, the FPN network detects nuclei with F "
         "0.85 and tumour nuclei with F 0.80 on the test split (MCSpatNet on the test split: 0.85 and "
@@ -482,7 +497,10 @@ def test_confusion_jaccard_fraction_and_dots_sentences_by_hand():
     jaccard = pd.DataFrame({"FPN": [0.4123], "U-Net": [0.3456]}, index=["mean (nuclei)"])
     assert sentences.jaccard_sentence(jaccard).startswith(
         "The mean over the three classes is 0.412 for FPN and 0.346 for U-Net (the paper, BreastPathQ "
-        "with random initialisation: 0.47 and 0.35).")
+        "with random initialisation: FPN 0.47, U-Net 0.35).")
+    assert sentences.jaccard_sentence(jaccard[["FPN"]]).startswith(
+        "The mean over the three classes is 0.412 for FPN (the paper, BreastPathQ with random "
+        "initialisation: FPN 0.47, U-Net 0.35).")
     # ICC(2,1) by hand: MSR 12.5 / 3, MSC 0.5, MSE 0.5 / 3 -> (MSR - MSE) / (MSR + MSE + 2 (MSC -
     # MSE) / 4) = 4 / 4.5 = 0.89; the absolute differences 0, 1, 0, 1
     fr = pd.DataFrame({"annotated": [1.0, 2, 3, 4], "detected": [1.0, 3, 3, 5]})

@@ -255,6 +255,28 @@ def test_command_line_trains_the_longer_brca_m2c_recipe(brca_subset, tmp_path, m
     assert seen[2]["epochs"] is None and "seg_weights" not in seen[2]
 
 
+def test_real_networks_train_the_u_net_only_when_the_decoders_are_compared(tmp_path, monkeypatch):
+    """Issue 21: the quick profile's real-H&E chapter trains the FPN alone on BRCA-M2C (the U-Net
+    was its largest single training run); the paper profile, or ``compare_decoders=True``, trains
+    both with the same settings, and False wins over the paper profile."""
+    seen = []
+
+    def fake_train_seg(root, decoder="fpn", **kwargs):
+        seen.append((decoder, kwargs))
+        return decoder
+
+    monkeypatch.setattr(train, "train_seg", fake_train_seg)
+    root = tmp_path / "brca"
+    assert train.real_networks(root, "quick", 3, epochs=2, crop=None) == {"FPN": "fpn"}
+    assert seen == [("fpn", {"profile": "quick", "seed": 3, "progress": True, "epochs": 2})]
+    assert train.real_networks(root, "paper") == {"FPN": "fpn", "U-Net": "unet"}
+    assert train.real_networks(root, "quick", compare_decoders=True, crop=64) == {"FPN": "fpn", "U-Net": "unet"}
+    assert seen[-1] == ("unet", {"profile": "quick", "seed": 0, "progress": True, "crop": 64})
+    assert list(train.real_networks(root, "paper", compare_decoders=False)) == ["FPN"]
+    with pytest.raises(ValueError, match="compare_decoders must be True, False or None, got 'yes'"):
+        train.real_networks(root, "quick", compare_decoders="yes")
+
+
 def test_real_he_chapter_shows_the_command_line_model_only_when_cached(brca_subset, home):
     """Without ``train_missing`` the section trains nothing: the command line's model is missing
     from an empty cache, so the sentence says how to add it and there is no table."""

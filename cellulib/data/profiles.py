@@ -166,6 +166,39 @@ def command_line_seg(profile: str = "quick", brca: bool = True,
     return {"epochs": longer if epochs is None else epochs, **recipe}
 
 
+#: Whether a profile's real-H&E chapter trains the U-Net decoder on BRCA-M2C beside the FPN, to
+#: test the paper's ranking of the decoders on real nuclei (the chapter's ``compare_decoders``
+#: parameter wins). Not a training setting, so not part of any model's cache key. The quick profile
+#: leaves it out (issue 21: it was the largest single training run of a build, 340-386 s of 2
+#: cores in bf16): the FPN was the better decoder on BRCA-M2C's held-out patients in every
+#: comparison measured (the books' builds at 32 epochs, where the U-Net classed no nucleus as
+#: lymphocyte or stromal in one of them, and 96 epochs, where it was worse on every class; README),
+#: and chapter 2 compares the two decoders on synthetic patches in every build.
+BRCA_M2C_COMPARE_DECODERS: dict[str, bool] = {"quick": False, "paper": True}
+
+
+def brca_m2c_decoders(profile: str = "quick", compare: bool | None = None) -> tuple[str, ...]:
+    """The decoders the real-H&E chapter trains on BRCA-M2C: the FPN, and the U-Net when
+    ``compare`` is true (None: the profile's `BRCA_M2C_COMPARE_DECODERS`). Used by
+    :func:`cellulib.training.train.real_networks` in the real-H&E and stain-shift chapters.
+
+    Examples
+    --------
+    >>> brca_m2c_decoders("quick"), brca_m2c_decoders("paper"), brca_m2c_decoders("quick", True)
+    (('fpn',), ('fpn', 'unet'), ('fpn', 'unet'))
+    >>> brca_m2c_decoders("quick", "yes")
+    Traceback (most recent call last):
+    ...
+    cellulib.data.profiles.ProfileError: compare_decoders must be True, False or None, got 'yes'
+    """
+    if profile not in PROFILES:
+        raise ProfileError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
+    if compare is not None and not isinstance(compare, (bool, np.bool_)):
+        raise ProfileError(f"compare_decoders must be True, False or None, got {compare!r}")
+    compare = BRCA_M2C_COMPARE_DECODERS.get(profile, True) if compare is None else bool(compare)
+    return ("fpn", "unet") if compare else ("fpn",)
+
+
 class ProfileError(ValueError):
     """An unknown profile or setting."""
 

@@ -186,10 +186,11 @@ def brca_m2c_sentence(cells: pd.DataFrame, train_idx, val_idx, report_split: str
         f"would share {len(shared)} patients ({', '.join(shared)}) with the official training split "
         "and flatter the network. "
         + ("The official test split (patients in neither) is present: the results below are on it; "
-           "validation only chooses between the two decoders."
+           "validation only chooses between the decoders, when both are trained."
            if report_split == "test" else
            "The official test split (images of other patients) is not in this copy, so the results "
-           "below are on the held-out patients, which also choose between the two decoders. The "
+           "below are on the held-out patients, which also choose between the decoders when both "
+           "are trained. The "
            "README says how to get the full dataset."))
 
 
@@ -216,18 +217,28 @@ def pixel_scale_sentence(nn_distance, diameters, disc: float, factor: float,
         "dot.")
 
 
-def training_sentence(settings: Mapping[str, Any], profile: str, seconds: float) -> str:
-    """How a profile's segmentation networks were trained (``settings``,
-    :func:`cellulib.data.profiles.brca_m2c_profile`), and how long the two took. Used in the real-H&E
-    chapter."""
-    return (f"The {profile} profile trains each network for {settings['seg_epochs']} epochs of "
-            f"{settings['patches_per_epoch']} random {settings['crop']}-pixel crops per image "
-            f"({settings['seg_schedule'].replace('_', '-')} schedule, peak rate "
-            f"{settings['seg_lr']:g}); the two took {seconds / 60:.1f} minutes together.")
+def training_sentence(settings: Mapping[str, Any], profile: str, seconds: float,
+                      networks: Sequence[str] = ("FPN", "U-Net")) -> str:
+    """How a profile's segmentation ``networks`` were trained (``settings``,
+    :func:`cellulib.data.profiles.brca_m2c_profile`), and how long they took. With the FPN alone
+    (the quick profile's default, :data:`cellulib.data.profiles.BRCA_M2C_COMPARE_DECODERS`) it says
+    how to train the U-Net beside it. Used in the real-H&E chapter."""
+    recipe = (f"{settings['seg_epochs']} epochs of {settings['patches_per_epoch']} random "
+              f"{settings['crop']}-pixel crops per image "
+              f"({settings['seg_schedule'].replace('_', '-')} schedule, peak rate "
+              f"{settings['seg_lr']:g})")
+    if len(networks) == 1:
+        return (f"The {profile} profile trains the {networks[0]} for {recipe}, in "
+                f"{seconds / 60:.1f} minutes. It leaves the U-Net decoder out to save its training "
+                "time; `-p compare_decoders True` (the paper profile's default) trains it beside "
+                "the FPN and tests the paper's ranking of the decoders on real nuclei.")
+    together = "the two" if len(networks) == 2 else f"the {len(networks)}"
+    return (f"The {profile} profile trains each network for {recipe}; {together} took "
+            f"{seconds / 60:.1f} minutes together.")
 
 
 def decoder_sentence(val_scores: Mapping[str, pd.DataFrame], best: str, threshold: float,
-                     report_split: str, n_images: int, difference: Estimate) -> str:
+                     report_split: str, n_images: int, difference: Estimate | None) -> str:
     """The real-H&E chapter's choice of decoder and its test of the paper's ranking, in words:
     pooled and tumour F of FPN and U-Net on the held-out patients (``val_scores``,
     :func:`cellulib.metrics.detection.detection_scores` tables), the decoder
@@ -236,11 +247,12 @@ def decoder_sentence(val_scores: Mapping[str, pd.DataFrame], best: str, threshol
     :func:`cellulib.reporting.statistics.paired_detection_difference`) with its
     :func:`cellulib.reporting.verdicts.verdict`, and the floors
     (:data:`cellulib.reporting.verdicts.REAL_FLOORS`,
-    :func:`cellulib.reporting.verdicts.floors_missed`). Used in the real-H&E chapter."""
+    :func:`cellulib.reporting.verdicts.floors_missed`). With the FPN alone (``val_scores`` of one
+    network, ``difference`` None; the quick profile's default) it gives that network's F and
+    floors, and no ranking. Used in the real-H&E chapter."""
     names = BRCA_M2C_NAMES
     f = {name: (t.loc["detection", "f1"], t.loc["malignant", "f1"]) for name, t in val_scores.items()}
     missed = {name: floors_missed(t) for name, t in val_scores.items()}
-    ranking = claim_words(verdict(difference, True, True, lower_is_better=False))
     # a class a network never predicts (no detection of it at all) was not learned: say so
     silent = {name: [c for c in names if c != "detection" and c in t.index
                      and t.loc[c, "tp"] + t.loc[c, "fp"] == 0]
@@ -250,15 +262,25 @@ def decoder_sentence(val_scores: Mapping[str, pd.DataFrame], best: str, threshol
         f"{'that class' if len(cls) == 1 else 'those classes'} in this run, so its F "
         f"{'there is' if len(cls) == 1 else 'for them is'} no result about the decoder."
         for name, cls in silent.items() if cls)
+    if difference is None or len(val_scores) == 1:
+        choice = (
+            f"This build trains one decoder on real nuclei, the **{best}** (pooled / tumour F on "
+            f"the held-out patients {f[best][0]:.3f} / {f[best][1]:.3f}; threshold "
+            f"{threshold:g}), so it does not test the paper's ranking of the decoders here; "
+            "chapter 2 does on synthetic patches.")
+    else:
+        ranking = claim_words(verdict(difference, True, True, lower_is_better=False))
+        choice = (
+            f"The held-out patients pick the **{best}** decoder by the mean of pooled and tumour "
+            "F, because cellularity rests on the tumour nuclei while the other classes only need "
+            f"to be found (pooled / tumour F: FPN {f['FPN'][0]:.3f} / {f['FPN'][1]:.3f}, U-Net "
+            f"{f['U-Net'][0]:.3f} / {f['U-Net'][1]:.3f}; threshold {threshold:g}). On the "
+            f"{report_split} split ({n_images} images), FPN minus U-Net in pooled F is "
+            f"{difference.value:+.3f} (95% CI {difference.ci_low:+.3f} to "
+            f"{difference.ci_high:+.3f}, paired bootstrap over images): the paper's ranking of the "
+            f"decoders (FPN ahead) {ranking} here for detection.")
     return (
-        f"The held-out patients pick the **{best}** decoder by the mean of pooled and tumour F, "
-        "because cellularity rests on the tumour nuclei while the other classes only need to be "
-        f"found (pooled / tumour F: FPN {f['FPN'][0]:.3f} / {f['FPN'][1]:.3f}, U-Net "
-        f"{f['U-Net'][0]:.3f} / {f['U-Net'][1]:.3f}; threshold {threshold:g}). On the "
-        f"{report_split} split ({n_images} images), FPN minus U-Net in pooled F is "
-        f"{difference.value:+.3f} (95% CI {difference.ci_low:+.3f} to {difference.ci_high:+.3f}, "
-        f"paired bootstrap over images): the paper's ranking of the decoders (FPN ahead) {ranking} "
-        f"here for detection.{unlearned} This book's floors for real H&E, F at least "
+        f"{choice}{unlearned} This book's floors for real H&E, F at least "
         + ", ".join(f"{names[c]} {v:g}" for c, v in REAL_FLOORS.items())
         + " on the held-out patients, are "
         + " and ".join(f"**met** by {name}" if not m else f"**not met** by {name} ("
@@ -372,13 +394,14 @@ def confusion_sentence(confusion: pd.DataFrame) -> str:
 
 
 def jaccard_sentence(jaccard: pd.DataFrame) -> str:
-    """The mean Jaccard of the FPN and U-Net columns of ``jaccard`` (rows named as in
+    """The mean Jaccard of the FPN and U-Net columns of ``jaccard`` (either may be absent; rows named as in
     :data:`cellulib.reporting.tables.BRCA_M2C_NAMES`) beside the paper's Table 1, in words. Used in
     the real-H&E chapter."""
     numbers = book_numbers()
-    return (f"The mean over the three classes is {jaccard.loc['mean (nuclei)', 'FPN']:.3f} for FPN "
-            f"and {jaccard.loc['mean (nuclei)', 'U-Net']:.3f} for U-Net (the paper, BreastPathQ "
-            f"with random initialisation: {numbers['paper_j_fpn']} and {numbers['paper_j_unet']}). "
+    ours = " and ".join(f"{jaccard.loc['mean (nuclei)', name]:.3f} for {name}"
+                        for name in ("FPN", "U-Net") if name in jaccard.columns)
+    return (f"The mean over the three classes is {ours} (the paper, BreastPathQ with random "
+            f"initialisation: FPN {numbers['paper_j_fpn']}, U-Net {numbers['paper_j_unet']}). "
             "A detector can count nuclei well with a modest Jaccard: a disc is not a nucleus, and "
             "only the centre matters for detection.")
 

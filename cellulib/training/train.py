@@ -32,7 +32,13 @@ from cellulib.constants import MPP, N_BINS
 from cellulib.data import breastpathq
 from cellulib.data.annotations import is_brca_m2c
 from cellulib.data.fingerprint import data_fingerprint, fingerprint
-from cellulib.data.profiles import brca_m2c_profile, check_side, get_profile, seg_scale_size
+from cellulib.data.profiles import (
+    brca_m2c_decoders,
+    brca_m2c_profile,
+    check_side,
+    get_profile,
+    seg_scale_size,
+)
 from cellulib.files.imageio import DataError, read_image
 from cellulib.inference.modelfile import ModelFileError, load_model, save_model, weights_digest
 from cellulib.models import losses, networks
@@ -761,6 +767,25 @@ def book_models(root: str | os.PathLike, profile: str = "quick", seed: int = 0, 
         results[name] = train_direct(root, arch, task, profile=profile, seed=seed, epochs=epochs,
                                      size=input_size, progress=progress)
     return seg, results
+
+
+#: The real-H&E chapter's names of the segmentation decoders.
+DECODER_NAMES: dict[str, str] = {"fpn": "FPN", "unet": "U-Net"}
+
+
+def real_networks(root: str | os.PathLike, profile: str = "quick", seed: int = 0,
+                  compare_decoders: bool | None = None, progress: bool = True,
+                  **overrides: Any) -> dict[str, TrainResult]:
+    """The segmentation networks the real-H&E chapter trains on the BRCA-M2C copy ``root``, from
+    the cache or trained (:func:`train_seg`, ``overrides`` such as ``epochs``, ``crop`` and
+    ``patches_per_epoch``; None keeps the profile's): ``{"FPN": result}``, with ``"U-Net"`` too
+    when ``compare_decoders`` is true (None: the profile's,
+    :data:`cellulib.data.profiles.BRCA_M2C_COMPARE_DECODERS`: the quick profile trains the FPN
+    only). Used in the real-H&E and stain-shift chapters, which choose between them the same way."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return {DECODER_NAMES[dec]: train_seg(root, decoder=dec, profile=profile, seed=seed,
+                                          progress=progress, **given)
+            for dec in brca_m2c_decoders(profile, compare_decoders)}
 
 
 def synthetic_detector(root: str | os.PathLike, profile: str = "quick", seed: int = 0,
