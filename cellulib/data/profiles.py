@@ -176,6 +176,9 @@ def command_line_seg(profile: str = "quick", brca: bool = True,
 #: and chapter 2 compares the two decoders on synthetic patches in every build.
 BRCA_M2C_COMPARE_DECODERS: dict[str, bool] = {"quick": False, "paper": True}
 
+#: The segmentation decoders' names in the book's tables and sentences.
+DECODER_NAMES: dict[str, str] = {"fpn": "FPN", "unet": "U-Net"}
+
 
 def brca_m2c_decoders(profile: str = "quick", compare: bool | None = None) -> tuple[str, ...]:
     """The decoders the real-H&E chapter trains on BRCA-M2C: the FPN, and the U-Net when

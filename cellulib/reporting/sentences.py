@@ -232,8 +232,7 @@ def training_sentence(settings: Mapping[str, Any], profile: str, seconds: float,
                 f"{seconds / 60:.1f} minutes. It leaves the U-Net decoder out to save its training "
                 "time; `-p compare_decoders True` (the paper profile's default) trains it beside "
                 "the FPN and tests the paper's ranking of the decoders on real nuclei.")
-    together = "the two" if len(networks) == 2 else f"the {len(networks)}"
-    return (f"The {profile} profile trains each network for {recipe}; {together} took "
+    return (f"The {profile} profile trains each network for {recipe}; the two took "
             f"{seconds / 60:.1f} minutes together.")
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import pandas as pd
 
+from cellulib.data.profiles import DECODER_NAMES
 from cellulib.reporting.paper import PAPER, PAPER_ROWS
 from cellulib.reporting.statistics import (
     MEAN_PREDICTOR,
@@ -36,14 +37,13 @@ def table1(results: Mapping[tuple[str, str], Any]) -> pd.DataFrame:
     "not run", never as a number). Used in chapters 2 and 5.
     """
     paper = PAPER[PAPER.table == "Table 1"].set_index(["init", "model"])["value"]
-    names = {"unet": "U-Net decoder", "fpn": "FPN decoder"}
     rows = []
     for init, label in (("random", "Random"), ("imagenet", "ImageNet")):
         row = {"initialisation": label}
         for dec in ("unet", "fpn"):
             res = results.get((init, dec))
-            short = "U-Net" if dec == "unet" else "FPN"
-            row[f"{short} (paper)"] = f"{paper[(init, names[dec])]:.2f}"
+            short = DECODER_NAMES[dec]
+            row[f"{short} (paper)"] = f"{paper[(init, f'{short} decoder')]:.2f}"
             row[f"{short} (ours)"] = "not run" if res is None else f"{res.scores['jaccard_nuclei']:.2f}"
         rows.append(row)
     return pd.DataFrame(rows).set_index("initialisation")

@@ -12,6 +12,7 @@ from typing import Any
 
 import pandas as pd
 
+from cellulib.data.profiles import DECODER_NAMES
 from cellulib.reporting.paper import PAPER
 from cellulib.reporting.scoring import segmentation_counts
 from cellulib.reporting.statistics import (
@@ -171,7 +172,7 @@ def decoder_finding(seg, root=None, n_boot: int = 2000, seed: int = 0) -> dict[s
     used in chapter 2, and in chapter 5 through :func:`cellulib.reporting.verdicts.findings`.
     """
     j = {d: _paper_value("Table 1", f"{n} decoder", "random", "Jaccard")
-         for d, n in (("fpn", "FPN"), ("unet", "U-Net"))}
+         for d, n in DECODER_NAMES.items()}
     row = {"paper's finding": "FPN decoder beats U-Net decoder (Table 1)",
            "paper": f"Jaccard {j['fpn']:.2f} vs {j['unet']:.2f} (random init)"}
     if root is None:
@@ -183,8 +184,7 @@ def decoder_finding(seg, root=None, n_boot: int = 2000, seed: int = 0) -> dict[s
     diff = paired_jaccard_difference(counts["fpn"], counts["unet"], n_boot=n_boot, seed=seed)
     result = verdict(diff, js.loc["fpn", "learned"], js.loc["unet", "learned"],
                      lower_is_better=False)
-    stuck = [{"fpn": "FPN", "unet": "U-Net"}[d] for d in ("fpn", "unet")
-             if not js.loc[d, "learned"]]
+    stuck = [DECODER_NAMES[d] for d in ("fpn", "unet") if not js.loc[d, "learned"]]
     if result == "holds":
         why = "both learned; the CI of the difference excludes 0"
     elif result == "does not hold":

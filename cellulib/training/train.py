@@ -33,6 +33,7 @@ from cellulib.data import breastpathq
 from cellulib.data.annotations import is_brca_m2c
 from cellulib.data.fingerprint import data_fingerprint, fingerprint
 from cellulib.data.profiles import (
+    DECODER_NAMES,
     brca_m2c_decoders,
     brca_m2c_profile,
     check_side,
@@ -767,10 +768,6 @@ def book_models(root: str | os.PathLike, profile: str = "quick", seed: int = 0, 
         results[name] = train_direct(root, arch, task, profile=profile, seed=seed, epochs=epochs,
                                      size=input_size, progress=progress)
     return seg, results
-
-
-#: The real-H&E chapter's names of the segmentation decoders.
-DECODER_NAMES: dict[str, str] = {"fpn": "FPN", "unet": "U-Net"}
 
 
 def real_networks(root: str | os.PathLike, profile: str = "quick", seed: int = 0,
