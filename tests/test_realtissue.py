@@ -200,6 +200,11 @@ def test_synthetic_detector_sentence_by_hand():
     assert "of the default generator, after a x2 downscale with 11 px discs" in text
     assert "for 32 epochs (1 minute), the FPN" in text
     assert "F 0.599; the floor for such a detector (0.60) is **not met**." in text
+    jittered = realtissue.synthetic_detector_sentence(t, {**settings, "stain_augment": "hed"}, 150,
+                                                      "calibrated")
+    assert "at full size with 11 px discs and HED stain jitter for 32 epochs (2 minutes)" in jittered
+    assert "none stain" not in realtissue.synthetic_detector_sentence(
+        t, {**settings, "stain_augment": "none"}, 150, "calibrated")
 
 
 def test_normalisation_table_and_sentence_by_hand():

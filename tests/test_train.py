@@ -277,6 +277,25 @@ def test_real_networks_train_the_u_net_only_when_the_decoders_are_compared(tmp_p
         train.real_networks(root, "quick", compare_decoders="yes")
 
 
+def test_synthetic_detector_trains_with_hed_jitter_at_the_brca_m2c_scale(tmp_path, monkeypatch):
+    """Issue 23: the synthetic-only detector is the FPN at real tissue's pixel scale (the quick
+    profile's BRCA-M2C settings: no downscale, 11 px discs, 32 epochs) with HED stain jitter,
+    which ``stain_augment="none"`` turns off."""
+    seen = []
+
+    def fake_train_seg(root, decoder="fpn", **kwargs):
+        seen.append((decoder, kwargs))
+        return decoder
+
+    monkeypatch.setattr(train, "train_seg", fake_train_seg)
+    assert train.synthetic_detector(tmp_path, "quick", 1, progress=False) == "fpn"
+    kwargs = seen[-1][1]
+    assert (kwargs["stain_augment"], kwargs["downscale"], kwargs["disc_diameter"], kwargs["epochs"],
+            kwargs["seed"]) == ("hed", 1, 11.0, 32, 1)
+    train.synthetic_detector(tmp_path, "quick", epochs=3, stain_augment="none")
+    assert (seen[-1][1]["stain_augment"], seen[-1][1]["epochs"]) == ("none", 3)
+
+
 def test_real_he_chapter_shows_the_command_line_model_only_when_cached(brca_subset, home):
     """Without ``train_missing`` the section trains nothing: the command line's model is missing
     from an empty cache, so the sentence says how to add it and there is no table."""

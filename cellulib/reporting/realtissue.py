@@ -931,10 +931,12 @@ def synthetic_detector_sentence(scores: pd.DataFrame, settings: Mapping[str, Any
         else f"the {generator} generator"
     scale = ("at full size" if settings["downscale"] == 1
              else f"after a x{settings['downscale']:g} downscale")
+    stain = settings.get("stain_augment", "none")
+    jitter = "" if stain == "none" else f" and {stain.upper()} stain jitter"
     floor = SYNTHETIC_DETECTOR_FLOOR
     weakest = scores.drop(index="detection")["f1"].idxmin()
     text = (f"Trained only on synthetic patches of {where}, {scale} with "
-            f"{settings['disc_diameter']:g} px discs for {settings['seg_epochs']} epochs "
+            f"{settings['disc_diameter']:g} px discs{jitter} for {settings['seg_epochs']} epochs "
             f"({seconds / 60:.0f} minute{'' if round(seconds / 60) == 1 else 's'}), the FPN finds the nuclei of the held-out patients with "
             f"pooled precision {d['precision']:.3f}, recall {d['recall']:.3f} and F "
             f"{d['f1']:.3f}")
