@@ -795,8 +795,8 @@ def synthetic_detector(root: str | os.PathLike, profile: str = "quick", seed: in
     (:func:`cellulib.data.profiles.brca_m2c_profile`: no downscale and 11 px discs in the quick
     profile, its epochs, crop, schedule and rate), where chapter 2's network keeps the paper's x2
     downscale, whose discs merge neighbouring nuclei; and with stain jitter (``stain_augment``,
-    None: :data:`cellulib.data.profiles.SYNTHETIC_DETECTOR_STAIN`, HED), which kept its F on real
-    nuclei above the floor where the unjittered recipe fell under it on one CPU kind. Issue 23
+    None: :data:`cellulib.data.profiles.SYNTHETIC_DETECTOR_STAIN`, HED), which narrowed the spread
+    of its F on real nuclei over seeds and precisions, above the floor (README). Issue 23
     measures it on real BRCA-M2C nuclei (the real-H&E chapter, through
     :func:`cellulib.reporting.realtissue.synthetic_detector_section`)."""
     s = brca_m2c_profile(profile, seg_epochs=epochs, crop=crop, patches_per_epoch=patches_per_epoch)
