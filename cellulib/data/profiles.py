@@ -178,10 +178,11 @@ BRCA_M2C_COMPARE_DECODERS: dict[str, bool] = {"quick": False, "paper": True}
 
 #: The stain augmentation (`cellulib.data.transforms.STAIN_AUGMENTS`) of the nucleus detector that
 #: learns from synthetic patches only (:func:`cellulib.training.train.synthetic_detector`, issue
-#: 23's floor: pooled F >= 0.60 on BRCA-M2C's held-out patients). Without jitter its F moved with the
-#: arithmetic: 0.557-0.726 over seeds 0 and 1, bf16 and float32, 1 and 2 torch threads and two CPU
-#: kinds (0.584 in float32 on an AVX2 CPU, under the floor); with chapter 4b's HED jitter the
-#: runs measured gave 0.679-0.715, a narrower spread above the floor (README).
+#: 23's floor: pooled F >= 0.60 on BRCA-M2C's held-out patients). Without jitter, at 32 epochs, its
+#: F moved with the arithmetic: 0.584-0.722 in eight runs over seeds 0 and 1, bf16 and float32, 1
+#: and 2 torch threads and several CPU kinds (0.584 in float32 on an AVX2 CPU, under the floor);
+#: with chapter 4b's HED jitter the four runs measured (seeds 0 and 1, bf16 and float32, one CPU
+#: kind) gave 0.679-0.715, a narrower spread above the floor (README).
 SYNTHETIC_DETECTOR_STAIN: str = "hed"
 
 #: The segmentation decoders' names in the book's tables and sentences.
