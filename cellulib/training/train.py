@@ -34,6 +34,7 @@ from cellulib.data.annotations import is_brca_m2c
 from cellulib.data.fingerprint import data_fingerprint, fingerprint
 from cellulib.data.profiles import (
     DECODER_NAMES,
+    SYNTHETIC_DETECTOR_EPOCHS,
     SYNTHETIC_DETECTOR_STAIN,
     brca_m2c_decoders,
     brca_m2c_profile,
@@ -793,12 +794,16 @@ def synthetic_detector(root: str | os.PathLike, profile: str = "quick", seed: in
     """A nucleus detector that learns from synthetic patches only (``root``), at real tissue's
     pixel scale: the FPN with the profile's BRCA-M2C settings
     (:func:`cellulib.data.profiles.brca_m2c_profile`: no downscale and 11 px discs in the quick
-    profile, its epochs, crop, schedule and rate), where chapter 2's network keeps the paper's x2
+    profile, its crop, schedule and rate), where chapter 2's network keeps the paper's x2
     downscale, whose discs merge neighbouring nuclei; and with stain jitter (``stain_augment``,
     None: :data:`cellulib.data.profiles.SYNTHETIC_DETECTOR_STAIN`, HED), which narrowed the spread
-    of its F on real nuclei over seeds and precisions, above the floor (README). Issue 23
-    measures it on real BRCA-M2C nuclei (the real-H&E chapter, through
+    of its F on real nuclei over seeds and precisions, above the floor (README). ``epochs``
+    (None: :data:`cellulib.data.profiles.SYNTHETIC_DETECTOR_EPOCHS`, 24 in the quick profile, or
+    where a profile has none there, its BRCA-M2C epochs). Issue 23 measures it on real BRCA-M2C
+    nuclei (the real-H&E chapter, through
     :func:`cellulib.reporting.realtissue.synthetic_detector_section`)."""
+    if epochs is None:
+        epochs = SYNTHETIC_DETECTOR_EPOCHS.get(profile)
     s = brca_m2c_profile(profile, seg_epochs=epochs, crop=crop, patches_per_epoch=patches_per_epoch)
     stain = SYNTHETIC_DETECTOR_STAIN if stain_augment is None else stain_augment
     return train_seg(root, decoder="fpn", profile=profile, seed=seed, epochs=s["seg_epochs"],
