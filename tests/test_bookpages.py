@@ -255,6 +255,42 @@ def test_history_tells_scratch_from_cache_and_the_page_shows_both(tmp_path):
     assert "## Solutions" in page and "SOLUTIONS=hide" in page and "make lab" in page
 
 
+def test_a_build_from_an_empty_model_cache_is_from_scratch_for_every_chapter(tmp_path):
+    """A fresh `make book`: `make data` renders the synthetic set before the first chapter, so the
+    data exploration writes nothing, yet it ran in a build from scratch, and the teachers' page
+    gives the whole book's time (on 2026-12-07 it said "not measured (7 of 8 chapters seen)")."""
+    notebooks, chapters, cache = tmp_path / "nb", tmp_path / "ch", tmp_path / "home"
+    for d in (notebooks, chapters, cache):
+        d.mkdir()
+    for name in ("01_a", "02_b", "03_c"):
+        _demo_source(notebooks).rename(notebooks / f"{name}.ipynb")
+    history, book = tmp_path / "history.json", {"profile": "quick", "seed": 0}
+    _touch(cache / "synth" / "train.tif", T0 - timedelta(minutes=2))  # make data, before the chapters
+    _executed_record(chapters, "01_a", T0, 30.0, book)  # writes nothing
+    _executed_record(chapters, "02_b", T0 + timedelta(seconds=40), 100.0, book)
+    _touch(cache / "models" / "seg-1.pt", T0 + timedelta(seconds=120))
+    _executed_record(chapters, "03_c", T0 + timedelta(seconds=150), 7.0, book)  # reads 02_b's model
+    runs = bookstatus.record_history(chapters, history, cache)
+    assert [(r["chapter"], r["built"], r["files_written"]) for r in runs] == [
+        ("01_a", "scratch", 0), ("02_b", "scratch", 1), ("03_c", "scratch", 0)]
+    page = bookstatus.teachers_markdown(chapters, notebooks, history, cache)
+    assert "The whole book from scratch took 137 s here." in page  # 30 + 100 + 7
+
+    # a re-execution of the same book: the model is older than every new run, so all from the cache
+    later = T0 + timedelta(hours=1)
+    for i, name in enumerate(("01_a", "02_b", "03_c")):
+        _executed_record(chapters, name, later + timedelta(seconds=20 * i), 10.0 + i, book)
+    runs = bookstatus.record_history(chapters, history, cache)
+    assert [r["built"] for r in runs[3:]] == ["cache", "cache", "cache"]
+    # a model trained again after a run of the batch had started: one chapter wrote it, the
+    # others that wrote nothing stay from the cache, since an older model was there
+    _touch(cache / "models" / "gbt-2.pt", later + timedelta(hours=1, seconds=5))
+    _executed_record(chapters, "02_b", later + timedelta(hours=1), 60.0, book)
+    _executed_record(chapters, "03_c", later + timedelta(hours=1, seconds=70), 9.0, book)
+    runs = bookstatus.record_history(chapters, history, cache)
+    assert [(r["chapter"], r["built"]) for r in runs[6:]] == [("02_b", "scratch"), ("03_c", "cache")]
+
+
 def test_history_refuses_a_damaged_file_naming_it(tmp_path):
     history = tmp_path / "book-history.json"
     history.write_text("[1, 2")

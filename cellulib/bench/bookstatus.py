@@ -10,7 +10,8 @@ collapsed block (:func:`fold_parameters`) and then writes the pages::
 
 Each run also adds the chapters' times to a history beside the model cache
 (``$CELLULIB_HOME/book-history.json``, :func:`record_history`), marked "from scratch" when the
-chapter trained or generated something and "from the cache" when it did not; the teachers' page
+chapter trained or generated something (or ran in a build that began with no model in the cache)
+and "from the cache" when it did not; the teachers' page
 (:func:`teachers_markdown`) shows both. The ``book`` case of :mod:`cellulib.bench.suite` reads the same
 records.
 """
@@ -694,6 +695,18 @@ def _files_written_between(root: Path, start: float, end: float, skip: Path) -> 
     return count
 
 
+def _models_all_written_since(cache: Path, start: float) -> bool:
+    """Whether the cache's model folder holds model files and every one was written at or after
+    ``start``: the chapters that ran from then on found no model there, so together they built the
+    book from scratch."""
+    models = cache / "models"
+    try:
+        times = [p.stat().st_mtime for p in models.iterdir() if p.is_file()]
+    except OSError:
+        return False
+    return bool(times) and min(times) >= start
+
+
 def _load_history(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
@@ -714,7 +727,11 @@ def record_history(chapters_dir: str | os.PathLike, history: str | os.PathLike |
     A run is "from scratch" when files of the cache folder ``cache_dir`` (default
     ``$CELLULIB_HOME``: trained models, generated data) were written between papermill's start and
     end of the chapter, and "from the cache" when none were: everything it needed was there
-    already. Each run records its chapter, seconds, end time, papermill parameters, that kind and
+    already. A chapter that trains nothing (the data exploration, once ``make data`` has rendered
+    the synthetic set) writes nothing in any build; it counts as "from scratch" when it ran in a
+    build from an empty model cache, i.e. when every model file of the cache was written after the
+    earliest start among the runs recorded by this call, so that a fresh ``make book`` gives the
+    whole book's time from scratch. Each run records its chapter, seconds, end time, papermill parameters, that kind and
     the machine (:func:`machine_info`). A run already recorded (same chapter and end time) is not
     added twice, so ``make chapters`` may call this after every build. Written atomically.
 
@@ -736,7 +753,7 @@ def record_history(chapters_dir: str | os.PathLike, history: str | os.PathLike |
     runs = _load_history(path)
     seen = {(r.get("chapter"), r.get("executed_at")) for r in runs}
     machine = _machine_key(machine_info())
-    added = 0
+    new: list[tuple[float, dict[str, Any]]] = []
     for nb_path in sorted(Path(chapters_dir).glob("*.ipynb")):
         if nb_path.name.endswith(".tmp.ipynb") or nb_path.name.startswith("."):
             continue
@@ -748,7 +765,7 @@ def record_history(chapters_dir: str | os.PathLike, history: str | os.PathLike |
             continue
         t0, t1 = _parse_time(start).timestamp(), _parse_time(end).timestamp()
         written = _files_written_between(cache, t0 - 1.0, t1 + 1.0, path.resolve())
-        runs.append({
+        new.append((t0, {
             "chapter": nb_path.stem,
             "executed_at": end,
             "seconds": round(float(pm["duration"]), 1),
@@ -756,10 +773,13 @@ def record_history(chapters_dir: str | os.PathLike, history: str | os.PathLike |
             "files_written": written,
             "parameters": pm.get("parameters") or {},
             "machine": machine,
-        })
+        }))
         seen.add((nb_path.stem, end))
-        added += 1
-    if added:
+    if new and _models_all_written_since(cache, min(t0 for t0, _ in new) - 1.0):
+        for _, run in new:  # a build from an empty model cache: every run of it is from scratch
+            run["built"] = "scratch"
+    runs.extend(run for _, run in new)
+    if new:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps({"runs": runs}, indent=1) + "\n")
     return runs
@@ -854,8 +874,9 @@ def teachers_markdown(chapters_dir: str | os.PathLike, notebooks_dir: str | os.P
         "## Time per chapter",
         "",
         "From scratch: the chapter trained its models (or generated its data) itself, after the "
-        "chapters before it had filled the cache. From the cache: every model it needed was "
-        "there already, so it only scored and plotted.",
+        "chapters before it had filled the cache; a chapter that trains nothing counts as from "
+        "scratch in a build that began with no model in the cache. From the cache: every model "
+        "it needed was there already, so it only scored and plotted.",
         "",
         # the parameters last: a long list wraps there without pushing the times off the page
         "| chapter | from scratch | from the cache | parameters |",
