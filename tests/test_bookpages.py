@@ -335,6 +335,20 @@ def test_exercises_run_with_their_parameters_and_reach_the_teachers_page(tmp_pat
     assert f"| {runs[0]['seconds']:.0f} s |" in row
 
 
+def test_later_exercises_reuse_the_models_the_earlier_exercises_trained():
+    """A workshop runs the chapters in order with `-p seed 1`: the stain-shift and real-tissue
+    chapters and the discussion read SR, the direct models and the BRCA-M2C network again, and
+    without the earlier exercises' settings they trained the book's longer recipes anew (more than
+    10 minutes for the stain-shift exercise on 2026-12-07)."""
+    ex = bookstatus.EXERCISE_PARAMETERS
+    trained = {"sr_epochs": ex["03_feature_importance"]["sr_epochs"],
+               "sr_finetune_epochs": ex["03_feature_importance"]["sr_finetune_epochs"],
+               "epochs": ex["04_direct_regression_vs_classification"]["epochs"],
+               "real_epochs": ex["02b_real_he"]["epochs"]}
+    for later in ("04b_stain_shift", "04c_real_tissue", "05_discussion"):
+        assert {k: ex[later].get(k) for k in trained} == trained, later
+
+
 def test_exercise_parameters_are_declared_by_their_chapters():
     """Every exercise parameter is one the chapter's parameters cell declares, of its type."""
     import ast
