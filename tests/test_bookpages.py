@@ -265,7 +265,8 @@ def test_a_build_from_an_empty_model_cache_is_from_scratch_for_every_chapter(tmp
     for name in ("01_a", "02_b", "03_c"):
         _demo_source(notebooks).rename(notebooks / f"{name}.ipynb")
     history, book = tmp_path / "history.json", {"profile": "quick", "seed": 0}
-    _touch(cache / "synth" / "train.tif", T0 - timedelta(minutes=2))  # make data, before the chapters
+    # make data renders the synthetic set before the chapters
+    _touch(cache / "synth" / "train.tif", T0 - timedelta(minutes=2))
     _executed_record(chapters, "01_a", T0, 30.0, book)  # writes nothing
     _executed_record(chapters, "02_b", T0 + timedelta(seconds=40), 100.0, book)
     _touch(cache / "models" / "seg-1.pt", T0 + timedelta(seconds=120))
@@ -288,7 +289,8 @@ def test_a_build_from_an_empty_model_cache_is_from_scratch_for_every_chapter(tmp
     _executed_record(chapters, "02_b", later + timedelta(hours=1), 60.0, book)
     _executed_record(chapters, "03_c", later + timedelta(hours=1, seconds=70), 9.0, book)
     runs = bookstatus.record_history(chapters, history, cache)
-    assert [(r["chapter"], r["built"]) for r in runs[6:]] == [("02_b", "scratch"), ("03_c", "cache")]
+    assert [(r["chapter"], r["built"]) for r in runs[6:]] == [("02_b", "scratch"),
+                                                              ("03_c", "cache")]
 
 
 def test_history_refuses_a_damaged_file_naming_it(tmp_path):

@@ -745,9 +745,10 @@ def record_history(chapters_dir: str | os.PathLike, history: str | os.PathLike |
     the synthetic set) writes nothing in any build; it counts as "from scratch" when it ran in a
     build from an empty model cache, i.e. when every model file of the cache was written after the
     earliest start among the runs recorded by this call, so that a fresh ``make book`` gives the
-    whole book's time from scratch. Each run records its chapter, seconds, end time, papermill parameters, that kind and
-    the machine (:func:`machine_info`). A run already recorded (same chapter and end time) is not
-    added twice, so ``make chapters`` may call this after every build. Written atomically.
+    whole book's time from scratch. Each run records its chapter, seconds, end time, papermill
+    parameters, that kind and the machine (:func:`machine_info`). A run already recorded (same
+    chapter and end time) is not added twice, so ``make chapters`` may call this after every
+    build. Written atomically.
 
     Returns
     -------
