@@ -253,6 +253,7 @@ def test_history_tells_scratch_from_cache_and_the_page_shows_both(tmp_path):
     # these chapters have no exercise parameters: their rows show the runs above
     assert exercises.count("| `-` |") == 3 and exercises.count("not measured on this machine yet") == 2
     assert "## Solutions" in page and "SOLUTIONS=hide" in page and "make lab" in page
+    assert "With a new seed, run the chapters in the book's order" in exercises
 
 
 def test_a_build_from_an_empty_model_cache_is_from_scratch_for_every_chapter(tmp_path):

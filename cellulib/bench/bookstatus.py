@@ -955,6 +955,11 @@ def teachers_markdown(chapters_dir: str | os.PathLike, notebooks_dir: str | os.P
         "For example: `.venv/bin/papermill notebooks/02_weak_segmentation.ipynb out.ipynb "
         f"{_papermill_args(EXERCISE_PARAMETERS.get('02_weak_segmentation', {}))} -p seed 1`.",
         "",
+        "With a new seed, run the chapters in the book's order: the later chapters read the "
+        "models of the earlier ones, and their parameters above repeat the earlier exercises' "
+        "training settings, so each reuses what the chapters before it trained. A later chapter "
+        "run first with a new seed trains those models itself, which takes longer.",
+        "",
         "## Solutions",
         "",
         "Each exercise's solution follows it in the chapter, in a closed dropdown: in the chapter "
