@@ -710,12 +710,11 @@ def _files_written_between(root: Path, start: float, end: float, skip: Path) -> 
 
 
 def _models_all_written_since(cache: Path, start: float) -> bool:
-    """Whether the cache's model folder holds model files and every one was written at or after
-    ``start``: the chapters that ran from then on found no model there, so together they built the
-    book from scratch."""
-    models = cache / "models"
+    """Whether the cache's model folder holds model files (``*.pt``, as ``cellulib cache list``
+    counts them) and every one was written at or after ``start``: the chapters that ran from then
+    on found no model there, so together they built the book from scratch."""
     try:
-        times = [p.stat().st_mtime for p in models.iterdir() if p.is_file()]
+        times = [p.stat().st_mtime for p in (cache / "models").glob("*.pt")]
     except OSError:
         return False
     return bool(times) and min(times) >= start
@@ -768,7 +767,8 @@ def record_history(chapters_dir: str | os.PathLike, history: str | os.PathLike |
     runs = _load_history(path)
     seen = {(r.get("chapter"), r.get("executed_at")) for r in runs}
     machine = _machine_key(machine_info())
-    new: list[tuple[float, dict[str, Any]]] = []
+    new: list[dict[str, Any]] = []
+    first_start = float("inf")
     for nb_path in sorted(Path(chapters_dir).glob("*.ipynb")):
         if nb_path.name.endswith(".tmp.ipynb") or nb_path.name.startswith("."):
             continue
@@ -780,7 +780,8 @@ def record_history(chapters_dir: str | os.PathLike, history: str | os.PathLike |
             continue
         t0, t1 = _parse_time(start).timestamp(), _parse_time(end).timestamp()
         written = _files_written_between(cache, t0 - 1.0, t1 + 1.0, path.resolve())
-        new.append((t0, {
+        first_start = min(first_start, t0)
+        new.append({
             "chapter": nb_path.stem,
             "executed_at": end,
             "seconds": round(float(pm["duration"]), 1),
@@ -788,12 +789,12 @@ def record_history(chapters_dir: str | os.PathLike, history: str | os.PathLike |
             "files_written": written,
             "parameters": pm.get("parameters") or {},
             "machine": machine,
-        }))
+        })
         seen.add((nb_path.stem, end))
-    if new and _models_all_written_since(cache, min(t0 for t0, _ in new) - 1.0):
-        for _, run in new:  # a build from an empty model cache: every run of it is from scratch
+    if new and _models_all_written_since(cache, first_start - 1.0):
+        for run in new:  # a build from an empty model cache: every run of it is from scratch
             run["built"] = "scratch"
-    runs.extend(run for _, run in new)
+    runs.extend(new)
     if new:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps({"runs": runs}, indent=1) + "\n")
