@@ -3,7 +3,9 @@ worked out by hand on a drawn image, their bad input, `cellulib proxy` and `cell
 real BRCA-M2C images, the cluster bootstrap, and the scale warnings of `predict` and `slide`."""
 
 import math
+import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -170,6 +172,14 @@ def test_labels_of_a_folder_with_bad_images_left_out_and_named(drawn_brca, tmp_p
     assert len(done) == 2 and done["cellularity"].tolist() == pytest.approx([0.5, 0.5])
     crop = np.array(Image.open(done["path"].iloc[0]))
     assert crop.shape == (20, 20, 3) and (crop == PINK).all()
+    # a re-run writes the same windows again only where a file differs: the others keep their time
+    first, second = (Path(p) for p in done["path"])
+    os.utime(first, (1_000_000, 1_000_000))
+    second.write_bytes(b"not the window")
+    again = proxy_labels(drawn_brca, window=20, crops_dir=tmp_path / "crops", radius=3.0)
+    assert again["path"].tolist() == win["path"].tolist()
+    assert first.stat().st_mtime == 1_000_000
+    assert (np.array(Image.open(second)) == PINK).all()
     with pytest.raises(ValueError, match="crops"):
         proxy_labels(drawn_brca, window=20)
 

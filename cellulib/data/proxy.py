@@ -335,7 +335,7 @@ def proxy_labels(root: PathLike, kind: str = "count", splits=None, window: int |
         The folder is not BRCA-M2C (the message describes both dataset layouts), or a split asked
         for is not in it.
     """
-    from cellulib.files.imageio import atomic_write_bytes
+    from cellulib.files.imageio import write_bytes_if_changed
 
     if kind not in KINDS:
         raise ValueError(f"unknown proxy kind {kind!r}; choose one of {list(KINDS)}")
@@ -398,7 +398,7 @@ def proxy_labels(root: PathLike, kind: str = "count", splits=None, window: int |
                 path = str(crops / f"{stem}_x{r.x}_y{r.y}.png")
                 crop = np.ascontiguousarray(img[r.y:r.y + r.size, r.x:r.x + r.size, ::-1])
                 ok, png = cv2.imencode(".png", crop)
-                atomic_write_bytes(path, png.tobytes())
+                write_bytes_if_changed(path, png.tobytes())  # a re-run leaves the same file alone
             rows.append(base | r._asdict() | {"path": path,
                                               "cellularity": getattr(r, kind)})
     ints = ("x", "y", "size", "n_nuclei", "n_tumour")

@@ -27,7 +27,7 @@ from cellulib.constants import IMAGE_SUFFIXES, TIFF_MAGIC
 
 __all__ = ["DataError", "DataWarning", "read_image", "to_rgb8", "collect_images", "read_csv_strings",
            "atomic_open", "check_writable",
-           "atomic_write_bytes", "atomic_write_text", "jsonable",
+           "atomic_write_bytes", "atomic_write_text", "write_bytes_if_changed", "jsonable",
            "figure_png"]
 
 PathLike = str | os.PathLike
@@ -391,6 +391,23 @@ def atomic_write_bytes(path: PathLike, data: bytes | Callable[[IO], Any]) -> Pat
         else:
             fh.write(data)
     return Path(path)
+
+
+def write_bytes_if_changed(path: PathLike, data: bytes) -> bool:
+    """Write ``data`` to ``path`` atomically (`atomic_write_bytes`) unless the file already holds
+    exactly these bytes; returns whether it wrote.
+
+    Outputs that a re-run derives again (the real-tissue windows cut from BRCA-M2C, written by the
+    real-tissue chapter and the discussion alike) then keep their files and times, so a chapter
+    that only read what was there counts as run from the cache (`cellulib.bench.bookstatus`)."""
+    target = Path(path)
+    try:
+        if target.stat().st_size == len(data) and target.read_bytes() == data:
+            return False
+    except OSError:
+        pass  # missing or unreadable: write it
+    atomic_write_bytes(target, data)
+    return True
 
 
 def atomic_write_text(path: PathLike, text: str) -> Path:
