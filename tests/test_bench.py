@@ -362,13 +362,15 @@ def test_status_page_lists_chapters_with_their_durations(book_dirs, tmp_path):
             for line in lines if line.startswith("| ") and ".ipynb" in line}
     assert rows["01_data_exploration.ipynb"][0] == "1. Data exploration"
     assert rows["01_data_exploration.ipynb"][2] == "31.0"
-    assert rows["01_data_exploration.ipynb"][3] == "ok"
-    assert rows["01_data_exploration.ipynb"][4] == "2026-11-26 15:16:10"
-    assert rows["01_data_exploration.ipynb"][5] == "3.11.7"
+    assert rows["01_data_exploration.ipynb"][3] == ""  # no build history given: not said
+    assert rows["01_data_exploration.ipynb"][4] == "ok"
+    assert rows["01_data_exploration.ipynb"][5] == "2026-11-26 15:16:10"
+    assert rows["01_data_exploration.ipynb"][6] == "3.11.7"
     assert rows["02_weak_segmentation.ipynb"][2] == "12.0"
-    assert rows["04_direct.ipynb"][3] == "failed"
+    assert rows["04_direct.ipynb"][4] == "failed"
     assert rows["05_discussion.ipynb"][2] == "3.5"  # 1.25 + 2.25 s from nbclient's timestamps
-    assert rows["03_gbt.ipynb"][3] == "not executed"
+    assert rows["03_gbt.ipynb"][4] == "not executed"
+    assert "neither goal applies, since 1 of the 5 chapters have no time" in page
     assert "03_gbt.ipynb.tmp" not in page
     total = [line for line in lines if line.startswith("| **total**")]
     assert total and "**50.0**" in total[0]  # 31 + 12 + 3.5 + 3.5

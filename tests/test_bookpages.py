@@ -277,6 +277,15 @@ def test_a_build_from_an_empty_model_cache_is_from_scratch_for_every_chapter(tmp
         ("01_a", "scratch", 0), ("02_b", "scratch", 1), ("03_c", "scratch", 0)]
     page = bookstatus.teachers_markdown(chapters, notebooks, history, cache)
     assert "The whole book from scratch took 137 s here." in page  # 30 + 100 + 7
+    # the status page measures this build against issue 21's goal for a build from scratch
+    status = bookstatus.status_markdown(chapters, notebooks, history)
+    assert _status_built(status) == {"01_a": "from scratch", "02_b": "from scratch",
+                                     "03_c": "from scratch"}
+    assert ("In this build these 3 chapters took 137 s, every model trained: 15% of the "
+            "15-minute goal (met).") in status  # 137 / 900
+    assert "within 15 min from a fresh clone" in status and "within 4 min re-executed" in status
+    assert "neither goal applies, since the build history does not say how every chapter" in (
+        bookstatus.status_markdown(chapters, notebooks))
 
     # a re-execution of the same book: the model is older than every new run, so all from the cache
     later = T0 + timedelta(hours=1)
@@ -284,6 +293,10 @@ def test_a_build_from_an_empty_model_cache_is_from_scratch_for_every_chapter(tmp
         _executed_record(chapters, name, later + timedelta(seconds=20 * i), 10.0 + i, book)
     runs = bookstatus.record_history(chapters, history, cache)
     assert [r["built"] for r in runs[3:]] == ["cache", "cache", "cache"]
+    status = bookstatus.status_markdown(chapters, notebooks, history)
+    assert set(_status_built(status).values()) == {"from the cache"}
+    assert ("these 3 chapters took 33 s, every model from the cache: 14% of the 4-minute goal "
+            "(met).") in status  # (10 + 11 + 12) / 240
     # a model trained again after a run of the batch had started: one chapter wrote it, the
     # others that wrote nothing stay from the cache, since an older model was there
     _touch(cache / "models" / "gbt-2.pt", later + timedelta(hours=1, seconds=5))
@@ -292,6 +305,17 @@ def test_a_build_from_an_empty_model_cache_is_from_scratch_for_every_chapter(tmp
     runs = bookstatus.record_history(chapters, history, cache)
     assert [(r["chapter"], r["built"]) for r in runs[6:]] == [("02_b", "scratch"),
                                                               ("03_c", "cache")]
+    status = bookstatus.status_markdown(chapters, notebooks, history)
+    assert _status_built(status) == {"01_a": "from the cache", "02_b": "from scratch",
+                                     "03_c": "from the cache"}
+    assert ("these 3 chapters took 79 s; neither goal applies, since some chapters trained "
+            "models and others read them from the cache.") in status  # 10 + 60 + 9
+
+
+def _status_built(page: str) -> dict[str, str]:
+    """Chapter -> the status page's "built" column."""
+    return {line.split("|")[2].strip(" `").removesuffix(".ipynb"): line.split("|")[4].strip()
+            for line in page.splitlines() if line.startswith("| ") and ".ipynb" in line}
 
 
 def test_history_refuses_a_damaged_file_naming_it(tmp_path):

@@ -797,7 +797,7 @@ def bench_book(chapters_dir: str | os.PathLike = "book/chapters",
         available (``ratio`` None) when no executed chapter is found; ``met`` is None while some
         chapter is missing or has failed.
     """
-    goal = f"ratio <= 1 (<= {BOOK_BUDGET_S:.0f} s, 2-core CPU)"
+    goal = f"ratio <= 1 (<= {BOOK_BUDGET_S:.0f} s from scratch, 2-core CPU)"
     chapters = Path(chapters_dir)
     if execute:
         with tempfile.TemporaryDirectory(prefix="bench-book-") as tmp:
