@@ -371,6 +371,9 @@ def test_status_page_lists_chapters_with_their_durations(book_dirs, tmp_path):
     assert rows["05_discussion.ipynb"][2] == "3.5"  # 1.25 + 2.25 s from nbclient's timestamps
     assert rows["03_gbt.ipynb"][4] == "not executed"
     assert "neither goal applies, since 1 of the 5 chapters have no time" in page
+    (tmp_path / "none").mkdir()
+    assert "neither goal applies, since no chapter has a recorded time yet" in (
+        bookstatus.status_markdown(tmp_path / "none"))
     assert "03_gbt.ipynb.tmp" not in page
     total = [line for line in lines if line.startswith("| **total**")]
     assert total and "**50.0**" in total[0]  # 31 + 12 + 3.5 + 3.5
@@ -388,13 +391,26 @@ def test_status_page_lists_chapters_with_their_durations(book_dirs, tmp_path):
 
 
 def test_status_command_writes_the_page_atomically(book_dirs, tmp_path, capsys):
-    chapters, _ = book_dirs
+    chapters, notebooks = book_dirs
     out = tmp_path / "site" / "status.md"
     assert bookstatus.main(["--chapters", str(chapters), "--out", str(out)]) == 0
     assert out.read_text().startswith("# Execution status\n")
     assert [p.name for p in out.parent.iterdir()] == ["status.md"]  # no temporary file left
     assert bookstatus.main(["--chapters", str(tmp_path / "nowhere")]) == 2
     assert "nowhere" in capsys.readouterr().err
+    # the teachers' page needs the source notebooks, and nothing is written without them
+    teachers = tmp_path / "site" / "teachers.md"
+    assert bookstatus.main(["--chapters", str(chapters), "--out", str(out), "--teachers",
+                            str(teachers), "--history", str(tmp_path / "h.json")]) == 2
+    assert "--teachers needs --notebooks" in capsys.readouterr().err
+    assert not teachers.exists() and not (tmp_path / "h.json").exists()
+    # as `make chapters` calls it: the runs are recorded first, so the page says how each was built
+    assert bookstatus.main(["--chapters", str(chapters), "--notebooks", str(notebooks), "--out",
+                            str(out), "--teachers", str(teachers), "--history",
+                            str(tmp_path / "h.json")]) == 0
+    row = next(line for line in out.read_text().splitlines() if "`01_data_exploration.ipynb`" in line)
+    assert row.split("|")[4].strip() in ("from scratch", "from the cache"), row
+    assert teachers.is_file() and (tmp_path / "h.json").is_file()
 
 
 def test_corrupt_notebook_is_named(tmp_path):

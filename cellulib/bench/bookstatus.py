@@ -317,7 +317,9 @@ def _goal_sentence(timed: list[dict[str, Any]], built: dict[str, str], total: fl
         verdict = "met" if total <= goal else "not met"
         return (f"Goals: {goals}. In this build {done}, {how}: {100 * total / goal:.0f}% of "
                 f"the {goal / 60:.0f}-minute goal ({verdict}).")
-    if len(timed) < n_chapters:
+    if not timed:
+        why = "no chapter has a recorded time yet"
+    elif len(timed) < n_chapters:
         why = f"{n_chapters - len(timed)} of the {n_chapters} chapters have no time"
     elif None in kinds:
         why = "the build history does not say how every chapter was built"
@@ -1078,6 +1080,8 @@ def main(argv: list[str] | None = None) -> int:
             for path in args.hide_solutions:
                 print(f"{path}: {hide_solutions(path)} solutions removed")
             return 0
+        if args.teachers and not args.notebooks:
+            raise ValueError("--teachers needs --notebooks")
         if args.execute_exercises:
             if not args.notebooks:
                 raise ValueError("--execute-exercises needs --notebooks")
@@ -1090,8 +1094,6 @@ def main(argv: list[str] | None = None) -> int:
         else:
             history = None
             if args.teachers:  # the status page says how each chapter of this build was built
-                if not args.notebooks:
-                    raise ValueError("--teachers needs --notebooks")
                 record_history(args.chapters, args.history)
                 history = args.history if args.history is not None else default_history_path()
             if args.out:
@@ -1100,8 +1102,6 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(status_markdown(args.chapters, args.notebooks, history))
         if args.teachers:
-            if not args.notebooks:
-                raise ValueError("--teachers needs --notebooks")
             path = write_teachers(args.chapters, args.teachers, args.notebooks, args.history)
             print(f"teachers' page written to {path}")
     except ValueError as exc:
