@@ -390,8 +390,9 @@ def test_status_page_lists_chapters_with_their_durations(book_dirs, tmp_path):
     assert "## Machine" in page and f"{os.cpu_count()} cores" in page
 
 
-def test_status_command_writes_the_page_atomically(book_dirs, tmp_path, capsys):
+def test_status_command_writes_the_page_atomically(book_dirs, tmp_path, capsys, monkeypatch):
     chapters, notebooks = book_dirs
+    monkeypatch.setenv("CELLULIB_HOME", str(tmp_path / "home"))  # the cache the history looks at
     out = tmp_path / "site" / "status.md"
     assert bookstatus.main(["--chapters", str(chapters), "--out", str(out)]) == 0
     assert out.read_text().startswith("# Execution status\n")
