@@ -311,9 +311,10 @@ def _goal_sentence(timed: list[dict[str, Any]], built: dict[str, str], total: fl
              "re-executed with every model in the cache, on a 2-core CPU")
     kinds = {built.get(r["chapter"]) for r in timed}
     done = f"these {len(timed)} chapters took {total:.0f} s"
-    if timed and len(timed) == n_chapters and kinds in ({"scratch"}, {"cache"}):
-        goal = BOOK_BUDGET_S if kinds == {"scratch"} else BOOK_CACHE_BUDGET_S
-        how = "every model trained" if kinds == {"scratch"} else "every model from the cache"
+    targets = {"scratch": (BOOK_BUDGET_S, "every model trained"),
+               "cache": (BOOK_CACHE_BUDGET_S, "every model from the cache")}
+    if timed and len(timed) == n_chapters and len(kinds) == 1 and next(iter(kinds)) in targets:
+        goal, how = targets[next(iter(kinds))]
         verdict = "met" if total <= goal else "not met"
         return (f"Goals: {goals}. In this build {done}, {how}: {100 * total / goal:.0f}% of "
                 f"the {goal / 60:.0f}-minute goal ({verdict}).")
@@ -1094,8 +1095,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             history = None
             if args.teachers:  # the status page says how each chapter of this build was built
-                record_history(args.chapters, args.history)
-                history = args.history if args.history is not None else default_history_path()
+                history = Path(args.history) if args.history is not None else default_history_path()
+                record_history(args.chapters, history)
             if args.out:
                 path = write_status(args.chapters, args.out, args.notebooks, history)
                 print(f"execution status written to {path}")
