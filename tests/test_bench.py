@@ -365,7 +365,9 @@ def test_status_page_lists_chapters_with_their_durations(book_dirs, tmp_path):
     assert rows["01_data_exploration.ipynb"][3] == ""  # no build history given: not said
     assert rows["01_data_exploration.ipynb"][4] == "ok"
     assert rows["01_data_exploration.ipynb"][5] == "2026-11-26 15:16:10"
-    assert rows["01_data_exploration.ipynb"][6] == "3.11.7"
+    # one Python for every chapter: a sentence, not a column of the same value
+    assert len(rows["01_data_exploration.ipynb"]) == 6
+    assert "Every executed chapter ran on Python 3.11.7." in page
     assert rows["02_weak_segmentation.ipynb"][2] == "12.0"
     assert rows["04_direct.ipynb"][4] == "failed"
     assert rows["05_discussion.ipynb"][2] == "3.5"  # 1.25 + 2.25 s from nbclient's timestamps
@@ -377,6 +379,17 @@ def test_status_page_lists_chapters_with_their_durations(book_dirs, tmp_path):
     assert "03_gbt.ipynb.tmp" not in page
     total = [line for line in lines if line.startswith("| **total**")]
     assert total and "**50.0**" in total[0]  # 31 + 12 + 3.5 + 3.5
+    assert all(line.count("|") == 7 for line in lines if line.startswith("| ") and "ipynb" in line)
+    # chapters run by different Pythons: each row says which
+    nb = nbformat.read(failed / "04_direct.ipynb", as_version=4)
+    nb.metadata["language_info"]["version"] = "3.12.3"
+    nbformat.write(nb, failed / "04_direct.ipynb")
+    page = bookstatus.status_markdown(failed, notebooks)
+    rows = {line.split("|")[2].strip(" `"): [c.strip() for c in line.split("|")[1:-1]]
+            for line in page.splitlines() if line.startswith("| ") and ".ipynb" in line}
+    assert rows["04_direct.ipynb"][6] == "3.12.3" and rows["01_data_exploration.ipynb"][6] == "3.11.7"
+    assert rows["03_gbt.ipynb"][6] == ""  # not executed
+    assert "| **total** | | **50.0** | | | | |" in page and "Every executed chapter ran" not in page
     import importlib.metadata
 
     versions = {line.split("|")[1].strip(): line.split("|")[2].strip()

@@ -376,19 +376,27 @@ def status_markdown(chapters_dir: str | os.PathLike,
         "versions below are those of the environment that wrote this page. Regenerate it with "
         "`python -m cellulib.bench.bookstatus --chapters book/chapters --out book/chapters/status.md`.",
         "",
-        "| chapter | file | execution time (s) | built | status | executed at (UTC) | Python |",
-        "| --- | --- | ---: | --- | --- | --- | --- |",
     ]
+    # the kernel's Python gets a column only when the chapters disagree; else one sentence (the
+    # table is wider than the book's page column with it)
+    pythons = sorted({r["python"] for r in rows if r["python"]})
+    by_python = len(pythons) > 1
+    lines += ["| chapter | file | execution time (s) | built | status | executed at (UTC) |"
+              + (" Python |" if by_python else ""),
+              "| --- | --- | ---: | --- | --- | --- |" + (" --- |" if by_python else "")]
     for r in rows:
         when = r["executed_at"].replace("T", " ")[:19] if r["executed_at"] else ""
         secs = "" if r["seconds"] is None else f"{r['seconds']:.1f}"
         lines.append(f"| {_md_escape(r['title'])} | `{r['chapter']}.ipynb` | {secs} | "
-                     f"{_BUILT_WORDS.get(built.get(r['chapter']), '')} | {r['status']} | {when} | "
-                     f"{r['python']} |")
+                     f"{_BUILT_WORDS.get(built.get(r['chapter']), '')} | {r['status']} | {when} |"
+                     + (f" {r['python']} |" if by_python else ""))
     timed = [r for r in rows if r["seconds"] is not None]
     total = sum(r["seconds"] for r in timed)
-    lines.append(f"| **total** | | **{total:.1f}** | | | | |")
-    lines += ["", _goal_sentence(timed, built, total, len(rows)), ""]
+    lines.append(f"| **total** | | **{total:.1f}** | | | |" + (" |" if by_python else ""))
+    lines += [""]
+    if len(pythons) == 1:
+        lines += [f"Every executed chapter ran on Python {pythons[0]}.", ""]
+    lines += [_goal_sentence(timed, built, total, len(rows)), ""]
     lines += [
         "## Package versions",
         "",
