@@ -10,6 +10,7 @@ durations papermill recorded.
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +58,18 @@ def _executed_notebook(path: Path, title: str, cell_seconds: list[float], *,
         }
     nbformat.write(nb, path)
     return path
+
+
+def status_rows(page: str) -> dict[str, list[str]]:
+    """The status page's chapter rows, by the linked notebook's name (the title when unlinked)."""
+    rows = {}
+    for line in page.splitlines():
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        if not line.startswith("| ") or cells[0] in ("chapter", "---", "**total**") or len(cells) < 5:
+            continue
+        link = re.fullmatch(r"\[.*\]\((.+)\.ipynb\)", cells[0])
+        rows[link.group(1) if link else cells[0]] = cells
+    return rows
 
 
 @pytest.fixture(scope="module")
@@ -358,20 +371,21 @@ def test_status_page_lists_chapters_with_their_durations(book_dirs, tmp_path):
     page = bookstatus.status_markdown(failed, notebooks)
     lines = page.splitlines()
     assert lines[0] == "# Execution status"
-    rows = {line.split("|")[2].strip(" `"): [c.strip() for c in line.split("|")[1:-1]]
-            for line in lines if line.startswith("| ") and ".ipynb" in line}
-    assert rows["01_data_exploration.ipynb"][0] == "1. Data exploration"
-    assert rows["01_data_exploration.ipynb"][2] == "31.0"
-    assert rows["01_data_exploration.ipynb"][3] == ""  # no build history given: not said
-    assert rows["01_data_exploration.ipynb"][4] == "ok"
-    assert rows["01_data_exploration.ipynb"][5] == "2026-11-26 15:16:10"
+    rows = status_rows(page)
+    # an executed chapter's title links to its page, the notebook beside the status page
+    assert rows["01_data_exploration"][0] == "[1. Data exploration](01_data_exploration.ipynb)"
+    assert rows["01_data_exploration"][1] == "31.0"
+    assert rows["01_data_exploration"][2] == ""  # no build history given: not said
+    assert rows["01_data_exploration"][3] == "ok"
+    assert rows["01_data_exploration"][4] == "2026-11-26 15:16:10"
     # one Python for every chapter: a sentence, not a column of the same value
-    assert len(rows["01_data_exploration.ipynb"]) == 6
+    assert len(rows["01_data_exploration"]) == 5
     assert "Every executed chapter ran on Python 3.11.7." in page
-    assert rows["02_weak_segmentation.ipynb"][2] == "12.0"
-    assert rows["04_direct.ipynb"][4] == "failed"
-    assert rows["05_discussion.ipynb"][2] == "3.5"  # 1.25 + 2.25 s from nbclient's timestamps
-    assert rows["03_gbt.ipynb"][4] == "not executed"
+    assert rows["02_weak_segmentation"][1] == "12.0"
+    assert rows["04_direct"][3] == "failed"
+    assert rows["05_discussion"][1] == "3.5"  # 1.25 + 2.25 s from nbclient's timestamps
+    assert rows["03_gbt"][3] == "not executed"  # no page to link to: the name is the title
+    assert "](03_gbt.ipynb)" not in page
     assert "neither goal applies, since 1 of the 5 chapters have no time" in page
     (tmp_path / "none").mkdir()
     assert "neither goal applies, since no chapter has a recorded time yet" in (
@@ -379,17 +393,16 @@ def test_status_page_lists_chapters_with_their_durations(book_dirs, tmp_path):
     assert "03_gbt.ipynb.tmp" not in page
     total = [line for line in lines if line.startswith("| **total**")]
     assert total and "**50.0**" in total[0]  # 31 + 12 + 3.5 + 3.5
-    assert all(line.count("|") == 7 for line in lines if line.startswith("| ") and "ipynb" in line)
+    assert {len(cells) for cells in rows.values()} == {5}
     # chapters run by different Pythons: each row says which
     nb = nbformat.read(failed / "04_direct.ipynb", as_version=4)
     nb.metadata["language_info"]["version"] = "3.12.3"
     nbformat.write(nb, failed / "04_direct.ipynb")
     page = bookstatus.status_markdown(failed, notebooks)
-    rows = {line.split("|")[2].strip(" `"): [c.strip() for c in line.split("|")[1:-1]]
-            for line in page.splitlines() if line.startswith("| ") and ".ipynb" in line}
-    assert rows["04_direct.ipynb"][6] == "3.12.3" and rows["01_data_exploration.ipynb"][6] == "3.11.7"
-    assert rows["03_gbt.ipynb"][6] == ""  # not executed
-    assert "| **total** | | **50.0** | | | | |" in page and "Every executed chapter ran" not in page
+    rows = status_rows(page)
+    assert rows["04_direct"][5] == "3.12.3" and rows["01_data_exploration"][5] == "3.11.7"
+    assert rows["03_gbt"][5] == ""  # not executed
+    assert "| **total** | **50.0** | | | | |" in page and "Every executed chapter ran" not in page
     import importlib.metadata
 
     versions = {line.split("|")[1].strip(): line.split("|")[2].strip()
@@ -422,8 +435,8 @@ def test_status_command_writes_the_page_atomically(book_dirs, tmp_path, capsys, 
     assert bookstatus.main(["--chapters", str(chapters), "--notebooks", str(notebooks), "--out",
                             str(out), "--teachers", str(teachers), "--history",
                             str(tmp_path / "h.json")]) == 0
-    row = next(line for line in out.read_text().splitlines() if "`01_data_exploration.ipynb`" in line)
-    assert row.split("|")[4].strip() in ("from scratch", "from the cache"), row
+    row = status_rows(out.read_text())["01_data_exploration"]
+    assert row[2] in ("from scratch", "from the cache"), row
     assert teachers.is_file() and (tmp_path / "h.json").is_file()
 
 

@@ -4,6 +4,7 @@ removed on request, and the history of build times behind the teachers' page."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -313,9 +314,9 @@ def test_a_build_from_an_empty_model_cache_is_from_scratch_for_every_chapter(tmp
 
 
 def _status_built(page: str) -> dict[str, str]:
-    """Chapter -> the status page's "built" column."""
-    return {line.split("|")[2].strip(" `").removesuffix(".ipynb"): line.split("|")[4].strip()
-            for line in page.splitlines() if line.startswith("| ") and ".ipynb" in line}
+    """Chapter (the notebook its title links to) -> the status page's "built" column."""
+    return {link.group(1): link.group(2).split("|")[2].strip()
+            for link in re.finditer(r"^\| \[[^]]*\]\(([^)]+)\.ipynb\) (\|.*)$", page, re.M)}
 
 
 def test_history_refuses_a_damaged_file_naming_it(tmp_path):

@@ -373,7 +373,9 @@ def status_markdown(chapters_dir: str | os.PathLike,
         "book is built. The table gives each chapter's execution time as papermill recorded it, "
         "how it was built (from scratch: it trained its models or generated its data itself; from "
         "the cache: every model it needed was there already), its status and when it ran; the "
-        "versions below are those of the environment that wrote this page. Regenerate it with "
+        "versions below are those of the environment that wrote this page. Each executed chapter's "
+        "title links to its page; its source is the notebook of the same name in `notebooks/`. "
+        "Regenerate the page with "
         "`python -m cellulib.bench.bookstatus --chapters book/chapters --out book/chapters/status.md`.",
         "",
     ]
@@ -381,18 +383,20 @@ def status_markdown(chapters_dir: str | os.PathLike,
     # table is wider than the book's page column with it)
     pythons = sorted({r["python"] for r in rows if r["python"]})
     by_python = len(pythons) > 1
-    lines += ["| chapter | file | execution time (s) | built | status | executed at (UTC) |"
+    lines += ["| chapter | execution time (s) | built | status | executed at (UTC) |"
               + (" Python |" if by_python else ""),
-              "| --- | --- | ---: | --- | --- | --- |" + (" --- |" if by_python else "")]
+              "| --- | ---: | --- | --- | --- |" + (" --- |" if by_python else "")]
     for r in rows:
         when = r["executed_at"].replace("T", " ")[:19] if r["executed_at"] else ""
         secs = "" if r["seconds"] is None else f"{r['seconds']:.1f}"
-        lines.append(f"| {_md_escape(r['title'])} | `{r['chapter']}.ipynb` | {secs} | "
-                     f"{_BUILT_WORDS.get(built.get(r['chapter']), '')} | {r['status']} | {when} |"
-                     + (f" {r['python']} |" if by_python else ""))
+        title = _md_escape(r["title"])
+        # an executed chapter's title links to its page (the notebook beside this page)
+        chapter = title if r["status"] == "not executed" else f"[{title}]({r['chapter']}.ipynb)"
+        lines.append(f"| {chapter} | {secs} | {_BUILT_WORDS.get(built.get(r['chapter']), '')} | "
+                     f"{r['status']} | {when} |" + (f" {r['python']} |" if by_python else ""))
     timed = [r for r in rows if r["seconds"] is not None]
     total = sum(r["seconds"] for r in timed)
-    lines.append(f"| **total** | | **{total:.1f}** | | | |" + (" |" if by_python else ""))
+    lines.append(f"| **total** | **{total:.1f}** | | | |" + (" |" if by_python else ""))
     lines += [""]
     if len(pythons) == 1:
         lines += [f"Every executed chapter ran on Python {pythons[0]}.", ""]
