@@ -438,6 +438,19 @@ def test_status_command_writes_the_page_atomically(book_dirs, tmp_path, capsys, 
     row = status_rows(out.read_text())["01_data_exploration"]
     assert row[2] in ("from scratch", "from the cache"), row
     assert teachers.is_file() and (tmp_path / "h.json").is_file()
+    # the page alone, as its own text says to regenerate it: it reads the history (here the
+    # default one, beside the cache) and records nothing
+    history = bookstatus.default_history_path()
+    history.write_bytes((tmp_path / "h.json").read_bytes())
+    before = history.read_bytes()
+    assert bookstatus.main(["--chapters", str(chapters), "--notebooks", str(notebooks),
+                            "--out", str(out)]) == 0
+    assert status_rows(out.read_text())["01_data_exploration"][2] == row[2]
+    assert history.read_bytes() == before
+    history.write_text("{not json")  # a damaged history is named, and the page is left as it was
+    page = out.read_text()
+    assert bookstatus.main(["--chapters", str(chapters), "--out", str(out)]) == 2
+    assert str(history) in capsys.readouterr().err and out.read_text() == page
 
 
 def test_corrupt_notebook_is_named(tmp_path):

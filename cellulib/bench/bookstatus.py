@@ -375,8 +375,9 @@ def status_markdown(chapters_dir: str | os.PathLike,
         "the cache: every model it needed was there already), its status and when it ran; the "
         "versions below are those of the environment that wrote this page. Each executed chapter's "
         "title links to its page; its source is the notebook of the same name in `notebooks/`. "
-        "Regenerate the page with "
-        "`python -m cellulib.bench.bookstatus --chapters book/chapters --out book/chapters/status.md`.",
+        "`make chapters` writes this page after executing the chapters; `python -m "
+        "cellulib.bench.bookstatus --chapters book/chapters --notebooks notebooks --out "
+        "book/chapters/status.md` writes it again from the executed chapters and the build history.",
         "",
     ]
     # the kernel's Python gets a column only when the chapters disagree; else one sentence (the
@@ -1105,9 +1106,10 @@ def main(argv: list[str] | None = None) -> int:
             runs = record_history(out, args.history)
             print(f"exercises executed into {out}; {len(runs)} runs in the history")
         else:
-            history = None
-            if args.teachers:  # the status page says how each chapter of this build was built
-                history = Path(args.history) if args.history is not None else default_history_path()
+            # the status page says how each chapter was built, from the history; with
+            # --teachers (as `make chapters` calls it) this build's runs are recorded first
+            history = Path(args.history) if args.history is not None else default_history_path()
+            if args.teachers:
                 record_history(args.chapters, history)
             if args.out:
                 path = write_status(args.chapters, args.out, args.notebooks, history)
