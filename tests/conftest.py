@@ -1,6 +1,7 @@
 """Shared pytest fixtures: tiny data, the real H&E images beside the repository; the project's pins."""
 import functools
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,18 @@ TEST_THREADS = max(1, _CORES // WORKERS)
 if WORKERS > 1:
     # before torch is imported: this process, and every kernel, CLI run and worker it starts
     os.environ["OMP_NUM_THREADS"] = str(TEST_THREADS)
+
+
+def status_rows(page: str) -> dict[str, list[str]]:
+    """The status page's chapter rows, by the linked notebook's name (the title when unlinked)."""
+    rows = {}
+    for line in page.splitlines():
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        if not line.startswith("| ") or cells[0] in ("chapter", "---", "**total**") or len(cells) < 5:
+            continue
+        link = re.fullmatch(r"\[.*\]\((.+)\.ipynb\)", cells[0])
+        rows[link.group(1) if link else cells[0]] = cells
+    return rows
 
 
 @functools.cache

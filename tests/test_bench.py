@@ -10,13 +10,13 @@ durations papermill recorded.
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import status_rows
 
 from cellulib.bench import bookstatus, suite
 from cellulib.files import imageio
@@ -58,18 +58,6 @@ def _executed_notebook(path: Path, title: str, cell_seconds: list[float], *,
         }
     nbformat.write(nb, path)
     return path
-
-
-def status_rows(page: str) -> dict[str, list[str]]:
-    """The status page's chapter rows, by the linked notebook's name (the title when unlinked)."""
-    rows = {}
-    for line in page.splitlines():
-        cells = [c.strip() for c in line.split("|")[1:-1]]
-        if not line.startswith("| ") or cells[0] in ("chapter", "---", "**total**") or len(cells) < 5:
-            continue
-        link = re.fullmatch(r"\[.*\]\((.+)\.ipynb\)", cells[0])
-        rows[link.group(1) if link else cells[0]] = cells
-    return rows
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ removed on request, and the history of build times behind the teachers' page."""
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from conftest import status_rows
 
 from cellulib.bench import bookstatus
 
@@ -314,9 +314,8 @@ def test_a_build_from_an_empty_model_cache_is_from_scratch_for_every_chapter(tmp
 
 
 def _status_built(page: str) -> dict[str, str]:
-    """Chapter (the notebook its title links to) -> the status page's "built" column."""
-    return {link.group(1): link.group(2).split("|")[2].strip()
-            for link in re.finditer(r"^\| \[[^]]*\]\(([^)]+)\.ipynb\) (\|.*)$", page, re.M)}
+    """Chapter -> the status page's "built" column."""
+    return {chapter: cells[2] for chapter, cells in status_rows(page).items()}
 
 
 def test_history_refuses_a_damaged_file_naming_it(tmp_path):
