@@ -1096,6 +1096,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.teachers and not args.notebooks:
             raise ValueError("--teachers needs --notebooks")
+        history = Path(args.history) if args.history is not None else default_history_path()
         if args.execute_exercises:
             if not args.notebooks:
                 raise ValueError("--execute-exercises needs --notebooks")
@@ -1103,12 +1104,11 @@ def main(argv: list[str] | None = None) -> int:
                                    {"profile": args.profile, "seed": args.seed},
                                    cwd=args.execute_exercises, verbose=True,
                                    per_chapter=EXERCISE_PARAMETERS)
-            runs = record_history(out, args.history)
+            runs = record_history(out, history)
             print(f"exercises executed into {out}; {len(runs)} runs in the history")
         else:
             # the status page says how each chapter was built, from the history; with
             # --teachers (as `make chapters` calls it) this build's runs are recorded first
-            history = Path(args.history) if args.history is not None else default_history_path()
             if args.teachers:
                 record_history(args.chapters, history)
             if args.out:
@@ -1117,7 +1117,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(status_markdown(args.chapters, args.notebooks, history))
         if args.teachers:
-            path = write_teachers(args.chapters, args.teachers, args.notebooks, args.history)
+            path = write_teachers(args.chapters, args.teachers, args.notebooks, history)
             print(f"teachers' page written to {path}")
     except ValueError as exc:
         print(f"cellulib.bench.bookstatus: {exc}", file=sys.stderr)
