@@ -172,8 +172,8 @@ def command_line_seg(profile: str = "quick", brca: bool = True,
 #: leaves it out (issue 21: it was the largest single training run of a build, 340-386 s of 2
 #: cores in bf16): the FPN was the better decoder on BRCA-M2C's held-out patients in every
 #: comparison measured (the books' builds at 32 epochs, where the U-Net classed no nucleus as
-#: lymphocyte or stromal in one of them, and 96 epochs, where it was worse on every class; README),
-#: and chapter 2 compares the two decoders on synthetic patches in every build.
+#: lymphocyte or stromal in one of them, and 96 epochs, where it was worse on every class;
+#: MEASUREMENTS.md), and chapter 2 compares the two decoders on synthetic patches in every build.
 BRCA_M2C_COMPARE_DECODERS: dict[str, bool] = {"quick": False, "paper": True}
 
 #: The stain augmentation (`cellulib.data.transforms.STAIN_AUGMENTS`) of the nucleus detector that
@@ -182,7 +182,7 @@ BRCA_M2C_COMPARE_DECODERS: dict[str, bool] = {"quick": False, "paper": True}
 #: F moved with the arithmetic: 0.584-0.722 in eight runs over seeds 0 and 1, bf16 and float32, 1
 #: and 2 torch threads and several CPU kinds (0.584 in float32 on an AVX2 CPU, under the floor);
 #: with chapter 4b's HED jitter the four runs measured (seeds 0 and 1, bf16 and float32, one CPU
-#: kind) gave 0.679-0.715, a narrower spread above the floor (README).
+#: kind) gave 0.679-0.715, a narrower spread above the floor (MEASUREMENTS.md).
 SYNTHETIC_DETECTOR_STAIN: str = "hed"
 
 #: The epochs of that detector per profile, where they differ from the profile's BRCA-M2C networks'
@@ -190,7 +190,7 @@ SYNTHETIC_DETECTOR_STAIN: str = "hed"
 #: :func:`cellulib.training.train.synthetic_detector` (the real-H&E chapter's parameter) wins. With
 #: HED jitter, 24 epochs were as good as 32 on BRCA-M2C's held-out patients (pooled F, seeds 0 and
 #: 1, bf16 and float32, one CPU kind: 0.675-0.728 against 0.679-0.715) in three quarters of the
-#: time (issue 21; README).
+#: time (issue 21; MEASUREMENTS.md).
 SYNTHETIC_DETECTOR_EPOCHS: dict[str, int] = {"quick": 24}
 
 #: The segmentation decoders' names in the book's tables and sentences.

@@ -797,7 +797,7 @@ def synthetic_detector(root: str | os.PathLike, profile: str = "quick", seed: in
     profile, its crop, schedule and rate), where chapter 2's network keeps the paper's x2
     downscale, whose discs merge neighbouring nuclei; and with stain jitter (``stain_augment``,
     None: :data:`cellulib.data.profiles.SYNTHETIC_DETECTOR_STAIN`, HED), which narrowed the spread
-    of its F on real nuclei over seeds and precisions, above the floor (README). ``epochs``
+    of its F on real nuclei over seeds and precisions, above the floor (MEASUREMENTS.md). ``epochs``
     (None: :data:`cellulib.data.profiles.SYNTHETIC_DETECTOR_EPOCHS`, 24 in the quick profile, or
     where a profile has none there, its BRCA-M2C epochs). Issue 23 measures it on real BRCA-M2C
     nuclei (the real-H&E chapter, through
@@ -827,7 +827,7 @@ def real_tissue_levers(root: str | os.PathLike, real_seg: TrainResult, profile: 
       segmentation network that learned real nuclei (BRCA-M2C), instead of the synthetic-trained
       FPN. SR is off by default: its cascade runs that network at full resolution (no x2
       downscale) in every training step: 895 s on one loaded thread of a 2-core machine (more
-      than 33 minutes beside a book build), for no PK gain over SR at seed 0 (README);
+      than 33 minutes beside a book build), for no PK gain over SR at seed 0 (MEASUREMENTS.md);
     - with ``augment`` (``"hed"``; ``"none"`` leaves them out) the stain-shift chapter's models
       trained with stain jitter: GBT on a jittered FPN, and ResNet34 (R);
     - with ``calibrated`` (a synthetic set rendered by the generator calibrated to real tissue,
@@ -838,7 +838,7 @@ def real_tissue_levers(root: str | os.PathLike, real_seg: TrainResult, profile: 
       folder's nuclei and the synthetic patches of ``root`` together (:func:`train_seg` with
       ``mix=root``, ``real_seg``'s epochs, crop and patches per epoch). Off by default: it trains
       a second real-nuclei network, about 1.5 times as long as ``real_seg``, and its PK gain over
-      GBT on ``real_seg`` was undecided at seeds 0 and 1 (README).
+      GBT on ``real_seg`` was undecided at seeds 0 and 1 (MEASUREMENTS.md).
 
     All come from the cache when the chapters that train them have run. Used in the real-tissue
     chapter."""
