@@ -54,6 +54,11 @@ def test_notebook_sources_are_clean(path):
     assert cells[0]["cell_type"] == "markdown" and "".join(cells[0]["source"]).startswith("# ")
     tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(tagged) == 1 and cells.index(tagged[0]) == 1, "the second cell must be the parameters cell"
+    # nbformat 4.5 cell ids (a missing one is a MissingIDFieldWarning at every execution, and
+    # "will become a hard error in future nbformat versions"), each unique
+    ids = [cell.get("id") for cell in cells]
+    assert None not in ids, f"{path.name}: cells {[i for i, x in enumerate(ids) if x is None]} have no id"
+    assert len(set(ids)) == len(ids), f"{path.name}: cell ids repeat"
     for cell in cells:
         if cell["cell_type"] == "code":
             assert cell.get("outputs") == [] and cell.get("execution_count") is None, (
