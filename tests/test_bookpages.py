@@ -246,13 +246,16 @@ def test_history_tells_scratch_from_cache_and_the_page_shows_both(tmp_path):
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
             for line in times.splitlines() if line.startswith("| `0")}
     assert rows["`01_a`"] == ["100 s", "12 s", "`-p profile quick -p seed 0`"]
-    assert rows["`02_b`"][:2] == ["not measured on this machine yet", "20 s"]
+    assert rows["`02_b`"][:2] == ["—", "20 s"]
     # each row names the parameters of the executed copy, and its times are runs with those
-    assert rows["`03_c`"] == ["not measured on this machine yet", "5 s", "`-p seed 1`"]
+    assert rows["`03_c`"] == ["—", "5 s", "`-p seed 1`"]
+    # the dash is explained once, under the table
+    assert times.count("—: not measured on this machine yet.") == 1
     assert "The whole book from scratch: not measured on this machine yet (1 of 3 chapters seen)" in page
     assert "Every chapter from the cache: 37 s in all." in page  # 12 + 20 + 5
     # these chapters have no exercise parameters: their rows show the runs above
-    assert exercises.count("| `-` |") == 3 and exercises.count("not measured on this machine yet") == 2
+    assert exercises.count("| `-` |") == 3 and exercises.count("| — |") == 2
+    assert exercises.count("—: not measured on this machine yet.") == 1
     assert "## Solutions" in page and "SOLUTIONS=hide" in page and "make lab" in page
     assert "With a new seed, run the chapters in the book's order" in exercises
 

@@ -877,8 +877,18 @@ def _latest(runs: list[dict[str, Any]], chapter: str, built: str, machine: str,
     return max(hits, key=lambda r: r.get("executed_at", "")) if hits else None
 
 
+#: A time cell of the teachers' page with no run in the history; the table's note says what it means.
+NOT_MEASURED = "—"
+_NOT_MEASURED_NOTE = f"{NOT_MEASURED}: not measured on this machine yet."
+
+
 def _cell(run: dict[str, Any] | None) -> str:
-    return "not measured on this machine yet" if run is None else f"{run['seconds']:.0f} s"
+    return NOT_MEASURED if run is None else f"{run['seconds']:.0f} s"
+
+
+def _with_note(rows: list[str]) -> list[str]:
+    """A table's rows, then the note on dashes when a cell has one."""
+    return rows + (["", _NOT_MEASURED_NOTE] if any(f"| {NOT_MEASURED} |" in r for r in rows) else [])
 
 
 def _folder_mib(root: Path) -> float:
@@ -914,7 +924,8 @@ def teachers_markdown(chapters_dir: str | os.PathLike, notebooks_dir: str | os.P
     the page, with the parameters the book was built with (read from the executed chapters in
     ``chapters_dir``) and with :data:`EXERCISE_PARAMETERS` (``make exercises``); what to build
     before the day, with the totals and the size of the cache folder; where the solutions are and
-    how to hide them. A time not in the history reads "not measured on this machine yet".
+    how to hide them. A time not in the history is a dash (:data:`NOT_MEASURED`), explained under
+    its table.
     Written by ``make chapters`` (``python -m cellulib.bench.bookstatus --teachers PAGE``).
 
     Returns
@@ -967,6 +978,7 @@ def teachers_markdown(chapters_dir: str | os.PathLike, notebooks_dir: str | os.P
         "| --- | --- | ---: | ---: |",
     ]
     totals = {"scratch": [], "cache": []}
+    rows = []
     for name in names:
         params = _book_parameters(chapters, name)
         label = ("not executed yet" if params is None
@@ -976,7 +988,8 @@ def teachers_markdown(chapters_dir: str | os.PathLike, notebooks_dir: str | os.P
             row[built] = _latest(runs, name, built, machine, params)
             if row[built] is not None:
                 totals[built].append(row[built]["seconds"])
-        lines.append(f"| `{name}` | {_cell(row['scratch'])} | {_cell(row['cache'])} | {label} |")
+        rows.append(f"| `{name}` | {_cell(row['scratch'])} | {_cell(row['cache'])} | {label} |")
+    lines += _with_note(rows)
     complete = {k: len(v) == len(names) for k, v in totals.items()}
     lines += [
         "",
@@ -1012,13 +1025,15 @@ def teachers_markdown(chapters_dir: str | os.PathLike, notebooks_dir: str | os.P
         "| chapter | add | from scratch | from the cache |",
         "| --- | --- | ---: | ---: |",
     ]
+    rows = []
     for name in names:
         extra = EXERCISE_PARAMETERS.get(name, {})
         book = _book_parameters(chapters, name) or {}
         params = {**book, **extra} if book else None
-        lines.append(f"| `{name}` | `{_papermill_args(extra) or '-'}` | "
-                     f"{_cell(_latest(runs, name, 'scratch', machine, params) if params else None)} | "
-                     f"{_cell(_latest(runs, name, 'cache', machine, params) if params else None)} |")
+        rows.append(f"| `{name}` | `{_papermill_args(extra) or '-'}` | "
+                    f"{_cell(_latest(runs, name, 'scratch', machine, params) if params else None)} | "
+                    f"{_cell(_latest(runs, name, 'cache', machine, params) if params else None)} |")
+    lines += _with_note(rows)
     lines += [
         "",
         "For example: `.venv/bin/papermill notebooks/02_weak_segmentation.ipynb out.ipynb "
