@@ -191,18 +191,18 @@ def test_synthetic_detector_sentence_by_hand():
     settings = {"disc_diameter": 11.0, "downscale": 1, "seg_epochs": 32}
     assert realtissue.synthetic_detector_sentence(t, settings, 350, "calibrated", 0.08, "test") == (
         "Trained only on synthetic patches of the generator calibrated to real tissue (chapter 1), "
-        "at full size with 11 px discs for 32 epochs (6 minutes), the FPN finds the nuclei of the "
+        "at full size with 11 px discs for 32 epochs (5.8 minutes), the FPN finds the nuclei of the "
         "held-out patients with pooled precision 0.499, recall 0.764 and F 0.604, where chapter 2's "
         "network, trained at the paper's scale, reaches F 0.080 on the test split; the floor for "
         "such a detector (0.60) is **met**. Its weakest class is lymphocyte (F 0.012).")
     below = t.assign(f1=[0.012, 0.475, 0.186, 0.599])
     text = realtissue.synthetic_detector_sentence(below, {**settings, "downscale": 2}, 60, "default")
     assert "of the default generator, after a x2 downscale with 11 px discs" in text
-    assert "for 32 epochs (1 minute), the FPN" in text
+    assert "for 32 epochs (1.0 minutes), the FPN" in text
     assert "F 0.599; the floor for such a detector (0.60) is **not met**." in text
     jittered = realtissue.synthetic_detector_sentence(t, {**settings, "stain_augment": "hed"}, 150,
                                                       "calibrated")
-    assert "at full size with 11 px discs and HED stain jitter for 32 epochs (2 minutes)" in jittered
+    assert "at full size with 11 px discs and HED stain jitter for 32 epochs (2.5 minutes)" in jittered
     assert "none stain" not in realtissue.synthetic_detector_sentence(
         t, {**settings, "stain_augment": "none"}, 150, "calibrated")
 

@@ -924,6 +924,7 @@ def synthetic_detector_sentence(scores: pd.DataFrame, settings: Mapping[str, Any
     >>> synthetic_detector_sentence(t, s, 350, "calibrated", 0.08, "test").split("; ")[-1]
     'the floor for such a detector (0.60) is **met**. Its weakest class is lymphocyte (F 0.020).'
     """
+    from cellulib.reporting.sentences import minutes_text
     from cellulib.reporting.tables import BRCA_M2C_NAMES
 
     d = scores.loc["detection"]
@@ -937,7 +938,7 @@ def synthetic_detector_sentence(scores: pd.DataFrame, settings: Mapping[str, Any
     weakest = scores.drop(index="detection")["f1"].idxmin()
     text = (f"Trained only on synthetic patches of {where}, {scale} with "
             f"{settings['disc_diameter']:g} px discs{jitter} for {settings['seg_epochs']} epochs "
-            f"({seconds / 60:.0f} minute{'' if round(seconds / 60) == 1 else 's'}), the FPN finds the nuclei of the held-out patients with "
+            f"({minutes_text(seconds)}), the FPN finds the nuclei of the held-out patients with "
             f"pooled precision {d['precision']:.3f}, recall {d['recall']:.3f} and F "
             f"{d['f1']:.3f}")
     if paper_scale_f is not None:

@@ -22,6 +22,7 @@ __all__ = [
     "learned_count",
     "route_cost_sentence",
     "schedule_text",
+    "minutes_text",
     "labels_sentence",
     "stain_sources_sentence",
     "brca_m2c_sentence",
@@ -111,6 +112,20 @@ def importance_caveat(summary: pd.DataFrame, model: str = "GBT") -> str:
         return f"{model} has learned, so this ranking says what its predictions rest on."
     return (f"{model} has not learned at this budget (the 95% CI of its MSE reaches the mean "
             "predictor's), so this ranking reflects noise more than what predicts cellularity.")
+
+
+def minutes_text(seconds: float) -> str:
+    """A training time as every computed sentence of the book writes it: minutes with one decimal
+    under 10 minutes, whole minutes from there, so one time reads the same wherever a page states it.
+    The sentences of the real-H&E chapter (:func:`training_sentence`, :func:`real_he_finding`,
+    :func:`transfer_sentence`, :func:`cellulib.reporting.realtissue.synthetic_detector_sentence`)
+    write their training times with it.
+
+    >>> minutes_text(270), minutes_text(60), minutes_text(1420)
+    ('4.5 minutes', '1.0 minutes', '24 minutes')
+    """
+    minutes = seconds / 60
+    return f"{minutes:.1f} minutes" if round(minutes, 1) < 10 else f"{minutes:.0f} minutes"
 
 
 def schedule_text(settings: Mapping[str, Any], prefix: str = "direct") -> str:
@@ -229,11 +244,11 @@ def training_sentence(settings: Mapping[str, Any], profile: str, seconds: float,
               f"{settings['seg_lr']:g})")
     if len(networks) == 1:
         return (f"The {profile} profile trains the {networks[0]} for {recipe}, in "
-                f"{seconds / 60:.1f} minutes. It leaves the U-Net decoder out to save its training "
+                f"{minutes_text(seconds)}. It leaves the U-Net decoder out to save its training "
                 "time; `-p compare_decoders True` (the paper profile's default) trains it beside "
                 "the FPN and tests the paper's ranking of the decoders on real nuclei.")
     return (f"The {profile} profile trains each network for {recipe}; the two took "
-            f"{seconds / 60:.1f} minutes together.")
+            f"{minutes_text(seconds)} together.")
 
 
 def decoder_sentence(val_scores: Mapping[str, pd.DataFrame], best: str, threshold: float,
@@ -334,7 +349,7 @@ def command_line_sentence(recipe: Mapping[str, Any], profile: str, book_epochs: 
                 "`-p cli_recipe True`) and this section compares it with the FPN above.")
     classes = list(REAL_FLOORS)
     missed = floors_missed(cli_val)
-    parts = [] if seconds is None else [f"trained in {seconds / 60:.0f} minutes"]
+    parts = [] if seconds is None else [f"trained in {minutes_text(seconds)}"]
     if threshold is not None:
         parts.append(f"detecting at the threshold its file records ({threshold:g}"
                      + ("" if threshold_images is None
@@ -359,7 +374,7 @@ def real_he_finding(best: str, scores: pd.DataFrame, minutes: float, n_train: in
     reported split (``scores``) beside MCSpatNet's, and its two weakest classes. Used in the
     real-H&E chapter."""
     names = BRCA_M2C_NAMES
-    return (f"Trained for {minutes:.0f} minutes on {n_train} real BRCA-M2C patches, the {best} "
+    return (f"Trained for {minutes_text(minutes * 60)} on {n_train} real BRCA-M2C patches, the {best} "
             f"network detects nuclei with F {scores.loc['detection', 'f1']:.2f} and tumour nuclei "
             f"with F {scores.loc['malignant', 'f1']:.2f} on the {report_split} split (MCSpatNet on "
             f"the test split: {MCSPATNET_F['detection']:.2f} and {MCSPATNET_F['malignant']:.2f}); "
@@ -484,7 +499,7 @@ def real_he_summary(nn_distance, diameters, settings: Mapping[str, Any], best: s
         f"{'at full size' if factor == 1 else f'after a x{factor:g} downscale'} with {disc:g} px "
         f"discs, where the paper's x{SEG_DOWNSCALE:g} downscale and {DISC_DIAMETER:g} px discs would "
         "merge neighbours.",
-        f"Chapter 2's weakly supervised {best} network, trained for {minutes:.0f} minutes on real "
+        f"Chapter 2's weakly supervised {best} network, trained for {minutes_text(minutes * 60)} on real "
         f"dots, detects nuclei with F {scores.loc['detection', 'f1']:.2f} on the {report_split} "
         f"split, against {MCSPATNET_F['detection']:.2f} for MCSpatNet, a dedicated detector, on "
         "the test split" + (" (different images: compare with care)." if report_split != "test"
