@@ -118,8 +118,9 @@ def minutes_text(seconds: float) -> str:
     """A training time as every computed sentence of the book writes it: minutes with one decimal
     under 10 minutes, whole minutes from there, so one time reads the same wherever a page states it.
     The sentences of the real-H&E chapter (:func:`training_sentence`, :func:`real_he_finding`,
-    :func:`transfer_sentence`, :func:`cellulib.reporting.realtissue.synthetic_detector_sentence`)
-    write their training times with it.
+    :func:`real_he_summary`, :func:`command_line_sentence` and
+    :func:`cellulib.reporting.realtissue.synthetic_detector_sentence`) write their training times
+    with it.
 
     >>> minutes_text(270), minutes_text(60), minutes_text(1420)
     ('4.5 minutes', '1.0 minutes', '24 minutes')
