@@ -918,3 +918,33 @@ def test_loader_workers_persist_across_epochs_with_the_same_batches(cells_root):
     assert len(_batches(dls.train)) == len(epochs[0])  # a closed loader starts again
     breastpathq._close_all_workers()  # what runs at exit
     assert [p for p in workers() if p not in before] == []
+
+
+def test_pinned_batches_go_to_the_device_without_waiting(cells_root, monkeypatch):
+    """With workers and pinned memory (a GPU) each batch's copy to the device is queued
+    (``non_blocking``), so the host goes on with the next batch; without pinning it is not, since
+    a non-blocking copy from pageable memory is not safe to reuse."""
+    calls = []
+    real = breastpathq.to_device
+
+    def to_device(b, device=None, non_blocking=False):
+        calls.append(non_blocking)
+        return real(b, device)
+
+    monkeypatch.setattr(breastpathq, "to_device", to_device)
+    dls = seg_dataloaders(cells_root, size=32, bs=2, valid_pct=0.34, seed=3, device="cpu",
+                          num_workers=1)
+    try:
+        _batches(dls.train)
+        assert calls and not any(calls)  # a CPU: nothing pinned
+        calls.clear()
+        dls.train.pin_memory = True  # what `_dataloaders` sets for a GPU
+        dls.train.close_workers()
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "pin_memory ... no accelerator is found"
+            _batches(dls.train)
+        assert calls and all(calls)
+    finally:
+        breastpathq.close_workers(dls)

@@ -275,3 +275,19 @@ def test_soft_bin_cross_entropy_is_smallest_at_the_target_distribution():
     entropy = -torch.special.xlogy(q, q).sum(1).mean()  # a cross-entropy's minimum: the entropy
     assert float(at_target) == pytest.approx(float(entropy), rel=1e-4)
     assert float(loss(logits + 0.3 * torch.randn(2, 101), bins)) > float(at_target)
+
+
+def test_loss_checks_every_cpu_batch_and_makes_its_weights_once_per_device():
+    """On the CPU every call checks the target range, also after good batches (off the CPU the
+    first call per device does: reading the answer back would wait for a GPU at every batch).
+    The class-weight tensor is made once per device and dtype, not copied at every batch."""
+    loss = BCEJaccardLoss()
+    logits, good = torch.zeros(2, 4, 3, 3), torch.ones(2, 4, 3, 3)
+    first = loss(logits, good)
+    assert torch.equal(loss(logits, good), first)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
+        loss(logits, good * 255)
+    v = loss._weight_tensor(torch.device("cpu"), torch.float32)
+    assert v is loss._weight_tensor(torch.device("cpu"), torch.float32)
+    assert v.tolist() == [1.0, 1.0, 4.0, 1.0]
+    assert loss._weight_tensor(torch.device("cpu"), torch.float64).dtype == torch.float64

@@ -591,7 +591,8 @@ class _SeededDataLoader(DataLoader):
             if self.pin_memory and type(b) == list:  # noqa: E721 (fastai's own test)
                 b = tuple(b)
             if self.device is not None:
-                b = to_device(b, self.device)
+                # from pinned memory the copy is queued and the host goes on with the next batch
+                b = to_device(b, self.device, non_blocking=self.pin_memory)
             yield self.after_batch(b)
         self.after_iter()
 

@@ -22,10 +22,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import time
 from typing import Any
 
 import torch
 from fastai.callback.core import Callback
+from fastai.callback.progress import ProgressCallback
+from fastai.learner import AvgLoss, AvgSmoothLoss
+from fastai.torch_core import find_bs, to_detach
 
 PRECISIONS = ("auto", "bf16", "fp16", "float32")
 
@@ -285,6 +289,109 @@ def training_callbacks(device: Any = None, precision: str = "auto") -> list:
     if dev.type == "cuda":
         return [ChannelsLast(), MixedPrecision("bf16" if dtype == torch.bfloat16 else "fp16")]
     return [ChannelsLast(), CPUAutocast(dtype)]
+
+
+#: Seconds between two updates of the loss shown beside a training progress bar (:class:`Progress`).
+PROGRESS_COMMENT_EVERY_S = 1.0
+
+
+def asynchronous(learn: Any) -> Any:
+    """Let ``learn`` (a fastai Learner) queue batch after batch on a GPU without waiting for it.
+
+    Reading a number computed on a GPU makes the host wait until the GPU has finished everything
+    queued before it. fastai does that at every training batch: its Recorder copies the running
+    loss to the CPU (``to_detach``) and its progress bar prints that loss. While the host waits,
+    the GPU has nothing queued, and while the GPU then computes, the host does the next batch's
+    Python work: the two take turns instead of overlapping (issue 21 measured an H200 at 0.65-0.76
+    of a plain loop). Here the running losses stay on the device (:class:`DeviceLosses`, copied to
+    the CPU once per epoch) and the bar shows the loss at most once per
+    `PROGRESS_COMMENT_EVERY_S` (:class:`Progress`). Nothing computed changes: on a CPU the same
+    numbers, in the same order. Used by :func:`cellulib.training.train.learner`, so by every
+    Learner of the book and of ``cellulib.bench.suite``.
+    """
+    if not any(isinstance(cb, DeviceLosses) for cb in learn.cbs):
+        learn.add_cb(DeviceLosses())
+    for cb in list(learn.cbs):
+        if type(cb) is ProgressCallback:
+            learn.remove_cb(cb)
+            learn.add_cb(Progress())
+    return learn
+
+
+class DeviceAvgLoss(AvgLoss):
+    """fastai's ``AvgLoss`` (the validation loss) with its sum kept on the loss's device."""
+
+    def accumulate(self, learn: Any) -> None:
+        bs = find_bs(learn.yb)
+        self.total += to_detach(learn.loss.mean(), cpu=False) * bs
+        self.count += bs
+
+
+class DeviceAvgSmoothLoss(AvgSmoothLoss):
+    """fastai's ``AvgSmoothLoss`` (the running training loss) with its value kept on the loss's
+    device."""
+
+    def accumulate(self, learn: Any) -> None:
+        self.count += 1
+        self.val = torch.lerp(to_detach(learn.loss.mean(), cpu=False), self.val, self.beta)
+
+
+class DeviceLosses(Callback):
+    """fastai callback: the Recorder's running losses stay on the device during an epoch.
+
+    fastai's Recorder copies each batch's loss to the CPU, which makes the host wait for the GPU
+    (:func:`asynchronous`). Before each fit this puts :class:`DeviceAvgLoss` and
+    :class:`DeviceAvgSmoothLoss` in the place of its two loss averages (the same arithmetic on
+    the same values); after each training phase the per-batch losses it recorded
+    (``recorder.losses``) are copied to the CPU together, as floats.
+    """
+
+    order = 49  # before the Recorder (50), so that it resets the new averages
+
+    def before_fit(self) -> None:
+        rec = getattr(self.learn, "recorder", None)
+        if rec is None:
+            return
+        # set in the Recorder's __dict__: its `loss` shadows the Learner's by fastai's design
+        if type(rec.loss) is AvgLoss:
+            rec.__dict__["loss"] = DeviceAvgLoss()
+        if type(rec.smooth_loss) is AvgSmoothLoss:
+            rec.__dict__["smooth_loss"] = DeviceAvgSmoothLoss(beta=rec.smooth_loss.beta)
+        self._copied = 0  # the Recorder starts its lists anew at each fit
+
+    def after_train(self) -> None:
+        rec = getattr(self.learn, "recorder", None)
+        if rec is None:
+            return
+        start = min(getattr(self, "_copied", 0), len(rec.losses))
+        pending = [torch.as_tensor(v).detach().float().reshape(()) for v in rec.losses[start:]]
+        if pending:
+            device = pending[0].device
+            # one copy to the CPU per epoch instead of one per batch
+            rec.losses[start:] = torch.stack([v.to(device) for v in pending]).cpu().tolist()
+        self._copied = len(rec.losses)
+
+
+class Progress(ProgressCallback):
+    """fastai's progress bar, with the running loss beside it updated at most once per
+    `PROGRESS_COMMENT_EVERY_S` seconds and at the end of each phase, since printing it reads the
+    loss from the device (:func:`asynchronous`). Keeps fastai's name: ``learn.progress``."""
+
+    @property
+    def name(self) -> str:
+        return "progress"
+
+    def _launch_pbar(self) -> None:
+        self._shown = -float("inf")
+        super()._launch_pbar()
+
+    def after_batch(self) -> None:
+        self.pbar.update(self.iter + 1)
+        now = time.monotonic()
+        if hasattr(self, "smooth_loss") and (now - self._shown >= PROGRESS_COMMENT_EVERY_S
+                                             or self.iter + 1 >= self.n_iter):
+            self.pbar.comment = f"{self.smooth_loss.item():.4f}"
+            self._shown = now
 
 
 class Float32(Callback):

@@ -116,8 +116,16 @@ class BCEJaccardLoss(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         bce, jac = self.per_class(logits, target)
         loss_c = (1 - self.alpha) * bce - self.alpha * jac
-        v = torch.tensor(self.weights, dtype=loss_c.dtype, device=loss_c.device)
+        v = self._weight_tensor(loss_c.device, loss_c.dtype)
         return (loss_c * v).sum(-1) / v.sum()
+
+    def _weight_tensor(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        # made once per device: a copy to a GPU at every batch would wait for the GPU
+        cache = self.__dict__.setdefault("_weight_tensors", {})
+        key = (device, dtype)
+        if key not in cache:
+            cache[key] = torch.tensor(self.weights, dtype=dtype, device=device)
+        return cache[key]
 
     def _prepare(self, logits: torch.Tensor, target: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,9 +137,14 @@ class BCEJaccardLoss(nn.Module):
         if not torch.is_floating_point(logits):
             raise ValueError(f"BCEJaccardLoss: logits must be float, got {logits.dtype}")
         target = target.to(logits.dtype)
-        if bool(((target < 0) | (target > 1)).any()):
-            raise ValueError("BCEJaccardLoss: target values must lie in [0, 1] (0/1 masks), got "
-                             f"range [{target.min().item()}, {target.max().item()}]")
+        # The range check reads a value back: on a GPU that waits for everything queued, so off
+        # the CPU only the first call on each device checks (the batches of one loader are alike).
+        checked = self.__dict__.setdefault("_checked", set())
+        if target.device.type == "cpu" or target.device not in checked:
+            if bool(((target < 0) | (target > 1)).any()):
+                raise ValueError("BCEJaccardLoss: target values must lie in [0, 1] (0/1 masks), "
+                                 f"got range [{target.min().item()}, {target.max().item()}]")
+            checked.add(target.device)
         return logits, target
 
     def activation(self, x: torch.Tensor) -> torch.Tensor:

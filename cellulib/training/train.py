@@ -87,9 +87,15 @@ def _history(learn: Learner) -> pd.DataFrame:
 def _quiet(learn: Learner, progress: bool):
     if progress:
         yield
-    else:
-        with learn.no_bar(), learn.no_logging():
+        return
+    # fastai's `no_bar` would put back a plain ProgressCallback, not the Learner's own bar
+    bars = [cb for cb in learn.cbs if getattr(cb, "name", None) == "progress"]
+    learn.remove_cbs(bars)
+    try:
+        with learn.no_logging():
             yield
+    finally:
+        learn.add_cbs(bars)
 
 
 def _distributed(learn: Learner):
@@ -145,14 +151,16 @@ def learner(dls, model: torch.nn.Module, loss_func, metrics=(), precision: str =
     """A fastai Learner with Adam that trains with mixed precision and channels-last.
 
     :func:`cellulib.models.engine.training_callbacks` picks bf16 autocast on CPUs with native bf16, AMP on
-    CUDA, float32 elsewhere. Every model of the book is trained through this. Used in chapter 2
+    CUDA, float32 elsewhere; :func:`cellulib.models.engine.asynchronous` keeps fastai from waiting
+    for a GPU at every batch. Every model of the book is trained through this. Used in chapter 2
     through :func:`cellulib.training.train.train_seg`, and in chapter 3 through
     :func:`cellulib.training.train.train_sr`, and in chapter 4 through :func:`cellulib.training.train.train_direct`.
     """
     from cellulib.models import engine
 
-    return Learner(dls, model, loss_func=loss_func, opt_func=adam, metrics=list(metrics),
-                   cbs=engine.training_callbacks(dls.device, precision))
+    return engine.asynchronous(
+        Learner(dls, model, loss_func=loss_func, opt_func=adam, metrics=list(metrics),
+                cbs=engine.training_callbacks(dls.device, precision)))
 
 
 def adam(params, lr: float, **kwargs: Any):
