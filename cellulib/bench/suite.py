@@ -542,8 +542,9 @@ def _train_only_callback():
 
 def _engine_callbacks(learn) -> list[str]:
     """Names of the Learner's callbacks that come from :func:`cellulib.models.engine.training_callbacks`
-    (mixed precision and channels-last)."""
-    names = {"ChannelsLast", "CPUAutocast", "MixedPrecision"}
+    (mixed precision and channels-last) and :func:`cellulib.models.engine.asynchronous` (the
+    running losses kept on the device)."""
+    names = {"ChannelsLast", "CPUAutocast", "MixedPrecision", "Float32", "DeviceLosses"}
     return [type(cb).__name__ for cb in learn.cbs if type(cb).__name__ in names]
 
 

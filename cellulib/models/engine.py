@@ -343,7 +343,8 @@ class DeviceLosses(Callback):
     (:func:`asynchronous`). Before each fit this puts :class:`DeviceAvgLoss` and
     :class:`DeviceAvgSmoothLoss` in the place of its two loss averages (the same arithmetic on
     the same values); after each training phase the per-batch losses it recorded
-    (``recorder.losses``) are copied to the CPU together, as floats.
+    (``recorder.losses``) are copied to the CPU together, as floats; so are those of a fit
+    cancelled during training (``lr_find``), at its end.
     """
 
     order = 49  # before the Recorder (50), so that it resets the new averages
@@ -360,6 +361,12 @@ class DeviceLosses(Callback):
         self._copied = 0  # the Recorder starts its lists anew at each fit
 
     def after_train(self) -> None:
+        self._copy_losses()
+
+    def after_fit(self) -> None:  # also after a cancelled fit (lr_find), where no after_train ran
+        self._copy_losses()
+
+    def _copy_losses(self) -> None:
         rec = getattr(self.learn, "recorder", None)
         if rec is None:
             return
