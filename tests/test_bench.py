@@ -489,3 +489,17 @@ def test_quick_and_full_modes_time_the_profiles_sizes():
         # cellularity inputs: direct_size, or the segmentation scale (cellulib.training.train)
         side = profile["direct_size"] or profile["size"] // profile["downscale"]
         assert sizes["direct_size"] == sizes["predict_input"] == side
+
+
+def test_predict_images_sets_the_predict_cases_image_count(capsys):
+    """On a GPU a few dozen images time mostly the start: `--predict-images` gives more."""
+    result = suite.run_bench("smallest", cases=["predict"], verbose=False, predict_images=11)
+    row = _row(result, "predict")
+    assert len(row["details"]["paths"]) == 11 and "; 11 TIFFs " in row["note"]
+    assert result["command"] == "python -m cellulib.bench --smallest --predict-images 11"
+    assert suite.MODES["smallest"]["predict_images"] == 8  # the mode itself is left as it was
+    with pytest.raises(ValueError, match="predict_images must be at least 1"):
+        suite.run_bench("smallest", cases=["predict"], predict_images=0)
+    with pytest.raises(SystemExit):
+        suite.main(["--smallest", "--cases", "predict", "--predict-images", "0"])
+    assert "--predict-images must be at least 1" in capsys.readouterr().err

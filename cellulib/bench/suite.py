@@ -967,8 +967,8 @@ def bench_memory(counts: tuple[int, int] = (1000, 100), input_size: int = 64,
 def run_bench(mode: str = "quick", cases: Sequence[str] = CASES, repeats: int | None = None,
               chapters_dir: str | os.PathLike = "book/chapters",
               notebooks_dir: str | os.PathLike | None = "notebooks", execute_book: bool = False,
-              seed: int = 0, verbose: bool = True, epoch_batches: int | None = None
-              ) -> dict[str, Any]:
+              seed: int = 0, verbose: bool = True, epoch_batches: int | None = None,
+              predict_images: int | None = None) -> dict[str, Any]:
     """Run the benchmark cases of a mode and return the machine, the rows and the wall time.
 
     See the module description for the cases and :data:`MODES` for the sizes. Used by
@@ -991,6 +991,9 @@ def run_bench(mode: str = "quick", cases: Sequence[str] = CASES, repeats: int | 
         Batches in a timed training epoch (default: the mode's, 2-3): the ``train`` case then
         trains on ``epoch_batches * bs`` crops and patches, so that a fast GPU runs epochs long
         enough to show whether the DataLoader keeps it fed.
+    predict_images : int, optional
+        Images of the ``predict`` case (default: the mode's, 8-64): on a GPU, where a forward
+        pass of a batch takes a millisecond or two, a few dozen images time mostly the start.
 
     Returns
     -------
@@ -1012,6 +1015,10 @@ def run_bench(mode: str = "quick", cases: Sequence[str] = CASES, repeats: int | 
             raise ValueError(f"epoch_batches must be at least 1, got {epoch_batches}")
         cfg["seg_images"] = epoch_batches * cfg["seg_bs"]
         cfg["direct_images"] = epoch_batches * cfg["direct_bs"]
+    if predict_images is not None:
+        if predict_images < 1:
+            raise ValueError(f"predict_images must be at least 1, got {predict_images}")
+        cfg["predict_images"] = int(predict_images)
     reps = int(repeats or cfg["repeats"])
     train_reps = int(repeats or cfg["train_repeats"])
     started = datetime.now().astimezone().isoformat(timespec="seconds")
@@ -1044,7 +1051,8 @@ def run_bench(mode: str = "quick", cases: Sequence[str] = CASES, repeats: int | 
             "load_average_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
             "seconds": time.perf_counter() - start, "started": started,
             "command": "python -m cellulib.bench" + ("" if mode == "full" else f" --{mode}")
-            + ("" if epoch_batches is None else f" --epoch-batches {epoch_batches}")}
+            + ("" if epoch_batches is None else f" --epoch-batches {epoch_batches}")
+            + ("" if predict_images is None else f" --predict-images {predict_images}")}
 
 
 def _fmt(value: float | None) -> str:
@@ -1144,6 +1152,9 @@ def _bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--epoch-batches", type=int, default=None, metavar="N",
                    help="batches in a timed training epoch (default: the mode's 2-3); more show "
                    "whether the DataLoader keeps a GPU fed")
+    p.add_argument("--predict-images", type=int, default=None, metavar="N",
+                   help="images of the predict case (default: the mode's, 8-64); a GPU needs "
+                   "hundreds to time more than the start")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return p
 
@@ -1162,6 +1173,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--repeats must be at least 1")
     if args.epoch_batches is not None and args.epoch_batches < 1:
         parser.error("--epoch-batches must be at least 1")
+    if args.predict_images is not None and args.predict_images < 1:
+        parser.error("--predict-images must be at least 1")
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     if args.threads:
         import torch
@@ -1169,7 +1182,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     result = run_bench(args.mode, cases, args.repeats, args.chapters, args.notebooks,
                        args.execute_book, args.seed, verbose=not args.quiet,
-                       epoch_batches=args.epoch_batches)
+                       epoch_batches=args.epoch_batches, predict_images=args.predict_images)
     print(format_table(result, markdown=args.markdown))
     if args.json:
         from cellulib.files.imageio import atomic_write_text
