@@ -227,7 +227,7 @@ def test_train_case_sees_the_same_images_on_both_sides(smallest):
         assert all(ms > 0 for ms in d["optimizer_step_ms"].values())
 
 
-def test_epoch_batches_sets_the_timed_epochs_length(capsys):
+def test_epoch_batches_sets_the_timed_epochs_length():
     cfg = suite.MODES["smallest"]
     result = suite.run_bench("smallest", cases=["train"], verbose=False, epoch_batches=3)
     seg, direct = (_row(result, c)["details"] for c in ("train seg", "train direct"))
@@ -236,11 +236,6 @@ def test_epoch_batches_sets_the_timed_epochs_length(capsys):
     assert (direct["batches_per_epoch"], direct["images_per_epoch"]) == (3, 3 * cfg["direct_bs"])
     assert result["command"] == "python -m cellulib.bench --smallest --epoch-batches 3"
     assert suite.MODES["smallest"]["seg_images"] == 4  # the mode itself is left as it was
-    with pytest.raises(ValueError, match="epoch_batches must be at least 1"):
-        suite.run_bench("smallest", cases=["train"], epoch_batches=0)
-    with pytest.raises(SystemExit):
-        suite.main(["--smallest", "--cases", "train", "--epoch-batches", "0"])
-    assert "--epoch-batches must be at least 1" in capsys.readouterr().err
 
 
 def test_plain_loop_trains_on_the_loaders_tensors_in_channels_last():
@@ -491,15 +486,20 @@ def test_quick_and_full_modes_time_the_profiles_sizes():
         assert sizes["direct_size"] == sizes["predict_input"] == side
 
 
-def test_predict_images_sets_the_predict_cases_image_count(capsys):
+def test_predict_images_sets_the_predict_cases_image_count():
     """On a GPU a few dozen images time mostly the start: `--predict-images` gives more."""
     result = suite.run_bench("smallest", cases=["predict"], verbose=False, predict_images=11)
     row = _row(result, "predict")
     assert len(row["details"]["paths"]) == 11 and "; 11 TIFFs " in row["note"]
     assert result["command"] == "python -m cellulib.bench --smallest --predict-images 11"
     assert suite.MODES["smallest"]["predict_images"] == 8  # the mode itself is left as it was
-    with pytest.raises(ValueError, match="predict_images must be at least 1"):
-        suite.run_bench("smallest", cases=["predict"], predict_images=0)
+
+
+@pytest.mark.parametrize("case, option", [("train", "epoch_batches"), ("predict", "predict_images")])
+def test_a_size_of_zero_is_refused_by_the_function_and_the_command(case, option, capsys):
+    flag = "--" + option.replace("_", "-")
+    with pytest.raises(ValueError, match=f"{option} must be at least 1"):
+        suite.run_bench("smallest", cases=[case], **{option: 0})
     with pytest.raises(SystemExit):
-        suite.main(["--smallest", "--cases", "predict", "--predict-images", "0"])
-    assert "--predict-images must be at least 1" in capsys.readouterr().err
+        suite.main(["--smallest", "--cases", case, flag, "0"])
+    assert f"{flag} must be at least 1" in capsys.readouterr().err
