@@ -291,3 +291,36 @@ def test_loss_checks_every_cpu_batch_and_makes_its_weights_once_per_device():
     assert v is loss._weight_tensor(torch.device("cpu"), torch.float32)
     assert v.tolist() == [1.0, 1.0, 4.0, 1.0]
     assert loss._weight_tensor(torch.device("cpu"), torch.float64).dtype == torch.float64
+
+
+def test_validation_metrics_keep_their_sums_on_the_device():
+    """The Jaccard counts and the cellularity MSE are summed where the predictions are, and read
+    once in `value`: a read per validation batch would wait for a GPU. A meta tensor has no
+    values, so any read or copy of it raises; accumulating meta batches must not."""
+    from cellulib.training.train import CellularityMSE
+
+    logits = torch.zeros(2, 4, 3, 3, device="meta")
+    jac = JaccardMetric([0, 1, 2], "jaccard_nuclei")
+    mse = CellularityMSE()
+    model = SimpleNamespace(to_cellularity=lambda x: x)
+    for _ in range(3):
+        jac.accumulate(SimpleNamespace(pred=logits, yb=(logits,)))
+        mse.accumulate(SimpleNamespace(pred=torch.zeros(2, 1, device="meta"),
+                                       yb=(torch.zeros(2, 1, device="meta"),), model=model))
+    assert jac.inter.device.type == "meta" and mse.sq.device.type == "meta" and mse.n == 6
+
+
+def test_cellularity_mse_by_hand_for_scores_and_bins():
+    """Regression targets are scores, classification targets bin indices (percent)."""
+    from cellulib.training.train import CellularityMSE
+
+    model = SimpleNamespace(to_cellularity=lambda x: x)
+    mse = CellularityMSE()
+    mse.reset()
+    assert mse.value is None
+    mse.accumulate(SimpleNamespace(pred=torch.tensor([[0.5], [0.25]]),
+                                   yb=(torch.tensor([[0.0], [0.25]]),), model=model))
+    mse.accumulate(SimpleNamespace(pred=torch.tensor([0.1]), yb=(torch.tensor([40]),),
+                                   model=model))  # bin 40 is cellularity 0.40
+    assert mse.value == pytest.approx((0.25 + 0.0 + 0.09) / 3)
+    assert type(mse.value) is float

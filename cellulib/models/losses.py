@@ -165,8 +165,10 @@ def _binarise(pred: torch.Tensor, threshold: float, from_logits: bool | None) ->
 
 
 def _iou_counts(pred: torch.Tensor, target: torch.Tensor, threshold: float,
-                from_logits: bool | None, what: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-class intersection and union pixel counts (int64, on the CPU) over the batch."""
+                from_logits: bool | None, what: str, cpu: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class intersection and union pixel counts (int64) over the batch, on the CPU or, with
+    ``cpu=False``, where ``pred`` is."""
     _check_pair(pred, target, what)
     pred, target = _plain(pred).detach(), _plain(target).detach()
     pred_bin = _binarise(pred, threshold, from_logits)
@@ -174,7 +176,9 @@ def _iou_counts(pred: torch.Tensor, target: torch.Tensor, threshold: float,
     dims = (0, *range(2, pred.ndim))
     inter = (pred_bin & target_bin).sum(dims)
     union = (pred_bin | target_bin).sum(dims)
-    return inter.cpu().long(), union.cpu().long()
+    if cpu:
+        inter, union = inter.cpu(), union.cpu()
+    return inter.long(), union.long()
 
 
 def jaccard_per_class(logits_or_probs: torch.Tensor, target: torch.Tensor,
@@ -258,8 +262,9 @@ class JaccardMetric(_MetricBase):
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         """Add one batch's per-class intersections and unions."""
+        # the counts stay on the device until `value`: a copy per batch would wait for a GPU
         inter, union = _iou_counts(pred, target, self.threshold, self.from_logits,
-                                   f"JaccardMetric {self._name}")
+                                   f"JaccardMetric {self._name}", cpu=False)
         if max(self.classes) >= inter.numel():
             raise ValueError(f"JaccardMetric {self._name}: class index {max(self.classes)} but "
                              f"the prediction has {inter.numel()} channels")
@@ -275,7 +280,7 @@ class JaccardMetric(_MetricBase):
         """Mean IoU of the selected classes so far (None before any batch)."""
         if self.inter is None:
             return None
-        iou = _ratio(self.inter, self.union)[list(self.classes)]
+        iou = _ratio(self.inter.cpu(), self.union.cpu())[list(self.classes)]
         return float(iou.nanmean()) if bool((~torch.isnan(iou)).any()) else float("nan")
 
     @property

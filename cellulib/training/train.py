@@ -455,12 +455,14 @@ class CellularityMSE(Metric):
             y_pred = learn.model.to_cellularity(learn.pred.float()).reshape(-1)
             y = learn.yb[0]
             y_true = (y.float() / 100.0 if y.dtype in (torch.int64, torch.int32) else y.float()).reshape(-1)
-            self.sq += float(((y_pred - y_true) ** 2).sum())
+            # summed in float64 on the device, read once in `value`: a read per batch would wait
+            # for a GPU (the same sums as Python floats, which are float64 too)
+            self.sq = self.sq + ((y_pred - y_true) ** 2).sum().double()
             self.n += int(y_true.numel())
 
     @property
     def value(self) -> float | None:
-        return self.sq / self.n if self.n else None
+        return float(self.sq) / self.n if self.n else None
 
 
 def _valid_predictions(model: torch.nn.Module, root, input_size: int,
