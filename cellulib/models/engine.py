@@ -333,7 +333,9 @@ class DeviceAvgSmoothLoss(AvgSmoothLoss):
 
     def accumulate(self, learn: Any) -> None:
         self.count += 1
-        self.val = torch.lerp(to_detach(learn.loss.mean(), cpu=False), self.val, self.beta)
+        loss = to_detach(learn.loss.mean(), cpu=False)
+        # fastai starts the value as a CPU tensor: moved once, at the first batch of a fit
+        self.val = torch.lerp(loss, self.val.to(loss.device), self.beta)
 
 
 class DeviceLosses(Callback):
