@@ -295,10 +295,11 @@ def test_training_batches_do_not_wait_for_the_gpu(tmp_path):
     assert not syncs, f"{len(syncs)} waits for the GPU in 6 training batches: {syncs[:3]}"
 
 
-def test_lr_find_still_gets_its_losses_as_numbers():
+def test_lr_find_still_gets_its_losses_as_numbers(tmp_path):
     """`lr_find` cancels the fit during training, so no training phase ends: the losses it
     recorded are copied at the end of the fit, and fastai's suggestion works on them."""
     learn = engine.asynchronous(_reg_learner(n_trn=40))
+    learn.path = tmp_path  # lr_find keeps its temporary weights under path/models
     with learn.no_logging():
         found = learn.lr_find(num_it=30, show_plot=False)
     assert all(type(v) is float for v in learn.recorder.losses)
