@@ -298,6 +298,8 @@ def test_training_batches_do_not_wait_for_the_gpu(tmp_path):
 def test_lr_find_still_gets_its_losses_as_numbers(tmp_path):
     """`lr_find` cancels the fit during training, so no training phase ends: the losses it
     recorded are copied at the end of the fit, and fastai's suggestion works on them."""
+    import fastai.callback.schedule  # noqa: F401  (adds Learner.lr_find)
+
     learn = engine.asynchronous(_reg_learner(n_trn=40))
     learn.path = tmp_path  # lr_find keeps its temporary weights under path/models
     with learn.no_logging():
