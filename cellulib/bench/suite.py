@@ -648,8 +648,7 @@ def _train_pair(name: str, learn, fit: Callable[[Any], None], lr: float, repeats
         counter.n_images = 0
         learn.add_cb(counter)
         try:
-            with learn.no_bar(), learn.no_logging():
-                fit(learn)
+            fit(learn)  # the callers' `train.fit(..., progress=False)`: no bar, no logging
         finally:
             learn.remove_cb(counter)
         _sync(device)

@@ -360,7 +360,6 @@ class DeviceLosses(Callback):
             rec.__dict__["loss"] = DeviceAvgLoss()
         if type(rec.smooth_loss) is AvgSmoothLoss:
             rec.__dict__["smooth_loss"] = DeviceAvgSmoothLoss(beta=rec.smooth_loss.beta)
-        self._copied = 0  # the Recorder starts its lists anew at each fit
 
     def after_train(self) -> None:
         self._copy_losses()
@@ -369,16 +368,16 @@ class DeviceLosses(Callback):
         self._copy_losses()
 
     def _copy_losses(self) -> None:
-        rec = getattr(self.learn, "recorder", None)
-        if rec is None:
+        losses = getattr(getattr(self.learn, "recorder", None), "losses", None)
+        if not losses:
             return
-        start = min(getattr(self, "_copied", 0), len(rec.losses))
-        pending = [torch.as_tensor(v).detach().float().reshape(()) for v in rec.losses[start:]]
-        if pending:
-            device = pending[0].device
+        start = len(losses)  # the losses recorded since the last copy: the tensors at the end
+        while start and isinstance(losses[start - 1], torch.Tensor):
+            start -= 1
+        if start < len(losses):
             # one copy to the CPU per epoch instead of one per batch
-            rec.losses[start:] = torch.stack([v.to(device) for v in pending]).cpu().tolist()
-        self._copied = len(rec.losses)
+            losses[start:] = torch.stack([v.detach().float().reshape(()) for v in losses[start:]]
+                                         ).cpu().tolist()
 
 
 class Progress(ProgressCallback):

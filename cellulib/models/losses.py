@@ -97,6 +97,8 @@ class BCEJaccardLoss(nn.Module):
         self.weights = weights
         self.eps = float(eps)
         self.reduction = reduction
+        self._weight_tensors: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._checked: set[torch.device] = set()  # devices whose targets passed the range check
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, weights={self.weights}, eps={self.eps}"
@@ -121,11 +123,10 @@ class BCEJaccardLoss(nn.Module):
 
     def _weight_tensor(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         # made once per device: a copy to a GPU at every batch would wait for the GPU
-        cache = self.__dict__.setdefault("_weight_tensors", {})
         key = (device, dtype)
-        if key not in cache:
-            cache[key] = torch.tensor(self.weights, dtype=dtype, device=device)
-        return cache[key]
+        if key not in self._weight_tensors:
+            self._weight_tensors[key] = torch.tensor(self.weights, dtype=dtype, device=device)
+        return self._weight_tensors[key]
 
     def _prepare(self, logits: torch.Tensor, target: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,12 +140,11 @@ class BCEJaccardLoss(nn.Module):
         target = target.to(logits.dtype)
         # The range check reads a value back: on a GPU that waits for everything queued, so off
         # the CPU only the first call on each device checks (the batches of one loader are alike).
-        checked = self.__dict__.setdefault("_checked", set())
-        if target.device.type == "cpu" or target.device not in checked:
+        if target.device.type == "cpu" or target.device not in self._checked:
             if bool(((target < 0) | (target > 1)).any()):
                 raise ValueError("BCEJaccardLoss: target values must lie in [0, 1] (0/1 masks), "
                                  f"got range [{target.min().item()}, {target.max().item()}]")
-            checked.add(target.device)
+            self._checked.add(target.device)
         return logits, target
 
     def activation(self, x: torch.Tensor) -> torch.Tensor:
