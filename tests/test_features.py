@@ -24,6 +24,7 @@ from cellulib.models.features import (
     gbt_importance,
     log_blobs,
     predict_gbt,
+    select_min_leaf,
 )
 
 # --------------------------------------------------------------------------------------------------
@@ -392,3 +393,52 @@ def test_gbt_predictions_are_clipped_and_inputs_checked(gbt_table):
         predict_gbt(model, X.drop(columns=["malignant_area_0.50"]))
     with pytest.raises(ValueError, match="81 feature columns"):
         predict_gbt(model, X.to_numpy()[:, :80])
+
+
+# --------------------------------------------------------------------------------------------------
+# the leaf minimum chosen by cross-validation
+
+
+def test_select_min_leaf_matches_scikit_learn_grid_search():
+    """A second implementation: scikit-learn's GridSearchCV over LightGBM's own scikit-learn model,
+    with the same folds, gives the same choice and the same cross-validated errors."""
+    from lightgbm import LGBMRegressor
+    from sklearn.model_selection import GridSearchCV, KFold
+
+    rng = np.random.default_rng(1)
+    X = pd.DataFrame(rng.random((60, 81)), columns=FEATURE_NAMES)
+    y = 0.2 + 0.6 * (X["malignant_activation_0.50"] > 0.8) + rng.normal(0, 0.02, 60)
+    chosen, errors = select_min_leaf(X, y, seed=3, n_rounds=50, learning_rate=0.1)
+    reference = GridSearchCV(
+        LGBMRegressor(n_estimators=50, learning_rate=0.1, max_depth=5, num_leaves=8, random_state=3,
+                      deterministic=True, force_row_wise=True, n_jobs=1, verbose=-1),
+        {"min_child_samples": [20, 10, 5, 2]}, cv=KFold(5, shuffle=True, random_state=3),
+        scoring="neg_mean_squared_error").fit(X, y)
+    assert chosen == reference.best_params_["min_child_samples"]
+    np.testing.assert_allclose([errors[m] for m in (20, 10, 5, 2)],
+                               -reference.cv_results_["mean_test_score"], rtol=1e-9)
+    assert list(errors) == [20, 10, 5, 2]
+
+
+def test_select_min_leaf_hand_made_cases():
+    # 4 of 30 patches at 0.9, the rest at 0.1, told apart by one feature: a training fold holds
+    # about 3 of the four, so only a leaf of 2 can isolate them, and 20 cannot split them off
+    X = pd.DataFrame(np.zeros((30, 81)), columns=FEATURE_NAMES)
+    X["malignant_activation_0.50"] = np.arange(30, dtype=float)
+    y = np.where(np.arange(30) >= 26, 0.9, 0.1)
+    chosen, errors = select_min_leaf(X, y, seed=0, n_rounds=100, learning_rate=0.1)
+    assert chosen == 2 and errors[2] < errors[5] < errors[20]
+    # a constant target: every leaf size fits it exactly, and the tie keeps LightGBM's default 20
+    chosen, errors = select_min_leaf(X, np.full(30, 0.4), seed=0, n_rounds=20)
+    assert chosen == 20 and len(set(errors.values())) == 1 and max(errors.values()) < 1e-12
+
+
+def test_select_min_leaf_refuses_bad_arguments():
+    X = pd.DataFrame(np.zeros((6, 81)), columns=FEATURE_NAMES)
+    y = np.linspace(0, 1, 6)
+    with pytest.raises(ValueError, match="folds must be an integer from 2 to the 6 rows"):
+        select_min_leaf(X, y, folds=7)
+    with pytest.raises(ValueError, match="grid must hold integers >= 1"):
+        select_min_leaf(X, y, grid=(5, 0))
+    with pytest.raises(ValueError, match="6 rows but y has 5"):
+        select_min_leaf(X, y[:-1])

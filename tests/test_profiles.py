@@ -27,6 +27,15 @@ def test_unknown_profile_or_setting_is_a_clear_error():
         profiles.get_profile("quick", epochz=3)
 
 
+def test_gbt_leaf_minimum_setting():
+    assert profiles.get_profile("quick")["gbt_min_leaf"] == "cv"
+    assert profiles.get_profile("paper")["gbt_min_leaf"] == "cv"
+    assert profiles.get_profile("quick", gbt_min_leaf=5)["gbt_min_leaf"] == 5
+    for bad in (0, "CV", 2.5):
+        with pytest.raises(profiles.ProfileError, match='gbt_min_leaf must be "cv" or an integer >= 1'):
+            profiles.get_profile("quick", gbt_min_leaf=bad)
+
+
 def test_get_dataset_generates_once_and_reuses(tmp_path, monkeypatch):
     monkeypatch.setenv("CELLULIB_HOME", str(tmp_path))
     root = datasets.get_dataset(None, "quick", seed=3, n_train=4, n_val=2, n_cells=2, size=128,

@@ -283,7 +283,9 @@ def test_sr_recipe(tiny, seg):
 
 
 def test_gbt_recipe(gbt_root, seg):
-    result = train.train_gbt(gbt_root, seg, gbt_rounds=20, progress=False, cache=False)
+    """The leaf minimum is pinned to LightGBM's default, with which the golden runs were recorded;
+    the cross-validated choice is checked by ``test_gbt_recipe_leaf_minimum_by_cross_validation``."""
+    result = train.train_gbt(gbt_root, seg, gbt_rounds=20, gbt_min_leaf=20, progress=False, cache=False)
     values = _record(result)
     values["features_train"] = _stats(np.nan_to_num(
         np.array(list(result.meta["features_train"].values()), dtype=np.float64)))
@@ -296,6 +298,42 @@ def test_gbt_recipe(gbt_root, seg):
     _check("gbt", "gbt", values)  # skips on a CPU kind without golden runs
     # A golden run must be able to see a change: its booster has to split.
     assert len(set(values["predictions"])) > 1, "the booster should split on 40 patches"
+
+
+def test_gbt_recipe_leaf_minimum_by_cross_validation(gbt_root, seg):
+    """``train_gbt`` by default chooses the leaf minimum by 5-fold CV on its training features
+    (recorded in the model file); the same choice comes back from the stored features and labels."""
+    import pandas as pd
+
+    from cellulib.data import breastpathq
+    from cellulib.models import features
+
+    result = train.train_gbt(gbt_root, seg, gbt_rounds=20, progress=False, cache=False)
+    errors = {int(k): v for k, v in result.meta["gbt_cv_mse"].items()}
+    assert list(errors) == list(features.GBT_MIN_LEAF_GRID)
+    assert result.meta["gbt_min_leaf"] == min(errors, key=errors.get)
+    labels = breastpathq.read_breastpathq(gbt_root)
+    again = features.select_min_leaf(pd.DataFrame(result.meta["features_train"]),
+                                     labels[labels["split"] == "train"]["cellularity"], seed=0,
+                                     n_rounds=20)
+    assert again == (result.meta["gbt_min_leaf"], errors)
+
+
+def test_gbt_leaf_minimum_golden():
+    """The cross-validated leaf choice on a fixed feature table (no network, so the same on every
+    CPU kind: one golden file): the choice, each candidate's CV error and the refitted booster's
+    predictions."""
+    from cellulib.models import features
+
+    rng = np.random.default_rng(7)
+    X = rng.random((80, 81))
+    y = np.clip(0.8 * X[:, 5] ** 3 + 0.15 * X[:, 40] + rng.normal(0, 0.03, 80), 0, 1)
+    chosen, errors = features.select_min_leaf(X, y, seed=0, n_rounds=100)
+    booster = features.fit_gbt(X, y, seed=0, n_rounds=100, min_data_in_leaf=chosen)
+    values = {"chosen": [chosen], "cv_mse": list(errors.values()),
+              "predictions": features.predict_gbt(booster, X[:10]).tolist()}
+    check_golden("gbt-min-leaf", "cellulib.training.train.RECIPE_VERSIONS['gbt']",
+                 train.RECIPE_VERSIONS["gbt"], values, _libraries("gbt"), per_cpu=False)
 
 
 def test_a_changed_recipe_fails_its_golden_test(tiny):

@@ -123,6 +123,17 @@ def test_train_gbt_predicts_in_range_and_ranks_features(tiny_root, tiny_seg):
     assert result.model(x).shape == (1, 1)
 
 
+def test_train_gbt_leaf_minimum(tiny_root, tiny_seg):
+    # 4 training patches, fewer than the 5 folds: LightGBM's default of 20, no cross-validation
+    auto = train.train_gbt(tiny_root, tiny_seg, progress=False, gbt_rounds=10)
+    assert auto.meta["gbt_min_leaf"] == 20 and auto.meta["gbt_cv_mse"] == {}
+    assert auto.meta["params"]["min_leaf"] == "cv5:20,10,5,2"
+    # a fixed value skips the cross-validation and is another recipe (another cache key)
+    fixed = train.train_gbt(tiny_root, tiny_seg, progress=False, gbt_rounds=10, gbt_min_leaf=1)
+    assert fixed.meta["gbt_min_leaf"] == 1 and fixed.meta["params"]["min_leaf"] == 1
+    assert fixed.path != auto.path
+
+
 def test_model_files_record_their_training_stain_and_pixel_size(tiny_root, tiny_seg, home,
                                                                 tmp_path, capsys):
     import numpy as np

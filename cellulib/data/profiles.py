@@ -62,6 +62,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "sr_lr": 3e-3,
         "sr_schedule": "one_cycle",
         "gbt_rounds": 600,
+        # LightGBM's min_data_in_leaf: "cv" chooses it by 5-fold cross-validation on the training
+        # patches (cellulib.models.features.select_min_leaf); an integer fixes it (LightGBM's default: 20)
+        "gbt_min_leaf": "cv",
         # stain augmentation in training (cellulib.data.breastpathq.STAIN_AUGMENTS): "none" is the paper's
         # recipe (gamma, hue and saturation only); "hed" adds HED jitter (issue 12)
         "stain_augment": "none",
@@ -93,6 +96,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "sr_lr": 1e-4,
         "sr_schedule": "decay",
         "gbt_rounds": 600,
+        "gbt_min_leaf": "cv",
         "stain_augment": "none",
     },
 }
@@ -279,6 +283,8 @@ def get_profile(profile: str = "quick", **overrides: Any) -> dict[str, Any]:
             check_int(key, value, SMALLEST[key], ProfileError)
         elif key == "crop":
             check_side(key, value, ProfileError)
+        elif key == "gbt_min_leaf" and value != "cv" and not (_is_int(value) and value >= 1):
+            raise ProfileError(f'gbt_min_leaf must be "cv" or an integer >= 1, got {value!r}')
     settings.update(given)
     settings["profile"] = profile
     return settings

@@ -714,16 +714,22 @@ def train_gbt(root: str | os.PathLike, seg: TrainResult, profile: str = "quick",
     """Fit LightGBM on the 81 features of the segmentation maps (the GBT route).
 
     Paper sections 3.3 and 4.3; SPEC 3.2: L2 regression, 600 rounds, learning rate 0.01, max depth
-    5, 8 leaves. ``scores`` has the validation MSE; the model file holds the feature tables and the
-    gain importance (Fig. 9). Used in chapter 3.
+    5, 8 leaves. The fewest patches per leaf (``gbt_min_leaf``) is chosen by 5-fold cross-validation
+    on the training patches (:func:`cellulib.models.features.select_min_leaf`) unless the setting
+    fixes it. ``scores`` has the validation MSE; the model file holds the feature tables, the gain
+    importance (Fig. 9), the chosen ``gbt_min_leaf`` and the CV errors (``gbt_cv_mse``). Used in
+    chapter 3.
     """
     from cellulib.models import features
 
     settings = get_profile(profile, **overrides)
     input_size = _seg_input_size(root, settings, seg) if input_size is None else input_size
     check_side("input_size", input_size)
+    min_leaf = settings["gbt_min_leaf"]
     params = {"kind": "gbt", "seg": seg.path.name, "seed": int(seed), "data": data_fingerprint(root),
-              "input_size": input_size, "rounds": settings["gbt_rounds"]}
+              "input_size": input_size, "rounds": settings["gbt_rounds"],
+              "min_leaf": (f"cv{features.GBT_CV_FOLDS}:" + ",".join(map(str, features.GBT_MIN_LEAF_GRID))
+                           if min_leaf == "cv" else int(min_leaf))}
     path, rec = _recipe("gbt", params)
     if cache and (hit := _cached(path, rec, settings, _derive_gbt(root))) is not None:
         return hit
@@ -734,8 +740,15 @@ def train_gbt(root: str | os.PathLike, seg: TrainResult, profile: str = "quick",
     for split, part in parts.items():
         maps = segment_patches(seg.model, part["path"], input_size, progress)
         tables[split] = features.features_frame(maps, index=part["path"].tolist(), progress=progress)
-    booster = features.fit_gbt(tables["train"], parts["train"]["cellularity"].to_numpy(), seed=seed,
-                               n_rounds=settings["gbt_rounds"])
+    y_train = parts["train"]["cellularity"].to_numpy()
+    cv_mse: dict[int, float] = {}
+    if min_leaf == "cv" and len(y_train) < features.GBT_CV_FOLDS:  # too few patches for the folds
+        min_leaf = features.GBT_MIN_LEAF_GRID[0]
+    elif min_leaf == "cv":  # the leaf minimum of lowest 5-fold CV error on the training patches
+        min_leaf, cv_mse = features.select_min_leaf(tables["train"], y_train, seed=seed,
+                                                    n_rounds=settings["gbt_rounds"])
+    booster = features.fit_gbt(tables["train"], y_train, seed=seed, n_rounds=settings["gbt_rounds"],
+                               min_data_in_leaf=int(min_leaf))
     pred = pd.DataFrame({"path": parts["validation"]["path"].to_numpy(),
                          "y_true": parts["validation"]["cellularity"].to_numpy(),
                          "y_pred": features.predict_gbt(booster, tables["validation"])})
@@ -744,7 +757,8 @@ def train_gbt(root: str | os.PathLike, seg: TrainResult, profile: str = "quick",
     model = networks.GBTModel(seg.model, booster)
     history = pd.DataFrame({"epoch": [1], "train_loss": [float("nan")], "valid_loss": [float("nan")]})
     return _finish(model, path, rec, history, root, seconds, settings, input_size, pred=pred,
-                   importance=importance.to_dict(), features_train=tables["train"].to_dict("list"),
+                   importance=importance.to_dict(), gbt_min_leaf=int(min_leaf),
+                   gbt_cv_mse={str(k): v for k, v in cv_mse.items()}, features_train=tables["train"].to_dict("list"),
                    features_valid=tables["validation"].to_dict("list"))
 
 
