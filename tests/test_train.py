@@ -187,6 +187,16 @@ def test_cli_train_with_stain_augmentation(tiny_root, home):
     assert info["meta"]["params"]["stain_augment"] == "hed"
 
 
+def test_cli_train_gbt_leaf_minimum(tiny_root, tiny_seg, home, monkeypatch):
+    # the segmentation network it builds on is the fixture's; --min-leaf reaches the booster
+    monkeypatch.setattr(train, "train_seg", lambda *args, **kwargs: tiny_seg)
+    out = home / "gbt.pt"
+    assert commands.main(["train", "gbt", "--data", str(tiny_root), "--out", str(out), "--rounds", "5",
+                          "--min-leaf", "3"]) == 0
+    meta = load_model(out)[1]["meta"]
+    assert meta["gbt_min_leaf"] == 3 and meta["params"]["min_leaf"] == 3 and meta["params"]["rounds"] == 5
+
+
 def test_several_processes_without_a_gpu_is_a_clear_error(tiny_root, home, monkeypatch):
     # `accelerate launch --num_processes 2` sets WORLD_SIZE; fastai's distributed context needs CUDA
     if torch.cuda.is_available():

@@ -15,6 +15,19 @@ from cellulib.constants import STRIDE  # noqa: E402 - after the environment vari
 
 
 # -- option types: a value out of range is an argparse error naming the option (exit code 2) ------
+def _min_leaf(text: str):
+    """An argparse ``type`` for ``--min-leaf``: ``cv`` or an integer >= 1."""
+    if text == "cv":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected cv or an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected cv or an integer >= 1, got {value}")
+    return value
+
+
 def _int_at_least(low: int, also: str = ""):
     """An argparse ``type``: an integer ``>= low``."""
     def parse(text: str) -> int:
@@ -97,12 +110,12 @@ TRAIN_OPTIONS: dict[str, tuple[str, ...]] = {
     "seg": ("decoder", "pretrained", "epochs", "crop"),
     "direct": ("arch", "task", "pretrained", "epochs", "input_size"),
     "sr": ("decoder", "pretrained", "epochs", "finetune_epochs", "input_size"),
-    "gbt": ("decoder", "rounds", "input_size"),
+    "gbt": ("decoder", "rounds", "min_leaf", "input_size"),
 }
 _OPTION_NAMES = {"decoder": "--decoder", "pretrained": "--pretrained", "epochs": "--epochs",
                  "crop": "--crop", "arch": "--arch", "task": "--task",
                  "input_size": "--input-size", "finetune_epochs": "--finetune-epochs",
-                 "rounds": "--rounds"}
+                 "rounds": "--rounds", "min_leaf": "--min-leaf"}
 
 
 def _train_options(args: argparse.Namespace) -> dict:
@@ -196,9 +209,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
             result = train.train_sr(root, seg, pretrained=opts.get("pretrained"),
                                     input_size=opts.get("input_size"), **seg_args, **stages)
         else:
-            rounds = {"gbt_rounds": opts["rounds"]} if "rounds" in opts else {}
-            result = train.train_gbt(root, seg, input_size=opts.get("input_size"), **seg_args,
-                                     **rounds)
+            gbt = {setting: opts[o] for o, setting in (("rounds", "gbt_rounds"), ("min_leaf", "gbt_min_leaf"))
+                   if o in opts}
+            result = train.train_gbt(root, seg, input_size=opts.get("input_size"), **seg_args, **gbt)
     out = Path(args.out)
     with open(result.path, "rb") as src:
         atomic_write_bytes(out, lambda dst: shutil.copyfileobj(src, dst))
@@ -712,6 +725,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sr: stage 2 epochs, end to end (default: the profile's)")
     p.add_argument("--rounds", type=_int_at_least(1), default=None,
                    help="gbt: LightGBM boosting rounds (default: the profile's)")
+    p.add_argument("--min-leaf", type=_min_leaf, default=None,
+                   help="gbt: fewest training patches per LightGBM leaf, or 'cv' to choose it by "
+                   "5-fold cross-validation (default: the profile's, cv)")
     p.add_argument("--crop", type=_SIDE, default=None,
                    help="seg: side of the random training crops, after the x2 downscale "
                    "(default: the profile's)")
