@@ -206,6 +206,7 @@ def book_numbers() -> dict[str, Any]:
         "gbt_rounds": gbt["num_iterations"], "gbt_lr": gbt["learning_rate"],
         "gbt_depth": gbt["max_depth"], "gbt_leaves": gbt["num_leaves"],
         "gbt_leaf_grid": listed(features.GBT_MIN_LEAF_GRID), "gbt_folds": features.GBT_CV_FOLDS,
+        "gbt_default_leaf": features.GBT_MIN_LEAF_GRID[0],
         "n_bins": constants.N_BINS, "bin_step": 1 / (constants.N_BINS - 1),
         "detection_radius": detection.DETECTION_RADIUS,
         "mpp": constants.MPP,
