@@ -37,6 +37,7 @@ __all__ = [
     "log_blobs",
     "features_frame",
     "GBT_MIN_LEAF_GRID",
+    "GBT_CV_FOLDS",
     "fit_gbt",
     "select_min_leaf",
     "predict_gbt",
@@ -87,9 +88,9 @@ GBT_PARAMS: dict = {
 GBT_MIN_LEAF_GRID: tuple[int, ...] = (20, 10, 5, 2)
 """The fewest training rows per leaf (LightGBM ``min_data_in_leaf``) that :func:`select_min_leaf`
 compares, LightGBM's default of 20 first. The paper selected its boosting settings by
-cross-validation on about 2400 patches; on the quick profile's 160 a leaf of 20 rows pools the few
-high-cellularity patches with lower ones, and the booster's predictions stop short of the top of the
-range."""
+cross-validation on about 2400 patches; on the quick profile's 160 a leaf of 20 rows can pool the
+few high-cellularity patches with lower ones, so that the booster's predictions stop short of the
+top of the range."""
 
 GBT_CV_FOLDS: int = 5
 """Folds of :func:`select_min_leaf`'s cross-validation."""
