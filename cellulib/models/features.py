@@ -625,6 +625,8 @@ def select_min_leaf(X, y, seed: int = 0, grid=GBT_MIN_LEAF_GRID, folds: int = GB
     """
     from sklearn.model_selection import KFold
 
+    from cellulib.metrics.agreement import mse
+
     table = _as_table(X, "select_min_leaf: X")
     target = np.asarray(y, dtype=np.float64).ravel()
     if len(target) != len(table):
@@ -642,7 +644,7 @@ def select_min_leaf(X, y, seed: int = 0, grid=GBT_MIN_LEAF_GRID, folds: int = GB
         for train, test in splits:
             model = fit_gbt(table.iloc[train], target[train], seed=seed, min_data_in_leaf=int(value),
                             **fit_kw)
-            fold_errors.append(float(np.mean((predict_gbt(model, table.iloc[test]) - target[test]) ** 2)))
+            fold_errors.append(mse(target[test], predict_gbt(model, table.iloc[test])))
         errors[int(value)] = float(np.mean(fold_errors))
     best = min(errors, key=errors.get)  # the first of equal errors: grid order
     return best, errors
